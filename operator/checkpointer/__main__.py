@@ -1,0 +1,72 @@
+"""`checkpointer controller` and `checkpointer agent`: the two processes of the operator."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import sys
+
+import kopf
+
+from checkpointer import GROUP, NODE_LABEL
+from checkpointer.adapters.kube import CHECKPOINTS, RESTORES, Kube, load_config
+from checkpointer.settings import Settings
+
+
+def _kopf_settings(role: str, node: str | None) -> kopf.OperatorSettings:
+    settings = kopf.OperatorSettings()
+    prefix = f"{role}.{GROUP}"
+    # Controller and agent each keep their own handler progress, so neither mistakes the other's.
+    settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix=prefix)
+    settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(
+        prefix=prefix, key="last-handled-configuration"
+    )
+    settings.persistence.finalizer = f"{prefix}/finalizer"
+    settings.posting.level = logging.INFO
+    settings.execution.max_workers = 20
+    if node is not None:
+        # Server-side filtering: an agent is sent only the objects scheduled onto its own node.
+        for plural in (CHECKPOINTS, RESTORES):
+            settings.watching.label_selectors[GROUP, plural] = f"{NODE_LABEL}={node}"
+    return settings
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="checkpointer", description=__doc__)
+    parser.add_argument("role", choices=["controller", "agent"])
+    parser.add_argument("--verbose", action="store_true")
+    args = parser.parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    settings = Settings()
+    load_config()
+    kube = Kube()
+    registry = kopf.OperatorRegistry()
+    if args.role == "controller":
+        from checkpointer import controller
+
+        controller.register(registry, settings, kube)
+        node = None
+    else:
+        if not settings.node_name:
+            parser.error("the agent needs CHECKPOINTER_NODE_NAME (the downward API's spec.nodeName)")
+        from checkpointer import agent
+        from checkpointer.adapters.podman import runtime
+        from checkpointer.services.agent import Agent
+
+        settings.spool_dir.mkdir(parents=True, exist_ok=True)
+        agent.register(registry, Agent(settings, kube, runtime(settings)))
+        node = settings.node_name
+    asyncio.run(
+        kopf.operator(
+            registry=registry, settings=_kopf_settings(args.role, node), standalone=True, clusterwide=True
+        )
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""I/O lives here: Kubernetes, podman and S3. Services call these; handlers call services."""

@@ -1,0 +1,136 @@
+"""The Kubernetes API: objects the services read, status patches, Leases and Secrets."""
+
+from __future__ import annotations
+
+import base64
+import datetime
+import logging
+from typing import Any
+
+import kubernetes
+from kubernetes.client import ApiException
+
+from checkpointer import GROUP, VERSION
+from checkpointer.adapters.storage import Credentials
+from checkpointer.models import CheckpointStorage
+
+log = logging.getLogger(__name__)
+
+CHECKPOINTS = "containercheckpoints"
+RESTORES = "containerrestores"
+STORAGES = "checkpointstorages"
+
+
+def load_config() -> None:
+    try:
+        kubernetes.config.load_incluster_config()  # type: ignore[no-untyped-call]
+    except kubernetes.config.ConfigException:
+        kubernetes.config.load_kube_config()  # type: ignore[no-untyped-call]
+
+
+class Kube:
+    def __init__(self) -> None:
+        api = kubernetes.client.ApiClient()
+        self.custom = kubernetes.client.CustomObjectsApi(api)
+        self.core = kubernetes.client.CoreV1Api(api)
+        self.coordination = kubernetes.client.CoordinationV1Api(api)
+
+    # --- custom objects -------------------------------------------------------------------------
+
+    def get(self, plural: str, namespace: str, name: str) -> dict[str, Any] | None:
+        try:
+            obj: dict[str, Any] = self.custom.get_namespaced_custom_object(  # type: ignore[assignment]
+                GROUP, VERSION, namespace, plural, name
+            )
+        except ApiException as e:
+            if e.status == 404:
+                return None
+            raise
+        return obj
+
+    def patch_status(self, plural: str, namespace: str, name: str, status: dict[str, Any]) -> None:
+        self.custom.patch_namespaced_custom_object_status(
+            GROUP, VERSION, namespace, plural, name, {"status": status}
+        )
+
+    def storage(self, name: str) -> CheckpointStorage | None:
+        try:
+            obj = self.custom.get_cluster_custom_object(GROUP, VERSION, STORAGES, name)
+        except ApiException as e:
+            if e.status == 404:
+                return None
+            raise
+        return CheckpointStorage.model_validate(obj)
+
+    def storages(self) -> list[CheckpointStorage]:
+        found: dict[str, Any] = self.custom.list_cluster_custom_object(GROUP, VERSION, STORAGES)  # type: ignore[assignment]
+        items = found["items"]
+        return [CheckpointStorage.model_validate(o) for o in items]
+
+    def patch_storage_status(self, name: str, status: dict[str, Any]) -> None:
+        self.custom.patch_cluster_custom_object_status(GROUP, VERSION, STORAGES, name, {"status": status})
+
+    def credentials(self, storage: CheckpointStorage) -> Credentials | None:
+        ref = storage.spec.credentials_secret_ref
+        if ref is None:
+            return None
+        secret = self.core.read_namespaced_secret(ref.name, ref.namespace)
+        data = secret.data or {}
+        try:
+            return Credentials(
+                base64.b64decode(data["accessKeyID"]).decode(),
+                base64.b64decode(data["secretAccessKey"]).decode(),
+            )
+        except KeyError as e:
+            raise ValueError(f"Secret {ref.namespace}/{ref.name} has no key {e}") from None
+
+    # --- nodes and agent leases -----------------------------------------------------------------
+
+    def node_exists(self, name: str) -> bool:
+        try:
+            self.core.read_node(name)
+        except ApiException as e:
+            if e.status == 404:
+                return False
+            raise
+        return True
+
+    def lease_age(self, namespace: str, name: str) -> tuple[float, int] | None:
+        """Seconds since the Lease was last renewed and its duration; None when it does not exist."""
+        try:
+            lease = self.coordination.read_namespaced_lease(name, namespace)
+        except ApiException as e:
+            if e.status == 404:
+                return None
+            raise
+        if lease.spec is None:
+            return None
+        renewed = lease.spec.renew_time or lease.spec.acquire_time
+        if renewed is None:
+            return None
+        age = (datetime.datetime.now(datetime.UTC) - renewed).total_seconds()
+        return age, int(lease.spec.lease_duration_seconds or 0)
+
+    def renew_lease(self, namespace: str, name: str, holder: str, duration: int) -> None:
+        now = datetime.datetime.now(datetime.UTC)
+        body: dict[str, Any] = {
+            "apiVersion": "coordination.k8s.io/v1",
+            "kind": "Lease",
+            "metadata": {
+                "name": name,
+                "namespace": namespace,
+                "labels": {"app.kubernetes.io/name": "checkpointer"},
+            },
+            "spec": {
+                "holderIdentity": holder,
+                "leaseDurationSeconds": duration,
+                "renewTime": now.strftime("%Y-%m-%dT%H:%M:%S.%fZ"),
+            },
+        }
+        try:
+            self.coordination.patch_namespaced_lease(name, namespace, body)
+        except ApiException as e:
+            if e.status != 404:
+                raise
+            body["spec"]["acquireTime"] = body["spec"]["renewTime"]
+            self.coordination.create_namespaced_lease(namespace, body)  # type: ignore[arg-type]

@@ -1,0 +1,297 @@
+"""Podman on the node, two ways: the libpod REST API over the host socket, and the CLI through nsenter.
+
+Both stream podman's uncompressed checkpoint export to a consumer while podman runs, and both feed
+an archive to `podman container restore --import`. Errors become PodmanError with podman's own
+message, which the services classify into reasons.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import http.client
+import json
+import os
+import socket
+import threading
+import urllib.parse
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+from checkpointer import flags
+from checkpointer.adapters import commands
+from checkpointer.errors import CommandError
+from checkpointer.models import CheckpointSpec, RestoreSpec
+from checkpointer.settings import Settings
+from checkpointer.spool import read_chunks
+
+API = "/v5.0.0/libpod"
+Consumer = Callable[[Iterable[bytes]], None]
+
+
+class PodmanError(Exception):
+    def __init__(self, message: str, status: int = 0) -> None:
+        super().__init__(message)
+        self.message = message
+        self.status = status
+
+
+@dataclass(frozen=True)
+class Container:
+    id: str
+    name: str
+    state: str
+    image: str
+    static_dir: str = ""
+    labels: tuple[tuple[str, str], ...] = ()
+
+    @property
+    def running(self) -> bool:
+        return self.state == "running"
+
+
+class Runtime(Protocol):
+    def containers(self) -> list[Container]: ...
+    def latest(self) -> Container | None: ...
+    def inspect(self, name: str) -> Container | None: ...
+    def image_exists(self, image: str) -> bool: ...
+    def versions(self) -> dict[str, str]: ...
+    def checkpoint(
+        self, spec: CheckpointSpec, container: str, export: Consumer | None, fifo_dir: Path
+    ) -> dict[str, Any]: ...
+    def restore(self, spec: RestoreSpec, archive: Path, previous: Path | None) -> dict[str, Any]: ...
+    def read_file(self, path: str) -> bytes | None: ...
+
+
+def _container(data: dict[str, Any]) -> Container:
+    names = data.get("Names") or [data.get("Name", "")]
+    state = data.get("State")
+    if isinstance(state, dict):
+        state = state.get("Status", "")
+    labels = data.get("Labels") or (data.get("Config") or {}).get("Labels") or {}
+    return Container(
+        id=data.get("Id", ""),
+        name=str(names[0]).lstrip("/"),
+        state=str(state or ""),
+        image=str(data.get("ImageName") or data.get("Image") or ""),
+        static_dir=str(data.get("StaticDir", "")),
+        labels=tuple(sorted(labels.items())),
+    )
+
+
+def _stats(text: str) -> dict[str, Any]:
+    """podman --print-stats writes one JSON document; anything else on stdout is ignored."""
+    start = text.find("{")
+    if start < 0:
+        return {}
+    try:
+        value = json.loads(text[start:])
+    except json.JSONDecodeError:
+        return {}
+    return value if isinstance(value, dict) else {}
+
+
+class _UnixConnection(http.client.HTTPConnection):
+    def __init__(self, path: Path, timeout: float) -> None:
+        super().__init__("localhost", timeout=timeout)
+        self.socket_path = str(path)
+
+    def connect(self) -> None:
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock.settimeout(self.timeout)
+        sock.connect(self.socket_path)
+        self.sock = sock
+
+
+class ApiRuntime:
+    """The libpod REST API on the node's podman socket."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.socket = settings.podman_socket
+        self.timeout = settings.podman_timeout_seconds
+
+    def _request(
+        self, method: str, path: str, query: dict[str, str] | None = None, body: Iterable[bytes] | None = None
+    ) -> tuple[_UnixConnection, http.client.HTTPResponse]:
+        url = API + path + ("?" + urllib.parse.urlencode(query) if query else "")
+        conn = _UnixConnection(self.socket, self.timeout)
+        headers = {"Content-Type": "application/x-tar"} if body is not None else {}
+        conn.request(method, url, body=body, headers=headers, encode_chunked=body is not None)
+        resp = conn.getresponse()
+        if resp.status >= 400:
+            raw = resp.read().decode(errors="replace")
+            conn.close()
+            try:
+                data = json.loads(raw)
+                message = data.get("message") or data.get("cause") or raw
+            except (json.JSONDecodeError, AttributeError):
+                message = raw
+            raise PodmanError(str(message), resp.status)
+        return conn, resp
+
+    def _json(self, method: str, path: str, query: dict[str, str] | None = None) -> Any:
+        conn, resp = self._request(method, path, query)
+        with contextlib.closing(conn):
+            raw = resp.read()
+        return json.loads(raw) if raw.strip() else None
+
+    def containers(self) -> list[Container]:
+        return [_container(c) for c in self._json("GET", "/containers/json", {"all": "true"}) or []]
+
+    def latest(self) -> Container | None:
+        found = self._json("GET", "/containers/json", {"all": "true", "last": "1"}) or []
+        return _container(found[0]) if found else None
+
+    def inspect(self, name: str) -> Container | None:
+        try:
+            return _container(self._json("GET", f"/containers/{urllib.parse.quote(name)}/json"))
+        except PodmanError as e:
+            if e.status == 404:
+                return None
+            raise
+
+    def image_exists(self, image: str) -> bool:
+        try:
+            conn, _ = self._request("GET", f"/images/{urllib.parse.quote(image, safe='')}/exists")
+        except PodmanError as e:
+            if e.status == 404:
+                return False
+            raise
+        conn.close()
+        return True
+
+    def versions(self) -> dict[str, str]:
+        info = self._json("GET", "/info") or {}
+        host = info.get("host", {})
+        runtime_version = str(host.get("ociRuntime", {}).get("version", "")).splitlines()
+        return {
+            "podman": str(info.get("version", {}).get("Version", "")),
+            "kernel": str(host.get("kernel", "")),
+            "ociRuntime": runtime_version[0] if runtime_version else "",
+        }
+
+    def checkpoint(
+        self, spec: CheckpointSpec, container: str, export: Consumer | None, fifo_dir: Path
+    ) -> dict[str, Any]:
+        query = flags.checkpoint_query(spec, export is not None)
+        conn, resp = self._request("POST", f"/containers/{urllib.parse.quote(container)}/checkpoint", query)
+        with contextlib.closing(conn):
+            if export is None:
+                return _stats(resp.read().decode(errors="replace"))
+            export(read_chunks(resp))
+        # The REST export sends the archive as the response body, so podman's stats have no place to go.
+        return {}
+
+    def restore(self, spec: RestoreSpec, archive: Path, previous: Path | None) -> dict[str, Any]:
+        if previous is not None:
+            raise PodmanError("podman's REST API cannot import a previous checkpoint; use the CLI runtime")
+        with archive.open("rb") as f:
+            conn, resp = self._request(
+                "POST", "/containers/import/restore", flags.restore_query(spec), body=read_chunks(f)
+            )
+            with contextlib.closing(conn):
+                return _stats(resp.read().decode(errors="replace"))
+
+    def read_file(self, path: str) -> bytes | None:
+        try:
+            return Path(path).read_bytes()
+        except OSError:
+            return None
+
+
+class CliRuntime:
+    """The podman CLI, run in the host's mount and PID namespaces through nsenter."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.prefix = ["nsenter", f"--target={settings.nsenter_target}", "--mount", "--pid", "--"]
+        self.podman = [*self.prefix, *settings.podman_command]
+        self.timeout = settings.podman_timeout_seconds
+
+    def _run(self, *args: str, timeout: float = 120) -> str:
+        try:
+            return commands.run([*self.podman, *args], timeout=timeout)
+        except CommandError as e:
+            raise PodmanError(e.stderr.strip() or str(e), e.returncode) from e
+
+    def containers(self) -> list[Container]:
+        return [_container(c) for c in json.loads(self._run("ps", "--all", "--format=json") or "[]")]
+
+    def latest(self) -> Container | None:
+        found = json.loads(self._run("ps", "--all", "--latest", "--format=json") or "[]")
+        return _container(found[0]) if found else None
+
+    def inspect(self, name: str) -> Container | None:
+        try:
+            found = json.loads(self._run("container", "inspect", "--format=json", name))
+        except PodmanError as e:
+            if "no such" in e.message.lower():
+                return None
+            raise
+        return _container(found[0]) if found else None
+
+    def image_exists(self, image: str) -> bool:
+        try:
+            self._run("image", "exists", image)
+        except PodmanError as e:
+            if e.status == 1:
+                return False
+            raise
+        return True
+
+    def versions(self) -> dict[str, str]:
+        version = json.loads(self._run("version", "--format=json"))
+        criu = commands.run([*self.prefix, "criu", "--version"], timeout=30).splitlines()
+        kernel = commands.run([*self.prefix, "uname", "-r"], timeout=30).strip()
+        return {
+            "podman": str(version.get("Client", {}).get("Version", "")),
+            "criu": criu[0].removeprefix("Version: ").strip() if criu else "",
+            "kernel": kernel,
+        }
+
+    def checkpoint(
+        self, spec: CheckpointSpec, container: str, export: Consumer | None, fifo_dir: Path
+    ) -> dict[str, Any]:
+        if export is None:
+            return _stats(self._run(*flags.checkpoint_argv(spec, container, None), timeout=self.timeout))
+        fifo = fifo_dir / f".{container}.fifo"
+        fifo.unlink(missing_ok=True)
+        os.mkfifo(fifo, 0o600)
+        argv = [*self.podman, *flags.checkpoint_argv(spec, container, fifo)]
+        proc = commands.spawn(argv)
+        outcome: dict[str, Any] = {}
+
+        def wait() -> None:
+            try:
+                outcome["stdout"] = commands.finish(proc, argv, self.timeout)
+            except CommandError as e:
+                outcome["error"] = e
+            # Podman may fail before it opens the FIFO; open it for writing so our reader sees EOF.
+            with contextlib.suppress(OSError):
+                os.close(os.open(fifo, os.O_WRONLY | os.O_NONBLOCK))
+
+        waiter = threading.Thread(target=wait, name=f"podman-{container}", daemon=True)
+        waiter.start()
+        try:
+            with fifo.open("rb") as stream:
+                export(read_chunks(stream))
+        finally:
+            waiter.join()
+            fifo.unlink(missing_ok=True)
+        if "error" in outcome:
+            error: CommandError = outcome["error"]
+            raise PodmanError(error.stderr.strip() or str(error), error.returncode)
+        return _stats(outcome.get("stdout", ""))
+
+    def restore(self, spec: RestoreSpec, archive: Path, previous: Path | None) -> dict[str, Any]:
+        return _stats(self._run(*flags.restore_argv(spec, archive, previous), timeout=self.timeout))
+
+    def read_file(self, path: str) -> bytes | None:
+        try:
+            return commands.run([*self.prefix, "cat", path], timeout=60).encode()
+        except CommandError:
+            return None
+
+
+def runtime(settings: Settings) -> Runtime:
+    return ApiRuntime(settings) if settings.podman_mode == "api" else CliRuntime(settings)

@@ -1,0 +1,78 @@
+"""The node agent: one per node, watching only the objects labelled for its node.
+
+It renews a Lease so the controller can tell a live agent from a missing one, and hands each
+object to the checkpoint or restore service. Handlers re-read the object before acting, so a
+stale event never starts a second checkpoint.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from typing import Any
+
+import kopf
+
+from checkpointer import GROUP, NODE_LABEL, VERSION
+from checkpointer.adapters.kube import CHECKPOINTS, RESTORES
+from checkpointer.reasons import Phase
+from checkpointer.services import checkpoint, restore
+from checkpointer.services.agent import Agent
+from checkpointer.services.scheduling import lease_name
+
+log = logging.getLogger(__name__)
+
+
+def _current(agent: Agent, plural: str, body: kopf.Body) -> dict[str, Any] | None:
+    """The object as the API server has it now; None once it is gone or not ours to act on yet."""
+    fresh = agent.kube.get(plural, body["metadata"]["namespace"], body["metadata"]["name"])
+    if fresh is None:
+        return None
+    phase = (fresh.get("status") or {}).get("phase")
+    if phase in (None, Phase.PENDING):
+        # The controller writes the label and the status in two patches; wait for the status.
+        raise kopf.TemporaryError("waiting for the controller to schedule this object", delay=1)
+    return fresh
+
+
+def register(registry: kopf.OperatorRegistry, agent: Agent) -> None:
+    node = agent.settings.node_name
+    mine = {NODE_LABEL: node}
+
+    @kopf.on.resume(GROUP, VERSION, CHECKPOINTS, labels=mine, registry=registry)
+    @kopf.on.create(GROUP, VERSION, CHECKPOINTS, labels=mine, registry=registry)
+    def take_checkpoint(body: kopf.Body, **_: Any) -> None:
+        fresh = _current(agent, CHECKPOINTS, body)
+        if fresh is not None:
+            checkpoint.run(agent, fresh)
+
+    @kopf.on.resume(GROUP, VERSION, RESTORES, labels=mine, registry=registry)
+    @kopf.on.create(GROUP, VERSION, RESTORES, labels=mine, registry=registry)
+    def restore_archive(body: kopf.Body, **_: Any) -> None:
+        fresh = _current(agent, RESTORES, body)
+        if fresh is not None:
+            restore.run(agent, fresh)
+
+    stop = threading.Event()
+
+    def heartbeat() -> None:
+        settings = agent.settings
+        while not stop.is_set():
+            try:
+                agent.kube.renew_lease(
+                    settings.namespace, lease_name(node), node, settings.lease_duration_seconds
+                )
+            except Exception as e:  # the next beat tries again; the controller sees the Lease age
+                log.warning("could not renew Lease %s: %s", lease_name(node), e)
+            stop.wait(settings.lease_renew_seconds)
+
+    @kopf.on.startup(registry=registry)
+    def start_heartbeat(**_: Any) -> None:
+        agent.kube.renew_lease(
+            agent.settings.namespace, lease_name(node), node, agent.settings.lease_duration_seconds
+        )
+        threading.Thread(target=heartbeat, name="lease", daemon=True).start()
+
+    @kopf.on.cleanup(registry=registry)
+    def stop_heartbeat(**_: Any) -> None:
+        stop.set()

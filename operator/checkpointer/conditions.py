@@ -1,0 +1,55 @@
+"""Status building: pure functions over plain dicts, in the metav1.Condition shape."""
+
+from __future__ import annotations
+
+import datetime
+from typing import Any
+
+from checkpointer.reasons import ConditionType, Phase, Reason
+
+
+def now() -> str:
+    return datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def set_condition(
+    conditions: list[dict[str, Any]],
+    type_: ConditionType,
+    status: bool,
+    reason: Reason,
+    message: str,
+    generation: int,
+) -> list[dict[str, Any]]:
+    """Return conditions with `type_` set; lastTransitionTime moves only when the status flips."""
+    status_text = "True" if status else "False"
+    previous = next((c for c in conditions if c.get("type") == type_), None)
+    transition = (
+        previous["lastTransitionTime"] if previous and previous.get("status") == status_text else now()
+    )
+    updated = {
+        "type": str(type_),
+        "status": status_text,
+        "reason": str(reason),
+        "message": message[:32000],
+        "lastTransitionTime": transition,
+        "observedGeneration": generation,
+    }
+    return [c for c in conditions if c.get("type") != type_] + [updated]
+
+
+def phase_patch(
+    status: dict[str, Any], phase: Phase, reason: Reason, message: str, generation: int
+) -> dict[str, Any]:
+    """The status fields that move together with a phase: Ready condition and completion time."""
+    conditions = set_condition(
+        list(status.get("conditions") or []),
+        ConditionType.READY,
+        phase == Phase.SUCCEEDED,
+        reason,
+        message,
+        generation,
+    )
+    patch: dict[str, Any] = {"phase": str(phase), "observedGeneration": generation, "conditions": conditions}
+    if phase.finished:
+        patch["completionTime"] = now()
+    return patch

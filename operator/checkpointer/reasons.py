@@ -1,0 +1,59 @@
+"""Phases, condition types and reasons: stable CamelCase words that users and tests match on."""
+
+from enum import StrEnum
+
+
+class Phase(StrEnum):
+    PENDING = "Pending"
+    SCHEDULED = "Scheduled"
+    CHECKPOINTING = "Checkpointing"
+    UPLOADING = "Uploading"
+    DOWNLOADING = "Downloading"
+    RESTORING = "Restoring"
+    SUCCEEDED = "Succeeded"
+    FAILED = "Failed"
+
+    @property
+    def finished(self) -> bool:
+        return self in (Phase.SUCCEEDED, Phase.FAILED)
+
+
+class ConditionType(StrEnum):
+    SCHEDULED = "Scheduled"
+    READY = "Ready"
+
+
+class Reason(StrEnum):
+    # scheduling (controller)
+    SCHEDULED = "Scheduled"
+    NODE_NOT_FOUND = "NodeNotFound"
+    AGENT_UNAVAILABLE = "AgentUnavailable"
+    STORAGE_NOT_FOUND = "StorageNotFound"
+    STORAGE_UNAVAILABLE = "StorageUnavailable"
+    PREVIOUS_CHECKPOINT_NOT_READY = "PreviousCheckpointNotReady"
+    CHECKPOINT_NOT_FOUND = "CheckpointNotFound"
+    CHECKPOINT_NOT_READY = "CheckpointNotReady"
+    CHECKPOINT_NOT_EXPORTED = "CheckpointNotExported"
+    CONTAINER_AMBIGUOUS = "ContainerAmbiguous"
+    # checkpoint (agent)
+    CHECKPOINTING = "Checkpointing"
+    UPLOADING = "Uploading"
+    UPLOAD_RETRYING = "UploadRetrying"
+    CONTAINER_NOT_FOUND = "ContainerNotFound"
+    CONTAINER_NOT_RUNNING = "ContainerNotRunning"
+    CRIU_FEATURE_MISSING = "CRIUFeatureMissing"
+    CHECKPOINT_FAILED = "CheckpointFailed"
+    CHECKPOINT_INTERRUPTED = "CheckpointInterrupted"
+    # restore (agent)
+    DOWNLOADING = "Downloading"
+    RESTORING = "Restoring"
+    ARCHIVE_NOT_FOUND = "ArchiveNotFound"
+    ARCHIVE_CORRUPT = "ArchiveCorrupt"
+    IMAGE_NOT_FOUND = "ImageNotFound"
+    NAME_IN_USE = "NameInUse"
+    RESTORE_FAILED = "RestoreFailed"
+    RESTORE_INTERRUPTED = "RestoreInterrupted"
+    SUCCEEDED = "Succeeded"
+    # storage
+    AVAILABLE = "Available"
+    UNAVAILABLE = "Unavailable"

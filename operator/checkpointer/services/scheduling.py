@@ -1,0 +1,133 @@
+"""The controller's checks before an object is handed to a node's agent."""
+
+from __future__ import annotations
+
+from checkpointer.adapters.kube import CHECKPOINTS, Kube
+from checkpointer.errors import Failure
+from checkpointer.layout import compression_of
+from checkpointer.models import (
+    CheckpointStorage,
+    ContainerCheckpoint,
+    ContainerRestore,
+    NameRef,
+    ResolvedArchive,
+)
+from checkpointer.reasons import Phase, Reason
+from checkpointer.settings import Settings
+
+
+def lease_name(node: str) -> str:
+    return f"checkpointer-agent-{node}"
+
+
+def lease_alive(age_and_duration: tuple[float, int] | None) -> bool:
+    if age_and_duration is None:
+        return False
+    age, duration = age_and_duration
+    return age <= duration
+
+
+def require_node_with_agent(kube: Kube, settings: Settings, node: str) -> None:
+    if not kube.node_exists(node):
+        raise Failure(Reason.NODE_NOT_FOUND, f"node {node!r} does not exist")
+    if not lease_alive(kube.lease_age(settings.namespace, lease_name(node))):
+        raise Failure(
+            Reason.AGENT_UNAVAILABLE,
+            f"no live checkpointer agent on node {node!r} (Lease {settings.namespace}/"
+            f"{lease_name(node)} missing or expired); is the agent DaemonSet running there?",
+        )
+
+
+def choose_storage(ref: NameRef | None, storages: list[CheckpointStorage]) -> CheckpointStorage:
+    """The named storage, else the single one marked default. Pure, for unit tests."""
+    if ref is not None:
+        found = [s for s in storages if s.metadata.name == ref.name]
+        if not found:
+            raise Failure(Reason.STORAGE_NOT_FOUND, f"CheckpointStorage {ref.name!r} does not exist")
+        storage = found[0]
+    else:
+        defaults = [s for s in storages if s.spec.default]
+        if len(defaults) != 1:
+            what = "none is" if not defaults else f"{len(defaults)} are"
+            raise Failure(
+                Reason.STORAGE_NOT_FOUND,
+                f"no storage named and {what} marked default; set export.storageRef.name or mark "
+                "exactly one CheckpointStorage with default: true",
+            )
+        storage = defaults[0]
+    if not storage.available:
+        message = storage.status.get("message") or "not validated yet"
+        raise Failure(
+            Reason.STORAGE_UNAVAILABLE,
+            f"CheckpointStorage {storage.metadata.name!r} is not Available: {message}",
+        )
+    return storage
+
+
+def schedule_checkpoint(kube: Kube, settings: Settings, ccp: ContainerCheckpoint) -> str | None:
+    """Check what needs the cluster; return the storage name the agent should use (None: no export)."""
+    spec = ccp.spec
+    require_node_with_agent(kube, settings, spec.node_name)
+    if spec.with_previous and spec.previous_checkpoint_ref is not None:
+        previous = kube.get(CHECKPOINTS, ccp.metadata.namespace, spec.previous_checkpoint_ref.name)
+        if previous is None or (previous.get("status") or {}).get("phase") != Phase.SUCCEEDED:
+            raise Failure(
+                Reason.PREVIOUS_CHECKPOINT_NOT_READY,
+                f"previousCheckpointRef {spec.previous_checkpoint_ref.name!r} does not exist or has "
+                "not succeeded",
+            )
+    if spec.export is None:
+        return None
+    return choose_storage(spec.export.storage_ref, kube.storages()).metadata.name
+
+
+def resolve_restore_archive(kube: Kube, crst: ContainerRestore) -> ResolvedArchive:
+    source = crst.spec.source
+    if source.archive is not None:
+        storage = choose_storage(source.archive.storage_ref, kube.storages())
+        return ResolvedArchive(
+            storage_ref=NameRef(name=storage.metadata.name),
+            key=source.archive.key,
+            sha256=source.archive.sha256,
+            compression=compression_of(source.archive.key),
+        )
+    assert source.checkpoint_ref is not None  # the CRD admits exactly one source
+    ref = source.checkpoint_ref
+    obj = kube.get(CHECKPOINTS, crst.metadata.namespace, ref.name)
+    if obj is None:
+        raise Failure(Reason.CHECKPOINT_NOT_FOUND, f"ContainerCheckpoint {ref.name!r} does not exist")
+    ccp = ContainerCheckpoint.model_validate(obj)
+    if ccp.status.phase != Phase.SUCCEEDED:
+        raise Failure(
+            Reason.CHECKPOINT_NOT_READY,
+            f"ContainerCheckpoint {ref.name!r} is {ccp.status.phase or 'Pending'}, not Succeeded",
+        )
+    exported = [a for a in ccp.status.archives if a.key]
+    if not exported or ccp.status.storage_ref is None:
+        raise Failure(
+            Reason.CHECKPOINT_NOT_EXPORTED,
+            f"ContainerCheckpoint {ref.name!r} was not exported to storage; only exported "
+            "checkpoints can be restored by a ContainerRestore",
+        )
+    if ref.container:
+        exported = [a for a in exported if ref.container in (a.container, a.container_id)]
+        if not exported:
+            raise Failure(
+                Reason.CHECKPOINT_NOT_FOUND,
+                f"ContainerCheckpoint {ref.name!r} has no archive of container {ref.container!r}",
+            )
+    elif len(exported) > 1:
+        raise Failure(
+            Reason.CONTAINER_AMBIGUOUS,
+            f"ContainerCheckpoint {ref.name!r} holds {len(exported)} containers; set "
+            "source.checkpointRef.container",
+        )
+    archive = exported[0]
+    choose_storage(ccp.status.storage_ref, kube.storages())
+    assert archive.key is not None
+    return ResolvedArchive(
+        storage_ref=ccp.status.storage_ref,
+        key=archive.key,
+        sha256=archive.sha256,
+        compression=archive.compression,
+    )

@@ -1,0 +1,42 @@
+"""One settings object, read from CHECKPOINTER_* environment variables."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+MiB = 1024 * 1024
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="CHECKPOINTER_", frozen=True)
+
+    # Where agent Leases live; the chart sets it to the release namespace.
+    namespace: str = "checkpointer-system"
+    # The agent's own node (downward API spec.nodeName in the chart).
+    node_name: str = ""
+
+    # How the agent reaches podman: the libpod REST API on the host socket, or the CLI run through
+    # nsenter into the mount and PID namespaces of nsenter_target (PID 1 of the host with hostPID).
+    podman_mode: Literal["api", "cli"] = "api"
+    podman_socket: Path = Path("/run/podman/podman.sock")
+    nsenter_target: int = 1
+    podman_command: list[str] = ["podman"]
+    podman_timeout_seconds: float = 3600.0
+
+    # Archives are spooled here (on the node) so that an upload can be retried after a restart.
+    spool_dir: Path = Path("/var/lib/checkpointer/spool")
+    part_size: int = 16 * MiB
+    upload_concurrency: int = 4
+    # 0 means unlimited; a cap keeps a checkpoint from saturating the node's uplink.
+    upload_bytes_per_second: int = 0
+    zstd_level: int = 3
+    upload_retry_seconds: float = 10.0
+
+    lease_duration_seconds: int = 20
+    lease_renew_seconds: float = 5.0
+    storage_validation_seconds: float = 60.0
+    # A Scheduled object whose node's agent has been silent this long fails with AgentUnavailable.
+    agent_pickup_timeout_seconds: float = 60.0
