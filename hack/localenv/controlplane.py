@@ -93,9 +93,7 @@ def _kubeconfig(server: str, ca_file: Path, user: dict[str, str], name: str) -> 
     return {
         "apiVersion": "v1",
         "kind": "Config",
-        "clusters": [
-            {"name": "local", "cluster": {"server": server, "certificate-authority-data": b64(ca_file)}}
-        ],
+        "clusters": [{"name": "local", "cluster": {"server": server, "certificate-authority-data": b64(ca_file)}}],
         "users": [{"name": name, "user": user}],
         "contexts": [{"name": "local", "context": {"cluster": "local", "user": name}}],
         "current-context": "local",
@@ -137,9 +135,7 @@ def _wait(what: str, probe: Callable[[], bool], processes: Sequence[Process], ti
         except (OSError, urllib.error.URLError):  # not listening yet
             pass
         if time.monotonic() > deadline:
-            logs = "".join(
-                f"\n--- {p.log} ---\n{p.log.read_text(errors='replace')[-2000:]}" for p in processes
-            )
+            logs = "".join(f"\n--- {p.log} ---\n{p.log.read_text(errors='replace')[-2000:]}" for p in processes)
             raise LocalEnvError(f"timed out after {timeout}s waiting for {what}{logs}")
         time.sleep(0.2)
 
@@ -196,9 +192,7 @@ class ControlPlane:
         ca = CertificateAuthority.create(self.pki_dir)
         self.ca = ca
         serving = ca.issue_server(self.pki_dir, "apiserver", API_SERVER_HOSTS)
-        kcm_serving = ca.issue_server(
-            self.pki_dir, "kube-controller-manager-serving", ["127.0.0.1", "localhost"]
-        )
+        kcm_serving = ca.issue_server(self.pki_dir, "kube-controller-manager-serving", ["127.0.0.1", "localhost"])
         admin = ca.issue_client(self.pki_dir, "admin", "checkpointer-admin", ["system:masters"])
         # The identity kubeadm gives the controller manager; the bootstrap RBAC policy grants it
         # what it needs, and each controller then acts as its own kube-system ServiceAccount.
@@ -365,9 +359,7 @@ class ControlPlane:
 
     def kubeconfig_for_serviceaccount(self, namespace: str, name: str, duration: str = "24h") -> Path:
         """A kubeconfig with a bound token (TokenRequest API) for an existing ServiceAccount."""
-        token = self.kubectl(
-            "create", "token", name, "-n", namespace, f"--duration={duration}"
-        ).stdout.strip()
+        token = self.kubectl("create", "token", name, "-n", namespace, f"--duration={duration}").stdout.strip()
         path = self.kubeconfig_dir / f"sa-{_safe(namespace)}-{_safe(name)}.kubeconfig"
         self._write_kubeconfig(path, {"token": token}, f"system:serviceaccount:{namespace}:{name}")
         return path

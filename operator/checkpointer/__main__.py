@@ -61,9 +61,7 @@ def main(argv: list[str] | None = None) -> int:
         agent.register(registry, Agent(settings, kube, runtime(settings)))
         node = settings.node_name
     asyncio.run(
-        kopf.operator(
-            registry=registry, settings=_kopf_settings(args.role, node), standalone=True, clusterwide=True
-        )
+        kopf.operator(registry=registry, settings=_kopf_settings(args.role, node), standalone=True, clusterwide=True)
     )
     return 0
 

@@ -59,18 +59,14 @@ def register(registry: kopf.OperatorRegistry, agent: Agent) -> None:
         settings = agent.settings
         while not stop.is_set():
             try:
-                agent.kube.renew_lease(
-                    settings.namespace, lease_name(node), node, settings.lease_duration_seconds
-                )
+                agent.kube.renew_lease(settings.namespace, lease_name(node), node, settings.lease_duration_seconds)
             except Exception as e:  # the next beat tries again; the controller sees the Lease age
                 log.warning("could not renew Lease %s: %s", lease_name(node), e)
             stop.wait(settings.lease_renew_seconds)
 
     @kopf.on.startup(registry=registry)
     def start_heartbeat(**_: Any) -> None:
-        agent.kube.renew_lease(
-            agent.settings.namespace, lease_name(node), node, agent.settings.lease_duration_seconds
-        )
+        agent.kube.renew_lease(agent.settings.namespace, lease_name(node), node, agent.settings.lease_duration_seconds)
         threading.Thread(target=heartbeat, name="lease", daemon=True).start()
 
     @kopf.on.cleanup(registry=registry)

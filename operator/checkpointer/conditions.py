@@ -23,9 +23,7 @@ def set_condition(
     """Return conditions with `type_` set; lastTransitionTime moves only when the status flips."""
     status_text = "True" if status else "False"
     previous = next((c for c in conditions if c.get("type") == type_), None)
-    transition = (
-        previous["lastTransitionTime"] if previous and previous.get("status") == status_text else now()
-    )
+    transition = previous["lastTransitionTime"] if previous and previous.get("status") == status_text else now()
     updated = {
         "type": str(type_),
         "status": status_text,
@@ -37,9 +35,7 @@ def set_condition(
     return [c for c in conditions if c.get("type") != type_] + [updated]
 
 
-def phase_patch(
-    status: dict[str, Any], phase: Phase, reason: Reason, message: str, generation: int
-) -> dict[str, Any]:
+def phase_patch(status: dict[str, Any], phase: Phase, reason: Reason, message: str, generation: int) -> dict[str, Any]:
     """The status fields that move together with a phase: Ready condition and completion time."""
     conditions = set_condition(
         list(status.get("conditions") or []),

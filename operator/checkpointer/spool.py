@@ -79,6 +79,8 @@ class GrowingFile:
 
     def __init__(self, path: Path) -> None:
         self.path = path
+        # Exists from the start, so that readers may open it before the writer has written anything.
+        path.touch()
         self._written = 0
         self._done = False
         self._error: BaseException | None = None

@@ -108,13 +108,9 @@ def widget(name: str, lo: int, hi: int) -> dict[str, Any]:
 
 def test_crd_cel_rule_rejects_a_bad_object_with_its_message(cp: ControlPlane) -> None:
     apply(cp, WIDGET_CRD)
-    cp.kubectl(
-        "wait", "--for=condition=Established", "crd/widgets.localenv.checkpointer.dev", "--timeout=30s"
-    )
+    cp.kubectl("wait", "--for=condition=Established", "crd/widgets.localenv.checkpointer.dev", "--timeout=30s")
     # kubectl's discovery may lag the Established condition by a moment.
-    eventually(
-        "a valid Widget is accepted", lambda: apply(cp, widget("good", 1, 2), check=False).returncode == 0
-    )
+    eventually("a valid Widget is accepted", lambda: apply(cp, widget("good", 1, 2), check=False).returncode == 0)
 
     bad = apply(cp, widget("bad", 3, 2), check=False)
     assert bad.returncode != 0
@@ -148,9 +144,7 @@ def test_serviceaccount_is_forbidden_until_a_role_is_bound(cp: ControlPlane) -> 
     )
     eventually(
         "the bound Role lets the ServiceAccount list secrets",
-        lambda: (
-            cp.kubectl("get", "secrets", "-n", "sa-test", kubeconfig=kubeconfig, check=False).returncode == 0
-        ),
+        lambda: cp.kubectl("get", "secrets", "-n", "sa-test", kubeconfig=kubeconfig, check=False).returncode == 0,
     )
     # Still nothing outside the Role's namespace.
     other = cp.kubectl("get", "secrets", "-n", "default", kubeconfig=kubeconfig, check=False)
@@ -160,9 +154,7 @@ def test_serviceaccount_is_forbidden_until_a_role_is_bound(cp: ControlPlane) -> 
 def test_client_certificate_user_is_forbidden_then_gets_aggregated_view(cp: ControlPlane) -> None:
     kubeconfig = cp.kubeconfig_for_user("alice", ["developers", "qa"])
 
-    user = json.loads(cp.kubectl("auth", "whoami", "-o", "json", kubeconfig=kubeconfig).stdout)["status"][
-        "userInfo"
-    ]
+    user = json.loads(cp.kubectl("auth", "whoami", "-o", "json", kubeconfig=kubeconfig).stdout)["status"]["userInfo"]
     assert user["username"] == "alice"
     assert {"developers", "qa", "system:authenticated"} <= set(user["groups"])
 
@@ -174,10 +166,7 @@ def test_client_certificate_user_is_forbidden_then_gets_aggregated_view(cp: Cont
     cp.kubectl("create", "clusterrolebinding", "developers-view", "--clusterrole=view", "--group=developers")
     eventually(
         "the aggregated view ClusterRole lets the group list configmaps",
-        lambda: (
-            cp.kubectl("get", "configmaps", "-n", "default", kubeconfig=kubeconfig, check=False).returncode
-            == 0
-        ),
+        lambda: cp.kubectl("get", "configmaps", "-n", "default", kubeconfig=kubeconfig, check=False).returncode == 0,
     )
 
 

@@ -27,9 +27,7 @@ def run(argv: Sequence[str], *, timeout: float, input: bytes | None = None) -> s
 def spawn(argv: Sequence[str]) -> subprocess.Popen[bytes]:
     """Start a program whose output the caller streams; the caller waits for it with a timeout."""
     log.debug("starting %s", list(argv))
-    return subprocess.Popen(
-        list(argv), stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE
-    )
+    return subprocess.Popen(list(argv), stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
 
 
 def finish(proc: subprocess.Popen[bytes], argv: Sequence[str], timeout: float) -> str:

@@ -49,9 +49,7 @@ class Kube:
         return obj
 
     def patch_status(self, plural: str, namespace: str, name: str, status: dict[str, Any]) -> None:
-        self.custom.patch_namespaced_custom_object_status(
-            GROUP, VERSION, namespace, plural, name, {"status": status}
-        )
+        self.custom.patch_namespaced_custom_object_status(GROUP, VERSION, namespace, plural, name, {"status": status})
 
     def storage(self, name: str) -> CheckpointStorage | None:
         try:

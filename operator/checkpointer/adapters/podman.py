@@ -62,6 +62,7 @@ class Runtime(Protocol):
     ) -> dict[str, Any]: ...
     def restore(self, spec: RestoreSpec, archive: Path, previous: Path | None) -> dict[str, Any]: ...
     def read_file(self, path: str) -> bytes | None: ...
+    def remove(self, name: str) -> None: ...
 
 
 def _container(data: dict[str, Any]) -> Container:
@@ -199,6 +200,9 @@ class ApiRuntime:
         except OSError:
             return None
 
+    def remove(self, name: str) -> None:
+        self._json("DELETE", f"/containers/{urllib.parse.quote(name)}", {"force": "true"})
+
 
 class CliRuntime:
     """The podman CLI, run in the host's mount and PID namespaces through nsenter."""
@@ -291,6 +295,9 @@ class CliRuntime:
             return commands.run([*self.prefix, "cat", path], timeout=60).encode()
         except CommandError:
             return None
+
+    def remove(self, name: str) -> None:
+        self._run("rm", "--force", name)
 
 
 def runtime(settings: Settings) -> Runtime:

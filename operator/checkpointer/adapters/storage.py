@@ -42,9 +42,7 @@ class Credentials:
         return "Credentials(<redacted>)"
 
 
-def client(
-    storage: CheckpointStorage, credentials: Credentials | None, max_connections: int = 10
-) -> S3Client:
+def client(storage: CheckpointStorage, credentials: Credentials | None, max_connections: int = 10) -> S3Client:
     spec = storage.spec
     verify: str | bool = True
     if spec.ca_bundle:
@@ -140,9 +138,9 @@ def upload_spool(
                 f.seek(start)
                 body = f.read(available - start)
                 limiter.take(len(body))
-                etag = s3.upload_part(
-                    Bucket=bucket, Key=key, UploadId=upload_id, PartNumber=index + 1, Body=body
-                )["ETag"]
+                etag = s3.upload_part(Bucket=bucket, Key=key, UploadId=upload_id, PartNumber=index + 1, Body=body)[
+                    "ETag"
+                ]
                 with lock:
                     etags[index + 1] = etag
                     done += len(body)

@@ -34,9 +34,7 @@ def spool_dir(agent: Agent, ccp: ContainerCheckpoint) -> Path:
     return agent.settings.spool_dir / f"checkpoint_{meta.namespace}_{meta.name}_{meta.uid}"
 
 
-def select_targets(
-    spec: CheckpointSpec, containers: list[Container], latest: Container | None
-) -> list[Container]:
+def select_targets(spec: CheckpointSpec, containers: list[Container], latest: Container | None) -> list[Container]:
     """Expand containers/all/latest into the containers to checkpoint. Pure, for unit tests."""
     if spec.all:
         running = [c for c in containers if c.running and dict(c.labels).get(EXCLUDE_LABEL) != "true"]
@@ -51,9 +49,7 @@ def select_targets(
         by_key = {c.name: c for c in containers} | {c.id: c for c in containers}
         chosen = []
         for ref in spec.containers:
-            found = by_key.get(ref) or next(
-                (c for c in containers if len(ref) >= 12 and c.id.startswith(ref)), None
-            )
+            found = by_key.get(ref) or next((c for c in containers if len(ref) >= 12 and c.id.startswith(ref)), None)
             if found is None:
                 raise Failure(Reason.CONTAINER_NOT_FOUND, f"container {ref!r} does not exist on the node")
             chosen.append(found)
@@ -92,9 +88,7 @@ def run(agent: Agent, body: dict[str, Any]) -> None:
     try:
         _run(agent, ccp, status, workdir)
     except Failure as e:
-        log.warning(
-            "checkpoint %s/%s failed: %s: %s", ccp.metadata.namespace, ccp.metadata.name, e.reason, e.message
-        )
+        log.warning("checkpoint %s/%s failed: %s: %s", ccp.metadata.namespace, ccp.metadata.name, e.reason, e.message)
         status.phase(Phase.FAILED, e.reason, e.message)
         shutil.rmtree(workdir, ignore_errors=True)
         raise
@@ -114,14 +108,10 @@ def _run(agent: Agent, ccp: ContainerCheckpoint, status: StatusWriter, workdir: 
             continue  # uploaded before a restart
         archive = _one(agent, ccp, status, workdir, target, storage, directory)
         archives[archive.container] = archive
-        status.patch(
-            {"archives": [a.model_dump(by_alias=True, exclude_none=True) for a in archives.values()]}
-        )
+        status.patch({"archives": [a.model_dump(by_alias=True, exclude_none=True) for a in archives.values()]})
     if storage is not None:
         entries = [a.model_dump(by_alias=True, exclude_none=True) for a in archives.values()]
-        manifest = layout.manifest(
-            ccp, entries, agent.host(), str(status.status.get("startTime") or now()), now()
-        )
+        manifest = layout.manifest(ccp, entries, agent.host(), str(status.status.get("startTime") or now()), now())
         storage.client.put_object(
             Bucket=storage.name,
             Key=f"{directory}/{layout.MANIFEST}",
@@ -162,9 +152,7 @@ def _one(
     key = layout.archive_key(directory, name, compression)
     spool_path = workdir / f"{name}{compression.suffix}"
     if record is not None:
-        status.phase(
-            Phase.UPLOADING, Reason.UPLOAD_RETRYING, f"uploading the spooled archive of {name} again"
-        )
+        status.phase(Phase.UPLOADING, Reason.UPLOAD_RETRYING, f"uploading the spooled archive of {name} again")
         spool = GrowingFile.finished(spool_path)
     else:
         started.touch()

@@ -73,8 +73,7 @@ def schedule_checkpoint(kube: Kube, settings: Settings, ccp: ContainerCheckpoint
         if previous is None or (previous.get("status") or {}).get("phase") != Phase.SUCCEEDED:
             raise Failure(
                 Reason.PREVIOUS_CHECKPOINT_NOT_READY,
-                f"previousCheckpointRef {spec.previous_checkpoint_ref.name!r} does not exist or has "
-                "not succeeded",
+                f"previousCheckpointRef {spec.previous_checkpoint_ref.name!r} does not exist or has not succeeded",
             )
     if spec.export is None:
         return None
@@ -119,8 +118,7 @@ def resolve_restore_archive(kube: Kube, crst: ContainerRestore) -> ResolvedArchi
     elif len(exported) > 1:
         raise Failure(
             Reason.CONTAINER_AMBIGUOUS,
-            f"ContainerCheckpoint {ref.name!r} holds {len(exported)} containers; set "
-            "source.checkpointRef.container",
+            f"ContainerCheckpoint {ref.name!r} holds {len(exported)} containers; set source.checkpointRef.container",
         )
     archive = exported[0]
     choose_storage(ccp.status.storage_ref, kube.storages())

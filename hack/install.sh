@@ -1,0 +1,32 @@
+#!/usr/bin/env bash
+# Installs everything the project needs on a fresh Debian 12 machine (root): Debian packages, the
+# Python environment, the control plane and S3 server built from the Go module proxy, and the node
+# rootfs. Every step is cached; a second run takes seconds.
+set -euo pipefail
+source "$(dirname "$0")/lib/common.sh"
+cd "$REPO_ROOT"
+
+need=()
+for tool in debootstrap nsenter unshare gcc zstd; do command -v "$tool" >/dev/null || need+=("$tool"); done
+if ((${#need[@]})); then
+  log "installing Debian packages for: ${need[*]}"
+  apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq debootstrap util-linux gcc libc6-dev zstd >/dev/null
+fi
+
+python=${PYTHON:-python3}
+if [[ ! -x .venv/bin/python ]]; then
+  log "creating .venv with $("$python" --version)"
+  "$python" -m venv .venv
+fi
+stamp=.venv/.installed-$(inputs_hash pyproject.toml)
+if [[ ! -f $stamp ]]; then
+  log "installing checkpointer and its test tools into .venv"
+  .venv/bin/pip install -q -U pip
+  .venv/bin/pip install -q -e '.[test]'
+  rm -f .venv/.installed-* && touch "$stamp"
+fi
+
+bash hack/build/tools.sh
+bash hack/node/rootfs.sh >/dev/null
+log "install complete"

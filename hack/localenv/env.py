@@ -1,0 +1,230 @@
+"""The whole local environment: control plane, S3, node sandboxes, and checkpointer's own processes.
+
+`LocalEnv.up()` brings everything up in one work directory; `down()` ends every process and leaves
+no mounts behind. The pytest fixtures and `hack/local-up` both use it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from localenv.controlplane import ControlPlane
+from localenv.nodes import NODE_ENV, NodeSandbox, rootfs_path
+from localenv.procs import REPO_ROOT, Process, Supervisor, wait_until
+
+NAMESPACE = "checkpointer-system"
+STORAGE = "local"
+SECRET = "local-s3"
+# Each adapter gets a node: a test that runs on both nodes runs through both.
+PODMAN_MODES = {"node-a": "api", "node-b": "cli"}
+
+
+@dataclass
+class LocalEnv:
+    workdir: Path
+    supervisor: Supervisor
+    control_plane: ControlPlane
+    s3: Any
+    nodes: dict[str, NodeSandbox] = field(default_factory=dict)
+    agent_env: dict[str, dict[str, str]] = field(default_factory=dict)
+
+    # --- lifecycle -------------------------------------------------------------------------------
+
+    @classmethod
+    def up(
+        cls,
+        workdir: Path,
+        node_names: Sequence[str] = ("node-a", "node-b"),
+        *,
+        operator: bool = True,
+        agent_settings: dict[str, str] | None = None,
+    ) -> LocalEnv:
+        from localenv import images
+        from localenv.s3 import S3Server
+
+        workdir.mkdir(parents=True, exist_ok=True)
+        supervisor = Supervisor(workdir / "logs")
+        control_plane = ControlPlane.start(workdir / "control-plane", supervisor)
+        env = cls(workdir, supervisor, control_plane, None)
+        try:
+            env.s3 = S3Server.start(workdir / "s3", supervisor)
+            env._install_api()
+            workloads = images.workload_images(rootfs_path())
+            for name in node_names:
+                node = NodeSandbox(name, workdir, supervisor=supervisor)
+                node.start()
+                env.nodes[name] = node
+                images.load_images([node], workloads)
+                env.apply(
+                    {
+                        "apiVersion": "v1",
+                        "kind": "Node",
+                        "metadata": {"name": name, "labels": {"kubernetes.io/hostname": name}},
+                    }
+                )
+            if operator:
+                env.start_controller()
+                for name in node_names:
+                    env.start_agent(name, agent_settings or {})
+                env.wait_storage_available()
+        except BaseException:
+            env.down()
+            raise
+        env.write_summary()
+        return env
+
+    def down(self) -> None:
+        for node in self.nodes.values():
+            node.stop()
+        self.supervisor.stop_all()
+
+    # --- cluster objects -------------------------------------------------------------------------
+
+    @property
+    def kubeconfig(self) -> Path:
+        return self.control_plane.kubeconfig
+
+    def kubectl(self, *args: str, input: str | None = None, check: bool = True) -> Any:
+        return self.control_plane.kubectl(*args, input=input, check=check)
+
+    def apply(self, *objects: dict[str, Any]) -> None:
+        self.kubectl("apply", "--server-side", "--force-conflicts", "-f", "-", input=yaml.safe_dump_all(objects))
+
+    def _install_api(self) -> None:
+        self.kubectl("apply", "--server-side", "-f", str(REPO_ROOT / "crds"))
+        for crd in sorted((REPO_ROOT / "crds").glob("*.yaml")):
+            name = yaml.safe_load(crd.read_text())["metadata"]["name"]
+            self.kubectl("wait", "--for=condition=Established", "--timeout=60s", f"crd/{name}")
+        s3 = self.s3
+        self.apply(
+            {"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": NAMESPACE}},
+            {
+                "apiVersion": "v1",
+                "kind": "Secret",
+                "metadata": {"name": SECRET, "namespace": NAMESPACE},
+                "stringData": {"accessKeyID": s3.access_key, "secretAccessKey": s3.secret_key},
+            },
+            {
+                "apiVersion": "checkpointer.dev/v1alpha1",
+                "kind": "CheckpointStorage",
+                "metadata": {"name": STORAGE},
+                "spec": {
+                    "bucket": s3.bucket,
+                    "endpoint": s3.endpoint,
+                    "region": s3.region,
+                    "forcePathStyle": True,
+                    "default": True,
+                    "credentialsSecretRef": {"namespace": NAMESPACE, "name": SECRET},
+                },
+            },
+        )
+
+    def wait_storage_available(self, timeout: float = 60) -> None:
+        def available() -> bool:
+            out = self.kubectl("get", "cks", STORAGE, "-o", "jsonpath={.status.phase}").stdout
+            return bool(out.strip() == "Available")
+
+        wait_until(
+            f"CheckpointStorage {STORAGE} Available",
+            available,
+            timeout=timeout,
+            log=self.supervisor.log_dir / "controller.log",
+        )
+
+    # --- checkpointer processes ------------------------------------------------------------------
+
+    def _operator_env(self, extra: dict[str, str]) -> dict[str, str]:
+        env = {k: v for k, v in os.environ.items() if not k.startswith("CHECKPOINTER_")}
+        env.update(NODE_ENV | {"PATH": os.environ.get("PATH", "") + ":" + NODE_ENV["PATH"]})
+        env.update(KUBECONFIG=str(self.kubeconfig), CHECKPOINTER_NAMESPACE=NAMESPACE, PYTHONUNBUFFERED="1")
+        env.update(extra)
+        return env
+
+    def start_controller(self, settings: dict[str, str] | None = None) -> Process:
+        env = self._operator_env(
+            {
+                "CHECKPOINTER_AGENT_PICKUP_TIMEOUT_SECONDS": "30",
+                "CHECKPOINTER_STORAGE_VALIDATION_SECONDS": "10",
+                **(settings or {}),
+            }
+        )
+        return self.supervisor.start("controller", [sys.executable, "-m", "checkpointer", "controller"], env=env)
+
+    def start_agent(self, name: str, settings: dict[str, str] | None = None) -> Process:
+        node = self.nodes[name]
+        env = self._operator_env(
+            {
+                "CHECKPOINTER_NODE_NAME": name,
+                "CHECKPOINTER_PODMAN_MODE": PODMAN_MODES.get(name, "api"),
+                "CHECKPOINTER_PODMAN_SOCKET": str(node.socket),
+                "CHECKPOINTER_NSENTER_TARGET": str(node.init_pid),
+                "CHECKPOINTER_SPOOL_DIR": str(node.spool_dir / "checkpointer"),
+                "CHECKPOINTER_PART_SIZE": str(8 * 1024 * 1024),
+                **(settings if settings is not None else self.agent_env.get(name, {})),
+            }
+        )
+        self.agent_env[name] = dict(settings or {})
+        process = self.supervisor.start(f"agent-{name}", [sys.executable, "-m", "checkpointer", "agent"], env=env)
+        wait_until(f"agent {name} Lease", lambda: self._lease_exists(name), timeout=60, log=process.log)
+        return process
+
+    def stop_agent(self, name: str, kill: bool = False) -> None:
+        for process in self.supervisor.processes:
+            if process.name == f"agent-{name}" and kill and process.alive():
+                os.killpg(process.popen.pid, 9)
+        self.supervisor.stop(f"agent-{name}")
+
+    def _lease_exists(self, node: str) -> bool:
+        result = self.kubectl("get", "lease", "-n", NAMESPACE, f"checkpointer-agent-{node}", check=False)
+        return bool(result.returncode == 0)
+
+    # --- for people and tests --------------------------------------------------------------------
+
+    def write_summary(self) -> Path:
+        summary = {
+            "kubeconfig": str(self.kubeconfig),
+            "server": self.control_plane.server,
+            "s3": {"endpoint": self.s3.endpoint, "bucket": self.s3.bucket, "region": self.s3.region},
+            "nodes": {n: {"podmanSocket": str(node.socket), "pid": node.init_pid} for n, node in self.nodes.items()},
+            "logs": str(self.supervisor.log_dir),
+        }
+        path = self.workdir / "env.json"
+        path.write_text(json.dumps(summary, indent=2))
+        return path
+
+    def logs(self, tail: int = 4000) -> str:
+        parts = []
+        for log in sorted(self.supervisor.log_dir.glob("*.log")):
+            parts.append(f"--- {log.name} ---\n{log.read_text(errors='replace')[-tail:]}")
+        return "\n".join(parts)
+
+    def wait_phase(
+        self, kind: str, name: str, phases: Sequence[str], namespace: str = "default", timeout: float = 180
+    ) -> dict[str, Any]:
+        deadline = time.monotonic() + timeout
+        obj: dict[str, Any] = {}
+        while time.monotonic() < deadline:
+            out = self.kubectl("get", kind, name, "-n", namespace, "-o", "json", check=False)
+            if out.returncode == 0:
+                obj = json.loads(out.stdout)
+                if (obj.get("status") or {}).get("phase") in phases:
+                    return obj
+            time.sleep(0.5)
+        raise AssertionError(
+            f"{kind}/{name} did not reach {phases} in {timeout}s; last status "
+            f"{json.dumps(obj.get('status'), indent=1)}\n{self.logs()}"
+        )
+
+
+def remove_workdir(workdir: Path) -> None:
+    shutil.rmtree(workdir, ignore_errors=True)

@@ -1,0 +1,43 @@
+"""Session fixtures: one local environment (control plane, S3, two podman nodes, controller, agents).
+
+Under CI=true a missing piece fails the tests; it never skips them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from localenv.controlplane import ControlPlane, missing_binaries
+from localenv.env import LocalEnv
+from localenv.procs import BIN, require
+
+
+def _require_environment() -> None:
+    missing = missing_binaries() + [b for b in ("weed", "helm") if not (BIN / b).exists()]
+    require(not missing, f"local environment binaries missing: {', '.join(missing)}")
+
+
+@pytest.fixture(scope="session")
+def local_env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalEnv]:
+    _require_environment()
+    env = LocalEnv.up(Path(tmp_path_factory.mktemp("env")))
+    try:
+        yield env
+    finally:
+        env.down()
+
+
+@pytest.fixture(scope="session")
+def control_plane(local_env: LocalEnv) -> ControlPlane:
+    return local_env.control_plane
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> Iterator[None]:
+    report = yield
+    env = getattr(item, "funcargs", {}).get("local_env")
+    if report.failed and isinstance(env, LocalEnv):
+        report.sections.append(("checkpointer logs", env.logs()))
+    return report

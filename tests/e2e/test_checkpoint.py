@@ -1,0 +1,253 @@
+"""ContainerCheckpoint end to end: real API server, controller, agents, podman + CRIU nodes, S3."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import tarfile
+import time
+import uuid
+from typing import Any
+
+import pytest
+import zstandard
+from localenv.env import NAMESPACE, LocalEnv
+from localenv.images import COUNTER, read_count
+
+NODES = ["node-a", "node-b"]  # node-a's agent uses the REST API, node-b's the CLI
+
+
+def unique(prefix: str) -> str:
+    return f"{prefix}-{uuid.uuid4().hex[:6]}"
+
+
+def run_counter(env: LocalEnv, node: str, name: str | None = None) -> str:
+    name = name or unique("counter")
+    env.nodes[node].podman("run", "-d", "--name", name, COUNTER)
+    read_count(env.nodes[node], name)
+    return name
+
+
+def checkpoint(env: LocalEnv, node: str, **spec: Any) -> str:
+    name = unique("ccp")
+    env.apply(
+        {
+            "apiVersion": "checkpointer.dev/v1alpha1",
+            "kind": "ContainerCheckpoint",
+            "metadata": {"name": name, "namespace": "default"},
+            "spec": {"nodeName": node, **spec},
+        }
+    )
+    return name
+
+
+def state(env: LocalEnv, node: str, container: str) -> str:
+    out = env.nodes[node].podman("inspect", "--format", "{{.State.Status}}", container)
+    return out.stdout.decode().strip()
+
+
+def stored(env: LocalEnv, key: str) -> bytes:
+    return bytes(env.s3.client().get_object(Bucket=env.s3.bucket, Key=key)["Body"].read())
+
+
+def members(archive: bytes) -> list[str]:
+    raw = archive
+    if archive[:4] == b"\x28\xb5\x2f\xfd":
+        raw = zstandard.ZstdDecompressor().stream_reader(io.BytesIO(archive)).read()
+    with tarfile.open(fileobj=io.BytesIO(raw), mode="r:*") as tar:
+        return tar.getnames()
+
+
+def no_stray_uploads(env: LocalEnv) -> None:
+    uploads = env.s3.client().list_multipart_uploads(Bucket=env.s3.bucket).get("Uploads", [])
+    assert uploads == [], f"stray multipart uploads: {uploads}"
+
+
+@pytest.mark.parametrize("node", NODES)
+def test_checkpoint_exports_to_s3_and_restores_with_plain_podman(local_env: LocalEnv, node: str) -> None:
+    env = local_env
+    container = run_counter(env, node)
+    name = checkpoint(env, node, containers=[container], export={})
+    obj = env.wait_phase("ccp", name, ["Succeeded", "Failed"])
+    status = obj["status"]
+    assert status["phase"] == "Succeeded", status
+    assert status["storageRef"] == {"name": "local"}
+    assert status["nodeName"] == node
+    [archive] = status["archives"]
+    assert archive["container"] == container
+    assert archive["compression"] == "zstd"
+    assert archive["key"] == f"default/{name}-{obj['metadata']['uid'][:8]}/{container}.tar.zst"
+    assert archive["uri"] == f"s3://{env.s3.bucket}/{archive['key']}"
+    data = stored(env, archive["key"])
+    assert data[:4] == b"\x28\xb5\x2f\xfd"
+    assert len(data) == archive["size"]
+    assert hashlib.sha256(data).hexdigest() == archive["sha256"]
+    assert "config.dump" in members(data)
+    manifest = json.loads(stored(env, archive["key"].rsplit("/", 1)[0] + "/manifest.json"))
+    assert manifest["archives"][0]["sha256"] == archive["sha256"]
+    assert manifest["nodeName"] == node
+    assert manifest["host"]["podman"].startswith("5.")
+    ready = {c["type"]: c for c in status["conditions"]}["Ready"]
+    assert (ready["status"], ready["reason"]) == ("True", "Succeeded")
+    assert status["progress"]["bytesDone"] == archive["size"]
+    assert state(env, node, container) == "exited"
+    no_stray_uploads(env)
+
+    # The archive alone restores on the other node with plain podman, and the count goes on.
+    counted = int(env.nodes[node].podman("logs", container).stdout.decode().split()[-1])
+    other = env.nodes[NODES[1 - NODES.index(node)]]
+    path = other.spool_dir / f"{name}.tar.zst"
+    path.write_bytes(data)
+    other.podman("container", "restore", f"--import={path}")
+    time.sleep(1)
+    assert read_count(other, container) > counted
+    other.podman("rm", "-f", container)
+    env.kubectl("delete", "ccp", name, "--wait=true", "--timeout=60s")
+    listed = env.s3.client().list_objects_v2(Bucket=env.s3.bucket, Prefix=archive["key"].rsplit("/", 1)[0])
+    assert listed.get("KeyCount", 0) == 0, "the finalizer deletes the archives with the resource"
+
+
+@pytest.mark.parametrize("node", NODES)
+def test_leave_running_keeps_the_container_running(local_env: LocalEnv, node: str) -> None:
+    container = run_counter(local_env, node)
+    name = checkpoint(local_env, node, containers=[container], leaveRunning=True, export={}, compress="none")
+    status = local_env.wait_phase("ccp", name, ["Succeeded", "Failed"])["status"]
+    assert status["phase"] == "Succeeded", status
+    assert state(local_env, node, container) == "running"
+    data = stored(local_env, status["archives"][0]["key"])
+    assert status["archives"][0]["key"].endswith(".tar")
+    assert "rootfs-diff.tar" in members(data)
+
+
+def test_gzip_and_ignore_rootfs(local_env: LocalEnv) -> None:
+    container = run_counter(local_env, "node-a")
+    name = checkpoint(local_env, "node-a", containers=[container], export={}, compress="gzip", ignoreRootfs=True)
+    status = local_env.wait_phase("ccp", name, ["Succeeded", "Failed"])["status"]
+    assert status["phase"] == "Succeeded", status
+    data = stored(local_env, status["archives"][0]["key"])
+    assert data[:2] == b"\x1f\x8b"
+    assert "rootfs-diff.tar" not in members(data)
+    assert "checkpoint/pages-1.img" in members(data) or any(m.startswith("checkpoint/") for m in members(data))
+
+
+@pytest.mark.parametrize("node", NODES)
+def test_several_containers_one_archive_each(local_env: LocalEnv, node: str) -> None:
+    first, second = run_counter(local_env, node), run_counter(local_env, node)
+    name = checkpoint(local_env, node, containers=[first, second], export={})
+    status = local_env.wait_phase("ccp", name, ["Succeeded", "Failed"])["status"]
+    assert status["phase"] == "Succeeded", status
+    assert sorted(a["container"] for a in status["archives"]) == sorted([first, second])
+    assert len({a["key"] for a in status["archives"]}) == 2
+
+
+def test_latest_and_all_expand_to_actual_containers(local_env: LocalEnv) -> None:
+    node = "node-b"
+    env = local_env
+    run_counter(env, node)
+    latest = run_counter(env, node)
+    name = checkpoint(env, node, latest=True, leaveRunning=True, export={})
+    status = env.wait_phase("ccp", name, ["Succeeded", "Failed"])["status"]
+    assert status["phase"] == "Succeeded", status
+    assert [a["container"] for a in status["archives"]] == [latest]
+
+    running = set(env.nodes[node].podman("ps", "--format", "{{.Names}}").stdout.decode().split())
+    name = checkpoint(env, node, all=True, leaveRunning=True, export={}, compress="none")
+    status = env.wait_phase("ccp", name, ["Succeeded", "Failed"], timeout=300)["status"]
+    assert status["phase"] == "Succeeded", status
+    assert {a["container"] for a in status["archives"]} == running
+
+
+def test_checkpoint_without_export_stays_on_the_node(local_env: LocalEnv) -> None:
+    container = run_counter(local_env, "node-a")
+    name = checkpoint(local_env, "node-a", containers=[container])
+    status = local_env.wait_phase("ccp", name, ["Succeeded", "Failed"])["status"]
+    assert status["phase"] == "Succeeded", status
+    assert "uri" not in status["archives"][0]
+    assert state(local_env, "node-a", container) == "exited"
+    local_env.nodes["node-a"].podman("container", "restore", container)
+    assert state(local_env, "node-a", container) == "running"
+
+
+def reason_of(obj: dict[str, Any]) -> str:
+    return str({c["type"]: c for c in obj["status"]["conditions"]}["Ready"]["reason"])
+
+
+@pytest.mark.parametrize(
+    ("spec", "reason"),
+    [
+        ({"nodeName": "no-such-node", "containers": ["x"]}, "NodeNotFound"),
+        (
+            {"nodeName": "node-a", "containers": ["x"], "export": {"storageRef": {"name": "missing"}}},
+            "StorageNotFound",
+        ),
+        ({"nodeName": "node-a", "containers": ["no-such-container"], "export": {}}, "ContainerNotFound"),
+        ({"nodeName": "node-b", "containers": ["no-such-container"]}, "ContainerNotFound"),
+    ],
+)
+def test_failures_end_in_failed_with_a_reason(local_env: LocalEnv, spec: dict[str, Any], reason: str) -> None:
+    name = unique("bad")
+    local_env.apply(
+        {
+            "apiVersion": "checkpointer.dev/v1alpha1",
+            "kind": "ContainerCheckpoint",
+            "metadata": {"name": name, "namespace": "default"},
+            "spec": spec,
+        }
+    )
+    obj = local_env.wait_phase("ccp", name, ["Succeeded", "Failed"], timeout=60)
+    assert obj["status"]["phase"] == "Failed"
+    assert reason_of(obj) == reason
+
+
+@pytest.mark.parametrize("node", NODES)
+def test_stopped_container_is_not_running(local_env: LocalEnv, node: str) -> None:
+    container = run_counter(local_env, node)
+    local_env.nodes[node].podman("stop", "-t", "0", container)
+    name = checkpoint(local_env, node, containers=[container], export={})
+    obj = local_env.wait_phase("ccp", name, ["Succeeded", "Failed"])
+    assert reason_of(obj) == "ContainerNotRunning"
+
+
+@pytest.mark.parametrize("node", NODES)
+def test_pre_checkpoint_fails_with_criu_feature_missing_and_leaves_it_running(local_env: LocalEnv, node: str) -> None:
+    container = run_counter(local_env, node)
+    name = checkpoint(local_env, node, containers=[container], preCheckpoint=True, export={}, keep=True)
+    obj = local_env.wait_phase("ccp", name, ["Succeeded", "Failed"])
+    assert obj["status"]["phase"] == "Failed"
+    assert reason_of(obj) == "CRIUFeatureMissing", obj["status"]
+    assert state(local_env, node, container) == "running"
+    no_stray_uploads(local_env)
+
+
+def test_node_without_agent_is_agent_unavailable(local_env: LocalEnv) -> None:
+    local_env.apply({"apiVersion": "v1", "kind": "Node", "metadata": {"name": "node-without-agent"}})
+    name = checkpoint(local_env, "node-without-agent", containers=["x"])
+    obj = local_env.wait_phase("ccp", name, ["Succeeded", "Failed"], timeout=60)
+    assert reason_of(obj) == "AgentUnavailable"
+
+
+def test_unreachable_storage_is_storage_unavailable(local_env: LocalEnv) -> None:
+    local_env.apply(
+        {
+            "apiVersion": "checkpointer.dev/v1alpha1",
+            "kind": "CheckpointStorage",
+            "metadata": {"name": "unreachable"},
+            "spec": {
+                "bucket": "nowhere",
+                "endpoint": "http://127.0.0.1:9",
+                "forcePathStyle": True,
+                "credentialsSecretRef": {"namespace": NAMESPACE, "name": "local-s3"},
+            },
+        }
+    )
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        phase = local_env.kubectl("get", "cks", "unreachable", "-o", "jsonpath={.status.phase}").stdout
+        if phase == "Unavailable":
+            break
+        time.sleep(0.5)
+    assert phase == "Unavailable"
+    name = checkpoint(local_env, "node-a", containers=["x"], export={"storageRef": {"name": "unreachable"}})
+    obj = local_env.wait_phase("ccp", name, ["Succeeded", "Failed"], timeout=60)
+    assert reason_of(obj) == "StorageUnavailable"

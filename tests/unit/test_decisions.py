@@ -1,0 +1,122 @@
+import pytest
+from checkpointer import layout
+from checkpointer.adapters.podman import Container, PodmanError
+from checkpointer.conditions import set_condition
+from checkpointer.errors import Failure
+from checkpointer.models import CheckpointSpec, CheckpointStorage, Compression, ContainerCheckpoint, NameRef
+from checkpointer.reasons import ConditionType, Reason
+from checkpointer.services.agent import classify
+from checkpointer.services.checkpoint import select_targets
+from checkpointer.services.scheduling import choose_storage, lease_alive
+
+
+def storage(name: str, default: bool = False, phase: str = "Available") -> CheckpointStorage:
+    return CheckpointStorage.model_validate(
+        {"metadata": {"name": name}, "spec": {"bucket": "b", "default": default}, "status": {"phase": phase}}
+    )
+
+
+def test_named_storage_wins_over_default() -> None:
+    chosen = choose_storage(NameRef(name="a"), [storage("a"), storage("b", default=True)])
+    assert chosen.metadata.name == "a"
+
+
+def test_default_storage_is_used_when_none_is_named() -> None:
+    assert choose_storage(None, [storage("a"), storage("b", default=True)]).metadata.name == "b"
+
+
+@pytest.mark.parametrize(
+    ("storages", "reason"),
+    [
+        ([], Reason.STORAGE_NOT_FOUND),
+        ([storage("a", default=True), storage("b", default=True)], Reason.STORAGE_NOT_FOUND),
+        ([storage("a", default=True, phase="Unavailable")], Reason.STORAGE_UNAVAILABLE),
+    ],
+)
+def test_storage_problems_have_reasons(storages: list[CheckpointStorage], reason: Reason) -> None:
+    with pytest.raises(Failure) as e:
+        choose_storage(None, storages)
+    assert e.value.reason == reason
+
+
+def test_lease_alive_only_within_its_duration() -> None:
+    assert lease_alive((3.0, 20))
+    assert not lease_alive((21.0, 20))
+    assert not lease_alive(None)
+
+
+RUNNING = Container(id="a" * 64, name="web", state="running", image="img")
+STOPPED = Container(id="b" * 64, name="db", state="exited", image="img")
+AGENT = Container(
+    id="c" * 64, name="agent", state="running", image="img", labels=(("checkpointer.dev/exclude", "true"),)
+)
+
+
+def spec(**fields: object) -> CheckpointSpec:
+    return CheckpointSpec.model_validate({"nodeName": "n", **fields})
+
+
+def test_all_expands_to_running_containers_but_not_excluded_ones() -> None:
+    assert select_targets(spec(all=True), [RUNNING, STOPPED, AGENT], None) == [RUNNING]
+
+
+def test_names_ids_and_id_prefixes_resolve() -> None:
+    assert select_targets(spec(containers=["web"]), [RUNNING], None) == [RUNNING]
+    assert select_targets(spec(containers=["a" * 12]), [RUNNING], None) == [RUNNING]
+
+
+@pytest.mark.parametrize(
+    ("fields", "reason"),
+    [
+        ({"containers": ["nope"]}, Reason.CONTAINER_NOT_FOUND),
+        ({"containers": ["db"]}, Reason.CONTAINER_NOT_RUNNING),
+        ({"latest": True}, Reason.CONTAINER_NOT_FOUND),
+        ({"all": True}, Reason.CONTAINER_NOT_FOUND),
+    ],
+)
+def test_target_problems_have_reasons(fields: dict[str, object], reason: Reason) -> None:
+    with pytest.raises(Failure) as e:
+        select_targets(spec(**fields), [STOPPED], None)
+    assert e.value.reason == reason
+
+
+@pytest.mark.parametrize(
+    ("message", "reason"),
+    [
+        ('no container with name or ID "x" found: no such container', Reason.CONTAINER_NOT_FOUND),
+        ('"x" is not running, cannot checkpoint: container state improper', Reason.CONTAINER_NOT_RUNNING),
+        ("CRIU checking for pre-dump support failed: missing features", Reason.CRIU_FEATURE_MISSING),
+        ("something else broke", Reason.CHECKPOINT_FAILED),
+    ],
+)
+def test_podman_messages_classify(message: str, reason: Reason) -> None:
+    assert classify(PodmanError(message, 125), Reason.CHECKPOINT_FAILED) == reason
+
+
+def checkpoint(key: str | None = None) -> ContainerCheckpoint:
+    return ContainerCheckpoint.model_validate(
+        {
+            "metadata": {"name": "cp", "namespace": "ns", "uid": "0123456789abcdef"},
+            "spec": {"nodeName": "n", "all": True, "export": {"key": key} if key else {}},
+        }
+    )
+
+
+def test_archive_layout_follows_the_contract() -> None:
+    directory = layout.archive_dir("backups/", checkpoint())
+    assert directory == "backups/ns/cp-01234567"
+    assert layout.archive_key(directory, "web", Compression.ZSTD) == "backups/ns/cp-01234567/web.tar.zst"
+    assert layout.archive_dir("", checkpoint("team/migrations/x")) == "team/migrations/x"
+    assert layout.compression_of("a/b.tar.gz") == Compression.GZIP
+    assert layout.compression_of("a/b.tar") == Compression.NONE
+
+
+def test_condition_transition_time_moves_only_when_status_flips() -> None:
+    first = set_condition([], ConditionType.READY, False, Reason.CHECKPOINTING, "a", 1)
+    first[0]["lastTransitionTime"] = "2000-01-01T00:00:00Z"
+    same = set_condition(first, ConditionType.READY, False, Reason.UPLOADING, "b", 1)
+    assert same[0]["lastTransitionTime"] == "2000-01-01T00:00:00Z"
+    assert same[0]["reason"] == "Uploading"
+    flipped = set_condition(same, ConditionType.READY, True, Reason.SUCCEEDED, "c", 1)
+    assert flipped[0]["lastTransitionTime"] != "2000-01-01T00:00:00Z"
+    assert len(flipped) == 1
