@@ -174,6 +174,7 @@ class NodeSandbox:
         self._process: Process | None = None
         self._init_pid: int | None = None
         self._pid_ns = ""
+        self._mnt_ns = ""
         tag = hashlib.sha256(str(self.state_dir).encode()).hexdigest()[:8]
         self._cgroup_leaf = f"checkpointer-{name}-{tag}"
         self._cgroups: list[tuple[str, Path]] = []
@@ -218,6 +219,16 @@ class NodeSandbox:
         """e.g. "pid:[4026532301]"; processes of the node are those whose /proc/PID/ns/pid is this."""
         return self._pid_ns
 
+    @property
+    def mount_namespace(self) -> str:
+        """e.g. "mnt:[4026532300]"; every mount of the node (overlays, binds) lives only there."""
+        return self._mnt_ns
+
+    @property
+    def cgroup_dirs(self) -> list[Path]:
+        """Host directories of the node's cgroups, one per hierarchy, while it runs."""
+        return [leaf for _, leaf in self._cgroups]
+
     def running(self) -> bool:
         return self._process is not None and self._process.alive()
 
@@ -250,6 +261,7 @@ class NodeSandbox:
             raise LocalEnvError(f"node {self.name}: unshare has no child although the podman API answers")
         self._init_pid = init
         self._pid_ns = os.readlink(f"/proc/{init}/ns/pid")
+        self._mnt_ns = os.readlink(f"/proc/{init}/ns/mnt")
 
     def stop(self, timeout: float = 30) -> None:
         """End every process of the node and remove its cgroups; its mounts go with its namespace."""

@@ -45,6 +45,8 @@ def main(argv: list[str] | None = None) -> int:
     load_config()
     kube = Kube()
     registry = kopf.OperatorRegistry()
+    # An own registry has none of kopf's default login handlers: authenticate as the kubernetes client does.
+    kopf.on.login(registry=registry)(kopf.login_via_client)
     if args.role == "controller":
         from checkpointer import controller
 

@@ -13,11 +13,11 @@ import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import pytest
 from kubernetes import client, config
-from kubernetes.client.rest import ApiException
+from kubernetes.client.exceptions import ApiException
 from localenv.controlplane import ControlPlane
 
 pytestmark = pytest.mark.e2e
@@ -143,10 +143,10 @@ class Rejected:
     message: str
 
 
-CCP = {"nodeName": "node-a", "containers": ["web"]}
-CRST = {"nodeName": "node-a", "source": {"checkpointRef": {"name": "web-1"}}}
-CKS = {"bucket": "checkpoints"}
-BASE = {"ContainerCheckpoint": CCP, "ContainerRestore": CRST, "CheckpointStorage": CKS}
+CCP: dict[str, Any] = {"nodeName": "node-a", "containers": ["web"]}
+CRST: dict[str, Any] = {"nodeName": "node-a", "source": {"checkpointRef": {"name": "web-1"}}}
+CKS: dict[str, Any] = {"bucket": "checkpoints"}
+BASE: dict[str, dict[str, Any]] = {"ContainerCheckpoint": CCP, "ContainerRestore": CRST, "CheckpointStorage": CKS}
 
 
 def ccp(id: str, field: str, message: str, drop: tuple[str, ...] = (), **spec: Any) -> Rejected:
@@ -520,33 +520,26 @@ class Api:
             obj = self.objects.create_cluster_custom_object(GROUP, VERSION, PLURALS[kind], body)
         else:
             obj = self.objects.create_namespaced_custom_object(GROUP, VERSION, self.namespace, PLURALS[kind], body)
-        result: dict[str, Any] = obj
-        return result
+        return cast(dict[str, Any], obj)
 
     def get(self, kind: str, name: str) -> dict[str, Any]:
-        obj: dict[str, Any] = self.objects.get_namespaced_custom_object(
-            GROUP, VERSION, self.namespace, PLURALS[kind], name
-        )
-        return obj
+        obj = self.objects.get_namespaced_custom_object(GROUP, VERSION, self.namespace, PLURALS[kind], name)
+        return cast(dict[str, Any], obj)
 
     def replace(self, kind: str, obj: dict[str, Any]) -> dict[str, Any]:
         name = obj["metadata"]["name"]
-        result: dict[str, Any] = self.objects.replace_namespaced_custom_object(
-            GROUP, VERSION, self.namespace, PLURALS[kind], name, obj
-        )
-        return result
+        new = self.objects.replace_namespaced_custom_object(GROUP, VERSION, self.namespace, PLURALS[kind], name, obj)
+        return cast(dict[str, Any], new)
 
     def patch(self, kind: str, name: str, patch: dict[str, Any]) -> dict[str, Any]:
-        result: dict[str, Any] = self.objects.patch_namespaced_custom_object(
-            GROUP, VERSION, self.namespace, PLURALS[kind], name, patch
-        )
-        return result
+        obj = self.objects.patch_namespaced_custom_object(GROUP, VERSION, self.namespace, PLURALS[kind], name, patch)
+        return cast(dict[str, Any], obj)
 
     def patch_status(self, kind: str, name: str, status: dict[str, Any]) -> dict[str, Any]:
-        result: dict[str, Any] = self.objects.patch_namespaced_custom_object_status(
+        obj = self.objects.patch_namespaced_custom_object_status(
             GROUP, VERSION, self.namespace, PLURALS[kind], name, {"status": status}
         )
-        return result
+        return cast(dict[str, Any], obj)
 
 
 def rejection(call: Any) -> dict[str, Any]:
@@ -554,7 +547,7 @@ def rejection(call: Any) -> dict[str, Any]:
     with pytest.raises(ApiException) as info:
         call()
     assert info.value.status == 422, info.value.body
-    status: dict[str, Any] = json.loads(info.value.body)
+    status: dict[str, Any] = json.loads(info.value.body or "{}")
     assert status["reason"] == "Invalid", status
     return status
 
@@ -577,7 +570,7 @@ def api(control_plane: ControlPlane) -> Iterator[Api]:
     control_plane.kubectl("wait", "--for=condition=Established", "--timeout=60s", *names, timeout=90)
     namespace = f"admission-{RUN}"
     control_plane.kubectl("create", "namespace", namespace)
-    api_client = config.new_client_from_config(config_file=str(control_plane.kubeconfig))
+    api_client = config.new_client_from_config(config_file=str(control_plane.kubeconfig))  # type: ignore[no-untyped-call]
     suite = Api(api_client, namespace)
     # Established can come a moment before the new resources are served.
     deadline = time.monotonic() + 30
