@@ -15,9 +15,10 @@ on a node with other paths fails. Because the default paths are used, a plain
 
 Each node gets its own cgroup subtree (below the caller's cgroup, named checkpointer-<node>-<hash>)
 bind-mounted onto /sys/fs/cgroup/<controller> inside the node, so the same container ID restored
-on two nodes never shares a cgroup, and stopping a node leaves no cgroup behind. Containers run with
-a private cgroup namespace: runc cannot bind-mount a container's cgroup into it (cgroupns=host)
-when the node's cgroup mount root is not the hierarchy's root.
+on two nodes never shares a cgroup (a checkpoint freezes the whole cgroup), containers stay inside
+the caller's cgroup limits, and stopping a node leaves no cgroup behind. No cgroup namespace is
+involved, so a process that enters only the mount and PID namespaces sees the same cgroup paths as
+the node's own podman service.
 """
 
 from __future__ import annotations
@@ -49,7 +50,8 @@ NODE_ENV = {
 # netns "none": containers of all nodes would otherwise share the host's network namespace (ports
 #   collide across nodes); "none" gives each container its own namespace with loopback only, which
 #   CRIU checkpoints and restores on any node.
-# cgroupns "private": see the module docstring.
+# cgroupns "host" (podman's default on cgroup v1 anyway, whatever this file says): the container
+#   sees the node's cgroup tree, as on a real cgroup v1 host.
 # log_driver k8s-file: there is no journald in a node.
 CONTAINERS_CONF = """\
 [containers]

@@ -11,12 +11,16 @@ import shutil
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pytest
 from localenv import images
 from localenv.nodes import NodeSandbox, rootfs_path
 from localenv.procs import LocalEnvError, Supervisor, require
 from localenv.s3 import S3Server, weed_binary
+
+if TYPE_CHECKING:
+    from mypy_boto3_s3.type_defs import CompletedPartTypeDef
 
 pytestmark = pytest.mark.integration
 
@@ -99,6 +103,13 @@ def all_pids() -> list[int]:
     return [int(p.name) for p in Path("/proc").iterdir() if p.name.isdigit()]
 
 
+def cmdline(pid: int) -> bytes:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:  # exited meanwhile, e.g. the counter's `sleep`
+        return b""
+
+
 def ns_of(pid: int, kind: str) -> str:
     try:
         return os.readlink(f"/proc/{pid}/ns/{kind}")
@@ -166,7 +177,7 @@ def test_s3_multipart_upload_round_trip(s3: S3Server) -> None:
     part_size = 5 * MiB  # the S3 minimum for every part but the last
 
     upload = client.create_multipart_upload(Bucket=s3.bucket, Key=key)
-    parts = []
+    parts: list[CompletedPartTypeDef] = []
     for number, offset in enumerate(range(0, len(data), part_size), start=1):
         body = data[offset : offset + part_size]
         etag = client.upload_part(Bucket=s3.bucket, Key=key, UploadId=upload["UploadId"], PartNumber=number, Body=body)[
@@ -200,7 +211,7 @@ def test_stopped_nodes_leave_no_process_and_no_mount(
         node.podman("run", "--detach", "--name", "c", images.COUNTER)
         wait_for_count(node, "c", at_least=1)
     pids = {pid for node in nodes for pid in node.processes()}
-    cmdlines = [Path(f"/proc/{pid}/cmdline").read_bytes() for pid in pids]
+    cmdlines = [cmdline(pid) for pid in pids]
     assert any(b"/bin/counter" in c for c in cmdlines), "containers' processes must count as the node's"
     assert any(b"conmon" in c for c in cmdlines)
     namespaces = {node.mount_namespace for node in nodes} | {node.pid_namespace for node in nodes}

@@ -300,5 +300,15 @@ class CliRuntime:
         self._run("rm", "--force", name)
 
 
+def criu_supports(settings: Settings, feature: str) -> bool:
+    """CRIU's own feature check on the node (hostPID and privileges let the agent enter it either way)."""
+    argv = ["nsenter", f"--target={settings.nsenter_target}", "--mount", "--pid", "--", "criu", "check", "--feature"]
+    try:
+        commands.run([*argv, feature], timeout=60)
+    except CommandError:
+        return False
+    return True
+
+
 def runtime(settings: Settings) -> Runtime:
     return ApiRuntime(settings) if settings.podman_mode == "api" else CliRuntime(settings)

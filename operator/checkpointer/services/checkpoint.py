@@ -18,7 +18,7 @@ from typing import Any
 from checkpointer import layout
 from checkpointer.adapters import storage as s3
 from checkpointer.adapters.kube import CHECKPOINTS
-from checkpointer.adapters.podman import Container, PodmanError
+from checkpointer.adapters.podman import Container, PodmanError, criu_supports
 from checkpointer.conditions import now
 from checkpointer.errors import Failure, Retry
 from checkpointer.models import Archive, CheckpointSpec, ContainerCheckpoint
@@ -241,6 +241,12 @@ def _checkpoint(
     except PodmanError as e:
         reason = classify(e, Reason.CHECKPOINT_FAILED)
         message = f"podman could not checkpoint {target['name']}: {e.message}"
+        spec = ccp.spec
+        needs_tracking = reason == Reason.CHECKPOINT_FAILED and (spec.pre_checkpoint or spec.with_previous)
+        # Through the REST API podman reports only runc's exit status; CRIU's own check says why.
+        if needs_tracking and not criu_supports(agent.settings, "mem_dirty_track"):
+            reason = Reason.CRIU_FEATURE_MISSING
+            message += "; CRIU is missing features: this kernel has no memory dirty tracking (mem_dirty_track)"
         if ccp.spec.keep and target.get("staticDir"):
             message += _upload_criu_log(agent, target, storage, directory)
         raise Failure(reason, message) from None
