@@ -101,6 +101,7 @@ class S3Server:
             f"-s3.port.grpc={ports['s3.grpc']}",
             "-s3.port.iceberg=0",
             "-s3.port.lance=0",
+            f"-s3.localSocket={data_dir / 's3.sock'}",
             f"-s3.config={config}",
         ]
         process = supervisor.start("s3", argv, cwd=data_dir)

@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 import zstandard
 from localenv.env import NAMESPACE, LocalEnv
-from localenv.images import COUNTER, read_count
+from localenv.images import COUNTER, MEMORY, read_count, wait_for_log
 
 NODES = ["node-a", "node-b"]  # node-a's agent uses the REST API, node-b's the CLI
 
@@ -251,3 +251,41 @@ def test_unreachable_storage_is_storage_unavailable(local_env: LocalEnv) -> None
     name = checkpoint(local_env, "node-a", containers=["x"], export={"storageRef": {"name": "unreachable"}})
     obj = local_env.wait_phase("ccp", name, ["Succeeded", "Failed"], timeout=60)
     assert reason_of(obj) == "StorageUnavailable"
+
+
+@pytest.mark.parametrize("node", NODES)
+def test_agent_killed_mid_upload_resumes_from_the_spool(local_env: LocalEnv, node: str) -> None:
+    env = local_env
+    # A slow uplink keeps the upload running long enough to kill the agent in the middle of it.
+    env.stop_agent(node)
+    env.start_agent(node, {"CHECKPOINTER_UPLOAD_BYTES_PER_SECOND": str(4 * 1024 * 1024)})
+    container = unique("memory")
+    env.nodes[node].podman("run", "-d", "--name", container, MEMORY, "96")
+    wait_for_log(env.nodes[node], container, "ready")
+    name = checkpoint(env, node, containers=[container], export={}, compress="none")
+    try:
+        env.wait_phase("ccp", name, ["Uploading", "Succeeded", "Failed"], timeout=120)
+        env.stop_agent(node, kill=True)
+        uploads = env.s3.client().list_multipart_uploads(Bucket=env.s3.bucket).get("Uploads", [])
+        assert uploads, "the agent was killed while its multipart upload was open"
+    finally:
+        env.start_agent(node, {})
+    status = env.wait_phase("ccp", name, ["Succeeded", "Failed"], timeout=180)["status"]
+    assert status["phase"] == "Succeeded", status
+    [archive] = status["archives"]
+    data = stored(env, archive["key"])
+    assert hashlib.sha256(data).hexdigest() == archive["sha256"]
+    no_stray_uploads(env)
+    # Checkpointed once: the container stopped and was not started and checkpointed again.
+    assert state(env, node, container) == "exited"
+    starts = env.nodes[node].podman(
+        "events",
+        "--stream=false",
+        "--filter",
+        f"container={container}",
+        "--filter",
+        "event=checkpoint",
+        "--format",
+        "{{.Status}}",
+    )
+    assert starts.stdout.decode().split().count("checkpoint") == 1

@@ -207,20 +207,21 @@ def test_stopped_nodes_leave_no_process_and_no_mount(
 ) -> None:
     workdir = tmp_path_factory.mktemp("teardown")
     nodes = start_nodes(workdir, rootfs, workload_images)
-    for node in nodes:
-        node.podman("run", "--detach", "--name", "c", images.COUNTER)
-        wait_for_count(node, "c", at_least=1)
-    pids = {pid for node in nodes for pid in node.processes()}
-    cmdlines = [cmdline(pid) for pid in pids]
+    try:
+        for node in nodes:
+            node.podman("run", "--detach", "--name", "c", images.COUNTER)
+            wait_for_count(node, "c", at_least=1)
+        pids = {pid for node in nodes for pid in node.processes()}
+        cmdlines = [cmdline(pid) for pid in pids]
+        namespaces = {node.mount_namespace for node in nodes} | {node.pid_namespace for node in nodes}
+        cgroups = [d for node in nodes for d in node.cgroup_dirs]
+    finally:
+        for node in nodes:
+            node.stop()
+
     assert any(b"/bin/counter" in c for c in cmdlines), "containers' processes must count as the node's"
     assert any(b"conmon" in c for c in cmdlines)
-    namespaces = {node.mount_namespace for node in nodes} | {node.pid_namespace for node in nodes}
-    cgroups = [d for node in nodes for d in node.cgroup_dirs]
-    assert cgroups and all(d.is_dir() for d in cgroups)
-
-    for node in nodes:
-        node.stop()
-
+    assert cgroups and all(d.name.startswith("checkpointer-node-") for d in cgroups)
     assert [pid for pid in pids if Path(f"/proc/{pid}").exists()] == []
     assert [node.processes() for node in nodes] == [[], []]
     inside = [pid for pid in all_pids() if namespaces & {ns_of(pid, "mnt"), ns_of(pid, "pid")}]

@@ -1,0 +1,648 @@
+"""The Helm chart: lint, rendering, a server-side dry run, and a real install whose RBAC is least privilege.
+
+The API server is a real one (tests/e2e/test_control_plane.py). The chart is checked twice for
+privileges: `kubectl auth can-i` for each permission the design allows or forbids, and the real
+controller and agent processes running with nothing but the chart's ServiceAccounts.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import re
+import sys
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+from localenv.controlplane import ControlPlane, kubernetes_version, missing_binaries
+from localenv.procs import BIN, REPO_ROOT, Supervisor, free_port, require, run
+
+pytestmark = pytest.mark.e2e
+
+CHART = REPO_ROOT / "charts" / "checkpointer"
+HELM = BIN / "helm"
+RELEASE = "checkpointer"
+NAMESPACE = "checkpointer-system"
+CONTROLLER_SA = "checkpointer-controller"
+AGENT_SA = "checkpointer-agent"
+STORAGE_SECRET = "checkpointer-storage"
+WORKLOADS = "team"
+NODE = "node-1"
+# Where the chart's CheckpointStorage points: a closed port, so validation ends in Unavailable.
+S3_PORT = free_port()
+
+STORAGE_VALUES: dict[str, Any] = {
+    "storage": {
+        "create": True,
+        "bucket": "checkpoints",
+        "endpoint": f"http://127.0.0.1:{S3_PORT}",
+        "region": "us-east-1",
+        "prefix": "cluster-a",
+        "forcePathStyle": True,
+        "accessKeyID": "AKIDCHART",
+        "secretAccessKey": "chart-secret-key",
+    }
+}
+
+Objects = list[dict[str, Any]]
+
+
+# --- helpers -------------------------------------------------------------------------------------
+
+
+def eventually(what: str, probe: Callable[[], bool], timeout: float = 60, log: Callable[[], str] | None = None) -> None:
+    deadline = time.monotonic() + timeout
+    while not probe():
+        if time.monotonic() > deadline:
+            pytest.fail(f"not within {timeout}s: {what}" + (f"\n{log()}" if log else ""), pytrace=False)
+        time.sleep(0.5)
+
+
+@dataclass
+class Helm:
+    """The built helm, with its cache and config under a temporary directory (never ~/.cache)."""
+
+    home: Path
+
+    def __call__(self, *args: str | os.PathLike[str], check: bool = True, timeout: float = 120) -> str:
+        env = {
+            "PATH": os.environ.get("PATH", "/usr/bin:/bin"),
+            "HOME": str(self.home),
+            "HELM_CACHE_HOME": str(self.home / "cache"),
+            "HELM_CONFIG_HOME": str(self.home / "config"),
+            "HELM_DATA_HOME": str(self.home / "data"),
+        }
+        proc = run([HELM, *args], env=env, timeout=timeout, check=check)
+        return proc.stdout.decode() + proc.stderr.decode()
+
+    def values_file(self, values: dict[str, Any]) -> Path:
+        path = self.home / f"values-{len(list(self.home.glob('values-*')))}.yaml"
+        path.write_text(yaml.safe_dump(values))
+        return path
+
+    def template(self, values: dict[str, Any] | None = None, *extra: str, namespace: str = NAMESPACE) -> str:
+        args: list[str | os.PathLike[str]] = [
+            "template",
+            RELEASE,
+            CHART,
+            "--namespace",
+            namespace,
+            # This helm is built without the client-go version ldflags, so its default is v1.20.
+            "--kube-version",
+            kubernetes_version(),
+        ]
+        if values:
+            args += ["--values", self.values_file(values)]
+        return self(*args, *extra)
+
+    def render(self, values: dict[str, Any] | None = None, *extra: str) -> Objects:
+        return [o for o in yaml.safe_load_all(self.template(values, *extra)) if o]
+
+    def refusal(self, values: dict[str, Any]) -> str:
+        args = ["template", RELEASE, str(CHART), "--kube-version", kubernetes_version()]
+        out = self(*args, "--values", self.values_file(values), check=False)
+        assert "Error" in out, f"helm accepted {values}"
+        return out
+
+
+def find(objects: Objects, kind: str, name: str | None = None) -> dict[str, Any]:
+    found = [o for o in objects if o["kind"] == kind and (name is None or o["metadata"]["name"] == name)]
+    assert len(found) == 1, f"expected one {kind} {name or ''}, found {[o['metadata']['name'] for o in found]}"
+    return found[0]
+
+
+def kinds(objects: Objects) -> list[tuple[str, str]]:
+    return sorted((o["kind"], o["metadata"]["name"]) for o in objects)
+
+
+def env_of(container: dict[str, Any]) -> dict[str, Any]:
+    return {e["name"]: e.get("value", e.get("valueFrom")) for e in container["env"]}
+
+
+# --- fixtures ------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def helm(tmp_path_factory: pytest.TempPathFactory) -> Helm:
+    require(HELM.exists(), f"helm is not built ({HELM}): run hack/build/tools.sh")
+    return Helm(tmp_path_factory.mktemp("helm"))
+
+
+@pytest.fixture(scope="module")
+def cp(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ControlPlane]:
+    """A control plane of this module's own: the chart installs cluster-wide objects and CRDs."""
+    missing = missing_binaries()
+    require(not missing, f"control-plane binaries not built ({', '.join(missing)}): run hack/build/tools.sh")
+    workdir = tmp_path_factory.mktemp("chart-control-plane")
+    supervisor = Supervisor(workdir / "logs")
+    plane = ControlPlane.start(workdir, supervisor)
+    try:
+        yield plane
+    finally:
+        plane.stop()
+        supervisor.stop_all()
+
+
+@pytest.fixture(scope="module")
+def crds(cp: ControlPlane) -> None:
+    """The chart's CRDs, applied the way `helm install` does (before anything else) and Established."""
+    cp.kubectl("apply", "--server-side", "-f", CHART / "crds")
+    for path in sorted((CHART / "crds").glob("*.yaml")):
+        name = yaml.safe_load(path.read_text())["metadata"]["name"]
+        cp.kubectl("wait", "--for=condition=Established", "--timeout=60s", f"crd/{name}")
+
+
+@pytest.fixture(scope="module")
+def installed(cp: ControlPlane, helm: Helm, crds: None) -> str:
+    """`helm install` for real, with a storage; returns helm's output, NOTES included."""
+    out = helm(
+        "install",
+        RELEASE,
+        CHART,
+        "--namespace",
+        NAMESPACE,
+        "--create-namespace",
+        "--values",
+        helm.values_file(STORAGE_VALUES),
+        "--kubeconfig",
+        cp.kubeconfig,
+    )
+    cp.kubectl("create", "namespace", WORKLOADS)
+    cp.kubectl("apply", "-f", "-", input=json.dumps({"apiVersion": "v1", "kind": "Node", "metadata": {"name": NODE}}))
+    return out
+
+
+# --- no cluster: lint and rendering --------------------------------------------------------------
+
+
+@pytest.mark.parametrize("values", [{}, STORAGE_VALUES], ids=["defaults", "storage"])
+def test_lint_is_clean_in_strict_mode(helm: Helm, values: dict[str, Any]) -> None:
+    args = ["lint", "--strict", "--kube-version", kubernetes_version(), str(CHART)]
+    if values:
+        args += ["--values", str(helm.values_file(values))]
+    out = helm(*args)
+    assert "1 chart(s) linted, 0 chart(s) failed" in out
+    assert "[WARNING]" not in out and "[ERROR]" not in out, out
+
+
+def test_defaults_render_controller_and_agent_without_storage(helm: Helm) -> None:
+    objects = helm.render()
+    assert kinds(objects) == [
+        ("ClusterRole", "checkpointer-agent"),
+        ("ClusterRole", "checkpointer-controller"),
+        ("ClusterRole", "checkpointer-edit"),
+        ("ClusterRole", "checkpointer-view"),
+        ("ClusterRoleBinding", "checkpointer-agent"),
+        ("ClusterRoleBinding", "checkpointer-controller"),
+        ("DaemonSet", "checkpointer-agent"),
+        ("Deployment", "checkpointer-controller"),
+        ("Role", "checkpointer-agent"),
+        ("Role", "checkpointer-controller"),
+        ("RoleBinding", "checkpointer-agent"),
+        ("RoleBinding", "checkpointer-controller"),
+        ("ServiceAccount", "checkpointer-agent"),
+        ("ServiceAccount", "checkpointer-controller"),
+    ]
+    for obj in objects:
+        labels = obj["metadata"]["labels"]
+        assert labels["app.kubernetes.io/name"] == "checkpointer"
+        assert labels["app.kubernetes.io/instance"] == RELEASE
+        assert labels["app.kubernetes.io/managed-by"] == "Helm"
+        assert labels["app.kubernetes.io/version"] == "0.1.0"
+        assert labels["helm.sh/chart"] == "checkpointer-0.1.0"
+        if obj["kind"] not in ("ClusterRole", "ClusterRoleBinding"):
+            assert obj["metadata"]["namespace"] == NAMESPACE
+
+    deployment = find(objects, "Deployment")
+    assert deployment["spec"]["replicas"] == 1
+    assert deployment["spec"]["strategy"] == {"type": "Recreate"}
+    pod = deployment["spec"]["template"]["spec"]
+    assert pod["serviceAccountName"] == CONTROLLER_SA
+    assert pod["securityContext"]["runAsNonRoot"] is True
+    [controller] = pod["containers"]
+    assert controller["image"] == "localhost/checkpointer:0.1.0"
+    assert [*controller["command"], *controller["args"]] == ["checkpointer", "controller"]
+    assert env_of(controller)["CHECKPOINTER_NAMESPACE"] == NAMESPACE
+    assert controller["securityContext"]["allowPrivilegeEscalation"] is False
+    assert "privileged" not in controller["securityContext"]
+
+    daemonset = find(objects, "DaemonSet")
+    pod = daemonset["spec"]["template"]["spec"]
+    assert pod["hostPID"] is True
+    assert pod["serviceAccountName"] == AGENT_SA
+    assert pod["tolerations"] == [{"operator": "Exists"}]
+    [agent] = pod["containers"]
+    assert [*agent["command"], *agent["args"]] == ["checkpointer", "agent"]
+    assert agent["securityContext"]["privileged"] is True
+    assert agent["resources"]["limits"]["memory"] == "512Mi"
+    env = env_of(agent)
+    assert env["CHECKPOINTER_NODE_NAME"] == {"fieldRef": {"fieldPath": "spec.nodeName"}}
+    assert env["CHECKPOINTER_NAMESPACE"] == NAMESPACE
+    assert env["CHECKPOINTER_PODMAN_MODE"] == "api"
+    assert env["CHECKPOINTER_PODMAN_SOCKET"] == "/run/podman/podman.sock"
+    assert env["CHECKPOINTER_SPOOL_DIR"] == "/var/lib/checkpointer/spool"
+    assert env["CHECKPOINTER_NSENTER_TARGET"] == "1"
+    # Integers stay integers: helm would print 16777216 as 1.6777216e+07 without the int64 cast.
+    assert env["CHECKPOINTER_PART_SIZE"] == "16777216"
+    assert env["CHECKPOINTER_UPLOAD_CONCURRENCY"] == "4"
+    assert env["CHECKPOINTER_UPLOAD_BYTES_PER_SECOND"] == "0"
+
+    # Host paths are mounted at the same path, so what the agent hands the host's podman exists there.
+    volumes = {v["name"]: v for v in pod["volumes"]}
+    mounts = {m["name"]: m["mountPath"] for m in agent["volumeMounts"]}
+    assert volumes["state"]["hostPath"] == {"path": "/var/lib/checkpointer", "type": "DirectoryOrCreate"}
+    assert mounts["state"] == "/var/lib/checkpointer"
+    assert volumes["podman-socket"]["hostPath"]["path"] == "/run/podman"
+    assert mounts["podman-socket"] == "/run/podman"
+
+
+def test_values_reach_the_agent(helm: Helm) -> None:
+    objects = helm.render(
+        {
+            "image": {"repository": "registry.example.com/checkpointer", "tag": "dev", "pullPolicy": "Always"},
+            "podman": {"mode": "cli", "socketPath": "/run/user/0/podman/podman.sock"},
+            "upload": {"partSize": 64 * 1024 * 1024, "concurrency": 8, "bytesPerSecond": 100_000_000},
+            "agent": {
+                "stateDir": "/srv/checkpointer",
+                "spoolDir": "/srv/checkpointer/spool",
+                "tolerations": [],
+                "nodeSelector": {"checkpointer.dev/agent": "true"},
+            },
+            "verbose": True,
+        }
+    )
+    pod = find(objects, "DaemonSet")["spec"]["template"]["spec"]
+    [agent] = pod["containers"]
+    assert agent["image"] == "registry.example.com/checkpointer:dev"
+    assert agent["imagePullPolicy"] == "Always"
+    assert agent["args"] == ["agent", "--verbose"]
+    env = env_of(agent)
+    assert env["CHECKPOINTER_PODMAN_MODE"] == "cli"
+    assert env["CHECKPOINTER_PART_SIZE"] == str(64 * 1024 * 1024)
+    assert env["CHECKPOINTER_UPLOAD_CONCURRENCY"] == "8"
+    assert env["CHECKPOINTER_UPLOAD_BYTES_PER_SECOND"] == "100000000"
+    assert env["CHECKPOINTER_SPOOL_DIR"] == "/srv/checkpointer/spool"
+    # The CLI runs the host's podman through nsenter: no socket to mount.
+    assert {v["name"] for v in pod["volumes"]} == {"state", "tmp"}
+    assert {m["name"]: m["mountPath"] for m in agent["volumeMounts"]}["state"] == "/srv/checkpointer"
+    assert "tolerations" not in pod
+    assert pod["nodeSelector"] == {"checkpointer.dev/agent": "true"}
+
+
+def test_storage_values_render_storage_secret_and_access_to_only_that_secret(helm: Helm) -> None:
+    objects = helm.render(STORAGE_VALUES)
+    storage = find(objects, "CheckpointStorage", "default")
+    assert "namespace" not in storage["metadata"]
+    assert storage["spec"] == {
+        "bucket": "checkpoints",
+        "endpoint": f"http://127.0.0.1:{S3_PORT}",
+        "region": "us-east-1",
+        "prefix": "cluster-a",
+        "forcePathStyle": True,
+        "default": True,
+        "deletionPolicy": "Delete",
+        "credentialsSecretRef": {"namespace": NAMESPACE, "name": STORAGE_SECRET},
+    }
+    secret = find(objects, "Secret", STORAGE_SECRET)
+    assert {k: base64.b64decode(v).decode() for k, v in secret["data"].items()} == {
+        "accessKeyID": "AKIDCHART",
+        "secretAccessKey": "chart-secret-key",
+    }
+    role = find(objects, "Role", "checkpointer-storage-credentials")
+    assert role["metadata"]["namespace"] == NAMESPACE
+    assert role["rules"] == [
+        {"apiGroups": [""], "resources": ["secrets"], "resourceNames": [STORAGE_SECRET], "verbs": ["get"]}
+    ]
+    binding = find(objects, "RoleBinding", "checkpointer-storage-credentials")
+    assert {s["name"] for s in binding["subjects"]} == {CONTROLLER_SA, AGENT_SA}
+
+    # An existing Secret: nothing to create, and access to that one.
+    objects = helm.render(
+        {"storage": {"create": True, "bucket": "b", "existingSecret": "mine"}},
+        "--set",
+        "rbac.storageSecrets[0].namespace=elsewhere,rbac.storageSecrets[0].name=theirs",
+    )
+    assert not [o for o in objects if o["kind"] == "Secret"]
+    assert find(objects, "CheckpointStorage")["spec"]["credentialsSecretRef"] == {
+        "namespace": NAMESPACE,
+        "name": "mine",
+    }
+    roles = {
+        o["metadata"]["namespace"]: o for o in objects if o["kind"] == "Role" and "storage" in o["metadata"]["name"]
+    }
+    assert roles[NAMESPACE]["rules"][0]["resourceNames"] == ["mine"]
+    assert roles["elsewhere"]["rules"][0]["resourceNames"] == ["theirs"]
+
+    # No credentials: the environment's; no Secret and no access to any.
+    objects = helm.render({"storage": {"create": True, "bucket": "b"}})
+    assert "credentialsSecretRef" not in find(objects, "CheckpointStorage")["spec"]
+    assert not [o for o in objects if o["kind"] in ("Secret",) or "storage" in o["metadata"]["name"]]
+
+
+def test_bad_values_are_refused_with_a_reason(helm: Helm) -> None:
+    assert "podman/mode" in helm.refusal({"podman": {"mode": "socket"}})
+    assert "acessKeyID" in helm.refusal({"storage": {"acessKeyID": "typo"}})
+    assert "storage.create needs storage.bucket" in helm.refusal({"storage": {"create": True}})
+    assert "must be inside agent.stateDir" in helm.refusal({"agent": {"spoolDir": "/var/spool/checkpointer"}})
+    assert "set both storage.accessKeyID and storage.secretAccessKey" in helm.refusal(
+        {"storage": {"create": True, "bucket": "b", "accessKeyID": "only-half"}}
+    )
+
+
+def test_rendered_rbac_grants_no_wildcards_and_no_secret_beyond_named_ones(helm: Helm) -> None:
+    objects = helm.render(STORAGE_VALUES)
+    for role in (o for o in objects if o["kind"] in ("Role", "ClusterRole")):
+        name = role["metadata"]["name"]
+        for rule in role["rules"]:
+            for field in ("apiGroups", "resources", "verbs"):
+                assert "*" not in rule[field], f"{role['kind']} {name}: {rule}"
+            assert "delete" not in rule["verbs"] or name == "checkpointer-edit", f"{name}: {rule}"
+            if "checkpointer.dev" in rule["apiGroups"] and name != "checkpointer-edit":
+                # The operator patches; it never creates, replaces or deletes the API's objects.
+                assert set(rule["verbs"]) <= {"get", "list", "watch", "patch"}, f"{name}: {rule}"
+            assert not {"escalate", "bind", "impersonate"} & set(rule["verbs"]), f"{name}: {rule}"
+            if "secrets" in rule["resources"]:
+                assert role["kind"] == "Role", "Secrets are never granted cluster-wide"
+                assert rule["verbs"] == ["get"] and rule["resourceNames"], rule
+    agent = find(objects, "ClusterRole", "checkpointer-agent")
+    assert {v for r in agent["rules"] for v in r["verbs"]} <= {"get", "list", "watch", "patch", "create"}
+    assert [r for r in agent["rules"] if "create" in r["verbs"]] == [
+        {"apiGroups": [""], "resources": ["events"], "verbs": ["create"]}
+    ]
+
+
+# --- a real API server ---------------------------------------------------------------------------
+
+
+def _apply_dry_run(cp: ControlPlane, manifest: str) -> None:
+    def accepted() -> bool:
+        # kubectl's discovery may lag a new CRD for a moment.
+        return cp.kubectl("apply", "--dry-run=server", "-f", "-", input=manifest, check=False).returncode == 0
+
+    if not accepted():
+        eventually("the API server accepts the rendered chart", accepted, timeout=30)
+    out = cp.kubectl("apply", "--dry-run=server", "-f", "-", input=manifest)
+    assert "(server dry run)" in out.stdout
+
+
+@pytest.mark.parametrize("values", [{}, STORAGE_VALUES], ids=["defaults", "storage"])
+def test_rendered_chart_passes_server_side_dry_run(
+    cp: ControlPlane, helm: Helm, crds: None, values: dict[str, Any]
+) -> None:
+    namespace = "dry-run"
+    if cp.kubectl("get", "namespace", namespace, check=False).returncode != 0:
+        cp.kubectl("create", "namespace", namespace)
+    storage = {"storage": {**values["storage"], "name": "dry-run"}} if values else {}
+    manifest = helm.template(storage, "--set", "fullnameOverride=dry-run", namespace=namespace)
+    _apply_dry_run(cp, manifest)
+    # A dry run creates nothing.
+    assert cp.kubectl("get", "deployment", "-n", namespace, "-o", "name").stdout.strip() == ""
+
+
+def test_install_creates_the_release_and_its_notes_examples_are_valid(cp: ControlPlane, installed: str) -> None:
+    deployment = json.loads(
+        cp.kubectl("get", "deployment", "checkpointer-controller", "-n", NAMESPACE, "-o", "json").stdout
+    )
+    assert deployment["spec"]["strategy"]["type"] == "Recreate"
+    cp.kubectl("get", "daemonset", "checkpointer-agent", "-n", NAMESPACE)
+    cp.kubectl("get", "checkpointstorage", "default")
+
+    notes = installed.split("NOTES:", 1)[1]
+    examples = re.findall(r"kubectl apply -f - <<'EOF'\n(.*?)\nEOF\n", notes, re.DOTALL)
+    assert [yaml.safe_load(e)["kind"] for e in examples] == ["ContainerCheckpoint", "ContainerRestore"]
+    for example in examples:
+        out = cp.kubectl("apply", "--dry-run=server", "-f", "-", input=example)
+        assert "(server dry run)" in out.stdout
+
+
+def can(
+    cp: ControlPlane, kubeconfig: Path, verb: str, resource: str, namespace: str | None = None, *extra: str
+) -> bool:
+    args = ["auth", "can-i", verb, resource, *extra]
+    args += ["--namespace", namespace] if namespace else []
+    out = cp.kubectl(*args, kubeconfig=kubeconfig, check=False)
+    answer = out.stdout.strip()
+    assert answer in ("yes", "no"), out.stderr
+    return answer == "yes"
+
+
+CCP = "containercheckpoints.checkpointer.dev"
+CRST = "containerrestores.checkpointer.dev"
+CKS = "checkpointstorages.checkpointer.dev"
+LEASES = "leases.coordination.k8s.io"
+
+
+def test_agent_has_least_privilege(cp: ControlPlane, installed: str) -> None:
+    agent = cp.kubeconfig_for_serviceaccount(NAMESPACE, AGENT_SA)
+    cp.kubectl("create", "secret", "generic", "unrelated", "-n", NAMESPACE, "--from-literal=k=v")
+
+    def ok(verb: str, resource: str, namespace: str | None = None, *extra: str) -> bool:
+        return can(cp, agent, verb, resource, namespace, *extra)
+
+    # What it needs.
+    for plural in (CCP, CRST):
+        for verb in ("get", "list", "watch", "patch"):
+            assert ok(verb, plural, WORKLOADS), f"{verb} {plural}"
+        assert ok("patch", plural, WORKLOADS, "--subresource=status")
+    assert ok("get", CKS) and ok("list", CKS)
+    assert ok("get", f"secrets/{STORAGE_SECRET}", NAMESPACE)
+    for verb in ("get", "create", "update", "patch"):
+        assert ok(verb, LEASES, NAMESPACE), verb
+    assert ok("create", "events", WORKLOADS)
+
+    # What it must not do.
+    for verb in ("create", "delete", "deletecollection", "update"):
+        assert not ok(verb, CCP, WORKLOADS), f"{verb} {CCP}"
+        assert not ok(verb, CRST, WORKLOADS), f"{verb} {CRST}"
+    assert not ok("update", CCP, WORKLOADS, "--subresource=status")
+    assert not ok("patch", CKS) and not ok("patch", CKS, None, "--subresource=status")
+    assert not ok("get", "secrets/unrelated", NAMESPACE)
+    assert not ok("list", "secrets", NAMESPACE)
+    assert not ok("watch", "secrets", NAMESPACE)
+    assert not ok("get", f"secrets/{STORAGE_SECRET}", "default")
+    assert not ok("list", "secrets", None, "--all-namespaces")
+    assert not ok("patch", LEASES, "default")
+    assert not ok("create", LEASES, "default")
+    assert not ok("delete", LEASES, NAMESPACE)
+    assert not ok("list", LEASES, NAMESPACE)
+    assert not ok("get", "nodes")
+    assert not ok("list", "pods", NAMESPACE)
+
+    # And the API server agrees when it is done for real.
+    forbidden = cp.kubectl("get", "secrets", "-n", NAMESPACE, kubeconfig=agent, check=False)
+    assert "Forbidden" in forbidden.stderr
+    secret = json.loads(
+        cp.kubectl("get", "secret", STORAGE_SECRET, "-n", NAMESPACE, "-o", "json", kubeconfig=agent).stdout
+    )
+    assert base64.b64decode(secret["data"]["accessKeyID"]).decode() == "AKIDCHART"
+    assert (
+        "Forbidden" in cp.kubectl("get", "secret", "unrelated", "-n", NAMESPACE, kubeconfig=agent, check=False).stderr
+    )
+
+
+def test_controller_has_least_privilege(cp: ControlPlane, installed: str) -> None:
+    controller = cp.kubeconfig_for_serviceaccount(NAMESPACE, CONTROLLER_SA)
+
+    def ok(verb: str, resource: str, namespace: str | None = None, *extra: str) -> bool:
+        return can(cp, controller, verb, resource, namespace, *extra)
+
+    for plural in (CCP, CRST):
+        for verb in ("get", "list", "watch", "patch"):
+            assert ok(verb, plural, WORKLOADS), f"{verb} {plural}"
+        assert ok("patch", plural, WORKLOADS, "--subresource=status")
+        assert not ok("delete", plural, WORKLOADS)
+        assert not ok("create", plural, WORKLOADS)
+    for verb in ("get", "list", "watch", "patch"):
+        assert ok(verb, CKS), verb
+    assert ok("patch", CKS, None, "--subresource=status")
+    assert not ok("delete", CKS) and not ok("create", CKS)
+    assert ok("get", "nodes") and not ok("patch", "nodes")
+    assert ok("get", LEASES, NAMESPACE)
+    assert not ok("patch", LEASES, NAMESPACE) and not ok("get", LEASES, "default")
+    assert ok("get", f"secrets/{STORAGE_SECRET}", NAMESPACE)
+    assert not ok("get", "secrets/unrelated", NAMESPACE) and not ok("list", "secrets", NAMESPACE)
+    assert ok("create", "events", WORKLOADS)
+
+    # Finalizers are metadata: adding and removing one is a patch of the object itself.
+    example = {
+        "apiVersion": "checkpointer.dev/v1alpha1",
+        "kind": "ContainerCheckpoint",
+        "metadata": {"name": "finalized", "namespace": WORKLOADS},
+        "spec": {"nodeName": NODE, "containers": ["app"]},
+    }
+    cp.kubectl("apply", "-f", "-", input=json.dumps(example))
+    for finalizers in (["controller.checkpointer.dev/finalizer"], []):
+        patch = json.dumps({"metadata": {"finalizers": finalizers}})
+        cp.kubectl("patch", CCP, "finalized", "-n", WORKLOADS, "--type=merge", "-p", patch, kubeconfig=controller)
+        got = cp.kubectl("get", CCP, "finalized", "-n", WORKLOADS, "-o", "jsonpath={.metadata.finalizers}").stdout
+        assert json.loads(got or "[]") == finalizers
+    denied = cp.kubectl("delete", CCP, "finalized", "-n", WORKLOADS, kubeconfig=controller, check=False)
+    assert "Forbidden" in denied.stderr
+
+
+def test_namespace_editors_can_checkpoint_through_aggregated_roles(cp: ControlPlane, installed: str) -> None:
+    user = cp.kubeconfig_for_user("dana", ["team-devs"])
+    cp.kubectl("create", "rolebinding", "devs-edit", "--clusterrole=edit", "--group=team-devs", "-n", WORKLOADS)
+    eventually(
+        "the edit role (aggregated) lets a namespace editor create ContainerCheckpoints",
+        lambda: can(cp, user, "create", CCP, WORKLOADS),
+    )
+    assert can(cp, user, "delete", CRST, WORKLOADS)
+    assert not can(cp, user, "patch", CCP, WORKLOADS, "--subresource=status")
+    assert not can(cp, user, "create", CCP, "default")
+
+
+def test_operator_runs_with_only_the_charts_permissions(cp: ControlPlane, installed: str, tmp_path: Path) -> None:
+    """The real controller and agent, each with its ServiceAccount's token: no request is Forbidden."""
+    base = {k: v for k, v in os.environ.items() if not k.startswith("CHECKPOINTER_") and k != "KUBECONFIG"}
+    base |= {"CHECKPOINTER_NAMESPACE": NAMESPACE, "PYTHONUNBUFFERED": "1"}
+
+    # The adapter calls the agent makes, as the agent: storages, the storage's Secret, its Lease.
+    probe = f"""
+import json
+from checkpointer.adapters.kube import Kube, load_config
+load_config()
+kube = Kube()
+storage = kube.storage("default")
+credentials = kube.credentials(storage)
+kube.renew_lease("{NAMESPACE}", "checkpointer-agent-probe", "probe", 20)
+kube.renew_lease("{NAMESPACE}", "checkpointer-agent-probe", "probe", 20)
+print(json.dumps({{"storages": [s.metadata.name for s in kube.storages()], "key": credentials.access_key_id}}))
+"""
+    agent_kubeconfig = cp.kubeconfig_for_serviceaccount(NAMESPACE, AGENT_SA)
+    out = run([sys.executable, "-c", probe], env=base | {"KUBECONFIG": str(agent_kubeconfig)}, timeout=60)
+    assert json.loads(out.stdout) == {"storages": ["default"], "key": "AKIDCHART"}
+    holder = cp.kubectl(
+        "get", LEASES, "checkpointer-agent-probe", "-n", NAMESPACE, "-o", "jsonpath={.spec.holderIdentity}"
+    )
+    assert holder.stdout == "probe"
+
+    supervisor = Supervisor(tmp_path / "logs")
+    try:
+        controller = supervisor.start(
+            "controller",
+            [sys.executable, "-m", "checkpointer", "controller"],
+            env=base
+            | {
+                "KUBECONFIG": str(cp.kubeconfig_for_serviceaccount(NAMESPACE, CONTROLLER_SA)),
+                "CHECKPOINTER_STORAGE_VALIDATION_SECONDS": "2",
+            },
+        )
+        # The agent's podman is a stand-in that knows no containers (entered with nsenter into this
+        # process's own namespaces), so its checkpoint ends in Failed/ContainerNotFound.
+        agent = supervisor.start(
+            "agent",
+            [sys.executable, "-m", "checkpointer", "agent"],
+            env=base
+            | {
+                "KUBECONFIG": str(agent_kubeconfig),
+                "CHECKPOINTER_NODE_NAME": NODE,
+                "CHECKPOINTER_PODMAN_MODE": "cli",
+                "CHECKPOINTER_NSENTER_TARGET": str(os.getpid()),
+                "CHECKPOINTER_PODMAN_COMMAND": json.dumps(["sh", "-c", "echo []", "podman"]),
+                "CHECKPOINTER_SPOOL_DIR": str(tmp_path / "spool"),
+            },
+        )
+
+        def logs() -> str:
+            return "\n".join(
+                f"--- {p.name} ---\n{p.log.read_text(errors='replace')[-4000:]}" for p in (controller, agent)
+            )
+
+        def get(*args: str) -> str:
+            return cp.kubectl("get", *args, check=False).stdout
+
+        eventually(
+            "the agent's Lease",
+            lambda: get(LEASES, f"checkpointer-agent-{NODE}", "-n", NAMESPACE, "-o", "name") != "",
+            log=logs,
+        )
+        eventually(
+            "the controller validates the chart's storage with its Secret",
+            lambda: get(CKS, "default", "-o", "jsonpath={.status.phase}") == "Unavailable",
+            log=logs,
+        )
+        message = get(CKS, "default", "-o", "jsonpath={.status.message}")
+        assert "Forbidden" not in message and "403" not in message, message
+
+        ccp = {
+            "apiVersion": "checkpointer.dev/v1alpha1",
+            "kind": "ContainerCheckpoint",
+            "metadata": {"name": "no-such-container", "namespace": WORKLOADS},
+            "spec": {"nodeName": NODE, "containers": ["my-app"], "leaveRunning": True},
+        }
+        cp.kubectl("apply", "-f", "-", input=json.dumps(ccp))
+
+        def status() -> dict[str, Any]:
+            out = get(CCP, "no-such-container", "-n", WORKLOADS, "-o", "json")
+            return json.loads(out) if out else {}
+
+        # Scheduled by the controller (node label, finalizer), then failed by the agent (status).
+        eventually(
+            "the agent fails the checkpoint", lambda: status().get("status", {}).get("phase") == "Failed", log=logs
+        )
+        obj = status()
+        assert obj["metadata"]["labels"]["checkpointer.dev/node"] == NODE
+        assert "controller.checkpointer.dev/finalizer" in obj["metadata"]["finalizers"]
+        reasons = {c["type"]: c["reason"] for c in obj["status"]["conditions"]}
+        assert "ContainerNotFound" in reasons.values(), obj["status"]
+        events = get(
+            "events", "-n", WORKLOADS, "--field-selector", "involvedObject.name=no-such-container", "-o", "json"
+        )
+        assert {e["reason"] for e in json.loads(events)["items"]} >= {"Scheduled"}, logs()
+
+        # Deleting runs the controller's finalizer (no archives: nothing to delete in the bucket).
+        cp.kubectl("delete", CCP, "no-such-container", "-n", WORKLOADS, "--timeout=60s")
+
+        text = logs()
+        for needle in ("forbidden", "not enough permissions"):
+            assert needle not in text.lower(), text
+        assert controller.alive() and agent.alive(), text
+    finally:
+        supervisor.stop_all()

@@ -1,0 +1,132 @@
+"""ContainerRestore end to end: migrate a counter from node-a to node-b through S3, and every failure."""
+
+from __future__ import annotations
+
+import hashlib
+import time
+import uuid
+from typing import Any
+
+import pytest
+from localenv.env import LocalEnv
+from localenv.images import COUNTER, read_count
+
+
+def unique(prefix: str) -> str:
+    return f"{prefix}-{uuid.uuid4().hex[:6]}"
+
+
+def apply(env: LocalEnv, kind: str, name: str, spec: dict[str, Any]) -> None:
+    env.apply(
+        {
+            "apiVersion": "checkpointer.dev/v1alpha1",
+            "kind": kind,
+            "metadata": {"name": name, "namespace": "default"},
+            "spec": spec,
+        }
+    )
+
+
+def checkpoint_counter(env: LocalEnv, node: str = "node-a") -> tuple[str, str, int, dict[str, Any]]:
+    """A counter checkpointed into S3: (container, checkpoint name, last count seen, its archive)."""
+    container = unique("counter")
+    env.nodes[node].podman("run", "-d", "--name", container, COUNTER)
+    time.sleep(1)
+    read_count(env.nodes[node], container)
+    name = unique("ccp")
+    apply(env, "ContainerCheckpoint", name, {"nodeName": node, "containers": [container], "export": {}})
+    status = env.wait_phase("ccp", name, ["Succeeded", "Failed"])["status"]
+    assert status["phase"] == "Succeeded", status
+    counted = int(env.nodes[node].podman("logs", container).stdout.decode().split()[-1])
+    env.nodes[node].podman("rm", "-f", container)
+    return container, name, counted, status["archives"][0]
+
+
+def restore(env: LocalEnv, node: str, source: dict[str, Any], **flags: Any) -> dict[str, Any]:
+    name = unique("crst")
+    apply(env, "ContainerRestore", name, {"nodeName": node, "source": source, **flags})
+    return env.wait_phase("crst", name, ["Succeeded", "Failed"])
+
+
+def reason_of(obj: dict[str, Any]) -> str:
+    return str({c["type"]: c for c in obj["status"]["conditions"]}["Ready"]["reason"])
+
+
+@pytest.mark.parametrize("target", ["node-b", "node-a"])
+def test_migrate_by_checkpoint_ref_continues_the_count(local_env: LocalEnv, target: str) -> None:
+    container, name, counted, _ = checkpoint_counter(local_env)
+    obj = restore(local_env, target, {"checkpointRef": {"name": name}})
+    status = obj["status"]
+    assert status["phase"] == "Succeeded", status
+    assert status["containerName"] == container
+    node = local_env.nodes[target]
+    assert node.podman("inspect", "--format", "{{.Id}}", container).stdout.decode().strip() == status["containerID"]
+    time.sleep(1)
+    assert read_count(node, container) > counted
+    node.podman("rm", "-f", container)
+
+
+def test_migrate_from_storage_and_key_alone(local_env: LocalEnv) -> None:
+    """As if the cluster that made it were gone: only the storage, the key and the manifest beside it."""
+    container, _, counted, archive = checkpoint_counter(local_env)
+    obj = restore(
+        local_env,
+        "node-b",
+        {"archive": {"storageRef": {"name": "local"}, "key": archive["key"]}},
+        name=f"{container}-moved",
+    )
+    assert obj["status"]["phase"] == "Succeeded", obj["status"]
+    time.sleep(1)
+    assert read_count(local_env.nodes["node-b"], f"{container}-moved") > counted
+    local_env.nodes["node-b"].podman("rm", "-f", f"{container}-moved")
+
+
+def test_wrong_sha256_is_archive_corrupt(local_env: LocalEnv) -> None:
+    container, _, _, archive = checkpoint_counter(local_env)
+    obj = restore(local_env, "node-b", {"archive": {"key": archive["key"], "sha256": "0" * 64}})
+    assert reason_of(obj) == "ArchiveCorrupt"
+    assert local_env.nodes["node-b"].podman("container", "exists", container, check=False).returncode == 1
+
+
+def test_corrupt_archive_is_archive_corrupt_and_nothing_is_restored(local_env: LocalEnv) -> None:
+    container, _, _, archive = checkpoint_counter(local_env)
+    s3 = local_env.s3.client()
+    data = bytearray(s3.get_object(Bucket=local_env.s3.bucket, Key=archive["key"])["Body"].read())
+    data[len(data) // 2 : len(data) // 2 + 4096] = bytes(4096)
+    key = archive["key"].replace(".tar.zst", "-damaged.tar.zst")
+    s3.put_object(Bucket=local_env.s3.bucket, Key=key, Body=bytes(data))
+    obj = restore(local_env, "node-b", {"archive": {"key": key, "sha256": hashlib.sha256(data).hexdigest()}})
+    assert reason_of(obj) == "ArchiveCorrupt", obj["status"]
+    assert local_env.nodes["node-b"].podman("container", "exists", container, check=False).returncode == 1
+
+
+def test_missing_object_is_archive_not_found(local_env: LocalEnv) -> None:
+    obj = restore(local_env, "node-b", {"archive": {"key": "default/nothing-here/counter.tar.zst"}})
+    assert reason_of(obj) == "ArchiveNotFound"
+
+
+def test_taken_name_is_name_in_use(local_env: LocalEnv) -> None:
+    container, name, _, _ = checkpoint_counter(local_env)
+    local_env.nodes["node-b"].podman("run", "-d", "--name", container, COUNTER)
+    obj = restore(local_env, "node-b", {"checkpointRef": {"name": name}})
+    assert reason_of(obj) == "NameInUse"
+    local_env.nodes["node-b"].podman("rm", "-f", container)
+
+
+def test_missing_image_is_image_not_found(local_env: LocalEnv) -> None:
+    container, name, _, _ = checkpoint_counter(local_env)
+    node = local_env.nodes["node-b"]
+    node.podman("tag", COUNTER, "localhost/checkpointer/counter:keep")
+    node.podman("rmi", COUNTER)
+    try:
+        obj = restore(local_env, "node-b", {"checkpointRef": {"name": name}})
+        assert reason_of(obj) == "ImageNotFound", obj["status"]
+        assert node.podman("container", "exists", container, check=False).returncode == 1
+    finally:
+        node.podman("tag", "localhost/checkpointer/counter:keep", COUNTER)
+        node.podman("rmi", "localhost/checkpointer/counter:keep")
+
+
+def test_checkpoint_ref_must_have_succeeded_and_been_exported(local_env: LocalEnv) -> None:
+    obj = restore(local_env, "node-b", {"checkpointRef": {"name": "no-such-checkpoint"}})
+    assert reason_of(obj) == "CheckpointNotFound"
