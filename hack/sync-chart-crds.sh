@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Copies the canonical CRDs (crds/*.yaml) into the Helm chart, byte for byte, and removes chart
-# CRDs that no longer exist in crds/. tests/unit/test_chart.py fails until this has been run.
+# CRDs that no longer exist in crds/. tests/unit/test_chart_crds.py fails until this has been run.
 set -euo pipefail
 source "$(dirname "$0")/lib/common.sh"
 

@@ -19,8 +19,22 @@ def _require_environment() -> None:
     require(not missing, f"local environment binaries missing: {', '.join(missing)}")
 
 
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption(
+        "--cluster",
+        choices=["local", "kind"],
+        default="local",
+        help="local: the environment the tests start themselves; kind: the cluster hack/kind/up.sh made",
+    )
+
+
 @pytest.fixture(scope="session")
-def local_env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalEnv]:
+def local_env(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalEnv]:
+    if request.config.getoption("--cluster") == "kind":
+        from localenv import kind
+
+        yield kind.connect(Path(tmp_path_factory.mktemp("kind")))
+        return
     _require_environment()
     env = LocalEnv.up(Path(tmp_path_factory.mktemp("env")))
     try:

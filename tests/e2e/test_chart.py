@@ -150,17 +150,8 @@ def cp(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ControlPlane]:
 
 
 @pytest.fixture(scope="module")
-def crds(cp: ControlPlane) -> None:
-    """The chart's CRDs, applied the way `helm install` does (before anything else) and Established."""
-    cp.kubectl("apply", "--server-side", "-f", CHART / "crds")
-    for path in sorted((CHART / "crds").glob("*.yaml")):
-        name = yaml.safe_load(path.read_text())["metadata"]["name"]
-        cp.kubectl("wait", "--for=condition=Established", "--timeout=60s", f"crd/{name}")
-
-
-@pytest.fixture(scope="module")
-def installed(cp: ControlPlane, helm: Helm, crds: None) -> str:
-    """`helm install` for real, with a storage; returns helm's output, NOTES included."""
+def installed(cp: ControlPlane, helm: Helm) -> str:
+    """`helm install` for real, with a storage, CRDs from the chart; returns helm's output with NOTES."""
     out = helm(
         "install",
         RELEASE,
@@ -393,7 +384,7 @@ def _apply_dry_run(cp: ControlPlane, manifest: str) -> None:
 
 @pytest.mark.parametrize("values", [{}, STORAGE_VALUES], ids=["defaults", "storage"])
 def test_rendered_chart_passes_server_side_dry_run(
-    cp: ControlPlane, helm: Helm, crds: None, values: dict[str, Any]
+    cp: ControlPlane, helm: Helm, installed: str, values: dict[str, Any]
 ) -> None:
     namespace = "dry-run"
     if cp.kubectl("get", "namespace", namespace, check=False).returncode != 0:
@@ -412,6 +403,10 @@ def test_install_creates_the_release_and_its_notes_examples_are_valid(cp: Contro
     assert deployment["spec"]["strategy"]["type"] == "Recreate"
     cp.kubectl("get", "daemonset", "checkpointer-agent", "-n", NAMESPACE)
     cp.kubectl("get", "checkpointstorage", "default")
+    # helm installed the CRDs from the chart's crds/ before the templates that use them.
+    for path in sorted((CHART / "crds").glob("*.yaml")):
+        crd = yaml.safe_load(path.read_text())["metadata"]["name"]
+        cp.kubectl("wait", "--for=condition=Established", "--timeout=10s", f"crd/{crd}")
 
     notes = installed.split("NOTES:", 1)[1]
     examples = re.findall(r"kubectl apply -f - <<'EOF'\n(.*?)\nEOF\n", notes, re.DOTALL)

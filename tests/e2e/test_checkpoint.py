@@ -36,10 +36,15 @@ def checkpoint(env: LocalEnv, node: str, **spec: Any) -> str:
             "apiVersion": "checkpointer.dev/v1alpha1",
             "kind": "ContainerCheckpoint",
             "metadata": {"name": name, "namespace": "default"},
-            "spec": {"nodeName": node, **spec},
+            "spec": {"nodeName": node_name(env, node), **spec},
         }
     )
     return name
+
+
+def node_name(env: LocalEnv, node: str) -> str:
+    """The Node's name of a test node (the same on the local environment, a worker's name on kind)."""
+    return env.nodes[node].name if node in env.nodes else node
 
 
 def state(env: LocalEnv, node: str, container: str) -> str:
@@ -73,7 +78,7 @@ def test_checkpoint_exports_to_s3_and_restores_with_plain_podman(local_env: Loca
     status = obj["status"]
     assert status["phase"] == "Succeeded", status
     assert status["storageRef"] == {"name": "local"}
-    assert status["nodeName"] == node
+    assert status["nodeName"] == node_name(env, node)
     [archive] = status["archives"]
     assert archive["container"] == container
     assert archive["compression"] == "zstd"
@@ -86,7 +91,7 @@ def test_checkpoint_exports_to_s3_and_restores_with_plain_podman(local_env: Loca
     assert "config.dump" in members(data)
     manifest = json.loads(stored(env, archive["key"].rsplit("/", 1)[0] + "/manifest.json"))
     assert manifest["archives"][0]["sha256"] == archive["sha256"]
-    assert manifest["nodeName"] == node
+    assert manifest["nodeName"] == node_name(env, node)
     assert manifest["host"]["podman"].startswith("5.")
     ready = {c["type"]: c for c in status["conditions"]}["Ready"]
     assert (ready["status"], ready["reason"]) == ("True", "Succeeded")
@@ -192,7 +197,7 @@ def test_failures_end_in_failed_with_a_reason(local_env: LocalEnv, spec: dict[st
             "apiVersion": "checkpointer.dev/v1alpha1",
             "kind": "ContainerCheckpoint",
             "metadata": {"name": name, "namespace": "default"},
-            "spec": spec,
+            "spec": {**spec, "nodeName": node_name(local_env, spec["nodeName"])},
         }
     )
     obj = local_env.wait_phase("ccp", name, ["Succeeded", "Failed"], timeout=60)

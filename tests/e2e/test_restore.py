@@ -34,7 +34,7 @@ def checkpoint_counter(env: LocalEnv, node: str = "node-a") -> tuple[str, str, i
     time.sleep(1)
     read_count(env.nodes[node], container)
     name = unique("ccp")
-    apply(env, "ContainerCheckpoint", name, {"nodeName": node, "containers": [container], "export": {}})
+    apply(env, "ContainerCheckpoint", name, {"nodeName": env.nodes[node].name, "containers": [container], "export": {}})
     status = env.wait_phase("ccp", name, ["Succeeded", "Failed"])["status"]
     assert status["phase"] == "Succeeded", status
     counted = int(env.nodes[node].podman("logs", container).stdout.decode().split()[-1])
@@ -44,7 +44,7 @@ def checkpoint_counter(env: LocalEnv, node: str = "node-a") -> tuple[str, str, i
 
 def restore(env: LocalEnv, node: str, source: dict[str, Any], **flags: Any) -> dict[str, Any]:
     name = unique("crst")
-    apply(env, "ContainerRestore", name, {"nodeName": node, "source": source, **flags})
+    apply(env, "ContainerRestore", name, {"nodeName": env.nodes[node].name, "source": source, **flags})
     return env.wait_phase("crst", name, ["Succeeded", "Failed"])
 
 
