@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Builds the Debian trixie rootfs every simulated node runs in (podman 5, CRIU 4, runc,
 # checkpointctl, nftables) and that also provides etcd for the control plane. Debian 12's CRIU 3.17
-# fails on this kernel; trixie's CRIU 4.x works (design.md §7). Prints the rootfs path.
+# fails on this kernel; trixie's CRIU 4.x works. Prints the rootfs path.
 set -euo pipefail
 source "$(dirname "$0")/../lib/common.sh"
 packages=(podman criu runc checkpointctl conmon netavark aardvark-dns catatonit nftables iproute2
@@ -20,23 +20,8 @@ rm -rf "$rootfs" && mkdir -p "$(dirname "$rootfs")"
 log "debootstrap trixie into $rootfs (first run takes a few minutes)"
 debootstrap --variant=minbase --include="$(IFS=,; echo "${packages[*]}")" trixie "$rootfs" "$mirror" >&2
 
-# runc, not crun: crun fails on this host's hybrid cgroup layout (design.md §7).
-mkdir -p "$rootfs/etc/containers"
-cat >"$rootfs/etc/containers/containers.conf" <<'CONF'
-[containers]
-netns = "host"
-cgroupns = "host"
-[engine]
-runtime = "runc"
-cgroup_manager = "cgroupfs"
-events_logger = "file"
-[network]
-firewall_driver = "nftables"
-CONF
-cat >"$rootfs/etc/containers/storage.conf" <<'CONF'
-[storage]
-driver = "overlay"
-CONF
+# Podman's configuration (runc, cgroupfs, storage paths) is given to each node by
+# hack/localenv/nodes.py, which bind-mounts it over /etc/containers.
 rm -rf "$rootfs"/var/cache/apt/archives/*.deb
 touch "$rootfs/.complete"
 echo "$rootfs"
