@@ -105,6 +105,7 @@ mount -t tmpfs -o mode=1777 tmpfs "$rootfs/tmp"
 # land in this node's tmpfs; elsewhere they are empty directories in the shared rootfs.
 mkdir -p "$rootfs$state" "$rootfs/run/containers/storage" "$rootfs/var/lib/containers" \
   "$rootfs/etc/containers/networks"
+touch "$rootfs/etc/containers/containers.conf" "$rootfs/etc/containers/storage.conf"
 mount --bind "$state" "$rootfs$state"
 mount --bind "$state/containers" "$rootfs/var/lib/containers"
 mount --bind "$state/runroot" "$rootfs/run/containers/storage"
