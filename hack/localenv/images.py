@@ -99,13 +99,6 @@ def workload_images(rootfs: Path) -> list[Image]:
     return [counter_image(rootfs), memory_image()]
 
 
-def load_all(node: NodeSandbox) -> list[Image]:
-    """Build (or take from the cache) every workload image and load it into `node`."""
-    images = workload_images(node.rootfs)
-    load_images([node], images)
-    return images
-
-
 def load_images(nodes: Iterable[NodeSandbox], images: Sequence[Image]) -> None:
     for node in nodes:
         for image in images:

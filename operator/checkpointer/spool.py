@@ -154,11 +154,3 @@ def write_spool(
 def read_chunks(stream: BinaryIO, size: int = READ_SIZE) -> Iterable[bytes]:
     while chunk := stream.read(size):
         yield chunk
-
-
-def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as f:
-        for chunk in read_chunks(f):
-            digest.update(chunk)
-    return digest.hexdigest()
