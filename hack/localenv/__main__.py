@@ -76,6 +76,8 @@ def main() -> int:
         func=demo
     )
     args = parser.parse_args()
+    # A terminated demo still tears its environment down (the finally blocks run on SystemExit).
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     return int(args.func(args))
 
 
