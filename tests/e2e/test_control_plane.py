@@ -11,18 +11,9 @@ from typing import Any
 
 import pytest
 from localenv.controlplane import ControlPlane, kubernetes_version, missing_binaries
-from localenv.procs import Supervisor
+from localenv.procs import Supervisor, require
 
 pytestmark = pytest.mark.e2e
-
-
-def require(condition: bool, message: str) -> None:
-    """Skip when a prerequisite is missing, except in CI, where a missing prerequisite is a failure."""
-    if condition:
-        return
-    if os.environ.get("CI", "").lower() in {"1", "true", "yes"}:
-        pytest.fail(message, pytrace=False)
-    pytest.skip(message)
 
 
 def eventually(what: str, probe: Callable[[], bool], timeout: float = 60) -> None:
