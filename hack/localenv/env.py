@@ -36,7 +36,6 @@ class LocalEnv:
     control_plane: ControlPlane
     s3: Any
     nodes: dict[str, NodeSandbox] = field(default_factory=dict)
-    agent_env: dict[str, dict[str, str]] = field(default_factory=dict)
 
     # --- lifecycle -------------------------------------------------------------------------------
 
@@ -170,10 +169,9 @@ class LocalEnv:
                 "CHECKPOINTER_NSENTER_TARGET": str(node.init_pid),
                 "CHECKPOINTER_SPOOL_DIR": str(node.spool_dir / "checkpointer"),
                 "CHECKPOINTER_PART_SIZE": str(8 * 1024 * 1024),
-                **(settings if settings is not None else self.agent_env.get(name, {})),
+                **(settings or {}),
             }
         )
-        self.agent_env[name] = dict(settings or {})
         process = self.supervisor.start(f"agent-{name}", [sys.executable, "-m", "checkpointer", "agent"], env=env)
         wait_until(f"agent {name} Lease", lambda: self._lease_exists(name), timeout=60, log=process.log)
         return process

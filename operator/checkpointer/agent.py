@@ -55,18 +55,19 @@ def register(registry: kopf.OperatorRegistry, agent: Agent) -> None:
 
     stop = threading.Event()
 
+    def renew() -> None:
+        agent.kube.renew_lease(agent.settings.namespace, lease_name(node), node, agent.settings.lease_duration_seconds)
+
     def heartbeat() -> None:
-        settings = agent.settings
-        while not stop.is_set():
+        while not stop.wait(agent.settings.lease_renew_seconds):
             try:
-                agent.kube.renew_lease(settings.namespace, lease_name(node), node, settings.lease_duration_seconds)
+                renew()
             except Exception as e:  # the next beat tries again; the controller sees the Lease age
                 log.warning("could not renew Lease %s: %s", lease_name(node), e)
-            stop.wait(settings.lease_renew_seconds)
 
     @kopf.on.startup(registry=registry)
     def start_heartbeat(**_: Any) -> None:
-        agent.kube.renew_lease(agent.settings.namespace, lease_name(node), node, agent.settings.lease_duration_seconds)
+        renew()  # before any handler runs, so the controller sees a live agent at once
         threading.Thread(target=heartbeat, name="lease", daemon=True).start()
 
     @kopf.on.cleanup(registry=registry)

@@ -38,33 +38,44 @@ def chunks(data: bytes, size: int = 256 * 1024) -> Iterator[bytes]:
         yield data[i : i + size]
 
 
+def start_upload(
+    bucket: s3.S3Client, spool: GrowingFile, concurrency: int
+) -> tuple[threading.Thread, dict[str, object]]:
+    """Upload the spool in a thread, as the agent does while podman writes; the dict gets size or error."""
+    outcome: dict[str, object] = {}
+
+    def upload() -> None:
+        try:
+            outcome["size"] = s3.upload_spool(
+                bucket,
+                "archives",
+                "k",
+                spool,
+                part_size=5 * MiB,
+                concurrency=concurrency,
+                limiter=s3.RateLimiter(0),
+                on_progress=lambda _: None,
+            )
+        except BaseException as e:
+            outcome["error"] = e
+
+    thread = threading.Thread(target=upload)
+    thread.start()
+    return thread, outcome
+
+
 @pytest.mark.parametrize("compression", list(Compression))
 def test_archive_streams_into_s3_while_it_is_written(
     bucket: s3.S3Client, tmp_path: Path, compression: Compression
 ) -> None:
     raw = payload(13 * MiB)
     spool = GrowingFile(tmp_path / "a")
-    result: dict[str, object] = {}
-
-    def upload() -> None:
-        result["size"] = s3.upload_spool(
-            bucket,
-            "archives",
-            "k",
-            spool,
-            part_size=5 * MiB,
-            concurrency=3,
-            limiter=s3.RateLimiter(0),
-            on_progress=lambda _: None,
-        )
-
-    thread = threading.Thread(target=upload)
-    thread.start()
+    thread, outcome = start_upload(bucket, spool, concurrency=3)
     size, sha, raw_size = write_spool(chunks(raw), spool, compression, 3)
     spool.finish()
     thread.join()
     stored = bucket.get_object(Bucket="archives", Key="k")["Body"].read()
-    assert result["size"] == size == len(stored)
+    assert outcome["size"] == size == len(stored)
     assert hashlib.sha256(stored).hexdigest() == sha
     assert raw_size == len(raw)
     if compression is Compression.ZSTD:
@@ -80,29 +91,11 @@ def test_archive_streams_into_s3_while_it_is_written(
 
 def test_a_failed_writer_aborts_the_upload(bucket: s3.S3Client, tmp_path: Path) -> None:
     spool = GrowingFile(tmp_path / "a")
-    errors: list[BaseException] = []
-
-    def upload() -> None:
-        try:
-            s3.upload_spool(
-                bucket,
-                "archives",
-                "k",
-                spool,
-                part_size=5 * MiB,
-                concurrency=2,
-                limiter=s3.RateLimiter(0),
-                on_progress=lambda _: None,
-            )
-        except BaseException as e:
-            errors.append(e)
-
-    thread = threading.Thread(target=upload)
-    thread.start()
+    thread, outcome = start_upload(bucket, spool, concurrency=2)
     write_spool(chunks(payload(11 * MiB)), spool, Compression.NONE, 3)
     spool.finish(RuntimeError("podman failed"))
     thread.join()
-    assert errors and "podman failed" in str(errors[0])
+    assert "podman failed" in str(outcome.get("error"))
     assert not bucket.list_multipart_uploads(Bucket="archives").get("Uploads")
     assert "Contents" not in bucket.list_objects_v2(Bucket="archives")
 

@@ -208,7 +208,7 @@ class CliRuntime:
     """The podman CLI, run in the host's mount and PID namespaces through nsenter."""
 
     def __init__(self, settings: Settings) -> None:
-        self.prefix = ["nsenter", f"--target={settings.nsenter_target}", "--mount", "--pid", "--"]
+        self.prefix = nsenter(settings)
         self.podman = [*self.prefix, *settings.podman_command]
         self.timeout = settings.podman_timeout_seconds
 
@@ -300,11 +300,15 @@ class CliRuntime:
         self._run("rm", "--force", name)
 
 
+def nsenter(settings: Settings) -> list[str]:
+    """The prefix that runs a program in the mount and PID namespaces of the node's podman."""
+    return ["nsenter", f"--target={settings.nsenter_target}", "--mount", "--pid", "--"]
+
+
 def criu_supports(settings: Settings, feature: str) -> bool:
     """CRIU's own feature check on the node (hostPID and privileges let the agent enter it either way)."""
-    argv = ["nsenter", f"--target={settings.nsenter_target}", "--mount", "--pid", "--", "criu", "check", "--feature"]
     try:
-        commands.run([*argv, feature], timeout=60)
+        commands.run([*nsenter(settings), "criu", "check", "--feature", feature], timeout=60)
     except CommandError:
         return False
     return True

@@ -12,6 +12,7 @@ import json
 import logging
 import shutil
 import threading
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -71,7 +72,7 @@ def _targets(agent: Agent, ccp: ContainerCheckpoint, workdir: Path) -> list[dict
         chosen = select_targets(ccp.spec, agent.runtime.containers(), agent.runtime.latest())
     except PodmanError as e:
         raise Failure(classify(e, Reason.CHECKPOINT_FAILED), e.message) from None
-    targets = [{"name": c.name, "id": c.id, "image": c.image, "staticDir": c.static_dir} for c in chosen]
+    targets = [{"name": c.name, "id": c.id, "staticDir": c.static_dir} for c in chosen]
     workdir.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp")
     tmp.write_text(json.dumps(targets))
@@ -108,9 +109,9 @@ def _run(agent: Agent, ccp: ContainerCheckpoint, status: StatusWriter, workdir: 
             continue  # uploaded before a restart
         archive = _one(agent, ccp, status, workdir, target, storage, directory)
         archives[archive.container] = archive
-        status.patch({"archives": [a.model_dump(by_alias=True, exclude_none=True) for a in archives.values()]})
+        status.patch({"archives": _dump(archives.values())})
     if storage is not None:
-        entries = [a.model_dump(by_alias=True, exclude_none=True) for a in archives.values()]
+        entries = _dump(archives.values())
         manifest = layout.manifest(ccp, entries, agent.host(), str(status.status.get("startTime") or now()), now())
         storage.client.put_object(
             Bucket=storage.name,
@@ -121,6 +122,10 @@ def _run(agent: Agent, ccp: ContainerCheckpoint, status: StatusWriter, workdir: 
     where = f" to {layout.uri(storage.name, directory)}/" if storage else " (kept on the node)"
     status.phase(Phase.SUCCEEDED, Reason.SUCCEEDED, f"checkpointed {names}{where}")
     shutil.rmtree(workdir, ignore_errors=True)
+
+
+def _dump(archives: Iterable[Archive]) -> list[dict[str, Any]]:
+    return [a.model_dump(by_alias=True, exclude_none=True) for a in archives]
 
 
 def _one(
@@ -247,7 +252,7 @@ def _checkpoint(
         if needs_tracking and not criu_supports(agent.settings, "mem_dirty_track"):
             reason = Reason.CRIU_FEATURE_MISSING
             message += "; CRIU is missing features: this kernel has no memory dirty tracking (mem_dirty_track)"
-        if ccp.spec.keep and target.get("staticDir"):
+        if spec.keep and target.get("staticDir"):
             message += _upload_criu_log(agent, target, storage, directory)
         raise Failure(reason, message) from None
 

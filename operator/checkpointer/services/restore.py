@@ -45,9 +45,10 @@ def run(agent: Agent, body: dict[str, Any]) -> None:
     except Failure as e:
         log.warning("restore %s/%s failed: %s: %s", meta.namespace, meta.name, e.reason, e.message)
         status.phase(Phase.FAILED, e.reason, e.message)
-        raise
-    finally:
         shutil.rmtree(workdir, ignore_errors=True)
+        raise
+    # Any other error keeps the workdir: its marker is what stops a retry from restoring twice.
+    shutil.rmtree(workdir, ignore_errors=True)
 
 
 def _run(agent: Agent, crst: ContainerRestore, status: StatusWriter, workdir: Path) -> None:
