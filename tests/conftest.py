@@ -9,6 +9,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+
 from localenv.controlplane import ControlPlane, missing_binaries
 from localenv.env import LocalEnv
 from localenv.procs import BIN, require

@@ -142,7 +142,7 @@ class LocalEnv:
 
     # --- checkpointer processes ------------------------------------------------------------------
 
-    def _operator_env(self, extra: dict[str, str]) -> dict[str, str]:
+    def operator_env(self, extra: dict[str, str]) -> dict[str, str]:
         env = {k: v for k, v in os.environ.items() if not k.startswith("CHECKPOINTER_")}
         env.update(NODE_ENV | {"PATH": os.environ.get("PATH", "") + ":" + NODE_ENV["PATH"]})
         env.update(KUBECONFIG=str(self.kubeconfig), CHECKPOINTER_NAMESPACE=NAMESPACE, PYTHONUNBUFFERED="1")
@@ -150,7 +150,7 @@ class LocalEnv:
         return env
 
     def start_controller(self, settings: dict[str, str] | None = None) -> Process:
-        env = self._operator_env(
+        env = self.operator_env(
             {
                 "CHECKPOINTER_AGENT_PICKUP_TIMEOUT_SECONDS": "30",
                 "CHECKPOINTER_STORAGE_VALIDATION_SECONDS": "10",
@@ -161,7 +161,7 @@ class LocalEnv:
 
     def start_agent(self, name: str, settings: dict[str, str] | None = None) -> Process:
         node = self.nodes[name]
-        env = self._operator_env(
+        env = self.operator_env(
             {
                 "CHECKPOINTER_NODE_NAME": name,
                 "CHECKPOINTER_PODMAN_MODE": PODMAN_MODES.get(name, "api"),

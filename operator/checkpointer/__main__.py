@@ -6,12 +6,17 @@ import argparse
 import asyncio
 import logging
 import sys
+from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 import kopf
 
 from checkpointer import GROUP, NODE_LABEL
 from checkpointer.adapters.kube import CHECKPOINTS, RESTORES, Kube, load_config
 from checkpointer.settings import Settings
+
+if TYPE_CHECKING:
+    from checkpointer.adapters.podman import Runtime
 
 
 def _kopf_settings(role: str, node: str | None) -> kopf.OperatorSettings:
@@ -32,7 +37,8 @@ def _kopf_settings(role: str, node: str | None) -> kopf.OperatorSettings:
     return settings
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None, make_runtime: Callable[[Settings], Runtime] | None = None) -> int:
+    """Run a role; `make_runtime` replaces the podman runtime (the control-plane benchmark's instant agents)."""
     parser = argparse.ArgumentParser(prog="checkpointer", description=__doc__)
     parser.add_argument("role", choices=["controller", "agent"])
     parser.add_argument("--verbose", action="store_true")
@@ -60,7 +66,7 @@ def main(argv: list[str] | None = None) -> int:
         from checkpointer.services.agent import Agent
 
         settings.spool_dir.mkdir(parents=True, exist_ok=True)
-        agent.register(registry, Agent(settings, kube, runtime(settings)))
+        agent.register(registry, Agent(settings, kube, (make_runtime or runtime)(settings)))
         node = settings.node_name
     asyncio.run(
         kopf.operator(registry=registry, settings=_kopf_settings(args.role, node), standalone=True, clusterwide=True)

@@ -18,6 +18,7 @@ from typing import Any, cast
 import pytest
 from kubernetes import client, config
 from kubernetes.client.exceptions import ApiException
+
 from localenv.controlplane import ControlPlane
 
 pytestmark = pytest.mark.e2e

@@ -20,6 +20,7 @@ from typing import Any
 
 import pytest
 import yaml
+
 from localenv.controlplane import ControlPlane, kubernetes_version, missing_binaries
 from localenv.procs import BIN, REPO_ROOT, Supervisor, free_port, require, run
 

@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+
 from localenv.controlplane import ControlPlane, kubernetes_version, missing_binaries
 from localenv.procs import Supervisor, require
 

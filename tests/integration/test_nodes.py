@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import pytest
+
 from localenv import images
 from localenv.nodes import NodeSandbox, rootfs_path
 from localenv.procs import LocalEnvError, Supervisor, require

@@ -1,4 +1,5 @@
 import pytest
+
 from checkpointer import layout
 from checkpointer.adapters.podman import Container, PodmanError
 from checkpointer.conditions import set_condition

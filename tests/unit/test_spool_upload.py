@@ -12,10 +12,11 @@ from pathlib import Path
 import boto3
 import pytest
 import zstandard
+from moto import mock_aws
+
 from checkpointer.adapters import storage as s3
 from checkpointer.models import Compression
 from checkpointer.spool import GrowingFile, write_spool
-from moto import mock_aws
 
 MiB = 1024 * 1024
 

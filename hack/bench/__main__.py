@@ -1,0 +1,120 @@
+"""`hack/bench/run`: one invocation measures the data path, the restore path and the control plane.
+
+Writes _output/bench/results.json and _output/bench/results.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from bench import controlplane, datapath
+from localenv.env import LocalEnv
+from localenv.procs import REPO_ROOT
+
+
+def _f(value: Any, digits: int = 2) -> str:
+    if value is None or value != value:
+        return "-"
+    return f"{value:.{digits}f}" if isinstance(value, float) else str(value)
+
+
+def markdown(results: dict[str, Any]) -> str:
+    lines = [
+        f"Measured {results['date']} on {results['machine']['cpus']} cores, kernel {results['machine']['kernel']}; "
+        f"medians of {results['repeats']} runs.",
+        "",
+    ]
+    lines += [
+        "| size | compression | (a) floor s | (b) baseline s | (c) checkpointer s | c/a | b/c | size / zstd -3 "
+        "| agent peak RSS MiB | CRIU frozen ms (a / c) | restore baseline s | restore checkpointer s | speedup |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in results["datapath"]:
+        lines.append(
+            f"| {r['sizeMiB']} MiB | {r['compression']} | {_f(r['floorSeconds'])} | {_f(r['baselineSeconds'])} "
+            f"| {_f(r['checkpointerSeconds'])} | {_f(r['c_over_a'])} | {_f(r['b_over_c'])} "
+            f"| {_f(r['size_over_zstd3'], 3)} | {_f(r['agentPeakRssMiB'], 0)} "
+            f"| {_f(r['frozenFloorMs'], 0)} / {_f(r['frozenCheckpointerMs'], 0)} "
+            f"| {_f(r['restoreBaselineSeconds'])} | {_f(r['restoreCheckpointerSeconds'])} "
+            f"| {_f(r['restore_baseline_over_checkpointer'])} |"
+        )
+    if results.get("controlplane"):
+        lines += [
+            "",
+            "Control plane (agents use an instant runtime: no podman, it returns at once):",
+            "",
+            "| objects | nodes | create/s | p50 to Scheduled s | p99 to Scheduled s | p50 to pickup s "
+            "| p99 to pickup s | controller RSS MiB (peak) | agent RSS MiB (median / max) |",
+            "|---|---|---|---|---|---|---|---|---|",
+        ]
+        for c in results["controlplane"]:
+            lines.append(
+                f"| {c['objects']} | {c['nodes']} | {_f(c['createdPerSecond'], 0)} | {_f(c['toScheduledP50'])} "
+                f"| {_f(c['toScheduledP99'])} | {_f(c['toPickupP50'])} | {_f(c['toPickupP99'])} "
+                f"| {_f(c['controllerRssMiB'], 0)} ({_f(c['controllerPeakRssMiB'], 0)}) "
+                f"| {_f(c['agentRssMiBMedian'], 0)} / {_f(c['agentRssMiBMax'], 0)} |"
+            )
+    return "\n".join(lines) + "\n"
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(prog="hack/bench/run", description=__doc__)
+    parser.add_argument("--sizes", type=int, nargs="+", default=[256, 1024, 4096], help="workload sizes in MiB")
+    parser.add_argument("--compressions", nargs="+", default=["zstd", "gzip", "none"])
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--objects", type=int, nargs="*", default=[200, 1000], help="control plane: N objects")
+    parser.add_argument("--nodes", type=int, default=50, help="control plane: simulated nodes")
+    parser.add_argument("--out", type=Path, default=REPO_ROOT / "_output" / "bench")
+    args = parser.parse_args()
+    args.out.mkdir(parents=True, exist_ok=True)
+    results: dict[str, Any] = {
+        "date": datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC"),
+        "machine": datapath.os_info(),
+        "repeats": args.repeats,
+        "datapath": [],
+        "controlplane": [],
+    }
+
+    def save() -> None:
+        (args.out / "results.json").write_text(json.dumps(results, indent=2))
+        (args.out / "results.md").write_text(markdown(results))
+
+    workdir = Path(tempfile.mkdtemp(prefix="checkpointer-bench-"))
+    try:
+        if args.sizes:
+            env = LocalEnv.up(workdir / "data", ["node-a", "node-b"])
+            try:
+                bench = datapath.DataPath(env, args.repeats)
+                for size in args.sizes:
+                    for row in bench.measure(size, args.compressions, restore=True):
+                        results["datapath"].append(row.summary())
+                        save()
+            finally:
+                env.down()
+        if args.objects:
+            env = LocalEnv.up(workdir / "control", [], operator=False)
+            try:
+                env.apply({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": controlplane.NAMESPACE}})
+                env.start_controller()
+                pids = controlplane.start_agents(env, args.nodes)
+                for count in args.objects:
+                    results["controlplane"].append(controlplane.run(env, count, args.nodes, pids))
+                    print(json.dumps(results["controlplane"][-1]), flush=True)
+                    save()
+            finally:
+                env.down()
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
+    save()
+    print(markdown(results))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

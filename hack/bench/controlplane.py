@@ -1,0 +1,120 @@
+"""The control plane: N ContainerCheckpoints across many simulated nodes.
+
+The agents here run an instant runtime (bench/instant_agent.py): it checkpoints nothing and returns
+at once, so the figures are the controller's and the agents' own latency, not podman's.
+"""
+
+from __future__ import annotations
+
+import sys
+import threading
+import time
+import uuid
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+import kubernetes
+
+from bench.stats import memory_kib, percentile
+from localenv.env import LocalEnv
+from localenv.procs import wait_until
+
+GROUP, VERSION = "checkpointer.dev", "v1alpha1"
+NAMESPACE = "bench"
+
+
+def start_agents(env: LocalEnv, nodes: int) -> list[int]:
+    env.apply(*[{"apiVersion": "v1", "kind": "Node", "metadata": {"name": f"sim-{i:02d}"}} for i in range(nodes)])
+    pids = []
+    for i in range(nodes):
+        name = f"sim-{i:02d}"
+        proc_env = env.operator_env(
+            {
+                "CHECKPOINTER_NODE_NAME": name,
+                "CHECKPOINTER_SPOOL_DIR": str(env.workdir / "sim-spool" / name),
+            }
+        )
+        proc = env.supervisor.start(f"agent-{name}", [sys.executable, "-m", "bench.instant_agent"], env=proc_env)
+        pids.append(proc.popen.pid)
+
+    def all_leases() -> bool:
+        return len(env.kubectl("get", "lease", "-n", "checkpointer-system", "-o", "name").stdout.split()) >= nodes
+
+    wait_until(f"{nodes} agent Leases", all_leases, timeout=600, interval=2)
+    return pids
+
+
+def run(env: LocalEnv, count: int, nodes: int, agent_pids: list[int]) -> dict[str, Any]:
+    api = kubernetes.config.new_client_from_config(config_file=str(env.kubeconfig))  # type: ignore[no-untyped-call]
+    custom = kubernetes.client.CustomObjectsApi(api)
+    batch = uuid.uuid4().hex[:6]
+    created: dict[str, float] = {}
+    scheduled: dict[str, float] = {}
+    picked: dict[str, float] = {}
+    done = threading.Event()
+
+    def watch() -> None:
+        w = kubernetes.watch.Watch()  # type: ignore[no-untyped-call]
+        for event in w.stream(  # type: ignore[no-untyped-call]
+            custom.list_namespaced_custom_object,
+            GROUP,
+            VERSION,
+            NAMESPACE,
+            "containercheckpoints",
+            label_selector=f"bench-batch={batch}",
+            timeout_seconds=900,
+        ):
+            now = time.monotonic()
+            obj = event["object"]
+            name = obj["metadata"]["name"]
+            phase = (obj.get("status") or {}).get("phase")
+            if phase and name not in scheduled:
+                scheduled[name] = now
+            if phase in ("Checkpointing", "Uploading", "Succeeded", "Failed") and name not in picked:
+                picked[name] = now
+            if len(picked) >= count:
+                w.stop()  # type: ignore[no-untyped-call]
+        done.set()
+
+    watcher = threading.Thread(target=watch, daemon=True)
+    watcher.start()
+    time.sleep(1)  # the watch is open before the first create
+
+    def create(i: int) -> None:
+        name = f"cp-{batch}-{i:04d}"
+        body = {
+            "apiVersion": f"{GROUP}/{VERSION}",
+            "kind": "ContainerCheckpoint",
+            "metadata": {"name": name, "labels": {"bench-batch": batch}},
+            "spec": {"nodeName": f"sim-{i % nodes:02d}", "containers": ["workload"]},
+        }
+        created[name] = time.monotonic()
+        custom.create_namespaced_custom_object(GROUP, VERSION, NAMESPACE, "containercheckpoints", body)
+
+    start = time.monotonic()
+    with ThreadPoolExecutor(8) as pool:
+        list(pool.map(create, range(count)))
+    create_seconds = time.monotonic() - start
+    done.wait(900)
+    to_scheduled = [scheduled[n] - created[n] for n in created if n in scheduled]
+    to_pickup = [picked[n] - created[n] for n in created if n in picked]
+    controller = next(p for p in env.supervisor.processes if p.name == "controller").popen.pid
+    agent_rss = [memory_kib(pid, "VmRSS") / 1024 for pid in agent_pids]
+    env.kubectl("delete", "ccp", "-n", NAMESPACE, "-l", f"bench-batch={batch}", "--wait=false")
+    return {
+        "objects": count,
+        "nodes": nodes,
+        "runtime": "instant (no podman: the agents' runtime returns at once)",
+        "createSeconds": create_seconds,
+        "createdPerSecond": count / create_seconds,
+        "scheduled": len(to_scheduled),
+        "pickedUp": len(to_pickup),
+        "toScheduledP50": percentile(to_scheduled, 50),
+        "toScheduledP99": percentile(to_scheduled, 99),
+        "toPickupP50": percentile(to_pickup, 50),
+        "toPickupP99": percentile(to_pickup, 99),
+        "controllerRssMiB": memory_kib(controller, "VmRSS") / 1024,
+        "controllerPeakRssMiB": memory_kib(controller, "VmHWM") / 1024,
+        "agentRssMiBMax": max(agent_rss),
+        "agentRssMiBMedian": sorted(agent_rss)[len(agent_rss) // 2],
+    }
