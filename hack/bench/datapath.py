@@ -72,11 +72,10 @@ class Row:
 
 def _frozen_ms(stats: dict[str, Any]) -> float:
     """CRIU's frozen time from podman's --print-stats (microseconds) in milliseconds."""
-    containers = stats.get("container_statistics") or stats.get("containerStatistics") or []
-    for entry in containers:
-        for key in ("frozen_time", "FrozenTime", "frozenTime"):
-            if key in entry:
-                return float(entry[key]) / 1000
+    for entry in stats.get("container_statistics") or []:
+        criu = entry.get("criu_statistics") or {}
+        if "frozen_time" in criu:
+            return float(criu["frozen_time"]) / 1000
     return float("nan")
 
 

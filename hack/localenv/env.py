@@ -145,7 +145,13 @@ class LocalEnv:
     def operator_env(self, extra: dict[str, str]) -> dict[str, str]:
         env = {k: v for k, v in os.environ.items() if not k.startswith("CHECKPOINTER_")}
         env.update(NODE_ENV | {"PATH": os.environ.get("PATH", "") + ":" + NODE_ENV["PATH"]})
-        env.update(KUBECONFIG=str(self.kubeconfig), CHECKPOINTER_NAMESPACE=NAMESPACE, PYTHONUNBUFFERED="1")
+        # MALLOC_ARENA_MAX as the operator image sets it (see the Containerfile).
+        env.update(
+            KUBECONFIG=str(self.kubeconfig),
+            CHECKPOINTER_NAMESPACE=NAMESPACE,
+            PYTHONUNBUFFERED="1",
+            MALLOC_ARENA_MAX="2",
+        )
         env.update(extra)
         return env
 

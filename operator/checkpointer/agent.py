@@ -68,6 +68,8 @@ def register(registry: kopf.OperatorRegistry, agent: Agent) -> None:
     @kopf.on.startup(registry=registry)
     def start_heartbeat(**_: Any) -> None:
         renew()  # before any handler runs, so the controller sees a live agent at once
+        # The node's versions go into every manifest; asking podman now keeps it off the first checkpoint.
+        threading.Thread(target=agent.host, name="versions", daemon=True).start()
         threading.Thread(target=heartbeat, name="lease", daemon=True).start()
 
     @kopf.on.cleanup(registry=registry)

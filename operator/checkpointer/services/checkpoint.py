@@ -69,7 +69,10 @@ def _targets(agent: Agent, ccp: ContainerCheckpoint, workdir: Path) -> list[dict
     if path.exists():
         return list(json.loads(path.read_text()))
     try:
-        chosen = select_targets(ccp.spec, agent.runtime.containers(), agent.runtime.latest())
+        # Each podman call costs a few hundred milliseconds through the CLI: ask only what the spec needs.
+        latest = ccp.spec.latest
+        runtime = agent.runtime
+        chosen = select_targets(ccp.spec, [] if latest else runtime.containers(), runtime.latest() if latest else None)
     except PodmanError as e:
         raise Failure(classify(e, Reason.CHECKPOINT_FAILED), e.message) from None
     targets = [{"name": c.name, "id": c.id, "staticDir": c.static_dir} for c in chosen]
