@@ -88,7 +88,11 @@ def main() -> int:
     workdir = Path(tempfile.mkdtemp(prefix="checkpointer-bench-"))
     try:
         if args.sizes:
-            env = LocalEnv.up(workdir / "data", ["node-a", "node-b"])
+            # Both agents use the CLI runtime: podman streams its export into a FIFO, where the REST
+            # API first writes it to a temporary file.
+            env = LocalEnv.up(
+                workdir / "data", ["node-a", "node-b"], agent_settings={"CHECKPOINTER_PODMAN_MODE": "cli"}
+            )
             try:
                 bench = datapath.DataPath(env, args.repeats)
                 for size in args.sizes:

@@ -24,7 +24,7 @@ from localenv.env import LocalEnv
 from localenv.images import MEMORY, wait_for_log
 
 GROUP, VERSION = "checkpointer.dev", "v1alpha1"
-SOURCE, TARGET = "node-b", "node-a"  # node-b's agent uses the CLI (FIFO streaming), node-a's the REST API
+SOURCE, TARGET = "node-b", "node-a"
 MiB = 1024 * 1024
 
 

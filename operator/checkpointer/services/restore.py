@@ -14,10 +14,12 @@ import logging
 import posixpath
 import shutil
 import tarfile
+import threading
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import Any, BinaryIO, cast
 
 import zstandard
+from boto3.s3.transfer import TransferConfig
 from botocore.exceptions import ClientError
 
 from checkpointer import layout
@@ -31,6 +33,7 @@ from checkpointer.services.agent import Agent, StatusWriter, classify
 from checkpointer.services.scheduling import choose_storage
 
 log = logging.getLogger(__name__)
+ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"
 
 
 def run(agent: Agent, body: dict[str, Any]) -> None:
@@ -67,12 +70,16 @@ def _run(agent: Agent, crst: ContainerRestore, status: StatusWriter, workdir: Pa
     status.phase(Phase.DOWNLOADING, Reason.DOWNLOADING, f"downloading {layout.uri(bucket.name, archive.key)}")
     path = workdir / posixpath.basename(archive.key)
     expected = archive.sha256 or _manifest_sha256(bucket, archive.key)
-    digest = _download(bucket, archive.key, path, status)
+    _download(bucket, archive.key, path, status, agent.settings.part_size)
+    digest, config, unreadable = _read_archive(path)
     if expected and digest != expected:
         raise Failure(
             Reason.ARCHIVE_CORRUPT, f"sha256 of {archive.key} is {digest}, expected {expected}; nothing was restored"
         )
-    config = _checkpoint_config(path)
+    if unreadable:
+        raise Failure(Reason.ARCHIVE_CORRUPT, f"the archive cannot be read: {unreadable}; nothing was restored")
+    if config is None:
+        raise Failure(Reason.ARCHIVE_CORRUPT, "the archive holds no config.dump: it is not a podman checkpoint")
     previous = _previous(agent, crst.spec.previous, workdir, status) if crst.spec.previous else None
 
     image = str(config.get("rootfsImageName") or config.get("rootfsImageID") or "")
@@ -108,23 +115,26 @@ def _run(agent: Agent, crst: ContainerRestore, status: StatusWriter, workdir: Pa
     )
 
 
-def _download(bucket: s3.Bucket, key: str, path: Path, status: StatusWriter) -> str:
-    digest = hashlib.sha256()
-    done = 0
+def _download(bucket: s3.Bucket, key: str, path: Path, status: StatusWriter, part_size: int) -> None:
+    """Fetch the object with concurrent ranged GETs, reporting progress."""
     try:
         total = bucket.client.head_object(Bucket=bucket.name, Key=key)["ContentLength"]
-        with path.open("wb") as out:
-            for chunk in s3.iter_object(bucket.client, bucket.name, key):
-                out.write(chunk)
-                digest.update(chunk)
-                done += len(chunk)
-                status.progress(done, total)
     except ClientError as e:
         if e.response.get("Error", {}).get("Code") in ("404", "NoSuchKey", "NotFound"):
             raise Failure(Reason.ARCHIVE_NOT_FOUND, f"{layout.uri(bucket.name, key)} does not exist") from None
         raise
-    status.progress(done, total, force=True)
-    return digest.hexdigest()
+    done = 0
+    lock = threading.Lock()
+
+    def progress(nbytes: int) -> None:
+        nonlocal done
+        with lock:
+            done += nbytes
+            status.progress(done, total)
+
+    config = TransferConfig(multipart_threshold=part_size, multipart_chunksize=part_size, max_concurrency=4)
+    bucket.client.download_file(bucket.name, key, str(path), Config=config, Callback=progress)
+    status.progress(total, total, force=True)
 
 
 def _manifest_sha256(bucket: s3.Bucket, key: str) -> str | None:
@@ -140,41 +150,61 @@ def _manifest_sha256(bucket: s3.Bucket, key: str) -> str | None:
     return None
 
 
-def _open_archive(path: Path) -> BinaryIO:
-    f = path.open("rb")
-    if f.read(4) == b"\x28\xb5\x2f\xfd":
-        f.seek(0)
-        return zstandard.ZstdDecompressor().stream_reader(f, closefd=True)
-    f.seek(0)
-    return f
+class _Hashing:
+    """A reader that hashes every byte read through it."""
+
+    def __init__(self, source: BinaryIO) -> None:
+        self.source = source
+        self.digest = hashlib.sha256()
+
+    def read(self, size: int = -1) -> bytes:
+        data = self.source.read(size)
+        self.digest.update(data)
+        return data
+
+    def drain(self) -> str:
+        while self.read(1024 * 1024):
+            pass
+        return self.digest.hexdigest()
 
 
-def _checkpoint_config(path: Path) -> dict[str, Any]:
-    """Read the whole archive once (every frame and tar header is checked); return its config.dump."""
+def _read_archive(path: Path) -> tuple[str, dict[str, Any] | None, str | None]:
+    """One pass over the archive: the sha256 of its bytes, its config.dump, and why it cannot be read.
+
+    Every zstd frame and tar header is checked on the way, so a damaged archive is caught before
+    podman sees it.
+    """
     config: dict[str, Any] | None = None
-    try:
-        with _open_archive(path) as raw, tarfile.open(fileobj=raw, mode="r|*") as tar:
-            for member in tar:
-                extracted = tar.extractfile(member) if member.isfile() else None
-                if extracted is None:
-                    continue
-                if member.name.lstrip("./") == "config.dump":
-                    config = json.loads(extracted.read())
-                else:
-                    while extracted.read(1024 * 1024):
-                        pass
-    except (tarfile.TarError, zstandard.ZstdError, OSError, EOFError, json.JSONDecodeError) as e:
-        raise Failure(Reason.ARCHIVE_CORRUPT, f"the archive cannot be read: {e}; nothing was restored") from None
-    if config is None:
-        raise Failure(Reason.ARCHIVE_CORRUPT, "the archive holds no config.dump: it is not a podman checkpoint")
-    return config
+    unreadable: str | None = None
+    with path.open("rb") as f:
+        compressed = f.read(4) == ZSTD_MAGIC
+        f.seek(0)
+        hashing = _Hashing(f)
+        # The decompressor and tarfile need only read(); the cast says so to the type checker.
+        source = cast(BinaryIO, hashing)
+        raw = zstandard.ZstdDecompressor().stream_reader(source, closefd=False) if compressed else source
+        try:
+            with tarfile.open(fileobj=raw, mode="r|*") as tar:
+                for member in tar:
+                    extracted = tar.extractfile(member) if member.isfile() else None
+                    if extracted is None:
+                        continue
+                    if member.name.lstrip("./") == "config.dump":
+                        config = json.loads(extracted.read())
+                    else:
+                        while extracted.read(1024 * 1024):
+                            pass
+        except (tarfile.TarError, zstandard.ZstdError, OSError, EOFError, json.JSONDecodeError) as e:
+            unreadable = str(e)
+        return hashing.drain(), config, unreadable
 
 
 def _previous(agent: Agent, ref: ArchiveRef, workdir: Path, status: StatusWriter) -> Path:
     storage = choose_storage(ref.storage_ref, agent.kube.storages())
     bucket = agent.bucket(NameRef(name=storage.metadata.name))
     path = workdir / ("previous-" + posixpath.basename(ref.key))
-    digest = _download(bucket, ref.key, path, status)
+    _download(bucket, ref.key, path, status, agent.settings.part_size)
+    digest = _read_archive(path)[0]
     if ref.sha256 and digest != ref.sha256:
         raise Failure(
             Reason.ARCHIVE_CORRUPT, f"sha256 of previous archive {ref.key} is {digest}, expected {ref.sha256}"
