@@ -26,6 +26,7 @@ from localenv.procs import CACHE, REPO_ROOT, LocalEnvError, run
 
 COUNTER = "localhost/checkpointer/counter:latest"
 MEMORY = "localhost/checkpointer/memory:latest"
+TCP = "localhost/checkpointer/tcp:latest"
 
 # Bump when the archive layout below changes, so that cached archives are rebuilt.
 FORMAT = "docker-archive-v1"
@@ -77,26 +78,42 @@ def counter_image(rootfs: Path) -> Image:
 
 def memory_image() -> Image:
     """hack/images/memory.c, static; `podman run IMAGE 256` holds 256 MiB (default 64)."""
-    source = REPO_ROOT / "hack/images/memory.c"
+    return _static_c_image(MEMORY, "memory", {"Entrypoint": ["/memory"], "Cmd": ["64"], "Env": ["PATH=/"]})
+
+
+def tcp_image(rootfs: Path) -> Image:
+    """hack/images/tcp.c, static: a busy established TCP connection to itself on 127.0.0.1.
+
+    busybox's `cat` comes along so that `read_count` can `podman exec` it.
+    """
+    busybox = (rootfs / "bin/busybox").read_bytes()
+    extra = [*_dirs("bin"), _File("bin/busybox", 0o755, busybox), _File("bin/cat", 0o777, link="busybox")]
+    return _static_c_image(TCP, "tcp", {"Entrypoint": ["/tcp"], "Env": ["PATH=/bin:/"]}, extra)
+
+
+def _static_c_image(ref: str, program: str, config: dict[str, object], extra: Sequence[_File] = ()) -> Image:
+    """hack/images/<program>.c built with `gcc -static` as /<program>, plus `extra` files."""
+    source = REPO_ROOT / f"hack/images/{program}.c"
     gcc = ["gcc", "-static", "-O2", "-Wall", "-Werror"]
 
     def files() -> list[_File]:
         with tempfile.TemporaryDirectory() as tmp:
-            binary = Path(tmp) / "memory"
+            binary = Path(tmp) / program
             run([*gcc, "-o", binary, source])
             return [
                 *_dirs("dev", "etc", "proc", "sys"),
                 _File("tmp", 0o1777, is_dir=True),
-                _File("memory", 0o755, binary.read_bytes()),
+                _File(program, 0o755, binary.read_bytes()),
+                *extra,
             ]
 
     # Keyed by the source, not the compiled bytes, so that a cached archive needs no compiler.
-    key = source.read_bytes() + repr(gcc).encode()
-    return _image(MEMORY, {"Entrypoint": ["/memory"], "Cmd": ["64"], "Env": ["PATH=/"]}, key, files)
+    key = source.read_bytes() + repr(gcc).encode() + (_files_key(list(extra)) if extra else b"")
+    return _image(ref, config, key, files)
 
 
 def workload_images(rootfs: Path) -> list[Image]:
-    return [counter_image(rootfs), memory_image()]
+    return [counter_image(rootfs), memory_image(), tcp_image(rootfs)]
 
 
 def load_images(nodes: Iterable[NodeSandbox], images: Sequence[Image]) -> None:
@@ -158,7 +175,27 @@ def _image(ref: str, config: dict[str, object], key_inputs: bytes, make_files: C
         return Image(ref, archive, id_file.read_text().strip())
 
     layer = _tar([(f, f.data) for f in make_files()])
-    diff_id = hashlib.sha256(layer).hexdigest()
+    return Image(ref, archive, write_docker_archive(archive, ref, config, layer))
+
+
+def write_docker_archive(
+    archive: Path,
+    ref: str,
+    config: dict[str, object],
+    layer: bytes | Path,
+    created_by: str = "hack/localenv/images.py",
+) -> str:
+    """Wrap one layer tar into a docker-archive at `archive`; returns the image ID.
+
+    `layer` is the tar itself or a file holding it (streamed, never read into memory whole). The
+    archive is written atomically, then its ID to `<archive>.id`, the cache's mark of a finished
+    archive. Every byte follows from the inputs.
+    """
+    if isinstance(layer, bytes):
+        diff_id = hashlib.sha256(layer).hexdigest()
+    else:
+        with layer.open("rb") as f:
+            diff_id = hashlib.file_digest(f, "sha256").hexdigest()
     image_config = json.dumps(
         {
             "architecture": _arch(),
@@ -166,25 +203,37 @@ def _image(ref: str, config: dict[str, object], key_inputs: bytes, make_files: C
             "created": EPOCH,
             "config": config,
             "rootfs": {"type": "layers", "diff_ids": [f"sha256:{diff_id}"]},
-            "history": [{"created": EPOCH, "created_by": "hack/localenv/images.py"}],
+            "history": [{"created": EPOCH, "created_by": created_by}],
         },
         sort_keys=True,
     ).encode()
     image_id = hashlib.sha256(image_config).hexdigest()
     manifest = json.dumps([{"Config": f"{image_id}.json", "RepoTags": [ref], "Layers": [f"{diff_id}.tar"]}]).encode()
-    outer = _tar(
-        [
-            (_File(f"{image_id}.json", 0o644), image_config),
-            (_File(f"{diff_id}.tar", 0o644), layer),
-            (_File("manifest.json", 0o644), manifest),
-        ]
-    )
+    entries: list[tuple[str, bytes | Path]] = [
+        (f"{image_id}.json", image_config),
+        (f"{diff_id}.tar", layer),
+        ("manifest.json", manifest),
+    ]
     archive.parent.mkdir(parents=True, exist_ok=True)
     tmp = archive.with_suffix(".tmp")
-    tmp.write_bytes(outer)
+    # The same member headers as _tar, so archives of in-memory layers keep their bytes.
+    with tarfile.open(tmp, mode="w", format=tarfile.PAX_FORMAT) as tar:
+        for name, data in sorted(entries, key=lambda e: e[0]):
+            info = tarfile.TarInfo(name)
+            info.mode = 0o644
+            info.mtime = 0
+            info.uid = info.gid = 0
+            info.uname = info.gname = ""
+            if isinstance(data, bytes):
+                info.size = len(data)
+                tar.addfile(info, io.BytesIO(data))
+            else:
+                info.size = data.stat().st_size
+                with data.open("rb") as f:
+                    tar.addfile(info, f)
     tmp.replace(archive)
-    id_file.write_text(image_id + "\n")
-    return Image(ref, archive, image_id)
+    archive.with_suffix(".id").write_text(image_id + "\n")
+    return image_id
 
 
 def _tar(entries: list[tuple[_File, bytes]]) -> bytes:
