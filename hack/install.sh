@@ -29,4 +29,7 @@ fi
 
 bash hack/build/tools.sh
 bash hack/node/rootfs.sh >/dev/null
+# The operator image's base rootfs (debootstrap, once); the image itself is made from the current
+# sources by the test that runs it (hack/localenv/operator_image.py).
+PYTHONPATH=hack .venv/bin/python -m localenv.operator_image --base >/dev/null
 log "install complete"
