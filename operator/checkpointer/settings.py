@@ -32,6 +32,8 @@ class Settings(BaseSettings):
     upload_concurrency: int = 4
     # 0 means unlimited; a cap keeps a checkpoint from saturating the node's uplink.
     upload_bytes_per_second: int = 0
+    # 0 means unlimited; a cap keeps a restore's download from saturating the node's downlink.
+    download_bytes_per_second: int = 0
     zstd_level: int = 3
     upload_retry_seconds: float = 10.0
 

@@ -8,8 +8,9 @@ import uuid
 from typing import Any
 
 import pytest
+
 from localenv.env import LocalEnv
-from localenv.images import COUNTER, read_count
+from localenv.images import COUNTER, MEMORY, read_count, wait_for_log
 
 
 def unique(prefix: str) -> str:
@@ -130,3 +131,78 @@ def test_missing_image_is_image_not_found(local_env: LocalEnv) -> None:
 def test_checkpoint_ref_must_have_succeeded_and_been_exported(local_env: LocalEnv) -> None:
     obj = restore(local_env, "node-b", {"checkpointRef": {"name": "no-such-checkpoint"}})
     assert reason_of(obj) == "CheckpointNotFound"
+
+
+def test_agent_killed_mid_download_restores_once(local_env: LocalEnv) -> None:
+    """An agent killed while it downloads downloads again after its restart, and restores exactly once."""
+    env = local_env
+    source, target = env.nodes["node-a"], env.nodes["node-b"]
+    container = unique("memory")
+    source.podman("run", "-d", "--name", container, MEMORY, "96")
+    wait_for_log(source, container, "ready")
+    name = unique("ccp")
+    # Uncompressed, so that the archive is as big as the memory (about 100 MiB).
+    apply(
+        env,
+        "ContainerCheckpoint",
+        name,
+        {"nodeName": source.name, "containers": [container], "export": {}, "compress": "none"},
+    )
+    status = env.wait_phase("ccp", name, ["Succeeded", "Failed"], timeout=300)["status"]
+    assert status["phase"] == "Succeeded", status
+    size = status["archives"][0]["size"]
+    assert size > 96 * 1024 * 1024
+    source.podman("rm", "-f", container)
+
+    # A slow downlink (about 16 s for this archive) keeps the download running long enough to kill
+    # the agent in the middle of it.
+    env.stop_agent("node-b")
+    env.start_agent("node-b", {"CHECKPOINTER_DOWNLOAD_BYTES_PER_SECOND": str(6 * 1024 * 1024)})
+    restore_name = unique("crst")
+    try:
+        apply(
+            env,
+            "ContainerRestore",
+            restore_name,
+            {"nodeName": target.name, "source": {"checkpointRef": {"name": name}}},
+        )
+        deadline = time.monotonic() + 120
+        while True:
+            obj = env.wait_phase("crst", restore_name, ["Downloading", "Restoring", "Succeeded", "Failed"])
+            assert obj["status"]["phase"] == "Downloading", obj["status"]
+            if (obj["status"].get("progress") or {}).get("bytesDone", 0) > 0:
+                break
+            assert time.monotonic() < deadline, "the download made no progress"
+            time.sleep(0.2)
+        env.stop_agent("node-b", kill=True)
+        progress = env.wait_phase("crst", restore_name, ["Downloading"])["status"]["progress"]
+        assert 0 < progress["bytesDone"] < progress["bytesTotal"] == size, progress
+        uid = obj["metadata"]["uid"]
+        workdir = target.spool_dir / "checkpointer" / f"restore_default_{restore_name}_{uid}"
+        assert workdir.is_dir(), "the killed agent left its partial download"
+        assert not (workdir / "restoring").exists(), "the agent was killed before it called podman"
+    finally:
+        env.stop_agent("node-b")
+        env.start_agent("node-b", {})
+    try:
+        status = env.wait_phase("crst", restore_name, ["Succeeded", "Failed"], timeout=300)["status"]
+        assert status["phase"] == "Succeeded", status
+        assert status["progress"]["bytesDone"] == size
+        assert not workdir.exists(), "the download and its leftovers are cleaned up"
+        # Restored once: one container of that name, and podman restored it once.
+        ids = target.podman("ps", "--all", "--filter", f"name=^{container}$", "--format", "{{.ID}}")
+        assert len(ids.stdout.decode().split()) == 1
+        restores = target.podman(
+            "events",
+            "--stream=false",
+            "--filter",
+            f"container={container}",
+            "--filter",
+            "event=restore",
+            "--format",
+            "{{.Status}}",
+        )
+        assert restores.stdout.decode().split().count("restore") == 1
+        assert target.podman("inspect", "--format", "{{.State.Status}}", container).stdout.decode().strip() == "running"
+    finally:
+        target.podman("rm", "-f", "-t", "0", container, check=False)

@@ -25,11 +25,13 @@ class Agent:
     settings: Settings
     kube: Kube
     runtime: Runtime
-    limiter: s3.RateLimiter = field(init=False)
+    limiter: s3.RateLimiter = field(init=False)  # uploads
+    download_limiter: s3.RateLimiter = field(init=False)
     _host: dict[str, str] | None = field(default=None, init=False)
 
     def __post_init__(self) -> None:
         self.limiter = s3.RateLimiter(self.settings.upload_bytes_per_second)
+        self.download_limiter = s3.RateLimiter(self.settings.download_bytes_per_second)
 
     def host(self) -> dict[str, str]:
         if self._host is None:

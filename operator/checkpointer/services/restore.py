@@ -70,7 +70,7 @@ def _run(agent: Agent, crst: ContainerRestore, status: StatusWriter, workdir: Pa
     status.phase(Phase.DOWNLOADING, Reason.DOWNLOADING, f"downloading {layout.uri(bucket.name, archive.key)}")
     path = workdir / posixpath.basename(archive.key)
     expected = archive.sha256 or _manifest_sha256(bucket, archive.key)
-    _download(bucket, archive.key, path, status, agent.settings.part_size)
+    _download(bucket, archive.key, path, status, agent.settings.part_size, agent.download_limiter)
     digest, config, unreadable = _read_archive(path)
     if expected and digest != expected:
         raise Failure(
@@ -115,8 +115,10 @@ def _run(agent: Agent, crst: ContainerRestore, status: StatusWriter, workdir: Pa
     )
 
 
-def _download(bucket: s3.Bucket, key: str, path: Path, status: StatusWriter, part_size: int) -> None:
-    """Fetch the object with concurrent ranged GETs, reporting progress."""
+def _download(
+    bucket: s3.Bucket, key: str, path: Path, status: StatusWriter, part_size: int, limiter: s3.RateLimiter
+) -> None:
+    """Fetch the object with concurrent ranged GETs, reporting progress, at most at the limiter's rate."""
     try:
         total = bucket.client.head_object(Bucket=bucket.name, Key=key)["ContentLength"]
     except ClientError as e:
@@ -128,6 +130,8 @@ def _download(bucket: s3.Bucket, key: str, path: Path, status: StatusWriter, par
 
     def progress(nbytes: int) -> None:
         nonlocal done
+        # Called by the download threads as they read, so waiting here slows them all down.
+        limiter.take(nbytes)
         with lock:
             done += nbytes
             status.progress(done, total)
@@ -203,7 +207,7 @@ def _previous(agent: Agent, ref: ArchiveRef, workdir: Path, status: StatusWriter
     storage = choose_storage(ref.storage_ref, agent.kube.storages())
     bucket = agent.bucket(NameRef(name=storage.metadata.name))
     path = workdir / ("previous-" + posixpath.basename(ref.key))
-    _download(bucket, ref.key, path, status, agent.settings.part_size)
+    _download(bucket, ref.key, path, status, agent.settings.part_size, agent.download_limiter)
     digest = _read_archive(path)[0]
     if ref.sha256 and digest != ref.sha256:
         raise Failure(
