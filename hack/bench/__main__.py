@@ -65,7 +65,7 @@ def markdown(results: dict[str, Any]) -> str:
 
 def main() -> int:
     parser = argparse.ArgumentParser(prog="hack/bench/run", description=__doc__)
-    parser.add_argument("--sizes", type=int, nargs="+", default=[256, 1024, 4096], help="workload sizes in MiB")
+    parser.add_argument("--sizes", type=int, nargs="*", default=[256, 1024, 4096], help="workload sizes in MiB")
     parser.add_argument("--compressions", nargs="+", default=["zstd", "gzip", "none"])
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--objects", type=int, nargs="*", default=[200, 1000], help="control plane: N objects")

@@ -15,7 +15,7 @@ from typing import Any
 
 import kubernetes
 
-from bench.stats import memory_kib, percentile
+from bench.stats import cpu_seconds, memory_kib, percentile
 from localenv.env import LocalEnv
 from localenv.procs import wait_until
 
@@ -54,26 +54,37 @@ def run(env: LocalEnv, count: int, nodes: int, agent_pids: list[int]) -> dict[st
     done = threading.Event()
 
     def watch() -> None:
-        w = kubernetes.watch.Watch()  # type: ignore[no-untyped-call]
-        for event in w.stream(  # type: ignore[no-untyped-call]
-            custom.list_namespaced_custom_object,
-            GROUP,
-            VERSION,
-            NAMESPACE,
-            "containercheckpoints",
-            label_selector=f"bench-batch={batch}",
-            timeout_seconds=900,
-        ):
-            now = time.monotonic()
-            obj = event["object"]
-            name = obj["metadata"]["name"]
-            phase = (obj.get("status") or {}).get("phase")
-            if phase and name not in scheduled:
-                scheduled[name] = now
-            if phase in ("Checkpointing", "Uploading", "Succeeded", "Failed") and name not in picked:
-                picked[name] = now
-            if len(picked) >= count:
-                w.stop()  # type: ignore[no-untyped-call]
+        # A watch may end early (server timeouts, a reconnect); resume from the last version seen.
+        version = ""
+        deadline = time.monotonic() + 900
+        while len(picked) < count and time.monotonic() < deadline:
+            w = kubernetes.watch.Watch()  # type: ignore[no-untyped-call]
+            try:
+                for event in w.stream(  # type: ignore[no-untyped-call]
+                    custom.list_namespaced_custom_object,
+                    GROUP,
+                    VERSION,
+                    NAMESPACE,
+                    "containercheckpoints",
+                    label_selector=f"bench-batch={batch}",
+                    resource_version=version,
+                    timeout_seconds=60,
+                ):
+                    now = time.monotonic()
+                    obj = event["object"]
+                    version = obj["metadata"]["resourceVersion"]
+                    name = obj["metadata"]["name"]
+                    phase = (obj.get("status") or {}).get("phase")
+                    if phase and name not in scheduled:
+                        scheduled[name] = now
+                    if phase in ("Checkpointing", "Uploading", "Succeeded", "Failed") and name not in picked:
+                        picked[name] = now
+                    if len(picked) >= count:
+                        w.stop()  # type: ignore[no-untyped-call]
+            except kubernetes.client.ApiException as e:
+                if e.status != 410:
+                    raise
+                version = ""  # too old: start from the current state
         done.set()
 
     watcher = threading.Thread(target=watch, daemon=True)
@@ -91,6 +102,14 @@ def run(env: LocalEnv, count: int, nodes: int, agent_pids: list[int]) -> dict[st
         created[name] = time.monotonic()
         custom.create_namespaced_custom_object(GROUP, VERSION, NAMESPACE, "containercheckpoints", body)
 
+    processes = {p.name: p.popen.pid for p in env.supervisor.processes if p.alive()}
+    groups = {
+        "controller": [processes["controller"]],
+        "agents": [pid for name, pid in processes.items() if name.startswith("agent-")],
+        "kube-apiserver": [processes["kube-apiserver"]],
+        "etcd": [processes["etcd"]],
+    }
+    cpu_before = {g: sum(cpu_seconds(pid) for pid in pids) for g, pids in groups.items()}
     start = time.monotonic()
     with ThreadPoolExecutor(8) as pool:
         list(pool.map(create, range(count)))
@@ -98,7 +117,9 @@ def run(env: LocalEnv, count: int, nodes: int, agent_pids: list[int]) -> dict[st
     done.wait(900)
     to_scheduled = [scheduled[n] - created[n] for n in created if n in scheduled]
     to_pickup = [picked[n] - created[n] for n in created if n in picked]
-    controller = next(p for p in env.supervisor.processes if p.name == "controller").popen.pid
+    wall = time.monotonic() - start
+    cpu = {g: round(sum(cpu_seconds(pid) for pid in pids) - cpu_before[g], 1) for g, pids in groups.items()}
+    controller = processes["controller"]
     agent_rss = [memory_kib(pid, "VmRSS") / 1024 for pid in agent_pids]
     env.kubectl("delete", "ccp", "-n", NAMESPACE, "-l", f"bench-batch={batch}", "--wait=false")
     return {
@@ -117,4 +138,6 @@ def run(env: LocalEnv, count: int, nodes: int, agent_pids: list[int]) -> dict[st
         "controllerPeakRssMiB": memory_kib(controller, "VmHWM") / 1024,
         "agentRssMiBMax": max(agent_rss),
         "agentRssMiBMedian": sorted(agent_rss)[len(agent_rss) // 2],
+        "wallSeconds": wall,
+        "cpuSeconds": cpu,
     }

@@ -28,7 +28,8 @@ def _kopf_settings(role: str, node: str | None) -> kopf.OperatorSettings:
         prefix=prefix, key="last-handled-configuration"
     )
     settings.persistence.finalizer = f"{prefix}/finalizer"
-    settings.posting.level = logging.INFO
+    # kopf's own "Handler succeeded" Events would double the API writes per object; ours are explicit.
+    settings.posting.level = logging.WARNING
     settings.execution.max_workers = 20
     if node is not None:
         # Server-side filtering: an agent is sent only the objects scheduled onto its own node.

@@ -46,7 +46,7 @@ def _scheduled(patch: kopf.Patch, body: kopf.Body, node: str, extra: dict[str, A
     )
     patch.status.update({**fields, "nodeName": node, **extra})
     patch.metadata.setdefault("labels", {})[NODE_LABEL] = node
-    kopf.info(body, reason=str(Reason.SCHEDULED), message=message)
+    kopf.event(body, type="Normal", reason=str(Reason.SCHEDULED), message=message)
 
 
 def register(registry: kopf.OperatorRegistry, settings: Settings, kube: Kube) -> None:
@@ -134,7 +134,7 @@ def register(registry: kopf.OperatorRegistry, settings: Settings, kube: Kube) ->
             return
         client = s3.client(storage, kube.credentials(storage))
         deleted = s3.delete_prefix(client, storage.spec.bucket, archive_dir(storage.spec.prefix, ccp))
-        kopf.info(body, reason="ArchivesDeleted", message=f"deleted {deleted} objects from the bucket")
+        kopf.event(body, type="Normal", reason="ArchivesDeleted", message=f"deleted {deleted} objects from the bucket")
 
     @kopf.timer(GROUP, VERSION, STORAGES, interval=settings.storage_validation_seconds, registry=registry)
     def validate_storage(body: kopf.Body, patch: kopf.Patch, **_: Any) -> None:

@@ -107,12 +107,13 @@ def _run(agent: Agent, ccp: ContainerCheckpoint, status: StatusWriter, workdir: 
     storage = agent.bucket(ccp.status.storage_ref) if spec.export and ccp.status.storage_ref else None
     directory = layout.archive_dir(storage.prefix, ccp) if storage else ""
     archives = {a.container: a for a in ccp.status.archives}
-    for target in targets:
+    for i, target in enumerate(targets):
         if target["name"] in archives:
             continue  # uploaded before a restart
         archive = _one(agent, ccp, status, workdir, target, storage, directory)
         archives[archive.container] = archive
-        status.patch({"archives": _dump(archives.values())})
+        if i < len(targets) - 1:  # the last one goes out with the final phase, in one write
+            status.patch({"archives": _dump(archives.values())})
     if storage is not None:
         entries = _dump(archives.values())
         manifest = layout.manifest(ccp, entries, agent.host(), str(status.status.get("startTime") or now()), now())
@@ -123,7 +124,7 @@ def _run(agent: Agent, ccp: ContainerCheckpoint, status: StatusWriter, workdir: 
             ContentType="application/json",
         )
     where = f" to {layout.uri(storage.name, directory)}/" if storage else " (kept on the node)"
-    status.phase(Phase.SUCCEEDED, Reason.SUCCEEDED, f"checkpointed {names}{where}")
+    status.phase(Phase.SUCCEEDED, Reason.SUCCEEDED, f"checkpointed {names}{where}", archives=_dump(archives.values()))
     shutil.rmtree(workdir, ignore_errors=True)
 
 
