@@ -226,6 +226,11 @@ def test_pre_checkpoint_fails_with_criu_feature_missing_and_leaves_it_running(lo
     assert reason_of(obj) == "CRIUFeatureMissing", obj["status"]
     assert state(local_env, node, container) == "running"
     no_stray_uploads(local_env)
+    # keep: CRIU's log is uploaded beside where the archive would have been, and the message says where.
+    log_key = f"default/{name}-{obj['metadata']['uid'][:8]}/{container}.criu-dump.log"
+    message = {c["type"]: c for c in obj["status"]["conditions"]}["Ready"]["message"]
+    assert f"CRIU's log: s3://{local_env.s3.bucket}/{log_key}" in message
+    local_env.s3.client().head_object(Bucket=local_env.s3.bucket, Key=log_key)
 
 
 def test_node_without_agent_is_agent_unavailable(local_env: LocalEnv) -> None:

@@ -113,6 +113,8 @@ class ApiRuntime:
     def __init__(self, settings: Settings) -> None:
         self.socket = settings.podman_socket
         self.timeout = settings.podman_timeout_seconds
+        # With hostPID, /proc/<target>/root is the host's file system as podman sees it.
+        self.host_root = Path(f"/proc/{settings.nsenter_target}/root")
 
     def _request(
         self, method: str, path: str, query: dict[str, str] | None = None, body: Iterable[bytes] | None = None
@@ -198,7 +200,7 @@ class ApiRuntime:
 
     def read_file(self, path: str) -> bytes | None:
         try:
-            return Path(path).read_bytes()
+            return (self.host_root / path.lstrip("/")).read_bytes()
         except OSError:
             return None
 

@@ -75,7 +75,7 @@ def _targets(agent: Agent, ccp: ContainerCheckpoint, workdir: Path) -> list[dict
         chosen = select_targets(ccp.spec, [] if latest else runtime.containers(), runtime.latest() if latest else None)
     except PodmanError as e:
         raise Failure(classify(e, Reason.CHECKPOINT_FAILED), e.message) from None
-    targets = [{"name": c.name, "id": c.id, "staticDir": c.static_dir} for c in chosen]
+    targets = [{"name": c.name, "id": c.id} for c in chosen]
     workdir.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp")
     tmp.write_text(json.dumps(targets))
@@ -256,18 +256,22 @@ def _checkpoint(
         if needs_tracking and not criu_supports(agent.settings, "mem_dirty_track"):
             reason = Reason.CRIU_FEATURE_MISSING
             message += "; CRIU is missing features: this kernel has no memory dirty tracking (mem_dirty_track)"
-        if spec.keep and target.get("staticDir"):
-            message += _upload_criu_log(agent, target, storage, directory)
+        if spec.keep:
+            message += _upload_criu_log(agent, target["name"], storage, directory)
         raise Failure(reason, message) from None
 
 
-def _upload_criu_log(agent: Agent, target: dict[str, str], storage: s3.Bucket | None, directory: str) -> str:
-    path = f"{target['staticDir']}/dump.log"
+def _upload_criu_log(agent: Agent, name: str, storage: s3.Bucket | None, directory: str) -> str:
+    # Only inspect names the container's own folder, where CRIU leaves dump.log with --keep.
+    container = agent.runtime.inspect(name)
+    if container is None or not container.static_dir:
+        return "; CRIU's log could not be located: the container is gone"
+    path = f"{container.static_dir}/dump.log"
     if storage is None:
         return f"; CRIU's log is kept on the node at {path}"
     content = agent.runtime.read_file(path)
     if content is None:
         return f"; CRIU's log was not found at {path}"
-    key = layout.log_key(directory, target["name"])
+    key = layout.log_key(directory, name)
     storage.client.put_object(Bucket=storage.name, Key=key, Body=content, ContentType="text/plain")
     return f"; CRIU's log: {layout.uri(storage.name, key)}"
