@@ -20,7 +20,7 @@ import yaml
 
 from localenv.controlplane import ControlPlane
 from localenv.nodes import NODE_ENV, NodeSandbox, rootfs_path
-from localenv.procs import REPO_ROOT, Process, Supervisor, wait_until
+from localenv.procs import REPO_ROOT, Process, Supervisor, free_port, wait_until
 
 NAMESPACE = "checkpointer-system"
 STORAGE = "local"
@@ -36,6 +36,7 @@ class LocalEnv:
     control_plane: ControlPlane
     s3: Any
     nodes: dict[str, NodeSandbox] = field(default_factory=dict)
+    health_ports: dict[str, int] = field(default_factory=dict)
 
     # --- lifecycle -------------------------------------------------------------------------------
 
@@ -151,6 +152,8 @@ class LocalEnv:
             CHECKPOINTER_NAMESPACE=NAMESPACE,
             PYTHONUNBUFFERED="1",
             MALLOC_ARENA_MAX="2",
+            # Every process serves its liveness endpoint on a port of its own (the chart uses 8080).
+            CHECKPOINTER_HEALTH_PORT=str(free_port()),
         )
         env.update(extra)
         return env
@@ -163,6 +166,7 @@ class LocalEnv:
                 **(settings or {}),
             }
         )
+        self.health_ports["controller"] = int(env["CHECKPOINTER_HEALTH_PORT"])
         return self.supervisor.start("controller", [sys.executable, "-m", "checkpointer", "controller"], env=env)
 
     def start_agent(self, name: str, settings: dict[str, str] | None = None) -> Process:
@@ -178,6 +182,7 @@ class LocalEnv:
                 **(settings or {}),
             }
         )
+        self.health_ports[f"agent-{name}"] = int(env["CHECKPOINTER_HEALTH_PORT"])
         process = self.supervisor.start(f"agent-{name}", [sys.executable, "-m", "checkpointer", "agent"], env=env)
         wait_until(f"agent {name} Lease", lambda: self._lease_exists(name), timeout=60, log=process.log)
         return process

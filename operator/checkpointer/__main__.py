@@ -70,7 +70,13 @@ def main(argv: list[str] | None = None, make_runtime: Callable[[Settings], Runti
         agent.register(registry, Agent(settings, kube, (make_runtime or runtime)(settings)))
         node = settings.node_name
     asyncio.run(
-        kopf.operator(registry=registry, settings=_kopf_settings(args.role, node), standalone=True, clusterwide=True)
+        kopf.operator(
+            registry=registry,
+            settings=_kopf_settings(args.role, node),
+            standalone=True,
+            clusterwide=True,
+            liveness_endpoint=f"http://0.0.0.0:{settings.health_port}/healthz" if settings.health_port else None,
+        )
     )
     return 0
 

@@ -37,6 +37,9 @@ class Settings(BaseSettings):
     zstd_level: int = 3
     upload_retry_seconds: float = 10.0
 
+    # kopf's liveness endpoint (GET /healthz) for the chart's probes; 0 turns it off.
+    health_port: int = 8080
+
     lease_duration_seconds: int = 20
     lease_renew_seconds: float = 5.0
     storage_validation_seconds: float = 60.0

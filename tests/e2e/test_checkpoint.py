@@ -9,6 +9,7 @@ import os
 import re
 import tarfile
 import time
+import urllib.request
 import uuid
 from typing import Any
 
@@ -440,3 +441,10 @@ def test_tcp_established_checkpoint_restores_on_the_other_node_and_the_connectio
     finally:
         remove(env, node, container, pod=pod)
         remove(env, other, container, pod=target_pod)
+
+
+def test_controller_and_agents_answer_their_liveness_probe(local_env: LocalEnv) -> None:
+    """The chart's livenessProbe is GET /healthz on each process's health port."""
+    for name, port in local_env.health_ports.items():
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=10) as reply:
+            assert reply.status == 200, name

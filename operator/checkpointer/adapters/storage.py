@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING
 import boto3
 from botocore.config import Config
 from botocore.exceptions import BotoCoreError, ClientError
+from s3transfer.utils import ReadFileChunk
 
 from checkpointer.models import CheckpointStorage
 from checkpointer.spool import GrowingFile
@@ -127,26 +128,30 @@ def upload_spool(
 
     def worker() -> None:
         nonlocal next_part, done
-        with spool.path.open("rb") as f:
-            while not stop.is_set():
-                with lock:
-                    index, next_part = next_part, next_part + 1
-                start = index * part_size
-                available = spool.wait_for(start + part_size)
-                if available <= start and index > 0:
-                    return
-                f.seek(start)
-                body = f.read(available - start)
-                limiter.take(len(body))
-                etag = s3.upload_part(Bucket=bucket, Key=key, UploadId=upload_id, PartNumber=index + 1, Body=body)[
-                    "ETag"
-                ]
-                with lock:
-                    etags[index + 1] = etag
-                    done += len(body)
-                    on_progress(done)
-                if available < start + part_size:
-                    return
+        while not stop.is_set():
+            with lock:
+                index, next_part = next_part, next_part + 1
+            start = index * part_size
+            available = spool.wait_for(start + part_size)
+            if available <= start and index > 0:
+                return
+            length = available - start
+            limiter.take(length)
+            # The part streams from the spool file: no part is ever held in memory whole.
+            with ReadFileChunk.from_filename(str(spool.path), start, length, enable_callbacks=False) as body:
+                reply = s3.upload_part(  # ReadFileChunk is the seekable file-like body botocore streams
+                    Bucket=bucket,
+                    Key=key,
+                    UploadId=upload_id,
+                    PartNumber=index + 1,
+                    Body=body,  # type: ignore[arg-type]
+                )
+            with lock:
+                etags[index + 1] = reply["ETag"]
+                done += length
+                on_progress(done)
+            if available < start + part_size:
+                return
 
     try:
         with ThreadPoolExecutor(max_workers=concurrency, thread_name_prefix="upload") as pool:

@@ -6,7 +6,7 @@ import contextlib
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from checkpointer.adapters import storage as s3
 from checkpointer.adapters.kube import Kube
@@ -16,6 +16,9 @@ from checkpointer.errors import Failure
 from checkpointer.models import NameRef
 from checkpointer.reasons import Phase, Reason
 from checkpointer.settings import Settings
+
+if TYPE_CHECKING:
+    from mypy_boto3_s3 import S3Client
 
 EXCLUDE_LABEL = "checkpointer.dev/exclude"
 
@@ -28,6 +31,8 @@ class Agent:
     limiter: s3.RateLimiter = field(init=False)  # uploads
     download_limiter: s3.RateLimiter = field(init=False)
     _host: dict[str, str] | None = field(default=None, init=False)
+    # One client per storage configuration: a boto3 client costs megabytes and milliseconds to make.
+    _clients: dict[tuple[str, str, s3.Credentials | None], S3Client] = field(default_factory=dict, init=False)
 
     def __post_init__(self) -> None:
         self.limiter = s3.RateLimiter(self.settings.upload_bytes_per_second)
@@ -47,8 +52,10 @@ class Agent:
             credentials = self.kube.credentials(storage)
         except ValueError as e:
             raise Failure(Reason.STORAGE_UNAVAILABLE, str(e)) from None
-        client = s3.client(storage, credentials, max_connections=self.settings.upload_concurrency + 2)
-        return s3.Bucket(client, storage.spec.bucket, storage.spec.prefix)
+        key = (ref.name, storage.spec.model_dump_json(), credentials)
+        if key not in self._clients:
+            self._clients[key] = s3.client(storage, credentials, max_connections=self.settings.upload_concurrency + 2)
+        return s3.Bucket(self._clients[key], storage.spec.bucket, storage.spec.prefix)
 
 
 class StatusWriter:
