@@ -36,7 +36,7 @@ def _fail(patch: kopf.Patch, body: kopf.Body, error: Failure) -> None:
     kopf.warn(body, reason=str(error.reason), message=error.message)
 
 
-def _scheduled(patch: kopf.Patch, body: kopf.Body, node: str, extra: dict[str, Any]) -> None:
+def _scheduled(kube: Kube, plural: str, patch: kopf.Patch, body: kopf.Body, node: str, extra: dict[str, Any]) -> None:
     status = dict(body.get("status") or {})
     generation = int(body["metadata"].get("generation", 0))
     message = f"handed to the agent on node {node}"
@@ -44,7 +44,11 @@ def _scheduled(patch: kopf.Patch, body: kopf.Body, node: str, extra: dict[str, A
     fields["conditions"] = set_condition(
         fields["conditions"], ConditionType.SCHEDULED, True, Reason.SCHEDULED, message, generation
     )
-    patch.status.update({**fields, "nodeName": node, **extra})
+    # Status first, then the label: the agent's watch sees the object only once it carries the label,
+    # and by then it is already Scheduled, so the agent can start at once.
+    kube.patch_status(
+        plural, body["metadata"]["namespace"], body["metadata"]["name"], {**fields, "nodeName": node, **extra}
+    )
     patch.metadata.setdefault("labels", {})[NODE_LABEL] = node
     kopf.event(body, type="Normal", reason=str(Reason.SCHEDULED), message=message)
 
@@ -61,7 +65,9 @@ def register(registry: kopf.OperatorRegistry, settings: Settings, kube: Kube) ->
         except Failure as e:
             _fail(patch, body, e)
             return
-        _scheduled(patch, body, ccp.spec.node_name, {"storageRef": {"name": storage}} if storage else {})
+        _scheduled(
+            kube, CHECKPOINTS, patch, body, ccp.spec.node_name, {"storageRef": {"name": storage}} if storage else {}
+        )
 
     @kopf.on.resume(GROUP, VERSION, RESTORES, registry=registry)
     @kopf.on.create(GROUP, VERSION, RESTORES, registry=registry)
@@ -76,6 +82,8 @@ def register(registry: kopf.OperatorRegistry, settings: Settings, kube: Kube) ->
             _fail(patch, body, e)
             return
         _scheduled(
+            kube,
+            RESTORES,
             patch,
             body,
             crst.spec.node_name,
