@@ -138,6 +138,13 @@ def test_gzip_and_ignore_rootfs(local_env: LocalEnv) -> None:
     assert data[:2] == b"\x1f\x8b"
     assert "rootfs-diff.tar" not in members(data)
     assert "checkpoint/pages-1.img" in members(data) or any(m.startswith("checkpoint/") for m in members(data))
+    # The parallel gzip writes several gzip members; podman's import reads them as one stream.
+    other = local_env.nodes["node-b"]
+    path = other.spool_dir / f"{name}.tar.gz"
+    path.write_bytes(data)
+    other.podman("container", "restore", f"--import={path}")
+    assert state(local_env, "node-b", container) == "running"
+    other.podman("rm", "-f", container)
 
 
 @pytest.mark.parametrize("node", NODES)
