@@ -100,6 +100,8 @@ def main() -> int:
                         results["datapath"].append(row.summary())
                         save()
             finally:
+                # The components' logs stay with the results, for a figure that needs explaining.
+                shutil.copytree(env.supervisor.log_dir, args.out / "logs", dirs_exist_ok=True)
                 env.down()
         if args.objects:
             env = LocalEnv.up(workdir / "control", [], operator=False)
@@ -112,6 +114,8 @@ def main() -> int:
                     print(json.dumps(results["controlplane"][-1]), flush=True)
                     save()
             finally:
+                # The components' logs stay with the results, for a figure that needs explaining.
+                shutil.copytree(env.supervisor.log_dir, args.out / "logs", dirs_exist_ok=True)
                 env.down()
     finally:
         shutil.rmtree(workdir, ignore_errors=True)

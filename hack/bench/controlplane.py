@@ -11,6 +11,7 @@ import threading
 import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 from typing import Any
 
 import kubernetes
@@ -120,7 +121,8 @@ def run(env: LocalEnv, count: int, nodes: int, agent_pids: list[int]) -> dict[st
     wall = time.monotonic() - start
     cpu = {g: round(sum(cpu_seconds(pid) for pid in pids) - cpu_before[g], 1) for g, pids in groups.items()}
     controller = processes["controller"]
-    agent_rss = [memory_kib(pid, "VmRSS") / 1024 for pid in agent_pids]
+    alive = [pid for pid in agent_pids if Path(f"/proc/{pid}/status").read_text().find("VmRSS") >= 0]
+    agent_rss = [memory_kib(pid, "VmRSS") / 1024 for pid in alive]
     env.kubectl("delete", "ccp", "-n", NAMESPACE, "-l", f"bench-batch={batch}", "--wait=false")
     return {
         "objects": count,
@@ -138,6 +140,7 @@ def run(env: LocalEnv, count: int, nodes: int, agent_pids: list[int]) -> dict[st
         "controllerPeakRssMiB": memory_kib(controller, "VmHWM") / 1024,
         "agentRssMiBMax": max(agent_rss),
         "agentRssMiBMedian": sorted(agent_rss)[len(agent_rss) // 2],
+        "agentsAlive": len(alive),
         "wallSeconds": wall,
         "cpuSeconds": cpu,
     }

@@ -37,6 +37,7 @@ class LocalEnv:
     s3: Any
     nodes: dict[str, NodeSandbox] = field(default_factory=dict)
     health_ports: dict[str, int] = field(default_factory=dict)
+    ports_given: set[int] = field(default_factory=set)
 
     # --- lifecycle -------------------------------------------------------------------------------
 
@@ -143,6 +144,14 @@ class LocalEnv:
 
     # --- checkpointer processes ------------------------------------------------------------------
 
+    def _new_port(self) -> int:
+        """A free port not handed out before: two processes started close together never share one."""
+        port = free_port()
+        while port in self.ports_given:
+            port = free_port()
+        self.ports_given.add(port)
+        return port
+
     def operator_env(self, extra: dict[str, str]) -> dict[str, str]:
         env = {k: v for k, v in os.environ.items() if not k.startswith("CHECKPOINTER_")}
         env.update(NODE_ENV | {"PATH": os.environ.get("PATH", "") + ":" + NODE_ENV["PATH"]})
@@ -153,7 +162,7 @@ class LocalEnv:
             PYTHONUNBUFFERED="1",
             MALLOC_ARENA_MAX="2",
             # Every process serves its liveness endpoint on a port of its own (the chart uses 8080).
-            CHECKPOINTER_HEALTH_PORT=str(free_port()),
+            CHECKPOINTER_HEALTH_PORT=str(self._new_port()),
         )
         env.update(extra)
         return env
