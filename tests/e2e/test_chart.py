@@ -568,6 +568,8 @@ print(json.dumps({{"storages": [s.metadata.name for s in kube.storages()], "key"
             | {
                 "KUBECONFIG": str(cp.kubeconfig_for_serviceaccount(NAMESPACE, CONTROLLER_SA)),
                 "CHECKPOINTER_STORAGE_VALIDATION_SECONDS": "2",
+                # Both run on this host: each serves its liveness endpoint on a port of its own.
+                "CHECKPOINTER_HEALTH_PORT": str(free_port()),
             },
         )
         # The agent's podman is a stand-in that knows no containers (entered with nsenter into this
@@ -583,6 +585,7 @@ print(json.dumps({{"storages": [s.metadata.name for s in kube.storages()], "key"
                 "CHECKPOINTER_NSENTER_TARGET": str(os.getpid()),
                 "CHECKPOINTER_PODMAN_COMMAND": json.dumps(["sh", "-c", "echo []", "podman"]),
                 "CHECKPOINTER_SPOOL_DIR": str(tmp_path / "spool"),
+                "CHECKPOINTER_HEALTH_PORT": str(free_port()),
             },
         )
 
