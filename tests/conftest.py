@@ -16,7 +16,7 @@ from localenv.procs import BIN, require
 
 
 def _require_environment() -> None:
-    missing = missing_binaries() + [b for b in ("weed", "helm") if not (BIN / b).exists()]
+    missing = missing_binaries() + [b for b in ("versitygw", "helm") if not (BIN / b).exists()]
     require(not missing, f"local environment binaries missing: {', '.join(missing)}")
 
 

@@ -6,10 +6,12 @@ at once, so the figures are the controller's and the agents' own latency, not po
 
 from __future__ import annotations
 
+import re
 import sys
 import threading
 import time
 import uuid
+from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -43,6 +45,22 @@ def start_agents(env: LocalEnv, nodes: int) -> list[int]:
 
     wait_until(f"{nodes} agent Leases", all_leases, timeout=600, interval=2)
     return pids
+
+
+WRITE_VERBS = ("POST", "PATCH", "PUT", "DELETE", "APPLY")
+_REQUESTS = re.compile(r"^apiserver_request_total\{(?P<labels>[^}]*)\} (?P<value>\S+)$", re.M)
+
+
+def api_writes(env: LocalEnv) -> Counter[str]:
+    """Write requests the API server has served so far, by resource (from its own metrics)."""
+    text = env.kubectl("get", "--raw", "/metrics").stdout
+    writes: Counter[str] = Counter()
+    for m in _REQUESTS.finditer(text):
+        labels = dict(re.findall(r'(\w+)="([^"]*)"', m["labels"]))
+        if labels.get("verb") in WRITE_VERBS:
+            resource = labels.get("resource", "") + (f"/{labels['subresource']}" if labels.get("subresource") else "")
+            writes[f"{labels['verb']} {resource}"] += int(float(m["value"]))
+    return writes
 
 
 def run(env: LocalEnv, count: int, nodes: int, agent_pids: list[int]) -> dict[str, Any]:
@@ -111,6 +129,7 @@ def run(env: LocalEnv, count: int, nodes: int, agent_pids: list[int]) -> dict[st
         "etcd": [processes["etcd"]],
     }
     cpu_before = {g: sum(cpu_seconds(pid) for pid in pids) for g, pids in groups.items()}
+    writes_before = api_writes(env)
     start = time.monotonic()
     with ThreadPoolExecutor(8) as pool:
         list(pool.map(create, range(count)))
@@ -120,6 +139,7 @@ def run(env: LocalEnv, count: int, nodes: int, agent_pids: list[int]) -> dict[st
     to_pickup = [picked[n] - created[n] for n in created if n in picked]
     wall = time.monotonic() - start
     cpu = {g: round(sum(cpu_seconds(pid) for pid in pids) - cpu_before[g], 1) for g, pids in groups.items()}
+    writes = api_writes(env) - writes_before
     controller = processes["controller"]
     alive = [pid for pid in agent_pids if Path(f"/proc/{pid}/status").read_text().find("VmRSS") >= 0]
     agent_rss = [memory_kib(pid, "VmRSS") / 1024 for pid in alive]
@@ -143,4 +163,7 @@ def run(env: LocalEnv, count: int, nodes: int, agent_pids: list[int]) -> dict[st
         "agentsAlive": len(alive),
         "wallSeconds": wall,
         "cpuSeconds": cpu,
+        # Every write costs the API server and etcd; per object, so that runs of any N compare.
+        "apiWritesPerObject": round(sum(writes.values()) / count, 2),
+        "apiWritesPerObjectByRequest": {k: round(v / count, 2) for k, v in writes.most_common()},
     }

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Builds the control plane (kube-apiserver, kube-controller-manager, kubectl), helm and the S3
-# server (SeaweedFS `weed`) from the Go module proxy into $CHECKPOINTER_BIN. Each build is skipped
-# when its go.mod/go.sum have not changed since the last build.
+# server (the Versity S3 Gateway, `versitygw`) from the Go module proxy into $CHECKPOINTER_BIN.
+# Each build is skipped when its go.mod, go.sum and flags have not changed since the last build.
 set -euo pipefail
 source "$(dirname "$0")/../lib/common.sh"
 here=$REPO_ROOT/hack/build
@@ -10,7 +10,7 @@ export CGO_ENABLED=0 GOFLAGS=-mod=mod
 
 build() { # build <module dir> <binary name> <package> [ldflags]
   local dir=$here/$1 name=$2 pkg=$3 ldflags=${4:-}
-  local stamp=$CHECKPOINTER_BIN/.$name.$(inputs_hash "$dir/go.mod" "$dir/go.sum" "$0")
+  local stamp=$CHECKPOINTER_BIN/.$name.$(inputs_hash "$dir/go.mod" "$dir/go.sum" <(echo "$pkg $ldflags"))
   if [[ -x $CHECKPOINTER_BIN/$name && -f $stamp ]]; then return; fi
   log "building $name (first run takes several minutes)"
   (cd "$dir" && go build -trimpath -ldflags "-s -w $ldflags" -o "$CHECKPOINTER_BIN/$name.tmp" "$pkg")
@@ -28,7 +28,11 @@ done
 build kubernetes kube-apiserver k8s.io/kubernetes/cmd/kube-apiserver "$k8s_ldflags"
 build kubernetes kube-controller-manager k8s.io/kubernetes/cmd/kube-controller-manager "$k8s_ldflags"
 build kubernetes kubectl k8s.io/kubernetes/cmd/kubectl "$k8s_ldflags"
-build helm helm helm.sh/helm/v3/cmd/helm \
-  "-X helm.sh/helm/v3/internal/version.version=v3.19.5 -X helm.sh/helm/v3/internal/version.gitTreeState=clean"
-build seaweedfs weed github.com/seaweedfs/seaweedfs/weed
+# Helm's default Kubernetes version (for `helm template` and lint) is that of its client-go, 1.34.
+helm_ldflags="-X helm.sh/helm/v3/internal/version.version=v3.19.5 -X helm.sh/helm/v3/internal/version.gitTreeState=clean"
+for pkg in helm.sh/helm/v3/pkg/chartutil helm.sh/helm/v3/pkg/lint/rules; do
+  helm_ldflags+=" -X $pkg.k8sVersionMajor=1 -X $pkg.k8sVersionMinor=34"
+done
+build helm helm helm.sh/helm/v3/cmd/helm "$helm_ldflags"
+build versitygw versitygw github.com/versity/versitygw/cmd/versitygw
 log "tools ready in $CHECKPOINTER_BIN"

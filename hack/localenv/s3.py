@@ -1,14 +1,15 @@
-"""A real S3-compatible server for tests: SeaweedFS (`weed server`, Apache-2.0) on 127.0.0.1.
+"""A real S3-compatible server for tests: the Versity S3 Gateway (Apache-2.0) on 127.0.0.1.
 
-One process runs master, volume server, filer and S3 gateway. Every port is chosen free and passed
-explicitly: weed derives unset gRPC ports as HTTP port + 10000 and starts extra listeners (Iceberg
-catalog on 8181, Lance on 9101) unless told not to, and two environments side by side would collide.
-Access is by one identity with a random key pair, from the S3 identities file (-s3.config).
+`versitygw posix` serves a directory: each bucket is a folder, each object a file, with its metadata
+in extended attributes. It streams every request straight to or from the file, and a completed
+multipart upload is assembled with copy_file_range, so it takes on the order of 1 CPU-second per GiB:
+on a 2-core machine the S3 server shares with podman and the agent, that is what lets the benchmark
+measure checkpointer rather than the server. Access is by one root key pair, random per start.
 """
 
 from __future__ import annotations
 
-import json
+import os
 import secrets
 import time
 from dataclasses import dataclass
@@ -24,8 +25,8 @@ if TYPE_CHECKING:
     from mypy_boto3_s3 import S3Client
 
 
-def weed_binary() -> Path:
-    return BIN / "weed"
+def s3_binary() -> Path:
+    return BIN / "versitygw"
 
 
 @dataclass
@@ -38,7 +39,6 @@ class S3Server:
     data_dir: Path
     process: Process
     supervisor: Supervisor
-    ports: dict[str, int]
 
     @classmethod
     def start(
@@ -50,63 +50,33 @@ class S3Server:
         region: str = "us-east-1",
         timeout: float = 60,
     ) -> S3Server:
-        weed = weed_binary()
-        if not weed.exists():
-            raise LocalEnvError(f"{weed} is missing: run hack/build/tools.sh")
+        binary = s3_binary()
+        if not binary.exists():
+            raise LocalEnvError(f"{binary} is missing: run hack/build/tools.sh")
         data_dir = data_dir.resolve()
-        data_dir.mkdir(parents=True, exist_ok=True)
+        root = data_dir / "buckets"
+        root.mkdir(parents=True, exist_ok=True)
         supervisor = supervisor or Supervisor(data_dir / "logs")
         access_key = "AK" + secrets.token_hex(9).upper()
         secret_key = secrets.token_urlsafe(30)
-        identities = {
-            "identities": [
-                {
-                    "name": "checkpointer",
-                    "credentials": [{"accessKey": access_key, "secretKey": secret_key}],
-                    "actions": ["Admin", "Read", "List", "Tagging", "Write"],
-                }
-            ]
-        }
-        config = data_dir / "s3-identities.json"
-        config.write_text(json.dumps(identities, indent=2))
-        config.chmod(0o600)
-
-        ports = {
-            name: free_port()
-            for name in ("master", "master.grpc", "volume", "volume.grpc", "filer", "filer.grpc", "s3", "s3.grpc")
-        }
+        port = free_port()
         argv: list[str | Path] = [
-            weed,
-            "server",
-            f"-dir={data_dir}",
-            "-ip=127.0.0.1",
-            "-ip.bind=127.0.0.1",
-            f"-master.port={ports['master']}",
-            f"-master.port.grpc={ports['master.grpc']}",
-            "-master.telemetry=false",
-            # Small volumes, many allowed: the default (30 GiB volumes, at most 8) runs out of
-            # volumes as soon as a few buckets (collections) exist.
-            "-master.volumeSizeLimitMB=256",
-            f"-volume.port={ports['volume']}",
-            f"-volume.port.grpc={ports['volume.grpc']}",
-            "-volume.max=100",
-            # Otherwise a SIGTERM waits 10 s before the volume server stops.
-            "-volume.preStopSeconds=0",
-            "-filer",
-            f"-filer.port={ports['filer']}",
-            f"-filer.port.grpc={ports['filer.grpc']}",
-            f"-filer.localSocket={data_dir / 'filer.sock'}",
-            "-s3",
-            f"-s3.port={ports['s3']}",
-            f"-s3.port.grpc={ports['s3.grpc']}",
-            "-s3.port.iceberg=0",
-            "-s3.port.lance=0",
-            f"-s3.localSocket={data_dir / 's3.sock'}",
-            f"-s3.config={config}",
+            binary,
+            "--port",
+            f"127.0.0.1:{port}",
+            "--region",
+            region,
+            "posix",
+            # ETags from a CRC checksum instead of MD5: S3 promises no MD5 for multipart objects,
+            # and MD5 alone would be half the server's CPU.
+            "--data-integrity-etag",
+            root,
         ]
-        process = supervisor.start("s3", argv, cwd=data_dir)
+        # The root credentials go by environment, not argv, so they never show in a process list.
+        env = {**os.environ, "ROOT_ACCESS_KEY": access_key, "ROOT_SECRET_KEY": secret_key}
+        process = supervisor.start("s3", argv, cwd=data_dir, env=env)
         server = cls(
-            endpoint=f"http://127.0.0.1:{ports['s3']}",
+            endpoint=f"http://127.0.0.1:{port}",
             access_key=access_key,
             secret_key=secret_key,
             bucket=bucket,
@@ -114,11 +84,9 @@ class S3Server:
             data_dir=data_dir,
             process=process,
             supervisor=supervisor,
-            ports=ports,
         )
         try:
-            # Writable, not just listening: a put needs master, volume server and filer all up.
-            wait_until("SeaweedFS S3 accepting writes", server._ready, timeout=timeout, log=process.log)
+            wait_until("S3 server accepting writes", server._ready, timeout=timeout, log=process.log)
         except BaseException:
             server.stop()
             raise
@@ -135,17 +103,12 @@ class S3Server:
         )
 
     def stop(self) -> None:
-        # weed's volume server and filer are down within a second of SIGTERM, but the process
-        # lingers (its S3 gateway keeps retrying the gone filer), so it is killed after a short grace.
         self.process.stop(grace=3)
         self.supervisor.stop(self.process.name)
-        # Every gRPC server also listens on /tmp/seaweedfs-<role>-grpc-<port>.sock, whatever -dir says.
-        for role in ("master", "volume", "filer", "s3"):
-            Path(f"/tmp/seaweedfs-{role}-grpc-{self.ports[role + '.grpc']}.sock").unlink(missing_ok=True)
 
     def _ready(self) -> bool:
         if not self.process.alive():
-            raise LocalEnvError(f"weed exited with {self.process.popen.returncode}, see {self.process.log}")
+            raise LocalEnvError(f"the S3 server exited with {self.process.popen.returncode}, see {self.process.log}")
         s3 = self.client()
         existing = {b["Name"] for b in s3.list_buckets().get("Buckets", [])}
         if self.bucket not in existing:

@@ -18,7 +18,7 @@ import pytest
 from localenv import images
 from localenv.nodes import NodeSandbox, rootfs_path
 from localenv.procs import LocalEnvError, Supervisor, require
-from localenv.s3 import S3Server, weed_binary
+from localenv.s3 import S3Server, s3_binary
 
 if TYPE_CHECKING:
     from mypy_boto3_s3.type_defs import CompletedPartTypeDef
@@ -78,7 +78,7 @@ def nodes(
 
 @pytest.fixture(scope="module")
 def s3(tmp_path_factory: pytest.TempPathFactory) -> Iterator[S3Server]:
-    require(weed_binary().exists(), f"{weed_binary()} is missing (hack/build/tools.sh builds it)")
+    require(s3_binary().exists(), f"{s3_binary()} is missing (hack/build/tools.sh builds it)")
     started = time.monotonic()
     server = S3Server.start(tmp_path_factory.mktemp("s3"))
     print(f"S3 started in {time.monotonic() - started:.2f}s")
