@@ -155,12 +155,13 @@ class LocalEnv:
     def operator_env(self, extra: dict[str, str]) -> dict[str, str]:
         env = {k: v for k, v in os.environ.items() if not k.startswith("CHECKPOINTER_")}
         env.update(NODE_ENV | {"PATH": os.environ.get("PATH", "") + ":" + NODE_ENV["PATH"]})
-        # MALLOC_ARENA_MAX as the operator image sets it (see the Containerfile).
+        # glibc's malloc tuned as the operator image tunes it (see the Containerfile).
         env.update(
             KUBECONFIG=str(self.kubeconfig),
             CHECKPOINTER_NAMESPACE=NAMESPACE,
             PYTHONUNBUFFERED="1",
             MALLOC_ARENA_MAX="2",
+            MALLOC_MMAP_THRESHOLD_="262144",
             # Every process serves its liveness endpoint on a port of its own (the chart uses 8080).
             CHECKPOINTER_HEALTH_PORT=str(self._new_port()),
         )

@@ -24,8 +24,10 @@ def _kopf_settings(role: str, node: str | None) -> kopf.OperatorSettings:
     prefix = f"{role}.{GROUP}"
     # Controller and agent each keep their own handler progress, so neither mistakes the other's.
     settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix=prefix)
+    # The spec is immutable and no handler reacts to updates: tracking labels and annotations would
+    # only make the controller's own node label look like an update, and cost one more write.
     settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(
-        prefix=prefix, key="last-handled-configuration"
+        prefix=prefix, key="last-handled-configuration", ignored_fields=["metadata.labels", "metadata.annotations"]
     )
     settings.persistence.finalizer = f"{prefix}/finalizer"
     # kopf's own "Handler succeeded" Events would double the API writes per object; ours are explicit.

@@ -53,6 +53,12 @@ def _scheduled(kube: Kube, plural: str, patch: kopf.Patch, body: kopf.Body, node
     kopf.event(body, type="Normal", reason=str(Reason.SCHEDULED), message=message)
 
 
+def _still_scheduled(body: kopf.Body, **_: Any) -> bool:
+    # A `when` filter, not field=/value=: those make kopf keep status.phase in its last-handled
+    # annotation and so patch every object once more on each phase change.
+    return bool((body.get("status") or {}).get("phase") == Phase.SCHEDULED)
+
+
 def register(registry: kopf.OperatorRegistry, settings: Settings, kube: Kube) -> None:
     @kopf.on.resume(GROUP, VERSION, CHECKPOINTS, registry=registry)
     @kopf.on.create(GROUP, VERSION, CHECKPOINTS, registry=registry)
@@ -96,8 +102,7 @@ def register(registry: kopf.OperatorRegistry, settings: Settings, kube: Kube) ->
         CHECKPOINTS,
         interval=10,
         idle=settings.agent_pickup_timeout_seconds,
-        field="status.phase",
-        value=Phase.SCHEDULED,
+        when=_still_scheduled,
         registry=registry,
     )
     @kopf.timer(
@@ -106,8 +111,7 @@ def register(registry: kopf.OperatorRegistry, settings: Settings, kube: Kube) ->
         RESTORES,
         interval=10,
         idle=settings.agent_pickup_timeout_seconds,
-        field="status.phase",
-        value=Phase.SCHEDULED,
+        when=_still_scheduled,
         registry=registry,
     )
     def agent_pickup_deadline(body: kopf.Body, patch: kopf.Patch, **_: Any) -> None:
