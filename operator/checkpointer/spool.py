@@ -122,13 +122,19 @@ class SpoolRecord:
 
 
 class GrowingFile:
-    """A spool file that readers can read from while the writer is still appending to it."""
+    """A spool file that readers can read from while the writer is still appending to it.
+
+    Two moments end it: `end()`, when the last byte is written (uploads may send the last part),
+    and `finish()`, the verdict once podman has exited and the file is on disk (an upload may be
+    completed only after a good one).
+    """
 
     def __init__(self, path: Path) -> None:
         self.path = path
         # Exists from the start, so that readers may open it before the writer has written anything.
         path.touch()
         self._written = 0
+        self._ended = False
         self._done = False
         self._error: BaseException | None = None
         self._cond = threading.Condition()
@@ -138,23 +144,33 @@ class GrowingFile:
             self._written = written
             self._cond.notify_all()
 
+    def end(self) -> None:
+        with self._cond:
+            self._ended = True
+            self._cond.notify_all()
+
     def finish(self, error: BaseException | None = None) -> None:
         with self._cond:
-            self._done, self._error = True, error
+            self._ended, self._done, self._error = True, True, error
             self._cond.notify_all()
 
     def wait_for(self, end: int) -> int:
         """Block until `end` bytes exist or writing stopped; returns min(bytes written, end)."""
         with self._cond:
-            self._cond.wait_for(lambda: self._written >= end or self._done)
-            if self._error is not None:
-                raise RuntimeError(f"spool writer failed: {self._error}") from self._error
+            self._cond.wait_for(lambda: self._written >= end or self._ended)
+            self._raise_error()
             return min(self._written, end)
 
-    @property
-    def complete(self) -> tuple[bool, int]:
+    def verdict(self) -> int:
+        """Block until finished; returns the final size, or raises what the writer failed with."""
         with self._cond:
-            return self._done and self._error is None, self._written
+            self._cond.wait_for(lambda: self._done)
+            self._raise_error()
+            return self._written
+
+    def _raise_error(self) -> None:
+        if self._error is not None:
+            raise RuntimeError(f"spool writer failed: {self._error}") from self._error
 
     @classmethod
     def finished(cls, path: Path) -> GrowingFile:
@@ -193,8 +209,10 @@ def write_spool(
                 on_progress(raw)
         emit(comp.flush())
         out.flush()
+        spool.advance(size)
+        # The last part may go while the file is made durable and podman cleans up.
+        spool.end()
         os.fsync(out.fileno())
-    spool.advance(size)
     return size, digest.hexdigest(), raw
 
 

@@ -117,3 +117,30 @@ def test_rate_limiter_spaces_out_parts() -> None:
     for _ in range(3):
         limiter.take(MiB)
     assert time.monotonic() - start >= 0.18
+
+
+def test_parts_go_as_soon_as_written_but_completion_waits_for_the_verdict(bucket: s3.S3Client, tmp_path: Path) -> None:
+    spool = GrowingFile(tmp_path / "a")
+    thread, outcome = start_upload(bucket, spool, concurrency=2)
+    size = write_spool(chunks(payload(11 * MiB)), spool, Compression.NONE, 3)[0]
+    # Every byte is written, podman has not exited yet: all parts are up, the object is not.
+    uploads = bucket.list_multipart_uploads(Bucket="archives").get("Uploads") or []
+    assert len(uploads) == 1
+    deadline = 50
+    while (
+        deadline
+        and sum(
+            p["Size"]
+            for p in bucket.list_parts(Bucket="archives", Key="k", UploadId=uploads[0]["UploadId"]).get("Parts", [])
+        )
+        < size
+    ):
+        deadline -= 1
+        thread.join(0.1)
+    assert deadline, "the parts were not uploaded before the verdict"
+    assert thread.is_alive() and "k" not in [
+        o["Key"] for o in bucket.list_objects_v2(Bucket="archives").get("Contents", [])
+    ]
+    spool.finish()
+    thread.join()
+    assert outcome["size"] == size

@@ -121,8 +121,8 @@ def upload_spool(
 ) -> int:
     """Upload the spool as one multipart object while it may still be growing; returns its size.
 
-    Parts are read from the spool as soon as they are whole, `concurrency` at a time. Any failure
-    aborts the multipart upload, so no parts are left behind.
+    Parts are read from the spool as soon as they are whole, `concurrency` at a time; the upload is
+    completed only on the spool's good verdict. Any failure aborts it, so no parts are left behind.
     """
     upload_id = s3.create_multipart_upload(Bucket=bucket, Key=key)["UploadId"]
     etags: dict[int, str] = {}
@@ -167,8 +167,8 @@ def upload_spool(
                 except BaseException:
                     stop.set()
                     raise
-        complete, size = spool.complete
-        if not complete or done != size:
+        size = spool.verdict()  # completed only once podman has succeeded and the spool is on disk
+        if done != size:
             raise RuntimeError(f"spool incomplete: uploaded {done} of {size} bytes")
         s3.complete_multipart_upload(
             Bucket=bucket,
