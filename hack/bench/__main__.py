@@ -89,20 +89,22 @@ def main() -> int:
     try:
         if args.sizes:
             # Both agents use the CLI runtime: podman streams its export into a FIFO, where the REST
-            # API first writes it to a temporary file.
-            env = LocalEnv.up(
-                workdir / "data", ["node-a", "node-b"], agent_settings={"CHECKPOINTER_PODMAN_MODE": "cli"}
-            )
-            try:
-                bench = datapath.DataPath(env, args.repeats)
-                for size in args.sizes:
-                    for row in bench.measure(size, args.compressions, restore=True):
-                        results["datapath"].append(row.summary())
-                        save()
-            finally:
-                # The components' logs stay with the results, for a figure that needs explaining.
-                shutil.copytree(env.supervisor.log_dir, args.out / "logs", dirs_exist_ok=True)
-                env.down()
+            # API first writes it to a temporary file. The S3 server's filesystem has room for an
+            # archive, its parts and the baseline's at the largest size.
+            with datapath.reflink_filesystem(workdir / "data" / "s3", 8 + max(args.sizes) // 256):
+                env = LocalEnv.up(
+                    workdir / "data", ["node-a", "node-b"], agent_settings={"CHECKPOINTER_PODMAN_MODE": "cli"}
+                )
+                try:
+                    bench = datapath.DataPath(env, args.repeats)
+                    for size in args.sizes:
+                        for row in bench.measure(size, args.compressions, restore=True):
+                            results["datapath"].append(row.summary())
+                            save()
+                finally:
+                    # The components' logs stay with the results, for a figure that needs explaining.
+                    shutil.copytree(env.supervisor.log_dir, args.out / "logs", dirs_exist_ok=True)
+                    env.down()
         if args.objects:
             env = LocalEnv.up(workdir / "control", [], operator=False)
             try:

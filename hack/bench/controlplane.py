@@ -143,7 +143,8 @@ def run(env: LocalEnv, count: int, nodes: int, agent_pids: list[int]) -> dict[st
     controller = processes["controller"]
     alive = [pid for pid in agent_pids if Path(f"/proc/{pid}/status").read_text().find("VmRSS") >= 0]
     agent_rss = [memory_kib(pid, "VmRSS") / 1024 for pid in alive]
-    env.kubectl("delete", "ccp", "-n", NAMESPACE, "-l", f"bench-batch={batch}", "--wait=false")
+    # The next batch starts on a quiet cluster: this one's deletions (finalizers) are done first.
+    env.control_plane.kubectl("delete", "ccp", "-n", NAMESPACE, "-l", f"bench-batch={batch}", timeout=600)
     return {
         "objects": count,
         "nodes": nodes,
