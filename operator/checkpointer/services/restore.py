@@ -1,9 +1,9 @@
 """The agent's side of a ContainerRestore: fetch, verify, check the node, restore, report.
 
 Nothing runs before the archive is verified: its sha256 must match the one the checkpoint recorded
-(status or manifest), or, when none was recorded, it must read as a whole checkpoint archive. A restarted agent never
-restores twice: a marker is written before podman is called, and an interrupted restore fails with
-RestoreInterrupted instead of trying again.
+(status or manifest), or, when none was recorded, it must read as a whole checkpoint archive. A
+restarted agent never restores twice: a marker is written before podman is called, and an
+interrupted restore fails with RestoreInterrupted instead of trying again.
 """
 
 from __future__ import annotations
@@ -144,7 +144,7 @@ def _fetch(
             raise Failure(Reason.ARCHIVE_NOT_FOUND, f"{layout.uri(bucket.name, key)} does not exist") from None
         raise
 
-    def part(start: int) -> bytes:
+    def part(start: int) -> bytearray:
         end = min(start + part_size, total) - 1
         body = bucket.client.get_object(Bucket=bucket.name, Key=key, Range=f"bytes={start}-{end}")["Body"]
         data = bytearray()
@@ -153,13 +153,13 @@ def _fetch(
             data += chunk
         if len(data) != end - start + 1:
             raise RuntimeError(f"{key}: got {len(data)} bytes of range {start}-{end}")
-        return bytes(data)
+        return data
 
     digest = hashlib.sha256()
     done = 0
     starts = iter(range(0, total, part_size))
     with path.open("wb") as out, ThreadPoolExecutor(WINDOW, thread_name_prefix="download") as pool:
-        pending: deque[Future[bytes]] = deque(pool.submit(part, start) for start in islice(starts, WINDOW))
+        pending: deque[Future[bytearray]] = deque(pool.submit(part, start) for start in islice(starts, WINDOW))
         sink: Any = out
         try:
             while pending:
