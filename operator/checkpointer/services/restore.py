@@ -174,10 +174,9 @@ def _fetch(
             sink.flush()
         except zstandard.ZstdError as e:
             raise Failure(Reason.ARCHIVE_CORRUPT, f"the archive cannot be read: {e}; nothing was restored") from None
-        except BaseException:
-            for future in pending:
+        finally:
+            for future in pending:  # on any failure, parts not yet started are not fetched
                 future.cancel()
-            raise
     status.progress(total, total, force=True)
     return digest.hexdigest()
 
