@@ -6,6 +6,7 @@ at once, so the figures are the controller's and the agents' own latency, not po
 
 from __future__ import annotations
 
+import datetime
 import re
 import sys
 import threading
@@ -89,15 +90,17 @@ def run(env: LocalEnv, count: int, nodes: int, agent_pids: list[int]) -> dict[st
                     resource_version=version,
                     timeout_seconds=60,
                 ):
-                    now = time.monotonic()
+                    now = time.time()
                     obj = event["object"]
                     version = obj["metadata"]["resourceVersion"]
                     name = obj["metadata"]["name"]
-                    phase = (obj.get("status") or {}).get("phase")
-                    if phase and name not in scheduled:
+                    status = obj.get("status") or {}
+                    if status.get("phase") and name not in scheduled:
                         scheduled[name] = now
-                    if phase in ("Checkpointing", "Uploading", "Succeeded", "Failed") and name not in picked:
-                        picked[name] = now
+                    if status.get("startTime") and name not in picked:
+                        # The agent's own clock at pickup (microseconds): a watcher's view comes later
+                        # by however long the API server takes to send it the event under load.
+                        picked[name] = datetime.datetime.fromisoformat(status["startTime"]).timestamp()
                     if len(picked) >= count:
                         w.stop()  # type: ignore[no-untyped-call]
             except kubernetes.client.ApiException as e:
@@ -118,7 +121,7 @@ def run(env: LocalEnv, count: int, nodes: int, agent_pids: list[int]) -> dict[st
             "metadata": {"name": name, "labels": {"bench-batch": batch}},
             "spec": {"nodeName": f"sim-{i % nodes:02d}", "containers": ["workload"]},
         }
-        created[name] = time.monotonic()
+        created[name] = time.time()
         custom.create_namespaced_custom_object(GROUP, VERSION, NAMESPACE, "containercheckpoints", body)
 
     processes = {p.name: p.popen.pid for p in env.supervisor.processes if p.alive()}
@@ -144,7 +147,17 @@ def run(env: LocalEnv, count: int, nodes: int, agent_pids: list[int]) -> dict[st
     alive = [pid for pid in agent_pids if Path(f"/proc/{pid}/status").read_text().find("VmRSS") >= 0]
     agent_rss = [memory_kib(pid, "VmRSS") / 1024 for pid in alive]
     # The next batch starts on a quiet cluster: this one's deletions (finalizers) are done first.
-    env.control_plane.kubectl("delete", "ccp", "-n", NAMESPACE, "-l", f"bench-batch={batch}", timeout=600)
+    # kubectl's own wait asks for each object in turn, under its client-side rate limit: minutes.
+    selector = f"bench-batch={batch}"
+    env.control_plane.kubectl("delete", "ccp", "-n", NAMESPACE, "-l", selector, "--wait=false", timeout=600)
+
+    def deleted() -> bool:
+        listed: dict[str, Any] = custom.list_namespaced_custom_object(  # type: ignore[assignment]
+            GROUP, VERSION, NAMESPACE, "containercheckpoints", label_selector=selector, limit=1
+        )
+        return not listed["items"]
+
+    wait_until(f"batch {batch} deleted", deleted, timeout=600, interval=1)
     return {
         "objects": count,
         "nodes": nodes,

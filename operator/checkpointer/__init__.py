@@ -4,3 +4,12 @@ GROUP = "checkpointer.dev"
 VERSION = "v1alpha1"
 API_VERSION = f"{GROUP}/{VERSION}"
 NODE_LABEL = f"{GROUP}/node"
+
+
+def kopf_prefix(role: str) -> str:
+    """The prefix of a role's kopf annotations and finalizer: controller and agent keep theirs apart."""
+    return f"{role}.{GROUP}"
+
+
+# kopf's finalizer of the controller; the controller also sets it itself, in its scheduling patch.
+CONTROLLER_FINALIZER = f"{kopf_prefix('controller')}/finalizer"

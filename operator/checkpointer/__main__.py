@@ -11,28 +11,38 @@ from typing import TYPE_CHECKING
 
 import kopf
 
-from checkpointer import GROUP, NODE_LABEL
+from checkpointer import GROUP, NODE_LABEL, kopf_prefix
 from checkpointer.adapters.kube import CHECKPOINTS, RESTORES, Kube, load_config
 from checkpointer.settings import Settings
 
 if TYPE_CHECKING:
     from checkpointer.adapters.podman import Runtime
 
+# Sync handlers run in kopf's thread pool of this size: objects handled at once by one process.
+HANDLER_THREADS = 20
+
 
 def _kopf_settings(role: str, node: str | None) -> kopf.OperatorSettings:
     settings = kopf.OperatorSettings()
-    prefix = f"{role}.{GROUP}"
+    prefix = kopf_prefix(role)
     # Controller and agent each keep their own handler progress, so neither mistakes the other's.
-    settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix=prefix)
     # The spec is immutable and no handler reacts to updates: tracking labels and annotations would
     # only make the controller's own node label look like an update, and cost one more write.
-    settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(
-        prefix=prefix, key="last-handled-configuration", ignored_fields=["metadata.labels", "metadata.annotations"]
-    )
+    ignored = ["metadata.labels", "metadata.annotations"]
+    if node is None:
+        settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix=prefix)
+        settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(
+            prefix=prefix, key="last-handled-configuration", ignored_fields=ignored
+        )
+    else:
+        from checkpointer.agent import RememberedDiffBase, RememberedProgress
+
+        settings.persistence.progress_storage = RememberedProgress(prefix=prefix)
+        settings.persistence.diffbase_storage = RememberedDiffBase(ignored_fields=ignored)
     settings.persistence.finalizer = f"{prefix}/finalizer"
     # kopf's own "Handler succeeded" Events would double the API writes per object; ours are explicit.
     settings.posting.level = logging.WARNING
-    settings.execution.max_workers = 20
+    settings.execution.max_workers = HANDLER_THREADS
     if node is not None:
         # Server-side filtering: an agent is sent only the objects scheduled onto its own node.
         for plural in (CHECKPOINTS, RESTORES):
@@ -52,7 +62,8 @@ def main(argv: list[str] | None = None, make_runtime: Callable[[Settings], Runti
     )
     settings = Settings()
     load_config()
-    kube = Kube()
+    # The handlers' threads, and a few more for the Lease heartbeat and progress from upload threads.
+    kube = Kube(connections=HANDLER_THREADS + 4)
     registry = kopf.OperatorRegistry()
     # An own registry has none of kopf's default login handlers: authenticate as the kubernetes client does.
     kopf.on.login(registry=registry)(kopf.login_via_client)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import threading
+from collections import OrderedDict
 from typing import Any
 
 import kopf
@@ -23,8 +24,66 @@ from checkpointer.services.scheduling import lease_name
 log = logging.getLogger(__name__)
 
 
-def _current(agent: Agent, plural: str, body: kopf.Body) -> dict[str, Any] | None:
+class _Bounded(OrderedDict[Any, Any]):
+    """A dict that forgets its oldest entries beyond `limit`."""
+
+    def __init__(self, limit: int) -> None:
+        super().__init__()
+        self.limit = limit
+
+    def __setitem__(self, key: Any, value: Any) -> None:
+        super().__setitem__(key, value)
+        self.move_to_end(key)
+        while len(self) > self.limit:
+            self.popitem(last=False)
+
+
+# kopf's state for the agent's handlers lives in the agent's memory, not in annotations on the
+# object: those would cost one or two more writes to the API server for every object. A restarted
+# agent (or one that forgot an old object) sees each object of its node as new and runs its handler
+# once more; the handlers act only on Scheduled objects (see _current), so that repeats nothing.
+LIMIT = 10_000
+
+
+class RememberedDiffBase(kopf.DiffBaseStorage):
+    """The last handled state of each object."""
+
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self._essences = _Bounded(LIMIT)
+
+    def fetch(self, *, body: kopf.Body) -> kopf.BodyEssence | None:
+        essence: kopf.BodyEssence | None = self._essences.get(body.metadata.uid)
+        return essence
+
+    def store(self, *, body: kopf.Body, patch: kopf.Patch, essence: kopf.BodyEssence) -> None:
+        self._essences[body.metadata.uid] = essence
+
+
+class RememberedProgress(kopf.AnnotationsProgressStorage):
+    """Handler retries and delays; only the wake-up after a delay still writes (kopf's touch)."""
+
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self._records = _Bounded(LIMIT)
+
+    def fetch(self, *, key: str, body: kopf.Body) -> kopf.ProgressRecord | None:
+        record: kopf.ProgressRecord | None = self._records.get((body.metadata.uid, key))
+        return record
+
+    def store(self, *, key: str, record: kopf.ProgressRecord, body: kopf.Body, patch: kopf.Patch) -> None:
+        self._records[body.metadata.uid, key] = record
+
+    def purge(self, *, key: str, body: kopf.Body, patch: kopf.Patch) -> None:
+        self._records.pop((body.metadata.uid, key), None)
+
+
+def _current(agent: Agent, plural: str, body: kopf.Body, retry: int) -> dict[str, Any] | None:
     """The object as the API server has it now; None once it is gone or not ours to act on yet."""
+    if retry == 0 and (body.get("status") or {}).get("phase") == Phase.SCHEDULED:
+        # The first sight of a scheduled object: nothing of this agent has acted on it yet, so the
+        # event's body cannot be behind this agent's own writes. Saves a read on every pickup.
+        return dict(body)
     fresh = agent.kube.get(plural, body["metadata"]["namespace"], body["metadata"]["name"])
     if fresh is None:
         return None
@@ -41,15 +100,15 @@ def register(registry: kopf.OperatorRegistry, agent: Agent) -> None:
 
     @kopf.on.resume(GROUP, VERSION, CHECKPOINTS, labels=mine, registry=registry)
     @kopf.on.create(GROUP, VERSION, CHECKPOINTS, labels=mine, registry=registry)
-    def take_checkpoint(body: kopf.Body, **_: Any) -> None:
-        fresh = _current(agent, CHECKPOINTS, body)
+    def take_checkpoint(body: kopf.Body, retry: int, **_: Any) -> None:
+        fresh = _current(agent, CHECKPOINTS, body, retry)
         if fresh is not None:
             checkpoint.run(agent, fresh)
 
     @kopf.on.resume(GROUP, VERSION, RESTORES, labels=mine, registry=registry)
     @kopf.on.create(GROUP, VERSION, RESTORES, labels=mine, registry=registry)
-    def restore_archive(body: kopf.Body, **_: Any) -> None:
-        fresh = _current(agent, RESTORES, body)
+    def restore_archive(body: kopf.Body, retry: int, **_: Any) -> None:
+        fresh = _current(agent, RESTORES, body, retry)
         if fresh is not None:
             restore.run(agent, fresh)
 

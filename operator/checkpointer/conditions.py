@@ -8,8 +8,10 @@ from typing import Any
 from checkpointer.reasons import ConditionType, Phase, Reason
 
 
-def now() -> str:
-    return datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+def now(precise: bool = False) -> str:
+    """RFC 3339 in UTC. `precise` keeps microseconds, as startTime and completionTime do: many
+    checkpoints take less than a second, and the time to pickup is measured from startTime."""
+    return datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ" if precise else "%Y-%m-%dT%H:%M:%SZ")
 
 
 def set_condition(
@@ -47,5 +49,5 @@ def phase_patch(status: dict[str, Any], phase: Phase, reason: Reason, message: s
     )
     patch: dict[str, Any] = {"phase": str(phase), "observedGeneration": generation, "conditions": conditions}
     if phase.finished:
-        patch["completionTime"] = now()
+        patch["completionTime"] = now(precise=True)
     return patch

@@ -10,7 +10,7 @@ from typing import Any
 
 import kopf
 
-from checkpointer import GROUP, NODE_LABEL, VERSION
+from checkpointer import CONTROLLER_FINALIZER, GROUP, NODE_LABEL, VERSION
 from checkpointer.adapters import storage as s3
 from checkpointer.adapters.kube import CHECKPOINTS, RESTORES, STORAGES, Kube
 from checkpointer.conditions import phase_patch, set_condition
@@ -50,7 +50,17 @@ def _scheduled(kube: Kube, plural: str, patch: kopf.Patch, body: kopf.Body, node
         plural, body["metadata"]["namespace"], body["metadata"]["name"], {**fields, "nodeName": node, **extra}
     )
     patch.metadata.setdefault("labels", {})[NODE_LABEL] = node
+    # kopf's finalizer rides on the label's patch. The handlers that need it (the pickup deadline,
+    # the archives' deletion) match only labelled objects, so kopf does not add it in a patch and
+    # a watch round-trip of its own before the first handler runs.
+    finalizers = list(body["metadata"].get("finalizers") or [])
+    if CONTROLLER_FINALIZER not in finalizers:
+        patch.metadata["finalizers"] = [*finalizers, CONTROLLER_FINALIZER]
     kopf.event(body, type="Normal", reason=str(Reason.SCHEDULED), message=message)
+
+
+# Handlers that hold kopf's finalizer match only objects with the node label: see _scheduled.
+LABELLED = {NODE_LABEL: kopf.PRESENT}
 
 
 def _still_scheduled(body: kopf.Body, **_: Any) -> bool:
@@ -60,6 +70,8 @@ def _still_scheduled(body: kopf.Body, **_: Any) -> bool:
 
 
 def register(registry: kopf.OperatorRegistry, settings: Settings, kube: Kube) -> None:
+    leases = scheduling.AgentLeases(kube, settings.namespace)
+
     @kopf.on.resume(GROUP, VERSION, CHECKPOINTS, registry=registry)
     @kopf.on.create(GROUP, VERSION, CHECKPOINTS, registry=registry)
     def schedule_checkpoint(body: kopf.Body, patch: kopf.Patch, **_: Any) -> None:
@@ -67,7 +79,7 @@ def register(registry: kopf.OperatorRegistry, settings: Settings, kube: Kube) ->
             return  # already scheduled or finished
         ccp = ContainerCheckpoint.model_validate(dict(body))
         try:
-            storage = scheduling.schedule_checkpoint(kube, settings, ccp)
+            storage = scheduling.schedule_checkpoint(kube, leases, ccp)
         except Failure as e:
             _fail(patch, body, e)
             return
@@ -82,7 +94,7 @@ def register(registry: kopf.OperatorRegistry, settings: Settings, kube: Kube) ->
             return
         crst = ContainerRestore.model_validate(dict(body))
         try:
-            scheduling.require_node_with_agent(kube, settings, crst.spec.node_name)
+            scheduling.require_node_with_agent(kube, leases, crst.spec.node_name)
             archive = scheduling.resolve_restore_archive(kube, crst)
         except Failure as e:
             _fail(patch, body, e)
@@ -102,6 +114,7 @@ def register(registry: kopf.OperatorRegistry, settings: Settings, kube: Kube) ->
         CHECKPOINTS,
         interval=10,
         idle=settings.agent_pickup_timeout_seconds,
+        labels=LABELLED,
         when=_still_scheduled,
         registry=registry,
     )
@@ -111,14 +124,14 @@ def register(registry: kopf.OperatorRegistry, settings: Settings, kube: Kube) ->
         RESTORES,
         interval=10,
         idle=settings.agent_pickup_timeout_seconds,
+        labels=LABELLED,
         when=_still_scheduled,
         registry=registry,
     )
     def agent_pickup_deadline(body: kopf.Body, patch: kopf.Patch, **_: Any) -> None:
         """An object still Scheduled while its node's agent is silent would otherwise wait forever."""
         node = body["spec"]["nodeName"]
-        lease = kube.lease_age(settings.namespace, scheduling.lease_name(node))
-        if not scheduling.lease_alive(lease):
+        if not leases.alive(node):
             _fail(
                 patch,
                 body,
@@ -128,7 +141,7 @@ def register(registry: kopf.OperatorRegistry, settings: Settings, kube: Kube) ->
                 ),
             )
 
-    @kopf.on.delete(GROUP, VERSION, CHECKPOINTS, registry=registry)
+    @kopf.on.delete(GROUP, VERSION, CHECKPOINTS, labels=LABELLED, registry=registry)
     def delete_archives(body: kopf.Body, **_: Any) -> None:
         ccp = ContainerCheckpoint.model_validate(dict(body))
         if ccp.status.storage_ref is None or not any(a.key for a in ccp.status.archives):

@@ -544,7 +544,7 @@ def test_operator_runs_with_only_the_charts_permissions(cp: ControlPlane, instal
 import json
 from checkpointer.adapters.kube import Kube, load_config
 load_config()
-kube = Kube()
+kube = Kube(connections=1)
 storage = kube.storage("default")
 credentials = kube.credentials(storage)
 kube.renew_lease("{NAMESPACE}", "checkpointer-agent-probe", "probe", 20)

@@ -1,3 +1,5 @@
+from typing import Any, cast
+
 import pytest
 
 from checkpointer import layout
@@ -8,7 +10,7 @@ from checkpointer.models import CheckpointSpec, CheckpointStorage, Compression, 
 from checkpointer.reasons import ConditionType, Reason
 from checkpointer.services.agent import classify
 from checkpointer.services.checkpoint import select_targets
-from checkpointer.services.scheduling import choose_storage, lease_alive
+from checkpointer.services.scheduling import AgentLeases, choose_storage, lease_alive
 
 
 def storage(name: str, default: bool = False, phase: str = "Available") -> CheckpointStorage:
@@ -44,6 +46,36 @@ def test_lease_alive_only_within_its_duration() -> None:
     assert lease_alive((3.0, 20))
     assert not lease_alive((21.0, 20))
     assert not lease_alive(None)
+
+
+class Leases:
+    """A Kube stand-in that answers lease_age from a dict and counts the reads."""
+
+    def __init__(self, leases: dict[str, tuple[float, int] | None]) -> None:
+        self.leases = leases
+        self.reads = 0
+
+    def lease_age(self, namespace: str, name: str) -> tuple[float, int] | None:
+        self.reads += 1
+        return self.leases[name]
+
+
+def test_a_lease_read_alive_is_not_read_again_until_it_may_have_run_out() -> None:
+    kube = Leases({"checkpointer-agent-a": (5.0, 20), "checkpointer-agent-b": (20.0, 20)})
+    leases = AgentLeases(cast(Any, kube), "ns")
+    assert leases.alive("a") and leases.alive("a") and kube.reads == 1
+    assert leases.alive("b")
+    kube.leases["checkpointer-agent-b"] = None  # its agent is gone
+    assert not leases.alive("b") and kube.reads == 3  # b's Lease ran out at once: read again
+
+
+def test_a_missing_or_expired_lease_is_read_every_time() -> None:
+    kube = Leases({"checkpointer-agent-a": None, "checkpointer-agent-b": (21.0, 20)})
+    leases = AgentLeases(cast(Any, kube), "ns")
+    assert not leases.alive("a") and not leases.alive("a")
+    assert not leases.alive("b")
+    kube.leases["checkpointer-agent-b"] = (0.5, 20)  # its agent came back
+    assert leases.alive("b") and kube.reads == 4
 
 
 RUNNING = Container(id="a" * 64, name="web", state="running", image="img")

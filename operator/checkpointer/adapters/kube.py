@@ -29,8 +29,12 @@ def load_config() -> None:
 
 
 class Kube:
-    def __init__(self) -> None:
-        api = kubernetes.client.ApiClient()
+    def __init__(self, connections: int) -> None:
+        config = kubernetes.client.Configuration.get_default_copy()
+        # One connection per thread that may call at once: beyond the pool's size, urllib3 opens
+        # a connection (a TLS handshake) for the request and discards it after.
+        config.connection_pool_maxsize = connections
+        api = kubernetes.client.ApiClient(config)
         self.custom = kubernetes.client.CustomObjectsApi(api)
         self.core = kubernetes.client.CoreV1Api(api)
         self.coordination = kubernetes.client.CoordinationV1Api(api)

@@ -79,7 +79,7 @@ class StatusWriter:
     def phase(self, phase: Phase, reason: Reason, message: str, **extra: Any) -> None:
         fields = phase_patch(self.status, phase, reason, message, self.generation)
         if phase in (Phase.CHECKPOINTING, Phase.DOWNLOADING) and not self.status.get("startTime"):
-            fields["startTime"] = now()
+            fields["startTime"] = now(precise=True)
         self.patch({**fields, **extra})
 
     def progress(self, done: int, total: int | None = None, force: bool = False) -> None:

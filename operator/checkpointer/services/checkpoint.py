@@ -116,7 +116,9 @@ def _run(agent: Agent, ccp: ContainerCheckpoint, status: StatusWriter, workdir: 
             status.patch({"archives": _dump(archives.values())})
     if storage is not None:
         entries = _dump(archives.values())
-        manifest = layout.manifest(ccp, entries, agent.host(), str(status.status.get("startTime") or now()), now())
+        manifest = layout.manifest(
+            ccp, entries, agent.host(), str(status.status.get("startTime") or now(precise=True)), now(precise=True)
+        )
         storage.client.put_object(
             Bucket=storage.name,
             Key=f"{directory}/{layout.MANIFEST}",

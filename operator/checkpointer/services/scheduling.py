@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+
 from checkpointer.adapters.kube import CHECKPOINTS, Kube
 from checkpointer.errors import Failure
 from checkpointer.layout import compression_of
@@ -13,7 +15,6 @@ from checkpointer.models import (
     ResolvedArchive,
 )
 from checkpointer.reasons import Phase, Reason
-from checkpointer.settings import Settings
 
 
 def lease_name(node: str) -> str:
@@ -27,15 +28,42 @@ def lease_alive(age_and_duration: tuple[float, int] | None) -> bool:
     return age <= duration
 
 
-def require_node_with_agent(kube: Kube, settings: Settings, node: str) -> None:
+class AgentLeases:
+    """The agents' Leases as last read, so that scheduling an object seldom needs a read of its own.
+
+    A Lease read as alive stays alive until its duration has run out from its renewal time: a
+    fresh read could only show a later renewal. Only a Lease that may have expired is read again.
+    """
+
+    def __init__(self, kube: Kube, namespace: str) -> None:
+        self.kube = kube
+        self.namespace = namespace
+        self._expiry: dict[str, float] = {}  # node -> monotonic time its Lease runs out
+
+    def alive(self, node: str) -> bool:
+        if time.monotonic() < self._expiry.get(node, 0.0):
+            return True
+        lease = self.kube.lease_age(self.namespace, lease_name(node))
+        if lease is None or not lease_alive(lease):
+            self._expiry.pop(node, None)
+            return False
+        age, duration = lease
+        self._expiry[node] = time.monotonic() + duration - age
+        return True
+
+
+def require_node_with_agent(kube: Kube, leases: AgentLeases, node: str) -> None:
+    # A live Lease is renewed by the agent running on that node; only without one does the node
+    # need a lookup of its own, to tell a missing node from a missing agent.
+    if leases.alive(node):
+        return
     if not kube.node_exists(node):
         raise Failure(Reason.NODE_NOT_FOUND, f"node {node!r} does not exist")
-    if not lease_alive(kube.lease_age(settings.namespace, lease_name(node))):
-        raise Failure(
-            Reason.AGENT_UNAVAILABLE,
-            f"no live checkpointer agent on node {node!r} (Lease {settings.namespace}/"
-            f"{lease_name(node)} missing or expired); is the agent DaemonSet running there?",
-        )
+    raise Failure(
+        Reason.AGENT_UNAVAILABLE,
+        f"no live checkpointer agent on node {node!r} (Lease {leases.namespace}/"
+        f"{lease_name(node)} missing or expired); is the agent DaemonSet running there?",
+    )
 
 
 def choose_storage(ref: NameRef | None, storages: list[CheckpointStorage]) -> CheckpointStorage:
@@ -64,10 +92,10 @@ def choose_storage(ref: NameRef | None, storages: list[CheckpointStorage]) -> Ch
     return storage
 
 
-def schedule_checkpoint(kube: Kube, settings: Settings, ccp: ContainerCheckpoint) -> str | None:
+def schedule_checkpoint(kube: Kube, leases: AgentLeases, ccp: ContainerCheckpoint) -> str | None:
     """Check what needs the cluster; return the storage name the agent should use (None: no export)."""
     spec = ccp.spec
-    require_node_with_agent(kube, settings, spec.node_name)
+    require_node_with_agent(kube, leases, spec.node_name)
     if spec.with_previous and spec.previous_checkpoint_ref is not None:
         previous = kube.get(CHECKPOINTS, ccp.metadata.namespace, spec.previous_checkpoint_ref.name)
         if previous is None or (previous.get("status") or {}).get("phase") != Phase.SUCCEEDED:
