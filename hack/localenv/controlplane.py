@@ -254,7 +254,7 @@ class ControlPlane:
                 f"--service-account-issuer={SERVICE_ACCOUNT_ISSUER}",
                 f"--service-account-key-file={sa_keys.public_key}",
                 f"--service-account-signing-key-file={sa_keys.private_key}",
-                "--profiling=true",
+                "--profiling=false",
             ],
         )
         _wait(
