@@ -7,6 +7,7 @@ at once, so the figures are the controller's and the agents' own latency, not po
 from __future__ import annotations
 
 import datetime
+import os
 import re
 import sys
 import threading
@@ -130,6 +131,7 @@ def run(env: LocalEnv, count: int, nodes: int, agent_pids: list[int]) -> dict[st
         "agents": [pid for name, pid in processes.items() if name.startswith("agent-")],
         "kube-apiserver": [processes["kube-apiserver"]],
         "etcd": [processes["etcd"]],
+        "benchmark client (creates and watches)": [os.getpid()],
     }
     cpu_before = {g: sum(cpu_seconds(pid) for pid in pids) for g, pids in groups.items()}
     writes_before = api_writes(env)

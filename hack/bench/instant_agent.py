@@ -13,7 +13,7 @@ from typing import Any
 
 from checkpointer.__main__ import main
 from checkpointer.adapters.podman import Container
-from checkpointer.models import CheckpointSpec, RestoreSpec
+from checkpointer.models import CheckpointSpec, Compression, RestoreSpec
 from checkpointer.settings import Settings
 
 WORKLOAD = Container(id="0" * 64, name="workload", state="running", image="none")
@@ -34,6 +34,9 @@ class InstantRuntime:
 
     def versions(self) -> dict[str, str]:
         return {"podman": "instant (benchmark runtime)"}
+
+    def compresses(self, compression: Compression) -> bool:
+        return True  # it exports nothing
 
     def checkpoint(self, spec: CheckpointSpec, container: str, export: Any, fifo_dir: Path) -> dict[str, Any]:
         if export is not None:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from checkpointer.models import CheckpointSpec, RestoreSpec
+from checkpointer.models import CheckpointSpec, Compression, RestoreSpec
 
 _CHECKPOINT_FLAGS = {
     "leave_running": ("--leave-running", "leaveRunning"),
@@ -33,11 +33,13 @@ _RESTORE_FLAGS = {
 }
 
 
-def checkpoint_argv(spec: CheckpointSpec, container: str, export_to: Path | None) -> list[str]:
+def checkpoint_argv(
+    spec: CheckpointSpec, container: str, export_to: Path | None, compress: Compression = Compression.NONE
+) -> list[str]:
     argv = ["container", "checkpoint", "--print-stats"]
     argv += [cli for field, (cli, _) in _CHECKPOINT_FLAGS.items() if getattr(spec, field)]
     if export_to is not None:
-        argv += [f"--export={export_to}", "--compress=none"]
+        argv += [f"--export={export_to}", f"--compress={compress}"]
     return [*argv, container]
 
 

@@ -1,4 +1,5 @@
-"""The node-side spool: podman's raw tar is compressed and hashed into a file that uploads read from.
+"""The node-side spool: podman's export is hashed, and compressed where podman did not, into a file
+that uploads read from.
 
 The spool decouples podman from the network: podman writes at disk speed and never waits for S3,
 uploads start while podman is still writing, and a finished spool survives an agent restart so the

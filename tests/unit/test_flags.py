@@ -1,7 +1,11 @@
 from pathlib import Path
 
+import pytest
+
 from checkpointer import flags
-from checkpointer.models import CheckpointSpec, RestoreSpec
+from checkpointer.adapters.podman import runtime
+from checkpointer.models import CheckpointSpec, Compression, RestoreSpec
+from checkpointer.settings import Settings
 
 
 def test_every_checkpoint_flag_maps_to_podman() -> None:
@@ -20,7 +24,7 @@ def test_every_checkpoint_flag_maps_to_podman() -> None:
             "ignoreVolumes": True,
         }
     )
-    argv = flags.checkpoint_argv(spec, "c", Path("/spool/c.fifo"))
+    argv = flags.checkpoint_argv(spec, "c", Path("/spool/c.fifo"), Compression.GZIP)
     assert argv[:3] == ["container", "checkpoint", "--print-stats"]
     for flag in (
         "--leave-running",
@@ -30,7 +34,7 @@ def test_every_checkpoint_flag_maps_to_podman() -> None:
         "--ignore-rootfs",
         "--ignore-volumes",
         "--export=/spool/c.fifo",
-        "--compress=none",
+        "--compress=gzip",
     ):
         assert flag in argv
     assert "--pre-checkpoint" not in argv
@@ -96,3 +100,22 @@ def test_every_restore_flag_maps_to_podman() -> None:
     assert query["name"] == "new"
     assert query["publishPorts"] == "8080:80 127.0.0.1:53:53/udp"
     assert query["ignoreStaticIP"] == "true"
+
+
+@pytest.mark.parametrize(
+    ("mode", "level", "compression", "by_podman"),
+    [
+        ("cli", 3, Compression.ZSTD, True),
+        ("cli", 3, Compression.GZIP, True),
+        ("cli", 9, Compression.ZSTD, False),  # podman knows only its default level
+        ("cli", 9, Compression.GZIP, True),
+        ("api", 3, Compression.ZSTD, False),  # the REST API exports plain tar
+        ("api", 3, Compression.GZIP, False),
+        ("api", 3, Compression.NONE, True),
+    ],
+)
+def test_podman_compresses_what_it_can_and_the_agent_the_rest(
+    mode: str, level: int, compression: Compression, by_podman: bool
+) -> None:
+    settings = Settings(podman_mode=mode, zstd_level=level)  # type: ignore[arg-type]
+    assert runtime(settings).compresses(compression) is by_podman

@@ -23,7 +23,7 @@ from typing import Any, Protocol
 from checkpointer import flags
 from checkpointer.adapters import commands
 from checkpointer.errors import CommandError
-from checkpointer.models import CheckpointSpec, RestoreSpec
+from checkpointer.models import CheckpointSpec, Compression, RestoreSpec
 from checkpointer.settings import Settings
 from checkpointer.spool import read_chunks
 
@@ -59,6 +59,10 @@ class Runtime(Protocol):
     def inspect(self, name: str) -> Container | None: ...
     def image_exists(self, image: str) -> bool: ...
     def versions(self) -> dict[str, str]: ...
+    def compresses(self, compression: Compression) -> bool:
+        """Whether its export arrives already compressed as `compression` asks."""
+        ...
+
     def checkpoint(
         self, spec: CheckpointSpec, container: str, export: Consumer | None, fifo_dir: Path
     ) -> dict[str, Any]: ...
@@ -166,6 +170,10 @@ class ApiRuntime:
         conn.close()
         return True
 
+    def compresses(self, compression: Compression) -> bool:
+        # The REST API exports only plain tar.
+        return compression is Compression.NONE
+
     def versions(self) -> dict[str, str]:
         info = self._json("GET", "/info") or {}
         host = info.get("host", {})
@@ -208,6 +216,9 @@ class ApiRuntime:
         self._json("DELETE", f"/containers/{urllib.parse.quote(name)}", {"force": "true"})
 
 
+PODMAN_ZSTD_LEVEL = 3
+
+
 class CliRuntime:
     """The podman CLI, run in the host's mount and PID namespaces through nsenter."""
 
@@ -215,6 +226,7 @@ class CliRuntime:
         self.prefix = nsenter(settings)
         self.podman = [*self.prefix, *settings.podman_command]
         self.timeout = settings.podman_timeout_seconds
+        self.zstd_level = settings.zstd_level
 
     def _run(self, *args: str, timeout: float = 120) -> str:
         try:
@@ -247,6 +259,10 @@ class CliRuntime:
             raise
         return True
 
+    def compresses(self, compression: Compression) -> bool:
+        # Podman's zstd runs at its own default level, which is zstd's 3.
+        return compression is not Compression.ZSTD or self.zstd_level == PODMAN_ZSTD_LEVEL
+
     def versions(self) -> dict[str, str]:
         version = json.loads(self._run("version", "--format=json"))
         criu = commands.run([*self.prefix, "criu", "--version"], timeout=30).splitlines()
@@ -265,7 +281,8 @@ class CliRuntime:
         fifo = fifo_dir / f".{container}.fifo"
         fifo.unlink(missing_ok=True)
         os.mkfifo(fifo, 0o600)
-        argv = [*self.podman, *flags.checkpoint_argv(spec, container, fifo)]
+        compress = spec.compress if self.compresses(spec.compress) else Compression.NONE
+        argv = [*self.podman, *flags.checkpoint_argv(spec, container, fifo, compress)]
         proc = commands.spawn(argv)
         outcome: dict[str, Any] = {}
 

@@ -22,7 +22,7 @@ from checkpointer.adapters.kube import CHECKPOINTS
 from checkpointer.adapters.podman import Container, PodmanError, criu_supports
 from checkpointer.conditions import now
 from checkpointer.errors import Failure, Retry
-from checkpointer.models import Archive, CheckpointSpec, ContainerCheckpoint
+from checkpointer.models import Archive, CheckpointSpec, Compression, ContainerCheckpoint
 from checkpointer.reasons import Phase, Reason
 from checkpointer.services.agent import EXCLUDE_LABEL, Agent, StatusWriter, classify
 from checkpointer.spool import GrowingFile, SpoolRecord, write_spool
@@ -89,6 +89,7 @@ def run(agent: Agent, body: dict[str, Any]) -> None:
         return
     status = StatusWriter(agent.kube, CHECKPOINTS, body)
     workdir = spool_dir(agent, ccp)
+    log.info("checkpoint %s/%s: %s", ccp.metadata.namespace, ccp.metadata.name, ccp.status.phase)
     try:
         _run(agent, ccp, status, workdir)
     except Failure as e:
@@ -127,6 +128,7 @@ def _run(agent: Agent, ccp: ContainerCheckpoint, status: StatusWriter, workdir: 
         )
     where = f" to {layout.uri(storage.name, directory)}/" if storage else " (kept on the node)"
     status.phase(Phase.SUCCEEDED, Reason.SUCCEEDED, f"checkpointed {names}{where}", archives=_dump(archives.values()))
+    log.info("checkpoint %s/%s: checkpointed %s%s", ccp.metadata.namespace, ccp.metadata.name, names, where)
     shutil.rmtree(workdir, ignore_errors=True)
 
 
@@ -162,6 +164,9 @@ def _one(
     compression = ccp.spec.compress
     key = layout.archive_key(directory, name, compression)
     spool_path = workdir / f"{name}{compression.suffix}"
+    # Podman compresses the export itself where it can (the CLI): then half the bytes cross the
+    # pipe, and the agent only hashes, spools and uploads them.
+    spooled = Compression.NONE if agent.runtime.compresses(compression) else compression
     if record is not None:
         status.phase(Phase.UPLOADING, Reason.UPLOAD_RETRYING, f"uploading the spooled archive of {name} again")
         spool = GrowingFile.finished(spool_path)
@@ -189,11 +194,12 @@ def _one(
     thread = threading.Thread(target=uploader, name=f"upload-{name}", daemon=True)
     thread.start()
     if record is None:
+        log.info("checkpoint %s/%s: podman checkpoints %s", ccp.metadata.namespace, ccp.metadata.name, name)
         result: dict[str, Any] = {}
 
         def export(chunks: Any) -> None:
             result["size"], result["sha256"], result["raw"] = write_spool(
-                chunks, spool, compression, agent.settings.zstd_level
+                chunks, spool, spooled, agent.settings.zstd_level
             )
 
         try:
@@ -205,6 +211,14 @@ def _one(
             thread.join()
             raise
         spool.finish()
+        log.info(
+            "checkpoint %s/%s: podman exported %s, %d bytes stored of %d",
+            ccp.metadata.namespace,
+            ccp.metadata.name,
+            name,
+            result["size"],
+            result["raw"],
+        )
         record = SpoolRecord(
             container=name,
             container_id=target["id"],
