@@ -14,11 +14,11 @@ import json
 import os
 import threading
 from collections import deque
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, BinaryIO, Protocol
+from typing import Any, Protocol
 
 import zstandard
 from isal import isal_zlib
@@ -28,14 +28,17 @@ from checkpointer.models import Compression
 READ_SIZE = 1024 * 1024
 ZSTD_JOB_SIZE = 2 * 1024 * 1024
 
+# A chunk of a stream: a view is valid only until the next chunk is asked for (see read_chunks).
+Chunk = bytes | memoryview
+
 
 class _Compressor(Protocol):
-    def compress(self, data: bytes) -> bytes: ...
+    def compress(self, data: Chunk) -> Chunk: ...
     def flush(self) -> bytes: ...
 
 
 class _Identity:
-    def compress(self, data: bytes) -> bytes:
+    def compress(self, data: Chunk) -> Chunk:
         return data
 
     def flush(self) -> bytes:
@@ -71,7 +74,7 @@ class _ParallelGzip:
             out += self.pending.popleft().result()
         return bytes(out)
 
-    def compress(self, data: bytes) -> bytes:
+    def compress(self, data: Chunk) -> Chunk:
         self.buffer += data
         while len(self.buffer) >= self.BLOCK:
             self.pending.append(self.pool.submit(self._member, bytes(self.buffer[: self.BLOCK])))
@@ -187,7 +190,7 @@ class GrowingFile:
 
 
 def write_spool(
-    chunks: Iterable[bytes],
+    chunks: Iterable[Chunk],
     spool: GrowingFile,
     compression: Compression,
     zstd_level: int,
@@ -199,7 +202,7 @@ def write_spool(
     size = raw = 0
     with spool.path.open("wb") as out:
 
-        def emit(data: bytes) -> None:
+        def emit(data: Chunk) -> None:
             nonlocal size
             if data:
                 out.write(data)
@@ -222,6 +225,15 @@ def write_spool(
     return size, digest.hexdigest(), raw
 
 
-def read_chunks(stream: BinaryIO, size: int = READ_SIZE) -> Iterable[bytes]:
-    while chunk := stream.read(size):
-        yield chunk
+class _Readable(Protocol):
+    def readinto(self, buffer: memoryview, /) -> int | None: ...
+
+
+def read_chunks(stream: _Readable, size: int = READ_SIZE) -> Iterator[memoryview]:
+    """The stream in chunks of up to `size` bytes, all read into one buffer: each chunk is valid only
+    until the next is asked for. A new bytes object per read would be a new mapping (glibc maps
+    blocks this large) whose pages the kernel faults in and zeroes, then unmaps after: that cost
+    more than the copy itself."""
+    view = memoryview(bytearray(size))
+    while n := stream.readinto(view):
+        yield view[:n]

@@ -25,11 +25,11 @@ from checkpointer.adapters import commands
 from checkpointer.errors import CommandError
 from checkpointer.models import CheckpointSpec, Compression, RestoreSpec
 from checkpointer.settings import Settings
-from checkpointer.spool import read_chunks
+from checkpointer.spool import Chunk, read_chunks
 
 API = "/v5.0.0/libpod"
 PIPE_SIZE = 1024 * 1024
-Consumer = Callable[[Iterable[bytes]], None]
+Consumer = Callable[[Iterable[Chunk]], None]
 
 
 class PodmanError(Exception):
@@ -121,7 +121,7 @@ class ApiRuntime:
         self.host_root = Path(f"/proc/{settings.nsenter_target}/root")
 
     def _request(
-        self, method: str, path: str, query: dict[str, str] | None = None, body: Iterable[bytes] | None = None
+        self, method: str, path: str, query: dict[str, str] | None = None, body: Iterable[Chunk] | None = None
     ) -> tuple[_UnixConnection, http.client.HTTPResponse]:
         url = API + path + ("?" + urllib.parse.urlencode(query) if query else "")
         conn = _UnixConnection(self.socket, self.timeout)
