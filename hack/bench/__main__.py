@@ -49,13 +49,14 @@ def markdown(results: dict[str, Any]) -> str:
             "",
             "Control plane (agents use an instant runtime: no podman, it returns at once):",
             "",
-            "| objects | nodes | create/s | p50 to Scheduled s | p99 to Scheduled s | p50 to pickup s "
+            "| objects | nodes | creators | create/s | p50 to Scheduled s | p99 to Scheduled s | p50 to pickup s "
             "| p99 to pickup s | controller RSS MiB (peak) | agent RSS MiB (median / max) |",
-            "|---|---|---|---|---|---|---|---|---|",
+            "|---|---|---|---|---|---|---|---|---|---|",
         ]
         for c in results["controlplane"]:
             lines.append(
-                f"| {c['objects']} | {c['nodes']} | {_f(c['createdPerSecond'], 0)} | {_f(c['toScheduledP50'])} "
+                f"| {c['objects']} | {c['nodes']} | {c['creators']} | {_f(c['createdPerSecond'], 0)} "
+                f"| {_f(c['toScheduledP50'])} "
                 f"| {_f(c['toScheduledP99'])} | {_f(c['toPickupP50'])} | {_f(c['toPickupP99'])} "
                 f"| {_f(c['controllerRssMiB'], 0)} ({_f(c['controllerPeakRssMiB'], 0)}) "
                 f"| {_f(c['agentRssMiBMedian'], 0)} / {_f(c['agentRssMiBMax'], 0)} |"
@@ -70,6 +71,9 @@ def main() -> int:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--objects", type=int, nargs="*", default=[200, 1000], help="control plane: N objects")
     parser.add_argument("--nodes", type=int, default=50, help="control plane: simulated nodes")
+    parser.add_argument(
+        "--creators", type=int, nargs="+", default=[1, 8], help="control plane: client threads creating the objects"
+    )
     parser.add_argument("--out", type=Path, default=REPO_ROOT / "_output" / "bench")
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
@@ -112,7 +116,8 @@ def main() -> int:
                 env.start_controller()
                 pids = controlplane.start_agents(env, args.nodes)
                 for count in args.objects:
-                    results["controlplane"].append(controlplane.run(env, count, args.nodes, pids))
+                    for creators in args.creators:
+                        results["controlplane"].append(controlplane.run(env, count, args.nodes, pids, creators))
                     print(json.dumps(results["controlplane"][-1]), flush=True)
                     save()
             finally:

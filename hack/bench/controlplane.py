@@ -65,7 +65,11 @@ def api_writes(env: LocalEnv) -> Counter[str]:
     return writes
 
 
-def run(env: LocalEnv, count: int, nodes: int, agent_pids: list[int]) -> dict[str, Any]:
+def run(env: LocalEnv, count: int, nodes: int, agent_pids: list[int], creators: int) -> dict[str, Any]:
+    """Create `count` objects from `creators` client threads at once, as fast as the API server takes them.
+
+    One creator is `kubectl apply` of a folder of manifests, which creates them one after another.
+    """
     api = kubernetes.config.new_client_from_config(config_file=str(env.kubeconfig))  # type: ignore[no-untyped-call]
     custom = kubernetes.client.CustomObjectsApi(api)
     batch = uuid.uuid4().hex[:6]
@@ -136,7 +140,7 @@ def run(env: LocalEnv, count: int, nodes: int, agent_pids: list[int]) -> dict[st
     cpu_before = {g: sum(cpu_seconds(pid) for pid in pids) for g, pids in groups.items()}
     writes_before = api_writes(env)
     start = time.monotonic()
-    with ThreadPoolExecutor(8) as pool:
+    with ThreadPoolExecutor(creators) as pool:
         list(pool.map(create, range(count)))
     create_seconds = time.monotonic() - start
     done.wait(900)
@@ -162,6 +166,7 @@ def run(env: LocalEnv, count: int, nodes: int, agent_pids: list[int]) -> dict[st
     wait_until(f"batch {batch} deleted", deleted, timeout=600, interval=1)
     return {
         "objects": count,
+        "creators": creators,
         "nodes": nodes,
         "runtime": "instant (no podman: the agents' runtime returns at once)",
         "createSeconds": create_seconds,
