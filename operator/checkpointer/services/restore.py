@@ -73,6 +73,7 @@ def _run(agent: Agent, crst: ContainerRestore, status: StatusWriter, workdir: Pa
     expected = archive.sha256 or _manifest_sha256(bucket, archive.key)
     path = workdir / _local_name(archive.key)
     digest = _fetch(bucket, archive.key, path, status, agent.settings.part_size, agent.download_limiter)
+    log.info("restore %s/%s: downloaded %s to the node", crst.metadata.namespace, crst.metadata.name, archive.key)
     if expected and digest != expected:
         raise Failure(
             Reason.ARCHIVE_CORRUPT, f"sha256 of {archive.key} is {digest}, expected {expected}; nothing was restored"
@@ -107,6 +108,7 @@ def _run(agent: Agent, crst: ContainerRestore, status: StatusWriter, workdir: Pa
 
     marker.touch()
     status.phase(Phase.RESTORING, Reason.RESTORING, f"restoring {name or 'container'} with podman")
+    log.info("restore %s/%s: podman restores %s", crst.metadata.namespace, crst.metadata.name, name or "the container")
     try:
         stats = agent.runtime.restore(crst.spec, path, previous)
     except PodmanError as e:
@@ -121,6 +123,7 @@ def _run(agent: Agent, crst: ContainerRestore, status: StatusWriter, workdir: Pa
         containerName=name,
         stats=stats,
     )
+    log.info("restore %s/%s: restored %s", crst.metadata.namespace, crst.metadata.name, name or "the container")
 
 
 def _local_name(key: str) -> str:
@@ -158,7 +161,11 @@ def _fetch(
     digest = hashlib.sha256()
     done = 0
     starts = iter(range(0, total, part_size))
-    with path.open("wb") as out, ThreadPoolExecutor(WINDOW, thread_name_prefix="download") as pool:
+    with (
+        path.open("wb") as out,
+        ThreadPoolExecutor(WINDOW, thread_name_prefix="download") as pool,
+        ThreadPoolExecutor(1, thread_name_prefix="sha256") as hasher,
+    ):
         pending: deque[Future[bytearray]] = deque(pool.submit(part, start) for start in islice(starts, WINDOW))
         sink: Any = out
         try:
@@ -167,8 +174,10 @@ def _fetch(
                 pending.extend(pool.submit(part, start) for start in islice(starts, 1))
                 if done == 0 and data.startswith(ZSTD_MAGIC):
                     sink = zstandard.ZstdDecompressor().stream_writer(out, closefd=False)
-                digest.update(data)
+                # Both let go of the GIL: the part is hashed while it is decompressed and written.
+                hashed = hasher.submit(digest.update, data)
                 sink.write(data)
+                hashed.result()
                 done += len(data)
                 status.progress(done, total)
             sink.flush()
