@@ -212,12 +212,11 @@ def _one(
             raise
         spool.finish()
         log.info(
-            "checkpoint %s/%s: podman exported %s, %d bytes stored of %d",
+            "checkpoint %s/%s: podman exported %s, %d bytes",
             ccp.metadata.namespace,
             ccp.metadata.name,
             name,
             result["size"],
-            result["raw"],
         )
         record = SpoolRecord(
             container=name,
