@@ -11,5 +11,9 @@ def kopf_prefix(role: str) -> str:
     return f"{role}.{GROUP}"
 
 
+def kopf_finalizer(role: str) -> str:
+    return f"{kopf_prefix(role)}/finalizer"
+
+
 # kopf's finalizer of the controller; the controller also sets it itself, in its scheduling patch.
-CONTROLLER_FINALIZER = f"{kopf_prefix('controller')}/finalizer"
+CONTROLLER_FINALIZER = kopf_finalizer("controller")

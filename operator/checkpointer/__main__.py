@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING
 
 import kopf
 
-from checkpointer import GROUP, NODE_LABEL, kopf_prefix
+from checkpointer import GROUP, NODE_LABEL, kopf_finalizer, kopf_prefix
 from checkpointer.adapters.kube import CHECKPOINTS, RESTORES, Kube, load_config
 from checkpointer.settings import Settings
 
@@ -39,7 +39,7 @@ def _kopf_settings(role: str, node: str | None) -> kopf.OperatorSettings:
 
         settings.persistence.progress_storage = RememberedProgress(prefix=prefix)
         settings.persistence.diffbase_storage = RememberedDiffBase(ignored_fields=ignored)
-    settings.persistence.finalizer = f"{prefix}/finalizer"
+    settings.persistence.finalizer = kopf_finalizer(role)
     # kopf's own "Handler succeeded" Events would double the API writes per object; ours are explicit.
     settings.posting.level = logging.WARNING
     settings.execution.max_workers = HANDLER_THREADS
