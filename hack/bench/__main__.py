@@ -31,13 +31,15 @@ def markdown(results: dict[str, Any]) -> str:
         "",
     ]
     lines += [
-        "| size | compression | (a) floor s | (b) baseline s | (c) checkpointer s | c/a | b/c | size / zstd -3 "
-        "| agent peak RSS MiB | CRIU frozen ms (a / c) | restore baseline s | restore checkpointer s | speedup |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| size | compression | link to S3 | (a) floor s | (b) baseline s (upload) | (c) checkpointer s | c/a | b/c "
+        "| size / zstd -3 | agent peak RSS MiB | CRIU frozen ms (a / c) | restore baseline s "
+        "| restore checkpointer s | speedup |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in results["datapath"]:
         lines.append(
-            f"| {r['sizeMiB']} MiB | {r['compression']} | {_f(r['floorSeconds'])} | {_f(r['baselineSeconds'])} "
+            f"| {r['sizeMiB']} MiB | {r['compression']} | {r['link']} | {_f(r['floorSeconds'])} "
+            f"| {_f(r['baselineSeconds'])} ({_f(r['baselineUploadSeconds'])}) "
             f"| {_f(r['checkpointerSeconds'])} | {_f(r['c_over_a'])} | {_f(r['b_over_c'])} "
             f"| {_f(r['size_over_zstd3'], 3)} | {_f(r['agentPeakRssMiB'], 0)} "
             f"| {_f(r['frozenFloorMs'], 0)} / {_f(r['frozenCheckpointerMs'], 0)} "
@@ -68,6 +70,12 @@ def main() -> int:
     parser = argparse.ArgumentParser(prog="hack/bench/run", description=__doc__)
     parser.add_argument("--sizes", type=int, nargs="*", default=[256, 1024, 4096], help="workload sizes in MiB")
     parser.add_argument("--compressions", nargs="+", default=["zstd", "gzip", "none"])
+    parser.add_argument(
+        "--links",
+        nargs="*",
+        default=["2gbit", "1gbit"],
+        help="rates of the link to S3 (tc's units) to measure zstd over, after loopback",
+    )
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--objects", type=int, nargs="*", default=[200, 1000], help="control plane: N objects")
     parser.add_argument("--nodes", type=int, default=50, help="control plane: simulated nodes")
@@ -102,7 +110,7 @@ def main() -> int:
                 try:
                     bench = datapath.DataPath(env, args.repeats)
                     for size in args.sizes:
-                        for row in bench.measure(size, args.compressions, restore=True):
+                        for row in bench.measure(size, args.compressions, args.links, restore=True):
                             results["datapath"].append(row.summary())
                             save()
                 finally:

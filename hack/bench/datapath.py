@@ -4,6 +4,9 @@
 (b) baseline:  podman's --export --compress=<c> to disk, then boto3 upload_file to the same S3
 (c) checkpointer: from creating the ContainerCheckpoint to Succeeded, archive in S3
 Restore: S3 -> running container on the other node, ContainerRestore vs download_file + restore --import.
+
+The S3 server runs on the same machine, so (b) and (c) first upload over loopback, faster than to
+any object store across a network; then again with the link to it shaped to given rates.
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlparse
 
 import kubernetes
 
@@ -28,14 +32,17 @@ from localenv.images import MEMORY, wait_for_log
 GROUP, VERSION = "checkpointer.dev", "v1alpha1"
 SOURCE, TARGET = "node-b", "node-a"
 MiB = 1024 * 1024
+LOOPBACK = "loopback"
 
 
 @dataclass
 class Row:
     size_mib: int
     compression: str
+    link: str = LOOPBACK
     floor_s: list[float] = field(default_factory=list)
     baseline_s: list[float] = field(default_factory=list)
+    upload_s: list[float] = field(default_factory=list)
     checkpointer_s: list[float] = field(default_factory=list)
     archive_bytes: list[int] = field(default_factory=list)
     zstd3_bytes: int = 0
@@ -53,8 +60,10 @@ class Row:
         return {
             "sizeMiB": self.size_mib,
             "compression": self.compression,
+            "link": self.link,
             "floorSeconds": a,
             "baselineSeconds": b,
+            "baselineUploadSeconds": median(self.upload_s),
             "checkpointerSeconds": c,
             "c_over_a": c / a if a else None,
             "b_over_c": b / c if c else None,
@@ -157,8 +166,10 @@ class DataPath:
             self.source.podman(
                 "container", "checkpoint", f"--export={path}", f"--compress={row.compression}", name, timeout=1800
             )
-            self.s3.upload_file(str(path), self.env.s3.bucket, key)
+            with timer() as upload:
+                self.s3.upload_file(str(path), self.env.s3.bucket, key)
         row.baseline_s.append(took())
+        row.upload_s.append(upload())
         path.unlink()
         self.s3.delete_object(Bucket=self.env.s3.bucket, Key=key)
         self.source.podman("rm", "-f", name)
@@ -209,23 +220,89 @@ class DataPath:
             path.unlink()
             self.target.podman("rm", "-f", container)
 
-    def measure(self, size_mib: int, compressions: list[str], restore: bool) -> list[Row]:
-        rows = [Row(size_mib, c) for c in compressions]
+    def measure(self, size_mib: int, compressions: list[str], links: list[str], restore: bool) -> list[Row]:
+        """Every compression over loopback, with a restore of the zstd archive; then zstd over each
+        shaped link (no restore: it would measure the link on both sides)."""
+        rows = [Row(size_mib, c) for c in compressions] + [Row(size_mib, "zstd", link) for link in links]
         floor = Row(size_mib, "none")
         for _ in range(self.repeats):
             self.floor(floor)
+        port = urlparse(self.env.s3.endpoint).port or 80
         for row in rows:
             row.floor_s, row.frozen_floor_ms = floor.floor_s, floor.frozen_floor_ms
             row.raw_bytes, row.zstd3_bytes = floor.raw_bytes, floor.zstd3_bytes
-            for _ in range(self.repeats):
-                self.baseline(row)
-            for i in range(self.repeats):
-                kept = self.checkpointer(row, keep=restore and row.compression == "zstd" and i == self.repeats - 1)
-            if restore and row.compression == "zstd":
+            keep = restore and row.compression == "zstd" and row.link == LOOPBACK
+            with shaped_link(port, row.link):
+                for _ in range(self.repeats):
+                    self.baseline(row)
+                for i in range(self.repeats):
+                    kept = self.checkpointer(row, keep=keep and i == self.repeats - 1)
+            if keep:
                 self.restore(row, kept)
                 self._delete_checkpoint(kept)
             print(json.dumps({k: v for k, v in row.summary().items() if k != "runs"}), flush=True)
         return rows
+
+
+@contextmanager
+def shaped_link(port: int, rate: str) -> Iterator[None]:
+    """Traffic to the S3 server's port limited to `rate` (in tc's units: 1gbit), as to an object
+    store across a network. The nodes share the host's network, so every upload, the agents' and
+    boto3's, goes through loopback; other traffic (the API server's) is not shaped."""
+    if rate == LOOPBACK:
+        yield
+        return
+
+    def tc(*args: str) -> None:
+        subprocess.run(["tc", *args], check=True)
+
+    tc("qdisc", "add", "dev", "lo", "root", "handle", "1:", "htb")
+    try:
+        # Loopback's packets are up to 64 KiB: a burst and quantum below that would stall the class.
+        tc(
+            "class",
+            "add",
+            "dev",
+            "lo",
+            "parent",
+            "1:",
+            "classid",
+            "1:1",
+            "htb",
+            "rate",
+            rate,
+            "ceil",
+            rate,
+            "burst",
+            "256k",
+            "cburst",
+            "256k",
+            "quantum",
+            "65536",
+        )
+        tc(
+            "filter",
+            "add",
+            "dev",
+            "lo",
+            "parent",
+            "1:",
+            "protocol",
+            "ip",
+            "prio",
+            "1",
+            "u32",
+            "match",
+            "ip",
+            "dport",
+            str(port),
+            "0xffff",
+            "flowid",
+            "1:1",
+        )
+        yield
+    finally:
+        subprocess.run(["tc", "qdisc", "del", "dev", "lo", "root"], check=False)
 
 
 @contextmanager
