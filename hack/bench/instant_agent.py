@@ -16,7 +16,7 @@ from checkpointer.adapters.podman import Container
 from checkpointer.models import CheckpointSpec, Compression, RestoreSpec
 from checkpointer.settings import Settings
 
-WORKLOAD = Container(id="0" * 64, name="workload", state="running", image="none")
+WORKLOAD = Container(id="0" * 64, name="workload", state="running")
 
 
 class InstantRuntime:
@@ -46,6 +46,12 @@ class InstantRuntime:
 
     def restore(self, spec: RestoreSpec, archive: Path, previous: Path | None) -> dict[str, Any]:
         return {}
+
+    def restore_in_place(self, name: str) -> None:
+        return None
+
+    def remove_local_checkpoint(self, container: Container) -> None:
+        return None
 
     def read_file(self, path: str) -> bytes | None:
         return None

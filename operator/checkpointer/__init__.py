@@ -2,7 +2,6 @@
 
 GROUP = "checkpointer.dev"
 VERSION = "v1alpha1"
-API_VERSION = f"{GROUP}/{VERSION}"
 NODE_LABEL = f"{GROUP}/node"
 
 

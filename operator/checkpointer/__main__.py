@@ -17,6 +17,7 @@ from checkpointer.settings import Settings
 
 if TYPE_CHECKING:
     from checkpointer.adapters.podman import Runtime
+    from checkpointer.leadership import Leadership
 
 # Sync handlers run in kopf's thread pool of this size: objects handled at once by one process.
 HANDLER_THREADS = 20
@@ -67,9 +68,15 @@ def main(argv: list[str] | None = None, make_runtime: Callable[[Settings], Runti
     registry = kopf.OperatorRegistry()
     # An own registry has none of kopf's default login handlers: authenticate as the kubernetes client does.
     kopf.on.login(registry=registry)(kopf.login_via_client)
+    leadership: Leadership | None = None
     if args.role == "controller":
         from checkpointer import controller
+        from checkpointer.leadership import Leadership, stand_by
 
+        # Replicas stand by until the Lease is theirs: only one may schedule, and kopf runs standalone.
+        leadership = Leadership.for_settings(kube, settings)
+        if not stand_by(leadership, settings.health_port):
+            return 0
         controller.register(registry, settings, kube)
         node = None
     else:
@@ -77,20 +84,28 @@ def main(argv: list[str] | None = None, make_runtime: Callable[[Settings], Runti
             parser.error("the agent needs CHECKPOINTER_NODE_NAME (the downward API's spec.nodeName)")
         from checkpointer import agent
         from checkpointer.adapters.podman import runtime
-        from checkpointer.services.agent import Agent
+        from checkpointer.services.node import Node
 
         settings.spool_dir.mkdir(parents=True, exist_ok=True)
-        agent.register(registry, Agent(settings, kube, (make_runtime or runtime)(settings)))
+        agent.register(registry, Node(settings, kube, (make_runtime or runtime)(settings)))
         node = settings.node_name
-    asyncio.run(
-        kopf.operator(
-            registry=registry,
-            settings=_kopf_settings(args.role, node),
-            standalone=True,
-            clusterwide=True,
-            liveness_endpoint=f"http://0.0.0.0:{settings.health_port}/healthz" if settings.health_port else None,
+    operator_settings = _kopf_settings(args.role, node)
+    try:
+        asyncio.run(
+            kopf.operator(
+                registry=registry,
+                settings=operator_settings,
+                standalone=True,
+                clusterwide=True,
+                liveness_endpoint=f"http://0.0.0.0:{settings.health_port}/healthz" if settings.health_port else None,
+            )
         )
-    )
+    finally:
+        if leadership is not None:
+            # Sync handlers cancelled by kopf's shutdown may still run in their threads: the Lease is
+            # given up only once none can write any more.
+            operator_settings.execution.executor.shutdown(wait=True)
+            leadership.release()
     return 0
 
 

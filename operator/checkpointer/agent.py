@@ -18,8 +18,9 @@ from checkpointer import GROUP, NODE_LABEL, VERSION
 from checkpointer.adapters.kube import CHECKPOINTS, RESTORES
 from checkpointer.reasons import Phase
 from checkpointer.services import checkpoint, restore
-from checkpointer.services.agent import Agent
+from checkpointer.services.node import Node
 from checkpointer.services.scheduling import lease_name
+from checkpointer.services.sweep import sweep
 
 log = logging.getLogger(__name__)
 
@@ -78,7 +79,7 @@ class RememberedProgress(kopf.AnnotationsProgressStorage):
         self._records.pop((body.metadata.uid, key), None)
 
 
-def _current(agent: Agent, plural: str, body: kopf.Body, retry: int) -> dict[str, Any] | None:
+def _current(agent: Node, plural: str, body: kopf.Body, retry: int) -> dict[str, Any] | None:
     """The object as the API server has it now; None once it is gone or not ours to act on yet."""
     if retry == 0 and (body.get("status") or {}).get("phase") == Phase.SCHEDULED:
         # The first sight of a scheduled object: nothing of this agent has acted on it yet, so the
@@ -94,7 +95,10 @@ def _current(agent: Agent, plural: str, body: kopf.Body, retry: int) -> dict[str
     return fresh
 
 
-def register(registry: kopf.OperatorRegistry, agent: Agent) -> None:
+SWEEP_SECONDS = 60.0
+
+
+def register(registry: kopf.OperatorRegistry, agent: Node) -> None:
     node = agent.settings.node_name
     mine = {NODE_LABEL: node}
 
@@ -124,12 +128,20 @@ def register(registry: kopf.OperatorRegistry, agent: Agent) -> None:
             except Exception as e:  # the next beat tries again; the controller sees the Lease age
                 log.warning("could not renew Lease %s: %s", lease_name(node), e)
 
+    def sweeper() -> None:
+        while not stop.wait(SWEEP_SECONDS):
+            try:
+                sweep(agent)
+            except Exception as e:  # the next round tries again
+                log.warning("could not sweep the spool: %s", e)
+
     @kopf.on.startup(registry=registry)
     def start_heartbeat(**_: Any) -> None:
         renew()  # before any handler runs, so the controller sees a live agent at once
         # The node's versions go into every manifest; asking podman now keeps it off the first checkpoint.
         threading.Thread(target=agent.host, name="versions", daemon=True).start()
         threading.Thread(target=heartbeat, name="lease", daemon=True).start()
+        threading.Thread(target=sweeper, name="sweep", daemon=True).start()
 
     @kopf.on.cleanup(registry=registry)
     def stop_heartbeat(**_: Any) -> None:

@@ -1,6 +1,6 @@
 """The controller: checks what needs the cluster, schedules objects onto nodes, keeps storage status.
 
-Handlers are thin: parse, call a service, write status. Runs as one active replica.
+Handlers are thin: parse, call a service, write status. One replica leads (see leadership.py).
 """
 
 from __future__ import annotations
@@ -11,44 +11,41 @@ from typing import Any
 import kopf
 
 from checkpointer import CONTROLLER_FINALIZER, GROUP, NODE_LABEL, VERSION
-from checkpointer.adapters import storage as s3
 from checkpointer.adapters.kube import CHECKPOINTS, RESTORES, STORAGES, Kube
-from checkpointer.conditions import phase_patch, set_condition
+from checkpointer.archive.store import RateLimiter, StorageError, Stores, Transfer
 from checkpointer.errors import Failure
 from checkpointer.layout import archive_dir
 from checkpointer.models import CheckpointStorage, ContainerCheckpoint, ContainerRestore
-from checkpointer.reasons import ConditionType, Phase, Reason
-from checkpointer.services import scheduling
-from checkpointer.services import storage as storage_service
+from checkpointer.reasons import Phase, Reason
+from checkpointer.services import scheduling, validation
 from checkpointer.settings import Settings
+from checkpointer.status import Conflict, StatusWriter
 
 log = logging.getLogger(__name__)
 
 
-def _fail(patch: kopf.Patch, body: kopf.Body, error: Failure) -> None:
-    status = dict(body.get("status") or {})
-    generation = int(body["metadata"].get("generation", 0))
-    fields = phase_patch(status, Phase.FAILED, error.reason, error.message, generation)
-    fields["conditions"] = set_condition(
-        fields["conditions"], ConditionType.SCHEDULED, False, error.reason, error.message, generation
-    )
-    patch.status.update(fields)
+def _fail(kube: Kube, plural: str, body: kopf.Body, error: Failure) -> None:
+    try:
+        StatusWriter(kube, plural, dict(body)).phase(Phase.FAILED, error.reason, error.message, scheduled=False)
+    except Conflict as e:  # the agent moved it on first: its word stands
+        log.info("not failing %s: %s", body["metadata"]["name"], e)
+        return
     kopf.warn(body, reason=str(error.reason), message=error.message)
 
 
 def _scheduled(kube: Kube, plural: str, patch: kopf.Patch, body: kopf.Body, node: str, extra: dict[str, Any]) -> None:
-    status = dict(body.get("status") or {})
-    generation = int(body["metadata"].get("generation", 0))
     message = f"handed to the agent on node {node}"
-    fields = phase_patch(status, Phase.SCHEDULED, Reason.SCHEDULED, message, generation)
-    fields["conditions"] = set_condition(
-        fields["conditions"], ConditionType.SCHEDULED, True, Reason.SCHEDULED, message, generation
-    )
     # Status first, then the label: the agent's watch sees the object only once it carries the label,
-    # and by then it is already Scheduled, so the agent can start at once.
-    kube.patch_status(
-        plural, body["metadata"]["namespace"], body["metadata"]["name"], {**fields, "nodeName": node, **extra}
+    # and by then it is already Scheduled, so the agent can start at once. A controller that dies in
+    # between leaves a Scheduled object without its label; the next one labels it (see _label).
+    StatusWriter(kube, plural, dict(body)).phase(
+        Phase.SCHEDULED, Reason.SCHEDULED, message, scheduled=True, nodeName=node, **extra
     )
+    _label(patch, body, node)
+    kopf.event(body, type="Normal", reason=str(Reason.SCHEDULED), message=message)
+
+
+def _label(patch: kopf.Patch, body: kopf.Body, node: str) -> None:
     patch.metadata.setdefault("labels", {})[NODE_LABEL] = node
     # kopf's finalizer rides on the label's patch. The handlers that need it (the pickup deadline,
     # the archives' deletion) match only labelled objects, so kopf does not add it in a patch and
@@ -56,7 +53,23 @@ def _scheduled(kube: Kube, plural: str, patch: kopf.Patch, body: kopf.Body, node
     finalizers = list(body["metadata"].get("finalizers") or [])
     if CONTROLLER_FINALIZER not in finalizers:
         patch.metadata["finalizers"] = [*finalizers, CONTROLLER_FINALIZER]
-    kopf.event(body, type="Normal", reason=str(Reason.SCHEDULED), message=message)
+
+
+def _needs_scheduling(plural: str, patch: kopf.Patch, body: kopf.Body) -> bool:
+    """False for an object scheduled before; one left Scheduled without its label gets it now."""
+    status = body.get("status") or {}
+    phase = status.get("phase")
+    if not phase:
+        return True
+    if phase == Phase.SCHEDULED and NODE_LABEL not in (body["metadata"].get("labels") or {}):
+        log.info(
+            "%s %s/%s is Scheduled without its node label: labelling it",
+            plural,
+            body["metadata"]["namespace"],
+            body["metadata"]["name"],
+        )
+        _label(patch, body, str(status.get("nodeName") or body["spec"]["nodeName"]))
+    return False
 
 
 # Handlers that hold kopf's finalizer match only objects with the node label: see _scheduled.
@@ -71,17 +84,19 @@ def _still_scheduled(body: kopf.Body, **_: Any) -> bool:
 
 def register(registry: kopf.OperatorRegistry, settings: Settings, kube: Kube) -> None:
     leases = scheduling.AgentLeases(kube, settings.namespace)
+    unlimited = RateLimiter(0)
+    stores = Stores(kube, Transfer(settings.part_size, settings.upload_concurrency, unlimited, unlimited))
 
     @kopf.on.resume(GROUP, VERSION, CHECKPOINTS, registry=registry)
     @kopf.on.create(GROUP, VERSION, CHECKPOINTS, registry=registry)
     def schedule_checkpoint(body: kopf.Body, patch: kopf.Patch, **_: Any) -> None:
-        if (body.get("status") or {}).get("phase"):
-            return  # already scheduled or finished
+        if not _needs_scheduling(CHECKPOINTS, patch, body):
+            return
         ccp = ContainerCheckpoint.model_validate(dict(body))
         try:
             storage = scheduling.schedule_checkpoint(kube, leases, ccp)
         except Failure as e:
-            _fail(patch, body, e)
+            _fail(kube, CHECKPOINTS, body, e)
             return
         _scheduled(
             kube, CHECKPOINTS, patch, body, ccp.spec.node_name, {"storageRef": {"name": storage}} if storage else {}
@@ -90,14 +105,14 @@ def register(registry: kopf.OperatorRegistry, settings: Settings, kube: Kube) ->
     @kopf.on.resume(GROUP, VERSION, RESTORES, registry=registry)
     @kopf.on.create(GROUP, VERSION, RESTORES, registry=registry)
     def schedule_restore(body: kopf.Body, patch: kopf.Patch, **_: Any) -> None:
-        if (body.get("status") or {}).get("phase"):
+        if not _needs_scheduling(RESTORES, patch, body):
             return
         crst = ContainerRestore.model_validate(dict(body))
         try:
             scheduling.require_node_with_agent(kube, leases, crst.spec.node_name)
             archive = scheduling.resolve_restore_archive(kube, crst)
         except Failure as e:
-            _fail(patch, body, e)
+            _fail(kube, RESTORES, body, e)
             return
         _scheduled(
             kube,
@@ -128,12 +143,13 @@ def register(registry: kopf.OperatorRegistry, settings: Settings, kube: Kube) ->
         when=_still_scheduled,
         registry=registry,
     )
-    def agent_pickup_deadline(body: kopf.Body, patch: kopf.Patch, **_: Any) -> None:
+    def agent_pickup_deadline(body: kopf.Body, **_: Any) -> None:
         """An object still Scheduled while its node's agent is silent would otherwise wait forever."""
         node = body["spec"]["nodeName"]
         if not leases.alive(node):
             _fail(
-                patch,
+                kube,
+                CHECKPOINTS if body["kind"] == "ContainerCheckpoint" else RESTORES,
                 body,
                 Failure(
                     Reason.AGENT_UNAVAILABLE,
@@ -144,7 +160,14 @@ def register(registry: kopf.OperatorRegistry, settings: Settings, kube: Kube) ->
     @kopf.on.delete(GROUP, VERSION, CHECKPOINTS, labels=LABELLED, registry=registry)
     def delete_archives(body: kopf.Body, **_: Any) -> None:
         ccp = ContainerCheckpoint.model_validate(dict(body))
-        if ccp.status.storage_ref is None or not any(a.key for a in ccp.status.archives):
+        phase = ccp.status.phase
+        if phase and not Phase(phase).finished and leases.alive(ccp.spec.node_name):
+            # The agent sees the deletion in the answer to its next status write, gives the container
+            # back and ends the object; podman may still be running. Only then is the bucket cleaned.
+            raise kopf.TemporaryError(
+                f"waiting for the agent on {ccp.spec.node_name} to stop this {phase} checkpoint", delay=2
+            )
+        if ccp.status.storage_ref is None or not ccp.spec.export:
             return
         storage = kube.storage(ccp.status.storage_ref.name)
         if storage is None:
@@ -157,14 +180,21 @@ def register(registry: kopf.OperatorRegistry, settings: Settings, kube: Kube) ->
             return
         if storage.spec.deletion_policy == "Retain":
             return
-        client = s3.client(storage, kube.credentials(storage))
-        deleted = s3.delete_prefix(client, storage.spec.bucket, archive_dir(storage.spec.prefix, ccp))
+        directory = archive_dir(storage.spec.prefix, ccp)
+        try:
+            if not any(a.key for a in ccp.status.archives):
+                # Nothing of it was stored; an upload a killed agent left open is all there can be.
+                stores.of(storage).abort_uploads_under(directory)
+                return
+            deleted = stores.of(storage).delete_dir(directory)
+        except StorageError as e:
+            raise kopf.TemporaryError(f"the archives could not be deleted yet: {e}", delay=10) from None
         kopf.event(body, type="Normal", reason="ArchivesDeleted", message=f"deleted {deleted} objects from the bucket")
 
     @kopf.timer(GROUP, VERSION, STORAGES, interval=settings.storage_validation_seconds, registry=registry)
     def validate_storage(body: kopf.Body, patch: kopf.Patch, **_: Any) -> None:
         storage = CheckpointStorage.model_validate(dict(body))
-        status = storage_service.validate(kube, storage)
+        status = validation.validate(stores, storage)
         if status["phase"] != storage.status.get("phase"):
             kopf.event(
                 body,

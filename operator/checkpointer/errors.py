@@ -28,8 +28,9 @@ class Retry(kopf.TemporaryError):
 class CommandError(Exception):
     """A subprocess failed; carries what a person needs to see why."""
 
-    def __init__(self, argv: list[str], returncode: int, stderr: str) -> None:
+    def __init__(self, argv: list[str], returncode: int, stderr: str, timed_out: bool = False) -> None:
         super().__init__(f"{' '.join(argv)} exited {returncode}: {stderr.strip()[-4000:]}")
         self.argv = argv
         self.returncode = returncode
         self.stderr = stderr
+        self.timed_out = timed_out

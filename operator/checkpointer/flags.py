@@ -1,8 +1,9 @@
 """Spec fields to podman's flags: the CLI's argv and the libpod REST API's query parameters.
 
-Podman always exports an uncompressed tar here; checkpointer compresses it itself (all cores) while
-it streams, so `compress` selects our compressor, and the result is the same archive format that
-`podman container restore --import` detects by itself.
+`compress` is podman's own `--compress` where podman's compressor serves (the CLI), and otherwise
+the agent's (see adapters/podman.py); either way the archive is one that `podman container restore
+--import` detects by itself. An export always keeps podman's local checkpoint, whatever `keep`
+says: it is the way back until the archive is in the bucket, and the agent removes it after.
 """
 
 from __future__ import annotations
@@ -40,6 +41,8 @@ def checkpoint_argv(
     argv += [cli for field, (cli, _) in _CHECKPOINT_FLAGS.items() if getattr(spec, field)]
     if export_to is not None:
         argv += [f"--export={export_to}", f"--compress={compress}"]
+        if not spec.keep:
+            argv.append("--keep")
     return [*argv, container]
 
 
@@ -48,6 +51,7 @@ def checkpoint_query(spec: CheckpointSpec, export: bool) -> dict[str, str]:
     query["printStats"] = "true"
     if export:
         query["export"] = "true"
+        query["keep"] = "true"
     return query
 
 

@@ -44,6 +44,9 @@ class Reason(StrEnum):
     CRIU_FEATURE_MISSING = "CRIUFeatureMissing"
     CHECKPOINT_FAILED = "CheckpointFailed"
     CHECKPOINT_INTERRUPTED = "CheckpointInterrupted"
+    UPLOAD_FAILED = "UploadFailed"
+    INSUFFICIENT_SPACE = "InsufficientSpace"
+    CANCELLED = "Cancelled"
     # restore (agent)
     DOWNLOADING = "Downloading"
     RESTORING = "Restoring"
@@ -53,6 +56,8 @@ class Reason(StrEnum):
     NAME_IN_USE = "NameInUse"
     RESTORE_FAILED = "RestoreFailed"
     RESTORE_INTERRUPTED = "RestoreInterrupted"
+    # either
+    RUNTIME_UNAVAILABLE = "RuntimeUnavailable"
     SUCCEEDED = "Succeeded"
     # storage
     AVAILABLE = "Available"

@@ -24,7 +24,9 @@ class Settings(BaseSettings):
     podman_socket: Path = Path("/run/podman/podman.sock")
     nsenter_target: int = 1
     podman_command: list[str] = ["podman"]
+    # A checkpoint or restore may take long; a question (inspect, list, version) must not.
     podman_timeout_seconds: float = 3600.0
+    podman_query_timeout_seconds: float = 30.0
 
     # Archives are spooled here (on the node) so that an upload can be retried after a restart.
     spool_dir: Path = Path("/var/lib/checkpointer/spool")
@@ -35,7 +37,13 @@ class Settings(BaseSettings):
     # 0 means unlimited; a cap keeps a restore's download from saturating the node's downlink.
     download_bytes_per_second: int = 0
     zstd_level: int = 3
-    upload_retry_seconds: float = 10.0
+    # A failed upload is retried after upload_retry_seconds, doubling up to upload_retry_max_seconds;
+    # past upload_deadline_seconds from the first failure the object fails and the spool stays.
+    upload_retry_seconds: float = 5.0
+    upload_retry_max_seconds: float = 300.0
+    upload_deadline_seconds: float = 86400.0
+    # A checkpoint is refused (InsufficientSpace) when the spool has less free space than this.
+    spool_min_free_bytes: int = 256 * MiB
 
     # kopf's liveness endpoint (GET /healthz) for the chart's probes; 0 turns it off.
     health_port: int = 8080
@@ -45,3 +53,8 @@ class Settings(BaseSettings):
     storage_validation_seconds: float = 60.0
     # A Scheduled object whose node's agent has been silent this long fails with AgentUnavailable.
     agent_pickup_timeout_seconds: float = 60.0
+
+    # The controller's leader election: replicas stand by until the Lease is theirs.
+    pod_name: str = ""
+    leader_lease_duration_seconds: float = 10.0
+    leader_renew_seconds: float = 2.0

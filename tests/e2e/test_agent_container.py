@@ -28,7 +28,7 @@ from typing import Any
 import pytest
 import yaml
 
-from checkpointer.services.agent import EXCLUDE_LABEL
+from checkpointer.services.node import EXCLUDE_LABEL
 from localenv import operator_image
 from localenv.controlplane import ControlPlane, kubernetes_version
 from localenv.env import NAMESPACE, SECRET, LocalEnv

@@ -8,8 +8,8 @@ from checkpointer.conditions import set_condition
 from checkpointer.errors import Failure
 from checkpointer.models import CheckpointSpec, CheckpointStorage, Compression, ContainerCheckpoint, NameRef
 from checkpointer.reasons import ConditionType, Reason
-from checkpointer.services.agent import classify
 from checkpointer.services.checkpoint import select_targets
+from checkpointer.services.node import classify
 from checkpointer.services.scheduling import AgentLeases, choose_storage, lease_alive
 
 
@@ -78,11 +78,9 @@ def test_a_missing_or_expired_lease_is_read_every_time() -> None:
     assert leases.alive("b") and kube.reads == 4
 
 
-RUNNING = Container(id="a" * 64, name="web", state="running", image="img")
-STOPPED = Container(id="b" * 64, name="db", state="exited", image="img")
-AGENT = Container(
-    id="c" * 64, name="agent", state="running", image="img", labels=(("checkpointer.dev/exclude", "true"),)
-)
+RUNNING = Container(id="a" * 64, name="web", state="running")
+STOPPED = Container(id="b" * 64, name="db", state="exited")
+AGENT = Container(id="c" * 64, name="agent", state="running", labels=(("checkpointer.dev/exclude", "true"),))
 
 
 def spec(**fields: object) -> CheckpointSpec:

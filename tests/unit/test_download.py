@@ -14,12 +14,12 @@ import pytest
 import zstandard
 from moto import mock_aws
 
-from checkpointer.adapters import storage as s3
+from checkpointer.archive.store import ArchiveStore, RateLimiter, Transfer
 from checkpointer.errors import Failure
 from checkpointer.reasons import Reason
 from checkpointer.services import restore
-from checkpointer.services.agent import StatusWriter
 from checkpointer.settings import Settings
+from checkpointer.status import StatusWriter
 
 MiB = 1024 * 1024
 
@@ -41,13 +41,9 @@ def download(tmp_path: Path, data: bytes, bytes_per_second: int, key: str = "k.t
         client.put_object(Bucket="archives", Key=key, Body=data)
         progress = Progress()
         start = time.monotonic()
+        transfer = Transfer(5 * MiB, 4, RateLimiter(0), RateLimiter(bytes_per_second))
         digest = restore._fetch(
-            s3.Bucket(client, "archives", ""),
-            key,
-            tmp_path / "stored",
-            cast(StatusWriter, progress),
-            5 * MiB,
-            s3.RateLimiter(bytes_per_second),
+            ArchiveStore(client, "archives", "", transfer), key, tmp_path / "stored", cast(StatusWriter, progress)
         )
         elapsed = time.monotonic() - start
     assert digest == hashlib.sha256(data).hexdigest()

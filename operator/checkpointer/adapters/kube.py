@@ -52,8 +52,24 @@ class Kube:
             raise
         return obj
 
-    def patch_status(self, plural: str, namespace: str, name: str, status: dict[str, Any]) -> None:
-        self.custom.patch_namespaced_custom_object_status(GROUP, VERSION, namespace, plural, name, {"status": status})
+    def uids(self, plural: str, label_selector: str) -> set[str]:
+        """The uids of the objects of `plural`, in every namespace, that match `label_selector`."""
+        found: dict[str, Any] = self.custom.list_cluster_custom_object(  # type: ignore[assignment]
+            GROUP, VERSION, plural, label_selector=label_selector
+        )
+        return {str(o["metadata"]["uid"]) for o in found["items"]}
+
+    def patch_status(
+        self, plural: str, namespace: str, name: str, status: dict[str, Any], resource_version: str = ""
+    ) -> dict[str, Any]:
+        """Merge `status` in; with `resource_version`, only if the object is still at that version (else 409)."""
+        body: dict[str, Any] = {"status": status}
+        if resource_version:
+            body["metadata"] = {"resourceVersion": resource_version}
+        obj: dict[str, Any] = self.custom.patch_namespaced_custom_object_status(  # type: ignore[assignment]
+            GROUP, VERSION, namespace, plural, name, body
+        )
+        return obj
 
     def storage(self, name: str) -> CheckpointStorage | None:
         try:
@@ -68,9 +84,6 @@ class Kube:
         found: dict[str, Any] = self.custom.list_cluster_custom_object(GROUP, VERSION, STORAGES)  # type: ignore[assignment]
         items = found["items"]
         return [CheckpointStorage.model_validate(o) for o in items]
-
-    def patch_storage_status(self, name: str, status: dict[str, Any]) -> None:
-        self.custom.patch_cluster_custom_object_status(GROUP, VERSION, STORAGES, name, {"status": status})
 
     def credentials(self, storage: CheckpointStorage) -> Credentials | None:
         ref = storage.spec.credentials_secret_ref
@@ -136,3 +149,23 @@ class Kube:
                 raise
             body["spec"]["acquireTime"] = body["spec"]["renewTime"]
             self.coordination.create_namespaced_lease(namespace, body)  # type: ignore[arg-type]
+
+    def read_lease(self, namespace: str, name: str) -> kubernetes.client.V1Lease | None:
+        try:
+            return self.coordination.read_namespaced_lease(name, namespace)
+        except ApiException as e:
+            if e.status == 404:
+                return None
+            raise
+
+    def create_lease(
+        self, namespace: str, body: dict[str, Any], timeout: float | None = None
+    ) -> kubernetes.client.V1Lease:
+        """Raises ApiException 409 when the Lease exists: someone else created it first."""
+        return self.coordination.create_namespaced_lease(namespace, body, _request_timeout=timeout)  # type: ignore[arg-type]
+
+    def replace_lease(
+        self, namespace: str, name: str, body: dict[str, Any], timeout: float | None = None
+    ) -> kubernetes.client.V1Lease:
+        """Raises ApiException 409 when body's metadata.resourceVersion is no longer the Lease's."""
+        return self.coordination.replace_namespaced_lease(name, namespace, body, _request_timeout=timeout)  # type: ignore[arg-type]

@@ -1,8 +1,12 @@
 """Podman on the node, two ways: the libpod REST API over the host socket, and the CLI through nsenter.
 
-Both stream podman's uncompressed checkpoint export to a consumer while podman runs, and both feed
-an archive to `podman container restore --import`. Errors become PodmanError with podman's own
-message, which the services classify into reasons.
+Both stream podman's checkpoint export to a consumer while podman runs (the REST API as a plain
+tar, the CLI compressed where podman's own compressor serves), and both feed an archive to
+`podman container restore --import`. Errors become PodmanError with podman's own message, which
+the services classify into reasons; a podman that does not answer in time is `unavailable`.
+
+Every export asks podman to keep its local checkpoint (`--keep`): until the archive is confirmed
+in the bucket, that is the way back for a container that CRIU stopped (see docs/failure-semantics.md).
 """
 
 from __future__ import annotations
@@ -12,6 +16,8 @@ import fcntl
 import http.client
 import json
 import os
+import re
+import shutil
 import socket
 import threading
 import urllib.parse
@@ -22,10 +28,10 @@ from typing import Any, Protocol
 
 from checkpointer import flags
 from checkpointer.adapters import commands
+from checkpointer.archive.codec import Chunk, read_chunks
 from checkpointer.errors import CommandError
 from checkpointer.models import CheckpointSpec, Compression, RestoreSpec
 from checkpointer.settings import Settings
-from checkpointer.spool import Chunk, read_chunks
 
 API = "/v5.0.0/libpod"
 PIPE_SIZE = 1024 * 1024
@@ -33,10 +39,12 @@ Consumer = Callable[[Iterable[Chunk]], None]
 
 
 class PodmanError(Exception):
-    def __init__(self, message: str, status: int = 0) -> None:
+    def __init__(self, message: str, status: int = 0, unavailable: bool = False) -> None:
         super().__init__(message)
         self.message = message
         self.status = status
+        # Podman did not answer (no socket, no reply in time): nothing podman said, no container state.
+        self.unavailable = unavailable
 
 
 @dataclass(frozen=True)
@@ -44,7 +52,6 @@ class Container:
     id: str
     name: str
     state: str
-    image: str
     static_dir: str = ""
     labels: tuple[tuple[str, str], ...] = ()
 
@@ -67,6 +74,14 @@ class Runtime(Protocol):
         self, spec: CheckpointSpec, container: str, export: Consumer | None, fifo_dir: Path
     ) -> dict[str, Any]: ...
     def restore(self, spec: RestoreSpec, archive: Path, previous: Path | None) -> dict[str, Any]: ...
+    def restore_in_place(self, name: str) -> None:
+        """Restore a stopped container from its local checkpoint, under its own name."""
+        ...
+
+    def remove_local_checkpoint(self, container: Container) -> None:
+        """Remove what `--keep` kept of a checkpoint in the container's folder."""
+        ...
+
     def read_file(self, path: str) -> bytes | None: ...
     def remove(self, name: str) -> None: ...
 
@@ -81,7 +96,6 @@ def _container(data: dict[str, Any]) -> Container:
         id=data.get("Id", ""),
         name=str(names[0]).lstrip("/"),
         state=str(state or ""),
-        image=str(data.get("ImageName") or data.get("Image") or ""),
         static_dir=str(data.get("StaticDir", "")),
         labels=tuple(sorted(labels.items())),
     )
@@ -111,23 +125,38 @@ class _UnixConnection(http.client.HTTPConnection):
         self.sock = sock
 
 
+# What podman's `--keep` leaves in the container's folder, and podman removes without it.
+LOCAL_CHECKPOINT = ("checkpoint", "dump.log", "stats-dump", "config.dump", "spec.dump")
+
+
 class ApiRuntime:
     """The libpod REST API on the node's podman socket."""
 
     def __init__(self, settings: Settings) -> None:
         self.socket = settings.podman_socket
         self.timeout = settings.podman_timeout_seconds
+        self.query_timeout = settings.podman_query_timeout_seconds
         # With hostPID, /proc/<target>/root is the host's file system as podman sees it.
         self.host_root = Path(f"/proc/{settings.nsenter_target}/root")
 
     def _request(
-        self, method: str, path: str, query: dict[str, str] | None = None, body: Iterable[Chunk] | None = None
+        self,
+        method: str,
+        path: str,
+        query: dict[str, str] | None = None,
+        body: Iterable[Chunk] | None = None,
+        long: bool = False,
     ) -> tuple[_UnixConnection, http.client.HTTPResponse]:
+        """`long` for a checkpoint or restore; any other call is a question with a short timeout."""
         url = API + path + ("?" + urllib.parse.urlencode(query) if query else "")
-        conn = _UnixConnection(self.socket, self.timeout)
+        conn = _UnixConnection(self.socket, self.timeout if long else self.query_timeout)
         headers = {"Content-Type": "application/x-tar"} if body is not None else {}
-        conn.request(method, url, body=body, headers=headers, encode_chunked=body is not None)
-        resp = conn.getresponse()
+        try:
+            conn.request(method, url, body=body, headers=headers, encode_chunked=body is not None)
+            resp = conn.getresponse()
+        except (OSError, http.client.HTTPException) as e:
+            conn.close()
+            raise PodmanError(f"podman's API at {self.socket} does not answer: {e}", unavailable=True) from None
         if resp.status >= 400:
             raw = resp.read().decode(errors="replace")
             conn.close()
@@ -188,7 +217,7 @@ class ApiRuntime:
         self, spec: CheckpointSpec, container: str, export: Consumer | None, fifo_dir: Path
     ) -> dict[str, Any]:
         query = flags.checkpoint_query(spec, export is not None)
-        conn, resp = self._request("POST", f"/containers/{urllib.parse.quote(container)}/checkpoint", query)
+        conn, resp = self._request("POST", f"/containers/{urllib.parse.quote(container)}/checkpoint", query, long=True)
         with contextlib.closing(conn):
             if export is None:
                 return _stats(resp.read().decode(errors="replace"))
@@ -201,10 +230,24 @@ class ApiRuntime:
             raise PodmanError("podman's REST API cannot import a previous checkpoint; use the CLI runtime")
         with archive.open("rb") as f:
             conn, resp = self._request(
-                "POST", "/containers/import/restore", flags.restore_query(spec), body=read_chunks(f)
+                "POST", "/containers/import/restore", flags.restore_query(spec), body=read_chunks(f), long=True
             )
             with contextlib.closing(conn):
                 return _stats(resp.read().decode(errors="replace"))
+
+    def restore_in_place(self, name: str) -> None:
+        conn, resp = self._request("POST", f"/containers/{urllib.parse.quote(name)}/restore", long=True)
+        with contextlib.closing(conn):
+            resp.read()
+
+    def remove_local_checkpoint(self, container: Container) -> None:
+        folder = self.host_root / container.static_dir.lstrip("/")
+        for name in LOCAL_CHECKPOINT:
+            path = folder / name
+            if path.is_dir():
+                shutil.rmtree(path, ignore_errors=True)
+            else:
+                path.unlink(missing_ok=True)
 
     def read_file(self, path: str) -> bytes | None:
         try:
@@ -225,14 +268,18 @@ class CliRuntime:
     def __init__(self, settings: Settings) -> None:
         self.prefix = nsenter(settings)
         self.podman = [*self.prefix, *settings.podman_command]
+        # The export's podman dies with its nsenter, and nsenter with the agent (see commands.spawn):
+        # killed mid-export, podman would otherwise wait on the pipe for ever, holding its lock.
+        self.exporting_podman = [*self.prefix, "setpriv", "--pdeathsig", "KILL", *settings.podman_command]
         self.timeout = settings.podman_timeout_seconds
+        self.query_timeout = settings.podman_query_timeout_seconds
         self.zstd_level = settings.zstd_level
 
-    def _run(self, *args: str, timeout: float = 120) -> str:
+    def _run(self, *args: str, timeout: float | None = None) -> str:
         try:
-            return commands.run([*self.podman, *args], timeout=timeout)
+            return commands.run([*self.podman, *args], timeout=timeout or self.query_timeout)
         except CommandError as e:
-            raise PodmanError(e.stderr.strip() or str(e), e.returncode) from e
+            raise PodmanError(e.stderr.strip() or str(e), e.returncode, unavailable=e.timed_out) from e
 
     def containers(self) -> list[Container]:
         return [_container(c) for c in json.loads(self._run("ps", "--all", "--format=json") or "[]")]
@@ -282,8 +329,8 @@ class CliRuntime:
         fifo.unlink(missing_ok=True)
         os.mkfifo(fifo, 0o600)
         compress = spec.compress if self.compresses(spec.compress) else Compression.NONE
-        argv = [*self.podman, *flags.checkpoint_argv(spec, container, fifo, compress)]
-        proc = commands.spawn(argv)
+        argv = [*self.exporting_podman, *flags.checkpoint_argv(spec, container, fifo, compress)]
+        proc = commands.spawn(argv, die_with_parent=True)
         outcome: dict[str, Any] = {}
 
         def wait() -> None:
@@ -303,6 +350,10 @@ class CliRuntime:
                 with contextlib.suppress(OSError):
                     fcntl.fcntl(stream.fileno(), fcntl.F_SETPIPE_SZ, PIPE_SIZE)
                 export(read_chunks(stream))
+        except BaseException:
+            # The reader is gone (a full spool, a failed hash): podman would block on the pipe.
+            proc.kill()
+            raise
         finally:
             waiter.join()
             fifo.unlink(missing_ok=True)
@@ -313,6 +364,13 @@ class CliRuntime:
 
     def restore(self, spec: RestoreSpec, archive: Path, previous: Path | None) -> dict[str, Any]:
         return _stats(self._run(*flags.restore_argv(spec, archive, previous), timeout=self.timeout))
+
+    def restore_in_place(self, name: str) -> None:
+        self._run("container", "restore", name, timeout=self.timeout)
+
+    def remove_local_checkpoint(self, container: Container) -> None:
+        paths = [f"{container.static_dir}/{name}" for name in LOCAL_CHECKPOINT]
+        commands.run([*self.prefix, "rm", "-rf", "--", *paths], timeout=self.query_timeout)
 
     def read_file(self, path: str) -> bytes | None:
         try:
@@ -340,3 +398,23 @@ def criu_supports(settings: Settings, feature: str) -> bool:
 
 def runtime(settings: Settings) -> Runtime:
     return ApiRuntime(settings) if settings.podman_mode == "api" else CliRuntime(settings)
+
+
+def checkpoint_in_progress(container_id: str) -> bool:
+    """Whether an OCI runtime is still checkpointing the container on this node.
+
+    A podman killed mid-checkpoint leaves its runc (and runc's CRIU) running: until they are done,
+    the container's state says nothing yet. runc names the container's full id on its command line;
+    with the host's PID namespace, /proc shows every process of the node.
+    """
+    pattern = re.compile(rb"\0checkpoint\0.*\0" + re.escape(container_id.encode()) + rb"\0", re.DOTALL)
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        try:
+            cmdline = b"\0" + (proc / "cmdline").read_bytes()
+        except OSError:
+            continue
+        if pattern.search(cmdline):
+            return True
+    return False

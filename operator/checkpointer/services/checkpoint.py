@@ -1,38 +1,46 @@
 """The agent's side of a ContainerCheckpoint: checkpoint each container, spool, upload, report.
 
-Restart safety: the resolved containers are written to the spool before the first checkpoint, and a
-marker before each one. A restarted agent never checkpoints a container whose marker exists: with a
-finished spool it uploads again; without one the checkpoint was cut short and the object fails with
-CheckpointInterrupted, saying what state the container is in.
+Nothing lost (docs/failure-semantics.md): the containers are resolved and recorded in the object's
+work folder before the first is stopped, and a marker is written before each checkpoint. Until an
+archive is confirmed in the bucket, podman's local checkpoint and the spool stay on the node. A
+restarted agent never checkpoints a container twice: with a finished spool it hashes it again and
+uploads it; without one the checkpoint was cut short, and it gives the container back (restores it
+in place when CRIU had stopped it) before the object fails with CheckpointInterrupted.
 """
 
 from __future__ import annotations
 
-import json
+import errno
 import logging
-import shutil
+import os
 import threading
-from collections.abc import Iterable
+import time
+from collections.abc import Callable, Iterable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+import kopf
+
 from checkpointer import layout
-from checkpointer.adapters import storage as s3
 from checkpointer.adapters.kube import CHECKPOINTS
-from checkpointer.adapters.podman import Container, PodmanError, criu_supports
+from checkpointer.adapters.podman import Container, PodmanError, checkpoint_in_progress, criu_supports
+from checkpointer.archive import spool as spooling
+from checkpointer.archive.codec import Chunk
+from checkpointer.archive.spool import Digest, GrowingFile
+from checkpointer.archive.store import ArchiveStore, Cancelled, StorageError, StoredMismatch
+from checkpointer.archive.workfolder import CHECKPOINT, SpoolRecord, Target, UploadState, WorkFolder
 from checkpointer.conditions import now
 from checkpointer.errors import Failure, Retry
 from checkpointer.models import Archive, CheckpointSpec, Compression, ContainerCheckpoint
 from checkpointer.reasons import Phase, Reason
-from checkpointer.services.agent import EXCLUDE_LABEL, Agent, StatusWriter, classify
-from checkpointer.spool import GrowingFile, SpoolRecord, write_spool
+from checkpointer.services.node import EXCLUDE_LABEL, Node, classify
+from checkpointer.settings import Settings
+from checkpointer.status import Conflict, StatusWriter
 
 log = logging.getLogger(__name__)
-
-
-def spool_dir(agent: Agent, ccp: ContainerCheckpoint) -> Path:
-    meta = ccp.metadata
-    return agent.settings.spool_dir / f"checkpoint_{meta.namespace}_{meta.name}_{meta.uid}"
+ACTIVE = (Phase.SCHEDULED, Phase.CHECKPOINTING, Phase.UPLOADING)
 
 
 def select_targets(spec: CheckpointSpec, containers: list[Container], latest: Container | None) -> list[Container]:
@@ -64,229 +72,428 @@ def select_targets(spec: CheckpointSpec, containers: list[Container], latest: Co
     return chosen
 
 
-def _targets(agent: Agent, ccp: ContainerCheckpoint, workdir: Path) -> list[dict[str, str]]:
-    path = workdir / "targets.json"
-    if path.exists():
-        return list(json.loads(path.read_text()))
-    try:
-        # Each podman call costs a few hundred milliseconds through the CLI: ask only what the spec needs.
-        latest = ccp.spec.latest
-        runtime = agent.runtime
-        chosen = select_targets(ccp.spec, [] if latest else runtime.containers(), runtime.latest() if latest else None)
-    except PodmanError as e:
-        raise Failure(classify(e, Reason.CHECKPOINT_FAILED), e.message) from None
-    targets = [{"name": c.name, "id": c.id} for c in chosen]
-    workdir.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(targets))
-    tmp.replace(path)
-    return targets
+def retry_delay(attempt: int, first: float, cap: float) -> float:
+    """Exponential backoff: `first`, doubling with each attempt, never above `cap`. Pure."""
+    return float(min(cap, first * 2 ** max(0, attempt - 1)))
 
 
-def run(agent: Agent, body: dict[str, Any]) -> None:
+def run(node: Node, body: dict[str, Any]) -> None:
     ccp = ContainerCheckpoint.model_validate(body)
-    if ccp.status.phase not in (Phase.SCHEDULED, Phase.CHECKPOINTING, Phase.UPLOADING):
+    if ccp.status.phase not in ACTIVE:
         return
-    status = StatusWriter(agent.kube, CHECKPOINTS, body)
-    workdir = spool_dir(agent, ccp)
-    log.info("checkpoint %s/%s: %s", ccp.metadata.namespace, ccp.metadata.name, ccp.status.phase)
+    meta = ccp.metadata
+    status = StatusWriter(node.kube, CHECKPOINTS, body)
+    job = Checkpoint(node, ccp, status, WorkFolder.of(node.settings.spool_dir, CHECKPOINT, meta))
+    log.info("checkpoint %s/%s: %s", meta.namespace, meta.name, ccp.status.phase)
     try:
-        _run(agent, ccp, status, workdir)
+        job.run()
     except Failure as e:
-        log.warning("checkpoint %s/%s failed: %s: %s", ccp.metadata.namespace, ccp.metadata.name, e.reason, e.message)
-        status.phase(Phase.FAILED, e.reason, e.message)
-        shutil.rmtree(workdir, ignore_errors=True)
+        log.warning("checkpoint %s/%s failed: %s: %s", meta.namespace, meta.name, e.reason, e.message)
+        if not job.keep_folder:
+            job.folder.remove()
+        try:
+            job.status.phase(Phase.FAILED, e.reason, e.message)
+        except Conflict as c:
+            log.info("checkpoint %s/%s: %s", meta.namespace, meta.name, c)
+            return
         raise
+    except Conflict as e:
+        # The controller failed it or it is gone: someone else has the last word; stop here.
+        log.info("checkpoint %s/%s: stopped: %s", meta.namespace, meta.name, e)
 
 
-def _run(agent: Agent, ccp: ContainerCheckpoint, status: StatusWriter, workdir: Path) -> None:
-    spec = ccp.spec
-    targets = _targets(agent, ccp, workdir)
-    names = ", ".join(t["name"] for t in targets)
-    if ccp.status.phase == Phase.SCHEDULED:
-        status.phase(Phase.CHECKPOINTING, Reason.CHECKPOINTING, f"checkpointing {names}")
-    storage = agent.bucket(ccp.status.storage_ref) if spec.export and ccp.status.storage_ref else None
-    directory = layout.archive_dir(storage.prefix, ccp) if storage else ""
-    archives = {a.container: a for a in ccp.status.archives}
-    for i, target in enumerate(targets):
-        if target["name"] in archives:
-            continue  # uploaded before a restart
-        archive = _one(agent, ccp, status, workdir, target, storage, directory)
-        archives[archive.container] = archive
-        if i < len(targets) - 1:  # the last one goes out with the final phase, in one write
-            status.patch({"archives": _dump(archives.values())})
-    if storage is not None:
-        entries = _dump(archives.values())
-        manifest = layout.manifest(
-            ccp, entries, agent.host(), str(status.status.get("startTime") or now(precise=True)), now(precise=True)
+@dataclass
+class Checkpoint:
+    """One ContainerCheckpoint's run on its node."""
+
+    node: Node
+    ccp: ContainerCheckpoint
+    status: StatusWriter
+    folder: WorkFolder
+    # Set once the object is being deleted: uploads stop, and the containers are given back.
+    cancelled: threading.Event = field(default_factory=threading.Event)
+    # A failure that leaves the spool on the node on purpose (an upload past its deadline).
+    keep_folder: bool = False
+
+    @property
+    def spec(self) -> CheckpointSpec:
+        return self.ccp.spec
+
+    @property
+    def settings(self) -> Settings:
+        return self.node.settings
+
+    @property
+    def storage_name(self) -> str:
+        ref = self.ccp.status.storage_ref
+        return ref.name if ref else ""
+
+    def run(self) -> None:
+        targets = self.targets()
+        names = ", ".join(t.name for t in targets)
+        if self.ccp.status.phase == Phase.SCHEDULED:
+            self.status.phase(Phase.CHECKPOINTING, Reason.CHECKPOINTING, f"checkpointing {names}")
+        store = (
+            self.node.store(self.ccp.status.storage_ref) if self.spec.export and self.ccp.status.storage_ref else None
         )
-        storage.client.put_object(
-            Bucket=storage.name,
-            Key=f"{directory}/{layout.MANIFEST}",
-            Body=json.dumps(manifest, indent=2).encode(),
-            ContentType="application/json",
+        directory = layout.archive_dir(store.prefix, self.ccp) if store else ""
+        archives = {a.container: a for a in self.ccp.status.archives}
+        for i, target in enumerate(targets):
+            if target.name in archives:
+                continue  # uploaded before a restart
+            archives[target.name] = self.one(target, store, directory)
+            if i < len(targets) - 1:  # the last one goes out with the final phase, in one write
+                self.status.write({"archives": _dump(archives.values())})
+        if store is not None:
+            started = str(self.status.status.get("startTime") or now(precise=True))
+            manifest = layout.manifest(self.ccp, _dump(archives.values()), self.node.host(), started, now(precise=True))
+            try:
+                store.put_manifest(directory, manifest)
+            except StorageError as e:
+                raise Retry(Reason.UPLOAD_RETRYING, f"the manifest could not be written: {e}", delay=5) from None
+        where = f" to {store.uri(directory)}/" if store else " (kept on the node)"
+        self.status.phase(
+            Phase.SUCCEEDED, Reason.SUCCEEDED, f"checkpointed {names}{where}", archives=_dump(archives.values())
         )
-    where = f" to {layout.uri(storage.name, directory)}/" if storage else " (kept on the node)"
-    status.phase(Phase.SUCCEEDED, Reason.SUCCEEDED, f"checkpointed {names}{where}", archives=_dump(archives.values()))
-    log.info("checkpoint %s/%s: checkpointed %s%s", ccp.metadata.namespace, ccp.metadata.name, names, where)
-    shutil.rmtree(workdir, ignore_errors=True)
+        log.info(
+            "checkpoint %s/%s: checkpointed %s%s", self.ccp.metadata.namespace, self.ccp.metadata.name, names, where
+        )
+        self.folder.remove()
+
+    def targets(self) -> list[Target]:
+        """The containers of this checkpoint, resolved once and recorded before any is stopped."""
+        recorded = self.folder.targets()
+        if recorded is not None:
+            return recorded
+        try:
+            # Each podman call costs a few hundred milliseconds through the CLI: ask only what the spec needs.
+            runtime = self.node.runtime
+            latest = self.spec.latest
+            chosen = select_targets(
+                self.spec, [] if latest else runtime.containers(), runtime.latest() if latest else None
+            )
+        except PodmanError as e:
+            raise Failure(classify(e, Reason.CHECKPOINT_FAILED), e.message) from None
+        targets = [Target(c.name, c.id) for c in chosen]
+        self.folder.save_targets(targets)
+        return targets
+
+    # --- one container -------------------------------------------------------------------------------
+
+    def one(self, target: Target, store: ArchiveStore | None, directory: str) -> Archive:
+        record = self.folder.spool_record(target.name)
+        if self.status.deleting:
+            if record is None and not self.folder.marked(target.name):
+                raise Failure(
+                    Reason.CANCELLED, f"the ContainerCheckpoint was deleted before {target.name} was checkpointed"
+                )
+            key = layout.archive_key(directory, target.name, self.spec.compress)
+            raise self.give_back(
+                target,
+                Reason.CANCELLED,
+                "the ContainerCheckpoint was deleted in flight",
+                store.abort_uploads if store else None,
+                key,
+            )
+        if record is None and self.folder.marked(target.name):
+            raise self.give_back(
+                target,
+                Reason.CHECKPOINT_INTERRUPTED,
+                f"the agent restarted while checkpointing {target.name}; it is not checkpointed twice",
+                store.abort_uploads if store else None,
+                layout.archive_key(directory, target.name, self.spec.compress),
+            )
+        if store is None:
+            self.folder.mark(target.name)
+            stats = self.podman_checkpoint(target, None, None, directory)
+            return Archive(container=target.name, containerID=target.id, stats=stats)
+        key = layout.archive_key(directory, target.name, self.spec.compress)
+        if record is None:
+            record = self.export(target, store, key, directory)
+        else:
+            self.upload_again(target, store, key, record)
+        self.status.progress(record.digest.size, record.digest.size, force=True)
+        if not self.spec.keep and not self.spec.pre_checkpoint:
+            self.release_local_checkpoint(target)
+        return Archive(
+            container=target.name,
+            containerID=record.container_id,
+            uri=store.uri(key),
+            key=key,
+            size=record.digest.size,
+            sha256=record.digest.sha256,
+            compression=record.compression,
+            stats=record.stats,
+        )
+
+    def export(self, target: Target, store: ArchiveStore, key: str, directory: str) -> SpoolRecord:
+        """Checkpoint with podman into the spool while the upload reads it; returns the finished spool's record."""
+        self.require_space()
+        compression = self.spec.compress
+        # Podman compresses the export itself where it can (the CLI): then half the bytes cross the
+        # pipe, and the agent only hashes, spools and uploads them.
+        spooled = Compression.NONE if self.node.runtime.compresses(compression) else compression
+        self.folder.mark(target.name)
+        spool = GrowingFile(self.spool_path(target), self.settings.part_size)
+        written: tuple[Digest, int] | None = None
+
+        def write(chunks: Iterable[Chunk]) -> None:
+            nonlocal written
+            written = spooling.write(chunks, spool, spooled, self.settings.zstd_level)
+
+        with ThreadPoolExecutor(1, thread_name_prefix=f"upload-{target.name}") as pool:
+            uploading = pool.submit(self.upload, target, store, key, spool, None)
+            log.info(
+                "checkpoint %s/%s: podman checkpoints %s",
+                self.ccp.metadata.namespace,
+                self.ccp.metadata.name,
+                target.name,
+            )
+            try:
+                stats = self.podman_checkpoint(target, write, store, directory)
+                if written is None:
+                    raise Failure(Reason.CHECKPOINT_FAILED, f"podman produced no archive for {target.name}")
+            except BaseException as e:
+                spool.finish(e)
+                uploading.exception()  # the upload aborts itself on the spool's bad verdict
+                raise self.after_failed_export(target, e, store, key) from None
+            spool.finish()
+            digest, raw = written
+            log.info(
+                "checkpoint %s/%s: podman exported %s, %d bytes",
+                self.ccp.metadata.namespace,
+                self.ccp.metadata.name,
+                target.name,
+                digest.size,
+            )
+            record = SpoolRecord(target.name, target.id, compression, raw, digest, stats)
+            self.folder.save_spool_record(record)
+            self.status.phase(
+                Phase.UPLOADING, Reason.UPLOADING, f"checkpointed {target.name}; uploading {digest.size} bytes"
+            )
+            error = uploading.exception()
+        if error is not None:
+            self.upload_failed(target, store, key, error)
+        self.confirm(target, store, key, record)
+        return record
+
+    def upload_again(self, target: Target, store: ArchiveStore, key: str, record: SpoolRecord) -> None:
+        """Upload a finished spool after a failure or a restart, from what it holds now."""
+        try:
+            digest = spooling.digest_file(self.spool_path(target), record.digest.part_size)
+        except OSError as e:
+            digest = None
+            log.warning("the spool of %s cannot be read: %s", target.name, e)
+        if digest != record.digest:
+            raise self.give_back(
+                target,
+                Reason.ARCHIVE_CORRUPT,
+                f"the spool of {target.name} on the node is not what podman exported (it changed or is gone); "
+                "it was not uploaded",
+                store.abort_uploads,
+                key,
+            )
+        try:
+            store.verify(key, digest)
+            return  # completed before a restart: only the status was missing
+        except (StoredMismatch, *StorageError):
+            pass
+        self.status.phase(
+            Phase.UPLOADING, Reason.UPLOAD_RETRYING, f"uploading the spooled archive of {target.name} again"
+        )
+        try:
+            self.upload(target, store, key, GrowingFile.finished(self.spool_path(target), digest), digest.size)
+        except BaseException as e:
+            self.upload_failed(target, store, key, e)
+        self.confirm(target, store, key, record)
+
+    def upload(self, target: Target, store: ArchiveStore, key: str, spool: GrowingFile, total: int | None) -> None:
+        state = self.folder.upload_state(target.name)
+        state = state if state is not None and state.key == key else UploadState(key=key, storage=self.storage_name)
+
+        def started(upload_id: str) -> None:
+            self.folder.save_upload_state(target.name, replace(state, upload_id=upload_id))
+
+        def progress(done: int) -> None:
+            self.status.progress(done, total)
+            if self.status.deleting:
+                self.cancelled.set()
+
+        store.upload(
+            key, spool, upload_id=state.upload_id, on_started=started, on_progress=progress, cancelled=self.cancelled
+        )
+
+    def confirm(self, target: Target, store: ArchiveStore, key: str, record: SpoolRecord) -> None:
+        """Stored equals reported: the object's size and part checksums are the spool's."""
+        try:
+            store.verify(key, record.digest)
+        except StoredMismatch as e:
+            store.delete(key)
+            self.upload_failed(target, store, key, e)
+        except StorageError as e:
+            self.upload_failed(target, store, key, e)
+
+    def upload_failed(self, target: Target, store: ArchiveStore, key: str, error: BaseException) -> None:
+        """Retry later with backoff, or past the deadline fail and keep the spool; always raises."""
+        if isinstance(error, Cancelled) or self.status.deleting:
+            raise self.give_back(target, Reason.CANCELLED, "the ContainerCheckpoint was deleted in flight", None, key)
+        if isinstance(error, Failure | Retry | Conflict):
+            raise error
+        settings = self.settings
+        state = self.folder.upload_state(target.name) or UploadState(key=key, storage=self.storage_name)
+        now_s = time.time()
+        since = state.failing_since or now_s
+        attempts = state.attempts + 1
+        elapsed = now_s - since
+        where = self.spool_path(target)
+        if elapsed >= settings.upload_deadline_seconds:
+            abandoned = True
+            try:
+                store.abort_uploads(key)
+                abandoned = False
+            except StorageError:
+                pass  # aborted by the node's sweep once the storage answers again
+            self.folder.save_upload_state(target.name, replace(state, attempts=attempts, abandoned=abandoned))
+            self.keep_folder = True
+            message = (
+                f"the upload of {target.name} kept failing for {elapsed:.0f}s, past the deadline "
+                f"(CHECKPOINTER_UPLOAD_DEADLINE_SECONDS); the archive stays on node {settings.node_name} "
+                f"at {where}: {error}"
+            )
+            kopf.warn(kopf.Body(self._event_target()), reason=str(Reason.UPLOAD_FAILED), message=message)
+            raise Failure(Reason.UPLOAD_FAILED, message)
+        delay = min(
+            retry_delay(attempts, settings.upload_retry_seconds, settings.upload_retry_max_seconds),
+            max(1.0, settings.upload_deadline_seconds - elapsed),
+        )
+        self.folder.save_upload_state(target.name, replace(state, failing_since=since, attempts=attempts))
+        message = (
+            f"upload of {target.name} failed (attempt {attempts}); retrying in {delay:.0f}s from the node's "
+            f"spool: {error}"
+        )
+        log.warning("%s/%s: %s", self.ccp.metadata.namespace, self.ccp.metadata.name, message)
+        self.status.phase(Phase.UPLOADING, Reason.UPLOAD_RETRYING, message)
+        raise Retry(Reason.UPLOAD_RETRYING, message, delay=delay)
+
+    def _event_target(self) -> kopf.RawBody:
+        meta = self.ccp.metadata
+        return {
+            "apiVersion": "checkpointer.dev/v1alpha1",
+            "kind": "ContainerCheckpoint",
+            "metadata": {"name": meta.name, "namespace": meta.namespace, "uid": meta.uid},
+        }
+
+    # --- podman --------------------------------------------------------------------------------------
+
+    def podman_checkpoint(
+        self, target: Target, write: Any, store: ArchiveStore | None, directory: str
+    ) -> dict[str, Any]:
+        try:
+            return self.node.runtime.checkpoint(self.spec, target.name, write, self.folder.path)
+        except PodmanError as e:
+            reason = classify(e, Reason.CHECKPOINT_FAILED)
+            message = f"podman could not checkpoint {target.name}: {e.message}"
+            spec = self.spec
+            needs_tracking = reason == Reason.CHECKPOINT_FAILED and (spec.pre_checkpoint or spec.with_previous)
+            # Through the REST API podman reports only runc's exit status; CRIU's own check says why.
+            if needs_tracking and not criu_supports(self.settings, "mem_dirty_track"):
+                reason = Reason.CRIU_FEATURE_MISSING
+                message += "; CRIU is missing features: this kernel has no memory dirty tracking (mem_dirty_track)"
+            if spec.keep:
+                message += self.criu_log(target.name, store, directory)
+            raise Failure(reason, message) from None
+
+    def criu_log(self, name: str, store: ArchiveStore | None, directory: str) -> str:
+        # Only inspect names the container's own folder, where CRIU leaves dump.log with --keep.
+        container = self.node.runtime.inspect(name)
+        if container is None or not container.static_dir:
+            return "; CRIU's log could not be located: the container is gone"
+        path = f"{container.static_dir}/dump.log"
+        if store is None:
+            return f"; CRIU's log is kept on the node at {path}"
+        content = self.node.runtime.read_file(path)
+        if content is None:
+            return f"; CRIU's log was not found at {path}"
+        key = layout.log_key(directory, name)
+        store.put_log(key, content)
+        return f"; CRIU's log: {store.uri(key)}"
+
+    def after_failed_export(self, target: Target, error: BaseException, store: ArchiveStore, key: str) -> BaseException:
+        """What to raise once an export failed: the container is given back first if CRIU had stopped it."""
+        if isinstance(error, OSError) and error.errno == errno.ENOSPC:
+            reason, why = (
+                Reason.INSUFFICIENT_SPACE,
+                f"the node's spool ran out of space while podman exported {target.name}",
+            )
+        elif isinstance(error, Failure):
+            reason, why = error.reason, error.message
+        elif isinstance(error, Exception):
+            reason, why = Reason.CHECKPOINT_INTERRUPTED, f"the export of {target.name} failed: {error}"
+        else:  # the agent is stopping: the restarted agent finds the marker and gives the container back
+            return error
+        return self.give_back(target, reason, why, store.abort_uploads, key)
+
+    def give_back(
+        self, target: Target, reason: Reason, why: str, abort: Callable[[str], object] | None, key: str
+    ) -> Failure:
+        """The container runs again, restored in place when the checkpoint had stopped it; returns the Failure."""
+        runtime = self.node.runtime
+        deadline = time.monotonic() + self.settings.podman_timeout_seconds
+        # A podman killed mid-checkpoint leaves its runc and CRIU to finish: wait for the real state.
+        while checkpoint_in_progress(target.id) and time.monotonic() < deadline:
+            time.sleep(0.5)
+        if abort is not None:
+            try:
+                abort(key)
+            except StorageError as e:
+                log.warning("could not abort the uploads of %s: %s", key, e)
+        self.spool_path(target).unlink(missing_ok=True)
+        try:
+            container = runtime.inspect(target.name)
+            if container is None:
+                return Failure(reason, f"{why}; container {target.name} is gone")
+            if container.running:
+                return Failure(reason, f"{why}; {target.name} kept running")
+            runtime.restore_in_place(target.name)
+        except PodmanError as e:
+            self.keep_folder = True
+            if e.unavailable:
+                return Failure(
+                    reason, f"{why}; podman does not answer, so the state of {target.name} is unknown ({e.message})"
+                )
+            return Failure(
+                reason,
+                f"{why}; {target.name} is stopped and could not be restored in place ({e.message}); podman's "
+                f"local checkpoint of it stays on the node: `podman container restore {target.name}` brings it back",
+            )
+        log.info("%s: restored %s in place", why, target.name)
+        return Failure(reason, f"{why}; {target.name} was restored in place from its local checkpoint and runs again")
+
+    def release_local_checkpoint(self, target: Target) -> None:
+        """The archive is in the bucket: what `--keep` kept on the node is no longer the only copy."""
+        try:
+            container = self.node.runtime.inspect(target.name)
+            if container is not None and container.static_dir:
+                self.node.runtime.remove_local_checkpoint(container)
+        except Exception as e:  # a leftover on the node, never a reason to fail a stored archive
+            log.warning("could not remove the local checkpoint of %s: %s", target.name, e)
+
+    def require_space(self) -> None:
+        spool_dir = self.settings.spool_dir
+        stat = os.statvfs(spool_dir)
+        free = stat.f_bavail * stat.f_frsize
+        needed = self.settings.spool_min_free_bytes
+        if free < needed:
+            raise Failure(
+                Reason.INSUFFICIENT_SPACE,
+                f"the node's spool {spool_dir} has {free // 2**20} MiB free, less than the "
+                f"{needed // 2**20} MiB a checkpoint needs (CHECKPOINTER_SPOOL_MIN_FREE_BYTES); nothing was "
+                "checkpointed and the container keeps running",
+            )
+
+    def spool_path(self, target: Target) -> Path:
+        return self.folder.file(f"{target.name}{self.spec.compress.suffix}")
 
 
 def _dump(archives: Iterable[Archive]) -> list[dict[str, Any]]:
     return [a.model_dump(by_alias=True, exclude_none=True) for a in archives]
-
-
-def _one(
-    agent: Agent,
-    ccp: ContainerCheckpoint,
-    status: StatusWriter,
-    workdir: Path,
-    target: dict[str, str],
-    storage: s3.Bucket | None,
-    directory: str,
-) -> Archive:
-    name = target["name"]
-    started = workdir / f"{name}.started"
-    record_path = workdir / f"{name}.json"
-    record = SpoolRecord.load(record_path)
-    if record is None and started.exists():
-        state = agent.runtime.inspect(name)
-        raise Failure(
-            Reason.CHECKPOINT_INTERRUPTED,
-            f"the agent restarted while checkpointing {name}; it is not checkpointed twice "
-            f"(container state now: {state.state if state else 'gone'})",
-        )
-    if storage is None:
-        started.touch()
-        stats = _checkpoint(agent, ccp, target, None, workdir, storage, directory)
-        return Archive(container=name, containerID=target["id"], stats=stats)
-    client, bucket = storage.client, storage.name
-    compression = ccp.spec.compress
-    key = layout.archive_key(directory, name, compression)
-    spool_path = workdir / f"{name}{compression.suffix}"
-    # Podman compresses the export itself where it can (the CLI): then half the bytes cross the
-    # pipe, and the agent only hashes, spools and uploads them.
-    spooled = Compression.NONE if agent.runtime.compresses(compression) else compression
-    if record is not None:
-        status.phase(Phase.UPLOADING, Reason.UPLOAD_RETRYING, f"uploading the spooled archive of {name} again")
-        spool = GrowingFile.finished(spool_path)
-    else:
-        started.touch()
-        spool = GrowingFile(spool_path)
-    s3.abort_stale_uploads(client, bucket, key)
-    upload: dict[str, Any] = {}
-
-    def uploader() -> None:
-        try:
-            upload["size"] = s3.upload_spool(
-                client,
-                bucket,
-                key,
-                spool,
-                part_size=agent.settings.part_size,
-                concurrency=agent.settings.upload_concurrency,
-                limiter=agent.limiter,
-                on_progress=lambda done: status.progress(done, record.size if record else None),
-            )
-        except BaseException as e:  # reported by the caller once podman is done
-            upload["error"] = e
-
-    thread = threading.Thread(target=uploader, name=f"upload-{name}", daemon=True)
-    thread.start()
-    if record is None:
-        log.info("checkpoint %s/%s: podman checkpoints %s", ccp.metadata.namespace, ccp.metadata.name, name)
-        result: dict[str, Any] = {}
-
-        def export(chunks: Any) -> None:
-            result["size"], result["sha256"], result["raw"] = write_spool(
-                chunks, spool, spooled, agent.settings.zstd_level
-            )
-
-        try:
-            stats = _checkpoint(agent, ccp, target, export, workdir, storage, directory)
-            if "sha256" not in result:
-                raise Failure(Reason.CHECKPOINT_FAILED, f"podman produced no archive for {name}")
-        except BaseException as e:
-            spool.finish(e)
-            thread.join()
-            raise
-        spool.finish()
-        log.info(
-            "checkpoint %s/%s: podman exported %s, %d bytes",
-            ccp.metadata.namespace,
-            ccp.metadata.name,
-            name,
-            result["size"],
-        )
-        record = SpoolRecord(
-            container=name,
-            container_id=target["id"],
-            compression=str(compression),
-            size=result["size"],
-            sha256=result["sha256"],
-            raw_size=result["raw"],
-            stats=stats,
-        )
-        record.save(record_path)
-        status.phase(Phase.UPLOADING, Reason.UPLOADING, f"checkpointed {name}; uploading {record.size} bytes")
-    thread.join()
-    if "error" in upload:
-        error = upload["error"]
-        log.warning("upload of %s failed, will retry: %s", key, error)
-        raise Retry(
-            Reason.UPLOAD_RETRYING,
-            f"upload of {name} failed, retrying from the node's spool: {error}",
-            delay=agent.settings.upload_retry_seconds,
-        )
-    status.progress(record.size, record.size, force=True)
-    return Archive(
-        container=name,
-        containerID=record.container_id,
-        uri=layout.uri(bucket, key),
-        key=key,
-        size=record.size,
-        sha256=record.sha256,
-        compression=compression,
-        stats=record.stats,
-    )
-
-
-def _checkpoint(
-    agent: Agent,
-    ccp: ContainerCheckpoint,
-    target: dict[str, str],
-    export: Any,
-    workdir: Path,
-    storage: s3.Bucket | None,
-    directory: str,
-) -> dict[str, Any]:
-    try:
-        return agent.runtime.checkpoint(ccp.spec, target["name"], export, workdir)
-    except PodmanError as e:
-        reason = classify(e, Reason.CHECKPOINT_FAILED)
-        message = f"podman could not checkpoint {target['name']}: {e.message}"
-        spec = ccp.spec
-        needs_tracking = reason == Reason.CHECKPOINT_FAILED and (spec.pre_checkpoint or spec.with_previous)
-        # Through the REST API podman reports only runc's exit status; CRIU's own check says why.
-        if needs_tracking and not criu_supports(agent.settings, "mem_dirty_track"):
-            reason = Reason.CRIU_FEATURE_MISSING
-            message += "; CRIU is missing features: this kernel has no memory dirty tracking (mem_dirty_track)"
-        if spec.keep:
-            message += _upload_criu_log(agent, target["name"], storage, directory)
-        raise Failure(reason, message) from None
-
-
-def _upload_criu_log(agent: Agent, name: str, storage: s3.Bucket | None, directory: str) -> str:
-    # Only inspect names the container's own folder, where CRIU leaves dump.log with --keep.
-    container = agent.runtime.inspect(name)
-    if container is None or not container.static_dir:
-        return "; CRIU's log could not be located: the container is gone"
-    path = f"{container.static_dir}/dump.log"
-    if storage is None:
-        return f"; CRIU's log is kept on the node at {path}"
-    content = agent.runtime.read_file(path)
-    if content is None:
-        return f"; CRIU's log was not found at {path}"
-    key = layout.log_key(directory, name)
-    storage.client.put_object(Bucket=storage.name, Key=key, Body=content, ContentType="text/plain")
-    return f"; CRIU's log: {layout.uri(storage.name, key)}"

@@ -4,19 +4,16 @@ from __future__ import annotations
 
 from typing import Any
 
-from checkpointer.adapters import storage as s3
-from checkpointer.adapters.kube import Kube
+from checkpointer.archive.store import StorageError, Stores
 from checkpointer.conditions import now
 from checkpointer.models import CheckpointStorage
 
 
-def validate(kube: Kube, storage: CheckpointStorage) -> dict[str, Any]:
+def validate(stores: Stores, storage: CheckpointStorage) -> dict[str, Any]:
     """The status to write: Available when the bucket answers, Unavailable with a reason otherwise."""
     try:
-        credentials = kube.credentials(storage)
-        client = s3.client(storage, credentials)
-        client.head_bucket(Bucket=storage.spec.bucket)
-    except s3.StorageError as e:
+        stores.of(storage).reachable()
+    except StorageError as e:
         return _status("Unavailable", f"bucket {storage.spec.bucket!r} is not reachable: {e}")
     except Exception as e:  # a missing Secret or key, a bad CA bundle: all mean Unavailable
         return _status("Unavailable", f"{type(e).__name__}: {e}")

@@ -1,0 +1,175 @@
+"""The node-side spool: podman's export, hashed (and compressed where podman did not) into a file
+that the upload reads from while it grows.
+
+The spool decouples podman from the network: podman writes at disk speed and never waits for S3,
+uploads start while podman is still writing, and a finished spool survives an agent restart so the
+upload can be retried without checkpointing again. Parts stream from the file, so memory stays
+bounded by the read size and the compressor's buffers, whatever the archive size.
+
+While it writes, the spool also takes the CRC32 of every upload part. Each part is sent with the
+CRC32 of the bytes that were written, not of the bytes read back, so S3 refuses a part whose bytes
+changed anywhere between podman and its disk.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import threading
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+
+from checkpointer.archive.codec import READ_SIZE, Chunk, compressor, crc32, read_chunks
+from checkpointer.models import Compression
+
+
+@dataclass(frozen=True)
+class Digest:
+    """What identifies a spool's bytes: its size, sha256, and the CRC32 of each upload part."""
+
+    size: int
+    sha256: str
+    part_size: int
+    part_crc32: tuple[int, ...]
+
+
+class _Parts:
+    """CRC32s of consecutive `part_size` slices of a byte stream fed to it in any chunking."""
+
+    def __init__(self, part_size: int) -> None:
+        self.part_size = part_size
+        self.done: list[int] = []
+        self._crc = 0
+        self._fill = 0
+
+    def update(self, data: Chunk) -> None:
+        view = memoryview(data)
+        while view:
+            piece = view[: self.part_size - self._fill]
+            self._crc = crc32(piece, self._crc)
+            self._fill += len(piece)
+            view = view[len(piece) :]
+            if self._fill == self.part_size:
+                self.done.append(self._crc)
+                self._crc = self._fill = 0
+
+    def close(self) -> tuple[int, ...]:
+        if self._fill or not self.done:  # an empty archive is one empty part
+            self.done.append(self._crc)
+        return tuple(self.done)
+
+
+class GrowingFile:
+    """A spool file that readers can read from while the writer is still appending to it.
+
+    Two moments end it: `end()`, when the last byte is written (uploads may send the last part),
+    and `finish()`, the verdict once podman has exited and the file is on disk (an upload may be
+    completed only after a good one).
+    """
+
+    def __init__(self, path: Path, part_size: int) -> None:
+        self.path = path
+        self.part_size = part_size
+        # Exists from the start, so that readers may open it before the writer has written anything.
+        path.touch()
+        self._written = 0
+        self._crcs: list[int] = []
+        self._ended = False
+        self._done = False
+        self._error: BaseException | None = None
+        self._cond = threading.Condition()
+
+    def advance(self, written: int, part_crc32: list[int]) -> None:
+        with self._cond:
+            self._written = written
+            self._crcs = part_crc32
+            self._cond.notify_all()
+
+    def end(self, part_crc32: tuple[int, ...]) -> None:
+        with self._cond:
+            self._crcs = list(part_crc32)
+            self._ended = True
+            self._cond.notify_all()
+
+    def finish(self, error: BaseException | None = None) -> None:
+        with self._cond:
+            self._ended, self._done, self._error = True, True, error
+            self._cond.notify_all()
+
+    def part(self, index: int) -> tuple[int, int, int] | None:
+        """Block until part `index` is whole (or the last); returns (start, length, crc32), or None past the end."""
+        start = index * self.part_size
+        with self._cond:
+            self._cond.wait_for(lambda: len(self._crcs) > index or self._ended)
+            self._raise_error()
+            if index >= len(self._crcs):
+                return None
+            return start, min(self._written, start + self.part_size) - start, self._crcs[index]
+
+    def verdict(self) -> int:
+        """Block until finished; returns the final size, or raises what the writer failed with."""
+        with self._cond:
+            self._cond.wait_for(lambda: self._done)
+            self._raise_error()
+            return self._written
+
+    def _raise_error(self) -> None:
+        if self._error is not None:
+            raise SpoolFailed(f"spool writer failed: {self._error}") from self._error
+
+    @classmethod
+    def finished(cls, path: Path, digest: Digest) -> GrowingFile:
+        spool = cls(path, digest.part_size)
+        spool.advance(digest.size, list(digest.part_crc32))
+        spool.end(digest.part_crc32)
+        spool.finish()
+        return spool
+
+
+class SpoolFailed(Exception):
+    """The spool's writer failed: its bytes are not an archive and must not be completed."""
+
+
+def write(chunks: Iterable[Chunk], spool: GrowingFile, compression: Compression, zstd_level: int) -> tuple[Digest, int]:
+    """Compress `chunks` into the spool; returns the digest of the stored bytes and the raw size."""
+    digest = hashlib.sha256()
+    parts = _Parts(spool.part_size)
+    comp = compressor(compression, zstd_level)
+    size = raw = 0
+    with spool.path.open("wb") as out:
+
+        def emit(data: Chunk) -> None:
+            nonlocal size
+            if data:
+                out.write(data)
+                digest.update(data)
+                parts.update(data)
+                size += len(data)
+
+        for chunk in chunks:
+            raw += len(chunk)
+            emit(comp.compress(chunk))
+            out.flush()
+            spool.advance(size, parts.done)
+        emit(comp.flush())
+        out.flush()
+        crcs = parts.close()
+        spool.advance(size, list(crcs))
+        # The last part may go while the file is made durable and podman cleans up.
+        spool.end(crcs)
+        os.fsync(out.fileno())
+    return Digest(size, digest.hexdigest(), spool.part_size, crcs), raw
+
+
+def digest_file(path: Path, part_size: int) -> Digest:
+    """Hash a spool on disk again, as it is now: a retry uploads only what it has just hashed."""
+    digest = hashlib.sha256()
+    parts = _Parts(part_size)
+    size = 0
+    with path.open("rb") as f:
+        for chunk in read_chunks(f, READ_SIZE):
+            digest.update(chunk)
+            parts.update(chunk)
+            size += len(chunk)
+    return Digest(size, digest.hexdigest(), part_size, parts.close())

@@ -1,0 +1,66 @@
+"""What an agent needs to act on its node: settings, the API server, podman and the archive stores."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from checkpointer.adapters.kube import Kube
+from checkpointer.adapters.podman import PodmanError, Runtime
+from checkpointer.archive.store import ArchiveStore, RateLimiter, StorageError, Stores, Transfer
+from checkpointer.errors import Failure
+from checkpointer.models import NameRef
+from checkpointer.reasons import Reason
+from checkpointer.settings import Settings
+
+EXCLUDE_LABEL = "checkpointer.dev/exclude"
+
+
+@dataclass
+class Node:
+    settings: Settings
+    kube: Kube
+    runtime: Runtime
+    stores: Stores = field(init=False)
+    _host: dict[str, str] | None = field(default=None, init=False)
+
+    def __post_init__(self) -> None:
+        transfer = Transfer(
+            part_size=self.settings.part_size,
+            concurrency=self.settings.upload_concurrency,
+            upload_limiter=RateLimiter(self.settings.upload_bytes_per_second),
+            download_limiter=RateLimiter(self.settings.download_bytes_per_second),
+        )
+        self.stores = Stores(self.kube, transfer)
+
+    def host(self) -> dict[str, str]:
+        if self._host is None:
+            self._host = {"node": self.settings.node_name, **self.runtime.versions()}
+        return self._host
+
+    def store(self, ref: NameRef) -> ArchiveStore:
+        """The store of a CheckpointStorage the controller resolved."""
+        storage = self.kube.storage(ref.name)
+        if storage is None:
+            raise Failure(Reason.STORAGE_NOT_FOUND, f"CheckpointStorage {ref.name!r} does not exist")
+        try:
+            return self.stores.of(storage)
+        except (ValueError, *StorageError) as e:
+            raise Failure(Reason.STORAGE_UNAVAILABLE, str(e)) from None
+
+
+def classify(error: PodmanError, default: Reason) -> Reason:
+    """Podman's message to a reason. Pure, for unit tests."""
+    if error.unavailable:
+        return Reason.RUNTIME_UNAVAILABLE
+    text = error.message.lower()
+    if error.status == 404 or "no such container" in text or "no container with name or id" in text:
+        return Reason.CONTAINER_NOT_FOUND
+    if "missing features" in text or "feature check failed" in text or "not supported by criu" in text:
+        return Reason.CRIU_FEATURE_MISSING
+    if "not running" in text or "state improper" in text:
+        return Reason.CONTAINER_NOT_RUNNING
+    if "no such image" in text or "image not known" in text or "unable to find image" in text:
+        return Reason.IMAGE_NOT_FOUND
+    if "already in use" in text or "name is in use" in text:
+        return Reason.NAME_IN_USE
+    return default

@@ -1,0 +1,121 @@
+"""The one way controller and agent write an object's status.
+
+Every write carries the resourceVersion the writer last saw, so two writers cannot clobber each
+other: the API server refuses a stale write (409), the writer reads the object again, and writes
+again only if the phase is still the one it believes in. If someone else moved the object on (the
+controller failed it, it is gone), the writer raises Conflict and the caller stops acting on it.
+The answer to every write tells the writer whether the object is being deleted.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import threading
+import time
+from typing import Any
+
+from kubernetes.client import ApiException
+
+from checkpointer.adapters.kube import Kube
+from checkpointer.conditions import now, phase_patch, set_condition
+from checkpointer.reasons import ConditionType, Phase, Reason
+
+log = logging.getLogger(__name__)
+
+# The API server may be away for a while (a restart, a leader change of etcd): a phase write waits
+# that long for it rather than losing what happened on the node.
+WRITE_PATIENCE_SECONDS = 120.0
+CONFLICT_RETRIES = 10
+
+
+class Conflict(Exception):
+    """The object moved on without this writer: another phase, or it is gone."""
+
+
+class StatusWriter:
+    """Status writes for one object; progress is written at most once a second."""
+
+    def __init__(self, kube: Kube, plural: str, body: dict[str, Any]) -> None:
+        self.kube = kube
+        self.plural = plural
+        self.namespace = body["metadata"]["namespace"]
+        self.name = body["metadata"]["name"]
+        self.generation = int(body["metadata"].get("generation", 0))
+        self.status: dict[str, Any] = {}
+        self.resource_version = ""
+        self.deleting = False
+        self._adopt(body)
+        self._last_progress = 0.0
+        self._lock = threading.Lock()
+
+    def _adopt(self, obj: dict[str, Any]) -> None:
+        meta = obj.get("metadata") or {}
+        self.resource_version = str(meta.get("resourceVersion") or "")
+        self.deleting = bool(meta.get("deletionTimestamp"))
+        self.status = dict(obj.get("status") or {})
+
+    @property
+    def phase_now(self) -> str | None:
+        return self.status.get("phase")
+
+    def write(self, fields: dict[str, Any], patient: bool = True) -> None:
+        """Merge `fields` into status; raises Conflict when the object moved on without us."""
+        with self._lock:
+            waited_since = time.monotonic()
+            conflicts = 0
+            while True:
+                try:
+                    obj = self.kube.patch_status(self.plural, self.namespace, self.name, fields, self.resource_version)
+                except ApiException as e:
+                    if e.status == 404:
+                        raise Conflict(f"{self.namespace}/{self.name} is gone") from None
+                    if e.status == 409 and conflicts < CONFLICT_RETRIES:
+                        conflicts += 1
+                        self._reread()
+                        continue
+                    if e.status is not None and e.status < 500 and e.status != 429:
+                        raise
+                    self._wait(e, waited_since, patient)
+                    continue
+                except Exception as e:  # the connection itself: urllib3's errors are no ApiException
+                    self._wait(e, waited_since, patient)
+                    continue
+                self._adopt(obj)
+                return
+
+    def _reread(self) -> None:
+        fresh = self.kube.get(self.plural, self.namespace, self.name)
+        if fresh is None:
+            raise Conflict(f"{self.namespace}/{self.name} is gone")
+        phase = (fresh.get("status") or {}).get("phase")
+        if phase != self.phase_now:
+            raise Conflict(f"{self.namespace}/{self.name} is {phase} now, not {self.phase_now}")
+        self._adopt(fresh)
+
+    def _wait(self, error: Exception, since: float, patient: bool) -> None:
+        if not patient or time.monotonic() - since > WRITE_PATIENCE_SECONDS:
+            raise error
+        log.warning("status of %s/%s not written yet, retrying: %s", self.namespace, self.name, error)
+        time.sleep(min(5.0, 0.5 + (time.monotonic() - since) / 4))
+
+    def phase(self, phase: Phase, reason: Reason, message: str, *, scheduled: bool | None = None, **extra: Any) -> None:
+        fields = phase_patch(self.status, phase, reason, message, self.generation)
+        if scheduled is not None:
+            fields["conditions"] = set_condition(
+                fields["conditions"], ConditionType.SCHEDULED, scheduled, reason, message, self.generation
+            )
+        if phase in (Phase.CHECKPOINTING, Phase.DOWNLOADING) and not self.status.get("startTime"):
+            fields["startTime"] = now(precise=True)
+        self.write({**fields, **extra})
+
+    def progress(self, done: int, total: int | None = None, force: bool = False) -> None:
+        if not force and time.monotonic() - self._last_progress < 1.0:
+            return
+        self._last_progress = time.monotonic()
+        progress = {"bytesDone": done}
+        if total is not None:
+            progress["bytesTotal"] = total
+        # Progress is informative: a failed write must not fail the checkpoint, nor wait for the API server.
+        with contextlib.suppress(Exception):
+            self.write({"progress": progress}, patient=False)
