@@ -13,6 +13,7 @@ import base64
 import hashlib
 import os
 import re
+import signal
 import ssl
 import subprocess
 import time
@@ -164,6 +165,8 @@ class ControlPlane:
         self.etcd_url = ""
         self.ca: CertificateAuthority | None = None
         self._processes: list[Process] = []
+        # Each component's command line, so that one can be stopped and started again as it was.
+        self._argv: dict[str, list[str | os.PathLike[str]]] = {}
         self._ssl: ssl.SSLContext | None = None
 
     @classmethod
@@ -299,7 +302,44 @@ class ControlPlane:
         # cwd=workdir: anything a component drops in its working directory stays under workdir.
         proc = self.supervisor.start(name, argv, cwd=self.workdir)
         self._processes.append(proc)
+        self._argv[name] = list(argv)
         return proc
+
+    def _component(self, name: str) -> Process | None:
+        return next((p for p in self._processes if p.name == name), None)
+
+    def stop_apiserver(self, kill: bool = False) -> None:
+        """Stop kube-apiserver alone; etcd and the controller manager keep running."""
+        proc = self._component(self.APISERVER)
+        if proc is None:
+            return
+        if kill and proc.alive():
+            os.killpg(proc.popen.pid, signal.SIGKILL)
+        proc.stop()
+
+    def start_apiserver(self, timeout: float = 120) -> None:
+        """Start kube-apiserver again with the same flags, port and certificates; wait for /readyz."""
+        old = self._component(self.APISERVER)
+        if old is not None and old.alive():
+            return
+        proc = self.supervisor.start(self.APISERVER, self._argv[self.APISERVER], cwd=self.workdir)
+        # The new process takes the old one's place, so that stop() still ends components in order.
+        if old is not None:
+            self._processes[self._processes.index(old)] = proc
+            self.supervisor.processes.remove(proc)
+            if old in self.supervisor.processes:
+                self.supervisor.processes[self.supervisor.processes.index(old)] = proc
+            else:
+                self.supervisor.processes.append(proc)
+        else:
+            self._processes.append(proc)
+        etcd = self._component(self.ETCD)
+        _wait(
+            "kube-apiserver /readyz",
+            lambda: self._http(self.server + "/readyz") == (200, b"ok"),
+            [p for p in (etcd, proc) if p is not None],
+            timeout,
+        )
 
     def _http(self, url: str) -> tuple[int, bytes]:
         context = self._ssl if url.startswith("https:") else None

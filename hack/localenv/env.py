@@ -168,16 +168,36 @@ class LocalEnv:
         env.update(extra)
         return env
 
-    def start_controller(self, settings: dict[str, str] | None = None) -> Process:
+    def start_controller(self, settings: dict[str, str] | None = None, name: str = "controller") -> Process:
+        """A controller process; a second one (another name) stands by until the first lets the Lease go."""
         env = self.operator_env(
             {
                 "CHECKPOINTER_AGENT_PICKUP_TIMEOUT_SECONDS": "30",
                 "CHECKPOINTER_STORAGE_VALIDATION_SECONDS": "10",
+                # The holder identity in the controller Lease, as the chart's pod name is.
+                "CHECKPOINTER_POD_NAME": name,
                 **(settings or {}),
             }
         )
-        self.health_ports["controller"] = int(env["CHECKPOINTER_HEALTH_PORT"])
-        return self.supervisor.start("controller", [sys.executable, "-m", "checkpointer", "controller"], env=env)
+        self.health_ports[name] = int(env["CHECKPOINTER_HEALTH_PORT"])
+        return self.supervisor.start(name, [sys.executable, "-m", "checkpointer", "controller"], env=env)
+
+    def stop_controller(self, name: str = "controller", kill: bool = False) -> None:
+        """Stop (SIGTERM: it gives the Lease up) or kill (SIGKILL: its Lease has to expire) a controller."""
+        for process in self.supervisor.processes:
+            if process.name == name and kill and process.alive():
+                os.killpg(process.popen.pid, 9)
+                process.popen.wait(10)
+        self.supervisor.stop(name)
+        self.health_ports.pop(name, None)
+
+    def controller_leader(self) -> str | None:
+        """The holder identity in the controller Lease (a controller's name here); None when nobody leads."""
+        lease = ("lease", "-n", NAMESPACE, "checkpointer-controller", "-o", "jsonpath={.spec.holderIdentity}")
+        result = self.kubectl("get", *lease, check=False)
+        if result.returncode != 0:
+            return None
+        return str(result.stdout).strip() or None
 
     def start_agent(self, name: str, settings: dict[str, str] | None = None) -> Process:
         node = self.nodes[name]
@@ -189,6 +209,8 @@ class LocalEnv:
                 "CHECKPOINTER_NSENTER_TARGET": str(node.init_pid),
                 "CHECKPOINTER_SPOOL_DIR": str(node.spool_dir / "checkpointer"),
                 "CHECKPOINTER_PART_SIZE": str(8 * 1024 * 1024),
+                # What a fault leaves in the spool is cleared within seconds, before the tests look.
+                "CHECKPOINTER_SWEEP_SECONDS": "5",
                 **(settings or {}),
             }
         )

@@ -118,7 +118,15 @@ cd "$rootfs"
 pivot_root . .
 umount -l .
 cd /
-exec catatonit -- podman system service --time=0 "unix://$state/podman.sock"
+# The service runs under a shell loop rather than as catatonit's child itself, so that it can be
+# stopped (a fault the tests inject) without ending PID 1 and with it every container of the node.
+# While the flag file exists the loop waits instead of starting the service again.
+exec catatonit -- /bin/sh -c '
+while :; do
+  podman system service --time=0 "unix://$1/podman.sock" || :
+  while [ -e "$1/podman-service.stopped" ]; do sleep 0.2; done
+  sleep 0.2
+done' podman-service "$state"
 """
 
 
@@ -242,6 +250,7 @@ class NodeSandbox:
         for sub in ("containers", "runroot", "var-tmp", "networks", "spool", "logs"):
             (self.state_dir / sub).mkdir(parents=True, exist_ok=True)
         self.socket.unlink(missing_ok=True)
+        self._service_stopped_flag.unlink(missing_ok=True)
         (self.state_dir / "containers.conf").write_text(CONTAINERS_CONF)
         (self.state_dir / "storage.conf").write_text(STORAGE_CONF)
         enter = self.state_dir / "enter.sh"
@@ -316,6 +325,58 @@ class NodeSandbox:
             except OSError:  # the process exited meanwhile
                 continue
         return pids
+
+    @property
+    def _service_stopped_flag(self) -> Path:
+        return self.state_dir / "podman-service.stopped"
+
+    def service_pids(self) -> list[int]:
+        """Host PIDs of the node's `podman system service` (none while it is stopped)."""
+        pids = []
+        for pid in self.processes():
+            try:
+                argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+            except OSError:  # exited meanwhile
+                continue
+            if len(argv) >= 3 and argv[0].rsplit(b"/", 1)[-1] == b"podman" and argv[1:3] == [b"system", b"service"]:
+                pids.append(pid)
+        return pids
+
+    def service_running(self) -> bool:
+        try:
+            return self._ping()
+        except OSError:
+            return False
+
+    def stop_service(self, timeout: float = 30, kill: bool = False) -> None:
+        """Stop the podman API service; the node, its containers and the podman CLI stay.
+
+        SIGTERM lets podman close its socket (the file goes away); `kill` leaves a dead socket
+        behind, as a crashed service does. Either way nothing answers on it until `start_service`.
+        """
+        self._service_stopped_flag.touch()
+        deadline = time.monotonic() + timeout
+        for pid in self.service_pids():
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL if kill else signal.SIGTERM)
+        while self.service_pids():
+            if time.monotonic() > deadline:
+                # A graceful shutdown waits for open requests; past the deadline it is cut short.
+                for pid in self.service_pids():
+                    with contextlib.suppress(ProcessLookupError):
+                        os.kill(pid, signal.SIGKILL)
+                deadline = time.monotonic() + timeout
+            time.sleep(0.1)
+
+    def start_service(self, timeout: float = 60) -> None:
+        """Start the podman API service again after `stop_service` and wait until it answers."""
+        if not self.running():
+            raise LocalEnvError(f"node {self.name} is not running")
+        if not self.service_pids():
+            # A killed service leaves its socket file; the next one must bind a fresh one.
+            self.socket.unlink(missing_ok=True)
+        self._service_stopped_flag.unlink(missing_ok=True)
+        wait_until(f"node {self.name} podman API", self._ping, timeout=timeout, log=self.log)
 
     def nsenter_argv(self) -> list[str]:
         return ["nsenter", "--target", str(self.init_pid), "--mount", "--pid", "--"]

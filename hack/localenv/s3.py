@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import secrets
+import signal
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -60,21 +61,7 @@ class S3Server:
         access_key = "AK" + secrets.token_hex(9).upper()
         secret_key = secrets.token_urlsafe(30)
         port = free_port()
-        argv: list[str | Path] = [
-            binary,
-            "--port",
-            f"127.0.0.1:{port}",
-            "--region",
-            region,
-            "posix",
-            # ETags from a CRC checksum instead of MD5: S3 promises no MD5 for multipart objects,
-            # and MD5 alone would be half the server's CPU.
-            "--data-integrity-etag",
-            root,
-        ]
-        # The root credentials go by environment, not argv, so they never show in a process list.
-        env = {**os.environ, "ROOT_ACCESS_KEY": access_key, "ROOT_SECRET_KEY": secret_key}
-        process = supervisor.start("s3", argv, cwd=data_dir, env=env)
+        process = _spawn(supervisor, binary, port, region, data_dir, access_key, secret_key)
         server = cls(
             endpoint=f"http://127.0.0.1:{port}",
             access_key=access_key,
@@ -106,6 +93,28 @@ class S3Server:
         self.process.stop(grace=3)
         self.supervisor.stop(self.process.name)
 
+    @property
+    def port(self) -> int:
+        return int(self.endpoint.rsplit(":", 1)[1])
+
+    def stop_process(self, kill: bool = False) -> None:
+        """End the server process only; its data and the endpoint stay for `start_again`."""
+        if kill and self.process.alive():
+            os.killpg(self.process.popen.pid, signal.SIGKILL)
+        self.stop()
+
+    def start_again(self, timeout: float = 60) -> None:
+        """Serve the same data on the same port with the same credentials after `stop_process`.
+
+        Open multipart uploads live in the data directory too, so they survive the restart.
+        """
+        if self.process.alive():
+            return
+        self.process = _spawn(
+            self.supervisor, s3_binary(), self.port, self.region, self.data_dir, self.access_key, self.secret_key
+        )
+        wait_until("S3 server accepting writes", self._ready, timeout=timeout, log=self.process.log)
+
     def _ready(self) -> bool:
         if not self.process.alive():
             raise LocalEnvError(f"the S3 server exited with {self.process.popen.returncode}, see {self.process.log}")
@@ -117,3 +126,23 @@ class S3Server:
         s3.put_object(Bucket=self.bucket, Key=key, Body=b"ok")
         s3.delete_object(Bucket=self.bucket, Key=key)
         return True
+
+
+def _spawn(
+    supervisor: Supervisor, binary: Path, port: int, region: str, data_dir: Path, access_key: str, secret_key: str
+) -> Process:
+    argv: list[str | Path] = [
+        binary,
+        "--port",
+        f"127.0.0.1:{port}",
+        "--region",
+        region,
+        "posix",
+        # ETags from a CRC checksum instead of MD5: S3 promises no MD5 for multipart objects,
+        # and MD5 alone would be half the server's CPU.
+        "--data-integrity-etag",
+        data_dir / "buckets",
+    ]
+    # The root credentials go by environment, not argv, so they never show in a process list.
+    env = {**os.environ, "ROOT_ACCESS_KEY": access_key, "ROOT_SECRET_KEY": secret_key}
+    return supervisor.start("s3", argv, cwd=data_dir, env=env)

@@ -95,9 +95,6 @@ def _current(agent: Node, plural: str, body: kopf.Body, retry: int) -> dict[str,
     return fresh
 
 
-SWEEP_SECONDS = 60.0
-
-
 def register(registry: kopf.OperatorRegistry, agent: Node) -> None:
     node = agent.settings.node_name
     mine = {NODE_LABEL: node}
@@ -129,7 +126,7 @@ def register(registry: kopf.OperatorRegistry, agent: Node) -> None:
                 log.warning("could not renew Lease %s: %s", lease_name(node), e)
 
     def sweeper() -> None:
-        while not stop.wait(SWEEP_SECONDS):
+        while not stop.wait(agent.settings.sweep_seconds):
             try:
                 sweep(agent)
             except Exception as e:  # the next round tries again

@@ -44,6 +44,8 @@ class Settings(BaseSettings):
     upload_deadline_seconds: float = 86400.0
     # A checkpoint is refused (InsufficientSpace) when the spool has less free space than this.
     spool_min_free_bytes: int = 256 * MiB
+    # How often the agent clears what faults left in the spool (see services/sweep.py).
+    sweep_seconds: float = 60.0
 
     # kopf's liveness endpoint (GET /healthz) for the chart's probes; 0 turns it off.
     health_port: int = 8080

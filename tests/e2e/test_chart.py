@@ -212,8 +212,12 @@ def test_defaults_render_controller_and_agent_without_storage(helm: Helm) -> Non
             assert obj["metadata"]["namespace"] == NAMESPACE
 
     deployment = find(objects, "Deployment")
-    assert deployment["spec"]["replicas"] == 1
-    assert deployment["spec"]["strategy"] == {"type": "Recreate"}
+    # A leader and a standby; a rollout adds a standby before it stops an old pod.
+    assert deployment["spec"]["replicas"] == 2
+    assert deployment["spec"]["strategy"] == {
+        "type": "RollingUpdate",
+        "rollingUpdate": {"maxSurge": 1, "maxUnavailable": 0},
+    }
     pod = deployment["spec"]["template"]["spec"]
     assert pod["serviceAccountName"] == CONTROLLER_SA
     assert pod["securityContext"]["runAsNonRoot"] is True
@@ -221,6 +225,7 @@ def test_defaults_render_controller_and_agent_without_storage(helm: Helm) -> Non
     assert controller["image"] == "localhost/checkpointer:0.1.0"
     assert [*controller["command"], *controller["args"]] == ["checkpointer", "controller"]
     assert env_of(controller)["CHECKPOINTER_NAMESPACE"] == NAMESPACE
+    assert env_of(controller)["CHECKPOINTER_POD_NAME"] == {"fieldRef": {"fieldPath": "metadata.name"}}
     assert controller["securityContext"]["allowPrivilegeEscalation"] is False
     assert "privileged" not in controller["securityContext"]
 
@@ -401,7 +406,7 @@ def test_install_creates_the_release_and_its_notes_examples_are_valid(cp: Contro
     deployment = json.loads(
         cp.kubectl("get", "deployment", "checkpointer-controller", "-n", NAMESPACE, "-o", "json").stdout
     )
-    assert deployment["spec"]["strategy"]["type"] == "Recreate"
+    assert deployment["spec"]["strategy"]["type"] == "RollingUpdate"
     cp.kubectl("get", "daemonset", "checkpointer-agent", "-n", NAMESPACE)
     cp.kubectl("get", "checkpointstorage", "default")
     # helm installed the CRDs from the chart's crds/ before the templates that use them.
@@ -501,6 +506,13 @@ def test_controller_has_least_privilege(cp: ControlPlane, installed: str) -> Non
     assert ok("get", "nodes") and not ok("patch", "nodes")
     assert ok("get", LEASES, NAMESPACE)
     assert not ok("patch", LEASES, NAMESPACE) and not ok("get", LEASES, "default")
+    # Its own Lease, for the leader election: changes only to that one, nowhere else.
+    for verb in ("get", "update", "patch"):
+        assert ok(verb, f"{LEASES}/checkpointer-controller", NAMESPACE), verb
+    for verb in ("update", "patch"):
+        assert not ok(verb, f"{LEASES}/checkpointer-agent-{NODE}", NAMESPACE), verb
+    assert ok("create", LEASES, NAMESPACE) and not ok("create", LEASES, "default")
+    assert not ok("delete", f"{LEASES}/checkpointer-controller", NAMESPACE)
     assert ok("get", f"secrets/{STORAGE_SECRET}", NAMESPACE)
     assert not ok("get", "secrets/unrelated", NAMESPACE) and not ok("list", "secrets", NAMESPACE)
     assert ok("create", "events", WORKLOADS)
@@ -609,6 +621,8 @@ print(json.dumps({{"storages": [s.metadata.name for s in kube.storages()], "key"
         )
         message = get(CKS, "default", "-o", "jsonpath={.status.message}")
         assert "Forbidden" not in message and "403" not in message, message
+        # It leads through its own Lease, written with nothing but the chart's Role.
+        assert get(LEASES, "checkpointer-controller", "-n", NAMESPACE, "-o", "jsonpath={.spec.holderIdentity}")
 
         ccp = {
             "apiVersion": "checkpointer.dev/v1alpha1",

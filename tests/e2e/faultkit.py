@@ -1,0 +1,88 @@
+"""What the fault tests share: a workload whose checkpoint lasts long enough to be hit, and watching it."""
+
+from __future__ import annotations
+
+import json
+import time
+import uuid
+from typing import Any
+
+from localenv.env import LocalEnv
+from localenv.images import MEMORY, wait_for_log
+
+MiB = 1024 * 1024
+
+
+def unique(prefix: str) -> str:
+    return f"{prefix}-{uuid.uuid4().hex[:6]}"
+
+
+def workload(env: LocalEnv, node: str, mib: int = 48) -> str:
+    """A running container holding `mib` MiB of incompressible memory."""
+    name = unique("memory")
+    env.nodes[node].podman("run", "-d", "--name", name, MEMORY, str(mib))
+    wait_for_log(env.nodes[node], name, "ready")
+    return name
+
+
+def checkpoint(env: LocalEnv, node: str, container: str, **spec: Any) -> str:
+    name = unique("ccp")
+    env.apply(
+        {
+            "apiVersion": "checkpointer.dev/v1alpha1",
+            "kind": "ContainerCheckpoint",
+            "metadata": {"name": name, "namespace": "default"},
+            "spec": {"nodeName": node, "containers": [container], "export": {}, "compress": "none", **spec},
+        }
+    )
+    return name
+
+
+def get(env: LocalEnv, kind: str, name: str) -> dict[str, Any] | None:
+    out = env.kubectl("get", kind, name, "-n", "default", "-o", "json", check=False)
+    return json.loads(out.stdout) if out.returncode == 0 else None
+
+
+def ready(obj: dict[str, Any]) -> dict[str, Any]:
+    status = obj.get("status") or {}
+    return next((c for c in status.get("conditions") or [] if c.get("type") == "Ready"), {})
+
+
+def wait_for(env: LocalEnv, kind: str, name: str, what: str, test: Any, timeout: float = 120) -> dict[str, Any]:
+    """The object once `test(obj)` holds; fails naming `what` after `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    obj: dict[str, Any] | None = None
+    while time.monotonic() < deadline:
+        obj = get(env, kind, name)
+        if obj is not None and test(obj):
+            return obj
+        time.sleep(0.2)
+    raise AssertionError(f"{kind} {name}: {what} did not happen in {timeout:.0f}s; last: {obj and obj.get('status')}")
+
+
+def uploading(obj: dict[str, Any], at_least: int = 1) -> bool:
+    status = obj.get("status") or {}
+    return status.get("phase") == "Uploading" and int((status.get("progress") or {}).get("bytesDone") or 0) >= at_least
+
+
+def state(env: LocalEnv, node: str, container: str) -> str:
+    out = env.nodes[node].podman("inspect", "--format", "{{.State.Status}}", container)
+    return out.stdout.decode().strip()
+
+
+def remove(env: LocalEnv, node: str, container: str) -> None:
+    env.nodes[node].podman("rm", "-f", "-t", "0", container, check=False)
+
+
+def delete(env: LocalEnv, kind: str, name: str, timeout: float = 120) -> None:
+    env.kubectl("delete", kind, name, "-n", "default", "--wait=false", check=False)
+    deadline = time.monotonic() + timeout
+    while get(env, kind, name) is not None:
+        assert time.monotonic() < deadline, f"{kind} {name} was not deleted in {timeout:.0f}s"
+        time.sleep(0.3)
+
+
+def events(env: LocalEnv, name: str, reason: str) -> list[str]:
+    selector = f"involvedObject.name={name},reason={reason}"
+    out = env.kubectl("get", "events", "-n", "default", "--field-selector", selector, "-o", "json")
+    return [str(e.get("message")) for e in json.loads(out.stdout)["items"]]

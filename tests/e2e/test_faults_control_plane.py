@@ -1,0 +1,69 @@
+"""Faults of the control plane, injected for real: kube-apiserver stopped mid-checkpoint, and a
+controller killed between its Scheduled status and its node label (see docs/failure-semantics.md)."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+
+from faultkit import MiB, checkpoint, get, remove, uploading, wait_for, workload
+from invariants import check_invariants
+
+from localenv import faults
+from localenv.env import STORAGE, LocalEnv
+
+NODE = "node-b"
+
+
+def test_api_server_down_for_20s_mid_checkpoint(local_env: LocalEnv) -> None:
+    env = local_env
+    container = workload(env, NODE)
+    try:
+        with faults.agent_settings(env, NODE, {"CHECKPOINTER_UPLOAD_BYTES_PER_SECOND": str(4 * MiB)}):
+            name = checkpoint(env, NODE, container)
+            wait_for(env, "ccp", name, "upload under way", lambda o: uploading(o, 4 * MiB))
+            with faults.apiserver_down(env):
+                time.sleep(20)
+            obj = wait_for(
+                env, "ccp", name, "an end", lambda o: o["status"].get("phase") in ("Succeeded", "Failed"), 180
+            )
+            assert obj["status"]["phase"] == "Succeeded", obj["status"]
+            [archive] = obj["status"]["archives"]
+            body = env.s3.client().get_object(Bucket=env.s3.bucket, Key=archive["key"])["Body"].read()
+            assert hashlib.sha256(body).hexdigest() == archive["sha256"] and len(body) == archive["size"]
+        check_invariants(env)
+    finally:
+        remove(env, NODE, container)
+
+
+def test_an_object_left_scheduled_without_its_label_completes(local_env: LocalEnv) -> None:
+    env = local_env
+    container = workload(env, NODE, mib=16)
+    try:
+        # The controller dies after its Scheduled status write and before its label patch: with no
+        # controller running, the object is made and given exactly that status, as the dead one left it.
+        env.stop_controller(kill=True)
+        try:
+            name = checkpoint(env, NODE, container)
+            status = {
+                "status": {
+                    "phase": "Scheduled",
+                    "nodeName": NODE,
+                    "storageRef": {"name": STORAGE},
+                    "observedGeneration": 1,
+                }
+            }
+            env.kubectl(
+                "patch", "ccp", name, "-n", "default", "--subresource=status", "--type=merge", "-p", json.dumps(status)
+            )
+            time.sleep(2)
+            obj = get(env, "ccp", name)
+            assert obj is not None and obj["status"]["phase"] == "Scheduled" and not obj["metadata"].get("labels")
+        finally:
+            env.start_controller()
+        obj = wait_for(env, "ccp", name, "an end", lambda o: o["status"].get("phase") in ("Succeeded", "Failed"), 120)
+        assert obj["status"]["phase"] == "Succeeded", obj["status"]
+        check_invariants(env)
+    finally:
+        remove(env, NODE, container)

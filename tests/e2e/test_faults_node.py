@@ -1,0 +1,73 @@
+"""Faults of a node, injected for real: a spool filesystem that is full, and a podman that is gone
+(see docs/failure-semantics.md)."""
+
+from __future__ import annotations
+
+import pytest
+from faultkit import checkpoint, ready, remove, state, wait_for, workload
+from invariants import check_invariants
+
+from localenv import faults
+from localenv.env import LocalEnv
+
+NODES = ["node-a", "node-b"]  # node-a's agent uses the REST API, node-b's the CLI
+
+
+def finished(obj: dict[str, object]) -> bool:
+    return (obj.get("status") or {}).get("phase") in ("Succeeded", "Failed")  # type: ignore[union-attr]
+
+
+@pytest.mark.parametrize("node", NODES)
+def test_a_spool_that_fills_mid_export_gives_the_container_back(local_env: LocalEnv, node: str) -> None:
+    env = local_env
+    container = workload(env, node, mib=96)
+    try:
+        # 48 MiB of room for an export of about 100 MiB: the disk fills while podman exports.
+        with faults.small_spool(env, node, 48) as spool:
+            settings = {"CHECKPOINTER_SPOOL_DIR": str(spool), "CHECKPOINTER_SPOOL_MIN_FREE_BYTES": "1048576"}
+            with faults.agent_settings(env, node, settings):
+                name = checkpoint(env, node, container)
+                obj = wait_for(env, "ccp", name, "an end", finished, timeout=180)
+                assert obj["status"]["phase"] == "Failed"
+                assert ready(obj)["reason"] == "InsufficientSpace", obj["status"]
+                assert "restored in place" in ready(obj)["message"], ready(obj)["message"]
+                assert state(env, node, container) == "running"
+                check_invariants(env)
+    finally:
+        remove(env, node, container)
+
+
+def test_a_spool_without_room_refuses_the_checkpoint_up_front(local_env: LocalEnv) -> None:
+    env = local_env
+    node = "node-b"
+    container = workload(env, node, mib=16)
+    try:
+        # The default asks for 256 MiB free before any container is stopped.
+        with (
+            faults.small_spool(env, node, 32) as spool,
+            faults.agent_settings(env, node, {"CHECKPOINTER_SPOOL_DIR": str(spool)}),
+        ):
+            name = checkpoint(env, node, container)
+            obj = wait_for(env, "ccp", name, "an end", finished, timeout=60)
+            assert ready(obj)["reason"] == "InsufficientSpace", obj["status"]
+            assert "keeps running" in ready(obj)["message"]
+            assert state(env, node, container) == "running"
+            check_invariants(env)
+    finally:
+        remove(env, node, container)
+
+
+def test_a_node_whose_podman_is_gone_fails_new_objects_with_a_reason(local_env: LocalEnv) -> None:
+    env = local_env
+    node = "node-a"  # its agent talks to podman's API service, which is what stops here
+    container = workload(env, node, mib=16)
+    try:
+        with faults.podman_service_down(env, node):
+            name = checkpoint(env, node, container)
+            obj = wait_for(env, "ccp", name, "an end", finished, timeout=90)
+            assert obj["status"]["phase"] == "Failed"
+            assert ready(obj)["reason"] == "RuntimeUnavailable", obj["status"]
+        assert state(env, node, container) == "running"
+        check_invariants(env)
+    finally:
+        remove(env, node, container)

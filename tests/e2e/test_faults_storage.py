@@ -1,0 +1,98 @@
+"""Faults of the storage, injected for real: the S3 server stopped mid-upload, for a while and for
+good, and a ContainerCheckpoint deleted while it uploads (see docs/failure-semantics.md)."""
+
+from __future__ import annotations
+
+import hashlib
+import re
+import time
+from pathlib import Path
+
+from faultkit import MiB, checkpoint, delete, events, ready, remove, state, uploading, wait_for, workload
+from invariants import check_invariants
+
+from localenv import faults
+from localenv.env import LocalEnv
+
+NODE = "node-a"
+# A slow uplink keeps the upload going long enough to break it in the middle.
+SLOW = {
+    "CHECKPOINTER_UPLOAD_BYTES_PER_SECOND": str(4 * MiB),
+    "CHECKPOINTER_UPLOAD_RETRY_SECONDS": "2",
+    "CHECKPOINTER_UPLOAD_RETRY_MAX_SECONDS": "8",
+}
+
+
+def test_s3_down_for_30s_mid_upload_retries_with_backoff_and_succeeds(local_env: LocalEnv) -> None:
+    env = local_env
+    container = workload(env, NODE)
+    try:
+        with faults.agent_settings(env, NODE, SLOW):
+            name = checkpoint(env, NODE, container)
+            wait_for(env, "ccp", name, "upload under way", lambda o: uploading(o, 8 * MiB))
+            delays: list[int] = []
+            with faults.s3_down(env):
+                deadline = time.monotonic() + 30
+                while time.monotonic() < deadline:
+                    obj = wait_for(env, "ccp", name, "an answer", lambda o: True)
+                    found = re.search(r"retrying in (\d+)s", str(ready(obj).get("message")))
+                    retrying = ready(obj).get("reason") == "UploadRetrying" and found
+                    if retrying and found and (not delays or int(found.group(1)) != delays[-1]):
+                        delays.append(int(found.group(1)))
+                    time.sleep(0.5)
+            assert len(delays) >= 2 and delays == sorted(delays) and delays[-1] > delays[0], (
+                f"no growing backoff while S3 was down: {delays}"
+            )
+            obj = wait_for(env, "ccp", name, "Succeeded", lambda o: o["status"].get("phase") in ("Succeeded", "Failed"))
+            assert obj["status"]["phase"] == "Succeeded", obj["status"]
+            [archive] = obj["status"]["archives"]
+            body = env.s3.client().get_object(Bucket=env.s3.bucket, Key=archive["key"])["Body"].read()
+            assert hashlib.sha256(body).hexdigest() == archive["sha256"]
+            assert len(body) == archive["size"]
+        check_invariants(env)
+    finally:
+        remove(env, NODE, container)
+
+
+def test_s3_down_past_the_deadline_fails_with_upload_failed_and_keeps_the_spool(local_env: LocalEnv) -> None:
+    env = local_env
+    container = workload(env, NODE)
+    try:
+        with faults.agent_settings(env, NODE, {**SLOW, "CHECKPOINTER_UPLOAD_DEADLINE_SECONDS": "12"}):
+            name = checkpoint(env, NODE, container)
+            wait_for(env, "ccp", name, "upload under way", lambda o: uploading(o, 8 * MiB))
+            with faults.s3_down(env):
+                obj = wait_for(env, "ccp", name, "Failed", lambda o: o["status"].get("phase") == "Failed", timeout=90)
+                assert ready(obj)["reason"] == "UploadFailed", obj["status"]
+                spool = Path(re.findall(r" at (/\S+):", ready(obj)["message"])[0])
+                assert spool.is_file() and spool.stat().st_size > 0, f"the spool is not kept on the node: {spool}"
+                [event] = events(env, name, "UploadFailed")
+                assert str(spool) in event
+            assert state(env, NODE, container) == "exited"  # stopped, with its archive on the node
+            # Once S3 answers again, the agent aborts the upload it gave up on.
+            check_invariants(env)
+            delete(env, "ccp", name)
+        # The object is gone, so is its spool; podman's local checkpoint of the container stays.
+        check_invariants(env, stopped=[(NODE, container)])
+    finally:
+        remove(env, NODE, container)
+
+
+def test_deleting_a_checkpoint_mid_upload_leaves_nothing_and_the_container_runs(local_env: LocalEnv) -> None:
+    env = local_env
+    container = workload(env, NODE)
+    try:
+        with faults.agent_settings(env, NODE, SLOW):
+            name = checkpoint(env, NODE, container)
+            obj = wait_for(env, "ccp", name, "upload under way", lambda o: uploading(o, 8 * MiB))
+            uid = obj["metadata"]["uid"]
+            delete(env, "ccp", name)
+            s3 = env.s3.client()
+            assert not s3.list_objects_v2(Bucket=env.s3.bucket, Prefix=f"default/{name}-").get("Contents")
+            assert not s3.list_multipart_uploads(Bucket=env.s3.bucket).get("Uploads")
+            spool = env.nodes[NODE].spool_dir / "checkpointer"
+            assert not [p for p in spool.iterdir() if uid in p.name]
+            assert state(env, NODE, container) == "running"
+        check_invariants(env, stopped=[(NODE, container)])
+    finally:
+        remove(env, NODE, container)
