@@ -4,7 +4,7 @@
 from __future__ import annotations
 
 import pytest
-from faultkit import checkpoint, ready, remove, state, wait_for, workload
+from faultkit import MiB, checkpoint, ready, remove, state, uploading, wait_for, workload
 from invariants import check_invariants
 
 from localenv import faults
@@ -67,6 +67,32 @@ def test_a_node_whose_podman_is_gone_fails_new_objects_with_a_reason(local_env: 
             obj = wait_for(env, "ccp", name, "an end", finished, timeout=90)
             assert obj["status"]["phase"] == "Failed"
             assert ready(obj)["reason"] == "RuntimeUnavailable", obj["status"]
+        assert state(env, node, container) == "running"
+        check_invariants(env)
+    finally:
+        remove(env, node, container)
+
+
+def test_a_spool_changed_on_the_node_is_not_uploaded_and_the_container_runs_again(local_env: LocalEnv) -> None:
+    env = local_env
+    node = "node-b"
+    container = workload(env, node)
+    try:
+        with faults.agent_settings(env, node, {"CHECKPOINTER_UPLOAD_BYTES_PER_SECOND": str(4 * MiB)}):
+            name = checkpoint(env, node, container)
+            obj = wait_for(env, "ccp", name, "upload under way", lambda o: uploading(o, 4 * MiB))
+            env.stop_agent(node, kill=True)
+            meta = obj["metadata"]
+            folder = env.nodes[node].spool_dir / "checkpointer" / f"checkpoint_default_{name}_{meta['uid']}"
+            [spool] = folder.glob(f"{container}.tar")
+            with spool.open("r+b") as f:  # one byte of the archive flips on the node's disk
+                f.seek(spool.stat().st_size // 2)
+                byte = f.read(1)
+                f.seek(-1, 1)
+                f.write(bytes([byte[0] ^ 0xFF]))
+        obj = wait_for(env, "ccp", name, "an end", finished, timeout=120)
+        assert ready(obj)["reason"] == "ArchiveCorrupt", obj["status"]
+        assert "restored in place" in ready(obj)["message"], ready(obj)["message"]
         assert state(env, node, container) == "running"
         check_invariants(env)
     finally:

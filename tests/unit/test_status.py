@@ -1,0 +1,85 @@
+"""The status writer against an API server stand-in that enforces resourceVersion as the real one does."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+from kubernetes.client import ApiException
+
+from checkpointer.reasons import Phase, Reason
+from checkpointer.status import Conflict, StatusWriter
+
+
+class FakeKube:
+    """One object; a write with a stale resourceVersion gets 409, as from kube-apiserver."""
+
+    def __init__(self, status: dict[str, Any]) -> None:
+        self.obj: dict[str, Any] | None = {
+            "metadata": {"name": "o", "namespace": "ns", "resourceVersion": "1", "generation": 1},
+            "status": status,
+        }
+        self.writes = 0
+
+    def bump(self, **status: Any) -> None:
+        """Another writer (or a metadata change) moves the object on."""
+        assert self.obj is not None
+        self.obj["status"].update(status)
+        self.obj["metadata"]["resourceVersion"] = str(int(self.obj["metadata"]["resourceVersion"]) + 1)
+
+    def get(self, plural: str, namespace: str, name: str) -> dict[str, Any] | None:
+        return self.obj
+
+    def patch_status(
+        self, plural: str, namespace: str, name: str, status: dict[str, Any], resource_version: str = ""
+    ) -> dict[str, Any]:
+        if self.obj is None:
+            raise ApiException(status=404)
+        if resource_version and resource_version != self.obj["metadata"]["resourceVersion"]:
+            raise ApiException(status=409)
+        self.writes += 1
+        self.bump(**status)
+        return self.obj
+
+
+def writer(kube: FakeKube) -> StatusWriter:
+    assert kube.obj is not None
+    return StatusWriter(kube, "containercheckpoints", kube.obj)  # type: ignore[arg-type]
+
+
+def test_a_write_after_a_metadata_change_is_retried_on_the_fresh_version() -> None:
+    kube = FakeKube({"phase": "Uploading"})
+    status = writer(kube)
+    kube.bump()  # kopf's annotations, a label: the phase is still ours
+    status.progress(5, 10, force=True)
+    assert kube.obj is not None and kube.obj["status"]["progress"] == {"bytesDone": 5, "bytesTotal": 10}
+
+
+def test_a_write_after_someone_else_moved_the_phase_is_refused() -> None:
+    kube = FakeKube({"phase": "Scheduled"})
+    status = writer(kube)
+    kube.bump(phase="Failed")  # the controller's pickup deadline won the race
+    with pytest.raises(Conflict):
+        status.phase(Phase.CHECKPOINTING, Reason.CHECKPOINTING, "checkpointing web")
+    assert kube.obj is not None and kube.obj["status"]["phase"] == "Failed"
+
+
+def test_a_deleted_object_is_a_conflict_and_deletion_is_seen_in_answers() -> None:
+    kube = FakeKube({"phase": "Uploading"})
+    status = writer(kube)
+    assert kube.obj is not None
+    kube.obj["metadata"]["deletionTimestamp"] = "2026-12-03T00:00:00Z"
+    status.write({"progress": {"bytesDone": 1}})
+    assert status.deleting
+    kube.obj = None
+    with pytest.raises(Conflict):
+        status.write({"progress": {"bytesDone": 2}})
+
+
+def test_phase_keeps_conditions_in_the_metav1_shape() -> None:
+    kube = FakeKube({})
+    writer(kube).phase(Phase.SCHEDULED, Reason.SCHEDULED, "handed over", scheduled=True, nodeName="n")
+    assert kube.obj is not None
+    conditions = {c["type"]: c for c in kube.obj["status"]["conditions"]}
+    assert conditions["Scheduled"]["status"] == "True" and conditions["Ready"]["status"] == "False"
+    assert kube.obj["status"]["nodeName"] == "n"
