@@ -106,6 +106,15 @@ def register(registry: kopf.OperatorRegistry, agent: Node) -> None:
         if fresh is not None:
             checkpoint.run(agent, fresh)
 
+    # optional: no finalizer of the agent's own. The controller's finalizer keeps a deleted object
+    # until it is terminal, so this runs for one whose checkpoint was waiting for a retry: kopf
+    # drops a pending retry of the handler above once the object is being deleted.
+    @kopf.on.delete(GROUP, VERSION, CHECKPOINTS, labels=mine, optional=True, registry=registry)
+    def cancel_checkpoint(body: kopf.Body, **_: Any) -> None:
+        fresh = agent.kube.get(CHECKPOINTS, body["metadata"]["namespace"], body["metadata"]["name"])
+        if fresh is not None:
+            checkpoint.run(agent, fresh)  # it sees the deletion and gives the containers back
+
     @kopf.on.resume(GROUP, VERSION, RESTORES, labels=mine, registry=registry)
     @kopf.on.create(GROUP, VERSION, RESTORES, labels=mine, registry=registry)
     def restore_archive(body: kopf.Body, retry: int, **_: Any) -> None:

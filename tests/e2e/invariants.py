@@ -32,6 +32,16 @@ CHECKPOINTS = "containercheckpoints.checkpointer.dev"
 RESTORES = "containerrestores.checkpointer.dev"
 TERMINAL = ("Succeeded", "Failed")
 UID = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$")
+# Failures that end a checkpoint before podman is asked to stop anything.
+BEFORE_PODMAN = {
+    "NodeNotFound",
+    "AgentUnavailable",
+    "StorageNotFound",
+    "StorageUnavailable",
+    "PreviousCheckpointNotReady",
+    "ContainerNotFound",
+    "ContainerNotRunning",
+}
 # An abort or a folder removal may trail the object's last status write by a moment.
 SETTLE_SECONDS = 20.0
 
@@ -99,6 +109,12 @@ def _wait_terminal(env: LocalEnv, timeout: float) -> list[dict[str, Any]]:
 def _describe(obj: dict[str, Any]) -> str:
     meta = obj["metadata"]
     return f"{obj['kind']} {meta.get('namespace')}/{meta['name']} (uid {meta['uid']})"
+
+
+def _reason(obj: dict[str, Any]) -> str:
+    status = obj.get("status") or {}
+    ready = next((c for c in status.get("conditions") or [] if c.get("type") == "Ready"), {})
+    return str(ready.get("reason") or "")
 
 
 def _status(obj: dict[str, Any]) -> str:
@@ -285,6 +301,8 @@ def _stopped_containers_keep_their_archive(
     for obj in objects:
         if obj["kind"] != "ContainerCheckpoint" or obj["spec"].get("leaveRunning"):
             continue
+        if (obj.get("status") or {}).get("phase") == "Failed" and _reason(obj) in BEFORE_PODMAN:
+            continue  # it ended before any container was stopped: one that is stopped was so before
         node = (obj.get("status") or {}).get("nodeName") or obj["spec"].get("nodeName")
         if node not in env.nodes:
             continue

@@ -23,7 +23,7 @@ from typing import Any
 
 import kopf
 
-from checkpointer import layout
+from checkpointer import GROUP, VERSION, layout
 from checkpointer.adapters.kube import CHECKPOINTS
 from checkpointer.adapters.podman import Container, PodmanError, checkpoint_in_progress, criu_supports
 from checkpointer.archive import spool as spooling
@@ -378,7 +378,7 @@ class Checkpoint:
     def _event_target(self) -> kopf.RawBody:
         meta = self.ccp.metadata
         return {
-            "apiVersion": "checkpointer.dev/v1alpha1",
+            "apiVersion": f"{GROUP}/{VERSION}",
             "kind": "ContainerCheckpoint",
             "metadata": {"name": meta.name, "namespace": meta.namespace, "uid": meta.uid},
         }
