@@ -6,7 +6,8 @@ Handlers are thin: parse, call a service, write status. One replica leads (see l
 from __future__ import annotations
 
 import logging
-from typing import Any
+from collections.abc import Callable
+from typing import Any, TypeVar
 
 import kopf
 
@@ -22,6 +23,16 @@ from checkpointer.settings import Settings
 from checkpointer.status import Conflict, StatusWriter
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+
+def _storage_body(storage: CheckpointStorage) -> kopf.Body:
+    raw: kopf.RawBody = {
+        "apiVersion": f"{GROUP}/{VERSION}",
+        "kind": "CheckpointStorage",
+        "metadata": {"name": storage.metadata.name, "uid": storage.metadata.uid},
+    }
+    return kopf.Body(raw)
 
 
 def _fail(kube: Kube, plural: str, body: kopf.Body, error: Failure) -> None:
@@ -94,7 +105,7 @@ def register(registry: kopf.OperatorRegistry, settings: Settings, kube: Kube) ->
             return
         ccp = ContainerCheckpoint.model_validate(dict(body))
         try:
-            storage = scheduling.schedule_checkpoint(kube, leases, ccp)
+            storage = with_fresh_storage(lambda: scheduling.schedule_checkpoint(kube, leases, ccp))
         except Failure as e:
             _fail(kube, CHECKPOINTS, body, e)
             return
@@ -110,7 +121,7 @@ def register(registry: kopf.OperatorRegistry, settings: Settings, kube: Kube) ->
         crst = ContainerRestore.model_validate(dict(body))
         try:
             scheduling.require_node_with_agent(kube, leases, crst.spec.node_name)
-            archive = scheduling.resolve_restore_archive(kube, crst)
+            archive = with_fresh_storage(lambda: scheduling.resolve_restore_archive(kube, crst))
         except Failure as e:
             _fail(kube, RESTORES, body, e)
             return
@@ -191,15 +202,32 @@ def register(registry: kopf.OperatorRegistry, settings: Settings, kube: Kube) ->
             raise kopf.TemporaryError(f"the archives could not be deleted yet: {e}", delay=10) from None
         kopf.event(body, type="Normal", reason="ArchivesDeleted", message=f"deleted {deleted} objects from the bucket")
 
-    @kopf.timer(GROUP, VERSION, STORAGES, interval=settings.storage_validation_seconds, registry=registry)
-    def validate_storage(body: kopf.Body, patch: kopf.Patch, **_: Any) -> None:
-        storage = CheckpointStorage.model_validate(dict(body))
+    def revalidate(storage: CheckpointStorage) -> bool:
+        """Ask the bucket now and write what it says; returns whether it is Available."""
         status = validation.validate(stores, storage)
         if status["phase"] != storage.status.get("phase"):
+            log.info("CheckpointStorage %s is %s: %s", storage.metadata.name, status["phase"], status["message"])
             kopf.event(
-                body,
+                _storage_body(storage),
                 type="Normal" if status["phase"] == "Available" else "Warning",
                 reason=status["phase"],
                 message=status["message"],
             )
-        patch.status.update(status)
+        kube.patch_storage_status(storage.metadata.name, status)
+        return bool(status["phase"] == "Available")
+
+    def with_fresh_storage(schedule: Callable[[], T]) -> T:
+        """`schedule()`, asked once more when it failed on a storage whose status may be stale: the
+        timer's last look may predate the end of an outage by up to an interval."""
+        try:
+            return schedule()
+        except Failure as e:
+            if e.reason != Reason.STORAGE_UNAVAILABLE:
+                raise
+            if not any([revalidate(s) for s in kube.storages() if not s.available]):
+                raise
+        return schedule()
+
+    @kopf.timer(GROUP, VERSION, STORAGES, interval=settings.storage_validation_seconds, registry=registry)
+    def validate_storage(body: kopf.Body, **_: Any) -> None:
+        revalidate(CheckpointStorage.model_validate(dict(body)))

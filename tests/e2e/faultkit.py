@@ -60,6 +60,10 @@ def wait_for(env: LocalEnv, kind: str, name: str, what: str, test: Any, timeout:
     raise AssertionError(f"{kind} {name}: {what} did not happen in {timeout:.0f}s; last: {obj and obj.get('status')}")
 
 
+def finished(obj: dict[str, Any]) -> bool:
+    return (obj.get("status") or {}).get("phase") in ("Succeeded", "Failed")
+
+
 def uploading(obj: dict[str, Any], at_least: int = 1) -> bool:
     status = obj.get("status") or {}
     return status.get("phase") == "Uploading" and int((status.get("progress") or {}).get("bytesDone") or 0) >= at_least

@@ -74,10 +74,10 @@ def check_invariants(
             violations.append(f"4. {_describe(obj)} is not terminal after {timeout:.0f}s: {_status(obj)}")
     # Uploads and work folders are judged once the objects have settled; what is then still there
     # stays, so a short grace only covers an abort or a removal that trails the last status write.
-    violations += _settled(lambda: _open_uploads(env))
-    violations += _archives_in_bucket(env, objects)
-    violations += _stopped_containers_keep_their_archive(env, objects, extra)
-    violations += _settled(lambda: _orphan_work_folders(env))
+    violations += settled(lambda: _open_uploads(env))
+    violations += archives_in_bucket(env, objects)
+    violations += stopped_containers_keep_their_archive(env, objects, extra)
+    violations += settled(lambda: _orphan_work_folders(env))
     if violations:
         raise AssertionError(
             f"{len(violations)} invariant violation(s) (see docs/failure-semantics.md):\n- " + "\n- ".join(violations)
@@ -113,7 +113,7 @@ def _describe(obj: dict[str, Any]) -> str:
 
 def _reason(obj: dict[str, Any]) -> str:
     status = obj.get("status") or {}
-    ready = next((c for c in status.get("conditions") or [] if c.get("type") == "Ready"), {})
+    ready: dict[str, Any] = next((c for c in status.get("conditions") or [] if c.get("type") == "Ready"), {})
     return str(ready.get("reason") or "")
 
 
@@ -127,7 +127,7 @@ def _status(obj: dict[str, Any]) -> str:
     )
 
 
-def _settled(check: Callable[[], list[str]], grace: float = SETTLE_SECONDS) -> list[str]:
+def settled(check: Callable[[], list[str]], grace: float = SETTLE_SECONDS) -> list[str]:
     deadline = time.monotonic() + grace
     while True:
         violations = check()
@@ -179,7 +179,7 @@ def _stored(env: LocalEnv, bucket: str, key: str) -> tuple[int, str] | str:
     return size, digest.hexdigest()
 
 
-def _archives_in_bucket(env: LocalEnv, objects: Sequence[dict[str, Any]]) -> list[str]:
+def archives_in_bucket(env: LocalEnv, objects: Sequence[dict[str, Any]]) -> list[str]:
     violations = []
     for obj in objects:
         status = obj.get("status") or {}
@@ -267,7 +267,7 @@ def _in_bucket(env: LocalEnv, obj: dict[str, Any], container: str) -> bool:
     return False
 
 
-def _stopped_containers_keep_their_archive(
+def stopped_containers_keep_their_archive(
     env: LocalEnv, objects: Sequence[dict[str, Any]], extra: Sequence[Container]
 ) -> list[str]:
     violations = []

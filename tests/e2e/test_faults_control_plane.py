@@ -7,9 +7,8 @@ import hashlib
 import json
 import time
 
-from faultkit import MiB, checkpoint, get, remove, uploading, wait_for, workload
+from faultkit import MiB, checkpoint, finished, get, remove, uploading, wait_for, workload
 from invariants import check_invariants
-
 from localenv import faults
 from localenv.env import STORAGE, LocalEnv
 
@@ -25,9 +24,7 @@ def test_api_server_down_for_20s_mid_checkpoint(local_env: LocalEnv) -> None:
             wait_for(env, "ccp", name, "upload under way", lambda o: uploading(o, 4 * MiB))
             with faults.apiserver_down(env):
                 time.sleep(20)
-            obj = wait_for(
-                env, "ccp", name, "an end", lambda o: o["status"].get("phase") in ("Succeeded", "Failed"), 180
-            )
+            obj = wait_for(env, "ccp", name, "an end", finished, 180)
             assert obj["status"]["phase"] == "Succeeded", obj["status"]
             [archive] = obj["status"]["archives"]
             body = env.s3.client().get_object(Bucket=env.s3.bucket, Key=archive["key"])["Body"].read()
@@ -62,7 +59,7 @@ def test_an_object_left_scheduled_without_its_label_completes(local_env: LocalEn
             assert obj is not None and obj["status"]["phase"] == "Scheduled" and not obj["metadata"].get("labels")
         finally:
             env.start_controller()
-        obj = wait_for(env, "ccp", name, "an end", lambda o: o["status"].get("phase") in ("Succeeded", "Failed"), 120)
+        obj = wait_for(env, "ccp", name, "an end", finished, 120)
         assert obj["status"]["phase"] == "Succeeded", obj["status"]
         check_invariants(env)
     finally:

@@ -4,17 +4,13 @@
 from __future__ import annotations
 
 import pytest
-from faultkit import MiB, checkpoint, ready, remove, state, uploading, wait_for, workload
-from invariants import check_invariants
 
+from faultkit import MiB, checkpoint, finished, ready, remove, state, uploading, wait_for, workload
+from invariants import check_invariants
 from localenv import faults
 from localenv.env import LocalEnv
 
 NODES = ["node-a", "node-b"]  # node-a's agent uses the REST API, node-b's the CLI
-
-
-def finished(obj: dict[str, object]) -> bool:
-    return (obj.get("status") or {}).get("phase") in ("Succeeded", "Failed")  # type: ignore[union-attr]
 
 
 @pytest.mark.parametrize("node", NODES)

@@ -8,11 +8,10 @@ import re
 import time
 from pathlib import Path
 
-from faultkit import MiB, checkpoint, delete, events, ready, remove, state, uploading, wait_for, workload
+from faultkit import MiB, checkpoint, delete, events, finished, ready, remove, state, uploading, wait_for, workload
 from invariants import check_invariants
-
 from localenv import faults
-from localenv.env import LocalEnv
+from localenv.env import STORAGE, LocalEnv
 
 NODE = "node-a"
 # A slow uplink keeps the upload going long enough to break it in the middle.
@@ -43,7 +42,7 @@ def test_s3_down_for_30s_mid_upload_retries_with_backoff_and_succeeds(local_env:
             assert len(delays) >= 2 and delays == sorted(delays) and delays[-1] > delays[0], (
                 f"no growing backoff while S3 was down: {delays}"
             )
-            obj = wait_for(env, "ccp", name, "Succeeded", lambda o: o["status"].get("phase") in ("Succeeded", "Failed"))
+            obj = wait_for(env, "ccp", name, "Succeeded", finished)
             assert obj["status"]["phase"] == "Succeeded", obj["status"]
             [archive] = obj["status"]["archives"]
             body = env.s3.client().get_object(Bucket=env.s3.bucket, Key=archive["key"])["Body"].read()
@@ -94,5 +93,24 @@ def test_deleting_a_checkpoint_mid_upload_leaves_nothing_and_the_container_runs(
             assert not [p for p in spool.iterdir() if uid in p.name]
             assert state(env, NODE, container) == "running"
         check_invariants(env, stopped=[(NODE, container)])
+    finally:
+        remove(env, NODE, container)
+
+
+def test_a_storage_back_from_an_outage_takes_new_checkpoints_at_once(local_env: LocalEnv) -> None:
+    env = local_env
+    container = workload(env, NODE, mib=16)
+    try:
+        with faults.s3_down(env):
+            # The controller's own look at the bucket finds it down (it looks every 10 s here).
+            deadline = time.monotonic() + 60
+            while env.kubectl("get", "cks", STORAGE, "-o", "jsonpath={.status.phase}").stdout != "Unavailable":
+                assert time.monotonic() < deadline, "the storage was never seen Unavailable"
+                time.sleep(0.5)
+        # S3 is back, the storage's status still says Unavailable: the controller asks the bucket again.
+        name = checkpoint(env, NODE, container)
+        obj = wait_for(env, "ccp", name, "an end", finished)
+        assert obj["status"]["phase"] == "Succeeded", obj["status"]
+        check_invariants(env)
     finally:
         remove(env, NODE, container)

@@ -85,6 +85,10 @@ class Kube:
         items = found["items"]
         return [CheckpointStorage.model_validate(o) for o in items]
 
+    def patch_storage_status(self, name: str, status: dict[str, Any]) -> None:
+        # The controller is its only writer: no resourceVersion to hold on to.
+        self.custom.patch_cluster_custom_object_status(GROUP, VERSION, STORAGES, name, {"status": status})
+
     def credentials(self, storage: CheckpointStorage) -> Credentials | None:
         ref = storage.spec.credentials_secret_ref
         if ref is None:

@@ -158,6 +158,10 @@ class Checkpoint:
         log.info(
             "checkpoint %s/%s: checkpointed %s%s", self.ccp.metadata.namespace, self.ccp.metadata.name, names, where
         )
+        if store is not None and not self.spec.keep and not self.spec.pre_checkpoint:
+            # After the status, off the time a user waits: the archives are in the bucket now.
+            for target in targets:
+                self.release_local_checkpoint(target)
         self.folder.remove()
 
     def targets(self) -> list[Target]:
@@ -213,8 +217,6 @@ class Checkpoint:
         else:
             self.upload_again(target, store, key, record)
         self.status.progress(record.digest.size, record.digest.size, force=True)
-        if not self.spec.keep and not self.spec.pre_checkpoint:
-            self.release_local_checkpoint(target)
         return Archive(
             container=target.name,
             containerID=record.container_id,
