@@ -6,6 +6,7 @@ Writes _output/bench/results.json and _output/bench/results.md.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime
 import json
 import shutil
@@ -24,10 +25,37 @@ def _f(value: Any, digits: int = 2) -> str:
     return f"{value:.{digits}f}" if isinstance(value, float) else str(value)
 
 
+def _range(row: dict[str, Any], key: str, digits: int = 2) -> str:
+    """The spread of a figure as "min-max" (its median is in the table already)."""
+    s = row.get("spread", {}).get(key)
+    if not s or s["min"] != s["min"]:
+        return ""
+    return f" ({s['min']:.{digits}f}-{s['max']:.{digits}f})"
+
+
+def _host(row: dict[str, Any]) -> str:
+    """Load, CPU wait and I/O stall over the row's counted runs, all configurations together."""
+    ranges = list(row.get("host", {}).values())
+
+    def span(key: str, scale: float, digits: int) -> str:
+        values = [v for r in ranges for v in r.get(key, [])]
+        return f"{min(values) * scale:.{digits}f}-{max(values) * scale:.{digits}f}" if values else "-"
+
+    return f"{span('load1', 1, 1)} | {span('cpuWait', 100, 0)} | {span('ioFull', 100, 0)}"
+
+
 def markdown(results: dict[str, Any]) -> str:
+    warmup = results.get("warmup", 0)
     lines = [
         f"Measured {results['date']} on {results['machine']['cpus']} cores, kernel {results['machine']['kernel']}; "
-        f"medians of {results['repeats']} runs.",
+        f"medians of {results['repeats']} rounds (min-max in brackets; c/a's from the ratios within each round), "
+        f"{warmup} warm-up round(s) per size discarded, page cache settled before each run: "
+        f"{results.get('settle', '-')}"
+        + (
+            f", then waited for less than {quiet:.0%} of the CPUs busy."
+            if (quiet := results.get("quietBelow"))
+            else "."
+        ),
         "",
     ]
     lines += [
@@ -38,14 +66,50 @@ def markdown(results: dict[str, Any]) -> str:
     ]
     for r in results["datapath"]:
         lines.append(
-            f"| {r['sizeMiB']} MiB | {r['compression']} | {r['link']} | {_f(r['floorSeconds'])} "
+            f"| {r['sizeMiB']} MiB | {r['compression']} | {r['link']} "
+            f"| {_f(r['floorSeconds'])}{_range(r, 'floorSeconds')} "
             f"| {_f(r['baselineSeconds'])} ({_f(r['baselineUploadSeconds'])}) "
-            f"| {_f(r['checkpointerSeconds'])} | {_f(r['c_over_a'])} | {_f(r['b_over_c'])} "
-            f"| {_f(r['size_over_zstd3'], 3)} | {_f(r['agentPeakRssMiB'], 0)} "
+            f"| {_f(r['checkpointerSeconds'])}{_range(r, 'checkpointerSeconds')} "
+            f"| {_f(r['c_over_a'])}{_range(r, 'c_over_a')} | {_f(r['b_over_c'])} "
+            f"| {_f(r['size_over_zstd3'], 3)} | {_f(r['agentPeakRssMiB'], 0)}{_range(r, 'agentPeakRssMiB', 0)} "
             f"| {_f(r['frozenFloorMs'], 0)} / {_f(r['frozenCheckpointerMs'], 0)} "
             f"| {_f(r['restoreBaselineSeconds'])} | {_f(r['restoreCheckpointerSeconds'])} "
             f"| {_f(r['restore_baseline_over_checkpointer'])} |"
         )
+    lines += [
+        "",
+        "Host during the counted runs (load average at their start; % of their time some task waited "
+        "for a CPU, and all tasks for I/O):",
+        "",
+        "| size | compression | link to S3 | load | CPU wait % | I/O stall % |",
+        "|---|---|---|---|---|---|",
+    ]
+    for r in results["datapath"]:
+        lines.append(f"| {r['sizeMiB']} MiB | {r['compression']} | {r['link']} | {_host(r)} |")
+    if any("baseCheckpointerSeconds" in r for r in results["datapath"]):
+        lines += [
+            "",
+            f"Against the baseline revision {results.get('baselineRev')} (its controller and agent, in the same "
+            "rounds; new/base from the medians, min-max of the ratios within each round):",
+            "",
+            "| size | compression | link to S3 | (c) new s | (c) base s | new/base | c/a new | c/a base "
+            "| agent peak RSS new MiB | base MiB | new/base |",
+            "|---|---|---|---|---|---|---|---|---|---|---|",
+        ]
+        for r in results["datapath"]:
+            if "baseCheckpointerSeconds" not in r:
+                continue
+            base_ca = r["spread"]["baseC_over_a"]
+            lines.append(
+                f"| {r['sizeMiB']} MiB | {r['compression']} | {r['link']} "
+                f"| {_f(r['checkpointerSeconds'])}{_range(r, 'checkpointerSeconds')} "
+                f"| {_f(r['baseCheckpointerSeconds'])}{_range(r, 'baseCheckpointerSeconds')} "
+                f"| {_f(r['c_over_base'], 3)}{_range(r, 'c_over_base', 3)} "
+                f"| {_f(r['c_over_a'])} | {_f(r['baseCheckpointerSeconds'] / r['floorSeconds'])}"
+                f" ({base_ca['min']:.2f}-{base_ca['max']:.2f}) "
+                f"| {_f(r['agentPeakRssMiB'], 0)} | {_f(r['baseAgentPeakRssMiB'], 0)} "
+                f"| {_f(r['rss_over_base'], 3)} |"
+            )
     if results.get("controlplane"):
         lines += [
             "",
@@ -76,7 +140,30 @@ def main() -> int:
         default=["2gbit", "1gbit"],
         help="rates of the link to S3 (tc's units) to measure zstd over, after loopback",
     )
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=3, help="counted rounds of a, b and c per row")
+    parser.add_argument(
+        "--warmup", type=int, default=1, help="rounds run and discarded before the first row of every size"
+    )
+    parser.add_argument(
+        "--settle",
+        choices=["sync", "drop", "none"],
+        default="sync",
+        help="before every timed run: write back dirty pages (sync), and also drop the page cache (drop)",
+    )
+    parser.add_argument(
+        "--quiet-below",
+        type=float,
+        # The environment itself keeps the host under a tenth busy between runs.
+        default=0.15,
+        metavar="FRACTION",
+        help="before every timed run, wait (up to 1 min) until less than this fraction of the CPUs is busy (0: never)",
+    )
+    parser.add_argument(
+        "--baseline-rev",
+        metavar="REV",
+        help="also run c in every round with the controller and agent of this git revision (from a worktree)",
+    )
+    parser.add_argument("--restore", action=argparse.BooleanOptionalAction, default=True, help="the restore path")
     parser.add_argument("--objects", type=int, nargs="*", default=[200, 1000], help="control plane: N objects")
     parser.add_argument("--nodes", type=int, default=50, help="control plane: simulated nodes")
     parser.add_argument(
@@ -89,6 +176,10 @@ def main() -> int:
         "date": datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC"),
         "machine": datapath.os_info(),
         "repeats": args.repeats,
+        "warmup": args.warmup,
+        "settle": args.settle,
+        "quietBelow": args.quiet_below,
+        "baselineRev": args.baseline_rev,
         "datapath": [],
         "controlplane": [],
     }
@@ -103,14 +194,23 @@ def main() -> int:
             # Both agents use the CLI runtime: podman streams its export into a FIFO, where the REST
             # API first writes it to a temporary file. The S3 server's filesystem has room for an
             # archive, its parts and the baseline's at the largest size.
-            with datapath.reflink_filesystem(workdir / "data" / "s3", 8 + max(args.sizes) // 256):
-                env = LocalEnv.up(
-                    workdir / "data", ["node-a", "node-b"], agent_settings={"CHECKPOINTER_PODMAN_MODE": "cli"}
-                )
+            agent_settings = {"CHECKPOINTER_PODMAN_MODE": "cli"}
+            with contextlib.ExitStack() as stack:
+                base = stack.enter_context(datapath.baseline_tree(args.baseline_rev)) if args.baseline_rev else None
+                stack.enter_context(datapath.reflink_filesystem(workdir / "data" / "s3", 8 + max(args.sizes) // 256))
+                env = LocalEnv.up(workdir / "data", ["node-a", "node-b"], agent_settings=agent_settings)
                 try:
-                    bench = datapath.DataPath(env, args.repeats)
+                    bench = datapath.DataPath(
+                        env,
+                        args.repeats,
+                        warmup=args.warmup,
+                        settle=args.settle,
+                        quiet_below=args.quiet_below,
+                        agent_settings=agent_settings,
+                        baseline=base,
+                    )
                     for size in args.sizes:
-                        for row in bench.measure(size, args.compressions, args.links, restore=True):
+                        for row in bench.measure(size, args.compressions, args.links, restore=args.restore):
                             results["datapath"].append(row.summary())
                             save()
                 finally:

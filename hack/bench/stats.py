@@ -1,4 +1,4 @@
-"""Small measuring helpers: medians, process memory, timers."""
+"""Small measuring helpers: medians and spreads, process memory, timers, the host's state around a run."""
 
 from __future__ import annotations
 
@@ -49,3 +49,102 @@ def timer() -> Iterator[Callable[[], float]]:
     end: list[float] = []
     yield lambda: (end[0] if end else time.monotonic()) - start
     end.append(time.monotonic())
+
+
+def spread(values: list[float]) -> dict[str, float]:
+    """Minimum, median and maximum: a median alone hides how far one run may land from it."""
+    if not values:
+        return {"min": float("nan"), "median": float("nan"), "max": float("nan")}
+    return {"min": float(min(values)), "median": median(values), "max": float(max(values))}
+
+
+def meminfo_mib(*fields: str) -> float:
+    """The sum of /proc/meminfo fields (e.g. Dirty, Writeback) in MiB."""
+    total = 0
+    for line in Path("/proc/meminfo").read_text().splitlines():
+        name, _, rest = line.partition(":")
+        if name in fields:
+            total += int(rest.split()[0])
+    return total / 1024
+
+
+def settle(limit_mib: float = 32, timeout: float = 120, drop_caches: bool = False) -> dict[str, float]:
+    """Write back the page cache's dirty pages before a timed run, so that the flusher does not write
+    the previous run's files (kernel default: those dirty for 30 s) while this one runs.
+
+    One sync is not always enough: writing back a loop-mounted filesystem dirties its backing file
+    again. Dropping caches (root only) also makes the run read its programs and images from disk;
+    it is there to tell apart the cost of writeback from that of a warm cache.
+    """
+    start = time.monotonic()
+    before = meminfo_mib("Dirty", "Writeback")
+    while True:
+        os.sync()
+        left = meminfo_mib("Dirty", "Writeback")
+        if left <= limit_mib or time.monotonic() - start > timeout:
+            break
+        time.sleep(0.2)
+    if drop_caches:
+        Path("/proc/sys/vm/drop_caches").write_text("3")
+    return {"dirtyBeforeMiB": before, "dirtyAfterMiB": left, "settleSeconds": time.monotonic() - start}
+
+
+def wait_quiet(below: float, timeout: float = 60, sample: float = 1.0) -> dict[str, float]:
+    """Wait until the host's CPUs are busy less than `below` (a fraction of all of them) over one
+    sample: on a two-core host another tenant's burst costs the benchmark's c, which needs both
+    cores, far more than its a, which needs one, so c/a measured during it says little.
+
+    Past the timeout the run goes ahead; the busy fraction it started under stays with its figures.
+    """
+    start = time.monotonic()
+    while True:
+        busy, total, _ = _cpu_jiffies()
+        time.sleep(sample)
+        busy2, total2, _ = _cpu_jiffies()
+        fraction = (busy2 - busy) / max(total2 - total, 1)
+        if fraction < below or time.monotonic() - start > timeout:
+            return {"busyBefore": fraction, "quietWaitSeconds": time.monotonic() - start}
+
+
+def _pressure_seconds(resource: str, kind: str) -> float:
+    """Total time (PSI) some or all runnable tasks waited for a resource, since boot, in seconds."""
+    try:
+        text = Path(f"/proc/pressure/{resource}").read_text()
+    except OSError:  # a kernel without PSI
+        return float("nan")
+    for line in text.splitlines():
+        if line.startswith(kind + " "):
+            return int(line.rsplit("total=", 1)[1]) / 1e6
+    return float("nan")
+
+
+def _cpu_jiffies() -> tuple[int, int, int]:
+    """(busy, all, steal) jiffies of the whole host from /proc/stat."""
+    fields = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    idle = fields[3] + fields[4]
+    steal = fields[7] if len(fields) > 7 else 0
+    return sum(fields) - idle, sum(fields), steal
+
+
+@contextmanager
+def conditions() -> Iterator[dict[str, float]]:
+    """What else was going on while a timed run ran: the load it started under, how busy the CPUs
+    were and how long tasks waited for a CPU or for I/O (PSI, as a fraction of the run's time).
+
+    The benchmark's own processes need about two cores at peak, so on a two-core host a waiting
+    task is often one of them; a run's cpuWait far above its neighbours' is the sign of another
+    tenant, and ioFull of writeback the run did not cause.
+    """
+    result: dict[str, float] = {"load1": os.getloadavg()[0], "dirtyMiB": meminfo_mib("Dirty", "Writeback")}
+    start = time.monotonic()
+    cpu_wait, io_full = _pressure_seconds("cpu", "some"), _pressure_seconds("io", "full")
+    busy, total, steal = _cpu_jiffies()
+    try:
+        yield result
+    finally:
+        took = max(time.monotonic() - start, 1e-9)
+        busy2, total2, steal2 = _cpu_jiffies()
+        result["cpuBusy"] = (busy2 - busy) / max(total2 - total, 1)
+        result["cpuSteal"] = (steal2 - steal) / max(total2 - total, 1)
+        result["cpuWait"] = (_pressure_seconds("cpu", "some") - cpu_wait) / took
+        result["ioFull"] = (_pressure_seconds("io", "full") - io_full) / took
