@@ -17,7 +17,7 @@ from collections.abc import Iterator, Mapping
 from pathlib import Path
 
 from localenv.env import LocalEnv
-from localenv.procs import LocalEnvError, run, wait_until
+from localenv.procs import LocalEnvError, ProcessExited, run, wait_until
 
 # --- S3 ------------------------------------------------------------------------------------------
 
@@ -110,7 +110,7 @@ def restart_agent(
 
     def up() -> bool:
         if not process.alive():
-            raise LocalEnvError(f"agent {node} exited with {process.popen.returncode}, see {process.log}")
+            raise ProcessExited(f"agent {node} exited with {process.popen.returncode}, see {process.log}")
         return _healthy(port)
 
     wait_until(f"agent {node} /healthz", up, timeout=timeout, log=process.log)

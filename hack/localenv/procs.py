@@ -27,6 +27,10 @@ class LocalEnvError(RuntimeError):
     """A part of the local environment could not be started."""
 
 
+class ProcessExited(LocalEnvError):
+    """A process that a wait is for has exited: waiting longer cannot help."""
+
+
 def run(
     argv: Sequence[str | os.PathLike[str]],
     *,
@@ -63,6 +67,8 @@ def wait_until(
         try:
             if probe():
                 return
+        except ProcessExited:  # the probe knows it can never succeed
+            raise
         except Exception:  # the probe is expected to fail until the thing is up
             pass
         time.sleep(interval)

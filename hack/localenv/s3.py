@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING
 import boto3
 from botocore.config import Config
 
-from localenv.procs import BIN, LocalEnvError, Process, Supervisor, free_port, wait_until
+from localenv.procs import BIN, LocalEnvError, Process, ProcessExited, Supervisor, free_port, wait_until
 
 if TYPE_CHECKING:
     from mypy_boto3_s3 import S3Client
@@ -117,7 +117,7 @@ class S3Server:
 
     def _ready(self) -> bool:
         if not self.process.alive():
-            raise LocalEnvError(f"the S3 server exited with {self.process.popen.returncode}, see {self.process.log}")
+            raise ProcessExited(f"the S3 server exited with {self.process.popen.returncode}, see {self.process.log}")
         s3 = self.client()
         existing = {b["Name"] for b in s3.list_buckets().get("Buckets", [])}
         if self.bucket not in existing:

@@ -52,12 +52,12 @@ class Kube:
             raise
         return obj
 
-    def uids(self, plural: str, label_selector: str) -> set[str]:
-        """The uids of the objects of `plural`, in every namespace, that match `label_selector`."""
+    def phases(self, plural: str, label_selector: str) -> dict[str, str]:
+        """The phase of each object of `plural` that matches `label_selector`, in every namespace, by uid."""
         found: dict[str, Any] = self.custom.list_cluster_custom_object(  # type: ignore[assignment]
             GROUP, VERSION, plural, label_selector=label_selector
         )
-        return {str(o["metadata"]["uid"]) for o in found["items"]}
+        return {str(o["metadata"]["uid"]): str((o.get("status") or {}).get("phase") or "") for o in found["items"]}
 
     def patch_status(
         self, plural: str, namespace: str, name: str, status: dict[str, Any], resource_version: str = ""

@@ -1,8 +1,9 @@
-"""What faults leave on a node, cleared: work folders of objects that are gone, abandoned uploads.
+"""What faults leave on a node, cleared: work folders of objects that are gone or done, abandoned uploads.
 
 An object's folder normally goes with the object's last step. It outlives it when the agent was
-killed at the wrong moment, when the object was deleted while this agent was down, or on purpose:
-an upload past its deadline keeps its spool for as long as its object exists.
+killed at the wrong moment (between the object's last status write and the folder's removal), when
+the object was deleted while this agent was down, or on purpose: a failed checkpoint may keep its
+spool (an upload past its deadline) for as long as its object exists.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from checkpointer.archive.store import StorageError
 from checkpointer.archive.workfolder import WorkFolder
 from checkpointer.errors import Failure
 from checkpointer.models import NameRef
+from checkpointer.reasons import Phase
 from checkpointer.services.node import Node
 
 log = logging.getLogger(__name__)
@@ -29,12 +31,13 @@ def sweep(node: Node) -> None:
     if not folders:
         return
     selector = f"{NODE_LABEL}={node.settings.node_name}"
-    live = node.kube.uids(CHECKPOINTS, selector) | node.kube.uids(RESTORES, selector)
+    phases = node.kube.phases(CHECKPOINTS, selector) | node.kube.phases(RESTORES, selector)
     for path, uid in folders.items():
         folder = WorkFolder(path)
-        _abort_abandoned(node, folder, gone=uid not in live)
-        if uid not in live:
-            log.info("removing %s: its object is gone", path)
+        gone = uid not in phases
+        _abort_abandoned(node, folder, gone=gone)
+        if gone or phases[uid] == Phase.SUCCEEDED:
+            log.info("removing %s: its object is %s", path, "gone" if gone else "done")
             folder.remove()
 
 
