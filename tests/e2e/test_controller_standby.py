@@ -11,6 +11,7 @@ from typing import Any
 
 import pytest
 
+from invariants import check_invariants
 from localenv.controlplane import ControlPlane
 from localenv.env import LocalEnv
 from localenv.images import COUNTER, read_count
@@ -202,6 +203,7 @@ def test_standby_takes_over_from_a_killed_leader_and_nothing_is_scheduled_twice(
                     assert events <= 1, (group, obj, events)
                 else:
                     assert events == 1, (group, obj, events)
+        check_invariants(env)
     finally:
         back_to_one_controller(env)
         for node, names in containers.items():
@@ -231,5 +233,6 @@ def test_graceful_stop_hands_the_lease_over_at_once(local_env: LocalEnv) -> None
         # Well within the Lease's 10 s: the leader gave it up instead of letting it expire.
         assert handover < 6, handover
         assert "gave the controller Lease up" in log_of(env, LEADER, since[LEADER])
+        check_invariants(env)
     finally:
         back_to_one_controller(env)
