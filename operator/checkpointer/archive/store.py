@@ -159,11 +159,9 @@ class ArchiveStore:
                     return
                 start, length, crc = part
                 number, sent = index + 1, checksum(crc)
-                etag = (
-                    existing.get(number, {}).get("ETag")
-                    if existing.get(number, {}).get("ChecksumCRC32") == sent
-                    else None
-                )
+                stored = existing.get(number, {})
+                same = stored.get("ChecksumCRC32") == sent and stored.get("Size") == length
+                etag = stored.get("ETag") if same else None
                 if etag is None:
                     limiter.take(length)
                     # The part streams from the spool file: no part is ever held in memory whole.

@@ -10,6 +10,7 @@ in place when CRIU had stopped it) before the object fails with CheckpointInterr
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import logging
 import os
@@ -305,7 +306,7 @@ class Checkpoint:
         )
         try:
             self.upload(target, store, key, GrowingFile.finished(self.spool_path(target), digest), digest.size)
-        except BaseException as e:
+        except Exception as e:
             self.upload_failed(target, store, key, e)
         self.confirm(target, store, key, record)
 
@@ -330,7 +331,8 @@ class Checkpoint:
         try:
             store.verify(key, record.digest)
         except StoredMismatch as e:
-            store.delete(key)
+            with contextlib.suppress(*StorageError):  # the next upload replaces it either way
+                store.delete(key)
             self.upload_failed(target, store, key, e)
         except StorageError as e:
             self.upload_failed(target, store, key, e)
