@@ -114,3 +114,23 @@ def test_a_storage_back_from_an_outage_takes_new_checkpoints_at_once(local_env: 
         check_invariants(env)
     finally:
         remove(env, NODE, container)
+
+
+def test_deleting_a_checkpoint_of_two_containers_gives_both_back(local_env: LocalEnv) -> None:
+    env = local_env
+    first, second = workload(env, NODE, mib=16), workload(env, NODE)
+    try:
+        with faults.agent_settings(env, NODE, SLOW):
+            name = checkpoint(env, NODE, first, containers=[first, second])
+            # The first archive is in the bucket and its container stopped; the second one uploads.
+            wait_for(
+                env, "ccp", name, "the second upload", lambda o: uploading(o, 8 * MiB) and o["status"].get("archives")
+            )
+            delete(env, "ccp", name)
+            assert state(env, NODE, first) == "running"
+            assert state(env, NODE, second) == "running"
+            assert not env.s3.client().list_objects_v2(Bucket=env.s3.bucket, Prefix=f"default/{name}-").get("Contents")
+        check_invariants(env, stopped=[(NODE, first), (NODE, second)])
+    finally:
+        remove(env, NODE, first)
+        remove(env, NODE, second)

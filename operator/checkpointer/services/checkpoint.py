@@ -115,6 +115,7 @@ class Checkpoint:
     cancelled: threading.Event = field(default_factory=threading.Event)
     # A failure that leaves the spool on the node on purpose (an upload past its deadline).
     keep_folder: bool = False
+    all_targets: list[Target] = field(default_factory=list)
 
     @property
     def spec(self) -> CheckpointSpec:
@@ -130,7 +131,7 @@ class Checkpoint:
         return ref.name if ref else ""
 
     def run(self) -> None:
-        targets = self.targets()
+        targets = self.all_targets = self.targets()
         names = ", ".join(t.name for t in targets)
         if self.ccp.status.phase == Phase.SCHEDULED:
             self.status.phase(Phase.CHECKPOINTING, Reason.CHECKPOINTING, f"checkpointing {names}")
@@ -188,18 +189,8 @@ class Checkpoint:
     def one(self, target: Target, store: ArchiveStore | None, directory: str) -> Archive:
         record = self.folder.spool_record(target.name)
         if self.status.deleting:
-            if record is None and not self.folder.marked(target.name):
-                raise Failure(
-                    Reason.CANCELLED, f"the ContainerCheckpoint was deleted before {target.name} was checkpointed"
-                )
             key = layout.archive_key(directory, target.name, self.spec.compress)
-            raise self.give_back(
-                target,
-                Reason.CANCELLED,
-                "the ContainerCheckpoint was deleted in flight",
-                store.abort_uploads if store else None,
-                key,
-            )
+            raise self.cancel(target, store.abort_uploads if store else None, key)
         if record is None and self.folder.marked(target.name):
             raise self.give_back(
                 target,
@@ -340,7 +331,7 @@ class Checkpoint:
     def upload_failed(self, target: Target, store: ArchiveStore, key: str, error: BaseException) -> None:
         """Retry later with backoff, or past the deadline fail and keep the spool; always raises."""
         if isinstance(error, Cancelled) or self.status.deleting:
-            raise self.give_back(target, Reason.CANCELLED, "the ContainerCheckpoint was deleted in flight", None, key)
+            raise self.cancel(target, None, key)
         if isinstance(error, Failure | Retry | Conflict):
             raise error
         settings = self.settings
@@ -472,6 +463,17 @@ class Checkpoint:
             )
         log.info("%s: restored %s in place", why, target.name)
         return Failure(reason, f"{why}; {target.name} was restored in place from its local checkpoint and runs again")
+
+    def cancel(self, current: Target, abort: Callable[[str], object] | None, key: str) -> Failure:
+        """Deleted in flight: every container this checkpoint stopped runs again, its archive or not."""
+        why = "the ContainerCheckpoint was deleted in flight"
+        stopped = [t for t in self.all_targets if self.folder.marked(t.name)]
+        if not stopped:
+            return Failure(Reason.CANCELLED, f"{why}, before any container was checkpointed")
+        # The current one first: its upload is aborted; the others' archives go with the object.
+        ordered = sorted(stopped, key=lambda t: t != current)
+        given = [self.give_back(t, Reason.CANCELLED, why, abort if t == current else None, key) for t in ordered]
+        return Failure(Reason.CANCELLED, "; ".join([why] + [g.message.removeprefix(why + "; ") for g in given]))
 
     def release_local_checkpoint(self, target: Target) -> None:
         """The archive is in the bucket: what `--keep` kept on the node is no longer the only copy."""
