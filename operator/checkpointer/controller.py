@@ -20,19 +20,10 @@ from checkpointer.models import CheckpointStorage, ContainerCheckpoint, Containe
 from checkpointer.reasons import Phase, Reason
 from checkpointer.services import scheduling, validation
 from checkpointer.settings import Settings
-from checkpointer.status import Conflict, StatusWriter
+from checkpointer.status import Conflict, StatusWriter, event_subject
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
-
-
-def _storage_body(storage: CheckpointStorage) -> kopf.Body:
-    raw: kopf.RawBody = {
-        "apiVersion": f"{GROUP}/{VERSION}",
-        "kind": "CheckpointStorage",
-        "metadata": {"name": storage.metadata.name, "uid": storage.metadata.uid},
-    }
-    return kopf.Body(raw)
 
 
 def _fail(kube: Kube, plural: str, body: kopf.Body, error: Failure) -> None:
@@ -208,7 +199,7 @@ def register(registry: kopf.OperatorRegistry, settings: Settings, kube: Kube) ->
         if status["phase"] != storage.status.get("phase"):
             log.info("CheckpointStorage %s is %s: %s", storage.metadata.name, status["phase"], status["message"])
             kopf.event(
-                _storage_body(storage),
+                event_subject("CheckpointStorage", storage.metadata),
                 type="Normal" if status["phase"] == "Available" else "Warning",
                 reason=status["phase"],
                 message=status["message"],

@@ -15,10 +15,13 @@ import threading
 import time
 from typing import Any
 
+import kopf
 from kubernetes.client import ApiException
 
+from checkpointer import GROUP, VERSION
 from checkpointer.adapters.kube import Kube
 from checkpointer.conditions import now, phase_patch, set_condition
+from checkpointer.models import Metadata
 from checkpointer.reasons import ConditionType, Phase, Reason
 
 log = logging.getLogger(__name__)
@@ -119,3 +122,15 @@ class StatusWriter:
         # Progress is informative: a failed write must not fail the checkpoint, nor wait for the API server.
         with contextlib.suppress(Exception):
             self.write({"progress": progress}, patient=False)
+
+
+def event_subject(kind: str, meta: Metadata) -> kopf.Body:
+    """The object an Event is about, for a writer that holds no kopf body of it."""
+    raw: kopf.RawBody = {
+        "apiVersion": f"{GROUP}/{VERSION}",
+        "kind": kind,
+        "metadata": {"name": meta.name, "uid": meta.uid},
+    }
+    if meta.namespace:  # a CheckpointStorage has none
+        raw["metadata"]["namespace"] = meta.namespace
+    return kopf.Body(raw)

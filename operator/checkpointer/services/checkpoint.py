@@ -24,7 +24,7 @@ from typing import Any
 
 import kopf
 
-from checkpointer import GROUP, VERSION, layout
+from checkpointer import layout
 from checkpointer.adapters.kube import CHECKPOINTS
 from checkpointer.adapters.podman import Container, PodmanError, checkpoint_in_progress, criu_supports
 from checkpointer.archive import spool as spooling
@@ -38,7 +38,7 @@ from checkpointer.models import Archive, CheckpointSpec, Compression, ContainerC
 from checkpointer.reasons import Phase, Reason
 from checkpointer.services.node import EXCLUDE_LABEL, Node, classify
 from checkpointer.settings import Settings
-from checkpointer.status import Conflict, StatusWriter
+from checkpointer.status import Conflict, StatusWriter, event_subject
 
 log = logging.getLogger(__name__)
 ACTIVE = (Phase.SCHEDULED, Phase.CHECKPOINTING, Phase.UPLOADING)
@@ -355,7 +355,11 @@ class Checkpoint:
                 f"(CHECKPOINTER_UPLOAD_DEADLINE_SECONDS); the archive stays on node {settings.node_name} "
                 f"at {where}: {error}"
             )
-            kopf.warn(kopf.Body(self._event_target()), reason=str(Reason.UPLOAD_FAILED), message=message)
+            kopf.warn(
+                event_subject("ContainerCheckpoint", self.ccp.metadata),
+                reason=str(Reason.UPLOAD_FAILED),
+                message=message,
+            )
             raise Failure(Reason.UPLOAD_FAILED, message)
         delay = min(
             retry_delay(attempts, settings.upload_retry_seconds, settings.upload_retry_max_seconds),
@@ -369,14 +373,6 @@ class Checkpoint:
         log.warning("%s/%s: %s", self.ccp.metadata.namespace, self.ccp.metadata.name, message)
         self.status.phase(Phase.UPLOADING, Reason.UPLOAD_RETRYING, message)
         raise Retry(Reason.UPLOAD_RETRYING, message, delay=delay)
-
-    def _event_target(self) -> kopf.RawBody:
-        meta = self.ccp.metadata
-        return {
-            "apiVersion": f"{GROUP}/{VERSION}",
-            "kind": "ContainerCheckpoint",
-            "metadata": {"name": meta.name, "namespace": meta.namespace, "uid": meta.uid},
-        }
 
     # --- podman --------------------------------------------------------------------------------------
 
