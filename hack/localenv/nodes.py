@@ -1,7 +1,7 @@
 """Simulated cluster nodes: one podman + CRIU userland per node, side by side on one host.
 
 A node is a private mount namespace and PID namespace whose root is the shared Debian trixie rootfs
-(hack/node/rootfs.sh, mounted read-only), entered as design.md §7 describes, with
+(hack/node/rootfs.sh, mounted read-only), entered as docs/local-environment.md describes, with
 `podman system service` as its long-running process. Each node keeps its state in its own host
 directory, `<workdir>/nodes/<name>/`, which is mounted into the node at the same absolute path, so
 the podman socket, spool files, FIFOs and exported archives have one path inside and outside.
@@ -46,7 +46,7 @@ NODE_ENV = {
     "PODMAN_IGNORE_CGROUPSV1_WARNING": "1",
 }
 
-# runc: crun fails on this host's hybrid cgroup layout (design.md §7).
+# runc: crun fails on this host's hybrid cgroup layout (docs/local-environment.md).
 # netns "none": containers of all nodes would otherwise share the host's network namespace (ports
 #   collide across nodes); "none" gives each container its own namespace with loopback only, which
 #   CRIU checkpoints and restores on any node.

@@ -1,8 +1,9 @@
 """The CRDs' admission rules, checked against a real kube-apiserver.
 
-Every bad object of design.md §5 that can be judged from the object alone is rejected at admission
-with the human message pinned here (a changed message is a changed contract); good objects are
-accepted; specs are immutable; undeclared status fields are pruned while podman's stats survive.
+Every bad object of docs/api.md ("Rejected at admission") that can be judged from the object alone
+is rejected at admission with the human message pinned here (a changed message is a changed
+contract); good objects are accepted; specs are immutable; undeclared status fields are pruned
+while podman's stats survive.
 """
 
 from __future__ import annotations

@@ -149,7 +149,7 @@ def test_pre_checkpoint_fails_with_criu_missing_features(nodes: tuple[NodeSandbo
 
     result = a.podman("container", "checkpoint", "--pre-checkpoint", "pre", check=False)
 
-    # This kernel has no soft-dirty page tracking, so CRIU cannot pre-dump (design.md §7).
+    # This kernel has no soft-dirty page tracking, so CRIU cannot pre-dump (docs/local-environment.md).
     assert result.returncode != 0
     assert "CRIU is missing features" in result.stderr.decode()
     assert inspect(a, "pre", "{{.State.Running}}") == "true", "a failed pre-checkpoint must leave it running"

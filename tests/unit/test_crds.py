@@ -1,4 +1,4 @@
-"""The CRDs in crds/ match the API contract of design.md §2 and §4, without a cluster.
+"""The CRDs in crds/ match the API contract of docs/api.md, without a cluster.
 
 What the API server does with them (CEL at admission, pruning, printer columns) is checked
 against a real one in tests/e2e/test_admission.py.
@@ -298,7 +298,7 @@ def test_spec_fields_and_types(kind: str) -> None:
     for dotted, typ in SPEC_FIELDS[kind].items():
         assert node(spec, dotted)["type"] == typ, dotted
     declared = {p for p, _ in walk(spec) if p}
-    assert declared == set(SPEC_FIELDS[kind]), "spec fields not in design.md, or missing"
+    assert declared == set(SPEC_FIELDS[kind]), "spec fields not in docs/api.md, or missing"
 
 
 @every_kind
