@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import time
 import uuid
@@ -25,17 +26,29 @@ def workload(env: LocalEnv, node: str, mib: int = 48) -> str:
     return name
 
 
-def checkpoint(env: LocalEnv, node: str, container: str, **spec: Any) -> str:
-    name = unique("ccp")
+def apply(env: LocalEnv, kind: str, name: str, spec: dict[str, Any]) -> None:
     env.apply(
         {
             "apiVersion": "checkpointer.dev/v1alpha1",
-            "kind": "ContainerCheckpoint",
+            "kind": kind,
             "metadata": {"name": name, "namespace": "default"},
-            "spec": {"nodeName": node, "containers": [container], "export": {}, "compress": "none", **spec},
+            "spec": spec,
         }
     )
+
+
+def checkpoint(env: LocalEnv, node: str, container: str, **spec: Any) -> str:
+    name = unique("ccp")
+    spec = {"nodeName": node, "containers": [container], "export": {}, "compress": "none", **spec}
+    apply(env, "ContainerCheckpoint", name, spec)
     return name
+
+
+def assert_stored_as_reported(env: LocalEnv, archive: dict[str, Any]) -> None:
+    """The archive downloads with the size and sha256 that status reports."""
+    body = env.s3.client().get_object(Bucket=env.s3.bucket, Key=archive["key"])["Body"].read()
+    assert hashlib.sha256(body).hexdigest() == archive["sha256"]
+    assert len(body) == archive["size"]
 
 
 def get(env: LocalEnv, kind: str, name: str) -> dict[str, Any] | None:

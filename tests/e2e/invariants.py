@@ -206,7 +206,7 @@ def archives_in_bucket(env: LocalEnv, objects: Sequence[dict[str, Any]]) -> list
 # --- containers ----------------------------------------------------------------------------------
 
 
-def _inspect(env: LocalEnv, node: str, container: str) -> dict[str, Any] | None:
+def inspect(env: LocalEnv, node: str, container: str) -> dict[str, Any] | None:
     result = env.nodes[node].podman("container", "inspect", container, check=False, timeout=60)
     if result.returncode != 0:
         return None
@@ -275,7 +275,7 @@ def stopped_containers_keep_their_archive(
 
     def check(container: Container, obj: dict[str, Any] | None) -> None:
         checked.add(container)
-        info = _inspect(env, container.node, container.name)
+        info = inspect(env, container.node, container.name)
         if info is None:
             return  # removed since: there is nothing left to keep an archive for
         state = info.get("State") or {}

@@ -31,7 +31,6 @@ import threading
 import time
 import urllib.parse
 import urllib.request
-import uuid
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -43,7 +42,8 @@ import pytest
 import zstandard
 from botocore.exceptions import ClientError
 
-from invariants import check_invariants
+from faultkit import MiB, apply, ready, unique
+from invariants import check_invariants, inspect
 from localenv.env import LocalEnv
 from localenv.images import MEMORY, wait_for_log
 
@@ -51,7 +51,6 @@ pytestmark = pytest.mark.e2e
 
 T = TypeVar("T")
 NODES = ["node-a", "node-b"]  # node-a's agent uses the REST API, node-b's the CLI
-MiB = 1024 * 1024
 # About 25 MiB once compressed (half of the memory is random): four upload parts of 8 MiB at most.
 MEMORY_MIB = 48
 # About 3 s for the upload and 2 s for the download, so that several kills fall inside each; a
@@ -76,26 +75,6 @@ END_TIMEOUT = 180.0
 # The environment's Supervisor keeps its list of processes without a lock, so the two node threads
 # take turns at starting agents. The kill goes without it: waiting for the other node would make it late.
 AGENTS = threading.Lock()
-
-
-def unique(prefix: str) -> str:
-    return f"{prefix}-{uuid.uuid4().hex[:6]}"
-
-
-def apply(env: LocalEnv, kind: str, name: str, spec: dict[str, Any]) -> None:
-    env.apply(
-        {
-            "apiVersion": "checkpointer.dev/v1alpha1",
-            "kind": kind,
-            "metadata": {"name": name, "namespace": "default"},
-            "spec": spec,
-        }
-    )
-
-
-def ready(obj: dict[str, Any]) -> dict[str, Any]:
-    found: dict[str, Any] = next(c for c in obj["status"]["conditions"] if c["type"] == "Ready")
-    return found
 
 
 def run_memory(env: LocalEnv, node: str) -> tuple[str, str]:
@@ -131,14 +110,6 @@ def runtime_at_work(verb: bytes, *, container_id: str = "", pid_ns: str = "") ->
                 continue
             return True
     return False
-
-
-def inspect(env: LocalEnv, node: str, container: str) -> dict[str, Any] | None:
-    result = env.nodes[node].podman("container", "inspect", container, check=False, timeout=60)
-    if result.returncode != 0:
-        return None
-    found: list[dict[str, Any]] = json.loads(result.stdout)
-    return found[0] if found else None
 
 
 def freezer_state(node: str, info: dict[str, Any]) -> str:
@@ -489,6 +460,27 @@ def report(kills: dict[str, list[Kill]], seconds: float) -> None:
     print(f"{sum(map(len, kills.values()))} kills in {seconds:.0f}s")
 
 
+def run_series(
+    env: LocalEnv,
+    series: Callable[[str, threading.Event], list[Kill]],
+    wanted: tuple[IntEnum, ...],
+    resource: str,
+    made: Made,
+) -> None:
+    """Both nodes' series side by side; each must have killed at every `wanted` stage; then the invariants."""
+    try:
+        began = time.monotonic()
+        kills = side_by_side(series)
+        report(kills, time.monotonic() - began)
+        for node, node_kills in kills.items():
+            stages = {k.seen.stage for k in node_kills}
+            for stage in wanted:
+                assert stage in stages, f"{node}: no kill while {stage.name.lower()}: {[str(k) for k in node_kills]}"
+        check_invariants(env, timeout=END_TIMEOUT)
+    finally:
+        cleanup(env, resource, made)
+
+
 def cleanup(env: LocalEnv, resource: str, made: Made) -> None:
     for node, containers in made.containers.items():
         if containers:
@@ -584,18 +576,8 @@ def test_agent_killed_at_ten_moments_of_a_checkpoint(local_env: LocalEnv, capped
                 kills.append(one(node, moment, current))
         return kills
 
-    try:
-        began = time.monotonic()
-        kills = side_by_side(series)
-        report(kills, time.monotonic() - began)
-        for node, node_kills in kills.items():
-            stages = {k.seen.stage for k in node_kills}
-            # Each node's series came into CRIU's dump, podman's export and the upload, or it proved little.
-            for stage in (Stage.DUMPING, Stage.EXPORTING, Stage.UPLOADING):
-                assert stage in stages, f"{node}: no kill while {stage.name.lower()}: {[str(k) for k in node_kills]}"
-        check_invariants(env, timeout=END_TIMEOUT)
-    finally:
-        cleanup(env, "ccp", made)
+    # Each node's series came into CRIU's dump, podman's export and the upload, or it proved little.
+    run_series(env, series, (Stage.DUMPING, Stage.EXPORTING, Stage.UPLOADING), "ccp", made)
 
 
 @dataclass(frozen=True)
@@ -690,14 +672,6 @@ def test_agent_killed_at_ten_moments_of_a_restore(local_env: LocalEnv, capped_ag
             kills.append(one(node, moment, before))
         return kills
 
-    try:
-        began = time.monotonic()
-        kills = side_by_side(series)
-        report(kills, time.monotonic() - began)
-        for node, node_kills in kills.items():
-            stages = {k.seen.stage for k in node_kills}
-            for stage in (RestoreStage.DOWNLOADING, RestoreStage.RESTORING, RestoreStage.CRIU_RESTORING):
-                assert stage in stages, f"{node}: no kill while {stage.name.lower()}: {[str(k) for k in node_kills]}"
-        check_invariants(env, timeout=END_TIMEOUT)
-    finally:
-        cleanup(env, "crst", made)
+    run_series(
+        env, series, (RestoreStage.DOWNLOADING, RestoreStage.RESTORING, RestoreStage.CRIU_RESTORING), "crst", made
+    )

@@ -3,11 +3,10 @@ controller killed between its Scheduled status and its node label (see docs/fail
 
 from __future__ import annotations
 
-import hashlib
 import json
 import time
 
-from faultkit import MiB, checkpoint, finished, get, remove, uploading, wait_for, workload
+from faultkit import MiB, assert_stored_as_reported, checkpoint, finished, get, remove, uploading, wait_for, workload
 from invariants import check_invariants
 from localenv import faults
 from localenv.env import STORAGE, LocalEnv
@@ -27,8 +26,7 @@ def test_api_server_down_for_20s_mid_checkpoint(local_env: LocalEnv) -> None:
             obj = wait_for(env, "ccp", name, "an end", finished, 180)
             assert obj["status"]["phase"] == "Succeeded", obj["status"]
             [archive] = obj["status"]["archives"]
-            body = env.s3.client().get_object(Bucket=env.s3.bucket, Key=archive["key"])["Body"].read()
-            assert hashlib.sha256(body).hexdigest() == archive["sha256"] and len(body) == archive["size"]
+            assert_stored_as_reported(env, archive)
         check_invariants(env)
     finally:
         remove(env, NODE, container)

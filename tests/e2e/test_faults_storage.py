@@ -3,12 +3,24 @@ good, and a ContainerCheckpoint deleted while it uploads (see docs/failure-seman
 
 from __future__ import annotations
 
-import hashlib
 import re
 import time
 from pathlib import Path
 
-from faultkit import MiB, checkpoint, delete, events, finished, ready, remove, state, uploading, wait_for, workload
+from faultkit import (
+    MiB,
+    assert_stored_as_reported,
+    checkpoint,
+    delete,
+    events,
+    finished,
+    ready,
+    remove,
+    state,
+    uploading,
+    wait_for,
+    workload,
+)
 from invariants import check_invariants
 from localenv import faults
 from localenv.env import STORAGE, LocalEnv
@@ -45,9 +57,7 @@ def test_s3_down_for_30s_mid_upload_retries_with_backoff_and_succeeds(local_env:
             obj = wait_for(env, "ccp", name, "Succeeded", finished)
             assert obj["status"]["phase"] == "Succeeded", obj["status"]
             [archive] = obj["status"]["archives"]
-            body = env.s3.client().get_object(Bucket=env.s3.bucket, Key=archive["key"])["Body"].read()
-            assert hashlib.sha256(body).hexdigest() == archive["sha256"]
-            assert len(body) == archive["size"]
+            assert_stored_as_reported(env, archive)
         check_invariants(env)
     finally:
         remove(env, NODE, container)

@@ -4,28 +4,13 @@ from __future__ import annotations
 
 import hashlib
 import time
-import uuid
 from typing import Any
 
 import pytest
 
+from faultkit import apply, unique
 from localenv.env import LocalEnv
 from localenv.images import COUNTER, MEMORY, read_count, wait_for_log
-
-
-def unique(prefix: str) -> str:
-    return f"{prefix}-{uuid.uuid4().hex[:6]}"
-
-
-def apply(env: LocalEnv, kind: str, name: str, spec: dict[str, Any]) -> None:
-    env.apply(
-        {
-            "apiVersion": "checkpointer.dev/v1alpha1",
-            "kind": kind,
-            "metadata": {"name": name, "namespace": "default"},
-            "spec": spec,
-        }
-    )
 
 
 def checkpoint_counter(env: LocalEnv, node: str = "node-a") -> tuple[str, str, int, dict[str, Any]]:
