@@ -9,11 +9,11 @@ cd "$REPO_ROOT"
 need=()
 # mkfs.xfs and tc: the benchmark keeps the S3 server's files on XFS and shapes the link to it (see
 # hack/bench/datapath.py).
-for tool in debootstrap nsenter unshare gcc zstd mkfs.xfs tc; do command -v "$tool" >/dev/null || need+=("$tool"); done
+for tool in debootstrap nsenter unshare gcc zstd mkfs.xfs tc age; do command -v "$tool" >/dev/null || need+=("$tool"); done
 if ((${#need[@]})); then
   log "installing Debian packages for: ${need[*]}"
   apt-get update -qq
-  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq debootstrap util-linux gcc libc6-dev zstd xfsprogs iproute2 >/dev/null
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq debootstrap util-linux gcc libc6-dev zstd xfsprogs iproute2 age >/dev/null
 fi
 
 python=${PYTHON:-python3}

@@ -88,6 +88,8 @@ class CheckpointRef(Model):
 class ArchiveRef(Model):
     storage_ref: NameRef | None = None
     key: str
+    # Whose folder `key` is in; absent: the restore's own namespace. Another only for admin namespaces.
+    namespace: str | None = None
     sha256: str | None = None
 
 
@@ -140,6 +142,10 @@ class SecretRef(Model):
     name: str
 
 
+class Encryption(Model):
+    secret_ref: SecretRef
+
+
 class StorageSpec(Model):
     bucket: str
     prefix: str = ""
@@ -150,6 +156,10 @@ class StorageSpec(Model):
     credentials_secret_ref: SecretRef | None = None
     default: bool = False
     deletion_policy: str = "Delete"
+    # None: every namespace may use the storage.
+    allowed_namespaces: list[str] | None = None
+    accept_unsigned_archives: bool = False
+    encryption: Encryption | None = None
 
 
 class CheckpointStorage(Model):

@@ -15,6 +15,9 @@ class Settings(BaseSettings):
 
     # Where agent Leases live; the chart sets it to the release namespace.
     namespace: str = "checkpointer-system"
+    # Namespaces whose objects may checkpoint any container and read any namespace's archives
+    # (docs/security.md). Empty: the release namespace alone.
+    admin_namespaces: list[str] = []
     # The agent's own node (downward API spec.nodeName in the chart).
     node_name: str = ""
 
@@ -60,3 +63,7 @@ class Settings(BaseSettings):
     pod_name: str = ""
     leader_lease_duration_seconds: float = 10.0
     leader_renew_seconds: float = 2.0
+
+    @property
+    def admins(self) -> frozenset[str]:
+        return frozenset(self.admin_namespaces or [self.namespace])
