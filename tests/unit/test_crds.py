@@ -58,6 +58,7 @@ SPEC_FIELDS = {
         "source.archive": "object",
         "source.archive.storageRef": "object",
         "source.archive.storageRef.name": "string",
+        "source.archive.namespace": "string",
         "source.archive.key": "string",
         "source.archive.sha256": "string",
         "previous": "object",
@@ -90,6 +91,13 @@ SPEC_FIELDS = {
         "credentialsSecretRef.name": "string",
         "default": "boolean",
         "deletionPolicy": "string",
+        "allowedNamespaces": "array",
+        "allowedNamespaces[]": "string",
+        "acceptUnsignedArchives": "boolean",
+        "encryption": "object",
+        "encryption.secretRef": "object",
+        "encryption.secretRef.namespace": "string",
+        "encryption.secretRef.name": "string",
     },
 }
 
