@@ -21,6 +21,7 @@ if TYPE_CHECKING:
 
 # Sync handlers run in kopf's thread pool of this size: objects handled at once by one process.
 HANDLER_THREADS = 20
+CHATTY_LIBRARIES = ("boto3", "botocore", "s3transfer", "urllib3", "kubernetes")
 
 
 def _kopf_settings(role: str, node: str | None) -> kopf.OperatorSettings:
@@ -61,6 +62,10 @@ def main(argv: list[str] | None = None, make_runtime: Callable[[Settings], Runti
         level=logging.DEBUG if args.verbose else logging.INFO,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
+    # Never below INFO, even with --verbose: at DEBUG these libraries log whole requests and answers,
+    # which carry the S3 access key ID (in every signed request) and Secrets read from the API server.
+    for library in CHATTY_LIBRARIES:
+        logging.getLogger(library).setLevel(logging.INFO)
     settings = Settings()
     load_config()
     # The handlers' threads, and a few more for the Lease heartbeat and progress from upload threads.

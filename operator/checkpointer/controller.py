@@ -6,19 +6,20 @@ Handlers are thin: parse, call a service, write status. One replica leads (see l
 from __future__ import annotations
 
 import logging
+import threading
 from collections.abc import Callable
 from typing import Any, TypeVar
 
 import kopf
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from checkpointer import CONTROLLER_FINALIZER, GROUP, NODE_LABEL, VERSION
+from checkpointer import CONTROLLER_FINALIZER, GROUP, NODE_LABEL, VERSION, layout
 from checkpointer.adapters.kube import CHECKPOINTS, RESTORES, STORAGES, Kube
 from checkpointer.archive.store import RateLimiter, StorageError, Stores, Transfer
 from checkpointer.errors import Failure
-from checkpointer.layout import archive_dir
 from checkpointer.models import CheckpointStorage, ContainerCheckpoint, ContainerRestore
 from checkpointer.reasons import Phase, Reason
-from checkpointer.services import scheduling, validation
+from checkpointer.services import scheduling, signing, validation
 from checkpointer.settings import Settings
 from checkpointer.status import Conflict, StatusWriter, event_subject
 
@@ -84,6 +85,33 @@ def _still_scheduled(body: kopf.Body, **_: Any) -> bool:
     return bool((body.get("status") or {}).get("phase") == Phase.SCHEDULED)
 
 
+def recorded_keys(prefix: str, ccp: ContainerCheckpoint) -> tuple[set[str], set[str]]:
+    """What deleting a checkpoint removes from the bucket: (objects, keys of open uploads). Pure.
+
+    Only what it wrote: the archives its status records, the manifest it wrote when it succeeded,
+    CRIU's logs it kept when it failed with `keep`. Never a whole folder, which a user-chosen
+    export.key may share with other checkpoints; never an object at a key it did not write.
+    """
+    directory = layout.archive_dir(prefix, ccp)
+    archived = [a for a in ccp.status.archives if a.key]
+    objects = {a.key for a in archived if a.key}
+    if ccp.status.phase == Phase.SUCCEEDED or ccp.status.manifest_sha256:  # the agent wrote it for signing
+        objects.add(f"{directory}/{layout.MANIFEST}")
+    archived_names = {a.container for a in archived}
+    if ccp.status.phase == Phase.FAILED and ccp.spec.keep:
+        objects |= {layout.log_key(directory, c) for c in set(ccp.spec.containers) - archived_names}
+    # The agent uploads to these keys; those of containers `all` or `latest` chose its sweep aborts.
+    named = archived_names | set(ccp.spec.containers)
+    uploads = objects | {
+        layout.archive_key(directory, c, ccp.spec.compress, encrypted) for c in named for encrypted in (False, True)
+    }
+    return objects, uploads
+
+
+def _signing_requested(body: kopf.Body, **_: Any) -> bool:
+    return signing.signing_requested(body.get("status") or {})
+
+
 def register(registry: kopf.OperatorRegistry, settings: Settings, kube: Kube) -> None:
     leases = scheduling.AgentLeases(kube, settings.namespace)
     unlimited = RateLimiter(0)
@@ -112,7 +140,7 @@ def register(registry: kopf.OperatorRegistry, settings: Settings, kube: Kube) ->
         crst = ContainerRestore.model_validate(dict(body))
         try:
             scheduling.require_node_with_agent(kube, leases, crst.spec.node_name)
-            archive = with_fresh_storage(lambda: scheduling.resolve_restore_archive(kube, crst))
+            archive = with_fresh_storage(lambda: scheduling.resolve_restore_archive(kube, crst, settings.admins))
         except Failure as e:
             _fail(kube, RESTORES, body, e)
             return
@@ -159,11 +187,72 @@ def register(registry: kopf.OperatorRegistry, settings: Settings, kube: Kube) ->
                 ),
             )
 
+    signing_keys: list[Ed25519PrivateKey] = []
+
+    @kopf.on.startup(registry=registry)
+    def load_signing_key(**_: Any) -> None:
+        # Before any watch starts: every checkpoint handed over for signing finds the key.
+        signing_keys[:] = [signing.signing_key(kube, settings)]
+
+    signing_now: set[str] = set()
+    signing_lock = threading.Lock()
+
+    def sign(body: kopf.Body) -> None:
+        if body["metadata"].get("deletionTimestamp"):
+            return  # delete_archives removes what it stored, the unsigned manifest included
+        uid = str(body["metadata"]["uid"])
+        with signing_lock:  # the event handler and the timer: one at a time signs an object
+            if uid in signing_now:
+                return
+            signing_now.add(uid)
+        try:
+            sign_once(body)
+        finally:
+            with signing_lock:
+                signing_now.discard(uid)
+
+    def sign_once(body: kopf.Body) -> None:
+        where = f"{body['metadata']['namespace']}/{body['metadata']['name']}"
+        try:
+            signing.sign_checkpoint(kube, stores, signing_keys[0], dict(body))
+        except Failure as e:
+            log.warning("checkpoint %s: %s: %s", where, e.reason, e.message)
+            try:
+                StatusWriter(kube, CHECKPOINTS, dict(body)).phase(Phase.FAILED, e.reason, e.message)
+            except Conflict:
+                return
+            kopf.warn(body, reason=str(e.reason), message=e.message)
+        except Conflict as e:  # signed already (the other handler), or gone
+            log.info("not signing %s: %s", where, e)
+        except StorageError as e:  # the timer tries again
+            log.warning("could not sign the manifest of %s yet: %s", where, e)
+
+    # On the watch event itself, in the first listing after a (re)start too: no handler state, no
+    # extra write. The timer tries again while the bucket does not answer.
+    @kopf.on.event(GROUP, VERSION, CHECKPOINTS, labels=LABELLED, when=_signing_requested, registry=registry)
+    def sign_manifest(body: kopf.Body, type: str | None, **_: Any) -> None:
+        if type != "DELETED":
+            sign(body)
+
+    @kopf.timer(
+        GROUP,
+        VERSION,
+        CHECKPOINTS,
+        interval=10,
+        initial_delay=5,
+        labels=LABELLED,
+        when=_signing_requested,
+        registry=registry,
+    )
+    def sign_manifest_again(body: kopf.Body, **_: Any) -> None:
+        sign(body)
+
     @kopf.on.delete(GROUP, VERSION, CHECKPOINTS, labels=LABELLED, registry=registry)
     def delete_archives(body: kopf.Body, **_: Any) -> None:
         ccp = ContainerCheckpoint.model_validate(dict(body))
         phase = ccp.status.phase
-        if phase and not Phase(phase).finished and leases.alive(ccp.spec.node_name):
+        waiting = phase and not Phase(phase).finished and not signing.signing_requested(body.get("status") or {})
+        if waiting and leases.alive(ccp.spec.node_name):
             # The agent sees the deletion in the answer to its next status write, gives the container
             # back and ends the object; podman may still be running. Only then is the bucket cleaned.
             raise kopf.TemporaryError(
@@ -182,13 +271,15 @@ def register(registry: kopf.OperatorRegistry, settings: Settings, kube: Kube) ->
             return
         if storage.spec.deletion_policy == "Retain":
             return
-        directory = archive_dir(storage.spec.prefix, ccp)
+        objects, uploads = recorded_keys(storage.spec.prefix, ccp)
         try:
-            if not any(a.key for a in ccp.status.archives):
-                # Nothing of it was stored; an upload a killed agent left open is all there can be.
-                stores.of(storage).abort_uploads_under(directory)
+            store = stores.of(storage)
+            # Nothing of it stored: an upload a killed agent left open is all there can be.
+            for key in sorted(uploads - objects):
+                store.abort_uploads(key)
+            if not objects:
                 return
-            deleted = stores.of(storage).delete_dir(directory)
+            deleted = store.delete_keys(objects)
         except StorageError as e:
             raise kopf.TemporaryError(f"the archives could not be deleted yet: {e}", delay=10) from None
         kopf.event(body, type="Normal", reason="ArchivesDeleted", message=f"deleted {deleted} objects from the bucket")

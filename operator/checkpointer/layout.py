@@ -5,22 +5,56 @@ from __future__ import annotations
 import posixpath
 from typing import Any
 
-from checkpointer.models import Compression, ContainerCheckpoint
+from checkpointer.errors import Failure
+from checkpointer.models import ArchiveRef, Compression, ContainerCheckpoint
+from checkpointer.reasons import Reason
 
 MANIFEST = "manifest.json"
 MANIFEST_VERSION = 1
+# An archive encrypted in the age format (docs/api.md): `<container>.tar.zst.age`.
+ENCRYPTED_SUFFIX = ".age"
+
+
+def _join(*parts: str) -> str:
+    return posixpath.join(*[p.strip("/") for p in parts if p.strip("/")])
+
+
+def namespace_dir(prefix: str, namespace: str) -> str:
+    """`<prefix>/<namespace>`: the folder that holds every archive of a namespace."""
+    return _join(prefix, namespace)
 
 
 def archive_dir(prefix: str, checkpoint: ContainerCheckpoint) -> str:
-    """`<prefix>/<namespace>/<name>-<uid first 8>`, or `<prefix>/<export.key>` when the spec sets one."""
+    """`<prefix>/<namespace>/<export.key>`, or `<prefix>/<namespace>/<name>-<uid first 8>` without one.
+
+    export.key is relative to the namespace's folder, so that no checkpoint writes into another
+    namespace's folder (docs/api.md).
+    """
     meta = checkpoint.metadata
     export = checkpoint.spec.export
-    own = export.key if export and export.key else f"{meta.namespace}/{meta.name}-{meta.uid[:8]}"
-    return posixpath.join(prefix.strip("/"), own.strip("/")) if prefix.strip("/") else own.strip("/")
+    own = export.key if export and export.key else f"{meta.name}-{meta.uid[:8]}"
+    return _join(namespace_dir(prefix, meta.namespace), own)
 
 
-def archive_key(directory: str, container: str, compression: Compression) -> str:
-    return f"{directory}/{container}{compression.suffix}"
+def resolve_archive_key(prefix: str, namespace: str, ref: ArchiveRef, admins: frozenset[str]) -> str:
+    """The full object key of a restore's archive: `<prefix>/<folder namespace>/<ref.key>`.
+
+    The folder is the restore's own namespace's, or `ref.namespace` when the restore's namespace is
+    an admin namespace; naming another namespace from any other fails with ArchiveNotPermitted.
+    """
+    owner = ref.namespace or namespace
+    if owner != namespace and namespace not in admins:
+        raise Failure(
+            Reason.ARCHIVE_NOT_PERMITTED,
+            f"a ContainerRestore in namespace {namespace} may read only its own namespace's archives; "
+            f"remove archive.namespace (only an admin namespace may name another)",
+        )
+    return _join(namespace_dir(prefix, owner), ref.key)
+
+
+def archive_key(directory: str, container: str, compression: Compression, encrypted: bool = False) -> str:
+    """`<directory>/<container>.tar.zst`, and `.age` after it when the archive is encrypted."""
+    return f"{directory}/{container}{compression.suffix}{ENCRYPTED_SUFFIX if encrypted else ''}"
 
 
 def log_key(directory: str, container: str) -> str:
@@ -32,6 +66,7 @@ def uri(bucket: str, key: str) -> str:
 
 
 def compression_of(key: str) -> Compression:
+    key = key.removesuffix(ENCRYPTED_SUFFIX)
     for compression in (Compression.ZSTD, Compression.GZIP, Compression.NONE):
         if key.endswith(compression.suffix):
             return compression
@@ -60,3 +95,13 @@ def manifest(
         "completionTime": finished,
         "archives": archives,
     }
+
+
+def namespace_of_key(prefix: str, key: str) -> str | None:
+    """The namespace whose folder holds `key` (`<prefix>/<namespace>/…`); None when none does. Pure."""
+    base = prefix.strip("/")
+    rest = key.removeprefix(base + "/") if base else key
+    if base and rest == key:
+        return None
+    folder, sep, _ = rest.partition("/")
+    return folder if sep and folder else None

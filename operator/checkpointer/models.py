@@ -65,6 +65,8 @@ class CheckpointStatus(Model):
     node_name: str | None = None
     storage_ref: NameRef | None = None
     archives: list[Archive] = Field(default_factory=list)
+    # The sha256 of the unsigned manifest the agent wrote for the controller to sign.
+    manifest_sha256: str | None = Field(default=None, alias="manifestSHA256")
 
 
 class Metadata(Model):
@@ -72,6 +74,7 @@ class Metadata(Model):
     namespace: str = ""
     uid: str = ""
     generation: int = 0
+    deletion_timestamp: str | None = None
 
 
 class ContainerCheckpoint(Model):

@@ -18,6 +18,10 @@ class Settings(BaseSettings):
     # Namespaces whose objects may checkpoint any container and read any namespace's archives
     # (docs/security.md). Empty: the release namespace alone.
     admin_namespaces: list[str] = []
+    # In `namespace`: the Secret that holds the controller's manifest signing key (it creates it on
+    # first start), and the ConfigMap where it publishes the public key for the agents.
+    signing_key_secret: str = "checkpointer-signing-key"
+    signing_public_key_config_map: str = "checkpointer-signing-public-key"
     # The agent's own node (downward API spec.nodeName in the chart).
     node_name: str = ""
 
@@ -47,6 +51,9 @@ class Settings(BaseSettings):
     upload_deadline_seconds: float = 86400.0
     # A checkpoint is refused (InsufficientSpace) when the spool has less free space than this.
     spool_min_free_bytes: int = 256 * MiB
+    # A restore's archive may not inflate past this many bytes on the node (0: no cap but the
+    # spool's free space less spool_min_free_bytes, and the size its manifest states).
+    max_archive_bytes: int = 0
     # How often the agent clears what faults left in the spool (see services/sweep.py).
     sweep_seconds: float = 60.0
 

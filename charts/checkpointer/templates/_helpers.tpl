@@ -86,9 +86,15 @@ Every storage Secret the operator may read, as YAML: namespace -> sorted list of
 */}}
 {{- define "checkpointer.storageSecretsByNamespace" -}}
 {{- $byNamespace := dict }}
-{{- $own := include "checkpointer.storageSecretName" . }}
+{{- $own := list }}
+{{- with include "checkpointer.storageSecretName" . }}
+{{- $own = append $own . }}
+{{- end }}
+{{- if and .Values.storage.create .Values.storage.encryptionSecret }}
+{{- $own = append $own .Values.storage.encryptionSecret }}
+{{- end }}
 {{- if $own }}
-{{- $_ := set $byNamespace .Release.Namespace (list $own) }}
+{{- $_ := set $byNamespace .Release.Namespace ($own | uniq | sortAlpha) }}
 {{- end }}
 {{- range .Values.rbac.storageSecrets }}
 {{- if not (and .namespace .name) }}
@@ -116,4 +122,12 @@ Values that the schema cannot check on its own; included by every workload templ
 {{- if and .Values.storage.create (not .Values.storage.existingSecret) (ne (empty .Values.storage.accessKeyID) (empty .Values.storage.secretAccessKey)) }}
 {{- fail "set both storage.accessKeyID and storage.secretAccessKey (or storage.existingSecret)" }}
 {{- end }}
+{{- end }}
+
+{{/*
+The admin namespaces as the JSON list CHECKPOINTER_ADMIN_NAMESPACES takes; empty: the release
+namespace alone.
+*/}}
+{{- define "checkpointer.adminNamespaces" -}}
+{{- default (list .Release.Namespace) .Values.tenancy.adminNamespaces | toJson }}
 {{- end }}

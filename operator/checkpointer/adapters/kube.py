@@ -12,6 +12,7 @@ from kubernetes.client import ApiException
 
 from checkpointer import GROUP, VERSION
 from checkpointer.adapters.storage import Credentials
+from checkpointer.archive.encryption import Keys, parse_identity, parse_recipients
 from checkpointer.models import CheckpointStorage
 
 log = logging.getLogger(__name__)
@@ -102,6 +103,91 @@ class Kube:
             )
         except KeyError as e:
             raise ValueError(f"Secret {ref.namespace}/{ref.name} has no key {e}") from None
+
+    def encryption(self, storage: CheckpointStorage) -> Keys | None:
+        """The age keys of the storage's encryption Secret; None when the storage does not encrypt.
+
+        Checkpoints use the recipients, restores the identity. A Secret without an identity is
+        allowed (the secret key may be kept off the cluster): a restore of an encrypted archive then
+        fails. Raises ValueError, never quoting a key, when the Secret cannot be read,
+        has no recipients, or holds a key that is not an age key.
+        """
+        if storage.spec.encryption is None:
+            return None
+        ref = storage.spec.encryption.secret_ref
+        where = f"encryption Secret {ref.namespace}/{ref.name} of CheckpointStorage {storage.metadata.name}"
+        try:
+            secret = self.core.read_namespaced_secret(ref.name, ref.namespace)
+        except ApiException as e:
+            # Forbidden: the Secret is missing from the chart's rbac.storageSecrets.
+            raise ValueError(f"the {where} cannot be read: {e.status} {e.reason}") from None
+        data = secret.data or {}
+        try:
+            recipients = parse_recipients(base64.b64decode(data.get("recipients", "")).decode())
+            key = parse_identity(base64.b64decode(data["identity"]).decode()) if "identity" in data else None
+        except (ValueError, UnicodeDecodeError) as e:
+            raise ValueError(f"the {where} is not usable: {e}") from None
+        if not recipients:
+            raise ValueError(f"the {where} has no recipients (age public keys, one per line)")
+        return Keys(recipients, key)
+
+    # --- the signing key ------------------------------------------------------------------------
+
+    def secret_data(self, namespace: str, name: str) -> dict[str, bytes] | None:
+        """A Secret's data, decoded; None when it does not exist."""
+        try:
+            secret = self.core.read_namespaced_secret(name, namespace)
+        except ApiException as e:
+            if e.status == 404:
+                return None
+            raise
+        return {k: base64.b64decode(v) for k, v in (secret.data or {}).items()}
+
+    def create_secret(self, namespace: str, name: str, data: dict[str, bytes], labels: dict[str, str]) -> bool:
+        """Create an immutable Secret; False when one of that name exists (someone else created it first)."""
+        body: dict[str, Any] = {
+            "apiVersion": "v1",
+            "kind": "Secret",
+            "metadata": {"name": name, "namespace": namespace, "labels": labels},
+            "type": "Opaque",
+            "immutable": True,
+            "data": {k: base64.b64encode(v).decode() for k, v in data.items()},
+        }
+        try:
+            self.core.create_namespaced_secret(namespace, body)  # type: ignore[arg-type]
+        except ApiException as e:
+            if e.status == 409:
+                return False
+            raise
+        return True
+
+    def config_map_data(self, namespace: str, name: str) -> dict[str, str] | None:
+        """A ConfigMap's data; None when it does not exist."""
+        try:
+            config_map = self.core.read_namespaced_config_map(name, namespace)
+        except ApiException as e:
+            if e.status == 404:
+                return None
+            raise
+        return dict(config_map.data or {})
+
+    def put_config_map(self, namespace: str, name: str, data: dict[str, str], labels: dict[str, str]) -> None:
+        """Create the ConfigMap with `data`, or replace the data of the one there."""
+        body: dict[str, Any] = {
+            "apiVersion": "v1",
+            "kind": "ConfigMap",
+            "metadata": {"name": name, "namespace": namespace, "labels": labels},
+            "data": data,
+        }
+        try:
+            self.core.create_namespaced_config_map(namespace, body)  # type: ignore[arg-type]
+            return
+        except ApiException as e:
+            if e.status != 409:
+                raise
+        # A JSON merge patch cannot drop keys that `data` no longer has: replace the whole map.
+        patch = [{"op": "add", "path": "/data", "value": data}]  # add replaces a member that exists
+        self.core.patch_namespaced_config_map(name, namespace, patch)
 
     # --- nodes and agent leases -----------------------------------------------------------------
 

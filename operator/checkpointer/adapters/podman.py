@@ -23,6 +23,7 @@ import threading
 import urllib.parse
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
+from datetime import datetime
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -54,10 +55,15 @@ class Container:
     state: str
     static_dir: str = ""
     labels: tuple[tuple[str, str], ...] = ()
+    # Seconds since the epoch: what `latest` compares (the CLI's list gives whole seconds).
+    created: float = 0.0
 
     @property
     def running(self) -> bool:
         return self.state == "running"
+
+    def label(self, name: str) -> str | None:
+        return dict(self.labels).get(name)
 
 
 class Runtime(Protocol):
@@ -98,7 +104,18 @@ def _container(data: dict[str, Any]) -> Container:
         state=str(state or ""),
         static_dir=str(data.get("StaticDir", "")),
         labels=tuple(sorted(labels.items())),
+        created=_created(data.get("Created")),
     )
+
+
+def _created(value: Any) -> float:
+    """The CLI's list says whole seconds since the epoch, the REST API and inspect an RFC 3339 time."""
+    if isinstance(value, int | float):
+        return float(value)
+    try:
+        return datetime.fromisoformat(str(value)).timestamp()
+    except ValueError:
+        return 0.0
 
 
 def _stats(text: str) -> dict[str, Any]:

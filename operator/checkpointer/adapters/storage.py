@@ -2,8 +2,13 @@
 
 from __future__ import annotations
 
+import atexit
+import hashlib
+import shutil
 import tempfile
+import threading
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 import boto3
@@ -27,15 +32,41 @@ class Credentials:
         return "Credentials(<redacted>)"
 
 
+class CaFiles:
+    """The files botocore reads a custom CA bundle from: it takes only a path, and reads it again for
+    every new connection, so the file lives as long as a client may connect. One file per distinct
+    bundle, in one private folder that is removed when the process ends: a storage validated every
+    minute never adds a file."""
+
+    def __init__(self) -> None:
+        self._folder: Path | None = None
+        self._lock = threading.Lock()
+
+    def path(self, bundle: str) -> str:
+        with self._lock:
+            if self._folder is None:
+                self._folder = Path(tempfile.mkdtemp(prefix="checkpointer-ca-"))
+                atexit.register(self.remove)
+            path = self._folder / f"{hashlib.sha256(bundle.encode()).hexdigest()[:16]}.pem"
+            if not path.exists():
+                partial = path.with_suffix(".partial")
+                partial.write_text(bundle)
+                partial.replace(path)
+            return str(path)
+
+    def remove(self) -> None:
+        with self._lock:
+            if self._folder is not None:
+                shutil.rmtree(self._folder, ignore_errors=True)
+                self._folder = None
+
+
+CA_FILES = CaFiles()
+
+
 def client(storage: CheckpointStorage, credentials: Credentials | None, max_connections: int = 10) -> S3Client:
     spec = storage.spec
-    verify: str | bool = True
-    if spec.ca_bundle:
-        # botocore wants a file path for a custom CA; the file lives as long as the process.
-        ca = tempfile.NamedTemporaryFile("w", suffix=".pem", delete=False)  # noqa: SIM115
-        ca.write(spec.ca_bundle)
-        ca.close()
-        verify = ca.name
+    verify: str | bool = CA_FILES.path(spec.ca_bundle) if spec.ca_bundle else True
     config = Config(
         s3={
             "addressing_style": "path" if spec.force_path_style else "auto",

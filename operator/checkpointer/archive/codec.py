@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import json
 import os
+import posixpath
+import re
 import tarfile
 from collections import deque
 from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -16,7 +19,8 @@ from isal import isal_zlib
 
 from checkpointer.models import Compression
 
-READ_SIZE = 1024 * 1024
+MiB = 1024 * 1024
+READ_SIZE = MiB
 ZSTD_JOB_SIZE = 2 * 1024 * 1024
 ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"
 CONFIG_DUMP = "config.dump"
@@ -121,27 +125,183 @@ class CorruptArchive(Exception):
     """The bytes are not a readable podman checkpoint archive."""
 
 
-def read_config(path: Path, whole: bool) -> dict[str, Any]:
-    """The archive's config.dump; `whole` reads every member, so that damage anywhere shows.
+SPEC_DUMP = "spec.dump"
+# The JSON members an archive's policy is read from (services/archive_policy.py). Real ones are a
+# few KiB; parsing JSON takes up to 25 bytes of memory per byte, so 1 MiB keeps a parse near 25 MiB.
+DUMP_LIMIT = 1 * MiB
+# Extended headers (pax records, GNU long names and links) are read into memory whole, before the
+# member they describe. A path is at most 4 KiB and an xattr value 64 KiB: one header may take
+# 64 KiB, all of an archive's together 1 MiB (each counted as at least one 512-byte block).
+EXTENDED_HEADER_LIMIT = 64 * 1024
+EXTENDED_HEADERS_LIMIT = 1 * MiB
+# Consecutive extended headers before one member: GNU tar writes a long link and a long name, Go a
+# pax header. Python reads a chain of them recursively.
+EXTENDED_HEADER_CHAIN = 4
+# Python's pax reader before 3.11.10 takes time quadratic in the longest run of digits of a header.
+_DIGIT_RUN = re.compile(rb"\d{257}")
 
-    Raises CorruptArchive when the tar cannot be read or holds no config.dump.
+
+@dataclass(frozen=True)
+class ContainerConfiguration:
+    """What an archive asks podman to restore: its container configuration (`config.dump`) and the
+    OCI runtime spec podman runs it with (`spec.dump`)."""
+
+    config: dict[str, Any]
+    spec: dict[str, Any]
+
+
+class _Replay:
+    """A file that first gives back bytes already read from `rest`: lets the pax reader read a
+    header that was checked before it."""
+
+    def __init__(self, head: bytes, rest: Any) -> None:
+        self.head = head
+        self.rest = rest
+
+    def read(self, size: int = -1) -> bytes:
+        if not self.head:
+            return bytes(self.rest.read(size))
+        if size < 0:
+            size = len(self.head) + (1 << 62)
+        out, self.head = self.head[:size], self.head[size:]
+        if len(out) < size:
+            out += self.rest.read(size - len(out))
+        return out
+
+    def tell(self) -> int:
+        return int(self.rest.tell()) - len(self.head)
+
+    def seek(self, offset: int, whence: int = 0) -> int:
+        self.head = b""
+        return int(self.rest.seek(offset, whence))
+
+
+class _BoundedTarFile(tarfile.TarFile):
+    """A tar reader that refuses extended headers past the limits above before reading them."""
+
+    members: list[tarfile.TarInfo]
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        # Set before TarFile.__init__, which already reads the first member.
+        self.extended_bytes = 0
+        self.extended_chain = 0
+        kwargs["tarinfo"] = _BoundedTarInfo
+        super().__init__(*args, **kwargs)
+
+
+class _BoundedTarInfo(tarfile.TarInfo):
+    def _extended(self, tar: tarfile.TarFile) -> _BoundedTarFile:
+        if not isinstance(tar, _BoundedTarFile):
+            raise TypeError("a bounded member needs a bounded tar")
+        if self.size > EXTENDED_HEADER_LIMIT:
+            raise CorruptArchive(
+                f"the archive has an extended tar header of {self.size} bytes, more than {EXTENDED_HEADER_LIMIT}"
+            )
+        tar.extended_bytes += max(self.size, tarfile.BLOCKSIZE)
+        if tar.extended_bytes > EXTENDED_HEADERS_LIMIT:
+            raise CorruptArchive(f"the archive's extended tar headers take more than {EXTENDED_HEADERS_LIMIT} bytes")
+        if tar.extended_chain >= EXTENDED_HEADER_CHAIN:
+            raise CorruptArchive(f"the archive has more than {EXTENDED_HEADER_CHAIN} extended tar headers in a row")
+        return tar
+
+    def _proc_gnulong(self, tar: tarfile.TarFile) -> tarfile.TarInfo:
+        bounded = self._extended(tar)
+        bounded.extended_chain += 1
+        try:
+            return super()._proc_gnulong(tar)  # type: ignore[misc,no-any-return]
+        finally:
+            bounded.extended_chain -= 1
+
+    def _proc_pax(self, tar: tarfile.TarFile) -> tarfile.TarInfo:
+        bounded = self._extended(tar)
+        fileobj = tar.fileobj
+        block = fileobj.read(self.size + -self.size % tarfile.BLOCKSIZE)
+        _check_pax_records(block[: self.size])
+        tar.fileobj = _Replay(block, fileobj)  # type: ignore[assignment]
+        bounded.extended_chain += 1
+        try:
+            return super()._proc_pax(tar)  # type: ignore[misc,no-any-return]
+        finally:
+            bounded.extended_chain -= 1
+            tar.fileobj = fileobj
+
+    def _proc_sparse(self, tar: tarfile.TarFile) -> tarfile.TarInfo:
+        raise CorruptArchive("the archive has a sparse member; podman writes none")
+
+
+def _check_pax_records(data: bytes) -> None:
+    """Each record must be `<length> <keyword>=<value>\n` and fill the header exactly. Python's own
+    reader searches for the next `=` past a record's end, which makes a crafted header take memory
+    quadratic in its size; checked like this, every keyword stays inside its own record."""
+    if _DIGIT_RUN.search(data):
+        raise CorruptArchive("the archive has a pax header with a run of more than 256 digits")
+    pos = 0
+    while pos < len(data):
+        space = data.find(b" ", pos, pos + 21)
+        digits = data[pos:space]
+        if space < 0 or not digits.isdigit():
+            raise CorruptArchive("the archive has a malformed pax header")
+        end = pos + int(digits)
+        equals = data.find(b"=", space + 1, end)
+        if end > len(data) or equals <= space + 1 or data[end - 1 : end] != b"\n":
+            raise CorruptArchive("the archive has a malformed pax header")
+        if data.startswith(b"GNU.sparse.", space + 1):
+            raise CorruptArchive("the archive has a sparse member; podman writes none")
+        pos = end
+
+
+def _member_name(member: tarfile.TarInfo) -> str:
+    # As podman's extraction sees it: "./config.dump", "/config.dump" and "a/../config.dump" are all
+    # config.dump.
+    return posixpath.normpath("/" + member.name).lstrip("/")
+
+
+def _read_json(tar: tarfile.TarFile, member: tarfile.TarInfo, name: str) -> dict[str, Any]:
+    if not member.isreg():
+        raise CorruptArchive(f"the archive's {name} is not a regular file")
+    if member.size > DUMP_LIMIT:
+        raise CorruptArchive(f"the archive's {name} has {member.size} bytes, more than {DUMP_LIMIT}")
+    extracted = tar.extractfile(member)
+    if extracted is None:
+        raise CorruptArchive(f"the archive's {name} cannot be read")
+    value = json.loads(extracted.read())
+    if not isinstance(value, dict):
+        raise CorruptArchive(f"the archive's {name} is not a JSON object")
+    return value
+
+
+def read_configuration(path: Path, whole: bool) -> ContainerConfiguration:
+    """The archive's config.dump and spec.dump, read with bounded memory; `whole` also reads every
+    other member, so that damage anywhere shows.
+
+    Every header is read, so that an archive cannot show one config.dump here and another to podman
+    (whose extraction keeps the last of two). Raises CorruptArchive when the tar cannot be read, a
+    header or one of the two members is over its limit, either is missing or appears twice.
     """
-    config: dict[str, Any] | None = None
+    found: dict[str, dict[str, Any]] = {}
     try:
-        with tarfile.open(path, mode="r|*") as tar:
-            for member in tar:
-                extracted = tar.extractfile(member) if member.isfile() else None
-                if extracted is None:
-                    continue
-                if member.name.lstrip("./") == CONFIG_DUMP:
-                    config = json.loads(extracted.read())
-                    if not whole:
-                        break
-                else:
-                    while extracted.read(READ_SIZE):
+        with _BoundedTarFile.open(path, mode="r:*") as tar:
+            while (member := tar.next()) is not None:
+                # A stream of members must not become a list of them in memory.
+                tar.members.clear()
+                name = _member_name(member)
+                if name in (CONFIG_DUMP, SPEC_DUMP):
+                    if name in found:
+                        raise CorruptArchive(f"the archive holds {name} twice")
+                    found[name] = _read_json(tar, member, name)
+                elif whole and member.isreg():
+                    extracted = tar.extractfile(member)
+                    while extracted is not None and extracted.read(READ_SIZE):
                         pass
-    except (tarfile.TarError, OSError, EOFError, json.JSONDecodeError) as e:
+    except (tarfile.TarError, OSError, EOFError, ValueError, RecursionError) as e:
+        # ValueError: JSON (and its UTF-8) that does not parse, or numbers in a header that do not.
         raise CorruptArchive(f"the archive cannot be read: {e}") from None
-    if config is None:
-        raise CorruptArchive("the archive holds no config.dump: it is not a podman checkpoint")
-    return config
+    for name in (CONFIG_DUMP, SPEC_DUMP):
+        if name not in found:
+            raise CorruptArchive(f"the archive holds no {name}: it is not a podman checkpoint")
+    return ContainerConfiguration(config=found[CONFIG_DUMP], spec=found[SPEC_DUMP])
+
+
+def read_config(path: Path, whole: bool) -> dict[str, Any]:
+    """The archive's config.dump (see read_configuration)."""
+    return read_configuration(path, whole).config

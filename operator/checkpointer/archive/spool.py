@@ -1,5 +1,5 @@
-"""The node-side spool: podman's export, hashed (and compressed where podman did not) into a file
-that the upload reads from while it grows.
+"""The node-side spool: podman's export, hashed (and compressed where podman did not, and encrypted
+when the storage asks for it) into a file that the upload reads from while it grows.
 
 The spool decouples podman from the network: podman writes at disk speed and never waits for S3,
 uploads start while podman is still writing, and a finished spool survives an agent restart so the
@@ -16,10 +16,11 @@ from __future__ import annotations
 import hashlib
 import os
 import threading
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from checkpointer.archive import encryption
 from checkpointer.archive.codec import READ_SIZE, Chunk, compressor, crc32, read_chunks
 from checkpointer.models import Compression
 
@@ -131,8 +132,15 @@ class SpoolFailed(Exception):
     """The spool's writer failed: its bytes are not an archive and must not be completed."""
 
 
-def write(chunks: Iterable[Chunk], spool: GrowingFile, compression: Compression, zstd_level: int) -> tuple[Digest, int]:
-    """Compress `chunks` into the spool; returns the digest of the stored bytes and the raw size."""
+def write(
+    chunks: Iterable[Chunk],
+    spool: GrowingFile,
+    compression: Compression,
+    zstd_level: int,
+    recipients: Sequence[str] = (),
+) -> tuple[Digest, int]:
+    """Compress `chunks` into the spool, and encrypt them to `recipients` when there are any (age);
+    returns the digest of the stored bytes and the raw size."""
     digest = hashlib.sha256()
     parts = _Parts(spool.part_size)
     comp = compressor(compression, zstd_level)
@@ -146,14 +154,22 @@ def write(chunks: Iterable[Chunk], spool: GrowingFile, compression: Compression,
                 digest.update(data)
                 parts.update(data)
                 size += len(data)
+                out.flush()
+                spool.advance(size, parts.done)
 
-        for chunk in chunks:
-            raw += len(chunk)
-            emit(comp.compress(chunk))
-            out.flush()
-            spool.advance(size, parts.done)
-        emit(comp.flush())
-        out.flush()
+        def compressed() -> Iterator[Chunk]:
+            nonlocal raw
+            for chunk in chunks:
+                raw += len(chunk)
+                yield comp.compress(chunk)
+            yield comp.flush()
+
+        if recipients:
+            # Between the compressor and the file: what is hashed, checked and stored is the age file.
+            encryption.encrypt(compressed(), emit, recipients)
+        else:
+            for data in compressed():
+                emit(data)
         crcs = parts.close()
         spool.advance(size, list(crcs))
         # The last part may go while the file is made durable and podman cleans up.

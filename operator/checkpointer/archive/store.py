@@ -17,12 +17,12 @@ import posixpath
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
-from itertools import islice
+from itertools import chain, islice
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, BinaryIO, cast
 
 import zstandard
 from botocore.exceptions import ClientError
@@ -30,7 +30,9 @@ from s3transfer.utils import ReadFileChunk
 
 from checkpointer import layout
 from checkpointer.adapters.storage import StorageError, client
+from checkpointer.archive import encryption
 from checkpointer.archive.codec import READ_SIZE, ZSTD_MAGIC, CorruptArchive, crc32
+from checkpointer.archive.encryption import Data, Keys
 from checkpointer.archive.spool import Digest, GrowingFile, SpoolFailed
 
 if TYPE_CHECKING:
@@ -42,6 +44,10 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 DOWNLOAD_WINDOW = 4  # parts downloading at once, and held in memory at most
+# A manifest is a few KiB: one larger is not read whole.
+MANIFEST_MAX_BYTES = 1024 * 1024
+# zstd's own default limit is 128 MiB; every level up to 19 (and podman's zstd) stays within 8 MiB.
+ZSTD_MAX_WINDOW = 32 * 1024 * 1024
 Progress = Callable[[int], None]
 
 
@@ -253,13 +259,33 @@ class ArchiveStore:
 
     # --- small objects ---------------------------------------------------------------------------
 
-    def put_manifest(self, directory: str, manifest: dict[str, Any]) -> None:
+    def put_manifest(self, directory: str, manifest: dict[str, Any]) -> str:
+        """Write the manifest of `directory`; returns the sha256 of the bytes written."""
+        body = manifest_body(manifest)
         self._s3.put_object(
-            Bucket=self.bucket,
-            Key=f"{directory}/{layout.MANIFEST}",
-            Body=json.dumps(manifest, indent=2).encode(),
-            ContentType="application/json",
+            Bucket=self.bucket, Key=f"{directory}/{layout.MANIFEST}", Body=body, ContentType="application/json"
         )
+        return hashlib.sha256(body).hexdigest()
+
+    def manifest_bytes(self, directory: str) -> bytes | None:
+        """The manifest of `directory` as stored, at most MANIFEST_MAX_BYTES; None when there is none.
+
+        Raises CorruptArchive for a larger one: no manifest checkpointer writes is near that size.
+        """
+        try:
+            body = self._s3.get_object(Bucket=self.bucket, Key=f"{directory}/{layout.MANIFEST}")["Body"]
+        except ClientError as e:
+            if _code(e) in ("404", "NoSuchKey", "NotFound"):
+                return None
+            raise
+        with body:
+            data = body.read(MANIFEST_MAX_BYTES + 1)
+        if len(data) > MANIFEST_MAX_BYTES:
+            raise CorruptArchive(f"{self.uri(directory)}/{layout.MANIFEST} is larger than {MANIFEST_MAX_BYTES} bytes")
+        return data
+
+    def exists(self, key: str) -> bool:
+        return self._exists(key)
 
     def manifest_sha256(self, key: str) -> str | None:
         """The sha256 recorded for `key` in the manifest beside it, when there is one."""
@@ -271,6 +297,19 @@ class ArchiveStore:
         for entry in manifest.get("archives", []):
             if entry.get("key") == key:
                 return str(entry.get("sha256") or "") or None
+        return None
+
+    def manifest_uncompressed_size(self, key: str) -> int | None:
+        """The size the manifest beside `key` states its archive inflates to, when it states one."""
+        try:
+            raw = self.manifest_bytes(posixpath.dirname(key))
+            manifest = json.loads(raw) if raw is not None else None
+        except (CorruptArchive, ValueError):
+            return None
+        for entry in manifest.get("archives", []) if isinstance(manifest, dict) else []:
+            if isinstance(entry, dict) and entry.get("key") == key:
+                size = entry.get("uncompressedSize")
+                return size if isinstance(size, int) and not isinstance(size, bool) else None
         return None
 
     def put_log(self, key: str, content: bytes) -> None:
@@ -291,15 +330,52 @@ class ArchiveStore:
     def delete(self, key: str) -> None:
         self._s3.delete_object(Bucket=self.bucket, Key=key)
 
+    def delete_keys(self, keys: Iterable[str]) -> int:
+        """Delete exactly these objects and abort the open uploads of exactly these keys; returns how
+        many of them existed. Nothing else is touched, even in a folder they share with others."""
+        wanted = sorted(set(keys))
+        deleted = 0
+        for start in range(0, len(wanted), 1000):  # what one DeleteObjects takes
+            batch = wanted[start : start + 1000]
+            present = [k for k in batch if self._exists(k)]
+            if present:
+                objects: list[ObjectIdentifierTypeDef] = [{"Key": k} for k in present]
+                self._s3.delete_objects(Bucket=self.bucket, Delete={"Objects": objects, "Quiet": True})
+                deleted += len(present)
+        for key in wanted:
+            self.abort_uploads(key)
+        return deleted
+
+    def _exists(self, key: str) -> bool:
+        try:
+            self._s3.head_object(Bucket=self.bucket, Key=key)
+        except ClientError as e:
+            if _code(e) in ("404", "NoSuchKey", "NotFound"):
+                return False
+            raise
+        return True
+
     # --- download --------------------------------------------------------------------------------
 
-    def download(self, key: str, path: Path, on_progress: Callable[[int, int], None]) -> tuple[str, int]:
+    def download(
+        self,
+        key: str,
+        path: Path,
+        on_progress: Callable[[int, int], None],
+        *,
+        keys: Keys | None = None,
+        limit: int | None = None,
+    ) -> tuple[str, int]:
         """Download `key` into `path` with concurrent ranged GETs; returns the sha256 and size of the stored bytes.
 
         Parts are fetched DOWNLOAD_WINDOW at a time and consumed in order, so memory stays at that
-        many parts. A zstd archive is decompressed on the way: podman reads its import twice (config
-        first, then everything), and a plain tar spares it two decompressions, the larger part of
-        its restore time. Raises ArchiveMissing, or CorruptArchive when the zstd stream is damaged.
+        many parts. An age-encrypted archive is decrypted on the way with the identity of `keys`,
+        and a zstd archive decompressed: podman reads its import twice (config first, then
+        everything), and a plain tar spares it two decompressions, the larger part of its restore
+        time. What is written to `path` may not grow past `limit` bytes, so that a small object
+        that inflates hugely (a zstd bomb) fills neither the node's disk nor the agent's memory.
+        Raises ArchiveMissing, or CorruptArchive (and removes `path`) when the bytes cannot be
+        decrypted, the zstd stream is damaged, or the output passes `limit`.
         """
         try:
             total = self._s3.head_object(Bucket=self.bucket, Key=key)["ContentLength"]
@@ -324,34 +400,107 @@ class ArchiveStore:
         digest = hashlib.sha256()
         done = 0
         starts = iter(range(0, total, part_size))
-        with (
-            path.open("wb") as out,
-            ThreadPoolExecutor(DOWNLOAD_WINDOW, thread_name_prefix="download") as pool,
-            ThreadPoolExecutor(1, thread_name_prefix="sha256") as hasher,
-        ):
-            pending: deque[Future[bytearray]] = deque(
-                pool.submit(part, start) for start in islice(starts, DOWNLOAD_WINDOW)
-            )
-            sink: Any = out
-            try:
-                while pending:
-                    data = pending.popleft().result()
-                    pending.extend(pool.submit(part, start) for start in islice(starts, 1))
-                    if done == 0 and data.startswith(ZSTD_MAGIC):
-                        sink = zstandard.ZstdDecompressor().stream_writer(out, closefd=False)
-                    # Both let go of the GIL: the part is hashed while it is decompressed and written.
-                    hashed = hasher.submit(digest.update, data)
-                    sink.write(data)
-                    hashed.result()
-                    done += len(data)
-                    on_progress(done, total)
-                sink.flush()
-            except zstandard.ZstdError as e:
-                raise CorruptArchive(f"the archive cannot be read: {e}") from None
-            finally:
-                for future in pending:  # on any failure, parts not yet started are not fetched
-                    future.cancel()
+        try:
+            with (
+                path.open("wb") as out,
+                ThreadPoolExecutor(DOWNLOAD_WINDOW, thread_name_prefix="download") as pool,
+                ThreadPoolExecutor(1, thread_name_prefix="sha256") as hasher,
+            ):
+                pending: deque[Future[bytearray]] = deque(
+                    pool.submit(part, start) for start in islice(starts, DOWNLOAD_WINDOW)
+                )
+
+                def stored() -> Iterator[bytearray]:
+                    """The object's bytes in order, each part hashed while the next stage works on it."""
+                    nonlocal done
+                    while pending:
+                        data = pending.popleft().result()
+                        pending.extend(pool.submit(part, start) for start in islice(starts, 1))
+                        # Both let go of the GIL: the part is hashed while it is decrypted or decompressed.
+                        hashed = hasher.submit(digest.update, data)
+                        yield data
+                        hashed.result()
+                        done += len(data)
+                        on_progress(done, total)
+
+                sink = _Plaintext(_Capped(out, limit, self.uri(key)))
+                try:
+                    parts = stored()
+                    first = next(parts, None)
+                    if first is not None:
+                        rest = chain([first], parts)
+                        if encryption.is_encrypted(first):
+                            if keys is None or keys.identity is None:
+                                raise encryption.Undecryptable(
+                                    f"{self.uri(key)} is encrypted (age), and its storage has no identity to "
+                                    "decrypt it with (the encryption Secret's key identity)"
+                                )
+                            encryption.decrypt(rest, sink.write, keys.identity)
+                        else:
+                            for data in rest:
+                                sink.write(data)
+                    sink.flush()
+                except zstandard.ZstdError as e:
+                    raise CorruptArchive(f"the archive cannot be read: {e}") from None
+                finally:
+                    for future in pending:  # on any failure, parts not yet started are not fetched
+                        future.cancel()
+        except CorruptArchive:
+            path.unlink(missing_ok=True)
+            raise
         return digest.hexdigest(), total
+
+
+class ArchiveTooLarge(CorruptArchive):
+    """The archive inflates past what may be written for it on the node."""
+
+
+class _Capped:
+    """The node-side file of a download, refusing to grow past `limit` bytes."""
+
+    def __init__(self, out: BinaryIO, limit: int | None, uri: str) -> None:
+        self._out = out
+        self._limit = limit
+        self._uri = uri
+        self.written = 0
+
+    def write(self, data: Data) -> int:
+        self.written += len(data)
+        if self._limit is not None and self.written > self._limit:
+            raise ArchiveTooLarge(
+                f"{self._uri} inflates past {self._limit} bytes, more than its manifest states or the "
+                "node may hold (CHECKPOINTER_MAX_ARCHIVE_BYTES, the spool's free space less "
+                "CHECKPOINTER_SPOOL_MIN_FREE_BYTES)"
+            )
+        return self._out.write(data)
+
+
+class _Plaintext:
+    """Where the plaintext of an archive goes: decompressed on the way when it is zstd."""
+
+    def __init__(self, out: _Capped) -> None:
+        self._out = out
+        self._sink: Any = None
+
+    def write(self, data: Data) -> None:
+        if self._sink is None:
+            if bytes(data[: len(ZSTD_MAGIC)]) == ZSTD_MAGIC:
+                # A bounded window: a frame may not make the agent allocate more than ZSTD_MAX_WINDOW.
+                decompressor = zstandard.ZstdDecompressor(max_window_size=ZSTD_MAX_WINDOW)
+                # It needs only write(): the capped file is not a whole IO.
+                self._sink = decompressor.stream_writer(cast(BinaryIO, self._out), closefd=False)
+            else:
+                self._sink = self._out
+        self._sink.write(data)
+
+    def flush(self) -> None:
+        if self._sink is not None and self._sink is not self._out:
+            self._sink.flush()
+
+
+def manifest_body(manifest: dict[str, Any]) -> bytes:
+    """A manifest's bytes as stored: readable JSON, its fields in the writer's order."""
+    return json.dumps(manifest, indent=2).encode()
 
 
 def _code(error: ClientError) -> str:
@@ -365,17 +514,21 @@ class Stores:
     def __init__(self, kube: Kube, transfer: Transfer) -> None:
         self.kube = kube
         self.transfer = transfer
-        self._clients: dict[tuple[str, str, object], S3Client] = {}
+        # By storage name: the client of its current spec and credentials. A changed storage or
+        # rotated credentials replace the client, so clients never pile up.
+        self._clients: dict[str, tuple[tuple[str, object], S3Client]] = {}
         self._lock = threading.Lock()
 
     def of(self, storage: CheckpointStorage) -> ArchiveStore:
         """The store of `storage`; raises ValueError when its Secret lacks a key, StorageError when unreadable."""
         credentials = self.kube.credentials(storage)
-        key = (storage.metadata.name, storage.spec.model_dump_json(), credentials)
+        configuration = (storage.spec.model_dump_json(), credentials)
         with self._lock:
-            if key not in self._clients:
-                self._clients[key] = client(storage, credentials, max_connections=self.transfer.concurrency + 2)
-            s3 = self._clients[key]
+            known = self._clients.get(storage.metadata.name)
+            if known is None or known[0] != configuration:
+                made = client(storage, credentials, max_connections=self.transfer.concurrency + 2)
+                known = self._clients[storage.metadata.name] = (configuration, made)
+            s3 = known[1]
         return ArchiveStore(s3, storage.spec.bucket, storage.spec.prefix, self.transfer)
 
 

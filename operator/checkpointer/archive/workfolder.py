@@ -45,6 +45,10 @@ class SpoolRecord:
     raw_size: int
     digest: Digest
     stats: dict[str, Any] = field(default_factory=dict)
+    # The age recipients the spool is encrypted to; empty: it is not encrypted.
+    recipients: tuple[str, ...] = ()
+    # The tar's size before compression; None when podman compressed it (its zstd frame does not say).
+    uncompressed_size: int | None = None
 
 
 @dataclass(frozen=True)
@@ -152,6 +156,7 @@ class WorkFolder:
         try:
             digest = raw.pop("digest")
             digest["part_crc32"] = tuple(digest["part_crc32"])
+            raw["recipients"] = tuple(raw.get("recipients", ()))
             return SpoolRecord(**{**raw, "compression": Compression(raw["compression"]), "digest": Digest(**digest)})
         except (KeyError, TypeError, ValueError):
             log.warning("ignoring the spool record of %s in %s: it does not parse", container, self.path)

@@ -12,8 +12,10 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import hashlib
 import logging
 import os
+import posixpath
 import threading
 import time
 from collections.abc import Callable, Iterable
@@ -27,6 +29,7 @@ import kopf
 from checkpointer import layout
 from checkpointer.adapters.kube import CHECKPOINTS
 from checkpointer.adapters.podman import Container, PodmanError, checkpoint_in_progress, criu_supports
+from checkpointer.archive import encryption
 from checkpointer.archive import spool as spooling
 from checkpointer.archive.codec import Chunk
 from checkpointer.archive.spool import Digest, GrowingFile
@@ -36,25 +39,40 @@ from checkpointer.conditions import now
 from checkpointer.errors import Failure, Retry
 from checkpointer.models import Archive, CheckpointSpec, Compression, ContainerCheckpoint
 from checkpointer.reasons import Phase, Reason
-from checkpointer.services.node import EXCLUDE_LABEL, Node, classify
+from checkpointer.services.node import EXCLUDE_LABEL, NAMESPACE_LABEL, Node, classify
+from checkpointer.services.signing import signing_requested
 from checkpointer.settings import Settings
 from checkpointer.status import Conflict, StatusWriter, event_subject
 
 log = logging.getLogger(__name__)
 ACTIVE = (Phase.SCHEDULED, Phase.CHECKPOINTING, Phase.UPLOADING)
+# The files of an archive that say how podman builds the container, by their field in the manifest.
+CONFIGURATION = {"config.dump": "configDumpSHA256", "spec.dump": "specDumpSHA256"}
 
 
-def select_targets(spec: CheckpointSpec, containers: list[Container], latest: Container | None) -> list[Container]:
-    """Expand containers/all/latest into the containers to checkpoint. Pure, for unit tests."""
+def select_targets(
+    spec: CheckpointSpec, containers: list[Container], namespace: str, admins: frozenset[str]
+) -> list[Container]:
+    """Expand containers/all/latest into the containers to checkpoint. Pure, for unit tests.
+
+    A container belongs to the namespace its label checkpointer.dev/namespace names; a checkpoint
+    may take only its own namespace's containers, unless its namespace is an admin namespace.
+    `all` and `latest` see only those. A named container of anyone else fails the checkpoint before
+    any container is touched, and the message says no more of it than the checkpoint named.
+    """
+    admin = namespace in admins
+    permitted = [c for c in containers if admin or c.label(NAMESPACE_LABEL) == namespace]
+    whose = "" if admin else f" labelled {NAMESPACE_LABEL}={namespace}"
     if spec.all:
-        running = [c for c in containers if c.running and dict(c.labels).get(EXCLUDE_LABEL) != "true"]
+        running = [c for c in permitted if c.running and c.label(EXCLUDE_LABEL) != "true"]
         if not running:
-            raise Failure(Reason.CONTAINER_NOT_FOUND, "all: there are no running containers on the node")
+            raise Failure(Reason.CONTAINER_NOT_FOUND, f"all: there are no running containers{whose} on the node")
         return running
     if spec.latest:
-        if latest is None:
-            raise Failure(Reason.CONTAINER_NOT_FOUND, "latest: there are no containers on the node")
-        chosen = [latest]
+        if not permitted:
+            raise Failure(Reason.CONTAINER_NOT_FOUND, f"latest: there are no containers{whose} on the node")
+        # The last of equals: the CLI's times are whole seconds, and it lists the oldest first.
+        chosen = [max(reversed(permitted), key=lambda c: c.created)]
     else:
         by_key = {c.name: c for c in containers} | {c.id: c for c in containers}
         chosen = []
@@ -62,6 +80,14 @@ def select_targets(spec: CheckpointSpec, containers: list[Container], latest: Co
             found = by_key.get(ref) or next((c for c in containers if len(ref) >= 12 and c.id.startswith(ref)), None)
             if found is None:
                 raise Failure(Reason.CONTAINER_NOT_FOUND, f"container {ref!r} does not exist on the node")
+            if not admin and found.label(NAMESPACE_LABEL) != namespace:
+                raise Failure(
+                    Reason.CONTAINER_NOT_PERMITTED,
+                    f"container {ref!r} is not labelled {NAMESPACE_LABEL}={namespace}, so a ContainerCheckpoint "
+                    f"in namespace {namespace} may not checkpoint it; nothing was checkpointed and no container "
+                    "was touched. Run the container with --label "
+                    f"{NAMESPACE_LABEL}={namespace}, or checkpoint it from an admin namespace",
+                )
             chosen.append(found)
     stopped = [c.name for c in chosen if not c.running]
     if stopped:
@@ -85,6 +111,11 @@ def run(node: Node, body: dict[str, Any]) -> None:
     meta = ccp.metadata
     status = StatusWriter(node.kube, CHECKPOINTS, body)
     job = Checkpoint(node, ccp, status, WorkFolder.of(node.settings.spool_dir, CHECKPOINT, meta))
+    if signing_requested(body.get("status") or {}):
+        # Stored and handed to the controller to sign: never checkpointed again. Only what a restart
+        # right after the hand-over left on the node is let go.
+        job.let_go()
+        return
     log.info("checkpoint %s/%s: %s", meta.namespace, meta.name, ccp.status.phase)
     try:
         job.run()
@@ -116,6 +147,11 @@ class Checkpoint:
     # A failure that leaves the spool on the node on purpose (an upload past its deadline).
     keep_folder: bool = False
     all_targets: list[Target] = field(default_factory=list)
+    # The age recipients of the storage's encryption Secret; empty: archives are stored as they are.
+    recipients: tuple[str, ...] = ()
+    # Each container's configuration digests, and its inspection, once read (see configuration()).
+    configs: dict[str, dict[str, str]] = field(default_factory=dict)
+    inspected: dict[str, Container | None] = field(default_factory=dict)
 
     @property
     def spec(self) -> CheckpointSpec:
@@ -148,20 +184,38 @@ class Checkpoint:
                 self.status.write({"archives": _dump(archives.values())})
         if store is not None:
             started = str(self.status.status.get("startTime") or now(precise=True))
-            manifest = layout.manifest(self.ccp, _dump(archives.values()), self.node.host(), started, now(precise=True))
+            entries = [{**self.manifest_entry(a), **self.spool_facts(a["container"])} for a in _dump(archives.values())]
+            manifest = layout.manifest(self.ccp, entries, self.node.host(), started, now(precise=True))
             try:
-                store.put_manifest(directory, manifest)
+                sha256 = store.put_manifest(directory, manifest)
             except StorageError as e:
                 raise Retry(Reason.UPLOAD_RETRYING, f"the manifest could not be written: {e}", delay=5) from None
-        where = f" to {store.uri(directory)}/" if store else " (kept on the node)"
-        self.status.phase(
-            Phase.SUCCEEDED, Reason.SUCCEEDED, f"checkpointed {names}{where}", archives=_dump(archives.values())
-        )
+            # Only the controller holds the signing key: it checks this manifest against the object,
+            # signs it and writes Succeeded (services/signing.py).
+            where = f" to {store.uri(directory)}/"
+            self.status.phase(
+                Phase.UPLOADING,
+                Reason.SIGNING,
+                f"checkpointed {names}{where}; the controller signs the manifest",
+                archives=_dump(archives.values()),
+                manifestSHA256=sha256,
+            )
+        else:
+            where = " (kept on the node)"
+            self.status.phase(
+                Phase.SUCCEEDED, Reason.SUCCEEDED, f"checkpointed {names}{where}", archives=_dump(archives.values())
+            )
         log.info(
             "checkpoint %s/%s: checkpointed %s%s", self.ccp.metadata.namespace, self.ccp.metadata.name, names, where
         )
-        if store is not None and not self.spec.keep and not self.spec.pre_checkpoint:
-            # After the status, off the time a user waits: the archives are in the bucket now.
+        if store is not None:
+            self.let_go()  # after the status, off the time a user waits: the archives are in the bucket now
+        self.folder.remove()
+
+    def let_go(self) -> None:
+        """The archives are confirmed in the bucket: podman's local checkpoints and the spool go."""
+        targets = self.folder.targets()
+        if targets is not None and not self.spec.keep and not self.spec.pre_checkpoint:
             for target in targets:
                 self.release_local_checkpoint(target)
         self.folder.remove()
@@ -172,12 +226,10 @@ class Checkpoint:
         if recorded is not None:
             return recorded
         try:
-            # Each podman call costs a few hundred milliseconds through the CLI: ask only what the spec needs.
-            runtime = self.node.runtime
-            latest = self.spec.latest
-            chosen = select_targets(
-                self.spec, [] if latest else runtime.containers(), runtime.latest() if latest else None
-            )
+            # One podman call, a few hundred milliseconds through the CLI: the list carries the labels
+            # that say whose each container is, and the creation times that `latest` compares.
+            namespace = self.ccp.metadata.namespace
+            chosen = select_targets(self.spec, self.node.runtime.containers(), namespace, self.settings.admins)
         except PodmanError as e:
             raise Failure(classify(e, Reason.CHECKPOINT_FAILED), e.message) from None
         targets = [Target(c.name, c.id) for c in chosen]
@@ -189,7 +241,7 @@ class Checkpoint:
     def one(self, target: Target, store: ArchiveStore | None, directory: str) -> Archive:
         record = self.folder.spool_record(target.name)
         if self.status.deleting:
-            key = layout.archive_key(directory, target.name, self.spec.compress)
+            key = self.key(directory, target, record)
             raise self.cancel(target, store.abort_uploads if store else None, key)
         if record is None and self.folder.marked(target.name):
             raise self.give_back(
@@ -197,13 +249,17 @@ class Checkpoint:
                 Reason.CHECKPOINT_INTERRUPTED,
                 f"the agent restarted while checkpointing {target.name}; it is not checkpointed twice",
                 store.abort_uploads if store else None,
-                layout.archive_key(directory, target.name, self.spec.compress),
+                self.key(directory, target, record),
             )
         if store is None:
             self.folder.mark(target.name)
             stats = self.podman_checkpoint(target, None, None, directory)
             return Archive(container=target.name, containerID=target.id, stats=stats)
-        key = layout.archive_key(directory, target.name, self.spec.compress)
+        if record is None and self.ccp.status.storage_ref:
+            # Read before the container is stopped: a storage that cannot encrypt fails the checkpoint first.
+            keys = self.node.encryption(self.ccp.status.storage_ref)
+            self.recipients = keys.recipients if keys else ()
+        key = self.key(directory, target, record)
         if record is None:
             record = self.export(target, store, key, directory)
         else:
@@ -233,9 +289,9 @@ class Checkpoint:
 
         def write(chunks: Iterable[Chunk]) -> None:
             nonlocal written
-            written = spooling.write(chunks, spool, spooled, self.settings.zstd_level)
+            written = spooling.write(chunks, spool, spooled, self.settings.zstd_level, self.recipients)
 
-        with ThreadPoolExecutor(1, thread_name_prefix=f"upload-{target.name}") as pool:
+        with ThreadPoolExecutor(2, thread_name_prefix=f"upload-{target.name}") as pool:
             uploading = pool.submit(self.upload, target, store, key, spool, None)
             log.info(
                 "checkpoint %s/%s: podman checkpoints %s",
@@ -252,6 +308,8 @@ class Checkpoint:
                 uploading.exception()  # the upload aborts itself on the spool's bad verdict
                 raise self.after_failed_export(target, e, store, key) from None
             spool.finish()
+            # While the upload goes on: the configuration podman kept beside its local checkpoint.
+            pool.submit(self.configuration, target)
             digest, raw = written
             log.info(
                 "checkpoint %s/%s: podman exported %s, %d bytes",
@@ -260,7 +318,9 @@ class Checkpoint:
                 target.name,
                 digest.size,
             )
-            record = SpoolRecord(target.name, target.id, compression, raw, digest, stats)
+            # Podman's own zstd frame does not say the size of the tar it holds.
+            uncompressed = raw if spooled is compression else None
+            record = SpoolRecord(target.name, target.id, compression, raw, digest, stats, self.recipients, uncompressed)
             self.folder.save_spool_record(record)
             self.status.phase(
                 Phase.UPLOADING, Reason.UPLOADING, f"checkpointed {target.name}; uploading {digest.size} bytes"
@@ -471,10 +531,33 @@ class Checkpoint:
         given = [self.give_back(t, Reason.CANCELLED, why, abort if t == current else None, key) for t in ordered]
         return Failure(Reason.CANCELLED, "; ".join([why] + [g.message.removeprefix(why + "; ") for g in given]))
 
+    def configuration(self, target: Target) -> dict[str, str]:
+        """The sha256 of the container's config.dump and spec.dump, as podman's local checkpoint holds
+        them: the same files its export put into the archive. Empty when they cannot be read."""
+        if target.name in self.configs:
+            return self.configs[target.name]
+        found: dict[str, str] = {}
+        try:
+            container = self.inspected[target.name] = self.node.runtime.inspect(target.name)
+            folder = container.static_dir if container else ""
+            for name, field in CONFIGURATION.items() if folder else ():
+                content = self.node.runtime.read_file(f"{folder}/{name}")
+                if content is not None:
+                    found[field] = hashlib.sha256(content).hexdigest()
+        except Exception as e:  # the archive's sha256 binds its configuration all the same
+            log.warning("could not read the configuration of %s: %s", target.name, e)
+        self.configs[target.name] = found
+        return found
+
+    def manifest_entry(self, archive: dict[str, Any]) -> dict[str, Any]:
+        target = next((t for t in self.all_targets if t.name == archive["container"]), None)
+        return {**archive, **(self.configuration(target) if target else {})}
+
     def release_local_checkpoint(self, target: Target) -> None:
         """The archive is in the bucket: what `--keep` kept on the node is no longer the only copy."""
         try:
-            container = self.node.runtime.inspect(target.name)
+            known = target.name in self.inspected
+            container = self.inspected[target.name] if known else self.node.runtime.inspect(target.name)
             if container is not None and container.static_dir:
                 self.node.runtime.remove_local_checkpoint(container)
         except Exception as e:  # a leftover on the node, never a reason to fail a stored archive
@@ -493,8 +576,31 @@ class Checkpoint:
                 "checkpointed and the container keeps running",
             )
 
+    def encrypted(self, target: Target, record: SpoolRecord | None) -> bool:
+        """Whether the archive of `target` is (or is to be) encrypted: a spool keeps what it was made as."""
+        record = record if record is not None else self.folder.spool_record(target.name)
+        return bool(record.recipients) if record is not None else bool(self.recipients)
+
+    def key(self, directory: str, target: Target, record: SpoolRecord | None) -> str:
+        """The archive's key; `.age` after it when encrypted. An export cut short keeps its upload's key."""
+        state = self.folder.upload_state(target.name) if record is None else None
+        if state is not None and directory:
+            return state.key
+        return layout.archive_key(directory, target.name, self.spec.compress, self.encrypted(target, record))
+
     def spool_path(self, target: Target) -> Path:
-        return self.folder.file(f"{target.name}{self.spec.compress.suffix}")
+        return self.folder.file(posixpath.basename(self.key("", target, None)))
+
+    def spool_facts(self, container: str) -> dict[str, Any]:
+        """What the manifest says of an archive beyond its status: the size it inflates to (the bound
+        of a restore's download) and the recipients it is encrypted to."""
+        record = self.folder.spool_record(container)
+        facts: dict[str, Any] = {}
+        if record is not None and record.uncompressed_size is not None:
+            facts["uncompressedSize"] = record.uncompressed_size
+        if record is not None and record.recipients:
+            facts["encryption"] = {"format": encryption.FORMAT, "recipients": list(record.recipients)}
+        return facts
 
 
 def _dump(archives: Iterable[Archive]) -> list[dict[str, Any]]:

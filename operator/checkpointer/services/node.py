@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 
 from checkpointer.adapters.kube import Kube
 from checkpointer.adapters.podman import PodmanError, Runtime
+from checkpointer.archive.encryption import Keys
 from checkpointer.archive.store import ArchiveStore, RateLimiter, StorageError, Stores, Transfer
 from checkpointer.errors import Failure
 from checkpointer.models import NameRef
@@ -13,6 +14,8 @@ from checkpointer.reasons import Reason
 from checkpointer.settings import Settings
 
 EXCLUDE_LABEL = "checkpointer.dev/exclude"
+# The namespace a podman container belongs to: only its ContainerCheckpoints may take it (docs/api.md).
+NAMESPACE_LABEL = "checkpointer.dev/namespace"
 
 
 @dataclass
@@ -45,6 +48,16 @@ class Node:
         try:
             return self.stores.of(storage)
         except (ValueError, *StorageError) as e:
+            raise Failure(Reason.STORAGE_UNAVAILABLE, str(e)) from None
+
+    def encryption(self, ref: NameRef) -> Keys | None:
+        """The age keys of a CheckpointStorage the controller resolved; None when it does not encrypt."""
+        storage = self.kube.storage(ref.name)
+        if storage is None:
+            raise Failure(Reason.STORAGE_NOT_FOUND, f"CheckpointStorage {ref.name!r} does not exist")
+        try:
+            return self.kube.encryption(storage)
+        except ValueError as e:
             raise Failure(Reason.STORAGE_UNAVAILABLE, str(e)) from None
 
 

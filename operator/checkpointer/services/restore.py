@@ -10,21 +10,26 @@ marker downloads again.
 from __future__ import annotations
 
 import logging
+import os
 import posixpath
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
+from checkpointer import layout
 from checkpointer.adapters.kube import RESTORES
 from checkpointer.adapters.podman import PodmanError
-from checkpointer.archive.codec import CorruptArchive, read_config
+from checkpointer.archive.codec import ContainerConfiguration, CorruptArchive, read_configuration
+from checkpointer.archive.encryption import Keys
 from checkpointer.archive.store import ArchiveMissing, ArchiveStore, StorageError
 from checkpointer.archive.workfolder import RESTORE, WorkFolder
 from checkpointer.errors import Failure, Retry
-from checkpointer.models import ArchiveRef, ContainerRestore, NameRef
+from checkpointer.models import ArchiveRef, Compression, ContainerRestore, NameRef
 from checkpointer.reasons import Phase, Reason
+from checkpointer.services import archive_policy, signing
 from checkpointer.services.node import Node, classify
 from checkpointer.services.scheduling import choose_storage
+from checkpointer.settings import Settings
 from checkpointer.status import Conflict, StatusWriter
 
 log = logging.getLogger(__name__)
@@ -72,20 +77,31 @@ def _run(node: Node, crst: ContainerRestore, status: StatusWriter, folder: WorkF
     folder.create()
     store = node.store(archive.storage_ref)
     status.phase(Phase.DOWNLOADING, Reason.DOWNLOADING, f"downloading {store.uri(archive.key)}")
-    expected = archive.sha256 or store.manifest_sha256(archive.key)
+    # Before a byte is fetched: is it an archive this cluster's controller signed?
+    trust = _trust(node, store, archive.storage_ref, archive.key)
+    expected = archive.sha256 or trust.sha256
     path = folder.file(_local_name(archive.key))
-    digest = _fetch(store, archive.key, path, status)
+    digest = _fetch(node.settings, store, node.encryption(archive.storage_ref), archive.key, path, status)
     log.info("restore %s/%s: downloaded %s to the node", crst.metadata.namespace, crst.metadata.name, archive.key)
+    if trust.signed and digest != trust.sha256:
+        raise Failure(
+            Reason.ARCHIVE_UNTRUSTED,
+            f"the bytes of {store.uri(archive.key)} are not those its signed manifest records: sha256 {digest}, "
+            f"signed {trust.sha256}; nothing was restored",
+        )
     if expected and digest != expected:
         raise Failure(
             Reason.ARCHIVE_CORRUPT, f"sha256 of {archive.key} is {digest}, expected {expected}; nothing was restored"
         )
-    # A matching sha256 proves the bytes are those podman exported: reading up to config.dump is
-    # enough. Without one, the whole archive is read, so that a damaged one never reaches podman.
+    # A matching sha256 proves the bytes are those podman exported: reading config.dump and
+    # spec.dump is enough. Without one, the whole archive is read, so that a damaged one never
+    # reaches podman.
     try:
-        config = read_config(path, whole=not expected)
+        configuration = read_configuration(path, whole=not expected)
     except CorruptArchive as e:
         raise Failure(Reason.ARCHIVE_CORRUPT, f"{e}; nothing was restored") from None
+    config = configuration.config
+    _check_policy(node, crst, configuration)
     previous = _previous(node, crst.spec.previous, folder, status) if crst.spec.previous else None
 
     image = str(config.get("rootfsImageName") or config.get("rootfsImageID") or "")
@@ -133,14 +149,57 @@ def _run(node: Node, crst: ContainerRestore, status: StatusWriter, folder: WorkF
     log.info("restore %s/%s: restored %s", crst.metadata.namespace, crst.metadata.name, name or "the container")
 
 
+def _check_policy(node: Node, crst: ContainerRestore, configuration: ContainerConfiguration) -> None:
+    """Refuses an archive that asks for more than an ordinary container gets, unless the restore's
+    namespace is an admin namespace (services/archive_policy.py)."""
+    namespace = crst.metadata.namespace
+    asked = archive_policy.not_permitted(configuration) + archive_policy.foreign_owner(configuration, namespace)
+    if not asked:
+        return
+    admins = node.settings.admins
+    if namespace in admins:
+        log.info(
+            "restore %s/%s: an admin namespace may restore an archive asking for %s",
+            namespace,
+            crst.metadata.name,
+            "; ".join(asked),
+        )
+        return
+    raise Failure(
+        Reason.ARCHIVE_NOT_PERMITTED,
+        f"the archive asks for {'; '.join(asked)}; only a restore in an admin namespace "
+        f"({', '.join(sorted(admins))}) may restore it; nothing was restored",
+    )
+
+
 def _local_name(key: str) -> str:
-    """The node-side file name: a zstd archive is stored decompressed (see ArchiveStore.download)."""
-    return posixpath.basename(key).removesuffix(".zst")
+    """The node-side file name: an archive is stored decrypted and decompressed (see ArchiveStore.download)."""
+    return posixpath.basename(key).removesuffix(layout.ENCRYPTED_SUFFIX).removesuffix(".zst")
 
 
-def _fetch(store: ArchiveStore, key: str, path: Path, status: StatusWriter) -> str:
+def download_limit(settings: Settings, free: int, stated: int | None) -> int:
+    """How many bytes a download may write on the node. Pure.
+
+    No more than the archive's manifest states it inflates to, nor CHECKPOINTER_MAX_ARCHIVE_BYTES,
+    nor the spool's free space less its reserve (CHECKPOINTER_SPOOL_MIN_FREE_BYTES): a small object
+    that inflates hugely ends as ArchiveCorrupt with the node's disk and the agent's memory bounded.
+    """
+    caps = [free - settings.spool_min_free_bytes]
+    if settings.max_archive_bytes > 0:
+        caps.append(settings.max_archive_bytes)
+    if stated is not None:
+        caps.append(stated)
+    return max(0, min(caps))
+
+
+def _fetch(
+    settings: Settings, store: ArchiveStore, keys: Keys | None, key: str, path: Path, status: StatusWriter
+) -> str:
+    stated = store.manifest_uncompressed_size(key) if layout.compression_of(key) is Compression.ZSTD else None
+    stat = os.statvfs(path.parent)
+    limit = download_limit(settings, stat.f_bavail * stat.f_frsize, stated)
     try:
-        digest, size = store.download(key, path, status.progress)
+        digest, size = store.download(key, path, status.progress, keys=keys, limit=limit)
     except ArchiveMissing as e:
         raise Failure(Reason.ARCHIVE_NOT_FOUND, str(e)) from None
     except CorruptArchive as e:
@@ -150,15 +209,28 @@ def _fetch(store: ArchiveStore, key: str, path: Path, status: StatusWriter) -> s
 
 
 def _previous(node: Node, ref: ArchiveRef, folder: WorkFolder, status: StatusWriter) -> Path:
-    storage = choose_storage(ref.storage_ref, node.kube.storages())
+    # Like source.archive (services/scheduling.py): a storage the namespace may use, a key in its folder.
+    namespace = status.namespace
+    storage = choose_storage(ref.storage_ref, node.kube.storages(), namespace=namespace)
     store = node.store(NameRef(name=storage.metadata.name))
-    path = folder.file("previous-" + _local_name(ref.key))
-    digest = _fetch(store, ref.key, path, status)
-    if ref.sha256 and digest != ref.sha256:
+    key = layout.resolve_archive_key(store.prefix, namespace, ref, node.settings.admins)
+    path = folder.file("previous-" + _local_name(key))
+    trust = _trust(node, store, NameRef(name=storage.metadata.name), key)
+    keys = node.encryption(NameRef(name=storage.metadata.name))
+    digest = _fetch(node.settings, store, keys, key, path, status)
+    if trust.signed and digest != trust.sha256:
         raise Failure(
-            Reason.ARCHIVE_CORRUPT, f"sha256 of previous archive {ref.key} is {digest}, expected {ref.sha256}"
+            Reason.ARCHIVE_UNTRUSTED, f"the bytes of previous archive {key} are not those its signed manifest records"
         )
+    if ref.sha256 and digest != ref.sha256:
+        raise Failure(Reason.ARCHIVE_CORRUPT, f"sha256 of previous archive {key} is {digest}, expected {ref.sha256}")
     return path
+
+
+def _trust(node: Node, store: ArchiveStore, ref: NameRef, key: str) -> signing.Trust:
+    storage = node.kube.storage(ref.name)
+    accept_unsigned = bool(storage and storage.spec.accept_unsigned_archives)
+    return signing.archive_trust(store, key, accept_unsigned, lambda: signing.published_keys(node.kube, node.settings))
 
 
 def _remove_half_restored(node: Node, name: str) -> None:

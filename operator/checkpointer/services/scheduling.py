@@ -6,7 +6,7 @@ import time
 
 from checkpointer.adapters.kube import CHECKPOINTS, Kube
 from checkpointer.errors import Failure
-from checkpointer.layout import compression_of
+from checkpointer.layout import compression_of, resolve_archive_key
 from checkpointer.models import (
     CheckpointStorage,
     ContainerCheckpoint,
@@ -66,15 +66,22 @@ def require_node_with_agent(kube: Kube, leases: AgentLeases, node: str) -> None:
     )
 
 
-def choose_storage(ref: NameRef | None, storages: list[CheckpointStorage]) -> CheckpointStorage:
-    """The named storage, else the single one marked default. Pure, for unit tests."""
+def storage_permits(storage: CheckpointStorage, namespace: str) -> bool:
+    """Whether objects of `namespace` may use the storage: listed in allowedNamespaces, or no list. Pure."""
+    allowed = storage.spec.allowed_namespaces
+    return allowed is None or namespace in allowed
+
+
+def choose_storage(ref: NameRef | None, storages: list[CheckpointStorage], *, namespace: str) -> CheckpointStorage:
+    """The named storage, else the single one marked default, when `namespace` may use it. Pure, for unit tests."""
     if ref is not None:
         found = [s for s in storages if s.metadata.name == ref.name]
         if not found:
             raise Failure(Reason.STORAGE_NOT_FOUND, f"CheckpointStorage {ref.name!r} does not exist")
         storage = found[0]
     else:
-        defaults = [s for s in storages if s.spec.default]
+        # One being deleted is on its way out: it no longer counts as the default.
+        defaults = [s for s in storages if s.spec.default and not s.metadata.deletion_timestamp]
         if len(defaults) != 1:
             what = "none is" if not defaults else f"{len(defaults)} are"
             raise Failure(
@@ -83,6 +90,12 @@ def choose_storage(ref: NameRef | None, storages: list[CheckpointStorage]) -> Ch
                 "exactly one CheckpointStorage with default: true",
             )
         storage = defaults[0]
+    if not storage_permits(storage, namespace):
+        raise Failure(
+            Reason.STORAGE_NOT_PERMITTED,
+            f"CheckpointStorage {storage.metadata.name!r} does not list namespace {namespace} in its "
+            "allowedNamespaces; name another storage or ask its administrator to add the namespace",
+        )
     if not storage.available:
         message = storage.status.get("message") or "not validated yet"
         raise Failure(
@@ -105,22 +118,24 @@ def schedule_checkpoint(kube: Kube, leases: AgentLeases, ccp: ContainerCheckpoin
             )
     if spec.export is None:
         return None
-    return choose_storage(spec.export.storage_ref, kube.storages()).metadata.name
+    return choose_storage(spec.export.storage_ref, kube.storages(), namespace=ccp.metadata.namespace).metadata.name
 
 
-def resolve_restore_archive(kube: Kube, crst: ContainerRestore) -> ResolvedArchive:
+def resolve_restore_archive(kube: Kube, crst: ContainerRestore, admins: frozenset[str]) -> ResolvedArchive:
     source = crst.spec.source
+    namespace = crst.metadata.namespace
     if source.archive is not None:
-        storage = choose_storage(source.archive.storage_ref, kube.storages())
+        storage = choose_storage(source.archive.storage_ref, kube.storages(), namespace=namespace)
+        key = resolve_archive_key(storage.spec.prefix, namespace, source.archive, admins)
         return ResolvedArchive(
             storage_ref=NameRef(name=storage.metadata.name),
-            key=source.archive.key,
+            key=key,
             sha256=source.archive.sha256,
-            compression=compression_of(source.archive.key),
+            compression=compression_of(key),
         )
     assert source.checkpoint_ref is not None  # the CRD admits exactly one source
     ref = source.checkpoint_ref
-    obj = kube.get(CHECKPOINTS, crst.metadata.namespace, ref.name)
+    obj = kube.get(CHECKPOINTS, namespace, ref.name)
     if obj is None:
         raise Failure(Reason.CHECKPOINT_NOT_FOUND, f"ContainerCheckpoint {ref.name!r} does not exist")
     ccp = ContainerCheckpoint.model_validate(obj)
@@ -149,7 +164,7 @@ def resolve_restore_archive(kube: Kube, crst: ContainerRestore) -> ResolvedArchi
             f"ContainerCheckpoint {ref.name!r} holds {len(exported)} containers; set source.checkpointRef.container",
         )
     archive = exported[0]
-    choose_storage(ccp.status.storage_ref, kube.storages())
+    choose_storage(ccp.status.storage_ref, kube.storages(), namespace=namespace)
     assert archive.key is not None
     return ResolvedArchive(
         storage_ref=ccp.status.storage_ref,
