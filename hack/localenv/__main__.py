@@ -11,7 +11,7 @@ import time
 from pathlib import Path
 
 from localenv.env import LocalEnv, remove_workdir
-from localenv.images import COUNTER, read_count
+from localenv.images import COUNTER, owned_by, read_count
 
 CHECKPOINT = "quickstart"
 
@@ -36,7 +36,7 @@ def demo(args: argparse.Namespace) -> int:
     try:
         print(f"local cluster, S3 and node-a up in {time.monotonic() - started:.0f}s (workdir {workdir})")
         node = env.nodes["node-a"]
-        node.podman("run", "-d", "--name", "counter", COUNTER)
+        node.podman("run", "-d", *owned_by("default"), "--name", "counter", COUNTER)
         time.sleep(1)
         print(f"workload 'counter' is running on node-a, count {read_count(node, 'counter')}")
         manifest = f"""apiVersion: checkpointer.dev/v1alpha1

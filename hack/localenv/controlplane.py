@@ -397,9 +397,18 @@ class ControlPlane:
         self._write_kubeconfig(path, _cert_user(files), user)
         return path
 
-    def kubeconfig_for_serviceaccount(self, namespace: str, name: str, duration: str = "24h") -> Path:
-        """A kubeconfig with a bound token (TokenRequest API) for an existing ServiceAccount."""
-        token = self.kubectl("create", "token", name, "-n", namespace, f"--duration={duration}").stdout.strip()
-        path = self.kubeconfig_dir / f"sa-{_safe(namespace)}-{_safe(name)}.kubeconfig"
+    def kubeconfig_for_serviceaccount(
+        self, namespace: str, name: str, duration: str = "24h", *, pod: str | None = None
+    ) -> Path:
+        """A kubeconfig with a bound token (TokenRequest API) for an existing ServiceAccount.
+
+        With `pod` (a Pod of that ServiceAccount in `namespace`) the token is bound to the Pod, as the
+        one a kubelet projects into it: it carries the Pod's node (user info extra
+        `authentication.kubernetes.io/node-name`) and stops working when the Pod is deleted.
+        """
+        bound = ["--bound-object-kind=Pod", f"--bound-object-name={pod}"] if pod else []
+        token = self.kubectl("create", "token", name, "-n", namespace, f"--duration={duration}", *bound).stdout.strip()
+        suffix = f"-pod-{_safe(pod)}" if pod else ""
+        path = self.kubeconfig_dir / f"sa-{_safe(namespace)}-{_safe(name)}{suffix}.kubeconfig"
         self._write_kubeconfig(path, {"token": token}, f"system:serviceaccount:{namespace}:{name}")
         return path

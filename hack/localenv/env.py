@@ -18,15 +18,22 @@ from typing import Any
 
 import yaml
 
+from localenv import chart
 from localenv.controlplane import ControlPlane
 from localenv.nodes import NODE_ENV, NodeSandbox, rootfs_path
-from localenv.procs import REPO_ROOT, Process, Supervisor, free_port, wait_until
+from localenv.procs import REPO_ROOT, LocalEnvError, Process, Supervisor, free_port, wait_until
 
 NAMESPACE = "checkpointer-system"
 STORAGE = "local"
 SECRET = "local-s3"
+# The age keys of the storages that tests make with encryption (tests/e2e/test_encryption.py): the
+# agents may read it, as the chart's rbac.storageSecrets grants.
+ENCRYPTION_SECRET = "local-age"
 # Each adapter gets a node: a test that runs on both nodes runs through both.
 PODMAN_MODES = {"node-a": "api", "node-b": "cli"}
+# How long an agent's token lasts: longer than any session of the environment.
+AGENT_TOKEN_DURATION = "8760h"
+NODE_NAME_CLAIM = "authentication.kubernetes.io/node-name"
 
 
 @dataclass
@@ -38,6 +45,12 @@ class LocalEnv:
     nodes: dict[str, NodeSandbox] = field(default_factory=dict)
     health_ports: dict[str, int] = field(default_factory=dict)
     ports_given: set[int] = field(default_factory=set)
+    # The chart's rendering when the agents run as the chart's ServiceAccount (else as admin), and
+    # each node's agent kubeconfig, with a token bound to a Pod on that node.
+    chart_objects: chart.Objects | None = None
+    agent_kubeconfigs: dict[str, Path] = field(default_factory=dict)
+    # How each controller was started, to start it again as its Deployment would.
+    controller_starts: dict[str, tuple[dict[str, str], tuple[str, ...]]] = field(default_factory=dict)
 
     # --- lifecycle -------------------------------------------------------------------------------
 
@@ -49,7 +62,14 @@ class LocalEnv:
         *,
         operator: bool = True,
         agent_settings: dict[str, str] | None = None,
+        agents_as_chart: bool = True,
     ) -> LocalEnv:
+        """Everything up. The agents authenticate as the chart's agent ServiceAccount (`agents_as_chart`).
+
+        The chart's agent RBAC and admission policy are in force, and each agent's token is bound to a
+        Pod on its node, as a kubelet's projected token is. With `agents_as_chart=False` the agents
+        use the admin kubeconfig instead.
+        """
         from localenv import images
         from localenv.s3 import S3Server
 
@@ -74,6 +94,8 @@ class LocalEnv:
                     }
                 )
             if operator:
+                if agents_as_chart:
+                    env.install_agent_access()
                 env.start_controller()
                 for name in node_names:
                     env.start_agent(name, agent_settings or {})
@@ -108,7 +130,12 @@ class LocalEnv:
             self.kubectl("wait", "--for=condition=Established", "--timeout=60s", f"crd/{name}")
         s3 = self.s3
         self.apply(
-            {"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": NAMESPACE}},
+            {
+                "apiVersion": "v1",
+                "kind": "Namespace",
+                # The agent's Pod (privileged, hostPID, host paths) is admitted at this level only.
+                "metadata": {"name": NAMESPACE, "labels": {"pod-security.kubernetes.io/enforce": "privileged"}},
+            },
             {
                 "apiVersion": "v1",
                 "kind": "Secret",
@@ -168,7 +195,9 @@ class LocalEnv:
         env.update(extra)
         return env
 
-    def start_controller(self, settings: dict[str, str] | None = None, name: str = "controller") -> Process:
+    def start_controller(
+        self, settings: dict[str, str] | None = None, name: str = "controller", args: Sequence[str] = ()
+    ) -> Process:
         """A controller process; a second one (another name) stands by until the first lets the Lease go."""
         env = self.operator_env(
             {
@@ -180,7 +209,18 @@ class LocalEnv:
             }
         )
         self.health_ports[name] = int(env["CHECKPOINTER_HEALTH_PORT"])
-        return self.supervisor.start(name, [sys.executable, "-m", "checkpointer", "controller"], env=env)
+        self.controller_starts[name] = (dict(settings or {}), tuple(args))
+        return self.supervisor.start(name, [sys.executable, "-m", "checkpointer", "controller", *args], env=env)
+
+    def restart_exited_controllers(self) -> list[str]:
+        """Start again every controller that exited on its own, as the Deployment's restart policy
+        does: a leader that cannot renew its Lease stops (docs/architecture.md). Returns their names."""
+        exited = [p.name for p in self.supervisor.processes if p.name in self.controller_starts and not p.alive()]
+        for name in exited:
+            self.stop_controller(name)
+            settings, args = self.controller_starts[name]
+            self.start_controller(settings, name, args)
+        return exited
 
     def stop_controller(self, name: str = "controller", kill: bool = False) -> None:
         """Stop (SIGTERM: it gives the Lease up) or kill (SIGKILL: its Lease has to expire) a controller."""
@@ -199,10 +239,44 @@ class LocalEnv:
             return None
         return str(result.stdout).strip() or None
 
-    def start_agent(self, name: str, settings: dict[str, str] | None = None) -> Process:
+    def install_agent_access(self) -> None:
+        """The chart's agent ServiceAccount, the RBAC it binds to it and its admission policy, as rendered now."""
+        secrets = [{"namespace": NAMESPACE, "name": name} for name in (SECRET, ENCRYPTION_SECRET)]
+        values = {"rbac": {"storageSecrets": secrets}}
+        objects = chart.render(NAMESPACE, values)
+        self.apply(*chart.agent_access(objects))
+        self.chart_objects = objects
+
+    def agent_kubeconfig(self, node: str) -> Path:
+        """A kubeconfig of the chart's agent ServiceAccount whose token names `node`, made once per node.
+
+        The token is bound to a Pod on the node (TokenRequest with a boundObjectRef), which is how the
+        token a kubelet projects into the agent's Pod gets its claim of the node.
+        """
+        if self.chart_objects is None:
+            raise LocalEnvError("the agents run as admin: LocalEnv.up(agents_as_chart=True) installs their access")
+        if node not in self.agent_kubeconfigs:
+            pod = chart.agent_pod(self.chart_objects, node)
+            self.apply(pod)
+            path = self.control_plane.kubeconfig_for_serviceaccount(
+                NAMESPACE, chart.AGENT_SA, AGENT_TOKEN_DURATION, pod=pod["metadata"]["name"]
+            )
+            review = json.loads(self.control_plane.kubectl("auth", "whoami", "-o", "json", kubeconfig=path).stdout)
+            claimed = review["status"]["userInfo"].get("extra", {}).get(NODE_NAME_CLAIM)
+            if claimed != [node]:
+                raise LocalEnvError(
+                    f"the agent token of {node} names node {claimed} ({NODE_NAME_CLAIM}): "
+                    "kube-apiserver needs the feature gate ServiceAccountTokenPodNodeInfo"
+                )
+            self.agent_kubeconfigs[node] = path
+        return self.agent_kubeconfigs[node]
+
+    def start_agent(self, name: str, settings: dict[str, str] | None = None, args: Sequence[str] = ()) -> Process:
         node = self.nodes[name]
+        identity = {"KUBECONFIG": str(self.agent_kubeconfig(name))} if self.chart_objects is not None else {}
         env = self.operator_env(
             {
+                **identity,
                 "CHECKPOINTER_NODE_NAME": name,
                 "CHECKPOINTER_PODMAN_MODE": PODMAN_MODES.get(name, "api"),
                 "CHECKPOINTER_PODMAN_SOCKET": str(node.socket),
@@ -215,7 +289,8 @@ class LocalEnv:
             }
         )
         self.health_ports[f"agent-{name}"] = int(env["CHECKPOINTER_HEALTH_PORT"])
-        process = self.supervisor.start(f"agent-{name}", [sys.executable, "-m", "checkpointer", "agent"], env=env)
+        argv = [sys.executable, "-m", "checkpointer", "agent", *args]
+        process = self.supervisor.start(f"agent-{name}", argv, env=env)
         wait_until(f"agent {name} Lease", lambda: self._lease_exists(name), timeout=60, log=process.log)
         return process
 

@@ -56,11 +56,14 @@ def start_apiserver(env: LocalEnv, timeout: float = 120) -> None:
 
 @contextlib.contextmanager
 def apiserver_down(env: LocalEnv) -> Iterator[None]:
+    """The API server stopped, then started again; a controller that stopped meanwhile because it
+    could not renew its Lease is started again, as its Deployment would."""
     stop_apiserver(env)
     try:
         yield
     finally:
         start_apiserver(env)
+        env.restart_exited_controllers()
 
 
 # --- podman on a node ----------------------------------------------------------------------------

@@ -27,6 +27,14 @@ from localenv.procs import CACHE, REPO_ROOT, LocalEnvError, run
 COUNTER = "localhost/checkpointer/counter:latest"
 MEMORY = "localhost/checkpointer/memory:latest"
 TCP = "localhost/checkpointer/tcp:latest"
+# Whose a container is: only ContainerCheckpoints of that namespace may take it (docs/api.md).
+NAMESPACE_LABEL = "checkpointer.dev/namespace"
+
+
+def owned_by(namespace: str) -> tuple[str, str]:
+    """`podman run` arguments that give a container to `namespace`."""
+    return ("--label", f"{NAMESPACE_LABEL}={namespace}")
+
 
 # Bump when the archive layout below changes, so that cached archives are rebuilt.
 FORMAT = "docker-archive-v1"

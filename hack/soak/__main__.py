@@ -32,7 +32,7 @@ from typing import Any
 
 from localenv import faults
 from localenv.env import LocalEnv, remove_workdir
-from localenv.images import MEMORY, wait_for_log
+from localenv.images import MEMORY, owned_by, wait_for_log
 from localenv.procs import REPO_ROOT, LocalEnvError
 
 # The invariants live with the fault tests, which run them as a module of their own folder.
@@ -255,7 +255,9 @@ class Soak:
     def chain(self, plan: Plan) -> None:
         node, mib, compress, target = plan.node, plan.mib, plan.compress, plan.target
         container = unique("soak")
-        self.env.nodes[node].podman("run", "-d", "--name", container, MEMORY, str(mib), timeout=120)
+        self.env.nodes[node].podman(
+            "run", "-d", *owned_by("default"), "--name", container, MEMORY, str(mib), timeout=120
+        )
         wait_for_log(self.env.nodes[node], container, "ready", timeout=120)
         ccp = self.create(
             "ContainerCheckpoint",

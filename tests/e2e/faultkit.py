@@ -6,10 +6,12 @@ import hashlib
 import json
 import time
 import uuid
+from collections.abc import Iterator
+from contextlib import AbstractContextManager, contextmanager
 from typing import Any
 
-from localenv.env import LocalEnv
-from localenv.images import MEMORY, wait_for_log
+from localenv.env import STORAGE, LocalEnv
+from localenv.images import MEMORY, owned_by, wait_for_log
 
 MiB = 1024 * 1024
 
@@ -21,7 +23,7 @@ def unique(prefix: str) -> str:
 def workload(env: LocalEnv, node: str, mib: int = 48) -> str:
     """A running container holding `mib` MiB of incompressible memory."""
     name = unique("memory")
-    env.nodes[node].podman("run", "-d", "--name", name, MEMORY, str(mib))
+    env.nodes[node].podman("run", "-d", *owned_by("default"), "--name", name, MEMORY, str(mib))
     wait_for_log(env.nodes[node], name, "ready")
     return name
 
@@ -103,3 +105,42 @@ def events(env: LocalEnv, name: str, reason: str) -> list[str]:
     selector = f"involvedObject.name={name},reason={reason}"
     out = env.kubectl("get", "events", "-n", "default", "--field-selector", selector, "-o", "json")
     return [str(e.get("message")) for e in json.loads(out.stdout)["items"]]
+
+
+def wait_storage(env: LocalEnv, name: str) -> None:
+    deadline = time.monotonic() + 60
+    while env.kubectl("get", "cks", name, "-o", "jsonpath={.status.phase}").stdout != "Available":
+        assert time.monotonic() < deadline, f"CheckpointStorage {name} is not Available"
+        time.sleep(0.5)
+
+
+@contextmanager
+def extra_storage(env: LocalEnv, **spec: Any) -> Iterator[str]:
+    """A second, non-default storage on the environment's bucket, once Available; deleted after.
+
+    Storages are cluster-wide: the environment keeps exactly one default, which every other test uses.
+    """
+    name = unique("storage")
+    local = json.loads(env.kubectl("get", "cks", STORAGE, "-o", "json").stdout)["spec"]
+    env.apply(
+        {
+            "apiVersion": "checkpointer.dev/v1alpha1",
+            "kind": "CheckpointStorage",
+            "metadata": {"name": name},
+            "spec": {**local, "default": False, **spec},
+        }
+    )
+    try:
+        wait_storage(env, name)
+        yield name
+    finally:
+        env.kubectl("delete", "cks", name, "--wait=true")
+        defaults = [
+            s for s in json.loads(env.kubectl("get", "cks", "-o", "json").stdout)["items"] if s["spec"].get("default")
+        ]
+        assert [s["metadata"]["name"] for s in defaults] == [STORAGE]
+
+
+def storage_accepting_unsigned(env: LocalEnv) -> AbstractContextManager[str]:
+    """An extra storage that admits unsigned archives (made by plain podman), and keeps them."""
+    return extra_storage(env, acceptUnsignedArchives=True, deletionPolicy="Retain")

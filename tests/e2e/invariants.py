@@ -41,6 +41,8 @@ BEFORE_PODMAN = {
     "PreviousCheckpointNotReady",
     "ContainerNotFound",
     "ContainerNotRunning",
+    "ContainerNotPermitted",
+    "StorageNotPermitted",
 }
 # An abort or a folder removal may trail the object's last status write by a moment.
 SETTLE_SECONDS = 20.0

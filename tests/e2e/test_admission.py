@@ -589,9 +589,23 @@ def api(control_plane: ControlPlane) -> Iterator[Api]:
     try:
         yield suite
     finally:
+        selector = f"{SUITE_LABEL}=admission-{RUN}"
         suite.objects.delete_collection_cluster_custom_object(
-            GROUP, VERSION, "checkpointstorages", label_selector=f"{SUITE_LABEL}=admission-{RUN}"
+            GROUP, VERSION, "checkpointstorages", label_selector=selector
         )
+        # Storages are cluster-wide and some of these are marked default: the next module must not
+        # find them. The controller's finalizer lets each go once its validation timer has stopped.
+        deadline = time.monotonic() + 120
+
+        def left() -> list[Any]:
+            found = suite.objects.list_cluster_custom_object(
+                GROUP, VERSION, "checkpointstorages", label_selector=selector
+            )
+            return list(found["items"])
+
+        while left():
+            assert time.monotonic() < deadline, "the suite's CheckpointStorages were not deleted in 120 s"
+            time.sleep(0.5)
         control_plane.kubectl("delete", "namespace", namespace, "--wait=false")
         api_client.close()
 

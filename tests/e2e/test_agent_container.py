@@ -4,12 +4,14 @@ The operator image is built locally (hack/localenv/operator_image.py: debootstra
 docker-archive) and loaded into the node. The node's host-process agent is stopped and the agent
 runs as a podman container inside the node sandbox instead, made from the chart's own rendering
 (`helm template`): its DaemonSet's pod spec is translated into `podman run` flags (hostPID,
-privileged, root, read-only root filesystem, memory limit, env, hostPath and emptyDir volumes), and
-the RBAC the chart grants the agent's ServiceAccount is applied, the container authenticating as
-that ServiceAccount. Differences from a pod, each forced by the local environment: the host network
-(the API server and S3 listen on the host's 127.0.0.1, where a pod would use Services), a
-kubeconfig instead of the in-cluster token mount, and the podman socket file mounted from the
-node's state directory (where the node's podman listens) instead of the /run/podman directory.
+privileged, root, read-only root filesystem, memory limit, env, hostPath and emptyDir volumes). The
+container authenticates as the chart's agent ServiceAccount, with the RBAC and admission policy the
+chart renders (the environment applies them), and a token bound to a Pod on its node, as the token
+the kubelet projects into the agent's Pod is. Differences from a pod, each forced by the local
+environment: the host network (the API server and S3 listen on the host's 127.0.0.1, where a pod
+would use Services), a kubeconfig with that token instead of the in-cluster token mount, and the
+podman socket file mounted from the node's state directory (where the node's podman listens)
+instead of the /run/podman directory.
 """
 
 from __future__ import annotations
@@ -31,8 +33,8 @@ import yaml
 from checkpointer.services.node import EXCLUDE_LABEL
 from localenv import operator_image
 from localenv.controlplane import ControlPlane, kubernetes_version
-from localenv.env import NAMESPACE, SECRET, LocalEnv
-from localenv.images import COUNTER, Image, load_images, read_count
+from localenv.env import NAMESPACE, LocalEnv
+from localenv.images import COUNTER, Image, load_images, owned_by, read_count
 from localenv.nodes import NodeSandbox
 from localenv.procs import BIN, REPO_ROOT, require, run
 
@@ -67,25 +69,6 @@ def render_chart(values: dict[str, Any]) -> Objects:
         flags = ["--namespace", NAMESPACE, "--values", values_file, "--kube-version", kubernetes_version()]
         out = run([BIN / "helm", "template", RELEASE, CHART, *flags], env=env)
     return [o for o in yaml.safe_load_all(out.stdout) if o]
-
-
-def agent_rbac(objects: Objects) -> Objects:
-    """The agent's ServiceAccount and every Role/ClusterRole (and binding) the chart grants it."""
-    bindings = [
-        o
-        for o in objects
-        if o["kind"] in ("RoleBinding", "ClusterRoleBinding")
-        and any(s["kind"] == "ServiceAccount" and s["name"] == AGENT_SA for s in o["subjects"])
-    ]
-
-    def grants(binding: dict[str, Any], role: dict[str, Any]) -> bool:
-        ref, meta = binding["roleRef"], role["metadata"]
-        same_namespace = role["kind"] == "ClusterRole" or meta.get("namespace") == binding["metadata"].get("namespace")
-        return (ref["kind"], ref["name"]) == (role["kind"], meta["name"]) and same_namespace
-
-    roles = [o for o in objects if o["kind"] in ("Role", "ClusterRole") and any(grants(b, o) for b in bindings)]
-    [account] = [o for o in objects if o["kind"] == "ServiceAccount" and o["metadata"]["name"] == AGENT_SA]
-    return [account, *roles, *bindings]
 
 
 def quantity(value: str) -> int:
@@ -162,21 +145,18 @@ def test_agent_in_a_container_as_the_chart_runs_it_exports_a_checkpoint(
             "podman": {"mode": mode, "socketPath": SOCKET},
             # The node's spool directory is where the node's podman and the agent meet, at one path.
             "agent": {"stateDir": str(node.spool_dir), "spoolDir": str(node.spool_dir / "checkpointer")},
-            "rbac": {"storageSecrets": [{"namespace": NAMESPACE, "name": SECRET}]},
         }
     )
-    rbac = agent_rbac(objects)
-    assert {o["kind"] for o in rbac} == {"ServiceAccount", "ClusterRole", "ClusterRoleBinding", "Role", "RoleBinding"}
     agent = f"checkpointer-agent-{uuid.uuid4().hex[:6]}"
     # Inside the node only its state directory is visible from the host: the kubeconfig goes there.
     private = node.state_dir / agent
     load_images([node], [image])
     env.stop_agent(node_name)
     try:
-        env.apply(*rbac)
         private.mkdir(mode=0o700)
         kubeconfig = private / "kubeconfig"
-        shutil.copy(env.control_plane.kubeconfig_for_serviceaccount(NAMESPACE, AGENT_SA), kubeconfig)
+        # The node's own agent credentials: the chart's ServiceAccount, its token bound to a Pod on the node.
+        shutil.copy(env.agent_kubeconfig(node_name), kubeconfig)
         before = lease_renewed(env, node_name)
         node.podman(*podman_run_args(objects, node, agent, kubeconfig))
         deadline = time.monotonic() + 60
@@ -193,7 +173,7 @@ def test_agent_in_a_container_as_the_chart_runs_it_exports_a_checkpoint(
         assert host["Memory"] == 512 * 2**20, "the chart's memory limit"
 
         counter = f"counter-{uuid.uuid4().hex[:6]}"
-        node.podman("run", "-d", "--name", counter, COUNTER)
+        node.podman("run", "-d", *owned_by("default"), "--name", counter, COUNTER)
         read_count(node, counter)
         ccp = f"ccp-{uuid.uuid4().hex[:6]}"
         env.apply(
@@ -222,7 +202,4 @@ def test_agent_in_a_container_as_the_chart_runs_it_exports_a_checkpoint(
         node.podman("rm", "--force", "--time=10", agent, check=False)
         node.podman("rmi", image.ref, check=False)
         shutil.rmtree(private, ignore_errors=True)
-        for obj in reversed(rbac):
-            where = ["-n", obj["metadata"]["namespace"]] if "namespace" in obj["metadata"] else []
-            env.kubectl("delete", obj["kind"], obj["metadata"]["name"], *where, "--ignore-not-found", check=False)
         env.start_agent(node_name)

@@ -21,6 +21,7 @@ from typing import Any
 import pytest
 import yaml
 
+from localenv.chart import agent_pod
 from localenv.controlplane import ControlPlane, kubernetes_version, missing_binaries
 from localenv.procs import BIN, REPO_ROOT, Supervisor, free_port, require, run
 
@@ -52,6 +53,7 @@ STORAGE_VALUES: dict[str, Any] = {
 }
 
 Objects = list[dict[str, Any]]
+CLUSTER_SCOPED = ("ClusterRole", "ClusterRoleBinding", "ValidatingAdmissionPolicy", "ValidatingAdmissionPolicyBinding")
 
 
 # --- helpers -------------------------------------------------------------------------------------
@@ -200,6 +202,8 @@ def test_defaults_render_controller_and_agent_without_storage(helm: Helm) -> Non
         ("RoleBinding", "checkpointer-controller"),
         ("ServiceAccount", "checkpointer-agent"),
         ("ServiceAccount", "checkpointer-controller"),
+        ("ValidatingAdmissionPolicy", "checkpointer-agent-own-node"),
+        ("ValidatingAdmissionPolicyBinding", "checkpointer-agent-own-node"),
     ]
     for obj in objects:
         labels = obj["metadata"]["labels"]
@@ -208,7 +212,7 @@ def test_defaults_render_controller_and_agent_without_storage(helm: Helm) -> Non
         assert labels["app.kubernetes.io/managed-by"] == "Helm"
         assert labels["app.kubernetes.io/version"] == "0.1.0"
         assert labels["helm.sh/chart"] == "checkpointer-0.1.0"
-        if obj["kind"] not in ("ClusterRole", "ClusterRoleBinding"):
+        if obj["kind"] not in CLUSTER_SCOPED:
             assert obj["metadata"]["namespace"] == NAMESPACE
 
     deployment = find(objects, "Deployment")
@@ -292,6 +296,61 @@ def test_values_reach_the_agent(helm: Helm) -> None:
     assert pod["nodeSelector"] == {"checkpointer.dev/agent": "true"}
 
 
+def test_admin_namespaces_reach_controller_and_agent_as_a_json_list(helm: Helm) -> None:
+    def admins(objects: Objects) -> set[str]:
+        pods = [find(objects, kind)["spec"]["template"]["spec"] for kind in ("Deployment", "DaemonSet")]
+        return {env_of(pod["containers"][0])["CHECKPOINTER_ADMIN_NAMESPACES"] for pod in pods}
+
+    # Empty: the release namespace alone, written out so that both read the same list.
+    assert admins(helm.render()) == {json.dumps([NAMESPACE])}
+    chosen = helm.render({"tenancy": {"adminNamespaces": ["ops", "platform"]}})
+    assert {tuple(json.loads(value)) for value in admins(chosen)} == {("ops", "platform")}
+    assert "adminNamespaces" in helm.refusal({"tenancy": {"adminNamespaces": ["Not_A_Namespace"]}})
+
+
+def test_agent_admission_policy_confines_the_agent_account_to_its_node(helm: Helm) -> None:
+    objects = [o for o in yaml.safe_load_all(helm.template(namespace="ops")) if o]
+    policy = find(objects, "ValidatingAdmissionPolicy", "checkpointer-agent-own-node")
+    binding = find(objects, "ValidatingAdmissionPolicyBinding", "checkpointer-agent-own-node")
+    assert binding["spec"] == {"policyName": "checkpointer-agent-own-node", "validationActions": ["Deny"]}
+    spec = policy["spec"]
+    assert spec["failurePolicy"] == "Fail"
+    # Only the agent's account, named in the release's namespace, and every write of the three kinds.
+    assert spec["matchConditions"] == [
+        {"name": "agent", "expression": "request.userInfo.username == 'system:serviceaccount:ops:checkpointer-agent'"}
+    ]
+    rules = {(tuple(r["apiGroups"]), tuple(r["resources"])): r for r in spec["matchConstraints"]["resourceRules"]}
+    assert set(rules) == {
+        (
+            ("checkpointer.dev",),
+            (
+                "containercheckpoints",
+                "containercheckpoints/status",
+                "containerrestores",
+                "containerrestores/status",
+            ),
+        ),
+        (("coordination.k8s.io",), ("leases",)),
+    }
+    assert all(r["operations"] == ["CREATE", "UPDATE"] for r in rules.values())
+    # The node is the token's, the label is on the old and the new object, the Lease in the release namespace.
+    variables = {v["name"]: v["expression"] for v in spec["variables"]}
+    assert "request.userInfo.extra['authentication.kubernetes.io/node-name']" in variables["nodeClaim"]
+    assert "object.metadata.labels['checkpointer.dev/node']" in variables["newNode"]
+    assert "oldObject.metadata.labels['checkpointer.dev/node']" in variables["oldNode"]
+    [claim, lease, label] = spec["validations"]
+    assert claim["expression"] == "variables.node != ''"
+    assert "request.namespace == 'ops'" in lease["expression"]
+    assert "'checkpointer-agent-' + variables.node" in lease["expression"]
+    assert "variables.oldNode == variables.node" in label["expression"]
+    # 403 with a sentence, not 422.
+    assert all(v["reason"] == "Forbidden" and v["messageExpression"] for v in spec["validations"])
+    assert "names none" in claim["messageExpression"]
+
+    off = helm.render({"agent": {"nodeAdmissionPolicy": False}})
+    assert not [o for o in off if o["kind"].startswith("ValidatingAdmissionPolicy")]
+
+
 def test_storage_values_render_storage_secret_and_access_to_only_that_secret(helm: Helm) -> None:
     objects = helm.render(STORAGE_VALUES)
     storage = find(objects, "CheckpointStorage", "default")
@@ -342,6 +401,21 @@ def test_storage_values_render_storage_secret_and_access_to_only_that_secret(hel
     assert not [o for o in objects if o["kind"] in ("Secret",) or "storage" in o["metadata"]["name"]]
 
 
+def test_storage_encryption_secret_is_referenced_and_granted(helm: Helm) -> None:
+    objects = helm.render(
+        {"storage": {"create": True, "bucket": "b", "existingSecret": "mine", "encryptionSecret": "age"}}
+    )
+    assert find(objects, "CheckpointStorage")["spec"]["encryption"] == {
+        "secretRef": {"namespace": NAMESPACE, "name": "age"}
+    }
+    role = find(objects, "Role", "checkpointer-storage-credentials")
+    assert role["rules"][0]["resourceNames"] == ["age", "mine"]
+    assert "encryption" not in find(helm.render(STORAGE_VALUES), "CheckpointStorage")["spec"]
+    capped = find(helm.render({"download": {"maxArchiveBytes": 1 << 34}}), "DaemonSet")
+    [agent] = capped["spec"]["template"]["spec"]["containers"]
+    assert env_of(agent)["CHECKPOINTER_MAX_ARCHIVE_BYTES"] == str(1 << 34)
+
+
 def test_bad_values_are_refused_with_a_reason(helm: Helm) -> None:
     assert "podman/mode" in helm.refusal({"podman": {"mode": "socket"}})
     assert "acessKeyID" in helm.refusal({"storage": {"acessKeyID": "typo"}})
@@ -366,7 +440,10 @@ def test_rendered_rbac_grants_no_wildcards_and_no_secret_beyond_named_ones(helm:
             assert not {"escalate", "bind", "impersonate"} & set(rule["verbs"]), f"{name}: {rule}"
             if "secrets" in rule["resources"]:
                 assert role["kind"] == "Role", "Secrets are never granted cluster-wide"
-                assert rule["verbs"] == ["get"] and rule["resourceNames"], rule
+                if rule["verbs"] == ["create"]:  # its signing key's Secret: create cannot be limited to a name
+                    assert name == "checkpointer-controller" and "resourceNames" not in rule, rule
+                else:
+                    assert rule["verbs"] == ["get"] and rule["resourceNames"], rule
     agent = find(objects, "ClusterRole", "checkpointer-agent")
     assert {v for r in agent["rules"] for v in r["verbs"]} <= {"get", "list", "watch", "patch", "create"}
     assert [r for r in agent["rules"] if "create" in r["verbs"]] == [
@@ -437,6 +514,8 @@ CCP = "containercheckpoints.checkpointer.dev"
 CRST = "containerrestores.checkpointer.dev"
 CKS = "checkpointstorages.checkpointer.dev"
 LEASES = "leases.coordination.k8s.io"
+SIGNING_KEY = "checkpointer-signing-key"
+SIGNING_PUBLIC_KEY = "checkpointer-signing-public-key"
 
 
 def test_agent_has_least_privilege(cp: ControlPlane, installed: str) -> None:
@@ -474,6 +553,11 @@ def test_agent_has_least_privilege(cp: ControlPlane, installed: str) -> None:
     assert not ok("list", LEASES, NAMESPACE)
     assert not ok("get", "nodes")
     assert not ok("list", "pods", NAMESPACE)
+    # The signing key's public half, and nothing of its Secret.
+    assert ok("get", f"configmaps/{SIGNING_PUBLIC_KEY}", NAMESPACE)
+    assert not ok("patch", f"configmaps/{SIGNING_PUBLIC_KEY}", NAMESPACE)
+    assert not ok("get", "configmaps/unrelated", NAMESPACE) and not ok("list", "configmaps", NAMESPACE)
+    assert not ok("get", f"secrets/{SIGNING_KEY}", NAMESPACE)
 
     # And the API server agrees when it is done for real.
     forbidden = cp.kubectl("get", "secrets", "-n", NAMESPACE, kubeconfig=agent, check=False)
@@ -516,6 +600,12 @@ def test_controller_has_least_privilege(cp: ControlPlane, installed: str) -> Non
     assert ok("get", f"secrets/{STORAGE_SECRET}", NAMESPACE)
     assert not ok("get", "secrets/unrelated", NAMESPACE) and not ok("list", "secrets", NAMESPACE)
     assert ok("create", "events", WORKLOADS)
+    # Its signing key: created on first start, then read; the public key published and updated.
+    assert ok("create", "secrets", NAMESPACE) and ok("get", f"secrets/{SIGNING_KEY}", NAMESPACE)
+    assert not ok("create", "secrets", WORKLOADS) and not ok("patch", f"secrets/{SIGNING_KEY}", NAMESPACE)
+    for verb in ("get", "patch"):
+        assert ok(verb, f"configmaps/{SIGNING_PUBLIC_KEY}", NAMESPACE), verb
+    assert not ok("get", "configmaps/unrelated", NAMESPACE)
 
     # Finalizers are metadata: adding and removing one is a patch of the object itself.
     example = {
@@ -546,10 +636,19 @@ def test_namespace_editors_can_checkpoint_through_aggregated_roles(cp: ControlPl
     assert not can(cp, user, "create", CCP, "default")
 
 
-def test_operator_runs_with_only_the_charts_permissions(cp: ControlPlane, installed: str, tmp_path: Path) -> None:
-    """The real controller and agent, each with its ServiceAccount's token: no request is Forbidden."""
+def test_operator_runs_with_only_the_charts_permissions(
+    cp: ControlPlane, helm: Helm, installed: str, tmp_path: Path
+) -> None:
+    """The real controller and agent, each with its ServiceAccount's token: no request is Forbidden.
+
+    The agent's token is bound to a Pod of the chart's DaemonSet on its node, as the kubelet's is: the
+    chart's admission policy refuses the agent's writes with a token that names no node.
+    """
     base = {k: v for k, v in os.environ.items() if not k.startswith("CHECKPOINTER_") and k != "KUBECONFIG"}
     base |= {"CHECKPOINTER_NAMESPACE": NAMESPACE, "PYTHONUNBUFFERED": "1"}
+    pod = agent_pod(helm.render(STORAGE_VALUES), NODE)
+    cp.kubectl("apply", "-f", "-", input=json.dumps(pod))
+    agent_kubeconfig = cp.kubeconfig_for_serviceaccount(NAMESPACE, AGENT_SA, pod=pod["metadata"]["name"])
 
     # The adapter calls the agent makes, as the agent: storages, the storage's Secret, its Lease.
     probe = f"""
@@ -559,15 +658,14 @@ load_config()
 kube = Kube(connections=1)
 storage = kube.storage("default")
 credentials = kube.credentials(storage)
-kube.renew_lease("{NAMESPACE}", "checkpointer-agent-probe", "probe", 20)
-kube.renew_lease("{NAMESPACE}", "checkpointer-agent-probe", "probe", 20)
+kube.renew_lease("{NAMESPACE}", "checkpointer-agent-{NODE}", "probe", 20)
+kube.renew_lease("{NAMESPACE}", "checkpointer-agent-{NODE}", "probe", 20)
 print(json.dumps({{"storages": [s.metadata.name for s in kube.storages()], "key": credentials.access_key_id}}))
 """
-    agent_kubeconfig = cp.kubeconfig_for_serviceaccount(NAMESPACE, AGENT_SA)
     out = run([sys.executable, "-c", probe], env=base | {"KUBECONFIG": str(agent_kubeconfig)}, timeout=60)
     assert json.loads(out.stdout) == {"storages": ["default"], "key": "AKIDCHART"}
     holder = cp.kubectl(
-        "get", LEASES, "checkpointer-agent-probe", "-n", NAMESPACE, "-o", "jsonpath={.spec.holderIdentity}"
+        "get", LEASES, f"checkpointer-agent-{NODE}", "-n", NAMESPACE, "-o", "jsonpath={.spec.holderIdentity}"
     )
     assert holder.stdout == "probe"
 
@@ -610,8 +708,11 @@ print(json.dumps({{"storages": [s.metadata.name for s in kube.storages()], "key"
             return cp.kubectl("get", *args, check=False).stdout
 
         eventually(
-            "the agent's Lease",
-            lambda: get(LEASES, f"checkpointer-agent-{NODE}", "-n", NAMESPACE, "-o", "name") != "",
+            "the agent renews its Lease",
+            lambda: (
+                get(LEASES, f"checkpointer-agent-{NODE}", "-n", NAMESPACE, "-o", "jsonpath={.spec.holderIdentity}")
+                == NODE
+            ),
             log=logs,
         )
         eventually(
@@ -623,6 +724,9 @@ print(json.dumps({{"storages": [s.metadata.name for s in kube.storages()], "key"
         assert "Forbidden" not in message and "403" not in message, message
         # It leads through its own Lease, written with nothing but the chart's Role.
         assert get(LEASES, "checkpointer-controller", "-n", NAMESPACE, "-o", "jsonpath={.spec.holderIdentity}")
+        # Its signing key, made on its first start, and the public key the agents read.
+        assert get("secret", SIGNING_KEY, "-n", NAMESPACE, "-o", "jsonpath={.data.ed25519\\.key}")
+        assert "PUBLIC KEY" in get("configmap", SIGNING_PUBLIC_KEY, "-n", NAMESPACE, "-o", "jsonpath={.data}")
 
         ccp = {
             "apiVersion": "checkpointer.dev/v1alpha1",

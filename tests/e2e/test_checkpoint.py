@@ -17,7 +17,7 @@ import pytest
 import zstandard
 
 from localenv.env import NAMESPACE, LocalEnv
-from localenv.images import COUNTER, MEMORY, TCP, read_count, wait_for_log
+from localenv.images import COUNTER, MEMORY, TCP, owned_by, read_count, wait_for_log
 
 NODES = ["node-a", "node-b"]  # node-a's agent uses the REST API, node-b's the CLI
 
@@ -28,7 +28,7 @@ def unique(prefix: str) -> str:
 
 def run_counter(env: LocalEnv, node: str, name: str | None = None) -> str:
     name = name or unique("counter")
-    env.nodes[node].podman("run", "-d", "--name", name, COUNTER)
+    env.nodes[node].podman("run", "-d", *owned_by("default"), "--name", name, COUNTER)
     read_count(env.nodes[node], name)
     return name
 
@@ -281,7 +281,7 @@ def test_agent_killed_mid_upload_resumes_from_the_spool(local_env: LocalEnv, nod
     env.stop_agent(node)
     env.start_agent(node, {"CHECKPOINTER_UPLOAD_BYTES_PER_SECOND": str(4 * 1024 * 1024)})
     container = unique("memory")
-    env.nodes[node].podman("run", "-d", "--name", container, MEMORY, "96")
+    env.nodes[node].podman("run", "-d", *owned_by("default"), "--name", container, MEMORY, "96")
     wait_for_log(env.nodes[node], container, "ready")
     name = checkpoint(env, node, containers=[container], export={}, compress="none")
     try:
@@ -319,7 +319,7 @@ def test_agent_killed_mid_upload_resumes_from_the_spool(local_env: LocalEnv, nod
 
 def run_tcp(env: LocalEnv, node: str, name: str | None = None, pod: str | None = None) -> str:
     name = name or unique("tcp")
-    env.nodes[node].podman("run", "-d", "--name", name, *(["--pod", pod] if pod else []), TCP)
+    env.nodes[node].podman("run", "-d", *owned_by("default"), "--name", name, *(["--pod", pod] if pod else []), TCP)
     wait_for_log(env.nodes[node], name, "ready")
     read_count(env.nodes[node], name)
     return name

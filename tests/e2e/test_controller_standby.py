@@ -14,7 +14,7 @@ import pytest
 from invariants import check_invariants
 from localenv.controlplane import ControlPlane
 from localenv.env import LocalEnv
-from localenv.images import COUNTER, read_count
+from localenv.images import COUNTER, owned_by, read_count
 from localenv.procs import require
 
 pytestmark = pytest.mark.e2e
@@ -62,7 +62,7 @@ def create(env: LocalEnv, kind: str, prefix: str, spec: dict[str, Any]) -> tuple
 
 def counter(env: LocalEnv, node: str) -> str:
     name = unique("counter")
-    env.nodes[node].podman("run", "-d", "--name", name, COUNTER)
+    env.nodes[node].podman("run", "-d", *owned_by("default"), "--name", name, COUNTER)
     read_count(env.nodes[node], name)
     return name
 

@@ -45,7 +45,7 @@ from botocore.exceptions import ClientError
 from faultkit import MiB, apply, ready, unique
 from invariants import check_invariants, inspect
 from localenv.env import LocalEnv
-from localenv.images import MEMORY, wait_for_log
+from localenv.images import MEMORY, owned_by, wait_for_log
 
 pytestmark = pytest.mark.e2e
 
@@ -80,7 +80,7 @@ AGENTS = threading.Lock()
 def run_memory(env: LocalEnv, node: str) -> tuple[str, str]:
     """A memory workload holding all its memory: (name, id)."""
     container = unique("memory")
-    out = env.nodes[node].podman("run", "-d", "--name", container, MEMORY, str(MEMORY_MIB)).stdout
+    out = env.nodes[node].podman("run", "-d", *owned_by("default"), "--name", container, MEMORY, str(MEMORY_MIB)).stdout
     wait_for_log(env.nodes[node], container, "ready")
     return container, out.decode().split()[-1]
 

@@ -8,15 +8,15 @@ from typing import Any
 
 import pytest
 
-from faultkit import apply, unique
+from faultkit import apply, storage_accepting_unsigned, unique
 from localenv.env import LocalEnv
-from localenv.images import COUNTER, MEMORY, read_count, wait_for_log
+from localenv.images import COUNTER, MEMORY, owned_by, read_count, wait_for_log
 
 
 def checkpoint_counter(env: LocalEnv, node: str = "node-a") -> tuple[str, str, int, dict[str, Any]]:
     """A counter checkpointed into S3: (container, checkpoint name, last count seen, its archive)."""
     container = unique("counter")
-    env.nodes[node].podman("run", "-d", "--name", container, COUNTER)
+    env.nodes[node].podman("run", "-d", *owned_by("default"), "--name", container, COUNTER)
     time.sleep(1)
     read_count(env.nodes[node], container)
     name = unique("ccp")
@@ -32,6 +32,12 @@ def restore(env: LocalEnv, node: str, source: dict[str, Any], **flags: Any) -> d
     name = unique("crst")
     apply(env, "ContainerRestore", name, {"nodeName": env.nodes[node].name, "source": source, **flags})
     return env.wait_phase("crst", name, ["Succeeded", "Failed"])
+
+
+def relative(key: str) -> str:
+    """A stored key as a restore names it: relative to its namespace's folder (the storage has no prefix)."""
+    assert key.startswith("default/"), key
+    return key.removeprefix("default/")
 
 
 def reason_of(obj: dict[str, Any]) -> str:
@@ -58,10 +64,11 @@ def test_migrate_from_storage_and_key_alone(local_env: LocalEnv) -> None:
     obj = restore(
         local_env,
         "node-b",
-        {"archive": {"storageRef": {"name": "local"}, "key": archive["key"]}},
+        {"archive": {"storageRef": {"name": "local"}, "key": relative(archive["key"])}},
         name=f"{container}-moved",
     )
     assert obj["status"]["phase"] == "Succeeded", obj["status"]
+    assert obj["status"]["archive"]["key"] == archive["key"], "status holds the key the restore resolved"
     time.sleep(1)
     assert read_count(local_env.nodes["node-b"], f"{container}-moved") > counted
     local_env.nodes["node-b"].podman("rm", "-f", f"{container}-moved")
@@ -69,7 +76,7 @@ def test_migrate_from_storage_and_key_alone(local_env: LocalEnv) -> None:
 
 def test_wrong_sha256_is_archive_corrupt(local_env: LocalEnv) -> None:
     container, _, _, archive = checkpoint_counter(local_env)
-    obj = restore(local_env, "node-b", {"archive": {"key": archive["key"], "sha256": "0" * 64}})
+    obj = restore(local_env, "node-b", {"archive": {"key": relative(archive["key"]), "sha256": "0" * 64}})
     assert reason_of(obj) == "ArchiveCorrupt"
     assert local_env.nodes["node-b"].podman("container", "exists", container, check=False).returncode == 1
 
@@ -81,19 +88,23 @@ def test_corrupt_archive_is_archive_corrupt_and_nothing_is_restored(local_env: L
     data[len(data) // 2 : len(data) // 2 + 4096] = bytes(4096)
     key = archive["key"].replace(".tar.zst", "-damaged.tar.zst")
     s3.put_object(Bucket=local_env.s3.bucket, Key=key, Body=bytes(data))
-    obj = restore(local_env, "node-b", {"archive": {"key": key, "sha256": hashlib.sha256(data).hexdigest()}})
+    source = {"key": relative(key), "sha256": hashlib.sha256(data).hexdigest()}
+    # No signed manifest lists the damaged copy: only a storage that admits unsigned archives reads it.
+    with storage_accepting_unsigned(local_env) as storage:
+        obj = restore(local_env, "node-b", {"archive": {**source, "storageRef": {"name": storage}}})
+    s3.delete_object(Bucket=local_env.s3.bucket, Key=key)
     assert reason_of(obj) == "ArchiveCorrupt", obj["status"]
     assert local_env.nodes["node-b"].podman("container", "exists", container, check=False).returncode == 1
 
 
 def test_missing_object_is_archive_not_found(local_env: LocalEnv) -> None:
-    obj = restore(local_env, "node-b", {"archive": {"key": "default/nothing-here/counter.tar.zst"}})
+    obj = restore(local_env, "node-b", {"archive": {"key": "nothing-here/counter.tar.zst"}})
     assert reason_of(obj) == "ArchiveNotFound"
 
 
 def test_taken_name_is_name_in_use(local_env: LocalEnv) -> None:
     container, name, _, _ = checkpoint_counter(local_env)
-    local_env.nodes["node-b"].podman("run", "-d", "--name", container, COUNTER)
+    local_env.nodes["node-b"].podman("run", "-d", *owned_by("default"), "--name", container, COUNTER)
     obj = restore(local_env, "node-b", {"checkpointRef": {"name": name}})
     assert reason_of(obj) == "NameInUse"
     local_env.nodes["node-b"].podman("rm", "-f", container)
@@ -123,7 +134,7 @@ def test_agent_killed_mid_download_restores_once(local_env: LocalEnv) -> None:
     env = local_env
     source, target = env.nodes["node-a"], env.nodes["node-b"]
     container = unique("memory")
-    source.podman("run", "-d", "--name", container, MEMORY, "96")
+    source.podman("run", "-d", *owned_by("default"), "--name", container, MEMORY, "96")
     wait_for_log(source, container, "ready")
     name = unique("ccp")
     # Uncompressed, so that the archive is as big as the memory (about 100 MiB).

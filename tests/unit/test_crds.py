@@ -127,6 +127,7 @@ STATUS_FIELDS = {
         "completionTime": "string",
         **PROGRESS_FIELDS,
         **CONDITION_FIELDS,
+        "manifestSHA256": "string",
         "archives": "array",
         "archives[]": "object",
         "archives[].container": "string",

@@ -20,12 +20,12 @@ def storage(name: str, default: bool = False, phase: str = "Available") -> Check
 
 
 def test_named_storage_wins_over_default() -> None:
-    chosen = choose_storage(NameRef(name="a"), [storage("a"), storage("b", default=True)])
+    chosen = choose_storage(NameRef(name="a"), [storage("a"), storage("b", default=True)], namespace="ns")
     assert chosen.metadata.name == "a"
 
 
 def test_default_storage_is_used_when_none_is_named() -> None:
-    assert choose_storage(None, [storage("a"), storage("b", default=True)]).metadata.name == "b"
+    assert choose_storage(None, [storage("a"), storage("b", default=True)], namespace="ns").metadata.name == "b"
 
 
 @pytest.mark.parametrize(
@@ -38,7 +38,7 @@ def test_default_storage_is_used_when_none_is_named() -> None:
 )
 def test_storage_problems_have_reasons(storages: list[CheckpointStorage], reason: Reason) -> None:
     with pytest.raises(Failure) as e:
-        choose_storage(None, storages)
+        choose_storage(None, storages, namespace="ns")
     assert e.value.reason == reason
 
 
@@ -78,9 +78,12 @@ def test_a_missing_or_expired_lease_is_read_every_time() -> None:
     assert leases.alive("b") and kube.reads == 4
 
 
-RUNNING = Container(id="a" * 64, name="web", state="running")
-STOPPED = Container(id="b" * 64, name="db", state="exited")
-AGENT = Container(id="c" * 64, name="agent", state="running", labels=(("checkpointer.dev/exclude", "true"),))
+OWN = (("checkpointer.dev/namespace", "ns"),)
+RUNNING = Container(id="a" * 64, name="web", state="running", labels=OWN)
+STOPPED = Container(id="b" * 64, name="db", state="exited", labels=OWN)
+AGENT = Container(id="c" * 64, name="agent", state="running", labels=(("checkpointer.dev/exclude", "true"), *OWN))
+
+ADMINS = frozenset({"checkpointer-system"})
 
 
 def spec(**fields: object) -> CheckpointSpec:
@@ -88,12 +91,12 @@ def spec(**fields: object) -> CheckpointSpec:
 
 
 def test_all_expands_to_running_containers_but_not_excluded_ones() -> None:
-    assert select_targets(spec(all=True), [RUNNING, STOPPED, AGENT], None) == [RUNNING]
+    assert select_targets(spec(all=True), [RUNNING, STOPPED, AGENT], "ns", ADMINS) == [RUNNING]
 
 
 def test_names_ids_and_id_prefixes_resolve() -> None:
-    assert select_targets(spec(containers=["web"]), [RUNNING], None) == [RUNNING]
-    assert select_targets(spec(containers=["a" * 12]), [RUNNING], None) == [RUNNING]
+    assert select_targets(spec(containers=["web"]), [RUNNING], "ns", ADMINS) == [RUNNING]
+    assert select_targets(spec(containers=["a" * 12]), [RUNNING], "ns", ADMINS) == [RUNNING]
 
 
 @pytest.mark.parametrize(
@@ -101,13 +104,13 @@ def test_names_ids_and_id_prefixes_resolve() -> None:
     [
         ({"containers": ["nope"]}, Reason.CONTAINER_NOT_FOUND),
         ({"containers": ["db"]}, Reason.CONTAINER_NOT_RUNNING),
-        ({"latest": True}, Reason.CONTAINER_NOT_FOUND),
+        ({"latest": True}, Reason.CONTAINER_NOT_RUNNING),  # the newest container is a stopped one
         ({"all": True}, Reason.CONTAINER_NOT_FOUND),
     ],
 )
 def test_target_problems_have_reasons(fields: dict[str, object], reason: Reason) -> None:
     with pytest.raises(Failure) as e:
-        select_targets(spec(**fields), [STOPPED], None)
+        select_targets(spec(**fields), [STOPPED], "ns", ADMINS)
     assert e.value.reason == reason
 
 
@@ -137,7 +140,7 @@ def test_archive_layout_follows_the_contract() -> None:
     directory = layout.archive_dir("backups/", checkpoint())
     assert directory == "backups/ns/cp-01234567"
     assert layout.archive_key(directory, "web", Compression.ZSTD) == "backups/ns/cp-01234567/web.tar.zst"
-    assert layout.archive_dir("", checkpoint("team/migrations/x")) == "team/migrations/x"
+    assert layout.archive_dir("", checkpoint("team/migrations/x")) == "ns/team/migrations/x"
     assert layout.compression_of("a/b.tar.gz") == Compression.GZIP
     assert layout.compression_of("a/b.tar") == Compression.NONE
 

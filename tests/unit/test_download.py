@@ -42,9 +42,8 @@ def download(tmp_path: Path, data: bytes, bytes_per_second: int, key: str = "k.t
         progress = Progress()
         start = time.monotonic()
         transfer = Transfer(5 * MiB, 4, RateLimiter(0), RateLimiter(bytes_per_second))
-        digest = restore._fetch(
-            ArchiveStore(client, "archives", "", transfer), key, tmp_path / "stored", cast(StatusWriter, progress)
-        )
+        store = ArchiveStore(client, "archives", "", transfer)
+        digest = restore._fetch(Settings(), store, None, key, tmp_path / "stored", cast(StatusWriter, progress))
         elapsed = time.monotonic() - start
     assert digest == hashlib.sha256(data).hexdigest()
     assert progress.last == (len(data), len(data))

@@ -1,0 +1,268 @@
+"""Tenancy end to end, as a user who can edit only namespace team-a through the chart's aggregated roles.
+
+Real API server (RBAC, the controller-manager's role aggregation), real podman nodes, real S3. The
+user is a client certificate with the built-in `edit` ClusterRole bound in team-a; what team-b owns
+is made with the admin's credentials, as team-b's own users would.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+from botocore.exceptions import ClientError
+
+from faultkit import extra_storage, unique
+from invariants import check_invariants
+from localenv.controlplane import kubernetes_version
+from localenv.env import NAMESPACE, LocalEnv
+from localenv.images import COUNTER, owned_by, read_count
+from localenv.procs import BIN, REPO_ROOT, require, run
+
+pytestmark = pytest.mark.e2e
+
+NODE = "node-b"  # the CLI runtime: the one whose container list gives creation times in whole seconds
+TEAM_A, TEAM_B = "team-a", "team-b"
+USER = "alice"
+
+
+@dataclass
+class Tenants:
+    env: LocalEnv
+    alice: Path  # kubeconfig of a user who may edit team-a only
+    ours: str  # a running container of team-a on NODE
+    theirs: str  # a running container of team-b on NODE
+
+    def create(self, kind: str, namespace: str, spec: dict[str, Any], as_alice: bool = True, node: str = NODE) -> str:
+        name = unique("ccp" if kind == "ContainerCheckpoint" else "crst")
+        obj = {
+            "apiVersion": "checkpointer.dev/v1alpha1",
+            "kind": kind,
+            "metadata": {"name": name, "namespace": namespace},
+            "spec": {"nodeName": node, **spec},
+        }
+        kubeconfig = self.alice if as_alice else None
+        self.env.control_plane.kubectl("create", "-f", "-", kubeconfig=kubeconfig, input=json.dumps(obj))
+        return name
+
+    def finished(self, kind: str, namespace: str, name: str) -> dict[str, Any]:
+        return self.env.wait_phase(kind, name, ["Succeeded", "Failed"], namespace=namespace)
+
+    def delete(self, kind: str, name: str) -> None:
+        self.env.control_plane.kubectl(
+            "delete", kind, name, "-n", TEAM_A, "--wait=true", "--timeout=60s", kubeconfig=self.alice
+        )
+
+    def state(self, container: str) -> str:
+        return (
+            self.env.nodes[NODE].podman("inspect", "--format", "{{.State.Status}}", container).stdout.decode().strip()
+        )
+
+    def stored(self, key: str) -> bool:
+        try:
+            self.env.s3.client().head_object(Bucket=self.env.s3.bucket, Key=key)
+        except ClientError:
+            return False
+        return True
+
+
+def render_aggregated_roles() -> list[dict[str, Any]]:
+    """The chart's ClusterRoles that extend the built-in admin, edit and view roles, as helm renders them."""
+    helm = BIN / "helm"
+    require(helm.exists(), f"helm is not built ({helm}): run hack/build/tools.sh")
+    with tempfile.TemporaryDirectory(prefix="helm-") as home:
+        env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "HOME": home, "HELM_CACHE_HOME": f"{home}/cache"}
+        env |= {"HELM_CONFIG_HOME": f"{home}/config", "HELM_DATA_HOME": f"{home}/data"}
+        out = run(
+            [
+                helm,
+                "template",
+                "checkpointer",
+                REPO_ROOT / "charts" / "checkpointer",
+                "--namespace",
+                NAMESPACE,
+                "--kube-version",
+                kubernetes_version(),
+                "--show-only",
+                "templates/aggregate-clusterroles.yaml",
+            ],
+            env=env,
+            timeout=120,
+        )
+    return [o for o in yaml.safe_load_all(out.stdout.decode()) if o]
+
+
+def labelled_counter(env: LocalEnv, namespace: str, node: str = NODE) -> str:
+    name = unique("counter")
+    env.nodes[node].podman("run", "-d", *owned_by(namespace), "--name", name, COUNTER)
+    read_count(env.nodes[node], name)
+    return name
+
+
+@pytest.fixture(scope="module")
+def tenants(local_env: LocalEnv) -> Iterator[Tenants]:
+    env = local_env
+    cp = env.control_plane
+    roles = render_aggregated_roles()
+    assert {r["kind"] for r in roles} == {"ClusterRole"}
+    env.apply(*roles)
+    for namespace in (TEAM_A, TEAM_B):
+        env.apply({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": namespace}})
+    cp.kubectl("create", "rolebinding", "alice-edit", "--clusterrole=edit", f"--user={USER}", "-n", TEAM_A)
+    alice = cp.kubeconfig_for_user(USER)
+
+    def can(verb: str, resource: str, namespace: str) -> bool:
+        out = cp.kubectl("auth", "can-i", verb, resource, "-n", namespace, kubeconfig=alice, check=False)
+        return bool(out.stdout.strip() == "yes")
+
+    deadline = time.monotonic() + 60
+    while not can("create", "containercheckpoints.checkpointer.dev", TEAM_A):
+        assert time.monotonic() < deadline, "the controller-manager did not aggregate the chart's roles into edit"
+        time.sleep(0.5)
+    # The user is what the issue describes: an editor of team-a, and nothing in team-b.
+    assert can("create", "containerrestores.checkpointer.dev", TEAM_A)
+    assert not can("create", "containercheckpoints.checkpointer.dev", TEAM_B)
+    assert not can("get", "containercheckpoints.checkpointer.dev", TEAM_B)
+    ours, theirs = labelled_counter(env, TEAM_A), labelled_counter(env, TEAM_B)
+    try:
+        yield Tenants(env, alice, ours, theirs)
+    finally:
+        for container in (ours, theirs):
+            env.nodes[NODE].podman("rm", "-f", "-t", "0", container, check=False)
+
+
+def reason_and_message(obj: dict[str, Any]) -> tuple[str, str]:
+    ready = {c["type"]: c for c in obj["status"]["conditions"]}["Ready"]
+    return str(ready["reason"]), str(ready["message"])
+
+
+def test_a_namespace_checkpoints_only_its_own_containers_into_its_own_folder(tenants: Tenants) -> None:
+    t, env = tenants, tenants.env
+    count_before = read_count(env.nodes[NODE], t.theirs)
+
+    # Named: refused before podman sees it, and the message names the label that would permit it.
+    name = t.create("ContainerCheckpoint", TEAM_A, {"containers": [t.theirs], "export": {}})
+    obj = t.finished("ccp", TEAM_A, name)
+    reason, message = reason_and_message(obj)
+    assert (obj["status"]["phase"], reason) == ("Failed", "ContainerNotPermitted"), obj["status"]
+    assert f"checkpointer.dev/namespace={TEAM_A}" in message
+    assert TEAM_B not in message, "the message tells nothing of whose the container is"
+    assert t.state(t.theirs) == "running"
+    time.sleep(1.5)
+    assert read_count(env.nodes[NODE], t.theirs) > count_before, "team-b's counter kept counting"
+
+    # all: only team-a's containers, and a key aimed at team-b's folder is a folder inside team-a's.
+    everything = t.create(
+        "ContainerCheckpoint", TEAM_A, {"all": True, "leaveRunning": True, "export": {"key": f"{TEAM_B}/x"}}
+    )
+    obj = t.finished("ccp", TEAM_A, everything)
+    assert obj["status"]["phase"] == "Succeeded", obj["status"]
+    [archive] = obj["status"]["archives"]
+    assert archive["container"] == t.ours
+    assert archive["key"] == f"{TEAM_A}/{TEAM_B}/x/{t.ours}.tar.zst"
+    assert t.stored(archive["key"]) and t.stored(f"{TEAM_A}/{TEAM_B}/x/manifest.json")
+    assert not t.stored(f"{TEAM_B}/x/{t.ours}.tar.zst") and not t.stored(f"{TEAM_B}/x/manifest.json")
+    assert t.state(t.theirs) == "running"
+
+    # latest: team-b's container is the newest on the node, yet team-a's latest is its own.
+    newest = t.create("ContainerCheckpoint", TEAM_A, {"latest": True, "leaveRunning": True})
+    obj = t.finished("ccp", TEAM_A, newest)
+    assert obj["status"]["phase"] == "Succeeded", obj["status"]
+    assert [a["container"] for a in obj["status"]["archives"]] == [t.ours]
+    for done in (name, everything, newest):
+        t.delete("ccp", done)
+    check_invariants(env)
+
+
+def test_latest_through_the_rest_api_is_the_namespaces_newest(tenants: Tenants) -> None:
+    """node-a's agent lists containers through podman's REST API, whose creation times are RFC 3339."""
+    t, env, node = tenants, tenants.env, "node-a"
+    ours, theirs = labelled_counter(env, TEAM_A, node), labelled_counter(env, TEAM_B, node)
+    try:
+        name = t.create("ContainerCheckpoint", TEAM_A, {"latest": True, "leaveRunning": True}, node=node)
+        obj = t.finished("ccp", TEAM_A, name)
+        assert obj["status"]["phase"] == "Succeeded", obj["status"]
+        assert [a["container"] for a in obj["status"]["archives"]] == [ours]
+        t.delete("ccp", name)
+    finally:
+        for container in (ours, theirs):
+            env.nodes[node].podman("rm", "-f", "-t", "0", container, check=False)
+
+
+def test_team_a_cannot_restore_or_delete_team_bs_archives(tenants: Tenants) -> None:
+    t, env = tenants, tenants.env
+    # team-b's own checkpoint of its container, into team-b's folder.
+    made = t.create("ContainerCheckpoint", TEAM_B, {"containers": [t.theirs], "export": {}}, as_alice=False)
+    obj = t.finished("ccp", TEAM_B, made)
+    assert obj["status"]["phase"] == "Succeeded", obj["status"]
+    [theirs] = obj["status"]["archives"]
+    assert theirs["key"].startswith(f"{TEAM_B}/{made}-")
+    inside = theirs["key"].removeprefix(f"{TEAM_B}/")
+    restored = unique("stolen")
+
+    # Naming team-b's folder is for admin namespaces only; the same key alone is a key in team-a's folder.
+    asked = t.create(
+        "ContainerRestore",
+        TEAM_A,
+        {"source": {"archive": {"key": inside, "namespace": TEAM_B}}, "name": restored},
+    )
+    obj = t.finished("crst", TEAM_A, asked)
+    assert reason_and_message(obj)[0] == "ArchiveNotPermitted", obj["status"]
+    for key in (inside, theirs["key"]):
+        asked = t.create("ContainerRestore", TEAM_A, {"source": {"archive": {"key": key}}, "name": restored})
+        obj = t.finished("crst", TEAM_A, asked)
+        assert reason_and_message(obj)[0] == "ArchiveNotFound", obj["status"]
+        assert obj["status"]["archive"]["key"] == f"{TEAM_A}/{key}"
+    assert env.nodes[NODE].podman("container", "exists", restored, check=False).returncode == 1
+
+    # Two team-a checkpoints share a folder; each deletion takes only its own objects, none of team-b's.
+    shared = {"export": {"key": "shared"}}
+    # One after the other, as the first releases podman's local checkpoint once its archive is stored.
+    # The second stops the container and keeps its local checkpoint, to bring it back by hand.
+    keys = {}
+    for spec in ({"leaveRunning": True}, {"compress": "none", "keep": True}):
+        name = t.create("ContainerCheckpoint", TEAM_A, {"containers": [t.ours], **spec, **shared})
+        obj = t.finished("ccp", TEAM_A, name)
+        assert obj["status"]["phase"] == "Succeeded", obj["status"]
+        keys[name] = obj["status"]["archives"][0]["key"]
+    zstd, plain = keys
+    assert keys == {zstd: f"{TEAM_A}/shared/{t.ours}.tar.zst", plain: f"{TEAM_A}/shared/{t.ours}.tar"}
+    assert t.state(t.ours) == "exited"
+    env.nodes[NODE].podman("container", "restore", t.ours)
+    t.delete("ccp", plain)
+    assert not t.stored(keys[plain])
+    assert t.stored(keys[zstd]), "a checkpoint sharing the folder keeps its archive"
+    t.delete("ccp", zstd)
+    assert not t.stored(keys[zstd])
+    assert t.stored(theirs["key"]) and t.stored(f"{TEAM_B}/{inside.rsplit('/', 1)[0]}/manifest.json")
+    for name in json.loads(env.kubectl("get", "crst", "-n", TEAM_A, "-o", "json").stdout)["items"]:
+        t.delete("crst", name["metadata"]["name"])
+    check_invariants(env, stopped=[(NODE, t.ours)])
+    env.kubectl("delete", "ccp", made, "-n", TEAM_B, "--wait=true", "--timeout=60s")
+    assert not t.stored(theirs["key"]), "team-b's own deletion does delete it"
+
+
+def test_a_storage_serves_only_the_namespaces_it_allows(tenants: Tenants) -> None:
+    t, env = tenants, tenants.env
+    # Not default: the environment keeps exactly one default storage.
+    with extra_storage(env, prefix="restricted", allowedNamespaces=[TEAM_B]) as storage:
+        ref = {"storageRef": {"name": storage}}
+        name = t.create("ContainerCheckpoint", TEAM_A, {"containers": [t.ours], "export": ref})
+        obj = t.finished("ccp", TEAM_A, name)
+        reason, message = reason_and_message(obj)
+        assert (obj["status"]["phase"], reason) == ("Failed", "StorageNotPermitted"), obj["status"]
+        assert storage in message and TEAM_A in message
+        assert t.state(t.ours) == "running"
+        asked = t.create("ContainerRestore", TEAM_A, {"source": {"archive": {**ref, "key": "x/web.tar.zst"}}})
+        assert reason_and_message(t.finished("crst", TEAM_A, asked))[0] == "StorageNotPermitted"
+        t.delete("ccp", name)
+        t.delete("crst", asked)
+        check_invariants(env)

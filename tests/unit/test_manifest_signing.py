@@ -1,0 +1,318 @@
+"""Signed manifests: the signature, the controller's check of a manifest, the agent's trust decision."""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+from collections.abc import Iterator
+from typing import Any, cast
+
+import pytest
+
+from checkpointer import layout, signing
+from checkpointer.archive.store import ArchiveStore
+from checkpointer.errors import Failure
+from checkpointer.models import ContainerCheckpoint
+from checkpointer.reasons import Reason
+from checkpointer.services.signing import Trust, archive_trust, manifest_problems, signed_before, signing_requested
+
+KEY = signing.generate()
+KEYS = {signing.key_id(KEY.public_key()): KEY.public_key()}
+SHA = hashlib.sha256(b"archive").hexdigest()
+DIRECTORY = "cluster/team-a/ccp-1-0a1b2c3d"
+ARCHIVE_KEY = f"{DIRECTORY}/web.tar.zst"
+
+
+def manifest() -> dict[str, Any]:
+    return {
+        "manifestVersion": 1,
+        "kind": "ContainerCheckpoint",
+        "namespace": "team-a",
+        "name": "ccp-1",
+        "uid": "0a1b2c3d-0000-0000-0000-000000000000",
+        "nodeName": "node-a",
+        "flags": {"nodeName": "node-a", "containers": ["web"], "export": {}},
+        "host": {"node": "node-a", "podman": "5.4.2"},
+        "startTime": "2025-01-01T00:00:00.000000Z",
+        "completionTime": "2025-01-01T00:00:01.000000Z",
+        "archives": [
+            {
+                "container": "web",
+                "containerID": "f" * 64,
+                "key": ARCHIVE_KEY,
+                "size": 1234,
+                "sha256": SHA,
+                "compression": "zstd",
+                "configDumpSHA256": hashlib.sha256(b"config").hexdigest(),
+                "specDumpSHA256": hashlib.sha256(b"spec").hexdigest(),
+                "stats": {"runtime_checkpoint_duration": 12345},
+            }
+        ],
+    }
+
+
+def leaves(value: Any, path: tuple[Any, ...] = ()) -> Iterator[tuple[Any, ...]]:
+    if isinstance(value, dict):
+        for k, v in value.items():
+            yield from leaves(v, (*path, k))
+    elif isinstance(value, list):
+        for i, v in enumerate(value):
+            yield from leaves(v, (*path, i))
+    else:
+        yield path
+
+
+def changed(value: Any) -> Any:
+    """The value with one byte different."""
+    if isinstance(value, bool):
+        return not value
+    if isinstance(value, int):
+        return value + 1
+    text = str(value)
+    return text[:-1] + ("0" if text[-1:] != "0" else "1")
+
+
+# --- sign and verify -----------------------------------------------------------------------------
+
+
+def test_a_signed_manifest_verifies_after_a_round_trip_through_json() -> None:
+    signed = signing.sign(manifest(), KEY)
+    assert signed["signature"]["algorithm"] == "Ed25519"
+    assert signed["signature"]["keyID"] == hashlib.sha256(KEY.public_key().public_bytes_raw()).hexdigest()
+    # As the bucket holds it: indented, keys in the writer's order; the canonical bytes do not care.
+    stored = json.loads(json.dumps(signed, indent=2))
+    assert signing.verify(stored, KEYS) == signed["signature"]["keyID"]
+
+
+def test_the_signature_is_deterministic_and_replaces_an_old_one() -> None:
+    once = signing.sign(manifest(), KEY)
+    assert signing.sign(once, KEY) == once
+
+
+def test_canonical_bytes_are_sorted_compact_utf8_without_the_signature() -> None:
+    m = {"b": "ü", "a": [1, {"d": 2, "c": 3}], "signature": {"value": "x"}}
+    assert signing.canonical(m) == '{"a":[1,{"c":3,"d":2}],"b":"ü"}'.encode()
+
+
+@pytest.mark.parametrize("path", list(leaves(manifest())), ids=lambda p: ".".join(map(str, p)))
+def test_a_changed_byte_of_any_field_fails(path: tuple[Any, ...]) -> None:
+    signed = signing.sign(manifest(), KEY)
+    edited = copy.deepcopy(signed)
+    target: Any = edited
+    for step in path[:-1]:
+        target = target[step]
+    target[path[-1]] = changed(target[path[-1]])
+    with pytest.raises(signing.BadSignature):
+        signing.verify(edited, KEYS)
+
+
+def test_an_added_or_removed_field_fails() -> None:
+    signed = signing.sign(manifest(), KEY)
+    with pytest.raises(signing.BadSignature):
+        signing.verify({**signed, "privileged": True}, KEYS)
+    without = {k: v for k, v in signed.items() if k != "host"}
+    with pytest.raises(signing.BadSignature):
+        signing.verify(without, KEYS)
+
+
+def test_a_missing_signature_is_told_apart_from_a_bad_one() -> None:
+    with pytest.raises(signing.Unsigned):
+        signing.verify(manifest(), KEYS)
+    signed = signing.sign(manifest(), KEY)
+    bad = [
+        {**signed, "signature": "nonsense"},
+        {**signed, "signature": {**signed["signature"], "algorithm": "RSA"}},
+        {**signed, "signature": {**signed["signature"], "value": "not base64!"}},
+        {**signed, "signature": {**signed["signature"], "value": ""}},
+    ]
+    for manifest_ in bad:
+        with pytest.raises(signing.BadSignature) as e:
+            signing.verify(manifest_, KEYS)
+        assert not isinstance(e.value, signing.Unsigned)
+
+
+def test_a_signature_of_another_key_fails() -> None:
+    other = signing.generate()
+    with pytest.raises(signing.BadSignature, match="not one of this cluster's"):
+        signing.verify(signing.sign(manifest(), other), KEYS)
+    # Even one that claims this cluster's keyID.
+    forged = signing.sign(manifest(), other)
+    forged["signature"]["keyID"] = signing.key_id(KEY.public_key())
+    with pytest.raises(signing.BadSignature, match="edited"):
+        signing.verify(forged, KEYS)
+
+
+# --- the keys as stored --------------------------------------------------------------------------
+
+
+def test_keys_survive_their_stored_forms() -> None:
+    again = signing.load_private(signing.private_pem(KEY))
+    assert signing.key_id(again.public_key()) == signing.key_id(KEY.public_key())
+    public = signing.load_public(signing.public_pem(KEY.public_key()))
+    assert signing.key_id(public) == signing.key_id(KEY.public_key())
+
+
+def test_publishing_keeps_the_keys_signed_with_before() -> None:
+    assert signing.published(KEY.public_key(), {signing.PUBLIC_KEY: signing.public_pem(KEY.public_key())}) is None
+    first = signing.published(KEY.public_key(), {})
+    assert first == {signing.PUBLIC_KEY: signing.public_pem(KEY.public_key())}
+    rotated = signing.generate()
+    entries = signing.published(rotated.public_key(), first)
+    assert entries is not None
+    assert entries[signing.PUBLIC_KEY] == signing.public_pem(rotated.public_key())
+    assert set(signing.public_keys(entries)) == {signing.key_id(KEY.public_key()), signing.key_id(rotated.public_key())}
+
+
+def test_only_pub_entries_that_are_keys_are_trusted() -> None:
+    entries = {"notes": signing.public_pem(KEY.public_key()), "broken.pub": "not a key"}
+    assert signing.public_keys(entries) == {}
+
+
+# --- the controller's check before it signs ------------------------------------------------------
+
+
+def checkpoint(**status: Any) -> ContainerCheckpoint:
+    archive = {k: v for k, v in manifest()["archives"][0].items() if not k.endswith("DumpSHA256")}
+    return ContainerCheckpoint.model_validate(
+        {
+            "metadata": {"name": "ccp-1", "namespace": "team-a", "uid": manifest()["uid"]},
+            "spec": {"nodeName": "node-a", "containers": ["web"], "export": {}},
+            "status": {"phase": "Uploading", "nodeName": "node-a", "archives": [archive], **status},
+        }
+    )
+
+
+def test_a_manifest_that_says_what_the_object_says_has_no_problems() -> None:
+    assert manifest_problems(manifest(), checkpoint(), DIRECTORY) == []
+
+
+@pytest.mark.parametrize(
+    ("edit", "problem"),
+    [
+        (lambda m: m.update(namespace="team-b"), "namespace"),
+        (lambda m: m.update(nodeName="node-b"), "nodeName"),
+        (lambda m: m.update(uid="other"), "uid"),
+        (lambda m: m["archives"][0].update(sha256="0" * 64), "sha256"),
+        (lambda m: m["archives"][0].update(size=1), "size"),
+        (lambda m: m["archives"][0].update(key=f"{DIRECTORY}/other.tar.zst"), "lists archives"),
+        (lambda m: m["archives"].append({**m["archives"][0], "key": "x"}), "lists archives"),
+    ],
+)
+def test_a_manifest_that_differs_from_the_object_is_not_signed(edit: Any, problem: str) -> None:
+    m = manifest()
+    edit(m)
+    problems = manifest_problems(m, checkpoint(), DIRECTORY)
+    assert any(problem in p for p in problems), problems
+
+
+def test_an_archive_outside_the_checkpoints_folder_is_not_signed() -> None:
+    problems = manifest_problems(manifest(), checkpoint(), "cluster/team-a/other")
+    assert any("outside" in p for p in problems), problems
+
+
+def test_signing_is_requested_by_reason_signing_in_uploading() -> None:
+    ready = {"type": "Ready", "status": "False", "reason": "Signing"}
+    assert signing_requested({"phase": "Uploading", "conditions": [ready]})
+    assert not signing_requested({"phase": "Uploading", "conditions": [{**ready, "reason": "Uploading"}]})
+    assert not signing_requested({"phase": "Succeeded", "conditions": [ready]})
+    assert not signing_requested({})
+
+
+def test_the_namespace_of_a_key_is_its_folder_under_the_prefix() -> None:
+    assert layout.namespace_of_key("cluster", ARCHIVE_KEY) == "team-a"
+    assert layout.namespace_of_key("", "team-a/x/web.tar") == "team-a"
+    assert layout.namespace_of_key("/cluster/", ARCHIVE_KEY) == "team-a"
+    assert layout.namespace_of_key("other", ARCHIVE_KEY) is None
+    assert layout.namespace_of_key("", "web.tar") is None
+
+
+# --- the agent's decision before a restore -------------------------------------------------------
+
+
+class Bucket:
+    """What archive_trust asks of a store: the manifest beside a key, and whether the key exists."""
+
+    prefix = "cluster"
+
+    def __init__(self, objects: dict[str, bytes]) -> None:
+        self.objects = objects
+
+    def manifest_bytes(self, directory: str) -> bytes | None:
+        return self.objects.get(f"{directory}/manifest.json")
+
+    def exists(self, key: str) -> bool:
+        return key in self.objects
+
+    def uri(self, key: str) -> str:
+        return f"s3://bucket/{key}"
+
+
+def trust(objects: dict[str, bytes], key: str = ARCHIVE_KEY, accept_unsigned: bool = False) -> Trust:
+    return archive_trust(cast(ArchiveStore, Bucket(objects)), key, accept_unsigned, lambda: KEYS)
+
+
+def stored(m: dict[str, Any]) -> dict[str, bytes]:
+    return {ARCHIVE_KEY: b"archive", f"{DIRECTORY}/manifest.json": json.dumps(m, indent=2).encode()}
+
+
+def reason(objects: dict[str, bytes], **kwargs: Any) -> Reason:
+    with pytest.raises(Failure) as e:
+        trust(objects, **kwargs)
+    return e.value.reason
+
+
+def test_a_signed_archive_is_trusted_with_its_signed_sha256() -> None:
+    assert trust(stored(signing.sign(manifest(), KEY))) == Trust(SHA, signed=True)
+
+
+def test_an_unsigned_archive_is_refused_unless_the_storage_accepts_them() -> None:
+    plain = {ARCHIVE_KEY: b"archive"}
+    assert reason(plain) == Reason.ARCHIVE_UNTRUSTED
+    assert trust(plain, accept_unsigned=True) == Trust(None, signed=False)
+    assert reason(stored(manifest())) == Reason.ARCHIVE_UNTRUSTED
+    assert trust(stored(manifest()), accept_unsigned=True) == Trust(SHA, signed=False)
+
+
+def test_a_missing_archive_is_not_found_rather_than_untrusted() -> None:
+    assert reason({}) == Reason.ARCHIVE_NOT_FOUND
+
+
+def test_a_bad_signature_is_refused_even_where_unsigned_archives_are_accepted() -> None:
+    signed = signing.sign(manifest(), KEY)
+    signed["archives"][0]["sha256"] = "0" * 64
+    for accept_unsigned in (False, True):
+        assert reason(stored(signed), accept_unsigned=accept_unsigned) == Reason.ARCHIVE_UNTRUSTED
+
+
+def test_a_signed_manifest_moved_to_another_namespaces_folder_is_refused() -> None:
+    other = ARCHIVE_KEY.replace("team-a", "team-b")
+    m = manifest()
+    m["archives"][0]["key"] = other
+    objects = {other: b"archive", f"{other.rsplit('/', 1)[0]}/manifest.json": json.dumps(signing.sign(m, KEY)).encode()}
+    for accept_unsigned in (False, True):
+        assert reason(objects, key=other, accept_unsigned=accept_unsigned) == Reason.ARCHIVE_UNTRUSTED
+
+
+def test_an_archive_its_signed_manifest_does_not_list_is_unsigned() -> None:
+    objects = stored(signing.sign(manifest(), KEY))
+    planted = f"{DIRECTORY}/planted.tar.zst"
+    objects[planted] = b"other"
+    assert reason(objects, key=planted) == Reason.ARCHIVE_UNTRUSTED
+    assert trust(objects, key=planted, accept_unsigned=True) == Trust(None, signed=False)
+
+
+def test_an_unreadable_manifest_is_refused() -> None:
+    objects = {ARCHIVE_KEY: b"archive", f"{DIRECTORY}/manifest.json": b"{not json"}
+    for accept_unsigned in (False, True):
+        assert reason(objects, accept_unsigned=accept_unsigned) == Reason.ARCHIVE_UNTRUSTED
+
+
+def test_a_second_signer_finds_the_agents_manifest_signed_already() -> None:
+    agents = manifest()
+    sha = hashlib.sha256(json.dumps(agents, indent=2).encode()).hexdigest()
+    signed = json.loads(json.dumps(signing.sign(agents, KEY), indent=2))
+    assert signed_before(signed, sha, KEY)
+    assert not signed_before(agents, sha, KEY), "not signed yet"
+    assert not signed_before(signed, "0" * 64, KEY), "another manifest than the agent's"
+    assert not signed_before(signed, sha, signing.generate()), "signed by another key"
