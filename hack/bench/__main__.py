@@ -110,6 +110,28 @@ def markdown(results: dict[str, Any]) -> str:
                 f"| {_f(r['agentPeakRssMiB'], 0)} | {_f(r['baseAgentPeakRssMiB'], 0)} "
                 f"| {_f(r['rss_over_base'], 3)} |"
             )
+    if any("encryptedSeconds" in r for r in results["datapath"]):
+        lines += [
+            "",
+            "With encryption (age, to one X25519 recipient), in the same rounds as c: c into a storage with "
+            "`encryption`, against c into the default storage (min-max of the ratios within each round):",
+            "",
+            "| size | compression | link to S3 | (c) s | (c) encrypted s | encrypted/c | agent peak RSS MiB "
+            "| encrypted MiB | encrypted/plain size |",
+            "|---|---|---|---|---|---|---|---|---|",
+        ]
+        for r in results["datapath"]:
+            if "encryptedSeconds" not in r:
+                continue
+            lines.append(
+                f"| {r['sizeMiB']} MiB | {r['compression']} | {r['link']} "
+                f"| {_f(r['checkpointerSeconds'])}{_range(r, 'checkpointerSeconds')} "
+                f"| {_f(r['encryptedSeconds'])}{_range(r, 'encryptedSeconds')} "
+                f"| {_f(r['cEncrypted_over_c'], 3)}{_range(r, 'cEncrypted_over_c', 3)} "
+                f"| {_f(r['agentPeakRssMiB'], 0)}{_range(r, 'agentPeakRssMiB', 0)} "
+                f"| {_f(r['encryptedAgentPeakRssMiB'], 0)}{_range(r, 'encryptedAgentPeakRssMiB', 0)} "
+                f"| {_f(r['encryptedSize_over_size'], 4)} |"
+            )
     if results.get("controlplane"):
         lines += [
             "",
@@ -164,6 +186,11 @@ def main() -> int:
         help="also run c in every round with the controller and agent of this git revision (from a worktree)",
     )
     parser.add_argument("--restore", action=argparse.BooleanOptionalAction, default=True, help="the restore path")
+    parser.add_argument(
+        "--encryption",
+        action="store_true",
+        help="also run c in every round into a storage that encrypts (age), over loopback",
+    )
     parser.add_argument("--objects", type=int, nargs="*", default=[200, 1000], help="control plane: N objects")
     parser.add_argument("--nodes", type=int, default=50, help="control plane: simulated nodes")
     parser.add_argument(
@@ -200,6 +227,7 @@ def main() -> int:
                 stack.enter_context(datapath.reflink_filesystem(workdir / "data" / "s3", 8 + max(args.sizes) // 256))
                 env = LocalEnv.up(workdir / "data", ["node-a", "node-b"], agent_settings=agent_settings)
                 try:
+                    encrypted = stack.enter_context(datapath.encrypting_storage(env)) if args.encryption else None
                     bench = datapath.DataPath(
                         env,
                         args.repeats,
@@ -208,6 +236,7 @@ def main() -> int:
                         quiet_below=args.quiet_below,
                         agent_settings=agent_settings,
                         baseline=base,
+                        encrypted_storage=encrypted,
                     )
                     for size in args.sizes:
                         for row in bench.measure(size, args.compressions, args.links, restore=args.restore):

@@ -34,10 +34,11 @@ from typing import Any
 from urllib.parse import urlparse
 
 import kubernetes
+from pyrage import x25519
 
 from bench.stats import conditions, median, memory_kib, reset_peak, settle, spread, timer, wait_quiet
-from localenv.env import LocalEnv
-from localenv.images import MEMORY, wait_for_log
+from localenv.env import ENCRYPTION_SECRET, NAMESPACE, SECRET, LocalEnv
+from localenv.images import MEMORY, owned_by, wait_for_log
 from localenv.procs import REPO_ROOT, run
 
 GROUP, VERSION = "checkpointer.dev", "v1alpha1"
@@ -85,6 +86,10 @@ class Row:
     base_checkpointer_s: list[float] = field(default_factory=list)
     base_agent_peak_rss_mib: list[float] = field(default_factory=list)
     base_archive_bytes: list[int] = field(default_factory=list)
+    # c again in every round, into a storage that encrypts (age); empty without --encryption.
+    encrypted_s: list[float] = field(default_factory=list)
+    encrypted_agent_peak_rss_mib: list[float] = field(default_factory=list)
+    encrypted_archive_bytes: list[int] = field(default_factory=list)
     # Every timed run, warm-ups included: which it was, how long it took, the host around it.
     conditions: list[dict[str, Any]] = field(default_factory=list)
 
@@ -146,6 +151,24 @@ class Row:
                     [c_i / a_i for c_i, a_i in zip(self.base_checkpointer_s, self.floor_s, strict=False)]
                 ),
             }
+        if self.encrypted_s:
+            ce = median(self.encrypted_s)
+            rss_e = max(self.encrypted_agent_peak_rss_mib)
+            pairs = [e / p for e, p in zip(self.encrypted_s, self.checkpointer_s, strict=False)]
+            result |= {
+                "encryptedSeconds": ce,
+                "encryptedAgentPeakRssMiB": rss_e,
+                "cEncrypted_over_c": ce / c if c else None,
+                "encryptedRss_over_rss": rss_e / rss if rss else None,
+                "encryptedSize_over_size": median([float(x) for x in self.encrypted_archive_bytes]) / size
+                if size
+                else None,
+            }
+            result["spread"] |= {
+                "encryptedSeconds": spread(self.encrypted_s),
+                "encryptedAgentPeakRssMiB": spread(self.encrypted_agent_peak_rss_mib),
+                "cEncrypted_over_c": spread(pairs),
+            }
         result["host"] = self.host_summary()
         result["runs"] = {k: v for k, v in self.__dict__.items() if isinstance(v, list)}
         return result
@@ -183,6 +206,7 @@ class DataPath:
         quiet_below: float = 0.0,
         agent_settings: dict[str, str] | None = None,
         baseline: Stack | None = None,
+        encrypted_storage: str | None = None,
     ) -> None:
         self.env = env
         self.repeats = repeats
@@ -191,6 +215,7 @@ class DataPath:
         self.quiet_below = quiet_below
         self.agent_settings = agent_settings or {}
         self.baseline = baseline
+        self.encrypted_storage = encrypted_storage
         self.stack = NEW
         api = kubernetes.config.new_client_from_config(config_file=str(env.kubeconfig))  # type: ignore[no-untyped-call]
         self.custom = kubernetes.client.CustomObjectsApi(api)
@@ -206,7 +231,7 @@ class DataPath:
 
     def _workload(self, size_mib: int) -> str:
         name = f"mem-{uuid.uuid4().hex[:6]}"
-        self.source.podman("run", "-d", "--name", name, MEMORY, str(size_mib))
+        self.source.podman("run", "-d", *owned_by("default"), "--name", name, MEMORY, str(size_mib))
         wait_for_log(self.source, name, "ready", timeout=120 + size_mib / 20)
         return name
 
@@ -309,18 +334,26 @@ class DataPath:
         self.s3.delete_object(Bucket=self.env.s3.bucket, Key=key)
         self.source.podman("rm", "-f", name)
 
-    def checkpointer(self, row: Row, keep: bool = False, warmup: bool = False, timeout: float = 900) -> str:
+    def checkpointer(
+        self, row: Row, keep: bool = False, warmup: bool = False, timeout: float = 900, encrypted: bool = False
+    ) -> str:
         name = self._workload(row.size_mib)
         ccp = f"bench-{uuid.uuid4().hex[:8]}"
         base = self.stack != NEW
-        spec = {"nodeName": SOURCE, "containers": [name], "export": {}, "compress": row.compression}
+        export = {"storageRef": {"name": self.encrypted_storage}} if encrypted else {}
+        spec = {"nodeName": SOURCE, "containers": [name], "export": export, "compress": row.compression}
         reset_peak(self.agent_pid)
-        with self._timed(row, "c-base" if base else "c", warmup) as took:
+        with self._timed(row, "c-encrypted" if encrypted else "c-base" if base else "c", warmup) as took:
             self._create("containercheckpoints", "ContainerCheckpoint", ccp, spec)
             obj = self._wait("containercheckpoints", ccp, timeout)
         rss = memory_kib(self.agent_pid, "VmHWM") / 1024
         archive = obj["status"]["archives"][0]
-        if base:
+        if encrypted:
+            assert archive["key"].endswith(".age"), archive
+            row.encrypted_s.append(took())
+            row.encrypted_agent_peak_rss_mib.append(rss)
+            row.encrypted_archive_bytes.append(int(archive["size"]))
+        elif base:
             row.base_checkpointer_s.append(took())
             row.base_agent_peak_rss_mib.append(rss)
             row.base_archive_bytes.append(int(archive["size"]))
@@ -373,9 +406,14 @@ class DataPath:
             for stack in stacks:
                 assert stack is not None
                 self.use(stack)
-                ccp = self.checkpointer(row, keep=keep and stack == NEW, warmup=warmup)
-                if keep and stack == NEW:
-                    kept.append(ccp)
+                # With encryption, c into the encrypting storage runs beside c, first every other round.
+                encrypting = self.encrypted_storage is not None and stack == NEW and row.link == LOOPBACK
+                order = ([True, False] if self.rounds % 2 == 0 else [False, True]) if encrypting else [False]
+                for encrypted in order:
+                    keeping = keep and stack == NEW and not encrypted
+                    ccp = self.checkpointer(row, keep=keeping, warmup=warmup, encrypted=encrypted)
+                    if keeping:
+                        kept.append(ccp)
 
         steps: list[Callable[[], None]] = [
             lambda: self.floor(row, warmup),
@@ -440,6 +478,43 @@ def baseline_tree(rev: str) -> Iterator[Stack]:
         run([*git, "worktree", "remove", "--force", str(tree)], check=False)
         shutil.rmtree(tmp, ignore_errors=True)
         run([*git, "worktree", "prune"], check=False)
+
+
+@contextmanager
+def encrypting_storage(env: LocalEnv) -> Iterator[str]:
+    """A CheckpointStorage on the environment's bucket that encrypts to a fresh age key; yields its name."""
+    identity = x25519.Identity.generate()
+    name = "bench-encrypted"
+    env.apply(
+        {
+            "apiVersion": "v1",
+            "kind": "Secret",
+            "metadata": {"name": ENCRYPTION_SECRET, "namespace": NAMESPACE},
+            "stringData": {"recipients": f"{identity.to_public()}\n", "identity": f"{identity}\n"},
+        },
+        {
+            "apiVersion": f"{GROUP}/{VERSION}",
+            "kind": "CheckpointStorage",
+            "metadata": {"name": name},
+            "spec": {
+                "bucket": env.s3.bucket,
+                "endpoint": env.s3.endpoint,
+                "region": env.s3.region,
+                "forcePathStyle": True,
+                "credentialsSecretRef": {"namespace": NAMESPACE, "name": SECRET},
+                "encryption": {"secretRef": {"namespace": NAMESPACE, "name": ENCRYPTION_SECRET}},
+            },
+        },
+    )
+    deadline = time.monotonic() + 60
+    while env.kubectl("get", "cks", name, "-o", "jsonpath={.status.phase}").stdout.strip() != "Available":
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"CheckpointStorage {name} did not become Available")
+        time.sleep(0.5)
+    try:
+        yield name
+    finally:
+        env.kubectl("delete", "cks", name, "--ignore-not-found", check=False)
 
 
 @contextmanager

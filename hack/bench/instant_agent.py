@@ -16,7 +16,8 @@ from checkpointer.adapters.podman import Container
 from checkpointer.models import CheckpointSpec, Compression, RestoreSpec
 from checkpointer.settings import Settings
 
-WORKLOAD = Container(id="0" * 64, name="workload", state="running")
+# Of the namespace the control-plane benchmark checkpoints from (bench/controlplane.py NAMESPACE).
+WORKLOAD = Container(id="0" * 64, name="workload", state="running", labels=(("checkpointer.dev/namespace", "bench"),))
 
 
 class InstantRuntime:
