@@ -180,9 +180,10 @@ def test_verify_tells_other_bytes_from_the_spool(store: ArchiveStore, tmp_path: 
 
 def test_stale_uploads_of_a_key_are_aborted(store: ArchiveStore) -> None:
     store._s3.create_multipart_upload(Bucket=store.bucket, Key="k")
-    store._s3.create_multipart_upload(Bucket=store.bucket, Key="dir/other")
+    store._s3.create_multipart_upload(Bucket=store.bucket, Key="k-other")
     assert store.abort_uploads("k") == 1
-    assert store.abort_uploads_under("dir") == 1
+    assert store.abort_uploads("k") == 0, "only the uploads of exactly that key"
+    assert store.abort_uploads("k-other") == 1
 
 
 def test_rate_limiter_spaces_out_parts() -> None:

@@ -32,7 +32,7 @@ from checkpointer.archive.workfolder import SpoolRecord, WorkFolder
 from checkpointer.errors import Failure
 from checkpointer.models import Compression
 from checkpointer.reasons import Reason
-from checkpointer.services import restore
+from checkpointer.services import restore, signing
 from checkpointer.settings import Settings
 from checkpointer.status import StatusWriter
 
@@ -108,24 +108,22 @@ def fetch(
     data: bytes,
     key: str,
     keys: Keys | None = None,
-    manifest: dict[str, object] | None = None,
+    stated: int | None = None,
     settings: Settings | None = None,
 ) -> tuple[str, Path]:
-    """Fetch `data` as a restore does; returns the sha256 and where it was stored on the node."""
+    """Fetch `data` as a restore does, its manifest stating `stated` as the size it inflates to;
+    returns the sha256 and where it was stored on the node."""
     with mock_aws():
         client = boto3.client("s3", region_name="us-east-1")
         client.create_bucket(Bucket="archives")
         client.put_object(Bucket="archives", Key=key, Body=data)
-        if manifest is not None:
-            client.put_object(
-                Bucket="archives", Key=f"{os.path.dirname(key)}/{layout.MANIFEST}", Body=json.dumps(manifest).encode()
-            )
         transfer = Transfer(5 * MiB, 4, RateLimiter(0), RateLimiter(0))
         store = ArchiveStore(client, "archives", "", transfer)
         path = tmp_path / "restore" / restore._local_name(key)
         path.parent.mkdir(exist_ok=True)
         progress = cast(StatusWriter, Progress())
-        return restore._fetch(settings or Settings(), store, keys, key, path, progress), path
+        trust = signing.Trust(None, signed=False, uncompressed_size=stated)
+        return restore._fetch(settings or Settings(), store, keys, key, path, progress, trust), path
 
 
 def test_encrypted_zstd_archive_is_stored_decrypted_and_decompressed(tmp_path: Path) -> None:
@@ -179,10 +177,9 @@ def peak_rss() -> int:
 def test_zstd_bomb_past_its_manifest_size_is_corrupt_with_memory_and_disk_bounded(tmp_path: Path) -> None:
     small = bomb(64 * 1024 * MiB)  # 64 GiB from a few MiB
     assert len(small) < 4 * MiB
-    manifest = {"archives": [{"key": "ns/cp/web.tar.zst", "uncompressedSize": 8 * MiB}]}
     before = peak_rss()
     with pytest.raises(Failure) as failed:
-        fetch(tmp_path, small, "ns/cp/web.tar.zst", manifest=manifest)
+        fetch(tmp_path, small, "ns/cp/web.tar.zst", stated=8 * MiB)
     assert failed.value.reason == Reason.ARCHIVE_CORRUPT
     assert "inflates past 8388608 bytes" in failed.value.message
     assert not list((tmp_path / "restore").iterdir())  # the partial file is removed
@@ -199,9 +196,8 @@ def test_zstd_bomb_past_the_settings_cap_is_corrupt(tmp_path: Path, monkeypatch:
 
 def test_encrypted_zstd_bomb_is_corrupt(tmp_path: Path) -> None:
     stored = pyrage.encrypt(bomb(1024 * MiB), [IDENTITY.to_public()])
-    manifest = {"archives": [{"key": "ns/cp/web.tar.zst.age", "uncompressedSize": MiB}]}
     with pytest.raises(Failure) as failed:
-        fetch(tmp_path, stored, "ns/cp/web.tar.zst.age", KEYS, manifest=manifest)
+        fetch(tmp_path, stored, "ns/cp/web.tar.zst.age", KEYS, stated=MiB)
     assert failed.value.reason == Reason.ARCHIVE_CORRUPT
     assert not list((tmp_path / "restore").iterdir())
 
@@ -218,13 +214,8 @@ def test_zstd_frame_asking_for_a_huge_window_is_corrupt(tmp_path: Path) -> None:
 
 def test_archive_within_its_stated_size_is_stored(tmp_path: Path) -> None:
     raw = workload(6 * MiB)
-    manifest = {"archives": [{"key": "ns/cp/web.tar.zst", "uncompressedSize": len(raw)}]}
-    assert (
-        fetch(tmp_path, zstandard.ZstdCompressor().compress(raw), "ns/cp/web.tar.zst", manifest=manifest)[
-            1
-        ].read_bytes()
-        == raw
-    )
+    _, path = fetch(tmp_path, zstandard.ZstdCompressor().compress(raw), "ns/cp/web.tar.zst", stated=len(raw))
+    assert path.read_bytes() == raw
 
 
 def test_download_limit_is_the_smallest_cap() -> None:

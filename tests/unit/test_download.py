@@ -17,7 +17,7 @@ from moto import mock_aws
 from checkpointer.archive.store import ArchiveStore, RateLimiter, Transfer
 from checkpointer.errors import Failure
 from checkpointer.reasons import Reason
-from checkpointer.services import restore
+from checkpointer.services import restore, signing
 from checkpointer.settings import Settings
 from checkpointer.status import StatusWriter
 
@@ -43,7 +43,10 @@ def download(tmp_path: Path, data: bytes, bytes_per_second: int, key: str = "k.t
         start = time.monotonic()
         transfer = Transfer(5 * MiB, 4, RateLimiter(0), RateLimiter(bytes_per_second))
         store = ArchiveStore(client, "archives", "", transfer)
-        digest = restore._fetch(Settings(), store, None, key, tmp_path / "stored", cast(StatusWriter, progress))
+        unsigned = signing.Trust(None, signed=False)
+        digest = restore._fetch(
+            Settings(), store, None, key, tmp_path / "stored", cast(StatusWriter, progress), unsigned
+        )
         elapsed = time.monotonic() - start
     assert digest == hashlib.sha256(data).hexdigest()
     assert progress.last == (len(data), len(data))

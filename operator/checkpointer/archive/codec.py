@@ -300,8 +300,3 @@ def read_configuration(path: Path, whole: bool) -> ContainerConfiguration:
         if name not in found:
             raise CorruptArchive(f"the archive holds no {name}: it is not a podman checkpoint")
     return ContainerConfiguration(config=found[CONFIG_DUMP], spec=found[SPEC_DUMP])
-
-
-def read_config(path: Path, whole: bool) -> dict[str, Any]:
-    """The archive's config.dump (see read_configuration)."""
-    return read_configuration(path, whole).config

@@ -13,7 +13,6 @@ import base64
 import hashlib
 import json
 import logging
-import posixpath
 import threading
 import time
 from collections import deque
@@ -241,19 +240,12 @@ class ArchiveStore:
                 raise
 
     def abort_uploads(self, key: str) -> int:
-        """Abort every open multipart upload of `key`; returns how many."""
-        return self._abort_under(key, exact=True)
-
-    def abort_uploads_under(self, directory: str) -> int:
-        """Abort every open multipart upload under `directory/`; returns how many."""
-        return self._abort_under(directory.rstrip("/") + "/", exact=False)
-
-    def _abort_under(self, prefix: str, exact: bool) -> int:
+        """Abort every open multipart upload of exactly `key`; returns how many."""
         aborted = 0
-        for page in self._s3.get_paginator("list_multipart_uploads").paginate(Bucket=self.bucket, Prefix=prefix):
+        for page in self._s3.get_paginator("list_multipart_uploads").paginate(Bucket=self.bucket, Prefix=key):
             for upload in page.get("Uploads", []):
-                if not exact or upload["Key"] == prefix:
-                    self._abort(upload["Key"], upload["UploadId"])
+                if upload["Key"] == key:
+                    self._abort(key, upload["UploadId"])
                     aborted += 1
         return aborted
 
@@ -287,45 +279,8 @@ class ArchiveStore:
     def exists(self, key: str) -> bool:
         return self._exists(key)
 
-    def manifest_sha256(self, key: str) -> str | None:
-        """The sha256 recorded for `key` in the manifest beside it, when there is one."""
-        try:
-            body = self._s3.get_object(Bucket=self.bucket, Key=f"{posixpath.dirname(key)}/{layout.MANIFEST}")
-        except ClientError:
-            return None
-        manifest = json.loads(body["Body"].read())
-        for entry in manifest.get("archives", []):
-            if entry.get("key") == key:
-                return str(entry.get("sha256") or "") or None
-        return None
-
-    def manifest_uncompressed_size(self, key: str) -> int | None:
-        """The size the manifest beside `key` states its archive inflates to, when it states one."""
-        try:
-            raw = self.manifest_bytes(posixpath.dirname(key))
-            manifest = json.loads(raw) if raw is not None else None
-        except (CorruptArchive, ValueError):
-            return None
-        for entry in manifest.get("archives", []) if isinstance(manifest, dict) else []:
-            if isinstance(entry, dict) and entry.get("key") == key:
-                size = entry.get("uncompressedSize")
-                return size if isinstance(size, int) and not isinstance(size, bool) else None
-        return None
-
     def put_log(self, key: str, content: bytes) -> None:
         self._s3.put_object(Bucket=self.bucket, Key=key, Body=content, ContentType="text/plain")
-
-    def delete_dir(self, directory: str) -> int:
-        """Delete every object under `directory/` and abort its open uploads; returns objects deleted."""
-        prefix = directory.rstrip("/") + "/"
-        deleted = 0
-        for page in self._s3.get_paginator("list_objects_v2").paginate(Bucket=self.bucket, Prefix=prefix):
-            keys: list[ObjectIdentifierTypeDef] = [{"Key": o["Key"]} for o in page.get("Contents", [])]
-            if keys:
-                self._s3.delete_objects(Bucket=self.bucket, Delete={"Objects": keys, "Quiet": True})
-                deleted += len(keys)
-        self._abort_under(prefix, exact=False)
-        return deleted
 
     def delete(self, key: str) -> None:
         self._s3.delete_object(Bucket=self.bucket, Key=key)

@@ -81,7 +81,7 @@ def _run(node: Node, crst: ContainerRestore, status: StatusWriter, folder: WorkF
     trust = _trust(node, store, archive.storage_ref, archive.key)
     expected = archive.sha256 or trust.sha256
     path = folder.file(_local_name(archive.key))
-    digest = _fetch(node.settings, store, node.encryption(archive.storage_ref), archive.key, path, status)
+    digest = _fetch(node.settings, store, node.encryption(archive.storage_ref), archive.key, path, status, trust)
     log.info("restore %s/%s: downloaded %s to the node", crst.metadata.namespace, crst.metadata.name, archive.key)
     if trust.signed and digest != trust.sha256:
         raise Failure(
@@ -193,9 +193,16 @@ def download_limit(settings: Settings, free: int, stated: int | None) -> int:
 
 
 def _fetch(
-    settings: Settings, store: ArchiveStore, keys: Keys | None, key: str, path: Path, status: StatusWriter
+    settings: Settings,
+    store: ArchiveStore,
+    keys: Keys | None,
+    key: str,
+    path: Path,
+    status: StatusWriter,
+    trust: signing.Trust,
 ) -> str:
-    stated = store.manifest_uncompressed_size(key) if layout.compression_of(key) is Compression.ZSTD else None
+    # The stated size is of the tar: only a zstd archive is decompressed on the way.
+    stated = trust.uncompressed_size if layout.compression_of(key) is Compression.ZSTD else None
     stat = os.statvfs(path.parent)
     limit = download_limit(settings, stat.f_bavail * stat.f_frsize, stated)
     try:
@@ -217,7 +224,7 @@ def _previous(node: Node, ref: ArchiveRef, folder: WorkFolder, status: StatusWri
     path = folder.file("previous-" + _local_name(key))
     trust = _trust(node, store, NameRef(name=storage.metadata.name), key)
     keys = node.encryption(NameRef(name=storage.metadata.name))
-    digest = _fetch(node.settings, store, keys, key, path, status)
+    digest = _fetch(node.settings, store, keys, key, path, status, trust)
     if trust.signed and digest != trust.sha256:
         raise Failure(
             Reason.ARCHIVE_UNTRUSTED, f"the bytes of previous archive {key} are not those its signed manifest records"

@@ -180,6 +180,8 @@ class Trust:
     # The sha256 the bytes must have: the signed one, or an unsigned manifest's when unsigned archives are admitted.
     sha256: str | None
     signed: bool
+    # The size the manifest states the archive inflates to: what its download may write at most.
+    uncompressed_size: int | None = None
 
 
 def archive_trust(
@@ -217,7 +219,9 @@ def archive_trust(
         signing.verify(manifest, keys())
     except signing.Unsigned:
         if accept_unsigned:
-            return Trust(str(entry.get("sha256") or "") or None if entry else None, signed=False)
+            if entry is None:
+                return Trust(None, signed=False)
+            return Trust(str(entry.get("sha256") or "") or None, signed=False, uncompressed_size=_stated(entry))
         raise Failure(Reason.ARCHIVE_UNTRUSTED, _unsigned(where, "its manifest is not signed")) from None
     except signing.BadSignature as e:
         raise Failure(Reason.ARCHIVE_UNTRUSTED, f"{where}: {e}; nothing was restored") from None
@@ -235,7 +239,12 @@ def archive_trust(
     sha256 = str(entry.get("sha256") or "")
     if len(sha256) != 64:
         raise Failure(Reason.ARCHIVE_UNTRUSTED, f"the signed manifest records no sha256 for {where}")
-    return Trust(sha256, signed=True)
+    return Trust(sha256, signed=True, uncompressed_size=_stated(entry))
+
+
+def _stated(entry: Mapping[str, Any]) -> int | None:
+    size = entry.get("uncompressedSize")
+    return size if isinstance(size, int) and not isinstance(size, bool) else None
 
 
 def _unsigned(where: str, why: str) -> str:
