@@ -3,23 +3,24 @@
 from __future__ import annotations
 
 import argparse
-import json
 import signal
 import sys
 import tempfile
 import time
 from pathlib import Path
 
+from localenv import quickstart
 from localenv.env import LocalEnv, remove_workdir
-from localenv.images import COUNTER, owned_by, read_count
-
-CHECKPOINT = "quickstart"
+from localenv.procs import BIN
 
 
 def up(args: argparse.Namespace) -> int:
     workdir = Path(args.workdir or tempfile.mkdtemp(prefix="checkpointer-"))
     env = LocalEnv.up(workdir, args.nodes)
-    print(f"environment up in {workdir}\n  export KUBECONFIG={env.kubeconfig}\n  details: {workdir / 'env.json'}")
+    bin_dir = quickstart.write_tools(env, BIN / "kubectl")
+    print(f"environment up in {workdir}\n  export KUBECONFIG={workdir / 'kubeconfig'} PATH={bin_dir}:$PATH")
+    print(f"  kubectl, and podman inside each node: {', '.join(f'podman-{n}' for n in env.nodes)}")
+    print(f"  details: {workdir / 'env.json'}")
     print("press Ctrl-C to tear everything down")
     try:
         signal.sigwait({signal.SIGINT, signal.SIGTERM})
@@ -32,37 +33,31 @@ def up(args: argparse.Namespace) -> int:
 def demo(args: argparse.Namespace) -> int:
     workdir = Path(tempfile.mkdtemp(prefix="checkpointer-demo-"))
     started = time.monotonic()
-    env = LocalEnv.up(workdir, ["node-a"])
+    print("checkpointer quickstart: a running counter moves from node-a to node-b through S3, memory and all\n")
     try:
-        print(f"local cluster, S3 and node-a up in {time.monotonic() - started:.0f}s (workdir {workdir})")
-        node = env.nodes["node-a"]
-        node.podman("run", "-d", *owned_by("default"), "--name", "counter", COUNTER)
-        time.sleep(1)
-        print(f"workload 'counter' is running on node-a, count {read_count(node, 'counter')}")
-        manifest = f"""apiVersion: checkpointer.dev/v1alpha1
-kind: ContainerCheckpoint
-metadata:
-  name: {CHECKPOINT}
-  namespace: default
-spec:
-  nodeName: node-a
-  containers: [counter]
-  export: {{}}
-"""
-        print("applying:\n" + manifest)
-        env.kubectl("apply", "-f", "-", input=manifest)
-        env.wait_phase("ccp", CHECKPOINT, ["Succeeded", "Failed"])
-        print(env.kubectl("get", "ccp", CHECKPOINT, "-o", "wide").stdout)
-        status = json.loads(env.kubectl("get", "ccp", CHECKPOINT, "-o", "json").stdout)["status"]
-        print("status:\n" + json.dumps(status, indent=2))
-        listing = env.s3.client().list_objects_v2(Bucket=env.s3.bucket)
-        print(f"objects in bucket {env.s3.bucket}:")
-        for obj in listing.get("Contents", []):
-            print(f"  {obj['Size']:>12}  {obj['Key']}")
-        return 0 if status.get("phase") == "Succeeded" else 1
+        env = LocalEnv.up(workdir, [quickstart.SOURCE, quickstart.TARGET])
+    except BaseException:
+        # up() has stopped what it started; its logs are what tells why.
+        print(f"the environment did not come up; its logs stay in {workdir / 'logs'}", file=sys.stderr)
+        raise
+    try:
+        print(
+            f"control plane, S3 server, node-a and node-b (podman + CRIU), the controller and an agent per node "
+            f"up in {time.monotonic() - started:.0f}s\n"
+        )
+        try:
+            migration = quickstart.migrate_counter(env)
+        except RuntimeError as failed:
+            print(f"\nquickstart failed: {failed}\n\n{env.logs()}")
+            return 1
+        print(f"\nin the bucket {env.s3.bucket}:")
+        print("\n".join(quickstart.bucket_listing(env, migration.checkpoint["archives"][0]["key"].rsplit("/", 1)[0])))
+        print("\n" + quickstart.by_hand(Path(tempfile.gettempdir()) / "checkpointer"))
+        return 0 if migration.on_target > migration.last_on_source else 1
     finally:
         env.down()
         remove_workdir(workdir)
+        print(f"torn down; {time.monotonic() - started:.0f}s in all")
 
 
 def main() -> int:
@@ -72,7 +67,7 @@ def main() -> int:
     p_up.add_argument("--workdir")
     p_up.add_argument("--nodes", nargs="+", default=["node-a", "node-b"])
     p_up.set_defaults(func=up)
-    sub.add_parser("demo", help="bring it up, checkpoint a workload into S3, print the result, tear down").set_defaults(
+    sub.add_parser("demo", help="bring it up, move a counter from node-a to node-b through S3, tear down").set_defaults(
         func=demo
     )
     args = parser.parse_args()
