@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from collections import OrderedDict
 from typing import Any
 
@@ -18,6 +19,7 @@ from checkpointer import GROUP, NODE_LABEL, VERSION
 from checkpointer.adapters.kube import CHECKPOINTS, RESTORES
 from checkpointer.reasons import Phase
 from checkpointer.services import checkpoint, restore
+from checkpointer.services.capabilities import NodeFacts
 from checkpointer.services.node import Node
 from checkpointer.services.scheduling import lease_name
 from checkpointer.services.sweep import sweep
@@ -123,9 +125,35 @@ def register(registry: kopf.OperatorRegistry, agent: Node) -> None:
             restore.run(agent, fresh)
 
     stop = threading.Event()
+    facts: list[NodeFacts] = []  # the node's, once asked
+    recorded = threading.Event()  # they are on the Lease
 
     def renew() -> None:
-        agent.kube.renew_lease(agent.settings.namespace, lease_name(node), node, agent.settings.lease_duration_seconds)
+        # Written once, not on every beat: a renewal then stays one small patch.
+        annotations = facts[0].annotations() if facts and not recorded.is_set() else None
+        created = agent.kube.renew_lease(
+            agent.settings.namespace, lease_name(node), node, agent.settings.lease_duration_seconds, annotations
+        )
+        if annotations is not None:
+            recorded.set()
+        elif created:
+            recorded.clear()  # a Lease made anew has lost them: the next beat writes them again
+
+    def record_facts() -> None:
+        started = time.monotonic()
+        try:
+            facts.append(agent.facts())
+            renew()
+        except Exception as e:  # the controller then refuses nothing up front; the agent's own checks still run
+            log.warning("could not record the node's versions and CRIU features on Lease %s: %s", lease_name(node), e)
+            return
+        log.info(
+            "recorded on Lease %s in %.2fs: %s; CRIU features missing: %s",
+            lease_name(node),
+            time.monotonic() - started,
+            facts[0].describe(),
+            ", ".join(sorted(facts[0].missing)) or "none",
+        )
 
     def heartbeat() -> None:
         while not stop.wait(agent.settings.lease_renew_seconds):
@@ -144,8 +172,9 @@ def register(registry: kopf.OperatorRegistry, agent: Node) -> None:
     @kopf.on.startup(registry=registry)
     def start_heartbeat(**_: Any) -> None:
         renew()  # before any handler runs, so the controller sees a live agent at once
-        # The node's versions go into every manifest; asking podman now keeps it off the first checkpoint.
-        threading.Thread(target=agent.host, name="versions", daemon=True).start()
+        # The node's versions go into every manifest, and with CRIU's feature checks onto the Lease for
+        # the controller; asking now keeps podman off the first checkpoint and the start fast.
+        threading.Thread(target=record_facts, name="versions", daemon=True).start()
         threading.Thread(target=heartbeat, name="lease", daemon=True).start()
         threading.Thread(target=sweeper, name="sweep", daemon=True).start()
 

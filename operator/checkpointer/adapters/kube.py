@@ -216,7 +216,10 @@ class Kube:
         age = (datetime.datetime.now(datetime.UTC) - renewed).total_seconds()
         return age, int(lease.spec.lease_duration_seconds or 0)
 
-    def renew_lease(self, namespace: str, name: str, holder: str, duration: int) -> None:
+    def renew_lease(
+        self, namespace: str, name: str, holder: str, duration: int, annotations: dict[str, str] | None = None
+    ) -> bool:
+        """Renew the Lease, or create it (True); `annotations` are set too, the others it carries stay."""
         now = datetime.datetime.now(datetime.UTC)
         body: dict[str, Any] = {
             "apiVersion": "coordination.k8s.io/v1",
@@ -232,6 +235,8 @@ class Kube:
                 "renewTime": now.strftime("%Y-%m-%dT%H:%M:%S.%fZ"),
             },
         }
+        if annotations:
+            body["metadata"]["annotations"] = annotations
         try:
             self.coordination.patch_namespaced_lease(name, namespace, body)
         except ApiException as e:
@@ -239,6 +244,15 @@ class Kube:
                 raise
             body["spec"]["acquireTime"] = body["spec"]["renewTime"]
             self.coordination.create_namespaced_lease(namespace, body)  # type: ignore[arg-type]
+            return True
+        return False
+
+    def lease_annotations(self, namespace: str, name: str) -> dict[str, str] | None:
+        """The Lease's annotations; None when it does not exist."""
+        lease = self.read_lease(namespace, name)
+        if lease is None:
+            return None
+        return dict((lease.metadata.annotations if lease.metadata else None) or {})
 
     def read_lease(self, namespace: str, name: str) -> kubernetes.client.V1Lease | None:
         try:

@@ -413,6 +413,56 @@ def criu_supports(settings: Settings, feature: str) -> bool:
     return True
 
 
+# One shell on the node for all of it: a CRIU check costs milliseconds, an nsenter more.
+_CRIU_CHECK = """
+echo "criu $(criu --version 2>/dev/null | head -n 1)"
+echo "runc $(runc --version 2>/dev/null | head -n 1)"
+echo "kernel $(uname -r)"
+for feature; do
+  if criu check --feature "$feature" >/dev/null 2>&1; then echo "+ $feature"; else echo "- $feature"; fi
+done
+"""
+
+
+@dataclass(frozen=True)
+class CriuCheck:
+    criu: str
+    runc: str
+    kernel: str
+    supported: frozenset[str]
+    missing: frozenset[str]
+
+
+def criu_check(settings: Settings, features: Iterable[str]) -> CriuCheck:
+    """The node's CRIU, runc and kernel versions and CRIU's own check of each feature.
+
+    Without a CRIU on the node no feature counts as supported or missing: nothing is known.
+    """
+    out = commands.run([*nsenter(settings), "sh", "-c", _CRIU_CHECK, "sh", *features], timeout=60)
+    versions: dict[str, str] = {}
+    supported: set[str] = set()
+    missing: set[str] = set()
+    for line in out.splitlines():
+        word, _, rest = line.partition(" ")
+        if word == "+":
+            supported.add(rest.strip())
+        elif word == "-":
+            missing.add(rest.strip())
+        else:
+            versions[word] = rest.strip()
+    criu = versions.get("criu", "").removeprefix("Version:").strip()
+    if not criu:
+        supported.clear()
+        missing.clear()
+    return CriuCheck(
+        criu=criu,
+        runc=versions.get("runc", "").removeprefix("runc version").strip(),
+        kernel=versions.get("kernel", ""),
+        supported=frozenset(supported),
+        missing=frozenset(missing),
+    )
+
+
 def runtime(settings: Settings) -> Runtime:
     return ApiRuntime(settings) if settings.podman_mode == "api" else CliRuntime(settings)
 

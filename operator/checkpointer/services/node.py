@@ -5,12 +5,13 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from checkpointer.adapters.kube import Kube
-from checkpointer.adapters.podman import PodmanError, Runtime
+from checkpointer.adapters.podman import PodmanError, Runtime, criu_check
 from checkpointer.archive.encryption import Keys
 from checkpointer.archive.store import ArchiveStore, RateLimiter, StorageError, Stores, Transfer
 from checkpointer.errors import Failure
 from checkpointer.models import NameRef
 from checkpointer.reasons import Reason
+from checkpointer.services.capabilities import CRIU_FEATURES, NodeFacts
 from checkpointer.settings import Settings
 
 EXCLUDE_LABEL = "checkpointer.dev/exclude"
@@ -39,6 +40,19 @@ class Node:
         if self._host is None:
             self._host = {"node": self.settings.node_name, **self.runtime.versions()}
         return self._host
+
+    def facts(self) -> NodeFacts:
+        """What the agent records on its Lease for the controller: versions and CRIU's feature checks."""
+        check = criu_check(self.settings, CRIU_FEATURES)
+        host = self.host()
+        return NodeFacts(
+            criu=check.criu,
+            podman=host.get("podman", ""),
+            runc=check.runc or host.get("ociRuntime", ""),
+            kernel=check.kernel or host.get("kernel", ""),
+            supported=check.supported,
+            missing=check.missing,
+        )
 
     def store(self, ref: NameRef) -> ArchiveStore:
         """The store of a CheckpointStorage the controller resolved."""

@@ -15,6 +15,7 @@ from checkpointer.models import (
     ResolvedArchive,
 )
 from checkpointer.reasons import Phase, Reason
+from checkpointer.services.capabilities import NodeFacts, missing_for_checkpoint
 
 
 def lease_name(node: str) -> str:
@@ -66,6 +67,18 @@ def require_node_with_agent(kube: Kube, leases: AgentLeases, node: str) -> None:
     )
 
 
+def require_criu_features(kube: Kube, leases: AgentLeases, ccp: ContainerCheckpoint) -> None:
+    """Refuse a checkpoint the node's CRIU cannot take, as its agent recorded on its Lease."""
+    spec = ccp.spec
+    if not (spec.tcp_established or spec.pre_checkpoint or spec.with_previous):
+        return
+    # Read afresh: a restarted agent may have recorded other facts since the Lease was last read.
+    facts = NodeFacts.from_annotations(kube.lease_annotations(leases.namespace, lease_name(spec.node_name)))
+    why = missing_for_checkpoint(spec, spec.node_name, facts)
+    if why is not None:
+        raise Failure(Reason.CRIU_FEATURE_MISSING, why)
+
+
 def storage_permits(storage: CheckpointStorage, namespace: str) -> bool:
     """Whether objects of `namespace` may use the storage: listed in allowedNamespaces, or no list. Pure."""
     allowed = storage.spec.allowed_namespaces
@@ -109,6 +122,7 @@ def schedule_checkpoint(kube: Kube, leases: AgentLeases, ccp: ContainerCheckpoin
     """Check what needs the cluster; return the storage name the agent should use (None: no export)."""
     spec = ccp.spec
     require_node_with_agent(kube, leases, spec.node_name)
+    require_criu_features(kube, leases, ccp)
     if spec.with_previous and spec.previous_checkpoint_ref is not None:
         previous = kube.get(CHECKPOINTS, ccp.metadata.namespace, spec.previous_checkpoint_ref.name)
         if previous is None or (previous.get("status") or {}).get("phase") != Phase.SUCCEEDED:

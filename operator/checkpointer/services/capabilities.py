@@ -1,0 +1,155 @@
+"""What a node's CRIU can do, as its agent recorded it, and what the controller refuses because of it.
+
+At start each agent asks its node for the versions of CRIU, podman, runc and the kernel and for
+CRIU's own feature checks (`criu check --feature`), and writes them as annotations on its Lease,
+the one object it may write beside the objects of its node. The controller reads them when it
+schedules a checkpoint that needs a feature, and fails it up front with CRIUFeatureMissing rather
+than letting CRIU stop the container and fail. A node whose agent recorded nothing (yet) is not
+refused: its agent's own check still names the missing feature after podman failed. Pure.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+from checkpointer import GROUP
+from checkpointer.models import CheckpointSpec
+
+# `criu check --feature NAME` for each name CRIU 4.2 knows; an older CRIU calls a newer name unknown
+# and lands it among the missing ones.
+CRIU_FEATURES = (
+    "mem_dirty_track",
+    "aio_remap",
+    "timerfd",
+    "tun_ns",
+    "userns",
+    "fdinfo_lock",
+    "seccomp_suspend",
+    "cgroupns",
+    "tcp_half_closed",
+    "compat_cr",
+    "uffd",
+    "uffd-noncoop",
+    "can_map_vdso",
+    "sk_ns",
+    "sk_unix_file",
+    "net_diag_raw",
+    "link_nsid",
+    "kcmp_epoll",
+    "timens",
+    "external_net_ns",
+    "clone3_set_tid",
+    "newifindex",
+    "ns_pid",
+    "apparmor_stacking",
+    "network_lock_nftables",
+    "sockopt_buf_lock",
+    "memfd_hugetlb",
+    "openat2",
+    "get_rseq_conf",
+    "ipv6_freebind",
+    "pagemap_scan",
+    "timer_cr_ids",
+    "overlayfs_maps",
+    "breakpoints",
+)
+# Pre-dumps, and dumps on top of one, need the kernel to track the pages written since.
+DIRTY_TRACKING = "mem_dirty_track"
+# CRIU before 4.2 reads SO_PASSCRED and SO_PASSSEC of every socket it dumps; since Linux 6.16 only
+# AF_UNIX, AF_NETLINK and AF_BLUETOOTH sockets have them, so it cannot dump an inet socket there.
+INET_SOCKETS_CRIU = (4, 2)
+INET_SOCKETS_KERNEL = (6, 16)
+
+PREFIX = f"{GROUP}/"
+ANNOTATIONS = {
+    "criu": PREFIX + "criu-version",
+    "podman": PREFIX + "podman-version",
+    "runc": PREFIX + "runc-version",
+    "kernel": PREFIX + "kernel-version",
+    "supported": PREFIX + "criu-features",
+    "missing": PREFIX + "criu-features-missing",
+}
+
+
+@dataclass(frozen=True)
+class NodeFacts:
+    """A node's versions ("" when unknown) and CRIU's verdict on each feature it was asked about."""
+
+    criu: str = ""
+    podman: str = ""
+    runc: str = ""
+    kernel: str = ""
+    supported: frozenset[str] = frozenset()
+    missing: frozenset[str] = frozenset()
+
+    def annotations(self) -> dict[str, str]:
+        return {
+            ANNOTATIONS["criu"]: self.criu,
+            ANNOTATIONS["podman"]: self.podman,
+            ANNOTATIONS["runc"]: self.runc,
+            ANNOTATIONS["kernel"]: self.kernel,
+            ANNOTATIONS["supported"]: ",".join(sorted(self.supported)),
+            ANNOTATIONS["missing"]: ",".join(sorted(self.missing)),
+        }
+
+    @classmethod
+    def from_annotations(cls, annotations: dict[str, str] | None) -> NodeFacts | None:
+        """The facts an agent recorded; None when it recorded none."""
+        found = {field: (annotations or {}).get(key) for field, key in ANNOTATIONS.items()}
+        if all(value is None for value in found.values()):
+            return None
+
+        def names(value: str | None) -> frozenset[str]:
+            return frozenset(name for name in (value or "").split(",") if name)
+
+        return cls(
+            criu=found["criu"] or "",
+            podman=found["podman"] or "",
+            runc=found["runc"] or "",
+            kernel=found["kernel"] or "",
+            supported=names(found["supported"]),
+            missing=names(found["missing"]),
+        )
+
+    def describe(self) -> str:
+        def say(name: str, version: str) -> str:
+            return f"{name} {version or '(unknown)'}"
+
+        return ", ".join(
+            [say("CRIU", self.criu), say("podman", self.podman), say("runc", self.runc), say("Linux", self.kernel)]
+        )
+
+
+def version_of(text: str) -> tuple[int, ...] | None:
+    """The leading numbers of a version ("4.2.1" -> (4, 2, 1), "6.18.0-1-amd64" -> (6, 18, 0))."""
+    found = re.match(r"\s*v?(\d+(?:\.\d+)*)", text)
+    return tuple(int(part) for part in found.group(1).split(".")) if found else None
+
+
+def dumps_inet_sockets(facts: NodeFacts) -> bool | None:
+    """Whether the node's CRIU can dump TCP sockets on its kernel; None when the versions are unknown."""
+    criu, kernel = version_of(facts.criu), version_of(facts.kernel)
+    if criu is None or kernel is None:
+        return None
+    return not (criu[:2] < INET_SOCKETS_CRIU and kernel[:2] >= INET_SOCKETS_KERNEL)
+
+
+def missing_for_checkpoint(spec: CheckpointSpec, node: str, facts: NodeFacts | None) -> str | None:
+    """Why the node cannot take this checkpoint, for a CRIUFeatureMissing message; None: no known reason."""
+    if facts is None:
+        return None
+    if spec.tcp_established and dumps_inet_sockets(facts) is False:
+        return (
+            f"node {node} cannot checkpoint established TCP connections (tcpEstablished): its CRIU "
+            f"{facts.criu} cannot dump inet sockets on Linux {facts.kernel} (CRIU "
+            f"{'.'.join(map(str, INET_SOCKETS_CRIU))} or newer can on Linux "
+            f"{'.'.join(map(str, INET_SOCKETS_KERNEL))} and newer); the node runs {facts.describe()}"
+        )
+    if (spec.pre_checkpoint or spec.with_previous) and DIRTY_TRACKING in facts.missing:
+        what = "preCheckpoint" if spec.pre_checkpoint else "withPrevious"
+        return (
+            f"node {node} cannot take a {what} checkpoint: CRIU's check reports no memory dirty "
+            f"tracking ({DIRTY_TRACKING}) on its kernel; the node runs {facts.describe()}"
+        )
+    return None

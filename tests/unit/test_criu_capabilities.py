@@ -1,0 +1,118 @@
+"""The controller's up-front refusal of checkpoints a node's CRIU cannot take (services/capabilities.py)."""
+
+from dataclasses import replace
+from typing import Any
+
+import pytest
+
+from checkpointer.models import CheckpointSpec
+from checkpointer.services.capabilities import (
+    ANNOTATIONS,
+    NodeFacts,
+    dumps_inet_sockets,
+    missing_for_checkpoint,
+    version_of,
+)
+
+# This project's test machines: Debian's CRIU on kernel 6.18, which has no soft-dirty tracking.
+TRIXIE = NodeFacts(
+    criu="4.1.1",
+    podman="5.4.2",
+    runc="1.1.15+ds1",
+    kernel="6.18.0-1-amd64",
+    supported=frozenset({"timens", "tcp_half_closed"}),
+    missing=frozenset({"mem_dirty_track"}),
+)
+FORKY = NodeFacts(
+    criu="4.2.1",
+    podman="5.4.2",
+    runc="1.1.15+ds1",
+    kernel="6.18.0-1-amd64",
+    supported=frozenset({"mem_dirty_track", "timens"}),
+    missing=frozenset(),
+)
+
+
+def spec(**fields: Any) -> CheckpointSpec:
+    return CheckpointSpec.model_validate({"nodeName": "node-a", "containers": ["web"], **fields})
+
+
+@pytest.mark.parametrize(
+    ("text", "version"),
+    [
+        ("4.2.1", (4, 2, 1)),
+        ("4.1", (4, 1)),
+        ("6.18.0-1-amd64", (6, 18, 0)),
+        ("6.16.0+deb14-amd64", (6, 16, 0)),
+        ("v1.3.6", (1, 3, 6)),
+        ("", None),
+        ("unknown", None),
+    ],
+)
+def test_versions_are_read_from_their_leading_numbers(text: str, version: tuple[int, ...] | None) -> None:
+    assert version_of(text) == version
+
+
+@pytest.mark.parametrize(
+    ("criu", "kernel", "dumps"),
+    [
+        ("4.1.1", "6.18.0-1-amd64", False),
+        ("4.1.1", "6.16.0", False),
+        ("3.17", "6.16.1", False),
+        ("4.1.1", "6.15.9", True),  # the kernel still gives every socket SO_PASSCRED
+        ("4.2.1", "6.18.0-1-amd64", True),
+        ("4.2", "6.16.0", True),
+        ("5.0", "7.1", True),
+        ("", "6.18.0", None),
+        ("4.1.1", "", None),
+    ],
+)
+def test_criu_dumps_inet_sockets_from_4_2_on_linux_6_16_and_newer(criu: str, kernel: str, dumps: bool | None) -> None:
+    assert dumps_inet_sockets(NodeFacts(criu=criu, kernel=kernel)) is dumps
+
+
+def test_tcp_established_is_refused_on_criu_4_1_and_linux_6_18_naming_the_versions() -> None:
+    why = missing_for_checkpoint(spec(tcpEstablished=True), "node-a", TRIXIE)
+    assert why is not None
+    assert "node node-a" in why and "tcpEstablished" in why
+    assert "CRIU 4.1.1, podman 5.4.2, runc 1.1.15+ds1, Linux 6.18.0-1-amd64" in why
+
+
+def test_tcp_established_is_taken_on_criu_4_2() -> None:
+    assert missing_for_checkpoint(spec(tcpEstablished=True), "node-a", FORKY) is None
+
+
+@pytest.mark.parametrize(
+    "fields", [{"preCheckpoint": True}, {"withPrevious": True, "previousCheckpointRef": {"name": "p"}}]
+)
+def test_dumps_needing_dirty_tracking_are_refused_without_it(fields: dict[str, Any]) -> None:
+    without = replace(FORKY, supported=FORKY.supported - TRIXIE.missing, missing=TRIXIE.missing)
+    why = missing_for_checkpoint(spec(**fields), "node-a", without)
+    assert why is not None
+    assert "mem_dirty_track" in why and "CRIU 4.2.1" in why
+    assert missing_for_checkpoint(spec(**fields), "node-a", FORKY) is None
+
+
+def test_plain_checkpoints_need_no_feature() -> None:
+    assert missing_for_checkpoint(spec(), "node-a", TRIXIE) is None
+    assert missing_for_checkpoint(spec(leaveRunning=True), "node-a", TRIXIE) is None
+
+
+def test_nothing_recorded_refuses_nothing() -> None:
+    """An agent that recorded nothing (yet) leaves the word to CRIU, and to the agent's own check."""
+    assert missing_for_checkpoint(spec(tcpEstablished=True), "node-a", None) is None
+    assert missing_for_checkpoint(spec(preCheckpoint=True), "node-a", None) is None
+    unknown = NodeFacts(podman="5.4.2")
+    assert missing_for_checkpoint(spec(tcpEstablished=True), "node-a", unknown) is None
+    assert missing_for_checkpoint(spec(preCheckpoint=True), "node-a", unknown) is None
+
+
+def test_facts_survive_the_lease_annotations() -> None:
+    annotations = TRIXIE.annotations()
+    assert annotations[ANNOTATIONS["criu"]] == "4.1.1"
+    assert annotations[ANNOTATIONS["missing"]] == "mem_dirty_track"
+    assert annotations[ANNOTATIONS["supported"]] == "tcp_half_closed,timens"
+    assert all(key.startswith("checkpointer.dev/") for key in annotations)
+    assert NodeFacts.from_annotations({**annotations, "other.example/x": "y"}) == TRIXIE
+    assert NodeFacts.from_annotations({}) is None
+    assert NodeFacts.from_annotations(None) is None
