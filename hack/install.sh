@@ -29,8 +29,11 @@ if [[ ! -f $stamp ]]; then
   rm -f .venv/.installed-* && touch "$stamp"
 fi
 
-bash hack/build/tools.sh
+# With kubelet and kube-scheduler, and the rootfs of nodes with a kubelet (containerd, runc), for the
+# Helm test (docs/local-environment.md).
+CHECKPOINTER_KUBELET_NODES=1 bash hack/build/tools.sh
 bash hack/node/rootfs.sh >/dev/null
+CHECKPOINTER_KUBELET_NODES=1 bash hack/node/rootfs.sh >/dev/null
 # The operator image's base rootfs (debootstrap, once); the image itself is made from the current
 # sources by the test that runs it (hack/localenv/operator_image.py).
 PYTHONPATH=hack .venv/bin/python -m localenv.operator_image --base >/dev/null

@@ -28,6 +28,12 @@ done
 build kubernetes kube-apiserver k8s.io/kubernetes/cmd/kube-apiserver "$k8s_ldflags"
 build kubernetes kube-controller-manager k8s.io/kubernetes/cmd/kube-controller-manager "$k8s_ldflags"
 build kubernetes kubectl k8s.io/kubernetes/cmd/kubectl "$k8s_ldflags"
+# Nodes with a kubelet (opt-in while that environment is new, docs/local-environment.md): the kubelet
+# and kube-scheduler come from the same wrapper module and version as kube-apiserver.
+if [[ ${CHECKPOINTER_KUBELET_NODES:-} == 1 ]]; then
+  build kubernetes kubelet k8s.io/kubernetes/cmd/kubelet "$k8s_ldflags"
+  build kubernetes kube-scheduler k8s.io/kubernetes/cmd/kube-scheduler "$k8s_ldflags"
+fi
 # Helm's default Kubernetes version (for `helm template` and lint) is that of its client-go, 1.34.
 helm_ldflags="-X helm.sh/helm/v3/internal/version.version=v3.19.5 -X helm.sh/helm/v3/internal/version.gitTreeState=clean"
 for pkg in helm.sh/helm/v3/pkg/chartutil helm.sh/helm/v3/pkg/lint/rules; do

@@ -53,6 +53,15 @@ CONTROLLERS = (
     "clusterrole-aggregation-controller",
     "root-ca-certificate-publisher-controller",
 )
+# With kubelets on the nodes (opt-in, hack/localenv/kubelet.py): what runs a Deployment and a DaemonSet.
+WORKLOAD_CONTROLLERS = (
+    "deployment-controller",
+    "replicaset-controller",
+    "daemonset-controller",
+    "pod-garbage-collector-controller",
+    # Takes the not-ready taint a kubelet registers its Node with away once the Node is Ready.
+    "node-lifecycle-controller",
+)
 
 
 def missing_binaries() -> list[str]:
@@ -151,6 +160,7 @@ class ControlPlane:
     ETCD = "etcd"
     APISERVER = "kube-apiserver"
     CONTROLLER_MANAGER = "kube-controller-manager"
+    SCHEDULER = "kube-scheduler"
 
     def __init__(self, workdir: Path, supervisor: Supervisor) -> None:
         self.workdir = workdir
@@ -168,21 +178,31 @@ class ControlPlane:
         # Each component's command line, so that one can be stopped and started again as it was.
         self._argv: dict[str, list[str | os.PathLike[str]]] = {}
         self._ssl: ssl.SSLContext | None = None
+        self.kubelet_nodes = False
 
     @classmethod
     def start(
-        cls, workdir: Path, supervisor: Supervisor, *, rootfs: Path | None = None, timeout: float = 120
+        cls,
+        workdir: Path,
+        supervisor: Supervisor,
+        *,
+        rootfs: Path | None = None,
+        timeout: float = 120,
+        kubelet_nodes: bool = False,
     ) -> ControlPlane:
         """Start all three components and return once the cluster is usable.
 
         Usable means: /readyz is ok and the controller manager has made the `default`
         ServiceAccount in `default` (so the ServiceAccount admission plugin admits pods and the
         controllers are running). On failure, whatever was started is stopped before raising.
+        With `kubelet_nodes` the controller manager also runs Deployments and DaemonSets, and
+        kube-scheduler runs beside it, for nodes with a kubelet.
         """
         missing = missing_binaries()
         if missing:
             raise LocalEnvError(f"missing {', '.join(missing)} in {BIN}: run hack/build/tools.sh")
         plane = cls(workdir, supervisor)
+        plane.kubelet_nodes = kubelet_nodes
         try:
             plane._start(rootfs or node_rootfs(), timeout)
         except BaseException:
@@ -270,6 +290,7 @@ class ControlPlane:
         self._write_kubeconfig(self.kubeconfig, _cert_user(admin), "admin")
         kcm_kubeconfig = self.kubeconfig_dir / "kube-controller-manager.kubeconfig"
         self._write_kubeconfig(kcm_kubeconfig, _cert_user(kcm), "kube-controller-manager")
+        controllers = CONTROLLERS + (WORKLOAD_CONTROLLERS if self.kubelet_nodes else ())
         controller_manager = self._spawn(
             self.CONTROLLER_MANAGER,
             [
@@ -281,7 +302,7 @@ class ControlPlane:
                 f"--secure-port={free_port()}",
                 f"--tls-cert-file={kcm_serving.cert}",
                 f"--tls-private-key-file={kcm_serving.key}",
-                f"--controllers={','.join(CONTROLLERS)}",
+                f"--controllers={','.join(controllers)}",
                 "--leader-elect=false",
                 "--use-service-account-credentials=true",
                 # serviceaccount-token-controller signs legacy token Secrets with it.
@@ -297,6 +318,41 @@ class ControlPlane:
             [etcd, apiserver, controller_manager],
             deadline - time.monotonic(),
         )
+        if self.kubelet_nodes:
+            self._start_scheduler(ca)
+
+    def _start_scheduler(self, ca: CertificateAuthority) -> None:
+        client = ca.issue_client(self.pki_dir, "kube-scheduler", "system:kube-scheduler")
+        serving = ca.issue_server(self.pki_dir, "kube-scheduler-serving", ["127.0.0.1", "localhost"])
+        kubeconfig = self.kubeconfig_dir / "kube-scheduler.kubeconfig"
+        self._write_kubeconfig(kubeconfig, _cert_user(client), "kube-scheduler")
+        self._spawn(
+            self.SCHEDULER,
+            [
+                BIN / "kube-scheduler",
+                f"--kubeconfig={kubeconfig}",
+                f"--authentication-kubeconfig={kubeconfig}",
+                f"--authorization-kubeconfig={kubeconfig}",
+                "--bind-address=127.0.0.1",
+                f"--secure-port={free_port()}",
+                f"--tls-cert-file={serving.cert}",
+                f"--tls-private-key-file={serving.key}",
+                "--leader-elect=false",
+                "--profiling=false",
+            ],
+        )
+
+    def kubeconfig_for_node(self, node: str) -> Path:
+        """The kubelet's kubeconfig of `node`: a client certificate of system:node:<node> in system:nodes,
+        the identity the Node authorizer and NodeRestriction confine to that node."""
+        if self.ca is None:
+            raise LocalEnvError("the control plane is not started")
+        files = self.ca.issue_client(
+            self.pki_dir / "nodes", f"kubelet-{_safe(node)}", f"system:node:{node}", ["system:nodes"]
+        )
+        path = self.kubeconfig_dir / f"kubelet-{_safe(node)}.kubeconfig"
+        self._write_kubeconfig(path, _cert_user(files), f"system:node:{node}")
+        return path
 
     def _spawn(self, name: str, argv: Sequence[str | os.PathLike[str]]) -> Process:
         # cwd=workdir: anything a component drops in its working directory stays under workdir.

@@ -30,6 +30,7 @@ import signal
 import socket
 import subprocess
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from types import TracebackType
 
@@ -113,6 +114,14 @@ mount --bind "$state/var-tmp" "$rootfs/var/tmp"
 mount --bind "$state/networks" "$rootfs/etc/containers/networks"
 mount --bind "$state/containers.conf" "$rootfs/etc/containers/containers.conf"
 mount --bind "$state/storage.conf" "$rootfs/etc/containers/storage.conf"
+# Further binds of this node, "<host path> <path in the node>" per line (a kubelet node's, see
+# hack/localenv/kubelet.py); the file is absent on other nodes.
+if [ -f "$state/mounts" ]; then
+  while read -r src dst; do
+    if [ -d "$src" ]; then mkdir -p "$rootfs$dst"; elif [ ! -e "$rootfs$dst" ]; then touch "$rootfs$dst"; fi
+    mount --bind "$src" "$rootfs$dst"
+  done <"$state/mounts"
+fi
 mount -o remount,bind,ro "$rootfs"
 cd "$rootfs"
 pivot_root . .
@@ -174,8 +183,11 @@ class NodeSandbox:
         *,
         rootfs: Path | None = None,
         supervisor: Supervisor | None = None,
+        mounts: Sequence[tuple[Path, str]] = (),
     ) -> None:
+        """`mounts`: further (host path, path in the node) binds, made before the rootfs turns read-only."""
         self.name = name
+        self._mounts = list(mounts)
         self.state_dir = (workdir / "nodes" / name).resolve()
         self.socket = self.state_dir / "podman.sock"
         # Where callers put export archives and FIFOs: the same path inside and outside the node.
@@ -255,6 +267,10 @@ class NodeSandbox:
         (self.state_dir / "storage.conf").write_text(STORAGE_CONF)
         enter = self.state_dir / "enter.sh"
         enter.write_text(ENTER_SH)
+        mounts = self.state_dir / "mounts"
+        mounts.unlink(missing_ok=True)
+        if self._mounts:
+            mounts.write_text("".join(f"{src} {dst}\n" for src, dst in self._mounts))
         self._cgroups = self._make_cgroups()
         (self.state_dir / "cgroups").write_text("".join(f"{n} {d}\n" for n, d in self._cgroups))
 

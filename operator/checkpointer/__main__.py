@@ -80,7 +80,7 @@ def main(argv: list[str] | None = None, make_runtime: Callable[[Settings], Runti
 
         # Replicas stand by until the Lease is theirs: only one may schedule, and kopf runs standalone.
         leadership = Leadership.for_settings(kube, settings)
-        if not stand_by(leadership, settings.health_port):
+        if not stand_by(leadership, settings.health_port, settings.health_host):
             return 0
         controller.register(registry, settings, kube)
         node = None
@@ -95,6 +95,7 @@ def main(argv: list[str] | None = None, make_runtime: Callable[[Settings], Runti
         agent.register(registry, Node(settings, kube, (make_runtime or runtime)(settings)))
         node = settings.node_name
     operator_settings = _kopf_settings(args.role, node)
+    liveness = f"http://{settings.health_host}:{settings.health_port}/healthz" if settings.health_port else None
     try:
         asyncio.run(
             kopf.operator(
@@ -102,7 +103,7 @@ def main(argv: list[str] | None = None, make_runtime: Callable[[Settings], Runti
                 settings=operator_settings,
                 standalone=True,
                 clusterwide=True,
-                liveness_endpoint=f"http://0.0.0.0:{settings.health_port}/healthz" if settings.health_port else None,
+                liveness_endpoint=liveness,
             )
         )
     finally:

@@ -336,7 +336,7 @@ class _Healthz(BaseHTTPRequestHandler):
         pass  # a probe every few seconds would fill the log
 
 
-def stand_by(leadership: Leadership, health_port: int) -> bool:
+def stand_by(leadership: Leadership, health_port: int, health_host: str = "0.0.0.0") -> bool:
     """Block until this process leads (True), or until SIGTERM or SIGINT come first (False).
 
     The liveness endpoint answers meanwhile, so a standby's probes pass; it closes once the Lease is
@@ -347,7 +347,7 @@ def stand_by(leadership: Leadership, health_port: int) -> bool:
     server: ThreadingHTTPServer | None = None
     try:
         if health_port:
-            server = ThreadingHTTPServer(("0.0.0.0", health_port), _Healthz)
+            server = ThreadingHTTPServer((health_host, health_port), _Healthz)
             threading.Thread(target=server.serve_forever, name="standby-healthz", daemon=True).start()
         leading = leadership.wait_until_leader(stopping)
     finally:

@@ -59,6 +59,9 @@ class Settings(BaseSettings):
 
     # kopf's liveness endpoint (GET /healthz) for the chart's probes; 0 turns it off.
     health_port: int = 8080
+    # The address it listens on. Pods on the host's network share its ports with every other such
+    # pod on the machine: the chart then gives each one its Pod IP (docs/local-environment.md).
+    health_host: str = "0.0.0.0"
 
     lease_duration_seconds: int = 20
     lease_renew_seconds: float = 5.0

@@ -296,6 +296,23 @@ def test_values_reach_the_agent(helm: Helm) -> None:
     assert pod["nodeSelector"] == {"checkpointer.dev/agent": "true"}
 
 
+def test_host_network_listens_on_the_pod_ip_and_each_component_on_its_port(helm: Helm) -> None:
+    objects = helm.render(
+        {"controller": {"hostNetwork": True, "healthPort": 8081}, "agent": {"hostNetwork": True}, "healthPort": 9000}
+    )
+    for kind, port in (("Deployment", 8081), ("DaemonSet", 9000)):
+        pod = find(objects, kind)["spec"]["template"]["spec"]
+        [container] = pod["containers"]
+        assert (pod["hostNetwork"], pod["dnsPolicy"]) == (True, "ClusterFirstWithHostNet")
+        env = env_of(container)
+        assert env["CHECKPOINTER_HEALTH_HOST"] == {"fieldRef": {"fieldPath": "status.podIP"}}
+        assert env["CHECKPOINTER_HEALTH_PORT"] == str(port)
+        assert container["ports"] == [{"name": "health", "containerPort": port}]
+    for kind in ("Deployment", "DaemonSet"):
+        pod = find(helm.render({}), kind)["spec"]["template"]["spec"]
+        assert "hostNetwork" not in pod and "CHECKPOINTER_HEALTH_HOST" not in env_of(pod["containers"][0])
+
+
 def test_admin_namespaces_reach_controller_and_agent_as_a_json_list(helm: Helm) -> None:
     def admins(objects: Objects) -> set[str]:
         pods = [find(objects, kind)["spec"]["template"]["spec"] for kind in ("Deployment", "DaemonSet")]

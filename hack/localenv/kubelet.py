@@ -1,0 +1,330 @@
+"""Nodes with a kubelet (opt-in): containerd and a kubelet in each node sandbox, beside its podman.
+
+Both runtimes share the node's mount and PID namespaces, as two runtimes on one real host do: the
+chart's agent Pod (hostPID) runs under containerd and reaches the node's podman with `nsenter -t 1`.
+Each kubelet registers its Node with a client certificate of its own (system:node:<name>), which the
+API server's Node authorizer and NodeRestriction confine to that node.
+
+The machine's network is not touched (docs/local-environment.md):
+- every node shares the host's network namespace, so only host-network Pods work; containerd's CNI
+  configuration is loopback only, never used by them, and there only so that containerd reports
+  its network ready;
+- the kubelet makes no iptables chains (makeIPTablesUtilChains: false);
+- a kubelet refuses a loopback --node-ip, so it runs as for an external cloud provider and the
+  environment plays that provider's part: it gives each Node an address of its own in 127.0.0.0/8
+  (bindable on any Linux host without adding an address or a route) and removes the
+  uninitialized taint. The kubelet keeps addresses a provider set, and host-network Pods get it as
+  their Pod IP, so two agents on the one network namespace listen on different addresses.
+
+The kubelet sets a few host-wide sysctls (vm.overcommit_memory, kernel.panic, ...) when they differ
+from what it wants. Inside each node, files with its values are bound over them, so it finds nothing
+to change and the host's stay as they were.
+
+Each node's cgroup subtree (hack/localenv/nodes.py) is the kubelet's cgroup root ("/" inside the
+node), with the cgroupfs driver on this host's cgroup v1 layout; every cgroup the kubelet and
+containerd make is below it and goes when the node stops, as do their processes (the node's PID
+namespace) and mounts (its mount namespace).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import subprocess
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+from localenv.controlplane import ControlPlane, _write_private
+from localenv.images import Image, _dirs, _File, _files_key, _image
+from localenv.nodes import NODE_ENV, NodeSandbox
+from localenv.procs import BIN, REPO_ROOT, LocalEnvError, Process, Supervisor, free_port, run, wait_until
+
+# The switch of hack/build/tools.sh and hack/node/rootfs.sh for what nodes with a kubelet need.
+OPT_IN = "CHECKPOINTER_KUBELET_NODES"
+BINARIES = ("kubelet", "kube-scheduler")
+PAUSE = "localhost/checkpointer/pause:local"
+CONTAINERD_SOCKET = "/run/containerd/containerd.sock"
+UNINITIALIZED_TAINT = "node.cloudprovider.kubernetes.io/uninitialized"
+
+# The values the kubelet wants (its setupKernelTunables); bound over /proc/sys inside each node.
+KERNEL_TUNABLES = {
+    "vm/overcommit_memory": "1",
+    "vm/panic_on_oom": "0",
+    "kernel/panic": "10",
+    "kernel/panic_on_oops": "1",
+    "kernel/keys/root_maxkeys": "1000000",
+    "kernel/keys/root_maxbytes": "25000000",
+}
+
+CONTAINERD_TOML = f"""\
+version = 3
+root = "/var/lib/containerd"
+state = "/run/containerd"
+
+[grpc]
+  address = "{CONTAINERD_SOCKET}"
+
+[plugins.'io.containerd.cri.v1.images']
+  snapshotter = "overlayfs"
+  # There is no registry: the sandbox image is made locally and imported, as every image here.
+  [plugins.'io.containerd.cri.v1.images'.pinned_images]
+    sandbox = "{PAUSE}"
+
+[plugins.'io.containerd.cri.v1.runtime']
+  # Lowering an OOM score needs CAP_SYS_RESOURCE, which a machine run as a container may not grant;
+  # the sandbox's default -998 then fails every Pod. Clamped, scores only ever rise.
+  restrict_oom_score_adj = true
+  [plugins.'io.containerd.cri.v1.runtime'.containerd]
+    default_runtime_name = "runc"
+    [plugins.'io.containerd.cri.v1.runtime'.containerd.runtimes.runc]
+      runtime_type = "io.containerd.runc.v2"
+      [plugins.'io.containerd.cri.v1.runtime'.containerd.runtimes.runc.options]
+        SystemdCgroup = false
+  [plugins.'io.containerd.cri.v1.runtime'.cni]
+    bin_dirs = ["/usr/lib/cni"]
+    conf_dir = "/etc/cni/net.d"
+"""
+
+CNI_CONFLIST = {"cniVersion": "1.0.0", "name": "checkpointer-loopback", "plugins": [{"type": "loopback"}]}
+
+# Enters the node's cgroups (its subtree, mounted at /sys/fs/cgroup/<hierarchy> inside it) and runs
+# the command; run through `nsenter --mount --pid` into the node.
+IN_NODE_CGROUPS = 'for d in /sys/fs/cgroup/*/; do echo $$ >"${d}cgroup.procs"; done; exec "$@"'
+
+
+def missing_binaries() -> list[str]:
+    return [name for name in BINARIES if not os.access(BIN / name, os.X_OK)]
+
+
+def rootfs() -> Path:
+    """The node rootfs with containerd and runc from forky (built on first use)."""
+    env = {**os.environ, OPT_IN: "1"}
+    out = run(["bash", REPO_ROOT / "hack/node/rootfs.sh"], timeout=1800, env=env).stdout.decode().strip()
+    return Path(out.splitlines()[-1])
+
+
+def pause_image(node_rootfs: Path) -> Image:
+    """The Pod sandbox image: the rootfs's static catatonit in pause mode."""
+    files = [
+        *_dirs("dev", "etc", "proc", "sys"),
+        _File("catatonit", 0o755, (node_rootfs / "usr/bin/catatonit").read_bytes()),
+    ]
+    return _image(PAUSE, {"Entrypoint": ["/catatonit", "-P"]}, _files_key(files), lambda: files)
+
+
+def node_address(workdir: Path, index: int) -> str:
+    """The `index`th node's address: in a /24 of 127.0.0.0/8 of its own per environment, so that two
+    environments on one machine (their Pods share its network) listen on different addresses."""
+    digest = hashlib.sha256(str(workdir.resolve()).encode()).digest()
+    return f"127.{1 + digest[0] % 254}.{digest[1]}.{10 + index}"
+
+
+def node_mounts(state_dir: Path) -> list[tuple[Path, str]]:
+    """What a kubelet node binds into its sandbox beside podman's state (NodeSandbox(mounts=...))."""
+    dirs = {
+        "kubelet": "/var/lib/kubelet",
+        "containerd": "/var/lib/containerd",
+        # The chart's agent.stateDir: a hostPath the agent and the node's podman share.
+        "checkpointer": "/var/lib/checkpointer",
+        "pod-logs": "/var/log/pods",
+        "container-logs": "/var/log/containers",
+        "cni": "/etc/cni/net.d",
+    }
+    mounts: list[tuple[Path, str]] = []
+    for name, target in dirs.items():
+        (state_dir / name).mkdir(parents=True, exist_ok=True)
+        mounts.append((state_dir / name, target))
+    (state_dir / "cni" / "10-loopback.conflist").write_text(json.dumps(CNI_CONFLIST))
+    sysctl = state_dir / "sysctl"
+    sysctl.mkdir(exist_ok=True)
+    for key, value in KERNEL_TUNABLES.items():
+        (sysctl / key.replace("/", ".")).write_text(value + "\n")
+        mounts.append((sysctl / key.replace("/", "."), f"/proc/sys/{key}"))
+    # The kubelet binary, built on the host, at the same path inside.
+    mounts.append((BIN, str(BIN)))
+    return mounts
+
+
+@dataclass
+class KubeletNode:
+    """containerd and the kubelet of one node sandbox."""
+
+    node: NodeSandbox
+    address: str
+    supervisor: Supervisor
+    processes: list[Process] = field(default_factory=list)
+
+    @property
+    def name(self) -> str:
+        return self.node.name
+
+    def in_node(self, *argv: str | os.PathLike[str]) -> list[str | os.PathLike[str]]:
+        return [*self.node.nsenter_argv(), "/bin/sh", "-c", IN_NODE_CGROUPS, "in-node", *argv]
+
+    def ctr(self, *args: str, timeout: float = 60, stdin: Path | None = None) -> subprocess.CompletedProcess[bytes]:
+        argv = [*self.node.nsenter_argv(), "ctr", f"--address={CONTAINERD_SOCKET}", "-n", "k8s.io", *args]
+        if stdin is None:
+            return run(argv, timeout=timeout, env=NODE_ENV)
+        with stdin.open("rb") as f:
+            proc = subprocess.run(argv, stdin=f, capture_output=True, timeout=timeout, env=NODE_ENV)
+        if proc.returncode != 0:
+            raise LocalEnvError(f"{' '.join(argv)} exited {proc.returncode}: {proc.stderr.decode(errors='replace')}")
+        return proc
+
+    def import_image(self, image: Image, timeout: float = 300) -> None:
+        """`ctr images import` of a docker-archive into the node's containerd (the kubelet's namespace)."""
+        self.ctr("images", "import", "-", timeout=timeout, stdin=image.archive)
+
+    def start(self, control_plane: ControlPlane, pause: Image, timeout: float = 120) -> None:
+        state = self.node.state_dir
+        (state / "containerd.toml").write_text(CONTAINERD_TOML)
+        containerd = self.supervisor.start(
+            f"containerd-{self.name}",
+            self.in_node("containerd", f"--config={state / 'containerd.toml'}"),
+            env=NODE_ENV,
+        )
+        self.processes.append(containerd)
+        wait_until(
+            f"{self.name} containerd", lambda: self.ctr("version", timeout=10) is not None, 60, log=containerd.log
+        )
+        self.import_image(pause)
+
+        config = {
+            "apiVersion": "kubelet.config.k8s.io/v1beta1",
+            "kind": "KubeletConfiguration",
+            "address": self.address,
+            "port": free_port(),
+            "readOnlyPort": 0,
+            "healthzBindAddress": self.address,
+            "healthzPort": free_port(),
+            "authentication": {
+                "anonymous": {"enabled": False},
+                "webhook": {"enabled": True},
+                "x509": {"clientCAFile": str(state / "ca.crt")},
+            },
+            "authorization": {"mode": "Webhook"},
+            "containerRuntimeEndpoint": f"unix://{CONTAINERD_SOCKET}",
+            # This host's cgroups are v1 (hybrid), without systemd in the node: cgroupfs, and the
+            # node's own subtree as the root. Kubelets from 1.35 on refuse v1 unless told not to.
+            "cgroupDriver": "cgroupfs",
+            "cgroupRoot": "/",
+            "cgroupsPerQOS": True,
+            "failCgroupV1": False,
+            "failSwapOn": False,
+            "resolvConf": "",
+            "makeIPTablesUtilChains": False,
+            # Imported images cannot be pulled again: never collect them, never evict for disk.
+            "imageGCHighThresholdPercent": 100,
+            "imageGCLowThresholdPercent": 99,
+            "evictionHard": {"memory.available": "100Mi", "nodefs.available": "1%", "imagefs.available": "1%"},
+            "nodeStatusReportFrequency": "10s",
+            "syncFrequency": "10s",
+        }
+        # The certificates live under the control plane's work directory, which the node cannot see.
+        kubeconfig = state / "kubelet.kubeconfig"
+        _write_private(kubeconfig, control_plane.kubeconfig_for_node(self.name).read_text())
+        (state / "ca.crt").write_bytes(control_plane.ca_file.read_bytes())
+        config_file = state / "kubelet-config.yaml"
+        config_file.write_text(yaml.safe_dump(config))
+        kubelet = self.supervisor.start(
+            f"kubelet-{self.name}",
+            self.in_node(
+                BIN / "kubelet",
+                f"--config={config_file}",
+                f"--kubeconfig={kubeconfig}",
+                f"--hostname-override={self.name}",
+                "--cloud-provider=external",
+                "--v=1",
+            ),
+            env=NODE_ENV,
+        )
+        self.processes.append(kubelet)
+        deadline = time.monotonic() + timeout
+
+        def registered() -> bool:
+            return control_plane.kubectl("get", "node", self.name, check=False).returncode == 0
+
+        wait_until(f"Node {self.name} registered", registered, deadline - time.monotonic(), log=kubelet.log)
+        self._initialize(control_plane)
+        wait_until(
+            f"Node {self.name} Ready", lambda: self.ready(control_plane), deadline - time.monotonic(), 0.5, kubelet.log
+        )
+
+    def _initialize(self, control_plane: ControlPlane) -> None:
+        """What an external cloud provider does for a new Node: its addresses, then away with the taint."""
+        status = {
+            "status": {
+                "addresses": [
+                    {"type": "InternalIP", "address": self.address},
+                    {"type": "Hostname", "address": self.name},
+                ]
+            }
+        }
+        control_plane.kubectl(
+            "patch", "node", self.name, "--subresource=status", "--type=merge", "-p", json.dumps(status)
+        )
+        control_plane.kubectl("taint", "node", self.name, f"{UNINITIALIZED_TAINT}-", check=False)
+
+    def ready(self, control_plane: ControlPlane) -> bool:
+        out = control_plane.kubectl("get", "node", self.name, "-o", "json").stdout
+        conditions = json.loads(out)["status"].get("conditions", [])
+        return any(c["type"] == "Ready" and c["status"] == "True" for c in conditions)
+
+    def stop(self) -> None:
+        for proc in reversed(self.processes):
+            proc.stop()
+            if proc in self.supervisor.processes:
+                self.supervisor.processes.remove(proc)
+        self.processes.clear()
+
+    def rss_kib(self) -> dict[str, int]:
+        """Resident memory of this node's kubelet and containerd (the processes, not nsenter)."""
+        result: dict[str, int] = {}
+        for pid in self.node.processes():
+            try:
+                comm = Path(f"/proc/{pid}/comm").read_text().strip()
+                if comm in ("kubelet", "containerd"):
+                    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+                        if line.startswith("VmRSS:"):
+                            result[comm] = result.get(comm, 0) + int(line.split()[1])
+            except OSError:
+                continue
+        return result
+
+
+def helm(kubeconfig: Path, *args: str | os.PathLike[str], timeout: float = 300) -> str:
+    """The repository's helm against the cluster of `kubeconfig`, with its state in a throwaway home."""
+    home = kubeconfig.parent / "helm-home"
+    env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "HOME": str(home), "KUBECONFIG": str(kubeconfig)}
+    env |= {f"HELM_{kind}_HOME": str(home / kind.lower()) for kind in ("CACHE", "CONFIG", "DATA")}
+    return run([BIN / "helm", *args], env=env, timeout=timeout).stdout.decode()
+
+
+def chart_values(server: str, image: Image, storage: dict[str, object]) -> dict[str, object]:
+    """Values that run the chart on these nodes: host-network Pods that reach the API server on loopback.
+
+    A Pod's in-cluster configuration names the `kubernetes` Service's ClusterIP, which nothing here
+    routes (there is no kube-proxy); the Pods are on the host's network, where the API server listens.
+    The controller's health port differs from the agent's: both may run on one node's (shared) network.
+    """
+    host, port = server.removeprefix("https://").rsplit(":", 1)
+    api = [{"name": "KUBERNETES_SERVICE_HOST", "value": host}, {"name": "KUBERNETES_SERVICE_PORT", "value": port}]
+    repository, tag = image.ref.rsplit(":", 1)
+    return {
+        "image": {"repository": repository, "tag": tag, "pullPolicy": "Never"},
+        # The node's podman socket is in its state directory, another path on every node: the CLI.
+        "podman": {"mode": "cli"},
+        "storage": storage,
+        "controller": {
+            "hostNetwork": True,
+            "healthPort": 8081,
+            "agentPickupTimeoutSeconds": 30,
+            "storageValidationSeconds": 10,
+            "extraEnv": api,
+        },
+        "agent": {"hostNetwork": True, "extraEnv": [*api, {"name": "CHECKPOINTER_SWEEP_SECONDS", "value": "5"}]},
+    }

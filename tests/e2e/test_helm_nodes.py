@@ -1,0 +1,252 @@
+"""The operator installed by Helm alone, on nodes with a kubelet (docs/local-environment.md).
+
+Its own environment (LocalEnv.up(kubelet_nodes=True)): containerd and a kubelet beside each node's
+podman, kube-scheduler beside the control plane, and no agent or controller started by the harness.
+The chart's Deployment and DaemonSet run as a cluster admin's `helm install` runs them, with
+kubelet-projected tokens; the user story then runs through them: checkpoint a counter on node-a,
+restore it on node-b, upgrade the release with a checkpoint in flight, uninstall.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from faultkit import apply, assert_stored_as_reported, unique, workload
+from invariants import Container, check_invariants
+from localenv import kubelet, operator_image
+from localenv.chart import CHART, RELEASE
+from localenv.controlplane import kubernetes_version
+from localenv.env import NAMESPACE, SECRET, LocalEnv
+from localenv.images import COUNTER, owned_by, read_count
+from localenv.procs import require, run, wait_until
+
+pytestmark = pytest.mark.e2e
+STORAGE = "local"
+DAEMONSET = "checkpointer-agent"
+DEPLOYMENT = "checkpointer-controller"
+UPLOAD_BYTES_PER_SECOND = 8 * 2**20
+
+
+@pytest.fixture(scope="module")
+def helm_env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalEnv]:
+    require(not kubelet.missing_binaries(), f"kubelet and kube-scheduler: {kubelet.OPT_IN}=1 hack/build/tools.sh")
+    require(not operator_image.missing_tools(), "the operator image's build tools")
+    network = host_network()
+    env = LocalEnv.up(Path(tmp_path_factory.mktemp("kubelet-env")), kubelet_nodes=True)
+    cgroups = [d for node in env.nodes.values() for d in node.cgroup_dirs]
+    try:
+        yield env
+    finally:
+        env.down()
+    # Nothing of the nodes is left. NodeSandbox.stop returned only once no process was left in a node's
+    # PID namespace or cgroups, so its mount namespace, and every mount made in it, ended with them.
+    left = [d for d in cgroups if d.exists()]
+    assert not left, f"cgroups left behind: {left}"
+    leaves = {f"/{d.name}/" for d in cgroups} | {f"/{d.name}\n" for d in cgroups}
+    for entry in Path("/proc").iterdir():
+        try:
+            in_node = entry.name.isdigit() and any(leaf in (entry / "cgroup").read_text() for leaf in leaves)
+        except OSError:
+            continue
+        assert not in_node, f"process {entry.name} left in a node's cgroup"
+    workdir = str(env.workdir.resolve())
+    mounts = [line for line in Path("/proc/self/mountinfo").read_text().splitlines() if workdir in line]
+    assert not mounts, f"mounts left behind: {mounts}"
+    assert host_network() == network, "the machine's routes, rules or netfilter tables changed"
+
+
+def host_network() -> str:
+    """The host network namespace's routes, routing rules and netfilter ruleset.
+
+    nftables comes from the node rootfs, run through its own loader (as etcd is): the kubelet's
+    iptables would be that rootfs's, with the nf_tables backend.
+    """
+    rootfs = kubelet.rootfs()
+    libs = f"{rootfs}/lib/x86_64-linux-gnu:{rootfs}/usr/lib/x86_64-linux-gnu"
+    nft = [rootfs / "lib64/ld-linux-x86-64.so.2", "--argv0", "nft", "--library-path", libs, rootfs / "usr/sbin/nft"]
+    argvs: list[list[str | os.PathLike[str]]] = [["ip", "route", "show", "table", "all"], ["ip", "rule"]]
+    argvs.append([*nft, "list", "ruleset"])
+    return "".join(run(argv).stdout.decode() for argv in argvs)
+
+
+def values(env: LocalEnv, **changes: Any) -> Path:
+    storage = {
+        "create": True,
+        "name": STORAGE,
+        "bucket": env.s3.bucket,
+        "endpoint": env.s3.endpoint,
+        "region": env.s3.region,
+        "forcePathStyle": True,
+        "existingSecret": SECRET,
+    }
+    chosen = kubelet.chart_values(env.control_plane.server, operator_image.operator_image(), storage)
+    # Slow uploads, so that a checkpoint is still uploading while an upgrade rolls the agents.
+    chosen["upload"] = {"bytesPerSecond": UPLOAD_BYTES_PER_SECOND}
+    for key, value in changes.items():
+        section, name = key.split("__")
+        chosen[section] = {**(chosen.get(section) or {}), name: value}
+    path = env.workdir / f"values-{unique('helm')}.yaml"
+    path.write_text(yaml.safe_dump(chosen))
+    return path
+
+
+def helm(env: LocalEnv, *args: str | os.PathLike[str]) -> str:
+    return kubelet.helm(env.kubeconfig, *args, "--namespace", NAMESPACE)
+
+
+def pods(env: LocalEnv, component: str) -> list[dict[str, Any]]:
+    selector = f"app.kubernetes.io/component={component}"
+    out = env.kubectl("get", "pods", "-n", NAMESPACE, "-l", selector, "-o", "json").stdout
+    return list(json.loads(out)["items"])
+
+
+def ready(pod: dict[str, Any]) -> bool:
+    conditions = (pod.get("status") or {}).get("conditions") or []
+    return pod["status"].get("phase") == "Running" and any(
+        c["type"] == "Ready" and c["status"] == "True" for c in conditions
+    )
+
+
+def wait_rolled_out(env: LocalEnv, timeout: str = "240s") -> None:
+    try:
+        env.kubectl("rollout", "status", f"deployment/{DEPLOYMENT}", "-n", NAMESPACE, f"--timeout={timeout}")
+        env.kubectl("rollout", "status", f"daemonset/{DAEMONSET}", "-n", NAMESPACE, f"--timeout={timeout}")
+    except Exception as err:
+        raise AssertionError(f"{err}\n{describe(env)}") from err
+
+
+def describe(env: LocalEnv) -> str:
+    out = env.kubectl("get", "pods,events", "-n", NAMESPACE, "-o", "wide", check=False)
+    logs = []
+    for node in env.nodes.values():
+        for log in sorted((node.state_dir / "pod-logs").rglob("*.log")):
+            logs.append(f"--- {log} ---\n{log.read_text(errors='replace')[-3000:]}")
+    return out.stdout + out.stderr + "\n".join(logs)
+
+
+@pytest.fixture(scope="module")
+def installed(helm_env: LocalEnv) -> LocalEnv:
+    helm(helm_env, "install", RELEASE, CHART, "--values", values(helm_env), "--wait", "--timeout", "5m")
+    wait_rolled_out(helm_env)
+    # An agent's Pod is Ready once it runs (it has a liveness probe only); it is at work once it holds its Lease.
+    for node in helm_env.nodes:
+        wait_until(f"agent Lease of {node}", lambda node=node: lease_holder(helm_env, node) == node, timeout=60)
+    helm_env.wait_storage_available(timeout=120)
+    return helm_env
+
+
+def lease_holder(env: LocalEnv, node: str) -> str:
+    lease = env.kubectl("get", "lease", "-n", NAMESPACE, f"checkpointer-agent-{node}", "-o", "json", check=False)
+    return str(json.loads(lease.stdout)["spec"].get("holderIdentity", "")) if lease.returncode == 0 else ""
+
+
+def test_nodes_register_with_their_own_certificates_and_are_ready(helm_env: LocalEnv) -> None:
+    for name, runtime in helm_env.kubelets.items():
+        assert runtime.ready(helm_env.control_plane)
+        node = json.loads(helm_env.kubectl("get", "node", name, "-o", "json").stdout)
+        assert node["status"]["nodeInfo"]["kubeletVersion"] == kubernetes_version()
+        assert node["status"]["nodeInfo"]["containerRuntimeVersion"].startswith("containerd://2.1")
+        # NodeRestriction: a kubelet may not touch another node.
+        other = next(n for n in helm_env.nodes if n != name)
+        kubeconfig = helm_env.control_plane.kubeconfig_for_node(name)
+        denied = helm_env.control_plane.kubectl(
+            "label", "node", other, "touched=yes", kubeconfig=kubeconfig, check=False
+        )
+        assert denied.returncode != 0 and "forbidden" in denied.stderr.lower(), denied.stderr
+
+
+def test_helm_install_runs_the_chart_pods_on_both_nodes(installed: LocalEnv) -> None:
+    env = installed
+    agents = pods(env, "agent")
+    assert sorted(p["spec"]["nodeName"] for p in agents) == sorted(env.nodes), describe(env)
+    controllers = pods(env, "controller")
+    assert len(controllers) == 2 and all(ready(p) for p in agents + controllers), describe(env)
+    for pod in agents + controllers:
+        # The token is the kubelet's: a projected serviceAccountToken volume, mounted in the container.
+        projected = [v for v in pod["spec"]["volumes"] if "projected" in v]
+        sources = [s for v in projected for s in v["projected"]["sources"]]
+        assert any("serviceAccountToken" in s for s in sources), pod["spec"]["volumes"]
+        # The probe reached the container: Ready needs the liveness endpoint (restartCount stays 0).
+        assert pod["status"]["containerStatuses"][0]["restartCount"] == 0, describe(env)
+    # The agents' writes pass the chart's admission policy, which needs the node claim of their tokens.
+    assert all(lease_holder(env, node) == node for node in env.nodes)
+    # A node's kubelet and containerd (without the Pods' shims) stay small next to everything else.
+    for runtime in env.kubelets.values():
+        rss = runtime.rss_kib()
+        assert set(rss) == {"kubelet", "containerd"} and sum(rss.values()) < 384 * 1024, rss
+
+
+def checkpoint_counter(env: LocalEnv, node: str) -> tuple[str, str, int]:
+    container = unique("counter")
+    env.nodes[node].podman("run", "-d", *owned_by("default"), "--name", container, COUNTER)
+    time.sleep(1)
+    read_count(env.nodes[node], container)
+    name = unique("ccp")
+    apply(env, "ContainerCheckpoint", name, {"nodeName": node, "containers": [container], "export": {}})
+    status = env.wait_phase("ccp", name, ["Succeeded", "Failed"])["status"]
+    assert status["phase"] == "Succeeded", f"{status}\n{describe(env)}"
+    assert_stored_as_reported(env, status["archives"][0])
+    counted = int(env.nodes[node].podman("logs", container).stdout.decode().split()[-1])
+    env.nodes[node].podman("rm", "-f", container)
+    return container, name, counted
+
+
+def test_counter_moves_from_node_a_to_node_b(installed: LocalEnv) -> None:
+    env = installed
+    container, name, counted = checkpoint_counter(env, "node-a")
+    restore = unique("crst")
+    apply(env, "ContainerRestore", restore, {"nodeName": "node-b", "source": {"checkpointRef": {"name": name}}})
+    status = env.wait_phase("crst", restore, ["Succeeded", "Failed"])["status"]
+    assert status["phase"] == "Succeeded", f"{status}\n{describe(env)}"
+    time.sleep(1)
+    assert read_count(env.nodes["node-b"], container) > counted
+    env.nodes["node-b"].podman("rm", "-f", container)
+
+
+def test_upgrade_rolls_the_agents_and_a_checkpoint_in_flight_ends(installed: LocalEnv) -> None:
+    env = installed
+    before = {p["metadata"]["name"] for p in pods(env, "agent")}
+    # Incompressible: about 12 s of upload at the first release's rate.
+    container = workload(env, "node-a", mib=96)
+    name = unique("ccp")
+    apply(env, "ContainerCheckpoint", name, {"nodeName": "node-a", "containers": [container], "export": {}})
+    phase = env.wait_phase("ccp", name, ["Uploading", "Succeeded", "Failed"], timeout=60)["status"]["phase"]
+    assert phase == "Uploading", "the checkpoint is in flight when the upgrade begins"
+    # The changed value: no upload cap. It is in the agent's environment, so every agent Pod is replaced.
+    helm(env, "upgrade", RELEASE, CHART, "--values", values(env, upload__bytesPerSecond=0), "--wait", "--timeout", "5m")
+    wait_rolled_out(env)
+    after = pods(env, "agent")
+    assert not before & {p["metadata"]["name"] for p in after}, "every agent Pod was replaced"
+    assert all(
+        e["value"] == "0"
+        for p in after
+        for e in p["spec"]["containers"][0]["env"]
+        if e["name"] == "CHECKPOINTER_UPLOAD_BYTES_PER_SECOND"
+    )
+    status = env.wait_phase("ccp", name, ["Succeeded", "Failed"], timeout=300)["status"]
+    # The old agent gave the upload up on SIGTERM with its archive spooled; the new one resumes it.
+    assert status["phase"] == "Succeeded", f"{status}\n{describe(env)}"
+    assert_stored_as_reported(env, status["archives"][0])
+    check_invariants(env, stopped=[Container("node-a", container)])
+
+
+def test_uninstall_leaves_no_pods_and_keeps_the_crds(installed: LocalEnv) -> None:
+    env = installed
+    helm(env, "uninstall", RELEASE, "--wait", "--timeout", "5m")
+    deadline = time.monotonic() + 120
+    while pods(env, "agent") + pods(env, "controller"):
+        assert time.monotonic() < deadline, describe(env)
+        time.sleep(1)
+    crds = env.kubectl("get", "crd", "-o", "name").stdout.split()
+    assert {c for c in crds if c.endswith(".checkpointer.dev")}, crds
+    # The chart's storage stays too (helm.sh/resource-policy: keep), not stuck in deletion.
+    storage = json.loads(env.kubectl("get", "cks", STORAGE, "-o", "json").stdout)
+    assert "deletionTimestamp" not in storage["metadata"]
