@@ -16,6 +16,7 @@ import uuid
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 
+from localenv.cluster import Cluster
 from localenv.env import LocalEnv
 from localenv.procs import LocalEnvError, ProcessExited, run, wait_until
 
@@ -134,7 +135,7 @@ def agent_settings(env: LocalEnv, node: str, settings: Mapping[str, str]) -> Ite
 SMALL_SPOOL_PREFIX = "small-spool-"
 
 
-def small_spools(env: LocalEnv, node: str) -> list[Path]:
+def small_spools(env: Cluster, node: str) -> list[Path]:
     """The small spools mounted on `node` now (each one a possible CHECKPOINTER_SPOOL_DIR)."""
     state = env.nodes[node].state_dir
     return sorted(p / "mnt" for p in state.glob(f"{SMALL_SPOOL_PREFIX}*") if os.path.ismount(p / "mnt"))

@@ -21,6 +21,7 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from localenv.cluster import Node
 from localenv.nodes import NodeSandbox
 from localenv.procs import CACHE, REPO_ROOT, LocalEnvError, run
 
@@ -133,7 +134,7 @@ def load_images(nodes: Iterable[NodeSandbox], images: Sequence[Image]) -> None:
                 raise LocalEnvError(f"{node.name}: {image.ref} has ID {got}, expected {image.image_id}")
 
 
-def read_count(node: NodeSandbox, container: str, timeout: float = 10) -> int:
+def read_count(node: Node, container: str, timeout: float = 10) -> int:
     """The current count of a running counter container."""
     deadline = time.monotonic() + timeout
     while True:
@@ -147,7 +148,7 @@ def read_count(node: NodeSandbox, container: str, timeout: float = 10) -> int:
         time.sleep(0.05)
 
 
-def wait_for_log(node: NodeSandbox, container: str, text: str, timeout: float = 60) -> str:
+def wait_for_log(node: Node, container: str, text: str, timeout: float = 60) -> str:
     """Wait until `text` appears in the container's output; returns the output."""
     deadline = time.monotonic() + timeout
     while True:

@@ -33,15 +33,19 @@ import json
 import os
 import subprocess
 import time
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import yaml
 
 from localenv.controlplane import ControlPlane, _write_private
+from localenv.env import NAMESPACE, LocalEnv
 from localenv.images import Image, _dirs, _File, _files_key, _image
 from localenv.nodes import NODE_ENV, NodeSandbox
 from localenv.procs import BIN, REPO_ROOT, LocalEnvError, Process, Supervisor, free_port, run, wait_until
+from localenv.s3 import S3Server
 
 # The switch of hack/build/tools.sh and hack/node/rootfs.sh for what nodes with a kubelet need.
 OPT_IN = "CHECKPOINTER_KUBELET_NODES"
@@ -328,3 +332,69 @@ def chart_values(server: str, image: Image, storage: dict[str, object]) -> dict[
         },
         "agent": {"hostNetwork": True, "extraEnv": [*api, {"name": "CHECKPOINTER_SWEEP_SECONDS", "value": "5"}]},
     }
+
+
+@dataclass
+class KubeletCluster:
+    """The local environment with kubelet nodes (LocalEnv.up(kubelet_nodes=True)), as the Helm-installed
+    user story's cluster (localenv.cluster.ChartCluster)."""
+
+    env: LocalEnv
+
+    @classmethod
+    def up(cls, workdir: Path) -> KubeletCluster:
+        """Control plane with kube-scheduler, S3, and two nodes whose containerd has the operator image."""
+        return cls(LocalEnv.up(workdir, kubelet_nodes=True))
+
+    @property
+    def workdir(self) -> Path:
+        return self.env.workdir
+
+    @property
+    def nodes(self) -> Mapping[str, NodeSandbox]:
+        return self.env.nodes
+
+    @property
+    def s3(self) -> S3Server:
+        server: S3Server = self.env.s3
+        return server
+
+    def kubectl(self, *args: str, input: str | None = None, check: bool = True) -> subprocess.CompletedProcess[str]:
+        return self.env.control_plane.kubectl(*args, input=input, check=check)
+
+    def apply(self, *objects: dict[str, Any]) -> None:
+        self.env.apply(*objects)
+
+    def wait_phase(
+        self, kind: str, name: str, phases: Sequence[str], namespace: str = "default", timeout: float = 180
+    ) -> dict[str, Any]:
+        return self.env.wait_phase(kind, name, phases, namespace, timeout)
+
+    def logs(self) -> str:
+        return self.env.logs()
+
+    def helm(self, *args: str | os.PathLike[str]) -> str:
+        return helm(self.env.kubeconfig, *args, "--namespace", NAMESPACE)
+
+    def chart_values(self, storage: dict[str, object]) -> dict[str, object]:
+        from localenv import operator_image
+
+        return chart_values(self.env.control_plane.server, operator_image.operator_image(), storage)
+
+    def kubectl_as_node(self, node: str, *args: str) -> subprocess.CompletedProcess[str]:
+        plane = self.env.control_plane
+        return plane.kubectl(*args, kubeconfig=plane.kubeconfig_for_node(node), check=False)
+
+    def runtime_rss_kib(self, node: str) -> dict[str, int]:
+        runtime: KubeletNode = self.env.kubelets[node]
+        return runtime.rss_kib()
+
+    def pod_logs(self) -> str:
+        logs = []
+        for node in self.env.nodes.values():
+            for log in sorted((node.state_dir / "pod-logs").rglob("*.log")):
+                logs.append(f"--- {log} ---\n{log.read_text(errors='replace')[-3000:]}")
+        return "\n".join(logs)
+
+    def down(self) -> None:
+        self.env.down()

@@ -10,6 +10,7 @@ from collections.abc import Iterator
 from contextlib import AbstractContextManager, contextmanager
 from typing import Any
 
+from localenv.cluster import Cluster
 from localenv.env import STORAGE, LocalEnv
 from localenv.images import MEMORY, owned_by, wait_for_log
 
@@ -20,7 +21,7 @@ def unique(prefix: str) -> str:
     return f"{prefix}-{uuid.uuid4().hex[:6]}"
 
 
-def workload(env: LocalEnv, node: str, mib: int = 48) -> str:
+def workload(env: Cluster, node: str, mib: int = 48) -> str:
     """A running container holding `mib` MiB of incompressible memory."""
     name = unique("memory")
     env.nodes[node].podman("run", "-d", *owned_by("default"), "--name", name, MEMORY, str(mib))
@@ -28,7 +29,7 @@ def workload(env: LocalEnv, node: str, mib: int = 48) -> str:
     return name
 
 
-def apply(env: LocalEnv, kind: str, name: str, spec: dict[str, Any]) -> None:
+def apply(env: Cluster, kind: str, name: str, spec: dict[str, Any]) -> None:
     env.apply(
         {
             "apiVersion": "checkpointer.dev/v1alpha1",
@@ -46,7 +47,7 @@ def checkpoint(env: LocalEnv, node: str, container: str, **spec: Any) -> str:
     return name
 
 
-def assert_stored_as_reported(env: LocalEnv, archive: dict[str, Any]) -> None:
+def assert_stored_as_reported(env: Cluster, archive: dict[str, Any]) -> None:
     """The archive downloads with the size and sha256 that status reports."""
     body = env.s3.client().get_object(Bucket=env.s3.bucket, Key=archive["key"])["Body"].read()
     assert hashlib.sha256(body).hexdigest() == archive["sha256"]

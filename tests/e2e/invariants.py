@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from localenv.env import LocalEnv
+from localenv.cluster import Cluster
 from localenv.faults import small_spools
 from localenv.procs import run
 
@@ -57,7 +57,7 @@ class Container:
 
 
 def check_invariants(
-    env: LocalEnv,
+    env: Cluster,
     timeout: float = 120,
     *,
     stopped: Iterable[Container | tuple[str, str]] = (),
@@ -89,17 +89,17 @@ def check_invariants(
 # --- objects -------------------------------------------------------------------------------------
 
 
-def _list(env: LocalEnv, resource: str) -> list[dict[str, Any]]:
+def _list(env: Cluster, resource: str) -> list[dict[str, Any]]:
     out = env.kubectl("get", resource, "--all-namespaces", "-o", "json").stdout
     items: list[dict[str, Any]] = json.loads(out)["items"]
     return items
 
 
-def _all_objects(env: LocalEnv) -> list[dict[str, Any]]:
+def _all_objects(env: Cluster) -> list[dict[str, Any]]:
     return _list(env, CHECKPOINTS) + _list(env, RESTORES)
 
 
-def _wait_terminal(env: LocalEnv, timeout: float) -> list[dict[str, Any]]:
+def _wait_terminal(env: Cluster, timeout: float) -> list[dict[str, Any]]:
     deadline = time.monotonic() + timeout
     while True:
         objects = _all_objects(env)
@@ -141,9 +141,9 @@ def settled(check: Callable[[], list[str]], grace: float = SETTLE_SECONDS) -> li
 # --- the bucket ----------------------------------------------------------------------------------
 
 
-def _open_uploads(env: LocalEnv) -> list[str]:
+def _open_uploads(env: Cluster) -> list[str]:
     s3 = env.s3.client()
-    uploads: list[dict[str, Any]] = []
+    uploads: list[Any] = []
     kwargs: dict[str, Any] = {"Bucket": env.s3.bucket}
     while True:
         page = s3.list_multipart_uploads(**kwargs)
@@ -167,7 +167,7 @@ def _key_of(archive: dict[str, Any], bucket: str) -> tuple[str, str] | None:
     return None
 
 
-def _stored(env: LocalEnv, bucket: str, key: str) -> tuple[int, str] | str:
+def _stored(env: Cluster, bucket: str, key: str) -> tuple[int, str] | str:
     """(size, sha256) of the object's bytes as downloaded, or why they could not be read."""
     try:
         body = env.s3.client().get_object(Bucket=bucket, Key=key)["Body"]
@@ -181,7 +181,7 @@ def _stored(env: LocalEnv, bucket: str, key: str) -> tuple[int, str] | str:
     return size, digest.hexdigest()
 
 
-def archives_in_bucket(env: LocalEnv, objects: Sequence[dict[str, Any]]) -> list[str]:
+def archives_in_bucket(env: Cluster, objects: Sequence[dict[str, Any]]) -> list[str]:
     violations = []
     for obj in objects:
         status = obj.get("status") or {}
@@ -208,7 +208,7 @@ def archives_in_bucket(env: LocalEnv, objects: Sequence[dict[str, Any]]) -> list
 # --- containers ----------------------------------------------------------------------------------
 
 
-def inspect(env: LocalEnv, node: str, container: str) -> dict[str, Any] | None:
+def inspect(env: Cluster, node: str, container: str) -> dict[str, Any] | None:
     result = env.nodes[node].podman("container", "inspect", container, check=False, timeout=60)
     if result.returncode != 0:
         return None
@@ -216,7 +216,7 @@ def inspect(env: LocalEnv, node: str, container: str) -> dict[str, Any] | None:
     return found[0] if found else None
 
 
-def _local_checkpoint(env: LocalEnv, node: str, static_dir: str) -> bool:
+def _local_checkpoint(env: Cluster, node: str, static_dir: str) -> bool:
     """podman's own checkpoint of the container (`<StaticDir>/checkpoint/`) is on the node."""
     if not static_dir:
         return False
@@ -225,12 +225,12 @@ def _local_checkpoint(env: LocalEnv, node: str, static_dir: str) -> bool:
     return bool(probe.returncode == 0)
 
 
-def spool_dirs(env: LocalEnv, node: str) -> list[Path]:
+def spool_dirs(env: Cluster, node: str) -> list[Path]:
     """Every place the node's agent may spool to: the default spool and any small spool mounted now."""
     return [env.nodes[node].spool_dir / "checkpointer", *small_spools(env, node)]
 
 
-def _complete_spool(env: LocalEnv, node: str, folder_name: str, container: str) -> Path | None:
+def _complete_spool(env: Cluster, node: str, folder_name: str, container: str) -> Path | None:
     """The spooled archive of `container` when its work folder holds both the archive and its record."""
     for spool in spool_dirs(env, node):
         folder = spool / folder_name
@@ -251,7 +251,7 @@ def _targets(obj: dict[str, Any]) -> list[str]:
     return names
 
 
-def _in_bucket(env: LocalEnv, obj: dict[str, Any], container: str) -> bool:
+def _in_bucket(env: Cluster, obj: dict[str, Any], container: str) -> bool:
     status = obj.get("status") or {}
     if status.get("phase") != "Succeeded":
         return False
@@ -270,7 +270,7 @@ def _in_bucket(env: LocalEnv, obj: dict[str, Any], container: str) -> bool:
 
 
 def stopped_containers_keep_their_archive(
-    env: LocalEnv, objects: Sequence[dict[str, Any]], extra: Sequence[Container]
+    env: Cluster, objects: Sequence[dict[str, Any]], extra: Sequence[Container]
 ) -> list[str]:
     violations = []
     checked: set[Container] = set()
@@ -319,7 +319,7 @@ def stopped_containers_keep_their_archive(
 # --- work folders --------------------------------------------------------------------------------
 
 
-def _orphan_work_folders(env: LocalEnv) -> list[str]:
+def _orphan_work_folders(env: Cluster) -> list[str]:
     live = {o["metadata"]["uid"]: o for o in _all_objects(env)}
     violations = []
     for node in env.nodes:

@@ -1,10 +1,13 @@
 """The operator installed by Helm alone, on nodes with a kubelet (docs/local-environment.md).
 
-Its own environment (LocalEnv.up(kubelet_nodes=True)): containerd and a kubelet beside each node's
-podman, kube-scheduler beside the control plane, and no agent or controller started by the harness.
-The chart's Deployment and DaemonSet run as a cluster admin's `helm install` runs them, with
-kubelet-projected tokens; the user story then runs through them: checkpoint a counter on node-a,
-restore it on node-b, upgrade the release with a checkpoint in flight, uninstall.
+The same tests run on either cluster (localenv.cluster.ChartCluster):
+- by default the local environment's own (LocalEnv.up(kubelet_nodes=True)): containerd and a
+  kubelet beside each node's podman, kube-scheduler beside the control plane;
+- with `pytest --cluster kind`, the kind cluster hack/kind/up.sh made (localenv.kind).
+No agent or controller is started by the harness. The chart's Deployment and DaemonSet run as a
+cluster admin's `helm install` runs them, with kubelet-projected tokens; the user story then runs
+through them: checkpoint a counter on one node, restore it on the other, upgrade the release with a
+checkpoint in flight, uninstall.
 """
 
 from __future__ import annotations
@@ -23,10 +26,10 @@ from faultkit import apply, assert_stored_as_reported, unique, workload
 from invariants import Container, check_invariants
 from localenv import kubelet, operator_image
 from localenv.chart import CHART, RELEASE
-from localenv.controlplane import kubernetes_version
+from localenv.cluster import ChartCluster
 from localenv.env import NAMESPACE, SECRET, LocalEnv
 from localenv.images import COUNTER, owned_by, read_count
-from localenv.procs import require, run, wait_until
+from localenv.procs import LocalEnvError, require, run, wait_until
 
 pytestmark = pytest.mark.e2e
 STORAGE = "local"
@@ -36,18 +39,37 @@ UPLOAD_BYTES_PER_SECOND = 8 * 2**20
 
 
 @pytest.fixture(scope="module")
-def helm_env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalEnv]:
+def helm_env(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ChartCluster]:
+    if request.config.getoption("--cluster") == "kind":
+        from localenv.kind import KindCluster
+
+        try:
+            cluster = KindCluster.connect(Path(tmp_path_factory.mktemp("kind")))
+        except LocalEnvError as err:
+            problem = str(err)
+        else:
+            yield cluster
+            return
+        # Asked for kind and there is none: an error wherever it runs, never a skip.
+        pytest.fail(f"--cluster kind: {problem}", pytrace=False)
     require(not kubelet.missing_binaries(), f"kubelet and kube-scheduler: {kubelet.OPT_IN}=1 hack/build/tools.sh")
     require(not operator_image.missing_tools(), "the operator image's build tools")
     network = host_network()
-    env = LocalEnv.up(Path(tmp_path_factory.mktemp("kubelet-env")), kubelet_nodes=True)
-    cgroups = [d for node in env.nodes.values() for d in node.cgroup_dirs]
+    local = kubelet.KubeletCluster.up(Path(tmp_path_factory.mktemp("kubelet-env")))
+    cgroups = [d for node in local.nodes.values() for d in node.cgroup_dirs]
     try:
-        yield env
+        yield local
     finally:
-        env.down()
-    # Nothing of the nodes is left. NodeSandbox.stop returned only once no process was left in a node's
-    # PID namespace or cgroups, so its mount namespace, and every mount made in it, ended with them.
+        local.down()
+    leaves_nothing_behind(local.env, cgroups, network)
+
+
+def leaves_nothing_behind(env: LocalEnv, cgroups: list[Path], network: str) -> None:
+    """No cgroup, process or mount of the local nodes is left, and the machine's network is as it was.
+
+    NodeSandbox.stop returned only once no process was left in a node's PID namespace or cgroups, so
+    its mount namespace, and every mount made in it, ended with them.
+    """
     left = [d for d in cgroups if d.exists()]
     assert not left, f"cgroups left behind: {left}"
     leaves = {f"/{d.name}/" for d in cgroups} | {f"/{d.name}\n" for d in cgroups}
@@ -77,7 +99,7 @@ def host_network() -> str:
     return "".join(run(argv).stdout.decode() for argv in argvs)
 
 
-def values(env: LocalEnv, **changes: Any) -> Path:
+def values(env: ChartCluster, **changes: Any) -> Path:
     storage = {
         "create": True,
         "name": STORAGE,
@@ -87,35 +109,33 @@ def values(env: LocalEnv, **changes: Any) -> Path:
         "forcePathStyle": True,
         "existingSecret": SECRET,
     }
-    chosen = kubelet.chart_values(env.control_plane.server, operator_image.operator_image(), storage)
+    chosen = env.chart_values(storage)
     # Slow uploads, so that a checkpoint is still uploading while an upgrade rolls the agents.
     chosen["upload"] = {"bytesPerSecond": UPLOAD_BYTES_PER_SECOND}
     for key, value in changes.items():
         section, name = key.split("__")
-        chosen[section] = {**(chosen.get(section) or {}), name: value}
+        current = chosen.get(section)
+        chosen[section] = {**(current if isinstance(current, dict) else {}), name: value}
     path = env.workdir / f"values-{unique('helm')}.yaml"
     path.write_text(yaml.safe_dump(chosen))
     return path
 
 
-def helm(env: LocalEnv, *args: str | os.PathLike[str]) -> str:
-    return kubelet.helm(env.kubeconfig, *args, "--namespace", NAMESPACE)
-
-
-def pods(env: LocalEnv, component: str) -> list[dict[str, Any]]:
+def pods(env: ChartCluster, component: str) -> list[dict[str, Any]]:
     selector = f"app.kubernetes.io/component={component}"
     out = env.kubectl("get", "pods", "-n", NAMESPACE, "-l", selector, "-o", "json").stdout
     return list(json.loads(out)["items"])
 
 
-def ready(pod: dict[str, Any]) -> bool:
-    conditions = (pod.get("status") or {}).get("conditions") or []
-    return pod["status"].get("phase") == "Running" and any(
-        c["type"] == "Ready" and c["status"] == "True" for c in conditions
-    )
+def ready(obj: dict[str, Any]) -> bool:
+    """A Pod Running and Ready, or a Node Ready."""
+    status = obj.get("status") or {}
+    conditions = status.get("conditions") or []
+    is_ready = any(c["type"] == "Ready" and c["status"] == "True" for c in conditions)
+    return is_ready and (obj.get("kind") == "Node" or status.get("phase") == "Running")
 
 
-def wait_rolled_out(env: LocalEnv, timeout: str = "240s") -> None:
+def wait_rolled_out(env: ChartCluster, timeout: str = "240s") -> None:
     try:
         env.kubectl("rollout", "status", f"deployment/{DEPLOYMENT}", "-n", NAMESPACE, f"--timeout={timeout}")
         env.kubectl("rollout", "status", f"daemonset/{DAEMONSET}", "-n", NAMESPACE, f"--timeout={timeout}")
@@ -123,47 +143,52 @@ def wait_rolled_out(env: LocalEnv, timeout: str = "240s") -> None:
         raise AssertionError(f"{err}\n{describe(env)}") from err
 
 
-def describe(env: LocalEnv) -> str:
+def describe(env: ChartCluster) -> str:
     out = env.kubectl("get", "pods,events", "-n", NAMESPACE, "-o", "wide", check=False)
-    logs = []
-    for node in env.nodes.values():
-        for log in sorted((node.state_dir / "pod-logs").rglob("*.log")):
-            logs.append(f"--- {log} ---\n{log.read_text(errors='replace')[-3000:]}")
-    return out.stdout + out.stderr + "\n".join(logs)
+    return str(out.stdout) + str(out.stderr) + env.pod_logs()
 
 
 @pytest.fixture(scope="module")
-def installed(helm_env: LocalEnv) -> LocalEnv:
-    helm(helm_env, "install", RELEASE, CHART, "--values", values(helm_env), "--wait", "--timeout", "5m")
+def installed(helm_env: ChartCluster) -> ChartCluster:
+    helm_env.helm("install", RELEASE, CHART, "--values", values(helm_env), "--wait", "--timeout", "5m")
     wait_rolled_out(helm_env)
     # An agent's Pod is Ready once it runs (it has a liveness probe only); it is at work once it holds its Lease.
     for node in helm_env.nodes:
         wait_until(f"agent Lease of {node}", lambda node=node: lease_holder(helm_env, node) == node, timeout=60)
-    helm_env.wait_storage_available(timeout=120)
+
+    def available() -> bool:
+        return bool(helm_env.kubectl("get", "cks", STORAGE, "-o", "jsonpath={.status.phase}").stdout == "Available")
+
+    wait_until(f"CheckpointStorage {STORAGE} Available", available, timeout=120)
     return helm_env
 
 
-def lease_holder(env: LocalEnv, node: str) -> str:
+def lease_holder(env: ChartCluster, node: str) -> str:
     lease = env.kubectl("get", "lease", "-n", NAMESPACE, f"checkpointer-agent-{node}", "-o", "json", check=False)
     return str(json.loads(lease.stdout)["spec"].get("holderIdentity", "")) if lease.returncode == 0 else ""
 
 
-def test_nodes_register_with_their_own_certificates_and_are_ready(helm_env: LocalEnv) -> None:
-    for name, runtime in helm_env.kubelets.items():
-        assert runtime.ready(helm_env.control_plane)
+def source_and_target(env: ChartCluster) -> tuple[str, str]:
+    """The two nodes, by name: node-a and node-b here, kind's two workers there."""
+    source, target = sorted(env.nodes)
+    return source, target
+
+
+def test_nodes_register_with_their_own_certificates_and_are_ready(helm_env: ChartCluster) -> None:
+    server = json.loads(helm_env.kubectl("version", "-o", "json").stdout)["serverVersion"]["gitVersion"]
+    for name in helm_env.nodes:
         node = json.loads(helm_env.kubectl("get", "node", name, "-o", "json").stdout)
-        assert node["status"]["nodeInfo"]["kubeletVersion"] == kubernetes_version()
+        assert ready(node), node["status"].get("conditions")
+        # The kubelet is of the control plane's version (built from the same module here).
+        assert node["status"]["nodeInfo"]["kubeletVersion"] == server
         assert node["status"]["nodeInfo"]["containerRuntimeVersion"].startswith("containerd://2.1")
         # NodeRestriction: a kubelet may not touch another node.
         other = next(n for n in helm_env.nodes if n != name)
-        kubeconfig = helm_env.control_plane.kubeconfig_for_node(name)
-        denied = helm_env.control_plane.kubectl(
-            "label", "node", other, "touched=yes", kubeconfig=kubeconfig, check=False
-        )
+        denied = helm_env.kubectl_as_node(name, "label", "node", other, "touched=yes")
         assert denied.returncode != 0 and "forbidden" in denied.stderr.lower(), denied.stderr
 
 
-def test_helm_install_runs_the_chart_pods_on_both_nodes(installed: LocalEnv) -> None:
+def test_helm_install_runs_the_chart_pods_on_both_nodes(installed: ChartCluster) -> None:
     env = installed
     agents = pods(env, "agent")
     assert sorted(p["spec"]["nodeName"] for p in agents) == sorted(env.nodes), describe(env)
@@ -179,12 +204,12 @@ def test_helm_install_runs_the_chart_pods_on_both_nodes(installed: LocalEnv) -> 
     # The agents' writes pass the chart's admission policy, which needs the node claim of their tokens.
     assert all(lease_holder(env, node) == node for node in env.nodes)
     # A node's kubelet and containerd (without the Pods' shims) stay small next to everything else.
-    for runtime in env.kubelets.values():
-        rss = runtime.rss_kib()
+    for node in env.nodes:
+        rss = env.runtime_rss_kib(node)
         assert set(rss) == {"kubelet", "containerd"} and sum(rss.values()) < 384 * 1024, rss
 
 
-def checkpoint_counter(env: LocalEnv, node: str) -> tuple[str, str, int]:
+def checkpoint_counter(env: ChartCluster, node: str) -> tuple[str, str, int]:
     container = unique("counter")
     env.nodes[node].podman("run", "-d", *owned_by("default"), "--name", container, COUNTER)
     time.sleep(1)
@@ -199,29 +224,31 @@ def checkpoint_counter(env: LocalEnv, node: str) -> tuple[str, str, int]:
     return container, name, counted
 
 
-def test_counter_moves_from_node_a_to_node_b(installed: LocalEnv) -> None:
+def test_counter_moves_from_node_a_to_node_b(installed: ChartCluster) -> None:
     env = installed
-    container, name, counted = checkpoint_counter(env, "node-a")
+    source, target = source_and_target(env)
+    container, name, counted = checkpoint_counter(env, source)
     restore = unique("crst")
-    apply(env, "ContainerRestore", restore, {"nodeName": "node-b", "source": {"checkpointRef": {"name": name}}})
+    apply(env, "ContainerRestore", restore, {"nodeName": target, "source": {"checkpointRef": {"name": name}}})
     status = env.wait_phase("crst", restore, ["Succeeded", "Failed"])["status"]
     assert status["phase"] == "Succeeded", f"{status}\n{describe(env)}"
     time.sleep(1)
-    assert read_count(env.nodes["node-b"], container) > counted
-    env.nodes["node-b"].podman("rm", "-f", container)
+    assert read_count(env.nodes[target], container) > counted
+    env.nodes[target].podman("rm", "-f", container)
 
 
-def test_upgrade_rolls_the_agents_and_a_checkpoint_in_flight_ends(installed: LocalEnv) -> None:
+def test_upgrade_rolls_the_agents_and_a_checkpoint_in_flight_ends(installed: ChartCluster) -> None:
     env = installed
+    source, _ = source_and_target(env)
     before = {p["metadata"]["name"] for p in pods(env, "agent")}
     # Incompressible: about 12 s of upload at the first release's rate.
-    container = workload(env, "node-a", mib=96)
+    container = workload(env, source, mib=96)
     name = unique("ccp")
-    apply(env, "ContainerCheckpoint", name, {"nodeName": "node-a", "containers": [container], "export": {}})
+    apply(env, "ContainerCheckpoint", name, {"nodeName": source, "containers": [container], "export": {}})
     phase = env.wait_phase("ccp", name, ["Uploading", "Succeeded", "Failed"], timeout=60)["status"]["phase"]
     assert phase == "Uploading", "the checkpoint is in flight when the upgrade begins"
     # The changed value: no upload cap. It is in the agent's environment, so every agent Pod is replaced.
-    helm(env, "upgrade", RELEASE, CHART, "--values", values(env, upload__bytesPerSecond=0), "--wait", "--timeout", "5m")
+    env.helm("upgrade", RELEASE, CHART, "--values", values(env, upload__bytesPerSecond=0), "--wait", "--timeout", "5m")
     wait_rolled_out(env)
     after = pods(env, "agent")
     assert not before & {p["metadata"]["name"] for p in after}, "every agent Pod was replaced"
@@ -235,12 +262,12 @@ def test_upgrade_rolls_the_agents_and_a_checkpoint_in_flight_ends(installed: Loc
     # The old agent gave the upload up on SIGTERM with its archive spooled; the new one resumes it.
     assert status["phase"] == "Succeeded", f"{status}\n{describe(env)}"
     assert_stored_as_reported(env, status["archives"][0])
-    check_invariants(env, stopped=[Container("node-a", container)])
+    check_invariants(env, stopped=[Container(source, container)])
 
 
-def test_uninstall_leaves_no_pods_and_keeps_the_crds(installed: LocalEnv) -> None:
+def test_uninstall_leaves_no_pods_and_keeps_the_crds(installed: ChartCluster) -> None:
     env = installed
-    helm(env, "uninstall", RELEASE, "--wait", "--timeout", "5m")
+    env.helm("uninstall", RELEASE, "--wait", "--timeout", "5m")
     deadline = time.monotonic() + 120
     while pods(env, "agent") + pods(env, "controller"):
         assert time.monotonic() < deadline, describe(env)

@@ -1,0 +1,136 @@
+"""What the e2e tests need of a cluster and its nodes, whichever environment provides them.
+
+The local environment (LocalEnv, and LocalEnv.up(kubelet_nodes=True) behind KubeletCluster) and a
+kind cluster (hack/kind/up.sh, KindCluster) both give the tests these handles. `Cluster` and `Node`
+are what the shared test helpers (faultkit, invariants, read_count) use; `ChartCluster` adds what
+the Helm-installed user story needs (tests/e2e/test_helm_nodes.py).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import time
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Protocol
+
+if TYPE_CHECKING:
+    from mypy_boto3_s3 import S3Client
+
+
+class Node(Protocol):
+    """A node the tests run containers on, through its podman."""
+
+    @property
+    def name(self) -> str: ...
+
+    @property
+    def state_dir(self) -> Path:
+        """The node's files as this side sees them (where a small spool of a fault test is mounted)."""
+        ...
+
+    @property
+    def spool_dir(self) -> Path: ...
+
+    def nsenter_argv(self) -> list[str]:
+        """The command prefix that runs a command inside the node."""
+        ...
+
+    def podman(
+        self,
+        *args: str | os.PathLike[str],
+        timeout: float = ...,
+        check: bool = ...,
+        input: bytes | None = ...,
+    ) -> subprocess.CompletedProcess[bytes]: ...
+
+
+class Storage(Protocol):
+    """The S3 bucket the cluster's CheckpointStorage names, and a client of it for the tests."""
+
+    @property
+    def endpoint(self) -> str:
+        """The S3 API's URL as the operator's Pods reach it (and the tests too)."""
+        ...
+
+    @property
+    def bucket(self) -> str: ...
+
+    @property
+    def region(self) -> str: ...
+
+    def client(self) -> S3Client: ...
+
+
+class Cluster(Protocol):
+    """A cluster with checkpointer's API, two nodes with podman and an S3 bucket."""
+
+    @property
+    def nodes(self) -> Mapping[str, Node]: ...
+
+    @property
+    def s3(self) -> Storage: ...
+
+    def kubectl(self, *args: str, input: str | None = None, check: bool = True) -> Any: ...
+
+    def apply(self, *objects: dict[str, Any]) -> None: ...
+
+    def wait_phase(
+        self, kind: str, name: str, phases: Sequence[str], namespace: str = ..., timeout: float = ...
+    ) -> dict[str, Any]: ...
+
+    def logs(self) -> str: ...
+
+
+class ChartCluster(Cluster, Protocol):
+    """A cluster whose nodes run a kubelet, the operator image loaded in every node, and nothing of
+    the operator installed: `helm install` brings it. The release namespace (Pod Security
+    privileged) and the S3 credentials Secret are there, as an admin makes them first."""
+
+    @property
+    def workdir(self) -> Path:
+        """A directory of this side for the tests' files (values files, helm's state)."""
+        ...
+
+    def helm(self, *args: str | os.PathLike[str]) -> str:
+        """helm against the cluster, in the release namespace."""
+        ...
+
+    def chart_values(self, storage: dict[str, object]) -> dict[str, object]:
+        """The chart values these nodes need (image, podman mode, network) with `storage`."""
+        ...
+
+    def kubectl_as_node(self, node: str, *args: str) -> subprocess.CompletedProcess[str]:
+        """kubectl with the credentials of `node`'s kubelet."""
+        ...
+
+    def runtime_rss_kib(self, node: str) -> dict[str, int]:
+        """Resident memory of the node's kubelet and containerd, by process name."""
+        ...
+
+    def pod_logs(self) -> str:
+        """The end of every Pod log the nodes keep, for a failed test's message."""
+        ...
+
+    def down(self) -> None: ...
+
+
+def wait_phase(
+    cluster: Cluster, kind: str, name: str, phases: Sequence[str], namespace: str = "default", timeout: float = 180
+) -> dict[str, Any]:
+    """The object once its status.phase is one of `phases`; fails with its last status and the logs."""
+    deadline = time.monotonic() + timeout
+    obj: dict[str, Any] = {}
+    while time.monotonic() < deadline:
+        out = cluster.kubectl("get", kind, name, "-n", namespace, "-o", "json", check=False)
+        if out.returncode == 0:
+            obj = json.loads(out.stdout)
+            if (obj.get("status") or {}).get("phase") in phases:
+                return obj
+        time.sleep(0.5)
+    raise AssertionError(
+        f"{kind}/{name} did not reach {phases} in {timeout}s; last status "
+        f"{json.dumps(obj.get('status'), indent=1)}\n{cluster.logs()}"
+    )
