@@ -10,7 +10,6 @@ import json
 import os
 import shutil
 import sys
-import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,7 +17,7 @@ from typing import Any
 
 import yaml
 
-from localenv import chart
+from localenv import chart, cluster
 from localenv.controlplane import ControlPlane
 from localenv.nodes import NODE_ENV, NodeSandbox, rootfs_path
 from localenv.procs import REPO_ROOT, LocalEnvError, Process, Supervisor, free_port, wait_until
@@ -178,6 +177,7 @@ class LocalEnv:
             {
                 "apiVersion": "v1",
                 "kind": "Namespace",
+                # The agent's Pod (privileged, hostPID, host paths) is admitted at this level only.
                 "metadata": {"name": NAMESPACE, "labels": {"pod-security.kubernetes.io/enforce": "privileged"}},
             },
             {
@@ -193,20 +193,9 @@ class LocalEnv:
         for crd in sorted((REPO_ROOT / "crds").glob("*.yaml")):
             name = yaml.safe_load(crd.read_text())["metadata"]["name"]
             self.kubectl("wait", "--for=condition=Established", "--timeout=60s", f"crd/{name}")
+        self._install_namespace()
         s3 = self.s3
         self.apply(
-            {
-                "apiVersion": "v1",
-                "kind": "Namespace",
-                # The agent's Pod (privileged, hostPID, host paths) is admitted at this level only.
-                "metadata": {"name": NAMESPACE, "labels": {"pod-security.kubernetes.io/enforce": "privileged"}},
-            },
-            {
-                "apiVersion": "v1",
-                "kind": "Secret",
-                "metadata": {"name": SECRET, "namespace": NAMESPACE},
-                "stringData": {"accessKeyID": s3.access_key, "secretAccessKey": s3.secret_key},
-            },
             {
                 "apiVersion": "checkpointer.dev/v1alpha1",
                 "kind": "CheckpointStorage",
@@ -392,19 +381,7 @@ class LocalEnv:
     def wait_phase(
         self, kind: str, name: str, phases: Sequence[str], namespace: str = "default", timeout: float = 180
     ) -> dict[str, Any]:
-        deadline = time.monotonic() + timeout
-        obj: dict[str, Any] = {}
-        while time.monotonic() < deadline:
-            out = self.kubectl("get", kind, name, "-n", namespace, "-o", "json", check=False)
-            if out.returncode == 0:
-                obj = json.loads(out.stdout)
-                if (obj.get("status") or {}).get("phase") in phases:
-                    return obj
-            time.sleep(0.5)
-        raise AssertionError(
-            f"{kind}/{name} did not reach {phases} in {timeout}s; last status "
-            f"{json.dumps(obj.get('status'), indent=1)}\n{self.logs()}"
-        )
+        return cluster.wait_phase(self, kind, name, phases, namespace, timeout)
 
 
 def remove_workdir(workdir: Path) -> None:

@@ -20,11 +20,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import boto3
 import yaml
-from botocore.config import Config
 
-from localenv import images, operator_image
+from localenv import images, operator_image, s3
 from localenv.chart import RELEASE
 from localenv.cluster import wait_phase
 from localenv.env import NAMESPACE, SECRET
@@ -84,14 +82,7 @@ class KindStorage:
     secret_key: str
 
     def client(self) -> S3Client:
-        return boto3.client(
-            "s3",
-            endpoint_url=self.endpoint,
-            aws_access_key_id=self.access_key,
-            aws_secret_access_key=self.secret_key,
-            region_name=self.region,
-            config=Config(s3={"addressing_style": "path"}, retries={"max_attempts": 3, "mode": "standard"}),
-        )
+        return s3.client(self.endpoint, self.access_key, self.secret_key, self.region)
 
 
 @dataclass

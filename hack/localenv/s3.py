@@ -80,14 +80,7 @@ class S3Server:
         return server
 
     def client(self) -> S3Client:
-        return boto3.client(
-            "s3",
-            endpoint_url=self.endpoint,
-            aws_access_key_id=self.access_key,
-            aws_secret_access_key=self.secret_key,
-            region_name=self.region,
-            config=Config(s3={"addressing_style": "path"}, retries={"max_attempts": 3, "mode": "standard"}),
-        )
+        return client(self.endpoint, self.access_key, self.secret_key, self.region)
 
     def stop(self) -> None:
         self.process.stop(grace=3)
@@ -146,3 +139,15 @@ def _spawn(
     # The root credentials go by environment, not argv, so they never show in a process list.
     env = {**os.environ, "ROOT_ACCESS_KEY": access_key, "ROOT_SECRET_KEY": secret_key}
     return supervisor.start("s3", argv, cwd=data_dir, env=env)
+
+
+def client(endpoint: str, access_key: str, secret_key: str, region: str) -> S3Client:
+    """A boto3 client for a test's own checks of the bucket, path-style as the local server wants."""
+    return boto3.client(
+        "s3",
+        endpoint_url=endpoint,
+        aws_access_key_id=access_key,
+        aws_secret_access_key=secret_key,
+        region_name=region,
+        config=Config(s3={"addressing_style": "path"}, retries={"max_attempts": 3, "mode": "standard"}),
+    )
