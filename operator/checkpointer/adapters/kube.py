@@ -5,7 +5,8 @@ from __future__ import annotations
 import base64
 import datetime
 import logging
-from typing import Any
+from collections.abc import Callable
+from typing import Any, TypeVar, cast
 
 import kubernetes
 from kubernetes.client import ApiException
@@ -16,6 +17,7 @@ from checkpointer.archive.encryption import Keys, parse_identity, parse_recipien
 from checkpointer.models import CheckpointStorage
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 CHECKPOINTS = "containercheckpoints"
 RESTORES = "containerrestores"
@@ -43,15 +45,9 @@ class Kube:
     # --- custom objects -------------------------------------------------------------------------
 
     def get(self, plural: str, namespace: str, name: str) -> dict[str, Any] | None:
-        try:
-            obj: dict[str, Any] = self.custom.get_namespaced_custom_object(  # type: ignore[assignment]
-                GROUP, VERSION, namespace, plural, name
-            )
-        except ApiException as e:
-            if e.status == 404:
-                return None
-            raise
-        return obj
+        # The client declares the answer an object; it is the JSON dict of the custom object.
+        found = _found(lambda: self.custom.get_namespaced_custom_object(GROUP, VERSION, namespace, plural, name))
+        return cast(dict[str, Any] | None, found)
 
     def phases(self, plural: str, label_selector: str) -> dict[str, str]:
         """The phase of each object of `plural` that matches `label_selector`, in every namespace, by uid."""
@@ -73,13 +69,8 @@ class Kube:
         return obj
 
     def storage(self, name: str) -> CheckpointStorage | None:
-        try:
-            obj = self.custom.get_cluster_custom_object(GROUP, VERSION, STORAGES, name)
-        except ApiException as e:
-            if e.status == 404:
-                return None
-            raise
-        return CheckpointStorage.model_validate(obj)
+        obj = _found(lambda: self.custom.get_cluster_custom_object(GROUP, VERSION, STORAGES, name))
+        return None if obj is None else CheckpointStorage.model_validate(obj)
 
     def storages(self) -> list[CheckpointStorage]:
         found: dict[str, Any] = self.custom.list_cluster_custom_object(GROUP, VERSION, STORAGES)  # type: ignore[assignment]
@@ -135,12 +126,9 @@ class Kube:
 
     def secret_data(self, namespace: str, name: str) -> dict[str, bytes] | None:
         """A Secret's data, decoded; None when it does not exist."""
-        try:
-            secret = self.core.read_namespaced_secret(name, namespace)
-        except ApiException as e:
-            if e.status == 404:
-                return None
-            raise
+        secret = _found(lambda: self.core.read_namespaced_secret(name, namespace))
+        if secret is None:
+            return None
         return {k: base64.b64decode(v) for k, v in (secret.data or {}).items()}
 
     def create_secret(self, namespace: str, name: str, data: dict[str, bytes], labels: dict[str, str]) -> bool:
@@ -163,13 +151,8 @@ class Kube:
 
     def config_map_data(self, namespace: str, name: str) -> dict[str, str] | None:
         """A ConfigMap's data; None when it does not exist."""
-        try:
-            config_map = self.core.read_namespaced_config_map(name, namespace)
-        except ApiException as e:
-            if e.status == 404:
-                return None
-            raise
-        return dict(config_map.data or {})
+        config_map = _found(lambda: self.core.read_namespaced_config_map(name, namespace))
+        return None if config_map is None else dict(config_map.data or {})
 
     def put_config_map(self, namespace: str, name: str, data: dict[str, str], labels: dict[str, str]) -> None:
         """Create the ConfigMap with `data`, or replace the data of the one there."""
@@ -192,23 +175,12 @@ class Kube:
     # --- nodes and agent leases -----------------------------------------------------------------
 
     def node_exists(self, name: str) -> bool:
-        try:
-            self.core.read_node(name)
-        except ApiException as e:
-            if e.status == 404:
-                return False
-            raise
-        return True
+        return _found(lambda: self.core.read_node(name)) is not None
 
     def lease_age(self, namespace: str, name: str) -> tuple[float, int] | None:
         """Seconds since the Lease was last renewed and its duration; None when it does not exist."""
-        try:
-            lease = self.coordination.read_namespaced_lease(name, namespace)
-        except ApiException as e:
-            if e.status == 404:
-                return None
-            raise
-        if lease.spec is None:
+        lease = self.read_lease(namespace, name)
+        if lease is None or lease.spec is None:
             return None
         renewed = lease.spec.renew_time or lease.spec.acquire_time
         if renewed is None:
@@ -255,12 +227,7 @@ class Kube:
         return dict((lease.metadata.annotations if lease.metadata else None) or {})
 
     def read_lease(self, namespace: str, name: str) -> kubernetes.client.V1Lease | None:
-        try:
-            return self.coordination.read_namespaced_lease(name, namespace)
-        except ApiException as e:
-            if e.status == 404:
-                return None
-            raise
+        return _found(lambda: self.coordination.read_namespaced_lease(name, namespace))
 
     def create_lease(
         self, namespace: str, body: dict[str, Any], timeout: float | None = None
@@ -273,3 +240,13 @@ class Kube:
     ) -> kubernetes.client.V1Lease:
         """Raises ApiException 409 when body's metadata.resourceVersion is no longer the Lease's."""
         return self.coordination.replace_namespaced_lease(name, namespace, body, _request_timeout=timeout)  # type: ignore[arg-type]
+
+
+def _found(read: Callable[[], T]) -> T | None:
+    """What `read()` returns; None when the API server answers that the object does not exist."""
+    try:
+        return read()
+    except ApiException as e:
+        if e.status == 404:
+            return None
+        raise
