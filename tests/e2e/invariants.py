@@ -226,8 +226,11 @@ def _local_checkpoint(env: Cluster, node: str, static_dir: str) -> bool:
 
 
 def spool_dirs(env: Cluster, node: str) -> list[Path]:
-    """Every place the node's agent may spool to: the default spool and any small spool mounted now."""
-    return [env.nodes[node].spool_dir / "checkpointer", *small_spools(env, node)]
+    """Every place the node's agent may spool to: the harness agent's spool, the chart's default
+    (agent.spoolDir under the node's /var/lib/checkpointer, on nodes with a kubelet), and any small
+    spool mounted now."""
+    sandbox = env.nodes[node]
+    return [sandbox.spool_dir / "checkpointer", sandbox.state_dir / "checkpointer" / "spool", *small_spools(env, node)]
 
 
 def _complete_spool(env: Cluster, node: str, folder_name: str, container: str) -> Path | None:
