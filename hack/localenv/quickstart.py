@@ -96,12 +96,7 @@ def migrate_counter(env: LocalEnv, say: Callable[[str], None] = print, names: Na
 
     say(f"\n2. Checkpoint it into S3 (the container stops on {SOURCE}):")
     say(_indent(checkpoint_yaml(names)))
-    started = time.monotonic()
-    env.kubectl("apply", "-f", "-", input=checkpoint_yaml(names))
-    checkpoint = env.wait_phase("ccp", names.checkpoint, ["Succeeded", "Failed"], namespace=NAMESPACE)["status"]
-    took = time.monotonic() - started
-    if checkpoint.get("phase") != "Succeeded":
-        raise RuntimeError(f"ContainerCheckpoint {names.checkpoint} failed: {_ready_message(checkpoint)}")
+    checkpoint, took = _apply_until_done(env, "ContainerCheckpoint", names.checkpoint, checkpoint_yaml(names))
     logs = source.podman("logs", names.container).stdout.decode().split()
     last = int(logs[-1])
     archive = checkpoint["archives"][0]
@@ -112,12 +107,7 @@ def migrate_counter(env: LocalEnv, say: Callable[[str], None] = print, names: Na
 
     say(f"\n3. Restore it on {TARGET}:")
     say(_indent(restore_yaml(names, archive["key"].split(f"{NAMESPACE}/", 1)[1])))
-    started = time.monotonic()
-    env.kubectl("apply", "-f", "-", input=restore_yaml(names))
-    restore = env.wait_phase("crst", names.restore, ["Succeeded", "Failed"], namespace=NAMESPACE)["status"]
-    took = time.monotonic() - started
-    if restore.get("phase") != "Succeeded":
-        raise RuntimeError(f"ContainerRestore {names.restore} failed: {_ready_message(restore)}")
+    restore, took = _apply_until_done(env, "ContainerRestore", names.restore, restore_yaml(names))
     say(f"   ContainerRestore {names.restore}: Succeeded in {took:.1f}s, container {restore['containerName']} runs")
     say(f"   read from {restore['archive']['key']}, its sha256 checked against the signed manifest")
     time.sleep(RUN_SECONDS)
@@ -194,6 +184,16 @@ def write_tools(env: LocalEnv, kubectl: Path) -> Path:
 
 def _indent(text: str, prefix: str = "   ") -> str:
     return "\n".join(prefix + line if line else line for line in text.rstrip("\n").split("\n"))
+
+
+def _apply_until_done(env: LocalEnv, kind: str, name: str, manifest: str) -> tuple[dict[str, Any], float]:
+    """Apply `manifest` and wait for its object to succeed: its status and the seconds it took."""
+    started = time.monotonic()
+    env.kubectl("apply", "-f", "-", input=manifest)
+    status: dict[str, Any] = env.wait_phase(kind, name, ["Succeeded", "Failed"], namespace=NAMESPACE)["status"]
+    if status.get("phase") != "Succeeded":
+        raise RuntimeError(f"{kind} {name} failed: {_ready_message(status)}")
+    return status, time.monotonic() - started
 
 
 def _ready_message(status: dict[str, Any]) -> str:

@@ -23,14 +23,7 @@ TRIXIE = NodeFacts(
     supported=frozenset({"timens", "tcp_half_closed"}),
     missing=frozenset({"mem_dirty_track"}),
 )
-FORKY = NodeFacts(
-    criu="4.2.1",
-    podman="5.4.2",
-    runc="1.1.15+ds1",
-    kernel="6.18.0-1-amd64",
-    supported=frozenset({"mem_dirty_track", "timens"}),
-    missing=frozenset(),
-)
+FORKY = replace(TRIXIE, criu="4.2.1", supported=frozenset({"mem_dirty_track", "timens"}), missing=frozenset())
 
 
 def spec(**fields: Any) -> CheckpointSpec:
