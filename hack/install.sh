@@ -8,12 +8,13 @@ cd "$REPO_ROOT"
 
 need=()
 # mkfs.xfs and tc: the benchmark keeps the S3 server's files on XFS and shapes the link to it (see
-# hack/bench/datapath.py).
-for tool in debootstrap nsenter unshare gcc zstd mkfs.xfs tc age; do command -v "$tool" >/dev/null || need+=("$tool"); done
+# hack/bench/datapath.py). prometheus and promtool: the metrics test scrapes the local environment
+# with a real Prometheus; tmux: the kubectl plugin's progress bar is tested in a real terminal.
+for tool in debootstrap nsenter unshare gcc zstd mkfs.xfs tc age prometheus promtool tmux; do command -v "$tool" >/dev/null || need+=("$tool"); done
 if ((${#need[@]})); then
   log "installing Debian packages for: ${need[*]}"
   apt-get update -qq
-  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq debootstrap util-linux gcc libc6-dev zstd xfsprogs iproute2 age >/dev/null
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq debootstrap util-linux gcc libc6-dev zstd xfsprogs iproute2 age prometheus tmux >/dev/null
 fi
 
 python=${PYTHON:-python3}
