@@ -6,6 +6,8 @@ source "$(dirname "$0")/lib/common.sh"
 
 src=$REPO_ROOT/crds
 dst=$REPO_ROOT/charts/checkpointer/crds
+# A schedule's template is a ContainerCheckpoint spec: the same schema, generated.
+python3 "$REPO_ROOT/hack/sync-schedule-template.py"
 mkdir -p "$dst"
 for stale in "$dst"/*.yaml; do
   [[ -e $stale ]] || continue
