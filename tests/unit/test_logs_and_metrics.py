@@ -1,0 +1,125 @@
+"""Step lines in both log formats, and the pure parts of the metrics (docs/metrics.md)."""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+from collections.abc import Iterator
+
+import pytest
+
+from checkpointer import logs, metrics
+
+BODY = {
+    "metadata": {"namespace": "team-a", "name": "web-1", "uid": "0c6f1d2e-1111-2222-3333-444455556666"},
+    "spec": {"nodeName": "node-a"},
+}
+
+
+@pytest.fixture
+def captured(request: pytest.FixtureRequest) -> Iterator[io.StringIO]:
+    stream = io.StringIO()
+    handler = logging.StreamHandler(stream)
+    handler.setFormatter(logs.JsonFormatter() if request.param == "json" else logging.Formatter("%(message)s"))
+    logs.STEPS.addHandler(handler)
+    logs.STEPS.setLevel(logging.INFO)
+    try:
+        yield stream
+    finally:
+        logs.STEPS.removeHandler(handler)
+
+
+@pytest.mark.parametrize("captured", ["text"], indirect=True)
+def test_text_step_and_total_lines_name_object_uid_node_and_durations(captured: io.StringIO) -> None:
+    steps = logs.Steps.of("checkpoint", BODY)
+    steps.line(step="export", container="web", took=1.234)
+    steps.total("Succeeded", "Succeeded", 4.5)
+    assert captured.getvalue().splitlines() == [
+        "checkpoint team-a/web-1 uid=0c6f1d2e node=node-a step=export container=web took=1.23s",
+        "checkpoint team-a/web-1 uid=0c6f1d2e node=node-a result=Succeeded reason=Succeeded total=4.50s",
+    ]
+
+
+@pytest.mark.parametrize("captured", ["json"], indirect=True)
+def test_json_lines_carry_the_fields_as_keys(captured: io.StringIO) -> None:
+    steps = logs.Steps.of("restore", BODY)
+    with pytest.raises(RuntimeError), steps.step("download"):
+        raise RuntimeError("cut")
+    line = json.loads(captured.getvalue().splitlines()[0])
+    assert line["level"] == "INFO" and line["logger"] == "checkpointer.steps"
+    assert line["message"].startswith("restore team-a/web-1 uid=0c6f1d2e node=node-a step=download took=")
+    assert line["time"].endswith("+00:00")
+    assert {k: line[k] for k in ("kind", "namespace", "name", "uid", "node", "step", "error")} == {
+        "kind": "restore",
+        "namespace": "team-a",
+        "name": "web-1",
+        "uid": BODY["metadata"]["uid"],
+        "node": "node-a",
+        "step": "download",
+        "error": "RuntimeError",
+    }
+    assert isinstance(line["took"], float)
+
+
+def test_configure_json_makes_every_line_one_object(capsys: pytest.CaptureFixture[str]) -> None:
+    root = logging.getLogger()
+    saved = root.handlers[:], root.level
+    try:
+        logs.configure("json", verbose=False)
+        logging.getLogger("checkpointer.test").info("hello %s", "there", extra={"node": "node-b"})
+    finally:
+        root.handlers[:], root.level = saved[0], saved[1]
+    line = json.loads(capsys.readouterr().err.strip())
+    assert (line["message"], line["logger"], line["node"]) == ("hello there", "checkpointer.test", "node-b")
+
+
+def test_frozen_seconds_reads_criu_statistics_of_each_container() -> None:
+    stats = {
+        "container_statistics": [
+            {"id": "a", "criu_statistics": {"frozen_time": 250000, "freezing_time": 10}},
+            {"id": "b", "runtime_checkpoint_duration": 5},
+        ]
+    }
+    assert metrics.frozen_seconds(stats) == [0.25]
+    assert metrics.frozen_seconds(None) == []
+
+
+def test_byte_counter_adds_each_parts_bytes_once() -> None:
+    counter = metrics.UPLOADED
+    metrics._State.enabled = True
+    try:
+        advance = metrics.byte_counter(counter, "node-x", "unit")
+        for done in (8, 16, 16, 20):  # a repeated total adds nothing
+            advance(done)
+        assert counter.labels("node-x", "unit")._value.get() == 20
+    finally:
+        metrics._State.enabled = False
+
+
+def test_in_flight_counts_unfinished_objects_and_keeps_zeroes() -> None:
+    in_flight = metrics.InFlight()
+
+    def body(uid: str, phase: str | None) -> dict[str, object]:
+        return {"metadata": {"uid": uid}, "spec": {"nodeName": "node-a"}, "status": {"phase": phase} if phase else {}}
+
+    in_flight.seen("containercheckpoints", body("1", None), deleted=False)
+    in_flight.seen("containercheckpoints", body("2", "Uploading"), deleted=False)
+    in_flight.seen("containerrestores", body("3", "Downloading"), deleted=False)
+    assert in_flight.counts() == {("checkpoint", "node-a"): 2, ("restore", "node-a"): 1}
+    [family] = in_flight.collect()
+    in_flight.seen("containercheckpoints", body("1", "Succeeded"), deleted=False)
+    in_flight.seen("containercheckpoints", body("2", "Uploading"), deleted=True)
+    in_flight.seen("containerrestores", body("3", "Failed"), deleted=False)
+    [family] = in_flight.collect()
+    assert {tuple(s.labels.values()): s.value for s in family.samples} == {
+        ("checkpoint", "node-a"): 0,
+        ("restore", "node-a"): 0,
+    }
+
+
+def test_elapsed_starts_at_start_time_else_creation() -> None:
+    assert metrics.elapsed({"startTime": "2020-01-01T00:00:00.5Z"}, "2019-01-01T00:00:00Z") is not None
+    assert metrics.elapsed({}, None) is None
+    since_start = metrics.elapsed({"startTime": "2030-01-01T00:00:00Z"}, "2020-01-01T00:00:00Z")
+    assert since_start == 0.0  # a clock behind the writer's never makes a negative duration
