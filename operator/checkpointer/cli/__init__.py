@@ -1,7 +1,9 @@
-"""`kubectl checkpointer`: the kubectl plugin (placeholder until the plugin lands)."""
+"""`kubectl checkpointer`: the kubectl plugin (docs/kubectl-plugin.md)."""
 
 from __future__ import annotations
 
 
-def main() -> int:
-    raise SystemExit("kubectl-checkpointer: not built yet")
+def main() -> None:
+    from checkpointer.cli.commands import cli
+
+    cli(prog_name="kubectl checkpointer")
