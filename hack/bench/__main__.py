@@ -1,4 +1,5 @@
-"""`hack/bench/run`: one invocation measures the data path, the restore path and the control plane.
+"""`hack/bench/run`: one invocation measures the data path, the restore path, the control plane,
+schedules at scale and what metrics cost; `hack/bench/run PART` measures one of them alone.
 
 Writes _output/bench/results.json and _output/bench/results.md.
 """
@@ -14,7 +15,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from bench import controlplane, datapath
+from bench import controlplane, datapath, metrics_cost, schedules
 from localenv.env import LocalEnv
 from localenv.procs import REPO_ROOT
 
@@ -149,11 +150,107 @@ def markdown(results: dict[str, Any]) -> str:
                 f"| {_f(c['controllerRssMiB'], 0)} ({_f(c['controllerPeakRssMiB'], 0)}) "
                 f"| {_f(c['agentRssMiBMedian'], 0)} / {_f(c['agentRssMiBMax'], 0)} |"
             )
+    lines += schedules_markdown(results.get("schedules") or [])
+    lines += metrics_cost_markdown(results.get("metricsCost") or {})
     return "\n".join(lines) + "\n"
+
+
+def _p(stats: dict[str, float], key: str) -> str:
+    return _f(stats.get(key), 2)
+
+
+def schedules_markdown(rows: list[dict[str, Any]]) -> list[str]:
+    if not rows:
+        return []
+    lines = [
+        "",
+        "Schedules at scale (every schedule `* * * * *`, retention keepLast; instant agents). Lateness from the "
+        "scheduled time to the checkpoint's creation, as its first event reached a watch and as its "
+        "creationTimestamp says (whole seconds, rounded down), and to pickup, the agent's own startTime; "
+        "p50 / p99 / max in seconds:",
+        "",
+        "| schedules | nodes | namespaces | run (UTC) | created / expected | to creation (watch) "
+        "| to creationTimestamp | to pickup |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+
+    def three(stats: dict[str, float]) -> str:
+        return f"{_p(stats, 'p50')} / {_p(stats, 'p99')} / {_p(stats, 'max')}"
+
+    for row in rows:
+        for run in row["perRun"]:
+            lines.append(
+                f"| {row['schedules']} | {row['nodes']} | {row['namespaces']} | {run['scheduledTime'][11:19]} "
+                f"| {run['created']} / {row['expectedPerRun']} | {three(run['toCreated'])} "
+                f"| {three(run.get('toCreationTimestamp', {}))} | {three(run['toPickup'])} |"
+            )
+        lines.append(
+            f"| {row['schedules']} | {row['nodes']} | {row['namespaces']} | all {row['runs']} "
+            f"| {row['createdAll']} / {row['runs'] * row['expectedPerRun']} | {three(row['toCreated'])} "
+            f"| {three(row.get('toCreationTimestamp', {}))} | {three(row['toPickup'])} |"
+        )
+    lines += [
+        "",
+        "| schedules | controller RSS MiB peak / after the runs | controller CPU s per run | API writes per checkpoint "
+        "| checkpoints at the end (keepLast) | most for one schedule | host load / CPU busy % / CPU wait % |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for row in rows:
+        host = row.get("host") or {}
+        lines.append(
+            f"| {row['schedules']} | {_f(row['controllerPeakRssMiB'], 0)} / {_f(row['controllerRssMiBAfter'], 0)} "
+            f"| {_f(row['controllerCpuSecondsPerRun'], 1)} | {_f(row['apiWritesPerCheckpoint'])} "
+            f"| {row['objectsAtEnd']} ({row['keepLast']} each) | {row['objectsPerScheduleMax']} "
+            f"| {_f(host.get('load1'), 1)} / {_f(host.get('cpuBusy', float('nan')) * 100, 0)} "
+            f"/ {_f(host.get('cpuWait', float('nan')) * 100, 0)} |"
+        )
+    return lines
+
+
+def metrics_cost_markdown(cost: dict[str, Any]) -> list[str]:
+    if not cost:
+        return []
+
+    def line(what: str, figure: str, r: dict[str, Any], rounds: int, digits: int = 2) -> str:
+        s = r["spread"]["on_over_off"]
+        return (
+            f"| {what} | {figure} | {_f(r['off'], digits)}{_range(r, 'off', digits)} "
+            f"| {_f(r['on'], digits)}{_range(r, 'on', digits)} | {_f(r['on_over_off'], 3)} "
+            f"({_f(s['min'], 3)}-{_f(s['max'], 3)}) | {rounds} |"
+        )
+
+    lines = [
+        "",
+        "What metrics cost: the same figures with `CHECKPOINTER_METRICS_PORT=0` and with metrics on (every "
+        "process's /metrics scraped at Prometheus' interval), in interleaved rounds; on/off from the medians, "
+        "per-round range in brackets:",
+        "",
+        "| part | figure | metrics off | metrics on | on/off | rounds |",
+        "|---|---|---|---|---|---|",
+    ]
+    if cp := cost.get("controlPlane"):
+        what = f"control plane, {cp['objects']} objects, {cp['nodes']} nodes, {cp['creators']} creator(s)"
+        lines.append(line(what, "p99 to pickup s", cp["toPickupP99"], cp["rounds"]))
+        lines.append(line(what, "p50 to pickup s", cp["toPickupP50"], cp["rounds"]))
+        lines.append(line(what, "controller peak RSS MiB", cp["controllerPeakRssMiB"], cp["rounds"], 0))
+        for key, figure in (("controllerCpuSeconds", "controller CPU s"), ("agentsCpuSeconds", "agents' CPU s")):
+            if key in cp:
+                lines.append(line(what, figure, cp[key], cp["rounds"], 1))
+    if dp := cost.get("dataPath"):
+        what = f"data path, {dp['sizeMiB']} MiB {dp['compression']}, {dp['link']}"
+        lines.append(line(what, "(c) checkpointer s", dp["checkpointerSeconds"], dp["rounds"]))
+        lines.append(line(what, "agent peak RSS MiB", dp["agentPeakRssMiB"], dp["rounds"], 0))
+    return lines
+
+
+PARTS = ("datapath", "controlplane", "schedules", "metrics-cost")
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(prog="hack/bench/run", description=__doc__)
+    parser.add_argument(
+        "part", nargs="?", choices=PARTS, help="measure this part alone (default: all of them, as narrowed below)"
+    )
     parser.add_argument("--sizes", type=int, nargs="*", default=[256, 1024, 4096], help="workload sizes in MiB")
     parser.add_argument("--compressions", nargs="+", default=["zstd", "gzip", "none"])
     parser.add_argument(
@@ -196,8 +293,26 @@ def main() -> int:
     parser.add_argument(
         "--creators", type=int, nargs="+", default=[1, 8], help="control plane: client threads creating the objects"
     )
+    parser.add_argument("--schedules", type=int, default=1000, help="schedules: N CheckpointSchedules (0: none)")
+    parser.add_argument("--schedule-runs", type=int, default=3, help="schedules: minutes of runs counted")
+    parser.add_argument("--schedule-namespaces", type=int, default=4, help="schedules: namespaces they spread over")
+    parser.add_argument(
+        "--metrics-rounds", type=int, default=3, help="metrics cost: interleaved rounds of off and on (0: none)"
+    )
+    parser.add_argument("--metrics-objects", type=int, default=1000, help="metrics cost: control-plane objects")
+    parser.add_argument("--metrics-creators", type=int, default=1, help="metrics cost: control-plane creators")
+    parser.add_argument("--metrics-size", type=int, default=1024, help="metrics cost: data-path size in MiB (0: none)")
+    parser.add_argument(
+        "--scrape-seconds", type=float, default=15, help="metrics cost: scrape interval with metrics on (0: none)"
+    )
     parser.add_argument("--out", type=Path, default=REPO_ROOT / "_output" / "bench")
     args = parser.parse_args()
+    if args.part:
+        # One part alone: the others measure nothing.
+        args.sizes = args.sizes if args.part == "datapath" else []
+        args.objects = args.objects if args.part == "controlplane" else []
+        args.schedules = args.schedules if args.part == "schedules" else 0
+        args.metrics_rounds = args.metrics_rounds if args.part == "metrics-cost" else 0
     args.out.mkdir(parents=True, exist_ok=True)
     results: dict[str, Any] = {
         "date": datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC"),
@@ -209,6 +324,8 @@ def main() -> int:
         "baselineRev": args.baseline_rev,
         "datapath": [],
         "controlplane": [],
+        "schedules": [],
+        "metricsCost": {},
     }
 
     def save() -> None:
@@ -261,6 +378,46 @@ def main() -> int:
                 # The components' logs stay with the results, for a figure that needs explaining.
                 shutil.copytree(env.supervisor.log_dir, args.out / "logs", dirs_exist_ok=True)
                 env.down()
+        if args.schedules:
+            env = LocalEnv.up(workdir / "schedules", [], operator=False)
+            try:
+                fired = schedules.run(env, args.schedules, args.nodes, args.schedule_namespaces, args.schedule_runs)
+                results["schedules"].append(fired)
+                print(json.dumps({k: v for k, v in fired.items() if k != "perRun"}), flush=True)
+                save()
+            finally:
+                shutil.copytree(env.supervisor.log_dir, args.out / "logs-schedules", dirs_exist_ok=True)
+                env.down()
+        if args.metrics_rounds:
+            cost = results["metricsCost"]
+            if args.metrics_objects:
+                env = LocalEnv.up(workdir / "metrics-control", [], operator=False)
+                try:
+                    cost["controlPlane"] = metrics_cost.control_plane(
+                        env,
+                        args.metrics_rounds,
+                        args.metrics_objects,
+                        args.nodes,
+                        args.metrics_creators,
+                        args.scrape_seconds,
+                        args.quiet_below,
+                    )
+                    save()
+                finally:
+                    shutil.copytree(env.supervisor.log_dir, args.out / "logs-metrics-control", dirs_exist_ok=True)
+                    env.down()
+            if args.metrics_size:
+                cost["dataPath"] = metrics_cost.data_path(
+                    workdir / "metrics-data",
+                    args.out,
+                    args.metrics_rounds,
+                    args.warmup,
+                    args.metrics_size,
+                    args.settle,
+                    args.quiet_below,
+                    args.scrape_seconds,
+                )
+                save()
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
     save()

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from checkpointer.__main__ import main
-from checkpointer.adapters.podman import Container
+from checkpointer.adapters.podman import Container, Footprint
 from checkpointer.models import CheckpointSpec, Compression, RestoreSpec
 from checkpointer.settings import Settings
 
@@ -56,6 +56,9 @@ class InstantRuntime:
 
     def read_file(self, path: str) -> bytes | None:
         return None
+
+    def footprint(self, name: str) -> Footprint:
+        return Footprint(memory=0, rootfs_diff=0)
 
     def remove(self, name: str) -> None:
         return None

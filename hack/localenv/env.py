@@ -43,6 +43,8 @@ class LocalEnv:
     s3: Any
     nodes: dict[str, NodeSandbox] = field(default_factory=dict)
     health_ports: dict[str, int] = field(default_factory=dict)
+    # Each process's /metrics port, by the same names (tests/e2e/test_metrics.py scrapes them).
+    metrics_ports: dict[str, int] = field(default_factory=dict)
     ports_given: set[int] = field(default_factory=set)
     # The chart's rendering when the agents run as the chart's ServiceAccount (else as admin), and
     # each node's agent kubeconfig, with a token bound to a Pod on that node.
@@ -245,6 +247,9 @@ class LocalEnv:
             MALLOC_MMAP_THRESHOLD_="262144",
             # Every process serves its liveness endpoint on a port of its own (the chart uses 8080).
             CHECKPOINTER_HEALTH_PORT=str(self._new_port()),
+            # And its metrics (the chart uses 9090).
+            CHECKPOINTER_METRICS_HOST="127.0.0.1",
+            CHECKPOINTER_METRICS_PORT=str(self._new_port()),
         )
         env.update(extra)
         return env
@@ -263,6 +268,7 @@ class LocalEnv:
             }
         )
         self.health_ports[name] = int(env["CHECKPOINTER_HEALTH_PORT"])
+        self.metrics_ports[name] = int(env["CHECKPOINTER_METRICS_PORT"])
         self.controller_starts[name] = (dict(settings or {}), tuple(args))
         return self.supervisor.start(name, [sys.executable, "-m", "checkpointer", "controller", *args], env=env)
 
@@ -284,6 +290,7 @@ class LocalEnv:
                 process.popen.wait(10)
         self.supervisor.stop(name)
         self.health_ports.pop(name, None)
+        self.metrics_ports.pop(name, None)
 
     def controller_leader(self) -> str | None:
         """The holder identity in the controller Lease (a controller's name here); None when nobody leads."""
@@ -343,6 +350,7 @@ class LocalEnv:
             }
         )
         self.health_ports[f"agent-{name}"] = int(env["CHECKPOINTER_HEALTH_PORT"])
+        self.metrics_ports[f"agent-{name}"] = int(env["CHECKPOINTER_METRICS_PORT"])
         argv = [sys.executable, "-m", "checkpointer", "agent", *args]
         process = self.supervisor.start(f"agent-{name}", argv, env=env)
         wait_until(f"agent {name} Lease", lambda: self._lease_exists(name), timeout=60, log=process.log)

@@ -313,7 +313,7 @@ def chart_values(server: str, image: Image, storage: dict[str, object]) -> dict[
 
     A Pod's in-cluster configuration names the `kubernetes` Service's ClusterIP, which nothing here
     routes (there is no kube-proxy); the Pods are on the host's network, where the API server listens.
-    The controller's health port differs from the agent's: both may run on one node's (shared) network.
+    The controller's health and metrics ports differ from the agent's: both may run on one node's (shared) network.
     """
     host, port = server.removeprefix("https://").rsplit(":", 1)
     api = [{"name": "KUBERNETES_SERVICE_HOST", "value": host}, {"name": "KUBERNETES_SERVICE_PORT", "value": port}]
@@ -326,6 +326,7 @@ def chart_values(server: str, image: Image, storage: dict[str, object]) -> dict[
         "controller": {
             "hostNetwork": True,
             "healthPort": 8081,
+            "metricsPort": 9091,
             "agentPickupTimeoutSeconds": 30,
             "storageValidationSeconds": 10,
             "extraEnv": api,

@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING
 
 import kopf
 
-from checkpointer import GROUP, NODE_LABEL, kopf_finalizer, kopf_prefix
+from checkpointer import GROUP, NODE_LABEL, kopf_finalizer, kopf_prefix, logs, metrics
 from checkpointer.adapters.kube import CHECKPOINTS, RESTORES, Kube, load_config
 from checkpointer.settings import Settings
 
@@ -57,17 +57,19 @@ def main(argv: list[str] | None = None, make_runtime: Callable[[Settings], Runti
     parser = argparse.ArgumentParser(prog="checkpointer", description=__doc__)
     parser.add_argument("role", choices=["controller", "agent"])
     parser.add_argument("--verbose", action="store_true")
-    args = parser.parse_args(argv)
-    logging.basicConfig(
-        level=logging.DEBUG if args.verbose else logging.INFO,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    parser.add_argument(
+        "--log-format", choices=["text", "json"], help="text, or one JSON object per line (CHECKPOINTER_LOG_FORMAT)"
     )
+    args = parser.parse_args(argv)
+    settings = Settings()
+    logs.configure(args.log_format or settings.log_format, args.verbose)
     # Never below INFO, even with --verbose: at DEBUG these libraries log whole requests and answers,
     # which carry the S3 access key ID (in every signed request) and Secrets read from the API server.
     for library in CHATTY_LIBRARIES:
         logging.getLogger(library).setLevel(logging.INFO)
-    settings = Settings()
     load_config()
+    # Before a standby replica waits for the Lease: Prometheus sees every replica up.
+    metrics.serve(settings.metrics_port, settings.metrics_host)
     # The handlers' threads, and a few more for the Lease heartbeat and progress from upload threads.
     kube = Kube(connections=HANDLER_THREADS + 4)
     registry = kopf.OperatorRegistry()

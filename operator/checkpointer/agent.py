@@ -11,12 +11,14 @@ import logging
 import threading
 import time
 from collections import OrderedDict
+from pathlib import Path
 from typing import Any
 
 import kopf
 
-from checkpointer import GROUP, NODE_LABEL, VERSION
+from checkpointer import GROUP, NODE_LABEL, VERSION, metrics
 from checkpointer.adapters.kube import CHECKPOINTS, RESTORES
+from checkpointer.archive.spool import spool_usage
 from checkpointer.reasons import Phase
 from checkpointer.services import checkpoint, restore
 from checkpointer.services.capabilities import NodeFacts
@@ -25,6 +27,10 @@ from checkpointer.services.scheduling import lease_name
 from checkpointer.services.sweep import sweep
 
 log = logging.getLogger(__name__)
+# The agent's spool, as its last sweep found it, on its Lease (bytes).
+SPOOL_USED = "checkpointer.dev/spool-used-bytes"
+SPOOL_FREE = "checkpointer.dev/spool-free-bytes"
+BUCKET_SWEEP_ROUNDS = 10
 
 
 class _Bounded(OrderedDict[Any, Any]):
@@ -97,8 +103,17 @@ def _current(agent: Node, plural: str, body: kopf.Body, retry: int) -> dict[str,
     return fresh
 
 
+def spool_room(root: Path, cap_bytes: int) -> tuple[int, int]:
+    """Bytes the spool holds, and what it may still take: its filesystem's free space, within its cap."""
+    usage = spool_usage(root, cap_bytes)
+    room = usage.free_bytes if not cap_bytes else max(0, min(usage.free_bytes, cap_bytes - usage.used_bytes))
+    return usage.used_bytes, room
+
+
 def register(registry: kopf.OperatorRegistry, agent: Node) -> None:
     node = agent.settings.node_name
+    settings = agent.settings
+    metrics.register(metrics.Spool(node, lambda: spool_room(settings.spool_dir, settings.spool_max_bytes)))
     mine = {NODE_LABEL: node}
 
     @kopf.on.resume(GROUP, VERSION, CHECKPOINTS, labels=mine, registry=registry)
@@ -163,11 +178,28 @@ def register(registry: kopf.OperatorRegistry, agent: Node) -> None:
                 log.warning("could not renew Lease %s: %s", lease_name(node), e)
 
     def sweeper() -> None:
-        while not stop.wait(agent.settings.sweep_seconds):
+        rounds = 0
+        while True:
             try:
-                sweep(agent)
+                # The bucket's open uploads are listed at start and every BUCKET_SWEEP_ROUNDS rounds:
+                # a listing per storage and node is dearer than a look at the node's own spool.
+                sweep(agent, bucket=rounds % BUCKET_SWEEP_ROUNDS == 0)
             except Exception as e:  # the next round tries again
                 log.warning("could not sweep the spool: %s", e)
+            try:
+                report_spool_usage()
+            except Exception as e:
+                log.warning("could not record the spool's usage on Lease %s: %s", lease_name(node), e)
+            rounds += 1
+            if stop.wait(agent.settings.sweep_seconds):
+                return
+
+    def report_spool_usage() -> None:
+        usage = spool_usage(agent.settings.spool_dir, agent.settings.spool_max_bytes)
+        annotations = {SPOOL_USED: str(usage.used_bytes), SPOOL_FREE: str(usage.free_bytes)}
+        agent.kube.renew_lease(
+            agent.settings.namespace, lease_name(node), node, agent.settings.lease_duration_seconds, annotations
+        )
 
     @kopf.on.startup(registry=registry)
     def start_heartbeat(**_: Any) -> None:

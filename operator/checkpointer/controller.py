@@ -13,13 +13,14 @@ from typing import Any, TypeVar
 import kopf
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from checkpointer import CONTROLLER_FINALIZER, GROUP, NODE_LABEL, VERSION, layout
+from checkpointer import CONTROLLER_FINALIZER, GROUP, NODE_LABEL, VERSION, layout, metrics, schedules
 from checkpointer.adapters.kube import CHECKPOINTS, RESTORES, STORAGES, Kube
 from checkpointer.archive.store import RateLimiter, StorageError, Stores, Transfer
 from checkpointer.errors import Failure
 from checkpointer.models import CheckpointStorage, ContainerCheckpoint, ContainerRestore
 from checkpointer.reasons import Phase, Reason
 from checkpointer.services import scheduling, signing, validation
+from checkpointer.services.expiry import Expiring, ExpiryClock
 from checkpointer.settings import Settings
 from checkpointer.status import Conflict, StatusWriter, event_subject
 
@@ -112,7 +113,68 @@ def _signing_requested(body: kopf.Body, **_: Any) -> bool:
     return signing.signing_requested(body.get("status") or {})
 
 
+def _finished(body: kopf.Body, **_: Any) -> bool:
+    return (body.get("status") or {}).get("phase") in (Phase.SUCCEEDED, Phase.FAILED)
+
+
+def _register_expiry(registry: kopf.OperatorRegistry, settings: Settings, kube: Kube) -> None:
+    """TTLs: one clock deletes finished objects once their expiration has passed (services/expiry.py)."""
+
+    def announce(obj: Expiring, message: str) -> None:
+        kube.create_event(obj.kind, obj.namespace, obj.name, obj.uid, "Expired", message)
+
+    clock = ExpiryClock(kube, settings.default_ttl, announce)
+    stop = threading.Event()
+
+    # On the watch event itself: no handler state and no write but a missing expiration.
+    @kopf.on.event(GROUP, VERSION, CHECKPOINTS, when=_finished, registry=registry)
+    @kopf.on.event(GROUP, VERSION, RESTORES, when=_finished, registry=registry)
+    def expire_finished(body: kopf.Body, type: str | None, **_: Any) -> None:
+        if type == "DELETED":
+            clock.forget(str(body["metadata"]["uid"]))
+        else:
+            clock.observe(CHECKPOINTS if body["kind"] == "ContainerCheckpoint" else RESTORES, dict(body))
+
+    @kopf.on.startup(registry=registry)
+    def start_expiry_clock(**_: Any) -> None:
+        threading.Thread(target=clock.run, args=(stop,), name="expiry", daemon=True).start()
+
+    @kopf.on.cleanup(registry=registry)
+    def stop_expiry_clock(**_: Any) -> None:
+        stop.set()
+        clock.wake()
+
+
+def _register_metrics(registry: kopf.OperatorRegistry, settings: Settings, kube: Kube) -> None:
+    """What only the leading controller knows: objects in flight, live agents, storage (docs/metrics.md)."""
+    if not metrics.enabled():
+        return
+    in_flight = metrics.InFlight()
+    metrics.register(in_flight)
+
+    def agents() -> tuple[list[str], set[str]]:
+        ages = kube.lease_ages(settings.namespace)
+        nodes = kube.node_names()
+        return nodes, {n for n in nodes if scheduling.lease_alive(ages.get(scheduling.lease_name(n)))}
+
+    metrics.register(metrics.AgentsUp(agents))
+
+    # On the watch events themselves: no request and no write of its own. Async: it runs on kopf's
+    # event loop, without the hop to a handler thread a sync handler takes.
+    @kopf.on.event(GROUP, VERSION, CHECKPOINTS, registry=registry)
+    @kopf.on.event(GROUP, VERSION, RESTORES, registry=registry)
+    async def count_in_flight(body: kopf.Body, type: str | None, **_: Any) -> None:
+        in_flight.seen(CHECKPOINTS if body["kind"] == "ContainerCheckpoint" else RESTORES, body, type == "DELETED")
+
+    @kopf.on.event(GROUP, VERSION, STORAGES, registry=registry)
+    async def forget_storage(body: kopf.Body, type: str | None, **_: Any) -> None:
+        if type == "DELETED":
+            metrics.storage_gone(str(body["metadata"]["name"]))
+
+
 def register(registry: kopf.OperatorRegistry, settings: Settings, kube: Kube) -> None:
+    _register_metrics(registry, settings, kube)
+    _register_expiry(registry, settings, kube)
     leases = scheduling.AgentLeases(kube, settings.namespace)
     unlimited = RateLimiter(0)
     stores = Stores(kube, Transfer(settings.part_size, settings.upload_concurrency, unlimited, unlimited))
@@ -296,6 +358,7 @@ def register(registry: kopf.OperatorRegistry, settings: Settings, kube: Kube) ->
                 message=status["message"],
             )
         kube.patch_storage_status(storage.metadata.name, status)
+        metrics.storage_available(storage.metadata.name, status["phase"] == "Available")
         return bool(status["phase"] == "Available")
 
     def with_fresh_storage(schedule: Callable[[], T]) -> T:
@@ -313,3 +376,5 @@ def register(registry: kopf.OperatorRegistry, settings: Settings, kube: Kube) ->
     @kopf.timer(GROUP, VERSION, STORAGES, interval=settings.storage_validation_seconds, registry=registry)
     def validate_storage(body: kopf.Body, **_: Any) -> None:
         revalidate(CheckpointStorage.model_validate(dict(body)))
+
+    schedules.register(registry, settings, kube)

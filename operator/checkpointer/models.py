@@ -47,6 +47,8 @@ class CheckpointSpec(Model):
     compress: Compression = Compression.ZSTD
     ignore_rootfs: bool = False
     ignore_volumes: bool = False
+    # A Go duration: how long the object stays once finished (services/expiry.py).
+    ttl: str | None = None
 
 
 class Archive(Model):
@@ -116,6 +118,7 @@ class RestoreSpec(Model):
     file_locks: bool = False
     pod: str | None = None
     publish: list[str] = Field(default_factory=list)
+    ttl: str | None = None
 
 
 class ResolvedArchive(Model):
@@ -173,3 +176,39 @@ class CheckpointStorage(Model):
     @property
     def available(self) -> bool:
         return self.status.get("phase") == "Available"
+
+
+class ConcurrencyPolicy(StrEnum):
+    FORBID = "Forbid"
+    ALLOW = "Allow"
+
+
+class Retention(Model):
+    keep_last: int | None = None
+    max_age: str | None = None  # a Go duration, checked at admission
+
+
+class ScheduleSpec(Model):
+    schedule: str
+    time_zone: str | None = None
+    suspend: bool = False
+    concurrency_policy: ConcurrencyPolicy = ConcurrencyPolicy.FORBID
+    starting_deadline_seconds: int | None = None
+    # A ContainerCheckpoint spec, passed on as written: the CRD validated it as one.
+    template: dict[str, Any]
+    retention: Retention | None = None
+    on_node_cordon: bool = False
+
+    @property
+    def node_name(self) -> str:
+        return str(self.template.get("nodeName") or "")
+
+
+class ScheduleMetadata(Metadata):
+    creation_timestamp: str | None = None
+
+
+class CheckpointSchedule(Model):
+    metadata: ScheduleMetadata
+    spec: ScheduleSpec
+    status: dict[str, Any] = Field(default_factory=dict)

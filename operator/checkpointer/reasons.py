@@ -68,3 +68,12 @@ class Reason(StrEnum):
     # storage
     AVAILABLE = "Available"
     UNAVAILABLE = "Unavailable"
+    # schedule (controller): its Ready reasons and its Events
+    ACTIVE = "Active"
+    SUSPENDED = "Suspended"
+    INVALID_SCHEDULE = "InvalidSchedule"
+    CREATED = "Created"
+    FAILED_CREATE = "FailedCreate"
+    SKIPPED = "Skipped"
+    MISSED = "Missed"
+    DELETED = "Deleted"

@@ -56,18 +56,33 @@ class Settings(BaseSettings):
     max_archive_bytes: int = 0
     # How often the agent clears what faults left in the spool (see services/sweep.py).
     sweep_seconds: float = 60.0
+    # The agent refuses a checkpoint (InsufficientSpace) whose estimated archive would take the spool's
+    # usage past this many bytes; 0: no cap but the file system's free space less spool_min_free_bytes.
+    spool_max_bytes: int = 0
+    # How long the local checkpoint podman keeps for `keep: true` (CRIU's dump.log and images in the
+    # container's folder) stays on the node once its object finished; it goes at once with the object.
+    local_checkpoint_retention_seconds: float = 86400.0
 
     # kopf's liveness endpoint (GET /healthz) for the chart's probes; 0 turns it off.
     health_port: int = 8080
     # The address it listens on. Pods on the host's network share its ports with every other such
     # pod on the machine: the chart then gives each one its Pod IP (docs/local-environment.md).
     health_host: str = "0.0.0.0"
+    # Prometheus metrics (GET /metrics, docs/metrics.md); 0 turns them off, and nothing is recorded.
+    # The address follows health_host's rule on the host's network.
+    metrics_port: int = 9090
+    metrics_host: str = "0.0.0.0"
+    # Log lines as text, or one JSON object per line (`--log-format`, which takes precedence).
+    log_format: Literal["text", "json"] = "text"
 
     lease_duration_seconds: int = 20
     lease_renew_seconds: float = 5.0
     storage_validation_seconds: float = 60.0
     # A Scheduled object whose node's agent has been silent this long fails with AgentUnavailable.
     agent_pickup_timeout_seconds: float = 60.0
+    # The ttl (Go duration) of ContainerCheckpoints and ContainerRestores whose spec names none;
+    # empty: they stay until deleted.
+    default_ttl: str = ""
 
     # The controller's leader election: replicas stand by until the Lease is theirs.
     pod_name: str = ""

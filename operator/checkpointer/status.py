@@ -18,9 +18,10 @@ from typing import Any
 import kopf
 from kubernetes.client import ApiException
 
-from checkpointer import GROUP, VERSION
+from checkpointer import GROUP, VERSION, logs, metrics
 from checkpointer.adapters.kube import Kube
 from checkpointer.conditions import now, phase_patch, set_condition
+from checkpointer.expiry import expiration
 from checkpointer.models import Metadata
 from checkpointer.reasons import ConditionType, Phase, Reason
 
@@ -45,6 +46,12 @@ class StatusWriter:
         self.namespace = body["metadata"]["namespace"]
         self.name = body["metadata"]["name"]
         self.generation = int(body["metadata"].get("generation", 0))
+        # For the final phase's metrics and log line (docs/metrics.md).
+        self.node = str((body.get("spec") or {}).get("nodeName") or "")
+        self.created = body["metadata"].get("creationTimestamp")
+        self.steps = logs.Steps.of(metrics.KINDS.get(plural, plural), body)
+        # The object's own ttl: its expiration goes out with the terminal phase, in the same write.
+        self.ttl = str((body.get("spec") or {}).get("ttl") or "")
         self.status: dict[str, Any] = {}
         self.resource_version = ""
         self.deleting = False
@@ -110,7 +117,17 @@ class StatusWriter:
             )
         if phase in (Phase.CHECKPOINTING, Phase.DOWNLOADING) and not self.status.get("startTime"):
             fields["startTime"] = now(precise=True)
+        if phase.finished and (expires := expiration(str(fields.get("completionTime") or ""), self.ttl)):
+            fields["expiration"] = expires
         self.write({**fields, **extra})
+        if phase.finished:
+            self._finished(phase, reason)
+
+    def _finished(self, phase: Phase, reason: Reason) -> None:
+        """This writer wrote the final phase: it alone counts it and logs the total (docs/metrics.md)."""
+        seconds = metrics.elapsed(self.status, self.created)
+        metrics.finished(self.plural, self.namespace, self.node, str(phase), str(reason), self.status, seconds)
+        self.steps.total(str(phase), str(reason), seconds)
 
     def progress(self, done: int, total: int | None = None, force: bool = False) -> None:
         if not force and time.monotonic() - self._last_progress < 1.0:

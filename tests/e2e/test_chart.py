@@ -200,6 +200,8 @@ def test_defaults_render_controller_and_agent_without_storage(helm: Helm) -> Non
         ("Role", "checkpointer-controller"),
         ("RoleBinding", "checkpointer-agent"),
         ("RoleBinding", "checkpointer-controller"),
+        ("Service", "checkpointer-agent-metrics"),
+        ("Service", "checkpointer-controller-metrics"),
         ("ServiceAccount", "checkpointer-agent"),
         ("ServiceAccount", "checkpointer-controller"),
         ("ValidatingAdmissionPolicy", "checkpointer-agent-own-node"),
@@ -298,19 +300,94 @@ def test_values_reach_the_agent(helm: Helm) -> None:
 
 def test_host_network_listens_on_the_pod_ip_and_each_component_on_its_port(helm: Helm) -> None:
     objects = helm.render(
-        {"controller": {"hostNetwork": True, "healthPort": 8081}, "agent": {"hostNetwork": True}, "healthPort": 9000}
+        {
+            "controller": {"hostNetwork": True, "healthPort": 8081, "metricsPort": 9091},
+            "agent": {"hostNetwork": True},
+            "healthPort": 9000,
+        }
     )
-    for kind, port in (("Deployment", 8081), ("DaemonSet", 9000)):
+    for kind, port, metrics in (("Deployment", 8081, 9091), ("DaemonSet", 9000, 9090)):
         pod = find(objects, kind)["spec"]["template"]["spec"]
         [container] = pod["containers"]
         assert (pod["hostNetwork"], pod["dnsPolicy"]) == (True, "ClusterFirstWithHostNet")
         env = env_of(container)
         assert env["CHECKPOINTER_HEALTH_HOST"] == {"fieldRef": {"fieldPath": "status.podIP"}}
         assert env["CHECKPOINTER_HEALTH_PORT"] == str(port)
-        assert container["ports"] == [{"name": "health", "containerPort": port}]
+        assert env["CHECKPOINTER_METRICS_HOST"] == {"fieldRef": {"fieldPath": "status.podIP"}}
+        assert env["CHECKPOINTER_METRICS_PORT"] == str(metrics)
+        assert container["ports"] == [
+            {"name": "health", "containerPort": port},
+            {"name": "metrics", "containerPort": metrics},
+        ]
     for kind in ("Deployment", "DaemonSet"):
         pod = find(helm.render({}), kind)["spec"]["template"]["spec"]
-        assert "hostNetwork" not in pod and "CHECKPOINTER_HEALTH_HOST" not in env_of(pod["containers"][0])
+        env = env_of(pod["containers"][0])
+        assert "hostNetwork" not in pod and "CHECKPOINTER_HEALTH_HOST" not in env
+        assert "CHECKPOINTER_METRICS_HOST" not in env
+
+
+METRICS_ALL = {
+    "metrics": {
+        "serviceMonitor": {"enabled": True, "labels": {"release": "kube-prometheus"}},
+        "prometheusRule": {"enabled": True, "failureThreshold": 5, "runbookURL": "https://docs.example/metrics.md"},
+        "dashboard": {"enabled": True},
+    },
+    "logFormat": "json",
+}
+
+
+@pytest.mark.parametrize("values", [METRICS_ALL, {"metrics": {"enabled": False}}], ids=["all", "off"])
+def test_metrics_options_lint_clean(helm: Helm, values: dict[str, Any]) -> None:
+    out = helm(
+        "lint", "--strict", "--kube-version", kubernetes_version(), str(CHART), "--values", helm.values_file(values)
+    )
+    assert "1 chart(s) linted, 0 chart(s) failed" in out and "[WARNING]" not in out, out
+
+
+def test_metrics_services_monitors_rules_and_dashboard_render(helm: Helm) -> None:
+    objects = helm.render(METRICS_ALL)
+    for component in ("controller", "agent"):
+        service = find(objects, "Service", f"checkpointer-{component}-metrics")
+        assert service["spec"]["selector"]["app.kubernetes.io/component"] == component
+        assert service["spec"]["ports"] == [{"name": "metrics", "port": 9090, "targetPort": "metrics"}]
+        monitor = find(objects, "ServiceMonitor", f"checkpointer-{component}-metrics")
+        assert monitor["metadata"]["labels"]["release"] == "kube-prometheus"
+        assert monitor["spec"]["endpoints"] == [{"port": "metrics", "path": "/metrics", "interval": "30s"}]
+        selected = monitor["spec"]["selector"]["matchLabels"]
+        assert selected["checkpointer.dev/metrics"] == service["metadata"]["labels"]["checkpointer.dev/metrics"]
+        assert selected["app.kubernetes.io/component"] == component
+    [group] = find(objects, "PrometheusRule")["spec"]["groups"]
+    alerts = {r["alert"]: r for r in group["rules"]}
+    assert set(alerts) == {
+        "CheckpointerCheckpointsFailing",
+        "CheckpointerRestoresFailing",
+        "CheckpointerStorageUnavailable",
+        "CheckpointerSpoolNearlyFull",
+        "CheckpointerAgentDown",
+    }
+    assert alerts["CheckpointerCheckpointsFailing"]["expr"].endswith(">= 5")
+    for rule in alerts.values():
+        assert {"summary", "description", "runbook_url"} <= set(rule["annotations"])
+        assert rule["annotations"]["runbook_url"].startswith("https://docs.example/metrics.md#")
+        assert "{{ $labels." in rule["annotations"]["summary"], "Prometheus' own templating survives Helm's"
+    dashboard = find(objects, "ConfigMap", "checkpointer-dashboard")
+    assert dashboard["metadata"]["labels"]["grafana_dashboard"] == "1"
+    panels = json.loads(dashboard["data"]["checkpointer.json"])["panels"]
+    assert any("checkpointer_checkpoints_total" in t["expr"] for p in panels for t in p["targets"])
+    for kind in ("Deployment", "DaemonSet"):
+        assert (
+            env_of(find(objects, kind)["spec"]["template"]["spec"]["containers"][0])["CHECKPOINTER_LOG_FORMAT"]
+            == "json"
+        )
+
+
+def test_metrics_off_serves_nothing_and_renders_no_metrics_objects(helm: Helm) -> None:
+    objects = helm.render({"metrics": {"enabled": False, "prometheusRule": {"enabled": True}}})
+    assert not [o for o in objects if o["kind"] in ("Service", "ServiceMonitor", "PrometheusRule")]
+    for kind in ("Deployment", "DaemonSet"):
+        [container] = find(objects, kind)["spec"]["template"]["spec"]["containers"]
+        assert env_of(container)["CHECKPOINTER_METRICS_PORT"] == "0"
+        assert [p["name"] for p in container["ports"]] == ["health"]
 
 
 def test_admin_namespaces_reach_controller_and_agent_as_a_json_list(helm: Helm) -> None:
@@ -450,10 +527,20 @@ def test_rendered_rbac_grants_no_wildcards_and_no_secret_beyond_named_ones(helm:
         for rule in role["rules"]:
             for field in ("apiGroups", "resources", "verbs"):
                 assert "*" not in rule[field], f"{role['kind']} {name}: {rule}"
-            assert "delete" not in rule["verbs"] or name == "checkpointer-edit", f"{name}: {rule}"
+            # The controller deletes finished objects once their TTL has passed (docs/api.md); nothing
+            # else of the operator deletes.
+            expiring = {"containercheckpoints", "containerrestores"}
+            expires = name == "checkpointer-controller" and set(rule["resources"]) <= expiring
+            assert "delete" not in rule["verbs"] or name == "checkpointer-edit" or expires, f"{name}: {rule}"
             if "checkpointer.dev" in rule["apiGroups"] and name != "checkpointer-edit":
-                # The operator patches; it never creates, replaces or deletes the API's objects.
-                assert set(rule["verbs"]) <= {"get", "list", "watch", "patch"}, f"{name}: {rule}"
+                # The operator patches; it never creates or replaces the API's objects.
+                allowed = {"get", "list", "watch", "patch"} | ({"delete"} if expires else set())
+                # CheckpointSchedules create their ContainerCheckpoints, which they own (docs/api.md).
+                if name == "checkpointer-controller" and rule["resources"] == ["containercheckpoints"]:
+                    allowed.add("create")
+                if name == "checkpointer-controller" and rule["resources"] == ["checkpointschedules/finalizers"]:
+                    allowed = {"update"}
+                assert set(rule["verbs"]) <= allowed, f"{name}: {rule}"
             assert not {"escalate", "bind", "impersonate"} & set(rule["verbs"]), f"{name}: {rule}"
             if "secrets" in rule["resources"]:
                 assert role["kind"] == "Role", "Secrets are never granted cluster-wide"
@@ -598,8 +685,15 @@ def test_controller_has_least_privilege(cp: ControlPlane, installed: str) -> Non
         for verb in ("get", "list", "watch", "patch"):
             assert ok(verb, plural, WORKLOADS), f"{verb} {plural}"
         assert ok("patch", plural, WORKLOADS, "--subresource=status")
-        assert not ok("delete", plural, WORKLOADS)
-        assert not ok("create", plural, WORKLOADS)
+        assert ok("delete", plural, WORKLOADS)  # once their TTL has passed (docs/api.md)
+        # A CheckpointSchedule's runs are ContainerCheckpoints the controller creates (docs/api.md).
+        assert ok("create", plural, WORKLOADS) == (plural == CCP), f"create {plural}"
+    schedules = "checkpointschedules.checkpointer.dev"
+    for verb in ("get", "list", "watch"):
+        assert ok(verb, schedules, WORKLOADS), verb
+    assert ok("patch", schedules, WORKLOADS, "--subresource=status")
+    assert not ok("patch", schedules, WORKLOADS) and not ok("create", schedules, WORKLOADS)
+    assert ok("watch", "nodes")  # a schedule's onNodeCordon
     for verb in ("get", "list", "watch", "patch"):
         assert ok(verb, CKS), verb
     assert ok("patch", CKS, None, "--subresource=status")
@@ -637,8 +731,9 @@ def test_controller_has_least_privilege(cp: ControlPlane, installed: str) -> Non
         cp.kubectl("patch", CCP, "finalized", "-n", WORKLOADS, "--type=merge", "-p", patch, kubeconfig=controller)
         got = cp.kubectl("get", CCP, "finalized", "-n", WORKLOADS, "-o", "jsonpath={.metadata.finalizers}").stdout
         assert json.loads(got or "[]") == finalizers
-    denied = cp.kubectl("delete", CCP, "finalized", "-n", WORKLOADS, kubeconfig=controller, check=False)
-    assert "Forbidden" in denied.stderr
+    # Deleting is allowed: expired TTLs and a schedule's retention (docs/api.md).
+    deleted = cp.kubectl("delete", CCP, "finalized", "-n", WORKLOADS, kubeconfig=controller, check=False)
+    assert deleted.returncode == 0, deleted.stderr
 
 
 def test_namespace_editors_can_checkpoint_through_aggregated_roles(cp: ControlPlane, installed: str) -> None:
@@ -697,6 +792,7 @@ print(json.dumps({{"storages": [s.metadata.name for s in kube.storages()], "key"
                 "CHECKPOINTER_STORAGE_VALIDATION_SECONDS": "2",
                 # Both run on this host: each serves its liveness endpoint on a port of its own.
                 "CHECKPOINTER_HEALTH_PORT": str(free_port()),
+                "CHECKPOINTER_METRICS_PORT": str(free_port()),
             },
         )
         # The agent's podman is a stand-in that knows no containers (entered with nsenter into this
@@ -713,6 +809,7 @@ print(json.dumps({{"storages": [s.metadata.name for s in kube.storages()], "key"
                 "CHECKPOINTER_PODMAN_COMMAND": json.dumps(["sh", "-c", "echo []", "podman"]),
                 "CHECKPOINTER_SPOOL_DIR": str(tmp_path / "spool"),
                 "CHECKPOINTER_HEALTH_PORT": str(free_port()),
+                "CHECKPOINTER_METRICS_PORT": str(free_port()),
             },
         )
 

@@ -3,6 +3,10 @@
 
 from __future__ import annotations
 
+import os
+import time
+from pathlib import Path
+
 import pytest
 
 from faultkit import MiB, checkpoint, finished, ready, remove, state, uploading, wait_for, workload
@@ -18,19 +22,36 @@ def test_a_spool_that_fills_mid_export_gives_the_container_back(local_env: Local
     env = local_env
     container = workload(env, node, mib=96)
     try:
-        # 48 MiB of room for an export of about 100 MiB: the disk fills while podman exports.
-        with faults.small_spool(env, node, 48) as spool:
+        # Room for the export of about 100 MiB, so the agent's estimate lets it start; once podman
+        # exports into the spool, another writer takes all but 16 MiB of it and the disk fills.
+        with faults.small_spool(env, node, 160) as spool:
             settings = {"CHECKPOINTER_SPOOL_DIR": str(spool), "CHECKPOINTER_SPOOL_MIN_FREE_BYTES": "1048576"}
             with faults.agent_settings(env, node, settings):
                 name = checkpoint(env, node, container)
+                _fill_once_exporting(spool, container, leave=16 * MiB)
                 obj = wait_for(env, "ccp", name, "an end", finished, timeout=180)
                 assert obj["status"]["phase"] == "Failed"
                 assert ready(obj)["reason"] == "InsufficientSpace", obj["status"]
                 assert "restored in place" in ready(obj)["message"], ready(obj)["message"]
                 assert state(env, node, container) == "running"
+                (spool / FILLER).unlink()
                 check_invariants(env)
     finally:
         remove(env, node, container)
+
+
+FILLER = "filler"
+
+
+def _fill_once_exporting(spool: Path, container: str, leave: int) -> None:
+    """Once the export's spool file appears, take all of the spool's free space but `leave` bytes."""
+    deadline = time.monotonic() + 60
+    while not any(spool.glob(f"checkpoint_*/{container}.tar")):
+        assert time.monotonic() < deadline, "the export never started"
+        time.sleep(0.02)
+    stat = os.statvfs(spool)
+    with (spool / FILLER).open("wb") as f:
+        os.posix_fallocate(f.fileno(), 0, max(0, stat.f_bavail * stat.f_frsize - leave))
 
 
 def test_a_spool_without_room_refuses_the_checkpoint_up_front(local_env: LocalEnv) -> None:

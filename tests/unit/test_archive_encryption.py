@@ -93,7 +93,7 @@ def test_spool_raises_what_podman_or_the_disk_raised_through_the_encryption(tmp_
 
 
 def test_age_tool_decrypts_what_the_spool_wrote(tmp_path: Path) -> None:
-    # The by-hand path of the README: the standard age tool reads the stored object.
+    # The by-hand path of docs/usage.md: the standard age tool reads the stored object.
     raw = workload(3 * MiB)
     _, _, path = spool_write(tmp_path, raw, (RECIPIENT,))
     key = tmp_path / "key.txt"

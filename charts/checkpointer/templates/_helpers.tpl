@@ -131,3 +131,11 @@ namespace alone.
 {{- define "checkpointer.adminNamespaces" -}}
 {{- default (list .Release.Namespace) .Values.tenancy.adminNamespaces | toJson }}
 {{- end }}
+
+{{/*
+The /metrics port of one component: its own metricsPort, else metrics.port. Call with
+(dict "root" $ "component" "agent").
+*/}}
+{{- define "checkpointer.metricsPort" -}}
+{{- (index .root.Values .component).metricsPort | default .root.Values.metrics.port | int64 }}
+{{- end }}

@@ -22,6 +22,7 @@ T = TypeVar("T")
 CHECKPOINTS = "containercheckpoints"
 RESTORES = "containerrestores"
 STORAGES = "checkpointstorages"
+SCHEDULES = "checkpointschedules"
 
 
 def load_config() -> None:
@@ -56,6 +57,13 @@ class Kube:
         )
         return {str(o["metadata"]["uid"]): str((o.get("status") or {}).get("phase") or "") for o in found["items"]}
 
+    def list_all(self, plural: str, label_selector: str = "") -> list[dict[str, Any]]:
+        """Every object of `plural` in every namespace that matches `label_selector`."""
+        found: dict[str, Any] = self.custom.list_cluster_custom_object(  # type: ignore[assignment]
+            GROUP, VERSION, plural, label_selector=label_selector
+        )
+        return list(found["items"])
+
     def patch_status(
         self, plural: str, namespace: str, name: str, status: dict[str, Any], resource_version: str = ""
     ) -> dict[str, Any]:
@@ -67,6 +75,56 @@ class Kube:
             GROUP, VERSION, namespace, plural, name, body
         )
         return obj
+
+    def delete(self, plural: str, namespace: str, name: str, uid: str) -> bool:
+        """Delete the object if it is still the one with `uid`; False when it is gone or another one."""
+        body = kubernetes.client.V1DeleteOptions(preconditions=kubernetes.client.V1Preconditions(uid=uid))
+        try:
+            self.custom.delete_namespaced_custom_object(GROUP, VERSION, namespace, plural, name, body=body)
+        except ApiException as e:
+            if e.status in (404, 409):
+                return False
+            raise
+        return True
+
+    def create(self, plural: str, namespace: str, body: dict[str, Any]) -> dict[str, Any] | None:
+        """Create the object; None when one of that name exists already."""
+        try:
+            obj: dict[str, Any] = self.custom.create_namespaced_custom_object(  # type: ignore[assignment]
+                GROUP, VERSION, namespace, plural, body
+            )
+        except ApiException as e:
+            if e.status == 409:
+                return None
+            raise
+        return obj
+
+    def labelled(self, plural: str, namespace: str, label_selector: str) -> list[dict[str, Any]]:
+        """The objects of `plural` in `namespace` that match `label_selector`."""
+        found: dict[str, Any] = self.custom.list_namespaced_custom_object(  # type: ignore[assignment]
+            GROUP, VERSION, namespace, plural, label_selector=label_selector
+        )
+        items: list[dict[str, Any]] = found["items"]
+        return items
+
+    def create_event(self, kind: str, namespace: str, name: str, uid: str, reason: str, message: str) -> None:
+        """A Normal Event about an object, from a thread of our own (kopf posts its Events only
+        from its handlers' context)."""
+        now = datetime.datetime.now(datetime.UTC)
+        event = kubernetes.client.CoreV1Event(
+            metadata=kubernetes.client.V1ObjectMeta(generate_name=f"{name}.", namespace=namespace),
+            involved_object=kubernetes.client.V1ObjectReference(
+                api_version=f"{GROUP}/{VERSION}", kind=kind, name=name, namespace=namespace, uid=uid
+            ),
+            reason=reason,
+            message=message[:1024],
+            type="Normal",
+            source=kubernetes.client.V1EventSource(component="checkpointer"),
+            first_timestamp=now,
+            last_timestamp=now,
+            count=1,
+        )
+        self.core.create_namespaced_event(namespace, event)
 
     def storage(self, name: str) -> CheckpointStorage | None:
         obj = _found(lambda: self.custom.get_cluster_custom_object(GROUP, VERSION, STORAGES, name))
@@ -176,6 +234,21 @@ class Kube:
 
     def node_exists(self, name: str) -> bool:
         return _found(lambda: self.core.read_node(name)) is not None
+
+    def node_names(self) -> list[str]:
+        return [str(n.metadata.name) for n in self.core.list_node().items if n.metadata]
+
+    def lease_ages(self, namespace: str) -> dict[str, tuple[float, int]]:
+        """Seconds since each Lease of `namespace` was last renewed and its duration, by name; one request."""
+        ages = {}
+        now = datetime.datetime.now(datetime.UTC)
+        for lease in self.coordination.list_namespaced_lease(namespace).items:
+            spec = lease.spec
+            renewed = (spec.renew_time or spec.acquire_time) if spec else None
+            if spec and lease.metadata and renewed is not None:
+                age = (now - renewed).total_seconds()
+                ages[str(lease.metadata.name)] = (age, int(spec.lease_duration_seconds or 0))
+        return ages
 
     def lease_age(self, namespace: str, name: str) -> tuple[float, int] | None:
         """Seconds since the Lease was last renewed and its duration; None when it does not exist."""

@@ -16,6 +16,7 @@ import fcntl
 import http.client
 import json
 import os
+import posixpath
 import re
 import shutil
 import socket
@@ -66,6 +67,15 @@ class Container:
         return dict(self.labels).get(name)
 
 
+@dataclass(frozen=True)
+class Footprint:
+    """What a checkpoint of a container writes at most, in bytes: the memory its cgroup charges it
+    (CRIU dumps those pages) and its root file system's changes (podman's SizeRw)."""
+
+    memory: int
+    rootfs_diff: int
+
+
 class Runtime(Protocol):
     def containers(self) -> list[Container]: ...
     def latest(self) -> Container | None: ...
@@ -86,6 +96,10 @@ class Runtime(Protocol):
 
     def remove_local_checkpoint(self, container: Container) -> None:
         """Remove what `--keep` kept of a checkpoint in the container's folder."""
+        ...
+
+    def footprint(self, name: str) -> Footprint:
+        """The container's memory usage and root file system changes, for the spool's estimate."""
         ...
 
     def read_file(self, path: str) -> bytes | None: ...
@@ -118,6 +132,43 @@ def _created(value: Any) -> float:
         return 0.0
 
 
+def cgroup_memory_files(cgroups: str) -> list[str]:
+    """Where the node may show the memory a process's cgroup is charged, from its /proc/<pid>/cgroup. Pure.
+
+    cgroup v2 (`0::<path>`) keeps it in memory.current, v1 (`<n>:memory:<path>`) in memory.usage_in_bytes.
+    A node that runs in a container of its own (a cgroup namespace, or a hierarchy mounted at its own
+    cgroup) shows only the end of the path: every shorter suffix is a candidate, the longest first.
+    """
+    candidates: list[str] = []
+    for line in cgroups.splitlines():
+        _, controllers, path = [*line.split(":", 2), "", ""][:3]
+        if "memory" in controllers.split(","):
+            base, leaf = "/sys/fs/cgroup/memory", "memory.usage_in_bytes"
+        elif controllers == "":
+            base, leaf = "/sys/fs/cgroup", "memory.current"
+        else:
+            continue
+        parts = [p for p in path.split("/") if p]
+        candidates += [posixpath.join(base, *parts[i:], leaf) for i in range(len(parts))]
+    return candidates
+
+
+def _footprint(inspected: dict[str, Any], read_file: Callable[[str], bytes | None]) -> Footprint:
+    """A container's footprint from its inspection (SizeRw, its pid) and its cgroup's memory counter.
+
+    The cgroup is read on the node rather than through podman's stats, which fail where podman cannot
+    load the cgroup (nodes nested in containers); 0 when the container has no process.
+    """
+    rootfs_diff = int(inspected.get("SizeRw") or 0)
+    pid = int((inspected.get("State") or {}).get("Pid") or 0)
+    cgroups = read_file(f"/proc/{pid}/cgroup") if pid else None
+    for path in cgroup_memory_files(cgroups.decode(errors="replace")) if cgroups else []:
+        content = read_file(path)
+        if content is not None and content.strip().isdigit():
+            return Footprint(memory=int(content.strip()), rootfs_diff=rootfs_diff)
+    return Footprint(memory=0, rootfs_diff=rootfs_diff)
+
+
 def _stats(text: str) -> dict[str, Any]:
     """podman --print-stats writes one JSON document; anything else on stdout is ignored."""
     start = text.find("{")
@@ -143,7 +194,16 @@ class _UnixConnection(http.client.HTTPConnection):
 
 
 # What podman's `--keep` leaves in the container's folder, and podman removes without it.
-LOCAL_CHECKPOINT = ("checkpoint", "dump.log", "stats-dump", "config.dump", "spec.dump")
+LOCAL_CHECKPOINT = (
+    "checkpoint",
+    "dump.log",
+    "stats-dump",
+    "config.dump",
+    "spec.dump",
+    "devshm-checkpoint.tar",
+    "restore.log",
+    "stats-restore",
+)
 
 
 class ApiRuntime:
@@ -205,6 +265,10 @@ class ApiRuntime:
             if e.status == 404:
                 return None
             raise
+
+    def footprint(self, name: str) -> Footprint:
+        inspected = self._json("GET", f"/containers/{urllib.parse.quote(name)}/json", {"size": "true"}) or {}
+        return _footprint(inspected, self.read_file)
 
     def image_exists(self, image: str) -> bool:
         try:
@@ -313,6 +377,10 @@ class CliRuntime:
                 return None
             raise
         return _container(found[0]) if found else None
+
+    def footprint(self, name: str) -> Footprint:
+        found = json.loads(self._run("container", "inspect", "--size", "--format=json", name) or "[]")
+        return _footprint(found[0] if found else {}, self.read_file)
 
     def image_exists(self, image: str) -> bool:
         try:

@@ -189,3 +189,26 @@ def digest_file(path: Path, part_size: int) -> Digest:
             parts.update(chunk)
             size += len(chunk)
     return Digest(size, digest.hexdigest(), part_size, parts.close())
+
+
+@dataclass(frozen=True)
+class SpoolUsage:
+    """What the spool holds, what its file system has free, and its cap (0: none), in bytes."""
+
+    used_bytes: int
+    free_bytes: int
+    cap_bytes: int
+
+
+def spool_usage(root: Path, cap_bytes: int = 0) -> SpoolUsage:
+    """The bytes the files under `root` take on disk (allocated, as the file system counts them) and
+    the bytes its file system has free for an unprivileged writer."""
+    used = 0
+    for folder, _, files in os.walk(root):
+        for name in files:
+            try:
+                used += os.lstat(os.path.join(folder, name)).st_blocks * 512
+            except FileNotFoundError:  # removed while counting
+                continue
+    stat = os.statvfs(root)
+    return SpoolUsage(used_bytes=used, free_bytes=stat.f_bavail * stat.f_frsize, cap_bytes=cap_bytes)

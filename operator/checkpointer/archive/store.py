@@ -249,6 +249,24 @@ class ArchiveStore:
                     aborted += 1
         return aborted
 
+    def open_uploads(self, under: str) -> list[tuple[str, str]]:
+        """Every open multipart upload whose key is below the folder `under`, as (key, upload id)."""
+        start = f"{under.strip('/')}/" if under.strip("/") else ""
+        found = []
+        for page in self._s3.get_paginator("list_multipart_uploads").paginate(Bucket=self.bucket, Prefix=start):
+            found += [(str(u["Key"]), str(u["UploadId"])) for u in page.get("Uploads", [])]
+        return found
+
+    def abort_upload(self, key: str, upload_id: str) -> bool:
+        """Abort one multipart upload; False when it was already completed or aborted."""
+        try:
+            self._s3.abort_multipart_upload(Bucket=self.bucket, Key=key, UploadId=upload_id)
+        except ClientError as e:
+            if _code(e) not in ("NoSuchUpload", "404"):
+                raise
+            return False
+        return True
+
     # --- small objects ---------------------------------------------------------------------------
 
     def put_manifest(self, directory: str, manifest: dict[str, Any]) -> str:
@@ -275,6 +293,15 @@ class ArchiveStore:
         if len(data) > MANIFEST_MAX_BYTES:
             raise CorruptArchive(f"{self.uri(directory)}/{layout.MANIFEST} is larger than {MANIFEST_MAX_BYTES} bytes")
         return data
+
+    def manifest_directories(self, under: str) -> Iterator[str]:
+        """Every folder below `under` that holds a manifest, in the bucket's listing order."""
+        start = f"{under.strip('/')}/" if under.strip("/") else ""
+        for page in self._s3.get_paginator("list_objects_v2").paginate(Bucket=self.bucket, Prefix=start):
+            for stored in page.get("Contents", []):
+                directory, _, name = stored.get("Key", "").rpartition("/")
+                if name == layout.MANIFEST and directory:
+                    yield directory
 
     def exists(self, key: str) -> bool:
         return self._exists(key)

@@ -26,12 +26,13 @@ from typing import Any
 
 import kopf
 
-from checkpointer import layout
+from checkpointer import layout, metrics
 from checkpointer.adapters.kube import CHECKPOINTS
 from checkpointer.adapters.podman import Container, PodmanError, checkpoint_in_progress, criu_supports
 from checkpointer.archive import encryption
 from checkpointer.archive import spool as spooling
 from checkpointer.archive.codec import Chunk
+from checkpointer.archive.ledger import KeptCheckpoint, OpenUpload
 from checkpointer.archive.spool import Digest, GrowingFile
 from checkpointer.archive.store import ArchiveStore, Cancelled, StorageError, StoredMismatch
 from checkpointer.archive.workfolder import CHECKPOINT, SpoolRecord, Target, UploadState, WorkFolder
@@ -41,6 +42,7 @@ from checkpointer.models import Archive, CheckpointSpec, Compression, ContainerC
 from checkpointer.reasons import Phase, Reason
 from checkpointer.services.node import EXCLUDE_LABEL, NAMESPACE_LABEL, Node, classify
 from checkpointer.services.signing import signing_requested
+from checkpointer.services.space import Estimate, refusal
 from checkpointer.settings import Settings
 from checkpointer.status import Conflict, StatusWriter, event_subject
 
@@ -167,7 +169,9 @@ class Checkpoint:
         return ref.name if ref else ""
 
     def run(self) -> None:
+        began = time.monotonic()
         targets = self.all_targets = self.targets()
+        self.status.steps.took("resolve", began, containers=len(targets))
         names = ", ".join(t.name for t in targets)
         if self.ccp.status.phase == Phase.SCHEDULED:
             self.status.phase(Phase.CHECKPOINTING, Reason.CHECKPOINTING, f"checkpointing {names}")
@@ -176,6 +180,8 @@ class Checkpoint:
         )
         directory = layout.archive_dir(store.prefix, self.ccp) if store else ""
         archives = {a.container: a for a in self.ccp.status.archives}
+        if store is not None:
+            self.require_room([t for t in targets if t.name not in archives])
         for i, target in enumerate(targets):
             if target.name in archives:
                 continue  # uploaded before a restart
@@ -186,10 +192,12 @@ class Checkpoint:
             started = str(self.status.status.get("startTime") or now(precise=True))
             entries = [{**self.manifest_entry(a), **self.spool_facts(a["container"])} for a in _dump(archives.values())]
             manifest = layout.manifest(self.ccp, entries, self.node.host(), started, now(precise=True))
+            began = time.monotonic()
             try:
                 sha256 = store.put_manifest(directory, manifest)
             except StorageError as e:
                 raise Retry(Reason.UPLOAD_RETRYING, f"the manifest could not be written: {e}", delay=5) from None
+            self.status.steps.took("manifest", began)
             # Only the controller holds the signing key: it checks this manifest against the object,
             # signs it and writes Succeeded (services/signing.py).
             where = f" to {store.uri(directory)}/"
@@ -253,7 +261,9 @@ class Checkpoint:
             )
         if store is None:
             self.folder.mark(target.name)
+            began = time.monotonic()
             stats = self.podman_checkpoint(target, None, None, directory)
+            self.status.steps.took("checkpoint", began, container=target.name)
             return Archive(container=target.name, containerID=target.id, stats=stats)
         if record is None and self.ccp.status.storage_ref:
             # Read before the container is stopped: a storage that cannot encrypt fails the checkpoint first.
@@ -299,6 +309,7 @@ class Checkpoint:
                 self.ccp.metadata.name,
                 target.name,
             )
+            began = time.monotonic()
             try:
                 stats = self.podman_checkpoint(target, write, store, directory)
                 if written is None:
@@ -308,6 +319,8 @@ class Checkpoint:
                 uploading.exception()  # the upload aborts itself on the spool's bad verdict
                 raise self.after_failed_export(target, e, store, key) from None
             spool.finish()
+            exported = time.monotonic()
+            self.status.steps.took("checkpoint", began, container=target.name)
             # While the upload goes on: the configuration podman kept beside its local checkpoint.
             pool.submit(self.configuration, target)
             digest, raw = written
@@ -329,6 +342,8 @@ class Checkpoint:
         if error is not None:
             self.upload_failed(target, store, key, error)
         self.confirm(target, store, key, record)
+        # The upload ran beside the export: this is the part of it a checkpoint waits for after.
+        self.status.steps.took("upload", exported, container=target.name)
         return record
 
     def upload_again(self, target: Target, store: ArchiveStore, key: str, record: SpoolRecord) -> None:
@@ -355,20 +370,27 @@ class Checkpoint:
         self.status.phase(
             Phase.UPLOADING, Reason.UPLOAD_RETRYING, f"uploading the spooled archive of {target.name} again"
         )
+        began = time.monotonic()
         try:
             self.upload(target, store, key, GrowingFile.finished(self.spool_path(target), digest), digest.size)
         except Exception as e:
             self.upload_failed(target, store, key, e)
         self.confirm(target, store, key, record)
+        self.status.steps.took("upload", began, container=target.name)
 
     def upload(self, target: Target, store: ArchiveStore, key: str, spool: GrowingFile, total: int | None) -> None:
         state = self.folder.upload_state(target.name)
         state = state if state is not None and state.key == key else UploadState(key=key, storage=self.storage_name)
 
         def started(upload_id: str) -> None:
+            # In the ledger first: a folder lost later does not leave the upload open for ever.
+            self.node.ledger.add_upload(OpenUpload(self.ccp.metadata.uid, self.storage_name, key, upload_id))
             self.folder.save_upload_state(target.name, replace(state, upload_id=upload_id))
 
+        uploaded = metrics.byte_counter(metrics.UPLOADED, self.settings.node_name, self.storage_name)
+
         def progress(done: int) -> None:
+            uploaded(done)
             self.status.progress(done, total)
             if self.status.deleting:
                 self.cancelled.set()
@@ -381,6 +403,7 @@ class Checkpoint:
         """Stored equals reported: the object's size and part checksums are the spool's."""
         try:
             store.verify(key, record.digest)
+            self.node.ledger.upload_done(self.ccp.metadata.uid, key)
         except StoredMismatch as e:
             with contextlib.suppress(*StorageError):  # the next upload replaces it either way
                 store.delete(key)
@@ -439,6 +462,9 @@ class Checkpoint:
     def podman_checkpoint(
         self, target: Target, write: Any, store: ArchiveStore | None, directory: str
     ) -> dict[str, Any]:
+        if self.spec.keep:  # what podman keeps goes once nobody needs it (services/sweep.py)
+            entry = KeptCheckpoint(self.ccp.metadata.uid, CHECKPOINT, target.id, exported=store is not None)
+            self.node.ledger.add_kept(entry)
         try:
             return self.node.runtime.checkpoint(self.spec, target.name, write, self.folder.path)
         except PodmanError as e:
@@ -562,6 +588,31 @@ class Checkpoint:
                 self.node.runtime.remove_local_checkpoint(container)
         except Exception as e:  # a leftover on the node, never a reason to fail a stored archive
             log.warning("could not remove the local checkpoint of %s: %s", target.name, e)
+
+    def require_room(self, targets: list[Target]) -> None:
+        """Refuse up front a checkpoint whose archives the spool cannot take (services/space.py)."""
+        fresh = [t for t in targets if not self.folder.marked(t.name) and self.folder.spool_record(t.name) is None]
+        if not fresh:
+            return  # spooled or cut short before a restart: nothing new goes into the spool
+        asked = time.monotonic()
+        try:
+            estimate = Estimate.of(self.node.runtime.footprint(t.name) for t in fresh)
+        except PodmanError as e:
+            message = f"podman could not tell the memory and root file system changes of the containers: {e.message}"
+            raise Failure(classify(e, Reason.CHECKPOINT_FAILED), message) from None
+        settings = self.settings
+        usage = spooling.spool_usage(settings.spool_dir, settings.spool_max_bytes)
+        why = refusal(estimate, usage, settings.spool_min_free_bytes, settings.spool_dir)
+        if why is not None:
+            raise Failure(Reason.INSUFFICIENT_SPACE, why)
+        log.info(
+            "checkpoint %s/%s: archives estimated at %d MiB in %.2fs, the spool has %d MiB free",
+            self.ccp.metadata.namespace,
+            self.ccp.metadata.name,
+            estimate.total // 2**20,
+            time.monotonic() - asked,
+            usage.free_bytes // 2**20,
+        )
 
     def require_space(self) -> None:
         spool_dir = self.settings.spool_dir

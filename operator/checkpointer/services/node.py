@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 from checkpointer.adapters.kube import Kube
 from checkpointer.adapters.podman import PodmanError, Runtime, criu_check
 from checkpointer.archive.encryption import Keys
+from checkpointer.archive.ledger import Ledger
 from checkpointer.archive.store import ArchiveStore, RateLimiter, StorageError, Stores, Transfer
 from checkpointer.errors import Failure
 from checkpointer.models import NameRef
@@ -25,6 +26,8 @@ class Node:
     kube: Kube
     runtime: Runtime
     stores: Stores = field(init=False)
+    # The uploads this agent opened and the local checkpoints `keep` left, for its sweep.
+    ledger: Ledger = field(init=False)
     _host: dict[str, str] | None = field(default=None, init=False)
 
     def __post_init__(self) -> None:
@@ -35,6 +38,7 @@ class Node:
             download_limiter=RateLimiter(self.settings.download_bytes_per_second),
         )
         self.stores = Stores(self.kube, transfer)
+        self.ledger = Ledger(self.settings.spool_dir)
 
     def host(self) -> dict[str, str]:
         if self._host is None:

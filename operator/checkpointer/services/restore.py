@@ -12,15 +12,17 @@ from __future__ import annotations
 import logging
 import os
 import posixpath
+import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
-from checkpointer import layout
+from checkpointer import layout, metrics
 from checkpointer.adapters.kube import RESTORES
 from checkpointer.adapters.podman import PodmanError
 from checkpointer.archive.codec import ContainerConfiguration, CorruptArchive, read_configuration
 from checkpointer.archive.encryption import Keys
+from checkpointer.archive.ledger import KeptCheckpoint
 from checkpointer.archive.store import ArchiveMissing, ArchiveStore, StorageError
 from checkpointer.archive.workfolder import RESTORE, WorkFolder
 from checkpointer.errors import Failure, Retry
@@ -77,11 +79,15 @@ def _run(node: Node, crst: ContainerRestore, status: StatusWriter, folder: WorkF
     folder.create()
     store = node.store(archive.storage_ref)
     status.phase(Phase.DOWNLOADING, Reason.DOWNLOADING, f"downloading {store.uri(archive.key)}")
+    began = time.monotonic()
     # Before a byte is fetched: is it an archive this cluster's controller signed?
     trust = _trust(node, store, archive.storage_ref, archive.key)
     expected = archive.sha256 or trust.sha256
     path = folder.file(_local_name(archive.key))
-    digest = _fetch(node.settings, store, node.encryption(archive.storage_ref), archive.key, path, status, trust)
+    keys = node.encryption(archive.storage_ref)
+    digest = _fetch(node.settings, store, keys, archive.key, path, status, trust, archive.storage_ref.name)
+    status.steps.took("download", began)
+    began = time.monotonic()
     log.info("restore %s/%s: downloaded %s to the node", crst.metadata.namespace, crst.metadata.name, archive.key)
     if trust.signed and digest != trust.sha256:
         raise Failure(
@@ -129,15 +135,19 @@ def _run(node: Node, crst: ContainerRestore, status: StatusWriter, folder: WorkF
             classify(e, Reason.RESTORE_FAILED), f"podman could not be asked about the node: {e.message}"
         ) from None
 
+    status.steps.took("verify", began)
     folder.mark(RESTORING)
     status.phase(Phase.RESTORING, Reason.RESTORING, f"restoring {name or 'container'} with podman")
     log.info("restore %s/%s: podman restores %s", crst.metadata.namespace, crst.metadata.name, name or "the container")
     try:
-        stats = runtime.restore(crst.spec, path, previous)
+        with status.steps.step("restore", container=name):
+            stats = runtime.restore(crst.spec, path, previous)
     except PodmanError as e:
         _remove_half_restored(node, name)
         raise Failure(classify(e, Reason.RESTORE_FAILED), f"podman could not restore: {e.message}") from None
     restored = runtime.inspect(name) if name else None
+    if crst.spec.keep and restored is not None:  # what podman kept goes once nobody needs it (services/sweep.py)
+        node.ledger.add_kept(KeptCheckpoint(crst.metadata.uid, RESTORE, restored.id))
     status.phase(
         Phase.SUCCEEDED,
         Reason.SUCCEEDED,
@@ -200,13 +210,20 @@ def _fetch(
     path: Path,
     status: StatusWriter,
     trust: signing.Trust,
+    storage: str = "",
 ) -> str:
     # The stated size is of the tar: only a zstd archive is decompressed on the way.
     stated = trust.uncompressed_size if layout.compression_of(key) is Compression.ZSTD else None
     stat = os.statvfs(path.parent)
     limit = download_limit(settings, stat.f_bavail * stat.f_frsize, stated)
     try:
-        digest, size = store.download(key, path, status.progress, keys=keys, limit=limit)
+        downloaded = metrics.byte_counter(metrics.DOWNLOADED, settings.node_name, storage)
+
+        def progress(done: int, total: int) -> None:
+            downloaded(done)
+            status.progress(done, total)
+
+        digest, size = store.download(key, path, progress, keys=keys, limit=limit)
     except ArchiveMissing as e:
         raise Failure(Reason.ARCHIVE_NOT_FOUND, str(e)) from None
     except CorruptArchive as e:
@@ -224,7 +241,7 @@ def _previous(node: Node, ref: ArchiveRef, folder: WorkFolder, status: StatusWri
     path = folder.file("previous-" + _local_name(key))
     trust = _trust(node, store, NameRef(name=storage.metadata.name), key)
     keys = node.encryption(NameRef(name=storage.metadata.name))
-    digest = _fetch(node.settings, store, keys, key, path, status, trust)
+    digest = _fetch(node.settings, store, keys, key, path, status, trust, storage.metadata.name)
     if trust.signed and digest != trust.sha256:
         raise Failure(
             Reason.ARCHIVE_UNTRUSTED, f"the bytes of previous archive {key} are not those its signed manifest records"

@@ -16,6 +16,7 @@ import hashlib
 import json
 import logging
 import posixpath
+import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -132,6 +133,7 @@ def sign_checkpoint(kube: Kube, stores: Stores, key: Ed25519PrivateKey, body: di
     """
     ccp = ContainerCheckpoint.model_validate(body)
     status = StatusWriter(kube, CHECKPOINTS, body)
+    started = time.monotonic()
     ref = ccp.status.storage_ref
     storage = kube.storage(ref.name) if ref else None
     if storage is None:
@@ -167,6 +169,7 @@ def sign_checkpoint(kube: Kube, stores: Stores, key: Ed25519PrivateKey, body: di
     if not signed:
         store.put_manifest(directory, signing.sign(manifest, key))
     names = ", ".join(a.container for a in ccp.status.archives)
+    status.steps.took("sign", started)
     status.phase(Phase.SUCCEEDED, Reason.SUCCEEDED, f"checkpointed {names} to {store.uri(directory)}/ (signed)")
 
 

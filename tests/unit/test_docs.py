@@ -1,0 +1,75 @@
+"""The docs stay whole: every reason has a troubleshooting entry, and every relative link resolves.
+
+A new Reason without an entry in docs/troubleshooting.md fails here, as does a link in the README or
+docs/ to a file or heading that moved.
+"""
+
+from __future__ import annotations
+
+import re
+from enum import StrEnum
+from pathlib import Path
+
+import pytest
+
+from checkpointer import reasons
+
+ROOT = Path(__file__).resolve().parents[2]
+PAGES = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
+LINK = re.compile(r"\[[^\]]*\]\(([^)\s]+)\)")
+FENCE = re.compile(r"^(```|~~~).*?^\1", re.M | re.S)
+CODE = re.compile(r"(`+)[^`]*?\1")
+
+
+def anchors(page: Path) -> set[str]:
+    """GitHub's heading anchors: lowercase, punctuation dropped, spaces to '-', repeats numbered."""
+    seen: dict[str, int] = {}
+    found = set()
+    for heading in re.findall(r"^#{1,6} +(.+?) *#*$", FENCE.sub("", page.read_text()), re.M):
+        slug = re.sub(r"[^\w\- ]", "", heading.lower()).replace(" ", "-")
+        count = seen.get(slug, 0)
+        seen[slug] = count + 1
+        found.add(slug if count == 0 else f"{slug}-{count}")
+    return found
+
+
+def links(page: Path) -> list[str]:
+    text = CODE.sub("", FENCE.sub("", page.read_text()))
+    return [target for target in LINK.findall(text) if "://" not in target]
+
+
+# Every enum of reasons users see: an object's Reason, a schedule's ScheduleReason, and any added later.
+REASONS = [
+    enum
+    for name, enum in vars(reasons).items()
+    if name.endswith("Reason") and isinstance(enum, type) and issubclass(enum, StrEnum)
+]
+
+
+def test_every_reason_has_a_troubleshooting_entry() -> None:
+    assert reasons.Reason in REASONS
+    text = (ROOT / "docs" / "troubleshooting.md").read_text()
+    missing = [reason.value for enum in REASONS for reason in enum if f"\n### `{reason.value}`\n" not in text]
+    assert not missing, f"docs/troubleshooting.md has no entry (### `Reason`) for: {', '.join(missing)}"
+
+
+@pytest.mark.parametrize("page", PAGES, ids=lambda p: str(p.relative_to(ROOT)))
+def test_relative_links_resolve(page: Path) -> None:
+    broken = []
+    for target in links(page):
+        if target.startswith("mailto:"):
+            continue
+        path, _, anchor = target.partition("#")
+        linked = (page.parent / path).resolve() if path else page
+        if not linked.exists():
+            broken.append(f"{target}: no such file")
+        elif anchor and linked.suffix == ".md" and anchor not in anchors(linked):
+            broken.append(f"{target}: no such heading")
+    assert not broken, f"{page.relative_to(ROOT)}: " + "; ".join(broken)
+
+
+def test_the_anchor_rule_is_githubs() -> None:
+    page = ROOT / "docs" / "troubleshooting.md"
+    found = anchors(page)
+    assert "an-object-stays-scheduled" in found and "agentunavailable" in found
+    assert "criufeaturemissing" in found
