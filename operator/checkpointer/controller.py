@@ -313,7 +313,11 @@ def register(registry: kopf.OperatorRegistry, settings: Settings, kube: Kube) ->
     def delete_archives(body: kopf.Body, **_: Any) -> None:
         ccp = ContainerCheckpoint.model_validate(dict(body))
         phase = ccp.status.phase
-        waiting = phase and not Phase(phase).finished and not signing.signing_requested(body.get("status") or {})
+        # Scheduled: the agent has not begun (its first write moves it on), and never will: kopf runs no
+        # handler of the agent's for an object that is being deleted when it first sees it. Should it
+        # be taking it up right now, its first write finds the object deleting or gone, before podman.
+        started = phase and phase != Phase.SCHEDULED and not Phase(phase).finished
+        waiting = started and not signing.signing_requested(body.get("status") or {})
         if waiting and leases.alive(ccp.spec.node_name):
             # The agent sees the deletion in the answer to its next status write, gives the container
             # back and ends the object; podman may still be running. Only then is the bucket cleaned.

@@ -56,9 +56,21 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(line, default=str)
 
 
+def _not_a_handler_success(record: logging.LogRecord) -> bool:
+    """False for kopf's "Handler '…' succeeded." lines, which its watch-event handlers write for every
+    event of every object (thousands a minute at scale); step lines say what was done."""
+    return not (
+        record.name == "kopf.objects"
+        and record.levelno == logging.INFO
+        and record.getMessage().endswith("' succeeded.")
+    )
+
+
 def configure(log_format: LogFormat, verbose: bool) -> None:
     handler = logging.StreamHandler()
     handler.setFormatter(JsonFormatter() if log_format == "json" else logging.Formatter(TEXT_FORMAT))
+    if not verbose:
+        handler.addFilter(_not_a_handler_success)
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(logging.DEBUG if verbose else logging.INFO)

@@ -123,3 +123,19 @@ def test_elapsed_starts_at_start_time_else_creation() -> None:
     assert metrics.elapsed({}, None) is None
     since_start = metrics.elapsed({"startTime": "2030-01-01T00:00:00Z"}, "2020-01-01T00:00:00Z")
     assert since_start == 0.0  # a clock behind the writer's never makes a negative duration
+
+
+@pytest.mark.parametrize(("verbose", "shown"), [(False, 1), (True, 2)])
+def test_kopfs_per_event_handler_successes_show_only_when_verbose(
+    capsys: pytest.CaptureFixture[str], verbose: bool, shown: int
+) -> None:
+    root = logging.getLogger()
+    saved = root.handlers[:], root.level
+    try:
+        logs.configure("text", verbose=verbose)
+        kopf_objects = logging.getLogger("kopf.objects")
+        kopf_objects.info("Handler 'register.<locals>.expire_finished' succeeded.")
+        kopf_objects.info("Creation is processed: 1 succeeded; 0 failed.")
+    finally:
+        root.handlers[:], root.level = saved[0], saved[1]
+    assert len(capsys.readouterr().err.splitlines()) == shown
