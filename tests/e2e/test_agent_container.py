@@ -184,7 +184,8 @@ def test_agent_in_a_container_as_the_chart_runs_it_exports_a_checkpoint(
                 "spec": {"nodeName": node_name, "containers": [counter], "export": {}},
             }
         )
-        status = env.wait_phase("ccp", ccp, ["Succeeded", "Failed"])["status"]
+        obj = env.wait_phase("ccp", ccp, ["Succeeded", "Failed"])
+        status = obj["status"]
         assert status["phase"] == "Succeeded", f"{status}\n{container_logs(node, agent)}"
         [archive] = status["archives"]
         data = env.s3.client().get_object(Bucket=env.s3.bucket, Key=archive["key"])["Body"].read()
@@ -193,7 +194,9 @@ def test_agent_in_a_container_as_the_chart_runs_it_exports_a_checkpoint(
         assert hashlib.sha256(data).hexdigest() == archive["sha256"]
         # The container did it: the node's host-process agent is stopped, and this one ran the handler.
         assert f"agent-{node_name}" not in {p.name for p in env.supervisor.processes}
-        assert "Handler 'register.<locals>.take_checkpoint' succeeded" in container_logs(node, agent)
+        # Its step line names the object, its uid and the node (docs/metrics.md#step-logs).
+        step = f"checkpoint default/{ccp} uid={obj['metadata']['uid'][:8]} node={node_name} step=checkpoint"
+        assert step in container_logs(node, agent)
         node.podman("rm", "-f", counter)
         env.kubectl("delete", "ccp", ccp, "--wait=true", "--timeout=60s")
     finally:
