@@ -11,7 +11,6 @@ import logging
 import threading
 import time
 from collections import OrderedDict
-from pathlib import Path
 from typing import Any
 
 import kopf
@@ -103,17 +102,10 @@ def _current(agent: Node, plural: str, body: kopf.Body, retry: int) -> dict[str,
     return fresh
 
 
-def spool_room(root: Path, cap_bytes: int) -> tuple[int, int]:
-    """Bytes the spool holds, and what it may still take: its filesystem's free space, within its cap."""
-    usage = spool_usage(root, cap_bytes)
-    room = usage.free_bytes if not cap_bytes else max(0, min(usage.free_bytes, cap_bytes - usage.used_bytes))
-    return usage.used_bytes, room
-
-
 def register(registry: kopf.OperatorRegistry, agent: Node) -> None:
     node = agent.settings.node_name
     settings = agent.settings
-    metrics.register(metrics.Spool(node, lambda: spool_room(settings.spool_dir, settings.spool_max_bytes)))
+    metrics.register(metrics.Spool(node, lambda: spool_usage(settings.spool_dir, settings.spool_max_bytes)))
     mine = {NODE_LABEL: node}
 
     @kopf.on.resume(GROUP, VERSION, CHECKPOINTS, labels=mine, registry=registry)

@@ -8,10 +8,26 @@ from typing import Any
 from checkpointer.reasons import ConditionType, Phase, Reason
 
 
-def now(precise: bool = False) -> str:
+def format_time(moment: datetime.datetime, precise: bool = False) -> str:
     """RFC 3339 in UTC. `precise` keeps microseconds, as startTime and completionTime do: many
     checkpoints take less than a second, and the time to pickup is measured from startTime."""
-    return datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ" if precise else "%Y-%m-%dT%H:%M:%SZ")
+    return moment.astimezone(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ" if precise else "%Y-%m-%dT%H:%M:%SZ")
+
+
+def now(precise: bool = False) -> str:
+    return format_time(datetime.datetime.now(datetime.UTC), precise)
+
+
+def parse_time(text: str | None) -> datetime.datetime | None:
+    """An RFC 3339 time as status and the API server write it (with or without a fraction), in UTC;
+    None for nothing or for text that is not one."""
+    if not text:
+        return None
+    try:
+        parsed = datetime.datetime.fromisoformat(text.replace("Z", "+00:00"))
+    except ValueError:
+        return None
+    return parsed.astimezone(datetime.UTC) if parsed.tzinfo else parsed.replace(tzinfo=datetime.UTC)
 
 
 def set_condition(

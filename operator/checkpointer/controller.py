@@ -18,7 +18,7 @@ from checkpointer.adapters.kube import CHECKPOINTS, RESTORES, STORAGES, Kube
 from checkpointer.archive.store import RateLimiter, StorageError, Stores, Transfer
 from checkpointer.errors import Failure
 from checkpointer.models import CheckpointStorage, ContainerCheckpoint, ContainerRestore
-from checkpointer.reasons import Phase, Reason
+from checkpointer.reasons import FINISHED, Phase, Reason
 from checkpointer.services import scheduling, signing, validation
 from checkpointer.services.expiry import Expiring, ExpiryClock
 from checkpointer.settings import Settings
@@ -114,7 +114,7 @@ def _signing_requested(body: kopf.Body, **_: Any) -> bool:
 
 
 def _finished(body: kopf.Body, **_: Any) -> bool:
-    return (body.get("status") or {}).get("phase") in (Phase.SUCCEEDED, Phase.FAILED)
+    return (body.get("status") or {}).get("phase") in FINISHED
 
 
 def _register_expiry(registry: kopf.OperatorRegistry, settings: Settings, kube: Kube) -> None:

@@ -9,22 +9,9 @@ from __future__ import annotations
 import datetime
 from typing import Any
 
+from checkpointer.conditions import format_time, parse_time
 from checkpointer.durations import parse_duration
-from checkpointer.reasons import Phase
-
-
-def parse_time(text: str) -> datetime.datetime | None:
-    """An RFC 3339 time as status writes it (with or without microseconds); None when it is not one."""
-    try:
-        parsed = datetime.datetime.fromisoformat(text.replace("Z", "+00:00"))
-    except ValueError:
-        return None
-    return parsed if parsed.tzinfo else parsed.replace(tzinfo=datetime.UTC)
-
-
-def format_time(moment: datetime.datetime) -> str:
-    """RFC 3339 in UTC, whole seconds: what status.expiration holds."""
-    return moment.astimezone(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+from checkpointer.reasons import FINISHED
 
 
 def ttl_of(obj: dict[str, Any], default: str) -> str:
@@ -44,13 +31,13 @@ def expiration(completion_time: str, ttl: str) -> str | None:
     moment = completed + span
     if moment.microsecond:  # never before completionTime + ttl
         moment = moment.replace(microsecond=0) + datetime.timedelta(seconds=1)
-    return format_time(moment)
+    return format_time(moment)  # whole seconds: what status.expiration holds
 
 
 def desired_expiration(obj: dict[str, Any], default: str) -> str | None:
     """The expiration a finished object should carry; None for one that is not finished or has no ttl."""
     status = obj.get("status") or {}
-    if status.get("phase") not in (Phase.SUCCEEDED, Phase.FAILED):
+    if status.get("phase") not in FINISHED:
         return None
     return expiration(str(status.get("completionTime") or ""), ttl_of(obj, default))
 

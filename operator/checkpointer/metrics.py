@@ -17,11 +17,17 @@ import logging
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
+
+from checkpointer.conditions import parse_time
+from checkpointer.reasons import FINISHED
+
+if TYPE_CHECKING:
+    from checkpointer.archive.spool import SpoolUsage
 
 log = logging.getLogger(__name__)
 
@@ -120,13 +126,8 @@ def serve(port: int, host: str) -> bool:
 
 
 def _seconds_since(timestamp: object) -> float | None:
-    if not timestamp:
-        return None
-    try:
-        then = datetime.datetime.fromisoformat(str(timestamp).replace("Z", "+00:00"))
-    except ValueError:
-        return None
-    return max(0.0, (datetime.datetime.now(datetime.UTC) - then).total_seconds())
+    then = parse_time(str(timestamp or ""))
+    return None if then is None else max(0.0, (datetime.datetime.now(datetime.UTC) - then).total_seconds())
 
 
 def elapsed(status: Mapping[str, Any], created: object) -> float | None:
@@ -220,7 +221,7 @@ class InFlight(Collector):
         uid = str(body["metadata"]["uid"])
         phase = (body.get("status") or {}).get("phase")
         with self._lock:
-            if deleted or phase in ("Succeeded", "Failed"):
+            if deleted or phase in FINISHED:
                 self._objects.pop(uid, None)
             else:
                 key = self._objects[uid] = (
@@ -294,26 +295,26 @@ class AgentsUp(Collector):
 class Spool(Collector):
     """checkpointer_spool_bytes{node} and checkpointer_spool_free_bytes{node}, read at scrape time."""
 
-    def __init__(self, node: str, usage: Callable[[], tuple[int, int]]) -> None:
+    def __init__(self, node: str, usage: Callable[[], SpoolUsage]) -> None:
         self._node = node
         self._usage = usage
 
     def collect(self) -> Iterator[GaugeMetricFamily]:
         try:
-            used, free = self._usage()
+            usage = self._usage()
         except OSError as e:
             log.warning("could not measure the spool for checkpointer_spool_bytes: %s", e)
             return
         used_family = GaugeMetricFamily(
             "checkpointer_spool_bytes", "Bytes the agent's spool holds on the node.", labels=["node"]
         )
-        used_family.add_metric([self._node], used)
+        used_family.add_metric([self._node], usage.used_bytes)
         free_family = GaugeMetricFamily(
             "checkpointer_spool_free_bytes",
             "Bytes the spool may still take on the node: its filesystem's free space, within its cap.",
             labels=["node"],
         )
-        free_family.add_metric([self._node], free)
+        free_family.add_metric([self._node], usage.room)
         yield used_family
         yield free_family
 

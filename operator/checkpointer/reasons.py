@@ -15,7 +15,11 @@ class Phase(StrEnum):
 
     @property
     def finished(self) -> bool:
-        return self in (Phase.SUCCEEDED, Phase.FAILED)
+        return self in FINISHED
+
+
+# The final phases, to match a phase read from an object (a plain string, perhaps none) against.
+FINISHED = frozenset({Phase.SUCCEEDED, Phase.FAILED})
 
 
 class ConditionType(StrEnum):

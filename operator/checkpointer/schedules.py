@@ -28,7 +28,7 @@ from pydantic import ValidationError
 
 from checkpointer import GROUP, VERSION
 from checkpointer.adapters.kube import CHECKPOINTS, SCHEDULES, Kube
-from checkpointer.conditions import set_condition
+from checkpointer.conditions import format_time, parse_time, set_condition
 from checkpointer.models import CheckpointSchedule, Metadata
 from checkpointer.reasons import ConditionType, Reason
 from checkpointer.services import schedules as decide
@@ -221,7 +221,7 @@ class Schedules:
                 entry,
                 "Warning",
                 Reason.MISSED,
-                f"missed the run of {decide.rfc3339(owed.missed, precise=False)}: it is more than "
+                f"missed the run of {format_time(owed.missed, precise=False)}: it is more than "
                 f"startingDeadlineSeconds ({entry.schedule.spec.starting_deadline_seconds}) late",
             )
         if owed.run is not None:
@@ -240,7 +240,7 @@ class Schedules:
             late = not cordon and decide.too_late(run, _now(), spec.starting_deadline_seconds)
             blocker = decide.blocks(spec.concurrency_policy, entry.children.values())
             body = decide.child(entry.schedule, run, cordon)
-        when = decide.rfc3339(run, precise=False)
+        when = format_time(run, precise=False)
         what = f"the cordon of node {spec.node_name}" if cordon else f"the run of {when}"
         if catch_up:
             what = f"the missed run of {when} (caught up)"
@@ -358,9 +358,9 @@ class Schedules:
             ready, reason, message = True, Reason.ACTIVE, f"checkpoints on {spec.schedule!r} ({zone})"
         entry.conditions = set_condition(entry.conditions, ConditionType.READY, ready, reason, message, meta.generation)
         return {
-            "lastScheduleTime": entry.last_scheduled and decide.rfc3339(entry.last_scheduled, precise=False),
-            "lastSuccessfulTime": entry.last_successful and decide.rfc3339(entry.last_successful, precise=False),
-            "lastCordonTime": entry.last_cordon and decide.rfc3339(entry.last_cordon, precise=False),
+            "lastScheduleTime": entry.last_scheduled and format_time(entry.last_scheduled, precise=False),
+            "lastSuccessfulTime": entry.last_successful and format_time(entry.last_successful, precise=False),
+            "lastCordonTime": entry.last_cordon and format_time(entry.last_cordon, precise=False),
             "active": [_reference(meta.namespace, c) for c in active],
             "activeCount": len(active),
             "conditions": entry.conditions,
@@ -378,7 +378,7 @@ class Schedules:
         if not deleted:
             log.info("retention: %s of CheckpointSchedule %s/%s was gone already", child.name, *entry.key)
         else:
-            when = decide.rfc3339(child.scheduled, precise=False)
+            when = format_time(child.scheduled, precise=False)
             self._event(
                 entry, "Normal", Reason.DELETED, f"deleted ContainerCheckpoint {child.name} of {when} (retention)"
             )
@@ -399,7 +399,7 @@ def _where(body: kopf.Body) -> str:
 
 
 def _time(text: Any) -> datetime.datetime | None:
-    return decide.parse_time(str(text)) if text else None
+    return parse_time(str(text or ""))
 
 
 def _child(body: kopf.Body | dict[str, Any]) -> Child:

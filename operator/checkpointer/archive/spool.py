@@ -199,6 +199,13 @@ class SpoolUsage:
     free_bytes: int
     cap_bytes: int
 
+    @property
+    def room(self) -> int:
+        """What the spool may still take: its file system's free space, within its cap."""
+        if not self.cap_bytes:
+            return self.free_bytes
+        return max(0, min(self.free_bytes, self.cap_bytes - self.used_bytes))
+
 
 def spool_usage(root: Path, cap_bytes: int = 0) -> SpoolUsage:
     """The bytes the files under `root` take on disk (allocated, as the file system counts them) and

@@ -22,7 +22,6 @@ KINDS = {
     RESTORE: ("crst", "containerrestore", "containerrestores"),
 }
 PLURALS = {CHECKPOINT: "containercheckpoints", RESTORE: "containerrestores"}
-TERMINAL_PHASES = ("Succeeded", "Failed")
 # spec.compress of an export (docs/api.md).
 COMPRESSIONS = ("zstd", "none", "gzip")
 # An object's name is a DNS subdomain; 63 keeps it a valid label too, as most tools expect.

@@ -11,6 +11,8 @@ from typing import Any
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 from checkpointer import signing
+from checkpointer.conditions import parse_time
+from checkpointer.reasons import FINISHED
 
 _UNITS = ("B", "KiB", "MiB", "GiB", "TiB", "PiB")
 # The rate is over the last few seconds: the agent writes progress at most once a second.
@@ -47,16 +49,6 @@ def duration(seconds: float | None) -> str:
     return f"{s // 86400}d{s % 86400 // 3600}h"
 
 
-def parse_time(text: str | None) -> datetime.datetime | None:
-    if not text:
-        return None
-    try:
-        parsed = datetime.datetime.fromisoformat(text.replace("Z", "+00:00"))
-    except ValueError:
-        return None
-    return parsed if parsed.tzinfo else parsed.replace(tzinfo=datetime.UTC)
-
-
 def age(text: str | None, now: datetime.datetime) -> str:
     when = parse_time(text)
     return "-" if when is None else duration((now - when).total_seconds())
@@ -81,7 +73,7 @@ class Outcome:
 
     @property
     def finished(self) -> bool:
-        return self.phase in ("Succeeded", "Failed")
+        return self.phase in FINISHED
 
     @property
     def failed(self) -> bool:

@@ -17,9 +17,10 @@ from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 from croniter import croniter
 
 from checkpointer import GROUP, VERSION
+from checkpointer.conditions import format_time
 from checkpointer.durations import parse_duration
 from checkpointer.models import CheckpointSchedule, ConcurrencyPolicy
-from checkpointer.reasons import Phase
+from checkpointer.reasons import FINISHED, Phase
 
 SCHEDULE_LABEL = f"{GROUP}/schedule"
 SCHEDULED_TIME_ANNOTATION = f"{GROUP}/scheduled-time"
@@ -122,7 +123,7 @@ class Child:
 
     @property
     def finished(self) -> bool:
-        return self.phase in (Phase.SUCCEEDED, Phase.FAILED)
+        return self.phase in FINISHED
 
 
 def blocks(policy: ConcurrencyPolicy, children: Iterable[Child]) -> Child | None:
@@ -159,16 +160,6 @@ def unix(moment: datetime.datetime) -> int:
     return int(moment.timestamp())
 
 
-def rfc3339(moment: datetime.datetime, precise: bool = True) -> str:
-    utc = moment.astimezone(datetime.UTC)
-    return utc.strftime("%Y-%m-%dT%H:%M:%S.%fZ" if precise else "%Y-%m-%dT%H:%M:%SZ")
-
-
-def parse_time(text: str) -> datetime.datetime:
-    """An RFC 3339 time as the API server writes it (with or without a fraction)."""
-    return datetime.datetime.fromisoformat(text.replace("Z", "+00:00")).astimezone(datetime.UTC)
-
-
 def child_name(schedule: str, run: datetime.datetime, cordon: bool = False) -> str:
     """Deterministic: a controller that starts again can never make the same run twice."""
     return f"{schedule}-cordon-{unix(run)}" if cordon else f"{schedule}-{unix(run)}"
@@ -185,7 +176,7 @@ def child(schedule: CheckpointSchedule, run: datetime.datetime, cordon: bool = F
             "namespace": meta.namespace,
             "labels": {SCHEDULE_LABEL: meta.name},
             "annotations": {
-                SCHEDULED_TIME_ANNOTATION: rfc3339(run),
+                SCHEDULED_TIME_ANNOTATION: format_time(run, precise=True),
                 TRIGGER_ANNOTATION: "cordon" if cordon else "schedule",
             },
             "ownerReferences": [

@@ -28,10 +28,10 @@ from checkpointer.adapters.podman import Container, PodmanError
 from checkpointer.archive.ledger import KeptCheckpoint, OpenUpload
 from checkpointer.archive.store import StorageError
 from checkpointer.archive.workfolder import WorkFolder
+from checkpointer.conditions import parse_time
 from checkpointer.errors import Failure
-from checkpointer.expiry import parse_time
 from checkpointer.models import ContainerCheckpoint, NameRef
-from checkpointer.reasons import Phase, Reason
+from checkpointer.reasons import FINISHED, Phase, Reason
 from checkpointer.services.node import Node
 
 log = logging.getLogger(__name__)
@@ -49,7 +49,7 @@ class ObjectState:
 
     @property
     def finished(self) -> bool:
-        return self.phase in (Phase.SUCCEEDED, Phase.FAILED)
+        return self.phase in FINISHED
 
     @classmethod
     def of(cls, obj: dict[str, Any]) -> ObjectState:
