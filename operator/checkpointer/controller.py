@@ -113,11 +113,17 @@ def _signing_requested(body: kopf.Body, **_: Any) -> bool:
     return signing.signing_requested(body.get("status") or {})
 
 
-def _finished(body: kopf.Body, **_: Any) -> bool:
-    return (body.get("status") or {}).get("phase") in FINISHED
+def _finished_or_deleted(body: kopf.Body, type: str | None, **_: Any) -> bool:
+    return type == "DELETED" or (body.get("status") or {}).get("phase") in FINISHED
 
 
-def _register_expiry(registry: kopf.OperatorRegistry, settings: Settings, kube: Kube) -> None:
+def _plural(body: kopf.Body) -> str:
+    return CHECKPOINTS if body["kind"] == "ContainerCheckpoint" else RESTORES
+
+
+def _register_expiry(
+    registry: kopf.OperatorRegistry, settings: Settings, kube: Kube, in_flight: metrics.InFlight
+) -> None:
     """TTLs: one clock deletes finished objects once their expiration has passed (services/expiry.py)."""
 
     def announce(obj: Expiring, message: str) -> None:
@@ -127,13 +133,14 @@ def _register_expiry(registry: kopf.OperatorRegistry, settings: Settings, kube: 
     stop = threading.Event()
 
     # On the watch event itself: no handler state and no write but a missing expiration.
-    @kopf.on.event(GROUP, VERSION, CHECKPOINTS, when=_finished, registry=registry)
-    @kopf.on.event(GROUP, VERSION, RESTORES, when=_finished, registry=registry)
+    @kopf.on.event(GROUP, VERSION, CHECKPOINTS, when=_finished_or_deleted, registry=registry)
+    @kopf.on.event(GROUP, VERSION, RESTORES, when=_finished_or_deleted, registry=registry)
     def expire_finished(body: kopf.Body, type: str | None, **_: Any) -> None:
+        in_flight.seen(_plural(body), body, deleted=type == "DELETED")
         if type == "DELETED":
             clock.forget(str(body["metadata"]["uid"]))
         else:
-            clock.observe(CHECKPOINTS if body["kind"] == "ContainerCheckpoint" else RESTORES, dict(body))
+            clock.observe(_plural(body), dict(body))
 
     @kopf.on.startup(registry=registry)
     def start_expiry_clock(**_: Any) -> None:
@@ -145,36 +152,30 @@ def _register_expiry(registry: kopf.OperatorRegistry, settings: Settings, kube: 
         clock.wake()
 
 
-def _register_metrics(registry: kopf.OperatorRegistry, settings: Settings, kube: Kube) -> None:
-    """What only the leading controller knows: objects in flight, live agents, storage (docs/metrics.md)."""
-    if not metrics.enabled():
-        return
+def _register_metrics(settings: Settings, kube: Kube) -> metrics.InFlight:
+    """What only the leading controller knows: objects in flight, live agents (docs/metrics.md).
+
+    Objects in flight are counted by the handlers that see them anyway (scheduling, and the expiry's
+    look at finished and deleted ones): a handler on every watch event of its own would cost the
+    controller more than all of its metrics together.
+    """
     in_flight = metrics.InFlight()
-    metrics.register(in_flight)
+    if not metrics.enabled():
+        return in_flight
 
     def agents() -> tuple[list[str], set[str]]:
         ages = kube.lease_ages(settings.namespace)
         nodes = kube.node_names()
         return nodes, {n for n in nodes if scheduling.lease_alive(ages.get(scheduling.lease_name(n)))}
 
+    metrics.register(in_flight)
     metrics.register(metrics.AgentsUp(agents))
-
-    # On the watch events themselves: no request and no write of its own. Async: it runs on kopf's
-    # event loop, without the hop to a handler thread a sync handler takes.
-    @kopf.on.event(GROUP, VERSION, CHECKPOINTS, registry=registry)
-    @kopf.on.event(GROUP, VERSION, RESTORES, registry=registry)
-    async def count_in_flight(body: kopf.Body, type: str | None, **_: Any) -> None:
-        in_flight.seen(CHECKPOINTS if body["kind"] == "ContainerCheckpoint" else RESTORES, body, type == "DELETED")
-
-    @kopf.on.event(GROUP, VERSION, STORAGES, registry=registry)
-    async def forget_storage(body: kopf.Body, type: str | None, **_: Any) -> None:
-        if type == "DELETED":
-            metrics.storage_gone(str(body["metadata"]["name"]))
+    return in_flight
 
 
 def register(registry: kopf.OperatorRegistry, settings: Settings, kube: Kube) -> None:
-    _register_metrics(registry, settings, kube)
-    _register_expiry(registry, settings, kube)
+    in_flight = _register_metrics(settings, kube)
+    _register_expiry(registry, settings, kube, in_flight)
     leases = scheduling.AgentLeases(kube, settings.namespace)
     unlimited = RateLimiter(0)
     stores = Stores(kube, Transfer(settings.part_size, settings.upload_concurrency, unlimited, unlimited))
@@ -182,6 +183,7 @@ def register(registry: kopf.OperatorRegistry, settings: Settings, kube: Kube) ->
     @kopf.on.resume(GROUP, VERSION, CHECKPOINTS, registry=registry)
     @kopf.on.create(GROUP, VERSION, CHECKPOINTS, registry=registry)
     def schedule_checkpoint(body: kopf.Body, patch: kopf.Patch, **_: Any) -> None:
+        in_flight.seen(CHECKPOINTS, body, deleted=False)
         if not _needs_scheduling(CHECKPOINTS, patch, body):
             return
         ccp = ContainerCheckpoint.model_validate(dict(body))
@@ -197,6 +199,7 @@ def register(registry: kopf.OperatorRegistry, settings: Settings, kube: Kube) ->
     @kopf.on.resume(GROUP, VERSION, RESTORES, registry=registry)
     @kopf.on.create(GROUP, VERSION, RESTORES, registry=registry)
     def schedule_restore(body: kopf.Body, patch: kopf.Patch, **_: Any) -> None:
+        in_flight.seen(RESTORES, body, deleted=False)
         if not _needs_scheduling(RESTORES, patch, body):
             return
         crst = ContainerRestore.model_validate(dict(body))
@@ -241,7 +244,7 @@ def register(registry: kopf.OperatorRegistry, settings: Settings, kube: Kube) ->
         if not leases.alive(node):
             _fail(
                 kube,
-                CHECKPOINTS if body["kind"] == "ContainerCheckpoint" else RESTORES,
+                _plural(body),
                 body,
                 Failure(
                     Reason.AGENT_UNAVAILABLE,
@@ -380,5 +383,10 @@ def register(registry: kopf.OperatorRegistry, settings: Settings, kube: Kube) ->
     @kopf.timer(GROUP, VERSION, STORAGES, interval=settings.storage_validation_seconds, registry=registry)
     def validate_storage(body: kopf.Body, **_: Any) -> None:
         revalidate(CheckpointStorage.model_validate(dict(body)))
+
+    @kopf.on.event(GROUP, VERSION, STORAGES, registry=registry)
+    async def forget_storage(body: kopf.Body, type: str | None, **_: Any) -> None:
+        if type == "DELETED":
+            metrics.storage_gone(str(body["metadata"]["name"]))
 
     schedules.register(registry, settings, kube)

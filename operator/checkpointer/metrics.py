@@ -210,7 +210,7 @@ def storage_gone(storage: str) -> None:
 
 class InFlight(Collector):
     """checkpointer_objects_in_flight{kind,node}: the controller's view of objects not finished yet,
-    kept from its watch events (no request of its own)."""
+    told by its handlers when it schedules, sees finished or sees deleted one (no request of its own)."""
 
     def __init__(self) -> None:
         self._objects: dict[str, tuple[str, str]] = {}
