@@ -1,10 +1,11 @@
 """Schedules at scale: N CheckpointSchedules firing every minute across many simulated nodes.
 
 Every schedule fires `* * * * *` with an instant agent behind it (bench/instant_agent.py), so the
-figures are the controller's: how late after the scheduled time each checkpoint is created (a watch
-on ContainerCheckpoints records when each one's first event arrives; creationTimestamp has only
-whole seconds), how late its node's agent picks it up (the agent's status.startTime, in
-microseconds), the controller's memory, and how many objects retention leaves.
+figures are the controller's: when each checkpoint is created relative to its scheduled time (a
+watch on ContainerCheckpoints records when each one's first event arrives; creationTimestamp has
+only whole seconds; the controller creates them ahead of time, so these are negative when on
+time), how late its node's agent starts it (the agent's status.startTime, in microseconds), the
+controller's memory, and how many objects retention leaves.
 """
 
 from __future__ import annotations
@@ -24,13 +25,14 @@ import kubernetes
 from bench.controlplane import api_writes
 from bench.fleet import METRICS_OFF, Fleet, node_names
 from bench.stats import conditions, cpu_seconds, memory_kib, percentile, reset_peak
+from checkpointer.services.schedules import CREATE_AHEAD_SECONDS
 from localenv.env import LocalEnv
 
 GROUP, VERSION = "checkpointer.dev", "v1alpha1"
 SCHEDULE_LABEL = f"{GROUP}/schedule"
 SCHEDULED_TIME = f"{GROUP}/scheduled-time"
-# The first counted run is the first minute that begins at least this long after the last schedule
-# was created: a run the controller could not yet know of is not late.
+# The first counted run is the first minute whose checkpoints the controller creates (CREATE_AHEAD_SECONDS
+# before it) at least this long after the last schedule was created: a run it could not yet know of is not late.
 LEAD_SECONDS = 5.0
 
 
@@ -168,14 +170,15 @@ def run(
     with ThreadPoolExecutor(creators) as pool:
         list(pool.map(create, range(count)))
     created = time.time()
-    first = math.ceil((created + LEAD_SECONDS) / 60) * 60
+    first = math.ceil((created + LEAD_SECONDS + CREATE_AHEAD_SECONDS) / 60) * 60
     boundaries = [float(first + 60 * k) for k in range(runs)]
     print(
         f"schedules: {count} created in {created - started:.1f}s; counting the runs at "
         + ", ".join(datetime.datetime.fromtimestamp(b, datetime.UTC).strftime("%H:%M:%S") for b in boundaries),
         flush=True,
     )
-    time.sleep(max(0.0, first - time.time() - 1))
+    # From the creations of the first counted run on.
+    time.sleep(max(0.0, first - CREATE_AHEAD_SECONDS - time.time() - 1))
     cpu_before = cpu_seconds(controller)
     writes_before = api_writes(env)
     window_start = time.time()

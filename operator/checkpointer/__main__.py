@@ -76,7 +76,11 @@ def main(argv: list[str] | None = None, make_runtime: Callable[[Settings], Runti
     # An own registry has none of kopf's default login handlers: authenticate as the kubernetes client does.
     kopf.on.login(registry=registry)(kopf.login_via_client)
     leadership: Leadership | None = None
-    if args.role == "controller":
+    if args.role == "agent" and not settings.node_name:
+        parser.error("the agent needs CHECKPOINTER_NODE_NAME (the downward API's spec.nodeName)")
+    node = settings.node_name if args.role == "agent" else None
+    operator_settings = _kopf_settings(args.role, node)
+    if node is None:
         from checkpointer import controller
         from checkpointer.leadership import Leadership, stand_by
 
@@ -85,18 +89,14 @@ def main(argv: list[str] | None = None, make_runtime: Callable[[Settings], Runti
         if not stand_by(leadership, settings.health_port, settings.health_host):
             return 0
         controller.register(registry, settings, kube)
-        node = None
     else:
-        if not settings.node_name:
-            parser.error("the agent needs CHECKPOINTER_NODE_NAME (the downward API's spec.nodeName)")
         from checkpointer import agent
         from checkpointer.adapters.podman import runtime
         from checkpointer.services.node import Node
 
         settings.spool_dir.mkdir(parents=True, exist_ok=True)
-        agent.register(registry, Node(settings, kube, (make_runtime or runtime)(settings)))
-        node = settings.node_name
-    operator_settings = _kopf_settings(args.role, node)
+        runtime_of_node = (make_runtime or runtime)(settings)
+        agent.register(registry, Node(settings, kube, runtime_of_node), operator_settings.execution.executor)
     liveness = f"http://{settings.health_host}:{settings.health_port}/healthz" if settings.health_port else None
     try:
         asyncio.run(

@@ -7,10 +7,14 @@ stale event never starts a second checkpoint.
 
 from __future__ import annotations
 
+import asyncio
+import contextvars
+import datetime
 import logging
 import threading
 import time
 from collections import OrderedDict
+from concurrent.futures import Executor
 from typing import Any
 
 import kopf
@@ -22,6 +26,7 @@ from checkpointer.reasons import Phase
 from checkpointer.services import checkpoint, restore
 from checkpointer.services.capabilities import NodeFacts
 from checkpointer.services.node import Node
+from checkpointer.services.schedules import start_delay
 from checkpointer.services.scheduling import lease_name
 from checkpointer.services.sweep import sweep
 
@@ -102,7 +107,12 @@ def _current(agent: Node, plural: str, body: kopf.Body, retry: int) -> dict[str,
     return fresh
 
 
-def register(registry: kopf.OperatorRegistry, agent: Node) -> None:
+def _where(body: kopf.Body) -> tuple[str, str]:
+    return str(body["metadata"]["namespace"]), str(body["metadata"]["name"])
+
+
+def register(registry: kopf.OperatorRegistry, agent: Node, executor: Executor) -> None:
+    """`executor` runs the blocking work of handlers that first wait on the event loop: kopf's own."""
     node = agent.settings.node_name
     settings = agent.settings
     metrics.register(metrics.Spool(node, lambda: spool_usage(settings.spool_dir, settings.spool_max_bytes)))
@@ -110,10 +120,22 @@ def register(registry: kopf.OperatorRegistry, agent: Node) -> None:
 
     @kopf.on.resume(GROUP, VERSION, CHECKPOINTS, labels=mine, registry=registry)
     @kopf.on.create(GROUP, VERSION, CHECKPOINTS, labels=mine, registry=registry)
-    def take_checkpoint(body: kopf.Body, retry: int, **_: Any) -> None:
-        fresh = _current(agent, CHECKPOINTS, body, retry)
-        if fresh is not None:
-            checkpoint.run(agent, fresh)
+    async def take_checkpoint(body: kopf.Body, retry: int, **_: Any) -> None:
+        # A schedule's checkpoint is created ahead of its time: it starts at the scheduled second. The
+        # wait is on the event loop, not in a handler thread; a stale body is fine after it, because the
+        # first status write carries its resourceVersion and stops at any change meanwhile.
+        delay = start_delay(body["metadata"].get("annotations") or {}, datetime.datetime.now(datetime.UTC))
+        if delay > 0:
+            log.info("checkpoint %s/%s starts in %.1fs, at its scheduled time", *_where(body), delay)
+            await asyncio.sleep(delay)
+
+        def take() -> None:
+            fresh = _current(agent, CHECKPOINTS, body, retry)
+            if fresh is not None:
+                checkpoint.run(agent, fresh)
+
+        # In a copy of this handler's context, as kopf runs sync handlers: kopf.event needs it.
+        await asyncio.get_running_loop().run_in_executor(executor, contextvars.copy_context().run, take)
 
     # optional: no finalizer of the agent's own. The controller's finalizer keeps a deleted object
     # until it is terminal, so this runs for one whose checkpoint was waiting for a retry: kopf

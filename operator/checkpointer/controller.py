@@ -5,6 +5,7 @@ Handlers are thin: parse, call a service, write status. One replica leads (see l
 
 from __future__ import annotations
 
+import datetime
 import logging
 import threading
 from collections.abc import Callable
@@ -21,6 +22,7 @@ from checkpointer.models import CheckpointStorage, ContainerCheckpoint, Containe
 from checkpointer.reasons import FINISHED, Phase, Reason
 from checkpointer.services import scheduling, signing, validation
 from checkpointer.services.expiry import Expiring, ExpiryClock
+from checkpointer.services.schedules import SCHEDULED_TIME_ANNOTATION, start_delay
 from checkpointer.settings import Settings
 from checkpointer.status import Conflict, StatusWriter, event_subject
 
@@ -39,6 +41,9 @@ def _fail(kube: Kube, plural: str, body: kopf.Body, error: Failure) -> None:
 
 def _scheduled(kube: Kube, plural: str, patch: kopf.Patch, body: kopf.Body, node: str, extra: dict[str, Any]) -> None:
     message = f"handed to the agent on node {node}"
+    annotations = body["metadata"].get("annotations") or {}
+    if start_delay(annotations, datetime.datetime.now(datetime.UTC)) > 0:
+        message += f"; it starts at its scheduled time, {annotations[SCHEDULED_TIME_ANNOTATION]}"
     # Status first, then the label: the agent's watch sees the object only once it carries the label,
     # and by then it is already Scheduled, so the agent can start at once. A controller that dies in
     # between leaves a Scheduled object without its label; the next one labels it (see _label).

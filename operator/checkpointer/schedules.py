@@ -2,9 +2,11 @@
 
 No kopf timer per schedule (a thousand of them ticking would cost more than the work): the watch
 events of schedules, of the checkpoints they made and of Nodes keep an in-memory picture, and
-one clock thread sleeps until the earliest next run, then hands the runs that are due to a small
-pool of threads that create the checkpoints. Status is written from that picture by a second pool,
-only when it changed. Decisions are in services/schedules.py.
+one clock thread sleeps until the earliest next creation, then hands the runs that are due to a
+small pool of threads that create the checkpoints. Each run's checkpoint is created ahead of its
+time (services/schedules.py creation_time) and the agent starts it at the scheduled second. Status
+is written from that picture by a second pool, only when it changed. Decisions are in
+services/schedules.py.
 """
 
 from __future__ import annotations
@@ -82,7 +84,9 @@ class Schedules:
         # Children seen before their schedule (the watches list in any order after a start).
         self.orphans: dict[Key, dict[str, Child]] = {}
         self.cordoned: dict[str, bool] = {}
-        self.heap: list[tuple[float, int, Key, int]] = []
+        # (when to act, tie-breaker, schedule, its version, the run's time, whether this is the
+        # run-time look of a Forbid decision put off from creation time)
+        self.heap: list[tuple[float, int, Key, int, float, bool]] = []
         self.sequence = itertools.count()
         self.dirty: set[Key] = set()
         self.runs = ThreadPoolExecutor(RUN_THREADS, thread_name_prefix="schedule-run")
@@ -115,6 +119,8 @@ class Schedules:
             entry.version = next(self.sequence)  # unique: a recreated schedule's entries stay stale
             self._read_clock(entry)
             self._mark(key)
+            if entry.schedule.spec.suspend:
+                self._withdraw(entry)
             if entry.idle:
                 return
             if was_idle:  # started, resumed or repaired: what did it miss meanwhile?
@@ -183,10 +189,20 @@ class Schedules:
         self.writes.shutdown(wait=False, cancel_futures=True)
 
     def _push(self, entry: Entry, after: datetime.datetime) -> None:
+        """Under the lock: the next run after `after`, to be created ahead of its time."""
         assert entry.clock is not None
-        at = entry.clock.next_after(after).timestamp()
-        heapq.heappush(self.heap, (at, next(self.sequence), entry.key, entry.version))
+        run = entry.clock.next_after(after)
+        at = decide.creation_time(entry.clock, run).timestamp()
+        heapq.heappush(self.heap, (at, next(self.sequence), entry.key, entry.version, run.timestamp(), False))
         self.lock.notify()
+
+    def _look_again_at_run_time(self, key: Key, run: datetime.datetime) -> None:
+        with self.lock:
+            entry = self.entries.get(key)
+            if entry is not None:
+                at = run.timestamp()
+                heapq.heappush(self.heap, (at, next(self.sequence), key, entry.version, at, True))
+                self.lock.notify()
 
     def _tick(self) -> None:
         with self.lock:
@@ -194,7 +210,7 @@ class Schedules:
                 if not self.heap:
                     self.lock.wait()
                     continue
-                at, _, key, version = self.heap[0]
+                at, _, key, version, run_at, again = self.heap[0]
                 delay = at - time.time()
                 if delay > 0:
                     self.lock.wait(delay)
@@ -203,8 +219,9 @@ class Schedules:
                 entry = self.entries.get(key)
                 if entry is None or entry.version != version or entry.idle:
                     continue  # deleted, changed (a newer entry is queued) or suspended
-                run = datetime.datetime.fromtimestamp(at, datetime.UTC)
-                self._push(entry, run)
+                run = datetime.datetime.fromtimestamp(run_at, datetime.UTC)
+                if not again:
+                    self._push(entry, run)
                 self.runs.submit(self._run, key, run)
 
     # --- runs (in the run pool) -----------------------------------------------------------------
@@ -248,6 +265,10 @@ class Schedules:
             message = f"missed {what}: it could not start within startingDeadlineSeconds"
             self._event(entry, "Warning", Reason.MISSED, message)
             return
+        if blocker is not None and _now() < run:
+            # Ahead of the run's time: the active checkpoint may yet finish. Forbid judges at the run's time.
+            self._look_again_at_run_time(key, run)
+            return
         if blocker is not None:
             message = f"skipped {what}: {blocker.name} is still active (concurrencyPolicy Forbid)"
             self._event(entry, "Normal", Reason.SKIPPED, message)
@@ -282,6 +303,12 @@ class Schedules:
             entry = self.entries.get(key)
             if entry is not None:
                 entry.children = {str(o["metadata"]["name"]): _child(o) for o in found}
+
+    def _withdraw(self, entry: Entry) -> None:
+        """Under the lock: a suspended schedule starts nothing, not even what it created ahead of time."""
+        for child in decide.waiting(entry.children.values(), _now()):
+            entry.children[child.name] = dataclasses.replace(child, deleting=True)
+            self.writes.submit(self._delete, entry, child, "withdrawn: the schedule is suspended")
 
     def _check_cordon(self, entry: Entry) -> None:
         """Under the lock: a cordon of the template's node takes one checkpoint, once per cordon."""
@@ -367,21 +394,19 @@ class Schedules:
             "observedGeneration": meta.generation,
         }
 
-    def _delete(self, entry: Entry, child: Child) -> None:
+    def _delete(self, entry: Entry, child: Child, why: str = "retention") -> None:
         try:
             deleted = self.kube.delete(CHECKPOINTS, entry.schedule.metadata.namespace, child.name, child.uid)
         except Exception as e:  # ApiException, or the connection itself
-            log.warning("retention could not delete %s yet: %s", child.name, e)
+            log.warning("%s: could not delete %s yet: %s", why, child.name, e)
             with self.lock:
                 entry.children[child.name] = child  # the next look tries again
             return
         if not deleted:
-            log.info("retention: %s of CheckpointSchedule %s/%s was gone already", child.name, *entry.key)
+            log.info("%s: %s of CheckpointSchedule %s/%s was gone already", why, child.name, *entry.key)
         else:
             when = format_time(child.scheduled, precise=False)
-            self._event(
-                entry, "Normal", Reason.DELETED, f"deleted ContainerCheckpoint {child.name} of {when} (retention)"
-            )
+            self._event(entry, "Normal", Reason.DELETED, f"deleted ContainerCheckpoint {child.name} of {when} ({why})")
 
     def _event(self, entry: Entry, type_: str, reason: Reason, message: str) -> None:
         log.info("CheckpointSchedule %s/%s: %s: %s", *entry.key, reason, message)

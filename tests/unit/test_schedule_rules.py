@@ -157,3 +157,32 @@ def test_retention_settings() -> None:
     assert schedules.max_age(kept) == datetime.timedelta(days=7)
     assert schedule().spec.concurrency_policy == ConcurrencyPolicy.FORBID
     assert schedule().spec.node_name == "worker-1"
+
+
+def test_a_run_is_created_ahead_of_its_time_by_at_most_half_its_interval() -> None:
+    hourly = Clock.of("0 * * * *", None)
+    assert schedules.creation_time(hourly, at("2026-03-01T03:00:00")) == at("2026-03-01T02:59:30")
+    every_minute = Clock.of("* * * * *", None)
+    assert schedules.creation_time(every_minute, at("2026-03-01T03:00:00")) == at("2026-03-01T02:59:30")
+    every_3s = Clock.of("*/3 * * * * *", None)
+    assert schedules.creation_time(every_3s, at("2026-03-01T03:00:03")) == at("2026-03-01T03:00:01.500")
+
+
+def test_the_agent_waits_for_the_scheduled_time_but_never_long() -> None:
+    now = at("2026-03-01T03:00:00")
+    annotation = schedules.SCHEDULED_TIME_ANNOTATION
+    assert schedules.start_delay({annotation: "2026-03-01T03:00:12.500000Z"}, now) == 12.5
+    assert schedules.start_delay({annotation: "2026-03-01T02:59:00Z"}, now) == 0
+    assert schedules.start_delay({}, now) == 0
+    assert schedules.start_delay({annotation: "not a time"}, now) == 0
+    far = {annotation: "2027-03-01T03:00:00Z"}
+    assert schedules.start_delay(far, now) == schedules.START_WAIT_LIMIT_SECONDS
+
+
+def test_suspending_withdraws_only_what_has_not_started_and_is_still_ahead() -> None:
+    now = at("2026-03-01T03:00:00")
+    ahead = Child("n-1", "u1", at("2026-03-01T03:00:20"), phase="Scheduled")
+    started = Child("n-2", "u2", at("2026-03-01T03:00:20"), phase="Checkpointing")
+    due = Child("n-3", "u3", at("2026-03-01T02:59:59"), phase="Scheduled")
+    deleting = Child("n-4", "u4", at("2026-03-01T03:00:20"), phase="Scheduled", deleting=True)
+    assert schedules.waiting([ahead, started, due, deleting], now) == [ahead]

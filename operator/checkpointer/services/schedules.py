@@ -9,7 +9,7 @@ these decisions are in checkpointer/schedules.py.
 from __future__ import annotations
 
 import datetime
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
@@ -17,7 +17,7 @@ from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 from croniter import croniter
 
 from checkpointer import GROUP, VERSION
-from checkpointer.conditions import format_time
+from checkpointer.conditions import format_time, parse_time
 from checkpointer.durations import parse_duration
 from checkpointer.models import CheckpointSchedule, ConcurrencyPolicy
 from checkpointer.reasons import FINISHED, Phase
@@ -25,6 +25,15 @@ from checkpointer.reasons import FINISHED, Phase
 SCHEDULE_LABEL = f"{GROUP}/schedule"
 SCHEDULED_TIME_ANNOTATION = f"{GROUP}/scheduled-time"
 TRIGGER_ANNOTATION = f"{GROUP}/trigger"
+# A run's checkpoint is created this long before its time (at most half the time since the run
+# before it), and its node's agent starts it at the scheduled second. A thousand schedules due in the
+# same second then spread their creations over the half minute before it, instead of queueing
+# behind each other after it (docs/usage.md, "Schedules and retention").
+CREATE_AHEAD_SECONDS = 30.0
+# An agent waits for a checkpoint's scheduled time at most this long: anyone who may create a
+# ContainerCheckpoint may also write the annotation.
+START_WAIT_LIMIT_SECONDS = 2 * CREATE_AHEAD_SECONDS
+NOT_STARTED = ("", Phase.PENDING, Phase.SCHEDULED)
 # A label value holds at most 63 characters, and every checkpoint carries its schedule's name in one.
 MAX_NAME_LENGTH = 63
 
@@ -76,6 +85,24 @@ class Clock:
             datetime.datetime
         )
         return found.astimezone(datetime.UTC)
+
+
+def creation_time(clock: Clock, run: datetime.datetime) -> datetime.datetime:
+    """When the checkpoint of `run` is created: CREATE_AHEAD_SECONDS before it, or half the time
+    since the run before it when that is shorter, so that one run's checkpoint is made after the
+    previous run's time (Forbid judges a run by the one before it)."""
+    previous = clock.last_at_or_before(run - datetime.timedelta(microseconds=1))
+    ahead = min(CREATE_AHEAD_SECONDS, (run - previous).total_seconds() / 2)
+    return run - datetime.timedelta(seconds=ahead)
+
+
+def start_delay(annotations: Mapping[str, str], now: datetime.datetime) -> float:
+    """Seconds an agent waits before it starts a checkpoint: until its scheduled time, when that is
+    ahead, but never more than START_WAIT_LIMIT_SECONDS. 0 for a checkpoint without one."""
+    scheduled = parse_time(str(annotations.get(SCHEDULED_TIME_ANNOTATION) or ""))
+    if scheduled is None:
+        return 0.0
+    return max(0.0, min(START_WAIT_LIMIT_SECONDS, (scheduled - now).total_seconds()))
 
 
 @dataclass(frozen=True)
@@ -132,6 +159,11 @@ def blocks(policy: ConcurrencyPolicy, children: Iterable[Child]) -> Child | None
         return None
     active = sorted((c for c in children if not c.finished and not c.deleting), key=lambda c: c.scheduled)
     return active[0] if active else None
+
+
+def waiting(children: Iterable[Child], now: datetime.datetime) -> list[Child]:
+    """Checkpoints created ahead of their time that have not started: what suspending withdraws."""
+    return [c for c in children if c.phase in NOT_STARTED and c.scheduled > now and not c.deleting]
 
 
 def expired(
