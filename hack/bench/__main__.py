@@ -166,8 +166,8 @@ def schedules_markdown(rows: list[dict[str, Any]]) -> list[str]:
         "",
         "Schedules at scale (every schedule `* * * * *`, retention keepLast; instant agents). Lateness from the "
         "scheduled time to the checkpoint's creation, as its first event reached a watch and as its "
-        "creationTimestamp says (whole seconds, rounded down), and to pickup, the agent's own startTime; "
-        "p50 / p99 / max in seconds:",
+        "creationTimestamp says (whole seconds, rounded down; negative: created ahead of its time), and to "
+        "pickup, the agent's own startTime; p50 / p99 / max in seconds. Warm-up runs are shown, not counted:",
         "",
         "| schedules | nodes | namespaces | run (UTC) | created / expected | to creation (watch) "
         "| to creationTimestamp | to pickup |",
@@ -180,7 +180,8 @@ def schedules_markdown(rows: list[dict[str, Any]]) -> list[str]:
     for row in rows:
         for run in row["perRun"]:
             lines.append(
-                f"| {row['schedules']} | {row['nodes']} | {row['namespaces']} | {run['scheduledTime'][11:19]} "
+                f"| {row['schedules']} | {row['nodes']} | {row['namespaces']} "
+                f"| {run['scheduledTime'][11:19]}{' (warm-up)' if run.get('warmUp') else ''} "
                 f"| {run['created']} / {row['expectedPerRun']} | {three(run['toCreated'])} "
                 f"| {three(run.get('toCreationTimestamp', {}))} | {three(run['toPickup'])} |"
             )

@@ -123,9 +123,12 @@ def run(
     keep_last: int = 2,
     creators: int = 8,
     metrics: str = METRICS_OFF,
+    warm_up: int = 1,
 ) -> dict[str, Any]:
-    """Create `count` schedules, then measure `runs` minutes of them firing. Starts the controller and
-    the agents (Fleet) and stops them at the end."""
+    """Create `count` schedules, then measure `runs` minutes of them firing, after `warm_up` minutes
+    reported but not counted (the first run after a burst of new schedules meets their first status
+    writes, and processes that run their code for the first time). Starts the controller and the
+    agents (Fleet) and stops them at the end."""
     tenants = namespaces(namespace_count)
     env.apply(*[{"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": ns}} for ns in tenants])
     fleet = Fleet(env, nodes, tenants=tenants)
@@ -171,14 +174,15 @@ def run(
         list(pool.map(create, range(count)))
     created = time.time()
     first = math.ceil((created + LEAD_SECONDS + CREATE_AHEAD_SECONDS) / 60) * 60
-    boundaries = [float(first + 60 * k) for k in range(runs)]
+    every_run = [float(first + 60 * k) for k in range(warm_up + runs)]
+    boundaries = every_run[warm_up:]
     print(
-        f"schedules: {count} created in {created - started:.1f}s; counting the runs at "
+        f"schedules: {count} created in {created - started:.1f}s; {warm_up} warm-up run(s), then counting the runs at "
         + ", ".join(datetime.datetime.fromtimestamp(b, datetime.UTC).strftime("%H:%M:%S") for b in boundaries),
         flush=True,
     )
     # From the creations of the first counted run on.
-    time.sleep(max(0.0, first - CREATE_AHEAD_SECONDS - time.time() - 1))
+    time.sleep(max(0.0, boundaries[0] - CREATE_AHEAD_SECONDS - time.time() - 1))
     cpu_before = cpu_seconds(controller)
     writes_before = api_writes(env)
     window_start = time.time()
@@ -221,17 +225,20 @@ def run(
     all_created: list[float] = []
     all_picked: list[float] = []
     all_stamp: list[float] = []
-    for boundary in boundaries:
+    for boundary in every_run:
+        counted = boundary in boundaries
         mine = [s for s in list(watch.seen.values()) if s.scheduled is not None and abs(s.scheduled - boundary) < 0.5]
         to_created = [s.first_event - boundary for s in mine]
         to_picked = [s.picked - boundary for s in mine if s.picked is not None]
         stamped = [s.created - boundary for s in mine if s.created is not None]
-        all_created += to_created
-        all_picked += to_picked
-        all_stamp += stamped
+        if counted:
+            all_created += to_created
+            all_picked += to_picked
+            all_stamp += stamped
         per_run.append(
             {
                 "scheduledTime": datetime.datetime.fromtimestamp(boundary, datetime.UTC).isoformat(),
+                "warmUp": not counted,
                 "created": len(mine),
                 "pickedUp": len(to_picked),
                 "toCreated": _stats(to_created),
@@ -250,6 +257,7 @@ def run(
         "nodes": nodes,
         "namespaces": namespace_count,
         "runs": runs,
+        "warmUpRuns": warm_up,
         "keepLast": keep_last,
         "metrics": metrics,
         "createSchedulesSeconds": created - started,

@@ -50,17 +50,17 @@ def _scheduled(kube: Kube, plural: str, patch: kopf.Patch, body: kopf.Body, node
     StatusWriter(kube, plural, dict(body)).phase(
         Phase.SCHEDULED, Reason.SCHEDULED, message, scheduled=True, nodeName=node, **extra
     )
-    _label(patch, body, node)
+    _label(plural, patch, body, node)
     kopf.event(body, type="Normal", reason=str(Reason.SCHEDULED), message=message)
 
 
-def _label(patch: kopf.Patch, body: kopf.Body, node: str) -> None:
+def _label(plural: str, patch: kopf.Patch, body: kopf.Body, node: str) -> None:
     patch.metadata.setdefault("labels", {})[NODE_LABEL] = node
-    # kopf's finalizer rides on the label's patch. The handlers that need it (the pickup deadline,
-    # the archives' deletion) match only labelled objects, so kopf does not add it in a patch and
-    # a watch round-trip of its own before the first handler runs.
+    # kopf's finalizer rides on the label's patch. The handler that needs it (the archives'
+    # deletion) matches only labelled checkpoints, so kopf does not add it in a patch and a watch
+    # round-trip of its own before the first handler runs. Restores need none.
     finalizers = list(body["metadata"].get("finalizers") or [])
-    if CONTROLLER_FINALIZER not in finalizers:
+    if plural == CHECKPOINTS and CONTROLLER_FINALIZER not in finalizers:
         patch.metadata["finalizers"] = [*finalizers, CONTROLLER_FINALIZER]
 
 
@@ -77,18 +77,14 @@ def _needs_scheduling(plural: str, patch: kopf.Patch, body: kopf.Body) -> bool:
             body["metadata"]["namespace"],
             body["metadata"]["name"],
         )
-        _label(patch, body, str(status.get("nodeName") or body["spec"]["nodeName"]))
+        _label(plural, patch, body, str(status.get("nodeName") or body["spec"]["nodeName"]))
     return False
 
 
+# How often the controller looks for objects whose node's agent went away before picking them up.
+PICKUP_LOOK_SECONDS = 5.0
 # Handlers that hold kopf's finalizer match only objects with the node label: see _scheduled.
 LABELLED = {NODE_LABEL: kopf.PRESENT}
-
-
-def _still_scheduled(body: kopf.Body, **_: Any) -> bool:
-    # A `when` filter, not field=/value=: those make kopf keep status.phase in its last-handled
-    # annotation and so patch every object once more on each phase change.
-    return bool((body.get("status") or {}).get("phase") == Phase.SCHEDULED)
 
 
 def recorded_keys(prefix: str, ccp: ContainerCheckpoint) -> tuple[set[str], set[str]]:
@@ -178,6 +174,60 @@ def _register_metrics(settings: Settings, kube: Kube) -> metrics.InFlight:
     return in_flight
 
 
+def _register_pickup_deadline(
+    registry: kopf.OperatorRegistry,
+    settings: Settings,
+    kube: Kube,
+    leases: scheduling.AgentLeases,
+    in_flight: metrics.InFlight,
+) -> None:
+    """An object still Scheduled while its node's agent is silent would otherwise wait forever.
+
+    One loop for all objects, and it reads only those of nodes whose agent Lease has lapsed. A kopf
+    timer per Scheduled object would hold a task for each of the thousand checkpoints schedules
+    create ahead of their time, and cost the controller tens of MiB.
+    """
+    stop = threading.Event()
+    timeout = settings.agent_pickup_timeout_seconds
+
+    def fail_overdue(node: str) -> None:
+        now = datetime.datetime.now(datetime.UTC)
+        for plural in (CHECKPOINTS, RESTORES):
+            for body in kube.list_all(plural, f"{NODE_LABEL}={node}"):
+                if not scheduling.pickup_overdue(body, now, timeout):
+                    continue
+                meta = body["metadata"]
+                message = f"the agent on node {node!r} stopped renewing its Lease before it picked this object up"
+                try:
+                    StatusWriter(kube, plural, body).phase(
+                        Phase.FAILED, Reason.AGENT_UNAVAILABLE, message, scheduled=False
+                    )
+                except Conflict as e:  # the agent moved it on after all: its word stands
+                    log.info("not failing %s/%s: %s", meta["namespace"], meta["name"], e)
+                    continue
+                kind = "ContainerCheckpoint" if plural == CHECKPOINTS else "ContainerRestore"
+                kube.create_event(
+                    kind, meta["namespace"], meta["name"], meta["uid"], Reason.AGENT_UNAVAILABLE, message, "Warning"
+                )
+
+    def watch() -> None:
+        while not stop.wait(PICKUP_LOOK_SECONDS):
+            for node in sorted(in_flight.nodes()):
+                try:
+                    if not leases.alive(node):
+                        fail_overdue(node)
+                except Exception as e:  # ApiException or the connection itself: the next look tries again
+                    log.warning("could not look for objects the agent on %s never picked up: %s", node, e)
+
+    @kopf.on.startup(registry=registry)
+    def start_pickup_deadline(**_: Any) -> None:
+        threading.Thread(target=watch, name="pickup-deadline", daemon=True).start()
+
+    @kopf.on.cleanup(registry=registry)
+    def stop_pickup_deadline(**_: Any) -> None:
+        stop.set()
+
+
 def register(registry: kopf.OperatorRegistry, settings: Settings, kube: Kube) -> None:
     in_flight = _register_metrics(settings, kube)
     _register_expiry(registry, settings, kube, in_flight)
@@ -223,39 +273,7 @@ def register(registry: kopf.OperatorRegistry, settings: Settings, kube: Kube) ->
             {"archive": archive.model_dump(by_alias=True, exclude_none=True, mode="json")},
         )
 
-    @kopf.timer(
-        GROUP,
-        VERSION,
-        CHECKPOINTS,
-        interval=10,
-        idle=settings.agent_pickup_timeout_seconds,
-        labels=LABELLED,
-        when=_still_scheduled,
-        registry=registry,
-    )
-    @kopf.timer(
-        GROUP,
-        VERSION,
-        RESTORES,
-        interval=10,
-        idle=settings.agent_pickup_timeout_seconds,
-        labels=LABELLED,
-        when=_still_scheduled,
-        registry=registry,
-    )
-    def agent_pickup_deadline(body: kopf.Body, **_: Any) -> None:
-        """An object still Scheduled while its node's agent is silent would otherwise wait forever."""
-        node = body["spec"]["nodeName"]
-        if not leases.alive(node):
-            _fail(
-                kube,
-                _plural(body),
-                body,
-                Failure(
-                    Reason.AGENT_UNAVAILABLE,
-                    f"the agent on node {node!r} stopped renewing its Lease before it picked this object up",
-                ),
-            )
+    _register_pickup_deadline(registry, settings, kube, leases, in_flight)
 
     signing_keys: list[Ed25519PrivateKey] = []
 

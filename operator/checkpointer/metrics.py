@@ -231,6 +231,11 @@ class InFlight(Collector):
                 # A (kind, node) seen once stays, at 0 when nothing is in flight there: absent is not zero.
                 self._seen.add(key)
 
+    def nodes(self) -> set[str]:
+        """The nodes with objects not finished yet."""
+        with self._lock:
+            return {node for _, node in self._objects.values()}
+
     def counts(self) -> dict[tuple[str, str], int]:
         with self._lock:
             values = list(self._objects.values())

@@ -1,3 +1,4 @@
+import datetime
 from typing import Any, cast
 
 import pytest
@@ -10,7 +11,7 @@ from checkpointer.models import CheckpointSpec, CheckpointStorage, Compression, 
 from checkpointer.reasons import ConditionType, Reason
 from checkpointer.services.checkpoint import select_targets
 from checkpointer.services.node import classify
-from checkpointer.services.scheduling import AgentLeases, choose_storage, lease_alive
+from checkpointer.services.scheduling import AgentLeases, choose_storage, lease_alive, pickup_overdue
 
 
 def storage(name: str, default: bool = False, phase: str = "Available") -> CheckpointStorage:
@@ -154,3 +155,20 @@ def test_condition_transition_time_moves_only_when_status_flips() -> None:
     flipped = set_condition(same, ConditionType.READY, True, Reason.SUCCEEDED, "c", 1)
     assert flipped[0]["lastTransitionTime"] != "2000-01-01T00:00:00Z"
     assert len(flipped) == 1
+
+
+def test_pickup_is_overdue_only_for_a_scheduled_object_handed_over_long_enough_ago() -> None:
+    now = datetime.datetime(2026, 3, 1, 12, 0, 0, tzinfo=datetime.UTC)
+
+    def body(phase: str, since: str) -> dict[str, Any]:
+        condition = {"type": "Scheduled", "status": "True", "lastTransitionTime": since}
+        return {
+            "metadata": {"creationTimestamp": "2026-03-01T11:00:00Z"},
+            "status": {"phase": phase, "conditions": [condition]},
+        }
+
+    assert pickup_overdue(body("Scheduled", "2026-03-01T11:58:59Z"), now, 60)
+    assert not pickup_overdue(body("Scheduled", "2026-03-01T11:59:30Z"), now, 60)
+    assert not pickup_overdue(body("Checkpointing", "2026-03-01T11:00:00Z"), now, 60)
+    without = {"metadata": {"creationTimestamp": "2026-03-01T11:00:00Z"}, "status": {"phase": "Scheduled"}}
+    assert pickup_overdue(without, now, 60)

@@ -107,9 +107,11 @@ class Kube:
         items: list[dict[str, Any]] = found["items"]
         return items
 
-    def create_event(self, kind: str, namespace: str, name: str, uid: str, reason: str, message: str) -> None:
-        """A Normal Event about an object, from a thread of our own (kopf posts its Events only
-        from its handlers' context)."""
+    def create_event(
+        self, kind: str, namespace: str, name: str, uid: str, reason: str, message: str, type_: str = "Normal"
+    ) -> None:
+        """An Event about an object, from a thread of our own (kopf posts its Events only from its
+        handlers' context)."""
         now = datetime.datetime.now(datetime.UTC)
         event = kubernetes.client.CoreV1Event(
             metadata=kubernetes.client.V1ObjectMeta(generate_name=f"{name}.", namespace=namespace),
@@ -118,7 +120,7 @@ class Kube:
             ),
             reason=reason,
             message=message[:1024],
-            type="Normal",
+            type=type_,
             source=kubernetes.client.V1EventSource(component="checkpointer"),
             first_timestamp=now,
             last_timestamp=now,

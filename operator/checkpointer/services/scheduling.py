@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import datetime
 import time
+from collections.abc import Mapping
+from typing import Any
 
 from checkpointer.adapters.kube import CHECKPOINTS, Kube
+from checkpointer.conditions import parse_time
 from checkpointer.errors import Failure
 from checkpointer.layout import compression_of, resolve_archive_key
 from checkpointer.models import (
@@ -14,7 +18,7 @@ from checkpointer.models import (
     NameRef,
     ResolvedArchive,
 )
-from checkpointer.reasons import Phase, Reason
+from checkpointer.reasons import ConditionType, Phase, Reason
 from checkpointer.services.capabilities import NodeFacts, missing_for_checkpoint
 
 
@@ -51,6 +55,17 @@ class AgentLeases:
         age, duration = lease
         self._expiry[node] = time.monotonic() + duration - age
         return True
+
+
+def pickup_overdue(body: Mapping[str, Any], now: datetime.datetime, timeout_seconds: float) -> bool:
+    """Still Scheduled, and handed to its node's agent more than `timeout_seconds` ago. Pure."""
+    status = body.get("status") or {}
+    if status.get("phase") != Phase.SCHEDULED:
+        return False
+    conditions = status.get("conditions") or []
+    scheduled: dict[str, Any] = next((c for c in conditions if c.get("type") == ConditionType.SCHEDULED), {})
+    since = parse_time(scheduled.get("lastTransitionTime")) or parse_time(body["metadata"].get("creationTimestamp"))
+    return since is not None and (now - since).total_seconds() > timeout_seconds
 
 
 def require_node_with_agent(kube: Kube, leases: AgentLeases, node: str) -> None:
