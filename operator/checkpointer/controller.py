@@ -5,11 +5,12 @@ Handlers are thin: parse, call a service, write status. One replica leads (see l
 
 from __future__ import annotations
 
+import contextvars
 import datetime
 import logging
 import threading
 from collections.abc import Callable
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast
 
 import kopf
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
@@ -83,6 +84,8 @@ def _needs_scheduling(plural: str, patch: kopf.Patch, body: kopf.Body) -> bool:
 
 # How often the controller looks for objects whose node's agent went away before picking them up.
 PICKUP_LOOK_SECONDS = 5.0
+# How often a manifest the bucket did not take is signed again.
+SIGNING_RETRY_SECONDS = 10.0
 # Handlers that hold kopf's finalizer match only objects with the node label: see _scheduled.
 LABELLED = {NODE_LABEL: kopf.PRESENT}
 
@@ -284,12 +287,17 @@ def register(registry: kopf.OperatorRegistry, settings: Settings, kube: Kube) ->
 
     signing_now: set[str] = set()
     signing_lock = threading.Lock()
+    # Checkpoints whose manifest could not be signed while the bucket did not answer, by uid: (namespace,
+    # name, the context of the handler that tried, which kopf's Events need). Tried again by one loop,
+    # not a kopf timer: a timer on checkpoints makes kopf keep every checkpoint's latest body in memory.
+    unsigned: dict[str, tuple[str, str, contextvars.Context]] = {}
+    stop_signing = threading.Event()
 
     def sign(body: kopf.Body) -> None:
         if body["metadata"].get("deletionTimestamp"):
             return  # delete_archives removes what it stored, the unsigned manifest included
         uid = str(body["metadata"]["uid"])
-        with signing_lock:  # the event handler and the timer: one at a time signs an object
+        with signing_lock:  # the event handler and the retry loop: one at a time signs an object
             if uid in signing_now:
                 return
             signing_now.add(uid)
@@ -300,7 +308,8 @@ def register(registry: kopf.OperatorRegistry, settings: Settings, kube: Kube) ->
                 signing_now.discard(uid)
 
     def sign_once(body: kopf.Body) -> None:
-        where = f"{body['metadata']['namespace']}/{body['metadata']['name']}"
+        meta = body["metadata"]
+        uid, where = str(meta["uid"]), f"{meta['namespace']}/{meta['name']}"
         try:
             signing.sign_checkpoint(kube, stores, signing_keys[0], dict(body))
         except Failure as e:
@@ -312,28 +321,50 @@ def register(registry: kopf.OperatorRegistry, settings: Settings, kube: Kube) ->
             kopf.warn(body, reason=str(e.reason), message=e.message)
         except Conflict as e:  # signed already (the other handler), or gone
             log.info("not signing %s: %s", where, e)
-        except StorageError as e:  # the timer tries again
-            log.warning("could not sign the manifest of %s yet: %s", where, e)
+        except StorageError as e:
+            log.warning(
+                "could not sign the manifest of %s yet, trying again in %.0fs: %s", where, SIGNING_RETRY_SECONDS, e
+            )
+            with signing_lock:
+                unsigned[uid] = (meta["namespace"], meta["name"], contextvars.copy_context())
+            return
+        with signing_lock:
+            unsigned.pop(uid, None)
+
+    def sign_again() -> None:
+        while not stop_signing.wait(SIGNING_RETRY_SECONDS):
+            with signing_lock:
+                due = list(unsigned.items())
+            for uid, (namespace, name, context) in due:
+                try:
+                    fresh = kube.get(CHECKPOINTS, namespace, name)
+                except Exception as e:  # ApiException or the connection itself: the next round asks again
+                    log.warning("could not read %s/%s to sign its manifest: %s", namespace, name, e)
+                    continue
+                if (
+                    fresh is None
+                    or fresh["metadata"]["uid"] != uid
+                    or not signing.signing_requested(fresh.get("status") or {})
+                ):
+                    with signing_lock:
+                        unsigned.pop(uid, None)
+                    continue
+                context.copy().run(sign, kopf.Body(cast(kopf.RawBody, fresh)))
 
     # On the watch event itself, in the first listing after a (re)start too: no handler state, no
-    # extra write. The timer tries again while the bucket does not answer.
+    # extra write. sign_again tries again while the bucket does not answer.
     @kopf.on.event(GROUP, VERSION, CHECKPOINTS, labels=LABELLED, when=_signing_requested, registry=registry)
     def sign_manifest(body: kopf.Body, type: str | None, **_: Any) -> None:
         if type != "DELETED":
             sign(body)
 
-    @kopf.timer(
-        GROUP,
-        VERSION,
-        CHECKPOINTS,
-        interval=10,
-        initial_delay=5,
-        labels=LABELLED,
-        when=_signing_requested,
-        registry=registry,
-    )
-    def sign_manifest_again(body: kopf.Body, **_: Any) -> None:
-        sign(body)
+    @kopf.on.startup(registry=registry)
+    def start_signing_again(**_: Any) -> None:
+        threading.Thread(target=sign_again, name="sign-again", daemon=True).start()
+
+    @kopf.on.cleanup(registry=registry)
+    def stop_signing_again(**_: Any) -> None:
+        stop_signing.set()
 
     @kopf.on.delete(GROUP, VERSION, CHECKPOINTS, labels=LABELLED, registry=registry)
     def delete_archives(body: kopf.Body, **_: Any) -> None:
