@@ -669,13 +669,20 @@ def test_spec_is_immutable(api: Api, kind: str, change: dict[str, Any], message:
     assert api.get(kind, name)["spec"] == BASE[kind]
 
 
+def written_fields(obj: dict[str, Any], patched: dict[str, Any]) -> dict[str, Any]:
+    """The status fields a test's patch wrote, as the object has them now. The running controller
+    may have written its own status first (it fails an object for a node that does not exist)."""
+    return {key: obj["status"].get(key) for key in patched}
+
+
 def test_metadata_and_status_stay_writable(api: Api) -> None:
     name = api.create("ContainerCheckpoint", CCP)["metadata"]["name"]
     labelled = api.patch("ContainerCheckpoint", name, {"metadata": {"labels": {"checkpointer.dev/node": "node-a"}}})
     assert labelled["metadata"]["labels"]["checkpointer.dev/node"] == "node-a"
     assert labelled["metadata"]["generation"] == 1
-    obj = api.patch_status("ContainerCheckpoint", name, {"phase": "Scheduled", "nodeName": "node-a"})
-    assert obj["status"] == {"phase": "Scheduled", "nodeName": "node-a"}
+    scheduled = {"phase": "Scheduled", "nodeName": "node-a"}
+    obj = api.patch_status("ContainerCheckpoint", name, scheduled)
+    assert written_fields(obj, scheduled) == scheduled
 
 
 def test_undeclared_status_fields_are_pruned_and_podman_stats_kept(api: Api) -> None:
@@ -718,8 +725,9 @@ def test_undeclared_status_fields_are_pruned_and_podman_stats_kept(api: Api) -> 
         name,
         {**status, "bogus": "x", "archives": [{**archive, "bogus": 1}, {"container": "db", "size": 42}]},
     )
-    assert written["status"] == status
-    assert api.get("ContainerCheckpoint", name)["status"] == status
+    assert written_fields(written, status) == status
+    assert "bogus" not in written["status"]
+    assert written_fields(api.get("ContainerCheckpoint", name), status) == status
 
     restore = api.create("ContainerRestore", CRST)["metadata"]["name"]
     restore_status = {
@@ -736,7 +744,8 @@ def test_undeclared_status_fields_are_pruned_and_podman_stats_kept(api: Api) -> 
         "conditions": [condition],
     }
     written = api.patch_status("ContainerRestore", restore, {**restore_status, "extra": {"a": 1}})
-    assert written["status"] == restore_status
+    assert written_fields(written, restore_status) == restore_status
+    assert "extra" not in written["status"]
 
 
 @pytest.mark.parametrize(
