@@ -177,6 +177,27 @@ def _register_metrics(settings: Settings, kube: Kube) -> metrics.InFlight:
     return in_flight
 
 
+def _every(registry: kopf.OperatorRegistry, name: str, seconds: float, action: Callable[[], None]) -> None:
+    """Run `action` every `seconds` in a thread of its own, from the operator's start to its cleanup."""
+    stop = threading.Event()
+
+    def loop() -> None:
+        while not stop.wait(seconds):
+            try:
+                action()
+            except Exception:  # the next round tries again; the thread must not die of one
+                log.exception("%s failed; trying again in %.0fs", name, seconds)
+
+    def start(**_: Any) -> None:
+        threading.Thread(target=loop, name=name, daemon=True).start()
+
+    def end(**_: Any) -> None:
+        stop.set()
+
+    kopf.on.startup(registry=registry, id=f"start {name}")(start)
+    kopf.on.cleanup(registry=registry, id=f"stop {name}")(end)
+
+
 def _register_pickup_deadline(
     registry: kopf.OperatorRegistry,
     settings: Settings,
@@ -190,7 +211,6 @@ def _register_pickup_deadline(
     timer per Scheduled object would hold a task for each of the thousand checkpoints schedules
     create ahead of their time, and cost the controller tens of MiB.
     """
-    stop = threading.Event()
     timeout = settings.agent_pickup_timeout_seconds
 
     def fail_overdue(node: str) -> None:
@@ -213,22 +233,15 @@ def _register_pickup_deadline(
                     kind, meta["namespace"], meta["name"], meta["uid"], Reason.AGENT_UNAVAILABLE, message, "Warning"
                 )
 
-    def watch() -> None:
-        while not stop.wait(PICKUP_LOOK_SECONDS):
-            for node in sorted(in_flight.nodes()):
-                try:
-                    if not leases.alive(node):
-                        fail_overdue(node)
-                except Exception as e:  # ApiException or the connection itself: the next look tries again
-                    log.warning("could not look for objects the agent on %s never picked up: %s", node, e)
+    def look() -> None:
+        for node in sorted(in_flight.nodes()):
+            try:
+                if not leases.alive(node):
+                    fail_overdue(node)
+            except Exception as e:  # ApiException or the connection itself: the next look tries again
+                log.warning("could not look for objects the agent on %s never picked up: %s", node, e)
 
-    @kopf.on.startup(registry=registry)
-    def start_pickup_deadline(**_: Any) -> None:
-        threading.Thread(target=watch, name="pickup-deadline", daemon=True).start()
-
-    @kopf.on.cleanup(registry=registry)
-    def stop_pickup_deadline(**_: Any) -> None:
-        stop.set()
+    _every(registry, "pickup-deadline", PICKUP_LOOK_SECONDS, look)
 
 
 def register(registry: kopf.OperatorRegistry, settings: Settings, kube: Kube) -> None:
@@ -291,7 +304,6 @@ def register(registry: kopf.OperatorRegistry, settings: Settings, kube: Kube) ->
     # name, the context of the handler that tried, which kopf's Events need). Tried again by one loop,
     # not a kopf timer: a timer on checkpoints makes kopf keep every checkpoint's latest body in memory.
     unsigned: dict[str, tuple[str, str, contextvars.Context]] = {}
-    stop_signing = threading.Event()
 
     def sign(body: kopf.Body) -> None:
         if body["metadata"].get("deletionTimestamp"):
@@ -332,24 +344,23 @@ def register(registry: kopf.OperatorRegistry, settings: Settings, kube: Kube) ->
             unsigned.pop(uid, None)
 
     def sign_again() -> None:
-        while not stop_signing.wait(SIGNING_RETRY_SECONDS):
-            with signing_lock:
-                due = list(unsigned.items())
-            for uid, (namespace, name, context) in due:
-                try:
-                    fresh = kube.get(CHECKPOINTS, namespace, name)
-                except Exception as e:  # ApiException or the connection itself: the next round asks again
-                    log.warning("could not read %s/%s to sign its manifest: %s", namespace, name, e)
-                    continue
-                if (
-                    fresh is None
-                    or fresh["metadata"]["uid"] != uid
-                    or not signing.signing_requested(fresh.get("status") or {})
-                ):
-                    with signing_lock:
-                        unsigned.pop(uid, None)
-                    continue
-                context.copy().run(sign, kopf.Body(cast(kopf.RawBody, fresh)))
+        with signing_lock:
+            due = list(unsigned.items())
+        for uid, (namespace, name, context) in due:
+            try:
+                fresh = kube.get(CHECKPOINTS, namespace, name)
+            except Exception as e:  # ApiException or the connection itself: the next round asks again
+                log.warning("could not read %s/%s to sign its manifest: %s", namespace, name, e)
+                continue
+            if (
+                fresh is None
+                or fresh["metadata"]["uid"] != uid
+                or not signing.signing_requested(fresh.get("status") or {})
+            ):
+                with signing_lock:
+                    unsigned.pop(uid, None)
+                continue
+            context.copy().run(sign, kopf.Body(cast(kopf.RawBody, fresh)))
 
     # On the watch event itself, in the first listing after a (re)start too: no handler state, no
     # extra write. sign_again tries again while the bucket does not answer.
@@ -358,13 +369,7 @@ def register(registry: kopf.OperatorRegistry, settings: Settings, kube: Kube) ->
         if type != "DELETED":
             sign(body)
 
-    @kopf.on.startup(registry=registry)
-    def start_signing_again(**_: Any) -> None:
-        threading.Thread(target=sign_again, name="sign-again", daemon=True).start()
-
-    @kopf.on.cleanup(registry=registry)
-    def stop_signing_again(**_: Any) -> None:
-        stop_signing.set()
+    _every(registry, "sign-again", SIGNING_RETRY_SECONDS, sign_again)
 
     @kopf.on.delete(GROUP, VERSION, CHECKPOINTS, labels=LABELLED, registry=registry)
     def delete_archives(body: kopf.Body, **_: Any) -> None:
