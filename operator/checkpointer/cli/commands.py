@@ -208,7 +208,7 @@ timeout_option = click.option(
     help="Upload the archives to STORAGE (alone: the default storage). Without it the checkpoint stays on the node.",
 )
 @click.option("--leave-running", is_flag=True, help="Keep the container running after the checkpoint.")
-@click.option("--compress", type=click.Choice(["zstd", "none", "gzip"]), default=None, help="With --export.")
+@click.option("--compress", type=click.Choice(plan.COMPRESSIONS), default=None, help="With --export.")
 @click.option("--name", default=None, help="The ContainerCheckpoint's name (default: <container>-<random>).")
 @wait_option
 @timeout_option
@@ -290,7 +290,7 @@ def restore(
 @click.argument("target", metavar="NODE/CONTAINER")
 @click.option("--to", "node", required=True, help="The node to move the container to.")
 @click.option("--storage", default="", help="The CheckpointStorage to go through (default: the default storage).")
-@click.option("--compress", type=click.Choice(["zstd", "none", "gzip"]), default=None)
+@click.option("--compress", type=click.Choice(plan.COMPRESSIONS), default=None)
 @wait_option
 @timeout_option
 @output_option

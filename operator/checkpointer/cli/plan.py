@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from checkpointer import GROUP, VERSION
+from checkpointer.models import Compression
 
 API_VERSION = f"{GROUP}/{VERSION}"
 CHECKPOINT = "ContainerCheckpoint"
@@ -23,7 +24,7 @@ KINDS = {
 }
 PLURALS = {CHECKPOINT: "containercheckpoints", RESTORE: "containerrestores"}
 # spec.compress of an export (docs/api.md).
-COMPRESSIONS = ("zstd", "none", "gzip")
+COMPRESSIONS = tuple(c.value for c in Compression)
 # An object's name is a DNS subdomain; 63 keeps it a valid label too, as most tools expect.
 _NAME_MAX = 63
 _NOT_IN_NAME = re.compile(r"[^a-z0-9-]+")
