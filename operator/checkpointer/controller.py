@@ -19,10 +19,10 @@ from checkpointer import CONTROLLER_FINALIZER, GROUP, NODE_LABEL, VERSION, layou
 from checkpointer.adapters.kube import CHECKPOINTS, RESTORES, STORAGES, Kube
 from checkpointer.archive.store import RateLimiter, StorageError, Stores, Transfer
 from checkpointer.errors import Failure
+from checkpointer.expiry import Expiring, ExpiryClock
 from checkpointer.models import CheckpointStorage, ContainerCheckpoint, ContainerRestore
 from checkpointer.reasons import FINISHED, Phase, Reason
 from checkpointer.services import scheduling, signing, validation
-from checkpointer.services.expiry import Expiring, ExpiryClock
 from checkpointer.services.schedules import SCHEDULED_TIME_ANNOTATION, start_delay
 from checkpointer.settings import Settings
 from checkpointer.status import Conflict, StatusWriter, event_subject
@@ -128,7 +128,7 @@ def _plural(body: kopf.Body) -> str:
 def _register_expiry(
     registry: kopf.OperatorRegistry, settings: Settings, kube: Kube, in_flight: metrics.InFlight
 ) -> None:
-    """TTLs: one clock deletes finished objects once their expiration has passed (services/expiry.py)."""
+    """TTLs: one clock deletes finished objects once their expiration has passed (expiry.py)."""
 
     def announce(obj: Expiring, message: str) -> None:
         kube.create_event(obj.kind, obj.namespace, obj.name, obj.uid, "Expired", message)

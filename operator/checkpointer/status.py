@@ -21,9 +21,9 @@ from kubernetes.client import ApiException
 from checkpointer import GROUP, VERSION, logs, metrics
 from checkpointer.adapters.kube import Kube
 from checkpointer.conditions import now, phase_patch, set_condition
-from checkpointer.expiry import expiration
 from checkpointer.models import Metadata
 from checkpointer.reasons import ConditionType, Phase, Reason
+from checkpointer.services.expiry import expiration
 
 log = logging.getLogger(__name__)
 

@@ -10,7 +10,7 @@ import time
 import uuid
 from typing import Any
 
-from checkpointer.expiry import expiration
+from checkpointer.services.expiry import expiration
 from faultkit import (
     apply,
     checkpoint,

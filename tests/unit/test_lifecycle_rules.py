@@ -13,8 +13,8 @@ import pytest
 from checkpointer.adapters.podman import Container, Footprint, cgroup_memory_files
 from checkpointer.archive.ledger import KeptCheckpoint, Ledger, OpenUpload
 from checkpointer.archive.spool import SpoolUsage, spool_usage
-from checkpointer.expiry import desired_expiration, expiration, seconds_until
-from checkpointer.services.expiry import Expiring, ExpiryClock
+from checkpointer.expiry import Expiring, ExpiryClock
+from checkpointer.services.expiry import desired_expiration, expiration, seconds_until
 from checkpointer.services.space import Estimate, refusal
 from checkpointer.services.sweep import ObjectState, Verdict, kept_checkpoint_verdict, orphan_uploads, upload_unowned
 
