@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -47,6 +48,14 @@ def local_env(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathF
         yield env
     finally:
         env.down()
+
+
+@pytest.fixture(scope="session")
+def tenants(local_env: LocalEnv) -> Iterator[Any]:
+    """A user who may edit only team-a, and a running container of team-a and of team-b (tests/e2e/tenants.py)."""
+    from tenants import tenants_of  # tests/e2e is on the path once an e2e test is collected
+
+    yield from tenants_of(local_env)
 
 
 @pytest.fixture(scope="session")
