@@ -116,6 +116,12 @@ def register(registry: kopf.OperatorRegistry, agent: Node, executor: Executor) -
     node = agent.settings.node_name
     settings = agent.settings
     metrics.register(metrics.Spool(node, lambda: spool_usage(settings.spool_dir, settings.spool_max_bytes)))
+
+    # The agent's series name its own node and the storages it moved bytes to or from, while they exist.
+    def existing() -> metrics.Existing:
+        return metrics.Existing(frozenset({node}), frozenset(s.metadata.name for s in agent.kube.storages()))
+
+    metrics.bound(existing)
     mine = {NODE_LABEL: node}
 
     @kopf.on.resume(GROUP, VERSION, CHECKPOINTS, labels=mine, registry=registry)
@@ -204,6 +210,7 @@ def register(registry: kopf.OperatorRegistry, agent: Node, executor: Executor) -
                 report_spool_usage()
             except Exception as e:
                 log.warning("could not record the spool's usage on Lease %s: %s", lease_name(node), e)
+            metrics.refresh()
             rounds += 1
             if stop.wait(agent.settings.sweep_seconds):
                 return

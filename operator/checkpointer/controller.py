@@ -86,6 +86,8 @@ def _needs_scheduling(plural: str, patch: kopf.Patch, body: kopf.Body) -> bool:
 PICKUP_LOOK_SECONDS = 5.0
 # How often a manifest the bucket did not take is signed again.
 SIGNING_RETRY_SECONDS = 10.0
+# How often the nodes and storages that metrics may name are read again, to drop the series of the gone.
+METRIC_LABELS_SECONDS = 60.0
 # Handlers that hold kopf's finalizer match only objects with the node label: see _scheduled.
 LABELLED = {NODE_LABEL: kopf.PRESENT}
 
@@ -172,6 +174,14 @@ def _register_metrics(settings: Settings, kube: Kube) -> metrics.InFlight:
         nodes = kube.node_names()
         return nodes, {n for n in nodes if scheduling.lease_alive(ages.get(scheduling.lease_name(n)))}
 
+    def existing() -> metrics.Existing:
+        # A node is one with an agent Lease, whatever a tenant wrote in spec.nodeName.
+        prefix = scheduling.lease_name("")
+        leases = kube.lease_ages(settings.namespace)
+        nodes = frozenset(n.removeprefix(prefix) for n in leases if n.startswith(prefix))
+        return metrics.Existing(nodes, frozenset(s.metadata.name for s in kube.storages()))
+
+    metrics.bound(existing)
     metrics.register(in_flight)
     metrics.register(metrics.AgentsUp(agents))
     return in_flight
@@ -290,6 +300,8 @@ def register(registry: kopf.OperatorRegistry, settings: Settings, kube: Kube) ->
         )
 
     _register_pickup_deadline(registry, settings, kube, leases, in_flight)
+    if metrics.enabled():
+        _every(registry, "metric-labels", METRIC_LABELS_SECONDS, metrics.refresh)
 
     signing_keys: list[Ed25519PrivateKey] = []
 

@@ -1,7 +1,10 @@
 """Prometheus metrics of both processes, served at /metrics (docs/metrics.md).
 
 Every series is defined here once, in a registry of its own. Labels hold bounded values only:
-namespace, node, result, reason, storage, kind; never an object's name or uid.
+namespace, node, result, reason, storage, kind; never an object's name or uid. A node, storage or
+namespace comes from what a tenant wrote (spec.nodeName, a storageRef), so it is judged against what
+exists (Bounds): a node with an agent Lease, a CheckpointStorage, a namespace; anything else is
+counted under OTHER, and the series of one that is gone are dropped.
 
 A terminal phase is counted by the process that writes it, through the one status writer
 (status.py): each ContainerCheckpoint and ContainerRestore is counted once in the whole system, and
@@ -17,10 +20,12 @@ import logging
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.metrics import MetricWrapperBase
 from prometheus_client.registry import Collector
 
 from checkpointer.conditions import parse_time
@@ -104,12 +109,137 @@ STORAGE_AVAILABLE = Gauge(
 )
 
 
+# The one value of a label `node`, `storage` or `namespace` for anything this process does not know
+# to exist. No node, storage or namespace is named "", so it is never mistaken for one.
+OTHER = ""
+# Which labels of each series name a node, a storage or a namespace (the order of its labels).
+_LABELS: tuple[tuple[MetricWrapperBase, tuple[str, ...]], ...] = (
+    (CHECKPOINTS, ("namespace", "node", "result", "reason")),
+    (RESTORES, ("namespace", "node", "result", "reason")),
+    (CHECKPOINT_DURATION, ("namespace", "node")),
+    (RESTORE_DURATION, ("namespace", "node")),
+    (FROZEN, ("node",)),
+    (ARCHIVE_SIZE, ("namespace", "node")),
+    (UPLOADED, ("node", "storage")),
+    (DOWNLOADED, ("node", "storage")),
+    (STORAGE_AVAILABLE, ("storage",)),
+)
+
+
+@dataclass(frozen=True)
+class Existing:
+    """What exists, as one process last read it: the values its labels may take.
+
+    nodes: those with an agent (a Lease checkpointer-agent-<node>); storages: the CheckpointStorages;
+    namespaces: None where the process cannot list them, and takes an object's own namespace as it is
+    (the API server's, never free text).
+    """
+
+    nodes: frozenset[str]
+    storages: frozenset[str]
+    namespaces: frozenset[str] | None = None
+
+    def node(self, value: str) -> str:
+        return value if value in self.nodes else OTHER
+
+    def storage(self, value: str) -> str:
+        return value if value in self.storages else OTHER
+
+    def namespace(self, value: str) -> str:
+        return value if self.namespaces is None or value in self.namespaces else OTHER
+
+    def allows(self, labels: Mapping[str, str]) -> bool:
+        """Whether a series with these labels names only what exists (or OTHER). Pure."""
+        judge = {"node": self.node, "storage": self.storage, "namespace": self.namespace}
+        return all(judge[k](v) == v or v == OTHER for k, v in labels.items() if k in judge)
+
+
+class Bounds:
+    """The label values of this process, read by `read` at most every `min_seconds`.
+
+    A value not known is looked up again once the last read is that old (a node's agent came up, a
+    storage was made since), so a burst of made-up names costs at most one read per `min_seconds`.
+    Every read drops the series of what is gone.
+    """
+
+    def __init__(self, read: Callable[[], Existing], min_seconds: float = 5.0) -> None:
+        self._read = read
+        self._min_seconds = min_seconds
+        self._existing = Existing(frozenset(), frozenset(), frozenset())
+        self._read_at: float | None = None
+        self._lock = threading.Lock()
+
+    @property
+    def existing(self) -> Existing:
+        return self._existing
+
+    def refresh(self, force: bool = True) -> Existing:
+        """Read what exists now (unless read less than `min_seconds` ago) and drop the series of the gone."""
+        with self._lock:
+            if not force and self._read_at is not None and time.monotonic() - self._read_at < self._min_seconds:
+                return self._existing
+            self._read_at = time.monotonic()  # a failed read, too, waits its turn before the next
+            try:
+                self._existing = self._read()
+            except Exception as e:  # labels keep the last values read; the next refresh asks again
+                log.warning("could not read the nodes, storages and namespaces metrics may name: %s", e)
+                return self._existing
+            prune(self._existing)
+            return self._existing
+
+    def _judged(self, judge: Callable[[Existing], Callable[[str], str]], value: str) -> str:
+        if value == OTHER or judge(self._existing)(value) == value:
+            return value
+        return judge(self.refresh(force=False))(value)
+
+    def node(self, value: str) -> str:
+        return self._judged(lambda e: e.node, value)
+
+    def storage(self, value: str) -> str:
+        return self._judged(lambda e: e.storage, value)
+
+    def namespace(self, value: str) -> str:
+        return self._judged(lambda e: e.namespace, value)
+
+
+def prune(existing: Existing) -> int:
+    """Remove every series that names a node, storage or namespace no longer there; returns how many."""
+    removed = 0
+    for metric, names in _LABELS:
+        children = {
+            tuple(sample.labels.get(n, "") for n in names) for family in metric.collect() for sample in family.samples
+        }
+        for values in children:
+            if not existing.allows(dict(zip(names, values, strict=True))):
+                with contextlib.suppress(KeyError):  # removed meanwhile
+                    metric.remove(*values)
+                    removed += 1
+    return removed
+
+
 class _State:
     enabled = False
+    # Until a process says what exists, nothing that a tenant names is known: all is OTHER.
+    bounds = Bounds(lambda: Existing(frozenset(), frozenset(), frozenset()), min_seconds=float("inf"))
 
 
 def enabled() -> bool:
     return _State.enabled
+
+
+def bound(read: Callable[[], Existing], min_seconds: float = 5.0) -> Bounds:
+    """Judge this process' labels by what `read` returns from now on, read once at once."""
+    bounds = Bounds(read, min_seconds)
+    if _State.enabled:
+        bounds.refresh()
+        _State.bounds = bounds
+    return bounds
+
+
+def refresh() -> None:
+    """Read again what exists, and drop the series of what is gone (each process' periodic look)."""
+    if _State.enabled:
+        _State.bounds.refresh()
 
 
 def serve(port: int, host: str) -> bool:
@@ -151,6 +281,7 @@ def finished(
     """Count a final phase just written, with what its status says of the run."""
     if not _State.enabled:
         return
+    namespace, node = _State.bounds.namespace(namespace), _State.bounds.node(node)
     if plural == "containerrestores":
         RESTORES.labels(namespace, node, result, reason).inc()
         if seconds is not None:
@@ -178,7 +309,7 @@ def byte_counter(counter: Counter, node: str, storage: str) -> Callable[[int], N
     """
     if not _State.enabled:
         return lambda done: None
-    child = counter.labels(node, storage)
+    child = counter.labels(_State.bounds.node(node), _State.bounds.storage(storage))
     last = [0]
     lock = threading.Lock()
 
@@ -195,8 +326,8 @@ def byte_counter(counter: Counter, node: str, storage: str) -> Callable[[int], N
 
 
 def storage_available(storage: str, available: bool) -> None:
-    if _State.enabled:
-        STORAGE_AVAILABLE.labels(storage).set(1 if available else 0)
+    if _State.enabled and (named := _State.bounds.storage(storage)) != OTHER:
+        STORAGE_AVAILABLE.labels(named).set(1 if available else 0)
 
 
 def storage_gone(storage: str) -> None:
@@ -210,7 +341,10 @@ def storage_gone(storage: str) -> None:
 
 class InFlight(Collector):
     """checkpointer_objects_in_flight{kind,node}: the controller's view of objects not finished yet,
-    told by its handlers when it schedules, sees finished or sees deleted one (no request of its own)."""
+    told by its handlers when it schedules, sees finished or sees deleted one (no request of its own).
+
+    An object's node is its spec.nodeName, as its tenant wrote it: the series name only nodes with an
+    agent, and count the others under OTHER."""
 
     def __init__(self) -> None:
         self._objects: dict[str, tuple[str, str]] = {}
@@ -220,16 +354,16 @@ class InFlight(Collector):
     def seen(self, plural: str, body: Mapping[str, Any], deleted: bool) -> None:
         uid = str(body["metadata"]["uid"])
         phase = (body.get("status") or {}).get("phase")
+        kind, node = KINDS.get(plural, plural), str((body.get("spec") or {}).get("nodeName") or "")
+        label = (kind, _State.bounds.node(node)) if not (deleted or phase in FINISHED) else None
         with self._lock:
-            if deleted or phase in FINISHED:
+            if label is None:
                 self._objects.pop(uid, None)
             else:
-                key = self._objects[uid] = (
-                    KINDS.get(plural, plural),
-                    str((body.get("spec") or {}).get("nodeName") or ""),
-                )
+                # The node as written: the pickup deadline looks at it (nodes()).
+                self._objects[uid] = (kind, node)
                 # A (kind, node) seen once stays, at 0 when nothing is in flight there: absent is not zero.
-                self._seen.add(key)
+                self._seen.add(label)
 
     def nodes(self) -> set[str]:
         """The nodes with objects not finished yet."""
@@ -237,10 +371,12 @@ class InFlight(Collector):
             return {node for _, node in self._objects.values()}
 
     def counts(self) -> dict[tuple[str, str], int]:
+        """Objects in flight by kind and node label."""
         with self._lock:
             values = list(self._objects.values())
         counts: dict[tuple[str, str], int] = {}
-        for key in values:
+        for kind, node in values:
+            key = (kind, _State.bounds.node(node))
             counts[key] = counts.get(key, 0) + 1
         return counts
 
@@ -251,11 +387,13 @@ class InFlight(Collector):
             labels=["kind", "node"],
         )
         counts = self.counts()
+        existing = _State.bounds.existing
         with self._lock:
-            seen = sorted(self._seen)
+            # A node whose agent is gone has no series of its own any more.
+            self._seen = {(kind, existing.node(node)) for kind, node in self._seen}
+            seen = sorted(self._seen | set(counts))
         for kind, node in seen:
-            count = counts.get((kind, node), 0)
-            family.add_metric([kind, node], count)
+            family.add_metric([kind, node], counts.get((kind, node), 0))
         yield family
 
 

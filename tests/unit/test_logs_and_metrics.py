@@ -85,19 +85,95 @@ def test_frozen_seconds_reads_criu_statistics_of_each_container() -> None:
     assert metrics.frozen_seconds(None) == []
 
 
-def test_byte_counter_adds_each_parts_bytes_once() -> None:
-    counter = metrics.UPLOADED
+@pytest.fixture
+def existing() -> Iterator[list[metrics.Existing]]:
+    """Metrics on, judged by what the test puts in the list (its last entry), read again on every miss."""
+    now = [metrics.Existing(frozenset({"node-x"}), frozenset({"unit"}))]
+    saved = metrics._State.enabled, metrics._State.bounds
     metrics._State.enabled = True
     try:
-        advance = metrics.byte_counter(counter, "node-x", "unit")
-        for done in (8, 16, 16, 20):  # a repeated total adds nothing
-            advance(done)
-        assert counter.labels("node-x", "unit")._value.get() == 20
+        metrics.bound(lambda: now[-1], min_seconds=0)
+        yield now
     finally:
-        metrics._State.enabled = False
+        metrics._State.enabled, metrics._State.bounds = saved
 
 
-def test_in_flight_counts_unfinished_objects_and_keeps_zeroes() -> None:
+def series(metric: object) -> set[tuple[str, ...]]:
+    """The label values of every series of `metric` (a histogram's buckets as one)."""
+    assert isinstance(metric, metrics.MetricWrapperBase)
+    skip = {"le"}
+    return {
+        tuple(v for k, v in sample.labels.items() if k not in skip)
+        for family in metric.collect()
+        for sample in family.samples
+    }
+
+
+def test_byte_counter_adds_each_parts_bytes_once(existing: list[metrics.Existing]) -> None:
+    counter = metrics.UPLOADED
+    advance = metrics.byte_counter(counter, "node-x", "unit")
+    for done in (8, 16, 16, 20):  # a repeated total adds nothing
+        advance(done)
+    assert counter.labels("node-x", "unit")._value.get() == 20
+
+
+def test_made_up_nodes_and_storages_are_counted_under_one_value(existing: list[metrics.Existing]) -> None:
+    metrics.CHECKPOINTS.clear()
+    for i in range(30):
+        status = {"archives": [{"size": 2**20, "stats": {"container_statistics": []}}]}
+        metrics.finished("containercheckpoints", "team-a", f"made-up-{i}", "Failed", "NodeNotFound", status, 1.0)
+        metrics.byte_counter(metrics.UPLOADED, f"made-up-{i}", f"bucket-{i}")(1)
+    metrics.finished("containercheckpoints", "team-a", "node-x", "Succeeded", "Succeeded", {}, 1.0)
+    assert series(metrics.CHECKPOINTS) == {
+        ("team-a", metrics.OTHER, "Failed", "NodeNotFound"),
+        ("team-a", "node-x", "Succeeded", "Succeeded"),
+    }
+    assert metrics.CHECKPOINTS.labels("team-a", metrics.OTHER, "Failed", "NodeNotFound")._value.get() == 30
+    assert not {v for labels in series(metrics.UPLOADED) for v in labels} & {f"bucket-{i}" for i in range(30)}
+    metrics.storage_available("bucket-0", True)  # a storage never read is not a series
+    assert ("bucket-0",) not in series(metrics.STORAGE_AVAILABLE)
+
+
+def test_a_node_whose_agent_came_up_since_the_last_read_is_named(existing: list[metrics.Existing]) -> None:
+    existing.append(metrics.Existing(frozenset({"node-x", "node-new"}), frozenset({"unit"})))
+    metrics.finished("containerrestores", "team-a", "node-new", "Succeeded", "Succeeded", {}, None)
+    assert ("team-a", "node-new", "Succeeded", "Succeeded") in series(metrics.RESTORES)
+
+
+def test_series_of_gone_nodes_and_storages_are_dropped(existing: list[metrics.Existing]) -> None:
+    metrics.finished("containercheckpoints", "team-a", "node-x", "Succeeded", "Succeeded", {}, 1.0)
+    metrics.byte_counter(metrics.DOWNLOADED, "node-x", "unit")(5)
+    metrics.storage_available("unit", True)
+    existing.append(metrics.Existing(frozenset({"node-y"}), frozenset({"other"})))
+    metrics.refresh()
+    named = {v for m, _ in metrics._LABELS for labels in series(m) for v in labels}
+    assert not named & {"node-x", "unit"}
+    assert metrics.prune(existing[-1]) == 0  # nothing left to drop
+
+
+def test_namespaces_are_judged_only_where_the_process_lists_them() -> None:
+    listed = metrics.Existing(frozenset(), frozenset(), frozenset({"team-a"}))
+    assert (listed.namespace("team-a"), listed.namespace("gone")) == ("team-a", metrics.OTHER)
+    assert metrics.Existing(frozenset(), frozenset()).namespace("team-a") == "team-a"
+
+
+def test_a_failed_read_keeps_the_last_values() -> None:
+    reads: list[metrics.Existing | Exception] = [metrics.Existing(frozenset({"node-a"}), frozenset())]
+
+    def read() -> metrics.Existing:
+        value = reads[-1]
+        if isinstance(value, Exception):
+            raise value
+        return value
+
+    bounds = metrics.Bounds(read, min_seconds=0)
+    assert bounds.node("node-a") == "node-a"
+    reads.append(OSError("API server away"))
+    assert (bounds.node("node-a"), bounds.node("node-b")) == ("node-a", metrics.OTHER)
+
+
+def test_in_flight_counts_unfinished_objects_and_keeps_zeroes(existing: list[metrics.Existing]) -> None:
+    existing.append(metrics.Existing(frozenset({"node-a"}), frozenset()))
     in_flight = metrics.InFlight()
 
     def body(uid: str, phase: str | None) -> dict[str, object]:
@@ -116,6 +192,25 @@ def test_in_flight_counts_unfinished_objects_and_keeps_zeroes() -> None:
         ("checkpoint", "node-a"): 0,
         ("restore", "node-a"): 0,
     }
+
+
+def test_in_flight_names_only_nodes_with_an_agent(existing: list[metrics.Existing]) -> None:
+    existing.append(metrics.Existing(frozenset({"node-a"}), frozenset()))
+    in_flight = metrics.InFlight()
+    for i in range(30):
+        body = {"metadata": {"uid": str(i)}, "spec": {"nodeName": f"made-up-{i}"}, "status": {}}
+        in_flight.seen("containercheckpoints", body, deleted=False)
+    in_flight.seen("containercheckpoints", {"metadata": {"uid": "a"}, "spec": {"nodeName": "node-a"}}, deleted=False)
+    assert "made-up-3" in in_flight.nodes()  # the pickup deadline still looks at the node as written
+    [family] = in_flight.collect()
+    assert {tuple(s.labels.values()): s.value for s in family.samples} == {
+        ("checkpoint", metrics.OTHER): 30,
+        ("checkpoint", "node-a"): 1,
+    }
+    existing.append(metrics.Existing(frozenset(), frozenset()))  # node-a's agent is gone
+    in_flight.seen("containercheckpoints", {"metadata": {"uid": "a"}, "status": {"phase": "Failed"}}, deleted=False)
+    [family] = in_flight.collect()
+    assert {tuple(s.labels.values()) for s in family.samples} == {("checkpoint", metrics.OTHER)}
 
 
 def test_elapsed_starts_at_start_time_else_creation() -> None:
