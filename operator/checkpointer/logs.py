@@ -7,6 +7,10 @@ A step line names the object, its node and how long the step took, in one form f
 
 With `--log-format json` the same fields are keys of the line's object (`uid` whole there), beside
 time, level, logger and message.
+
+A text line is one line whatever its values hold: names, keys and messages come from what tenants
+wrote, so control characters and line separators in them are printed as escapes (`\\n`, `\\x1b`).
+JSON lines are escaped by JSON itself.
 """
 
 from __future__ import annotations
@@ -15,6 +19,7 @@ import contextlib
 import datetime
 import json
 import logging
+import re
 import time
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
@@ -28,6 +33,40 @@ FIELDS = "checkpointer_fields"
 # Every step line comes from this one logger, whichever process and module writes it.
 STEPS = logging.getLogger("checkpointer.steps")
 _STANDARD = set(logging.LogRecord("", 0, "", 0, "", None, None).__dict__) | {"message", "asctime"}
+# Control characters (C0, DEL, C1) and the Unicode line and paragraph separators: what the CRDs refuse
+# in a tenant's strings, and what could start a line or move a terminal's cursor.
+CONTROL = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029]")
+_NAMED = {"\n": "\\n", "\r": "\\r", "\t": "\\t"}
+
+
+def _escape(match: re.Match[str]) -> str:
+    c = match.group()
+    return _NAMED.get(c) or (f"\\x{ord(c):02x}" if ord(c) < 0x100 else f"\\u{ord(c):04x}")
+
+
+def escaped(text: str) -> str:
+    """`text` on one line: each control character or line separator as its escape (`\\n`, `\\x1b`). Pure."""
+    return CONTROL.sub(_escape, text)
+
+
+class TextFormatter(logging.Formatter):
+    """TEXT_FORMAT, one line per record but for a traceback's own lines, whatever its values hold."""
+
+    def formatMessage(self, record: logging.LogRecord) -> str:
+        return escaped(super().formatMessage(record))
+
+    def formatException(self, ei: Any) -> str:
+        text = super().formatException(ei)
+        # The traceback's lines are its own; the messages of its exceptions are not.
+        seen: set[int] = set()
+        error = ei[1]
+        while isinstance(error, BaseException) and id(error) not in seen:
+            seen.add(id(error))
+            message = str(error)
+            if message != escaped(message):
+                text = text.replace(message, escaped(message))
+            error = error.__cause__ or error.__context__
+        return text
 
 
 class JsonFormatter(logging.Formatter):
@@ -68,7 +107,7 @@ def _not_a_handler_success(record: logging.LogRecord) -> bool:
 
 def configure(log_format: LogFormat, verbose: bool) -> None:
     handler = logging.StreamHandler()
-    handler.setFormatter(JsonFormatter() if log_format == "json" else logging.Formatter(TEXT_FORMAT))
+    handler.setFormatter(JsonFormatter() if log_format == "json" else TextFormatter(TEXT_FORMAT))
     if not verbose:
         handler.addFilter(_not_a_handler_success)
     root = logging.getLogger()

@@ -1,15 +1,20 @@
-"""Step lines in both log formats, and the pure parts of the metrics (docs/metrics.md)."""
+"""Step lines in both log formats, the pure parts of the metrics (docs/metrics.md), and what a
+tenant's strings become in a text log line and in the plugin's output (docs/security.md)."""
 
 from __future__ import annotations
 
+import datetime
 import io
 import json
 import logging
 from collections.abc import Iterator
 
 import pytest
+from rich.console import Console
+from rich.table import Table
 
 from checkpointer import logs, metrics
+from checkpointer.cli import commands, present
 
 BODY = {
     "metadata": {"namespace": "team-a", "name": "web-1", "uid": "0c6f1d2e-1111-2222-3333-444455556666"},
@@ -234,3 +239,70 @@ def test_kopfs_per_event_handler_successes_show_only_when_verbose(
     finally:
         root.handlers[:], root.level = saved[0], saved[1]
     assert len(capsys.readouterr().err.splitlines()) == shown
+
+
+# --- a tenant's strings in text logs and the plugin ------------------------------------------------------
+
+FORGED = "web\n2026-01-01 00:00:00,000 INFO checkpointer.steps: checkpoint team-b/x result=Succeeded"
+
+
+def test_a_newline_in_a_logged_value_does_not_start_a_line(capsys: pytest.CaptureFixture[str]) -> None:
+    root = logging.getLogger()
+    saved = root.handlers[:], root.level
+    try:
+        logs.configure("text", verbose=False)
+        logs.Steps.of("checkpoint", {**BODY, "metadata": {**BODY["metadata"], "name": "x\x1b[2Jy"}}).line(
+            step="upload", container=FORGED, key="a\u2028b\tc\rd"
+        )
+        try:
+            raise ValueError(f"no such key {FORGED}")
+        except ValueError:
+            logging.getLogger("checkpointer.test").exception("upload of %s failed", FORGED)
+    finally:
+        root.handlers[:], root.level = saved[0], saved[1]
+    lines = capsys.readouterr().err.splitlines()
+    assert "container=web\\n2026-01-01 00:00:00,000 INFO" in lines[0]
+    assert "team-a/x\\x1b[2Jy" in lines[0] and "key=a\\u2028b\\tc\\rd" in lines[0]
+    assert lines[1].endswith(f"upload of {logs.escaped(FORGED)} failed")
+    assert lines[2] == "Traceback (most recent call last):"  # the traceback keeps its own lines
+    assert lines[-1] == f"ValueError: no such key {logs.escaped(FORGED)}"
+    assert not [line for line in lines if line.startswith("2026-01-01")]
+
+
+def test_escaped_keeps_printable_text_and_escapes_every_control_character() -> None:
+    assert logs.escaped("team-a/web-1 ä € 🙂 [bold]") == "team-a/web-1 ä € 🙂 [bold]"
+    assert logs.escaped("\x00\x07\x1b\x7f\x85\x9b\u2029") == "\\x00\\x07\\x1b\\x7f\\x85\\x9b\\u2029"
+
+
+def test_the_plugin_prints_names_keys_messages_and_conditions_escaped() -> None:
+    obj = {
+        "status": {
+            "phase": "Failed",
+            "conditions": [{"type": "Ready", "reason": "Bad\nReason", "message": "key 'a\x1b]0;owned\x07' refused"}],
+        }
+    }
+    line = present.outcome(obj).line("ContainerCheckpoint", "web\r1")
+    assert "\n" not in line and "\x1b" not in line and "\r" not in line
+    assert line == "ContainerCheckpoint web\\r1: Failed (Bad\\nReason): key 'a\\x1b]0;owned\\x07' refused"
+    manifest = {
+        "namespace": "team-a",
+        "name": "ccp\n1",
+        "nodeName": "node-a",
+        "archives": [{"container": "[red]web[/red]\x1b[0m", "key": "k\n2", "sha256": "x"}],
+    }
+    [row] = present.archive_rows([manifest], "")
+    assert row.cells(datetime.datetime.now(datetime.UTC))[1:3] == ["ccp\\n1", "[red]web[/red]\\x1b[0m"]
+    assert present.archive_cells(manifest["archives"][0])[-1] == "k\\n2"
+    assert dict(present.manifest_fields(manifest, "s3://b/k", "unsigned"))["Checkpoint"].startswith("team-a/ccp\\n1")
+
+
+def test_the_plugins_consoles_print_markup_as_it_is() -> None:
+    console = Console(file=io.StringIO(), markup=commands.out._markup, color_system=None, width=200)
+    table = Table(box=None)
+    table.add_column("CONTAINER")
+    table.add_row(present.printable("[bold]web[/bold]"))
+    console.print(present.printable("ccp [red]x[/red]"))
+    console.print(table)
+    printed = console.file.getvalue()  # type: ignore[attr-defined]
+    assert "ccp [red]x[/red]" in printed and "[bold]web[/bold]" in printed
+    assert not commands.err._markup

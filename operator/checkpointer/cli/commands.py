@@ -25,8 +25,9 @@ F = TypeVar("F", bound=Callable[..., Any])
 POLL_SECONDS = 0.5
 OUTPUTS = click.Choice(["json", "yaml"])
 
-out = Console(highlight=False, soft_wrap=True)
-err = Console(stderr=True, highlight=False, soft_wrap=True)
+# No markup: names and messages are printed as they are ('[' included), escaped by present.printable.
+out = Console(highlight=False, soft_wrap=True, markup=False)
+err = Console(stderr=True, highlight=False, soft_wrap=True, markup=False)
 
 
 @dataclass
@@ -74,7 +75,7 @@ def handled(fn: F) -> F:
         try:
             return fn(*args, **kwargs)
         except (CliError, ValueError) as e:
-            raise click.ClickException(str(e)) from None
+            raise click.ClickException(present.printable(e)) from None
 
     return wrapper  # type: ignore[return-value]
 
@@ -107,7 +108,9 @@ def emit(objects: list[dict[str, Any]], output: str | None) -> None:
 
 
 def created_line(obj: dict[str, Any]) -> str:
-    return f"{obj['kind'].lower()}.{plan.API_VERSION.split('/')[0]}/{obj['metadata']['name']} created"
+    return present.printable(
+        f"{obj['kind'].lower()}.{plan.API_VERSION.split('/')[0]}/{obj['metadata']['name']} created"
+    )
 
 
 def follow(cluster: Cluster, kind: str, name: str, timeout: float) -> dict[str, Any]:
@@ -117,9 +120,9 @@ def follow(cluster: Cluster, kind: str, name: str, timeout: float) -> dict[str, 
     deadline = time.monotonic() + timeout if timeout > 0 else None
     live = err.is_terminal
     bar = Progress(
-        TextColumn("{task.description}"),
+        TextColumn("{task.description}", markup=False),
         BarColumn(),
-        TextColumn("{task.fields[numbers]}"),
+        TextColumn("{task.fields[numbers]}", markup=False),
         console=err,
         transient=False,
         disable=not live,
@@ -127,19 +130,20 @@ def follow(cluster: Cluster, kind: str, name: str, timeout: float) -> dict[str, 
     )
     shown = ""
     with bar:
-        task = bar.add_task(f"{name} {'Pending':<13}", total=None, numbers="")
+        shown_name = present.printable(name)
+        task = bar.add_task(f"{shown_name} {'Pending':<13}", total=None, numbers="")
         while True:
             obj = session.get(kind, namespace, name)
             state = present.progress(obj, meter, time.monotonic())
             bar.update(
                 task,
-                description=f"{name} {state.phase:<13}",
+                description=present.printable(f"{shown_name} {state.phase:<13}"),
                 total=state.total,
                 completed=state.done,
                 numbers=f"{state.bytes_text()}  {present.rate(state.rate)}  ETA {present.duration(state.eta)}",
             )
             if not live and state.phase != shown and not present.outcome(obj).finished:
-                err.print(f"{kind} {name}: {state.phase}")
+                err.print(present.printable(f"{kind} {name}: {state.phase}"))
             shown = state.phase
             if present.outcome(obj).finished:
                 return obj
@@ -154,7 +158,8 @@ def report(obj: dict[str, Any]) -> bool:
     line = result.line(obj["kind"], obj["metadata"]["name"])
     (err if result.failed else out).print(line, style="bold red" if result.failed else None)
     for archive in (obj.get("status") or {}).get("archives") or []:
-        out.print(f"  {archive.get('container')}: {present.size(archive.get('size'))}  {archive.get('key') or ''}")
+        line = f"  {archive.get('container')}: {present.size(archive.get('size'))}  {archive.get('key') or ''}"
+        out.print(present.printable(line))
     return result.failed
 
 
@@ -359,14 +364,14 @@ def archives(cluster: Cluster, storage: str | None, all_namespaces: bool, output
         emit(manifests, output)
         return
     if not rows:
-        err.print(f"No archives in CheckpointStorage {found.metadata.name} under {store.uri(under)}")
+        err.print(present.printable(f"No archives in CheckpointStorage {found.metadata.name} under {store.uri(under)}"))
         return
     table = Table(box=None, pad_edge=False, header_style="bold")
     for column in ("NAMESPACE", "CHECKPOINT", "CONTAINER", "NODE", "SIZE", "AGE", "KEY"):
         table.add_column(column, no_wrap=True, justify="right" if column == "SIZE" else "left")
     now = datetime.datetime.now(datetime.UTC)
     for row in rows:
-        table.add_row(*row.cells(now), f"{found.metadata.name}:{row.key}")
+        table.add_row(*row.cells(now), present.printable(f"{found.metadata.name}:{row.key}"))
     out.print(table)
 
 

@@ -1,4 +1,9 @@
-"""What the plugin shows people: sizes, rates, ages, progress and manifests. Pure functions: no I/O."""
+"""What the plugin shows people: sizes, rates, ages, progress and manifests. Pure functions: no I/O.
+
+Names, keys, messages and manifests come from what tenants wrote (or a bucket holds): every such
+text goes out through `printable`, so it neither starts a line nor moves the terminal's cursor. The
+consoles print no rich markup (commands.py), so a '[' in a name is printed as it is.
+"""
 
 from __future__ import annotations
 
@@ -12,11 +17,17 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 from checkpointer import signing
 from checkpointer.conditions import parse_time
+from checkpointer.logs import escaped
 from checkpointer.reasons import FINISHED
 
 _UNITS = ("B", "KiB", "MiB", "GiB", "TiB", "PiB")
 # The rate is over the last few seconds: the agent writes progress at most once a second.
 RATE_WINDOW = 5.0
+
+
+def printable(value: object) -> str:
+    """`value` as text on one line: control characters and line separators as escapes (`\\n`, `\\x1b`)."""
+    return escaped(str(value))
 
 
 def size(n: int | float | None) -> str:
@@ -83,7 +94,7 @@ class Outcome:
         text = f"{kind} {name}: {self.phase or 'Pending'}"
         if self.reason and self.reason != self.phase:
             text += f" ({self.reason})"
-        return f"{text}: {self.message}" if self.message else text
+        return printable(f"{text}: {self.message}" if self.message else text)
 
 
 def outcome(obj: Mapping[str, Any]) -> Outcome:
@@ -133,7 +144,7 @@ class Progress:
 
     def text(self) -> str:
         parts = [self.phase or "Pending", self.bytes_text(), rate(self.rate), f"ETA {duration(self.eta)}"]
-        return "  ".join(parts)
+        return printable("  ".join(parts))
 
 
 def progress(obj: Mapping[str, Any], meter: Meter, now: float) -> Progress:
@@ -165,7 +176,8 @@ class ArchiveRow:
     key: str  # relative to the namespace's folder, as a ContainerRestore and `inspect` name it
 
     def cells(self, now: datetime.datetime) -> list[str]:
-        return [self.namespace, self.checkpoint, self.container, self.node, size(self.size), age(self.completed, now)]
+        cells = [self.namespace, self.checkpoint, self.container, self.node, size(self.size), age(self.completed, now)]
+        return [printable(c) for c in cells]
 
 
 def relative_key(key: str, prefix: str, namespace: str) -> str:
@@ -224,7 +236,7 @@ def manifest_fields(manifest: Mapping[str, Any], location: str, signature: str) 
     """The manifest's facts, one (label, value) per line of `inspect`."""
     host = manifest.get("host") or {}
     versions = ", ".join(f"{k} {v}" for k, v in host.items() if k != "node") or "-"
-    return [
+    fields = [
         ("Manifest", location),
         ("Checkpoint", f"{manifest.get('namespace')}/{manifest.get('name')} (uid {manifest.get('uid')})"),
         ("Node", str(manifest.get("nodeName") or host.get("node") or "-")),
@@ -234,13 +246,14 @@ def manifest_fields(manifest: Mapping[str, Any], location: str, signature: str) 
         ("Completed", f"{manifest.get('completionTime') or '-'} (took {took(manifest)})"),
         ("Signature", signature),
     ]
+    return [(label, printable(value)) for label, value in fields]
 
 
 def archive_cells(entry: Mapping[str, Any]) -> list[str]:
     """CONTAINER, SIZE, UNCOMPRESSED, COMPRESSION, ENCRYPTED, SHA256, KEY of one archive of a manifest."""
     encryption = entry.get("encryption") or {}
     recipients = len(encryption.get("recipients") or [])
-    return [
+    cells = [
         str(entry.get("container") or "-"),
         size(entry.get("size")),
         size(entry.get("uncompressedSize")),
@@ -249,6 +262,7 @@ def archive_cells(entry: Mapping[str, Any]) -> list[str]:
         str(entry.get("sha256") or "-"),
         str(entry.get("key") or "-"),
     ]
+    return [printable(c) for c in cells]
 
 
 def signature_state(manifest: Mapping[str, Any], keys: Mapping[str, Ed25519PublicKey] | None, unchecked: str) -> str:
