@@ -30,6 +30,7 @@ PLURALS = {
     "ContainerCheckpoint": "containercheckpoints",
     "ContainerRestore": "containerrestores",
     "CheckpointStorage": "checkpointstorages",
+    "CheckpointSchedule": "checkpointschedules",
 }
 RUN = uuid.uuid4().hex[:6]
 SUITE_LABEL = "test.checkpointer.dev/suite"
@@ -124,6 +125,15 @@ M_SECRET_NAME = (
 )
 
 
+def m_control(field: str) -> str:
+    """The message of a free string a tenant wrote with a control character in it (docs/security.md)."""
+    return f"{field} must not contain control characters (newline, tab, escape, …) or line separators"
+
+
+M_CONTROL_PEM = "caBundle must not contain control characters other than line breaks and tabs (escape, NUL, …)"
+PEM = "-----BEGIN CERTIFICATE-----\nMIIBszCCAVmgAwIBAgIUP\n-----END CERTIFICATE-----\n"
+
+
 def key_messages(name: str, leading_slash: str, empty_hint: str = "") -> dict[str, str]:
     """Bad key -> message, for the key rules shared by export.key, archive.key and previous.key."""
     empty = f"{name} must not be empty nor have empty segments ('//' or a trailing '/'){empty_hint}"
@@ -148,6 +158,7 @@ class Rejected:
 CCP: dict[str, Any] = {"nodeName": "node-a", "containers": ["web"]}
 CRST: dict[str, Any] = {"nodeName": "node-a", "source": {"checkpointRef": {"name": "web-1"}}}
 CKS: dict[str, Any] = {"bucket": "checkpoints"}
+CS: dict[str, Any] = {"schedule": "*/5 * * * *", "template": CCP}
 BASE: dict[str, dict[str, Any]] = {"ContainerCheckpoint": CCP, "ContainerRestore": CRST, "CheckpointStorage": CKS}
 
 
@@ -161,6 +172,10 @@ def crst(id: str, field: str, message: str, drop: tuple[str, ...] = (), **spec: 
 
 def cks(id: str, field: str, message: str, drop: tuple[str, ...] = (), **spec: Any) -> Rejected:
     return Rejected(id, "CheckpointStorage", with_spec(CKS, drop, spec), field, message)
+
+
+def cs(id: str, field: str, message: str, **spec: Any) -> Rejected:
+    return Rejected(id, "CheckpointSchedule", with_spec(CS, (), spec), field, message)
 
 
 def with_spec(base: dict[str, Any], drop: tuple[str, ...], changes: dict[str, Any]) -> dict[str, Any]:
@@ -412,6 +427,36 @@ REJECTED = [
         "spec.deletionPolicy",
         'Unsupported value: "Keep": supported values: "Delete", "Retain"',
         deletionPolicy="Keep",
+    ),
+    # A tenant's strings: no control characters, so none can forge a log line or reach a terminal.
+    ccp("ccp-key-newline", "spec.export.key", m_control("export.key"), export={"key": "web\nINFO forged"}),
+    ccp("ccp-key-tab", "spec.export.key", m_control("export.key"), export={"key": "web\tx"}),
+    ccp("ccp-key-line-separator", "spec.export.key", m_control("export.key"), export={"key": "web\u2028x"}),
+    ccp("ccp-container-escape", "spec.containers[0]", M_CONTAINER, containers=["web\x1b[31m"]),
+    ccp("ccp-node-name-newline", "spec.nodeName", M_NODE_NAME, nodeName="node-a\n"),
+    crst(
+        "crst-archive-key-escape",
+        "spec.source.archive.key",
+        m_control("archive.key"),
+        source={"archive": {**ARCHIVE, "key": "web\x1b]0;x\x07.tar"}},
+    ),
+    crst("crst-previous-key-newline", "spec.previous.key", m_control("previous.key"), previous={"key": "a\nb"}),
+    crst(
+        "crst-checkpoint-ref-container-newline",
+        "spec.source.checkpointRef.container",
+        M_CHECKPOINT_REF_CONTAINER,
+        source={"checkpointRef": {"name": "web-1", "container": "web\n"}},
+    ),
+    crst("crst-name-escape", "spec.name", M_RESTORE_NAME, name="web\x1b"),
+    cks("cks-prefix-newline", "spec.prefix", m_control("prefix"), prefix="team\nx"),
+    cks("cks-region-escape", "spec.region", m_control("region"), region="eu\x1b[2J"),
+    cks("cks-ca-bundle-escape", "spec.caBundle", M_CONTROL_PEM, caBundle=PEM + "\x1b[2J"),
+    cs("cs-schedule-newline", "spec.schedule", m_control("schedule"), schedule="*/5 * * * *\n"),
+    cs(
+        "cs-template-key-newline",
+        "spec.template.export.key",
+        m_control("export.key"),
+        template={**CCP, "export": {"key": "a\nb"}},
     ),
 ]
 

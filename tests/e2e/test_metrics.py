@@ -7,12 +7,14 @@ Debian's prometheus and promtool (hack/install.sh); the local environment's cont
 from __future__ import annotations
 
 import time
+import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 import yaml
+from prometheus_client.parser import text_string_to_metric_families
 
 from faultkit import unique
 from invariants import check_invariants
@@ -21,6 +23,7 @@ from localenv.env import NAMESPACE, LocalEnv
 from localenv.images import COUNTER, owned_by, read_count
 from localenv.procs import require, run, wait_until
 from localenv.prometheus import Prometheus
+from tenants import TEAM_A, Tenants
 
 pytestmark = pytest.mark.e2e
 
@@ -139,4 +142,49 @@ def test_prometheus_counts_a_known_sequence_exactly(local_env: LocalEnv, prometh
     series = server.api("series", **{"match[]": '{__name__=~"checkpointer_.*"}'})
     every_value = {v for s in series for v in s.values()}
     assert not every_value & {*names, missing, restore, *containers}
+    check_invariants(env)
+
+
+def every_series(env: LocalEnv) -> dict[str, list[tuple[str, dict[str, str], float]]]:
+    """Each process' series as it serves them now: (name, labels, value) by process."""
+    found = {}
+    for process, port in sorted(env.metrics_ports.items()):
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as reply:
+            text = reply.read().decode()
+        found[process] = [(s.name, s.labels, s.value) for f in text_string_to_metric_families(text) for s in f.samples]
+    return found
+
+
+def test_made_up_node_names_add_no_series(local_env: LocalEnv, tenants: Tenants) -> None:
+    """A tenant's spec.nodeName reaches the metrics only as a node with an agent: made-up ones are
+    counted under node="" (docs/metrics.md), and their series never appear, neither now nor after."""
+    env = local_env
+    made_up = [unique("made-up-node") for _ in range(5)]
+    names = [tenants.create("ContainerCheckpoint", TEAM_A, {"containers": ["web"]}, node=n) for n in made_up]
+    for name in names:
+        failed = tenants.finished("ContainerCheckpoint", TEAM_A, name)
+        assert failed["status"]["phase"] == "Failed", failed["status"]
+        ready = {c["type"]: c for c in failed["status"]["conditions"]}["Ready"]
+        assert ready["reason"] == "NodeNotFound", failed["status"]
+
+    def counted_under_no_node() -> float:
+        return sum(
+            value
+            for series in every_series(env).values()
+            for name, labels, value in series
+            if name == "checkpointer_checkpoints_total"
+            and labels == {"namespace": TEAM_A, "node": "", "result": "Failed", "reason": "NodeNotFound"}
+        )
+
+    assert counted_under_no_node() >= len(made_up)
+
+    def named() -> set[str]:
+        return {v for series in every_series(env).values() for _, labels, _ in series for v in labels.values()}
+
+    assert not named() & set(made_up)
+    for name in names:
+        tenants.delete("ContainerCheckpoint", name)
+    assert not named() & set(made_up)
+    # The nodes with an agent keep their own series.
+    assert {"node-a", "node-b"} <= named()
     check_invariants(env)
