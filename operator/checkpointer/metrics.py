@@ -326,8 +326,9 @@ def byte_counter(counter: Counter, node: str, storage: str) -> Callable[[int], N
 
 
 def storage_available(storage: str, available: bool) -> None:
-    if _State.enabled and (named := _State.bounds.storage(storage)) != OTHER:
-        STORAGE_AVAILABLE.labels(named).set(1 if available else 0)
+    """The validation of a CheckpointStorage just read from the API server: it exists, whatever the last read."""
+    if _State.enabled:
+        STORAGE_AVAILABLE.labels(storage).set(1 if available else 0)
 
 
 def storage_gone(storage: str) -> None:

@@ -135,8 +135,6 @@ def test_made_up_nodes_and_storages_are_counted_under_one_value(existing: list[m
     }
     assert metrics.CHECKPOINTS.labels("team-a", metrics.OTHER, "Failed", "NodeNotFound")._value.get() == 30
     assert not {v for labels in series(metrics.UPLOADED) for v in labels} & {f"bucket-{i}" for i in range(30)}
-    metrics.storage_available("bucket-0", True)  # a storage never read is not a series
-    assert ("bucket-0",) not in series(metrics.STORAGE_AVAILABLE)
 
 
 def test_a_node_whose_agent_came_up_since_the_last_read_is_named(existing: list[metrics.Existing]) -> None:
