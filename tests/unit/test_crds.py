@@ -6,6 +6,8 @@ against a real one in tests/e2e/test_admission.py.
 
 from __future__ import annotations
 
+import re
+import unicodedata
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -420,7 +422,7 @@ def test_checkpoint_rules() -> None:
     assert "spec is immutable; delete and recreate the ContainerCheckpoint" in spec_messages
     immutable = [r for p, _, r in rules(kind) if p == "spec" and r["rule"] == "self == oldSelf"]
     assert len(immutable) == 1
-    assert len(rule_messages(kind, "spec.export.key")) == 3
+    assert len(rule_messages(kind, "spec.export.key")) == 4
     spec = node(root(kind), "spec")
     assert node(spec, "compress")["enum"] == ["zstd", "none", "gzip"]
     assert "default" not in node(spec, "compress")
@@ -440,7 +442,7 @@ def test_restore_rules() -> None:
     ]:
         assert any(words in m for m in spec_messages), words
     for key in ("spec.source.archive.key", "spec.previous.key"):
-        assert len(rule_messages(kind, key)) == 3, key
+        assert len(rule_messages(kind, key)) == 4, key
     for sha in ("spec.source.archive.sha256", "spec.previous.sha256"):
         assert any("64 lowercase hexadecimal" in m for m in rule_messages(kind, sha)), sha
     assert len(rule_messages(kind, "spec.publish[]")) == 2
@@ -452,8 +454,82 @@ def test_storage_rules_and_defaults() -> None:
     assert node(spec, "deletionPolicy")["enum"] == ["Delete", "Retain"]
     assert node(spec, "deletionPolicy")["default"] == "Delete"
     assert any("http:// or https:// URL" in m for m in rule_messages(kind, "spec.endpoint"))
-    assert len(rule_messages(kind, "spec.prefix")) == 3
+    assert len(rule_messages(kind, "spec.prefix")) == 4
     assert rule_messages(kind, "spec.bucket")
+
+
+# The one rule of a free string a tenant writes (docs/security.md, "Tenant strings"): RE2's classes of
+# control characters (C0, DEL, C1) and the Unicode line and paragraph separators.
+CONTROL_RULE = "!self.matches('[\\\\p{Cc}\\\\p{Zl}\\\\p{Zp}]')"
+# caBundle is PEM: its line breaks and tabs are its own, every other control character is refused.
+PEM_RULE = "!self.matches('[\\\\x{0}-\\\\x{8}\\\\x{b}\\\\x{c}\\\\x{e}-\\\\x{1f}\\\\x{7f}-\\\\x{9f}\\\\p{Zl}\\\\p{Zp}]')"
+CONTROL = ["a\nb", "a\x1b[31mb", "a\tb", "a\rb", "a\x00b", "a\x7fb", "a\x85b", "a\x9bb", "a\u2028b", "ok\n"]
+SCHEDULES = "checkpointschedules.yaml"
+
+
+def _anchored(schema: Schema) -> list[str]:
+    """The schema's regular expressions that must match the whole value: its pattern, its matches()."""
+    found = [schema["pattern"]] if "pattern" in schema else []
+    for rule in schema.get("x-kubernetes-validations", []):
+        found += [m.replace("\\\\", "\\") for m in re.findall(r"self\.matches\('(\^.*?\$)'\)", rule["rule"])]
+    return found
+
+
+def _refuses(regex: str, value: str) -> bool:
+    # RE2's $ is the end of the text; Python's would also match before a final newline.
+    return re.search(regex.removesuffix("$") + r"\Z", value) is None
+
+
+def tenant_strings() -> Iterator[tuple[str, str, Schema]]:
+    """Every string under the spec of every CRD (a schedule's template included), by file and path."""
+    for file in [*(f for f, *_ in KINDS.values()), SCHEDULES]:
+        crd = yaml.safe_load((CRDS / file).read_text())
+        spec = crd["spec"]["versions"][0]["schema"]["openAPIV3Schema"]["properties"]["spec"]
+        for path, schema in walk(spec, "spec"):
+            if schema.get("type") == "string":
+                yield file, path, schema
+
+
+def test_the_control_character_rule_is_the_unicode_classes_it_names() -> None:
+    controls = {chr(c) for c in range(0x110000) if unicodedata.category(chr(c)) in ("Cc", "Zl", "Zp")}
+    assert controls == {*map(chr, range(0x20)), *map(chr, range(0x7F, 0xA0)), "\u2028", "\u2029"}
+    assert all(c in controls for value in CONTROL for c in value if not c.isalnum() and c not in "[")
+
+
+def test_every_string_a_tenant_writes_refuses_control_characters() -> None:
+    strings = list(tenant_strings())
+    assert len(strings) > 30
+    for file, path, schema in strings:
+        rules = [r["rule"].strip() for r in schema.get("x-kubernetes-validations", [])]
+        if "enum" in schema or CONTROL_RULE in rules:
+            continue
+        if path == "spec.caBundle":
+            assert PEM_RULE in rules, f"{file}: {path}"
+            continue
+        anchored = _anchored(schema)
+        assert anchored, f"{file}: {path} accepts control characters: add {CONTROL_RULE}"
+        for value in CONTROL:
+            assert any(_refuses(r, value) for r in anchored), f"{file}: {path} accepts {value!r}"
+
+
+def test_free_strings_carry_the_rule_with_a_message_a_person_reads() -> None:
+    free = {
+        ("containercheckpoints.yaml", "spec.export.key"),
+        ("containerrestores.yaml", "spec.source.archive.key"),
+        ("containerrestores.yaml", "spec.previous.key"),
+        (SCHEDULES, "spec.schedule"),
+        (SCHEDULES, "spec.template.export.key"),
+        ("checkpointstorages.yaml", "spec.prefix"),
+        ("checkpointstorages.yaml", "spec.endpoint"),
+        ("checkpointstorages.yaml", "spec.region"),
+    }
+    for file, path, schema in tenant_strings():
+        if (file, path) not in free:
+            continue
+        free.discard((file, path))
+        [rule] = [r for r in schema["x-kubernetes-validations"] if r["rule"].strip() == CONTROL_RULE]
+        assert "must not contain control characters (newline, tab, escape, …)" in rule["message"], path
+    assert not free
 
 
 @podman_kinds
