@@ -276,6 +276,7 @@ def register(registry: kopf.OperatorRegistry, settings: Settings, kube: Kube) ->
         _scheduled(
             kube, CHECKPOINTS, patch, body, ccp.spec.node_name, {"storageRef": {"name": storage}} if storage else {}
         )
+        metrics.has_agent(ccp.spec.node_name)
 
     @kopf.on.resume(GROUP, VERSION, RESTORES, registry=registry)
     @kopf.on.create(GROUP, VERSION, RESTORES, registry=registry)
@@ -298,6 +299,7 @@ def register(registry: kopf.OperatorRegistry, settings: Settings, kube: Kube) ->
             crst.spec.node_name,
             {"archive": archive.model_dump(by_alias=True, exclude_none=True, mode="json")},
         )
+        metrics.has_agent(crst.spec.node_name)
 
     _register_pickup_deadline(registry, settings, kube, leases, in_flight)
     if metrics.enabled():

@@ -20,7 +20,7 @@ import logging
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
@@ -201,6 +201,12 @@ class Bounds:
     def namespace(self, value: str) -> str:
         return self._judged(lambda e: e.namespace, value)
 
+    def has_agent(self, node: str) -> None:
+        """The process has just seen the node's agent Lease alive: name the node before the next read."""
+        with self._lock:
+            if node not in self._existing.nodes:
+                self._existing = replace(self._existing, nodes=self._existing.nodes | {node})
+
 
 def prune(existing: Existing) -> int:
     """Remove every series that names a node, storage or namespace no longer there; returns how many."""
@@ -240,6 +246,12 @@ def refresh() -> None:
     """Read again what exists, and drop the series of what is gone (each process' periodic look)."""
     if _State.enabled:
         _State.bounds.refresh()
+
+
+def has_agent(node: str) -> None:
+    """`node`'s agent Lease was just found alive (the controller scheduled an object there)."""
+    if _State.enabled:
+        _State.bounds.has_agent(node)
 
 
 def serve(port: int, host: str) -> bool:
@@ -355,16 +367,17 @@ class InFlight(Collector):
     def seen(self, plural: str, body: Mapping[str, Any], deleted: bool) -> None:
         uid = str(body["metadata"]["uid"])
         phase = (body.get("status") or {}).get("phase")
-        kind, node = KINDS.get(plural, plural), str((body.get("spec") or {}).get("nodeName") or "")
-        label = (kind, _State.bounds.node(node)) if not (deleted or phase in FINISHED) else None
         with self._lock:
-            if label is None:
+            if deleted or phase in FINISHED:
                 self._objects.pop(uid, None)
             else:
-                # The node as written: the pickup deadline looks at it (nodes()).
-                self._objects[uid] = (kind, node)
+                # The node as written: the pickup deadline looks at it (nodes()); collect() judges it.
+                key = self._objects[uid] = (
+                    KINDS.get(plural, plural),
+                    str((body.get("spec") or {}).get("nodeName") or ""),
+                )
                 # A (kind, node) seen once stays, at 0 when nothing is in flight there: absent is not zero.
-                self._seen.add(label)
+                self._seen.add(key)
 
     def nodes(self) -> set[str]:
         """The nodes with objects not finished yet."""
@@ -388,12 +401,15 @@ class InFlight(Collector):
             labels=["kind", "node"],
         )
         counts = self.counts()
-        existing = _State.bounds.existing
         with self._lock:
-            # A node whose agent is gone has no series of its own any more.
-            self._seen = {(kind, existing.node(node)) for kind, node in self._seen}
-            seen = sorted(self._seen | set(counts))
-        for kind, node in seen:
+            seen = set(self._seen)
+        labels = {(kind, _State.bounds.node(node)) for kind, node in seen}
+        known = _State.bounds.existing
+        with self._lock:
+            busy = {node for _, node in self._objects.values()}
+            # A made-up node, or one whose agent is gone, is remembered as OTHER once nothing is in flight there.
+            self._seen = {(kind, n if n in busy or known.node(n) == n else OTHER) for kind, n in self._seen}
+        for kind, node in sorted(labels | set(counts)):
             family.add_metric([kind, node], counts.get((kind, node), 0))
         yield family
 

@@ -304,3 +304,16 @@ def test_the_plugins_consoles_print_markup_as_it_is() -> None:
     printed = console.file.getvalue()  # type: ignore[attr-defined]
     assert "ccp [red]x[/red]" in printed and "[bold]web[/bold]" in printed
     assert not commands.err._markup
+
+
+def test_a_node_scheduled_to_is_named_before_the_next_read(existing: list[metrics.Existing]) -> None:
+    metrics._State.bounds = metrics.Bounds(lambda: existing[-1], min_seconds=3600)
+    metrics._State.bounds.refresh()
+    in_flight = metrics.InFlight()
+    body = {"metadata": {"uid": "b"}, "spec": {"nodeName": "node-new"}, "status": {"phase": "Scheduled"}}
+    in_flight.seen("containercheckpoints", body, deleted=False)  # before the controller scheduled it
+    metrics.has_agent("node-new")  # the controller found its agent's Lease alive and scheduled it
+    metrics.finished("containercheckpoints", "team-a", "node-new", "Succeeded", "Succeeded", {}, 1.0)
+    assert ("team-a", "node-new", "Succeeded", "Succeeded") in series(metrics.CHECKPOINTS)
+    [family] = in_flight.collect()
+    assert {tuple(s.labels.values()) for s in family.samples} == {("checkpoint", "node-new")}
