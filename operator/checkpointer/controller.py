@@ -179,7 +179,12 @@ def _register_metrics(settings: Settings, kube: Kube) -> metrics.InFlight:
         prefix = scheduling.lease_name("")
         leases = kube.lease_ages(settings.namespace)
         nodes = frozenset(n.removeprefix(prefix) for n in leases if n.startswith(prefix))
-        return metrics.Existing(nodes, frozenset(s.metadata.name for s in kube.storages()))
+        namespaces = kube.namespace_names()
+        return metrics.Existing(
+            nodes,
+            frozenset(s.metadata.name for s in kube.storages()),
+            None if namespaces is None else frozenset(namespaces),
+        )
 
     metrics.bound(existing)
     metrics.register(in_flight)

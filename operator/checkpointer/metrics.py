@@ -1,10 +1,10 @@
 """Prometheus metrics of both processes, served at /metrics (docs/metrics.md).
 
 Every series is defined here once, in a registry of its own. Labels hold bounded values only:
-namespace, node, result, reason, storage, kind; never an object's name or uid. A node, storage or
-namespace comes from what a tenant wrote (spec.nodeName, a storageRef), so it is judged against what
-exists (Bounds): a node with an agent Lease, a CheckpointStorage, a namespace; anything else is
-counted under OTHER, and the series of one that is gone are dropped.
+namespace, node, result, reason, storage, kind; never an object's name or uid. A node or storage
+comes from what a tenant wrote (spec.nodeName, a storageRef), so it is judged against what exists
+(Bounds): a node with an agent Lease, a CheckpointStorage; anything else is counted under OTHER. The
+series of a node, storage or namespace that is gone are dropped.
 
 A terminal phase is counted by the process that writes it, through the one status writer
 (status.py): each ContainerCheckpoint and ContainerRestore is counted once in the whole system, and
@@ -131,8 +131,8 @@ class Existing:
     """What exists, as one process last read it: the values its labels may take.
 
     nodes: those with an agent (a Lease checkpointer-agent-<node>); storages: the CheckpointStorages;
-    namespaces: None where the process cannot list them, and takes an object's own namespace as it is
-    (the API server's, never free text).
+    namespaces: None where the process cannot list them. An object's namespace is the API server's,
+    never free text: it is taken as it is, and the namespaces only tell whose series to drop.
     """
 
     nodes: frozenset[str]
@@ -148,6 +148,14 @@ class Existing:
     def namespace(self, value: str) -> str:
         return value if self.namespaces is None or value in self.namespaces else OTHER
 
+    def since(self, before: Existing) -> Existing:
+        """What a drop must spare. A read races with what is made meanwhile (a namespace, a Lease the
+        process has just seen alive): only what is absent from this read and from `before` is gone. Pure."""
+        namespaces = (
+            None if self.namespaces is None or before.namespaces is None else self.namespaces | before.namespaces
+        )
+        return Existing(self.nodes | before.nodes, self.storages | before.storages, namespaces)
+
     def allows(self, labels: Mapping[str, str]) -> bool:
         """Whether a series with these labels names only what exists (or OTHER). Pure."""
         judge = {"node": self.node, "storage": self.storage, "namespace": self.namespace}
@@ -159,13 +167,13 @@ class Bounds:
 
     A value not known is looked up again once the last read is that old (a node's agent came up, a
     storage was made since), so a burst of made-up names costs at most one read per `min_seconds`.
-    Every read drops the series of what is gone.
+    Every read drops the series of what is gone: absent from it and from the read before.
     """
 
     def __init__(self, read: Callable[[], Existing], min_seconds: float = 5.0) -> None:
         self._read = read
         self._min_seconds = min_seconds
-        self._existing = Existing(frozenset(), frozenset(), frozenset())
+        self._existing = Existing(frozenset(), frozenset())
         self._read_at: float | None = None
         self._lock = threading.Lock()
 
@@ -180,11 +188,11 @@ class Bounds:
                 return self._existing
             self._read_at = time.monotonic()  # a failed read, too, waits its turn before the next
             try:
-                self._existing = self._read()
+                before, self._existing = self._existing, self._read()
             except Exception as e:  # labels keep the last values read; the next refresh asks again
                 log.warning("could not read the nodes, storages and namespaces metrics may name: %s", e)
                 return self._existing
-            prune(self._existing)
+            prune(self._existing.since(before))
             return self._existing
 
     def _judged(self, judge: Callable[[Existing], Callable[[str], str]], value: str) -> str:
@@ -197,9 +205,6 @@ class Bounds:
 
     def storage(self, value: str) -> str:
         return self._judged(lambda e: e.storage, value)
-
-    def namespace(self, value: str) -> str:
-        return self._judged(lambda e: e.namespace, value)
 
     def has_agent(self, node: str) -> None:
         """The process has just seen the node's agent Lease alive: name the node before the next read."""
@@ -226,7 +231,7 @@ def prune(existing: Existing) -> int:
 class _State:
     enabled = False
     # Until a process says what exists, nothing that a tenant names is known: all is OTHER.
-    bounds = Bounds(lambda: Existing(frozenset(), frozenset(), frozenset()), min_seconds=float("inf"))
+    bounds = Bounds(lambda: Existing(frozenset(), frozenset()), min_seconds=float("inf"))
 
 
 def enabled() -> bool:
@@ -293,7 +298,7 @@ def finished(
     """Count a final phase just written, with what its status says of the run."""
     if not _State.enabled:
         return
-    namespace, node = _State.bounds.namespace(namespace), _State.bounds.node(node)
+    node = _State.bounds.node(node)
     if plural == "containerrestores":
         RESTORES.labels(namespace, node, result, reason).inc()
         if seconds is not None:

@@ -148,16 +148,34 @@ def test_series_of_gone_nodes_and_storages_are_dropped(existing: list[metrics.Ex
     metrics.byte_counter(metrics.DOWNLOADED, "node-x", "unit")(5)
     metrics.storage_available("unit", True)
     existing.append(metrics.Existing(frozenset({"node-y"}), frozenset({"other"})))
+
+    def named() -> set[str]:
+        return {v for m, _ in metrics._LABELS for labels in series(m) for v in labels}
+
     metrics.refresh()
-    named = {v for m, _ in metrics._LABELS for labels in series(m) for v in labels}
-    assert not named & {"node-x", "unit"}
+    assert {"node-x", "unit"} <= named()  # the read before still had them: gone once absent from two
+    metrics.refresh()
+    assert not named() & {"node-x", "unit"}
     assert metrics.prune(existing[-1]) == 0  # nothing left to drop
+
+
+def test_series_of_a_deleted_namespace_are_dropped(existing: list[metrics.Existing]) -> None:
+    existing.append(metrics.Existing(frozenset({"node-x"}), frozenset(), frozenset({"team-a", "team-c"})))
+    metrics.refresh()
+    metrics.finished("containercheckpoints", "team-c", "node-x", "Failed", "ContainerNotFound", {}, 1.0)
+    metrics.finished("containercheckpoints", "team-d", "node-x", "Failed", "ContainerNotFound", {}, 1.0)
+    existing.append(metrics.Existing(frozenset({"node-x"}), frozenset(), frozenset({"team-a", "team-d"})))
+    metrics.refresh()  # team-d was made after the last read: spared; team-c was in it: spared once more
+    assert {labels[0] for labels in series(metrics.CHECKPOINTS)} >= {"team-c", "team-d"}
+    metrics.refresh()
+    assert {labels[0] for labels in series(metrics.CHECKPOINTS)} & {"team-c", "team-d"} == {"team-d"}
 
 
 def test_namespaces_are_judged_only_where_the_process_lists_them() -> None:
     listed = metrics.Existing(frozenset(), frozenset(), frozenset({"team-a"}))
-    assert (listed.namespace("team-a"), listed.namespace("gone")) == ("team-a", metrics.OTHER)
-    assert metrics.Existing(frozenset(), frozenset()).namespace("team-a") == "team-a"
+    assert listed.allows({"namespace": "team-a"}) and not listed.allows({"namespace": "gone"})
+    assert metrics.Existing(frozenset(), frozenset()).allows({"namespace": "team-a"})
+    assert listed.since(metrics.Existing(frozenset(), frozenset())).namespaces is None
 
 
 def test_a_failed_read_keeps_the_last_values() -> None:

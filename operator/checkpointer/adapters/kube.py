@@ -240,6 +240,15 @@ class Kube:
     def node_names(self) -> list[str]:
         return [str(n.metadata.name) for n in self.core.list_node().items if n.metadata]
 
+    def namespace_names(self) -> list[str] | None:
+        """Every namespace's name; None where this identity may not list them."""
+        try:
+            return [str(n.metadata.name) for n in self.core.list_namespace().items if n.metadata]
+        except ApiException as e:
+            if e.status == 403:
+                return None
+            raise
+
     def lease_ages(self, namespace: str) -> dict[str, tuple[float, int]]:
         """Seconds since each Lease of `namespace` was last renewed and its duration, by name; one request."""
         ages = {}
