@@ -372,16 +372,20 @@ class InFlight(Collector):
     def seen(self, plural: str, body: Mapping[str, Any], deleted: bool) -> None:
         uid = str(body["metadata"]["uid"])
         phase = (body.get("status") or {}).get("phase")
+        known = _State.bounds.existing
         with self._lock:
             if deleted or phase in FINISHED:
-                self._objects.pop(uid, None)
+                key = self._objects.pop(uid, None)
             else:
                 # The node as written: the pickup deadline looks at it (nodes()); collect() judges it.
                 key = self._objects[uid] = (
                     KINDS.get(plural, plural),
                     str((body.get("spec") or {}).get("nodeName") or ""),
                 )
-                # A (kind, node) seen once stays, at 0 when nothing is in flight there: absent is not zero.
+            # A (kind, node) seen once stays, at 0 when nothing is in flight there: absent is not zero.
+            # Only a node with an agent is remembered (its agent may have been found since the object
+            # was first seen): what a tenant made up is not kept.
+            if key is not None and known.node(key[1]) == key[1]:
                 self._seen.add(key)
 
     def nodes(self) -> set[str]:
@@ -405,16 +409,13 @@ class InFlight(Collector):
             "ContainerCheckpoints and ContainerRestores not in a final phase, by kind and node.",
             labels=["kind", "node"],
         )
-        counts = self.counts()
-        with self._lock:
-            seen = set(self._seen)
-        labels = {(kind, _State.bounds.node(node)) for kind, node in seen}
+        counts = self.counts()  # judged, reading again what exists when a node is not known
         known = _State.bounds.existing
         with self._lock:
-            busy = {node for _, node in self._objects.values()}
-            # A made-up node, or one whose agent is gone, is remembered as OTHER once nothing is in flight there.
-            self._seen = {(kind, n if n in busy or known.node(n) == n else OTHER) for kind, n in self._seen}
-        for kind, node in sorted(labels | set(counts)):
+            # A node whose agent is gone is remembered as OTHER; one with objects in flight from now on.
+            self._seen = {(kind, known.node(node)) for kind, node in self._seen} | set(counts)
+            labels = set(self._seen)
+        for kind, node in sorted(labels):
             family.add_metric([kind, node], counts.get((kind, node), 0))
         yield family
 
