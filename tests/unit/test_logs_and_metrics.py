@@ -9,6 +9,7 @@ import json
 import logging
 from collections.abc import Iterator
 
+import click
 import pytest
 from rich.console import Console
 from rich.table import Table
@@ -336,3 +337,13 @@ def test_a_node_scheduled_to_is_named_before_the_next_read(existing: list[metric
     in_flight.seen("containercheckpoints", {**body, "status": {"phase": "Succeeded"}}, deleted=False)
     [family] = in_flight.collect()  # no scrape while it was in flight: its zero is there all the same
     assert {tuple(s.labels.values()): s.value for s in family.samples} == {("checkpoint", "node-new"): 0}
+
+
+def test_the_plugins_errors_are_one_line() -> None:
+    @commands.handled
+    def failing() -> None:
+        raise commands.CliError("storage 'x\nError: forged\x1b[2J' not found")
+
+    with pytest.raises(click.ClickException) as raised:
+        failing()
+    assert raised.value.message == "storage 'x\\nError: forged\\x1b[2J' not found"
