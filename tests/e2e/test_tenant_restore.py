@@ -153,6 +153,18 @@ def test_another_namespaces_volume_is_refused_even_with_ignore_volumes(tenants: 
             assert not exists(env, node, name)
             t.delete("crst", refused)
         assert volume_data(env, node, volume) == secret, "team-b's volume is untouched"
+
+        # team-a's own volume is used with ignoreVolumes; without the volume podman creates it from the archive.
+        target.podman("volume", "rm", volume)
+        target.podman("volume", "create", *owned_by(TEAM_A), volume)
+        for ignore in (True, False):
+            admitted = restore(t, checkpoint, node, name=name, ignoreVolumes=ignore)
+            obj = t.finished("crst", TEAM_A, admitted)
+            assert obj["status"]["phase"] == "Succeeded", obj["status"]
+            read_count(target, name)
+            target.podman("rm", "-f", "-t", "0", name)
+            target.podman("volume", "rm", volume)
+            t.delete("crst", admitted)
     finally:
         target.podman("volume", "rm", "-f", volume, check=False)
     t.delete("ccp", checkpoint)
