@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from checkpointer.__main__ import main
-from checkpointer.adapters.podman import Container, Footprint
+from checkpointer.adapters.podman import Container, Footprint, Labelled
 from checkpointer.models import CheckpointSpec, Compression, RestoreSpec
 from checkpointer.settings import Settings
 
@@ -60,7 +60,13 @@ class InstantRuntime:
     def footprint(self, name: str) -> Footprint:
         return Footprint(memory=0, rootfs_diff=0)
 
-    def remove(self, name: str) -> None:
+    def pod(self, name: str) -> Labelled | None:
+        return None
+
+    def volume(self, name: str) -> Labelled | None:
+        return None
+
+    def remove(self, container: Container) -> None:
         return None
 
 

@@ -30,6 +30,8 @@ SECRET = "local-s3"
 ENCRYPTION_SECRET = "local-age"
 # Each adapter gets a node: a test that runs on both nodes runs through both.
 PODMAN_MODES = {"node-a": "api", "node-b": "cli"}
+# The host ports restores outside admin namespaces may publish, as the chart's tenancy.publishHostPorts.
+PUBLISH_HOST_PORTS = "30000-32767"
 # How long an agent's token lasts: longer than any session of the environment.
 AGENT_TOKEN_DURATION = "8760h"
 NODE_NAME_CLAIM = "authentication.kubernetes.io/node-name"
@@ -262,6 +264,8 @@ class LocalEnv:
             {
                 "CHECKPOINTER_AGENT_PICKUP_TIMEOUT_SECONDS": "30",
                 "CHECKPOINTER_STORAGE_VALIDATION_SECONDS": "10",
+                # Host ports tenants' restores may publish (tests/e2e/test_tenant_restore.py).
+                "CHECKPOINTER_PUBLISH_HOST_PORTS": PUBLISH_HOST_PORTS,
                 # The holder identity in the controller Lease, as the chart's pod name is.
                 "CHECKPOINTER_POD_NAME": name,
                 **(settings or {}),

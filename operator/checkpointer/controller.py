@@ -260,6 +260,7 @@ def _register_pickup_deadline(
 
 
 def register(registry: kopf.OperatorRegistry, settings: Settings, kube: Kube) -> None:
+    scheduling.allowed_host_ports(settings.publish_host_ports)  # a mistyped setting stops the start here
     in_flight = _register_metrics(settings, kube)
     _register_expiry(registry, settings, kube, in_flight)
     leases = scheduling.AgentLeases(kube, settings.namespace)
@@ -291,6 +292,7 @@ def register(registry: kopf.OperatorRegistry, settings: Settings, kube: Kube) ->
             return
         crst = ContainerRestore.model_validate(dict(body))
         try:
+            scheduling.require_publish_permitted(crst, settings)
             scheduling.require_node_with_agent(kube, leases, crst.spec.node_name)
             archive = with_fresh_storage(lambda: scheduling.resolve_restore_archive(kube, crst, settings.admins))
         except Failure as e:

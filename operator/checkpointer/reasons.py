@@ -40,6 +40,7 @@ class Reason(StrEnum):
     CHECKPOINT_NOT_EXPORTED = "CheckpointNotExported"
     CONTAINER_AMBIGUOUS = "ContainerAmbiguous"
     STORAGE_NOT_PERMITTED = "StorageNotPermitted"
+    PUBLISH_NOT_PERMITTED = "PublishNotPermitted"
     # checkpoint (controller): the agent stored the archives, the controller signs their manifest
     SIGNING = "Signing"
     # checkpoint (agent)
@@ -62,6 +63,9 @@ class Reason(StrEnum):
     ARCHIVE_CORRUPT = "ArchiveCorrupt"
     ARCHIVE_UNTRUSTED = "ArchiveUntrusted"
     ARCHIVE_NOT_PERMITTED = "ArchiveNotPermitted"
+    POD_NOT_FOUND = "PodNotFound"
+    POD_NOT_PERMITTED = "PodNotPermitted"
+    VOLUME_NOT_PERMITTED = "VolumeNotPermitted"
     IMAGE_NOT_FOUND = "ImageNotFound"
     NAME_IN_USE = "NameInUse"
     RESTORE_FAILED = "RestoreFailed"

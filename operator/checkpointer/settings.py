@@ -18,6 +18,9 @@ class Settings(BaseSettings):
     # Namespaces whose objects may checkpoint any container and read any namespace's archives
     # (docs/security.md). Empty: the release namespace alone.
     admin_namespaces: list[str] = []
+    # The host ports a ContainerRestore outside an admin namespace may publish (`publish`), as
+    # comma-separated ports and ranges, e.g. "30000-32767"; empty: none (services/scheduling.py).
+    publish_host_ports: str = ""
     # In `namespace`: the Secret that holds the controller's manifest signing key (it creates it on
     # first start), and the ConfigMap where it publishes the public key for the agents.
     signing_key_secret: str = "checkpointer-signing-key"

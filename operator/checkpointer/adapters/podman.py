@@ -68,6 +68,31 @@ class Container:
 
 
 @dataclass(frozen=True)
+class Labelled:
+    """A podman pod or volume as a restore judges it: what podman knows it by, and its labels."""
+
+    id: str
+    name: str
+    labels: tuple[tuple[str, str], ...] = ()
+
+    def label(self, name: str) -> str | None:
+        return dict(self.labels).get(name)
+
+
+def _labelled(data: dict[str, Any] | list[Any] | None) -> Labelled | None:
+    """A pod's or volume's inspection; podman 5's CLI answers with a list, the REST API and podman 4 with one."""
+    if isinstance(data, list):
+        data = data[0] if data else None
+    if not isinstance(data, dict):
+        return None
+    labels = data.get("Labels") or {}
+    name = str(data.get("Name", ""))
+    return Labelled(
+        id=str(data.get("Id") or name), name=name, labels=tuple(sorted((str(k), str(v)) for k, v in labels.items()))
+    )
+
+
+@dataclass(frozen=True)
 class Footprint:
     """What a checkpoint of a container writes at most, in bytes: the memory its cgroup charges it
     (CRIU dumps those pages) and its root file system's changes (podman's SizeRw)."""
@@ -103,7 +128,17 @@ class Runtime(Protocol):
         ...
 
     def read_file(self, path: str) -> bytes | None: ...
-    def remove(self, name: str) -> None: ...
+    def pod(self, name: str) -> Labelled | None:
+        """The podman pod of that name or ID, None when there is none."""
+        ...
+
+    def volume(self, name: str) -> Labelled | None:
+        """The named volume, None when there is none."""
+        ...
+
+    def remove(self, container: Container) -> None:
+        """Remove this container, by its ID: whatever holds its name now is not touched."""
+        ...
 
 
 def _container(data: dict[str, Any]) -> Container:
@@ -336,8 +371,22 @@ class ApiRuntime:
         except OSError:
             return None
 
-    def remove(self, name: str) -> None:
-        self._json("DELETE", f"/containers/{urllib.parse.quote(name)}", {"force": "true"})
+    def _labelled(self, kind: str, name: str) -> Labelled | None:
+        try:
+            return _labelled(self._json("GET", f"/{kind}/{urllib.parse.quote(name, safe='')}/json"))
+        except PodmanError as e:
+            if e.status == 404:
+                return None
+            raise
+
+    def pod(self, name: str) -> Labelled | None:
+        return self._labelled("pods", name)
+
+    def volume(self, name: str) -> Labelled | None:
+        return self._labelled("volumes", name)
+
+    def remove(self, container: Container) -> None:
+        self._json("DELETE", f"/containers/{urllib.parse.quote(container.id, safe='')}", {"force": "true"})
 
 
 PODMAN_ZSTD_LEVEL = 3
@@ -371,7 +420,7 @@ class CliRuntime:
 
     def inspect(self, name: str) -> Container | None:
         try:
-            found = json.loads(self._run("container", "inspect", "--format=json", name))
+            found = json.loads(self._run("container", "inspect", "--format=json", "--", name))
         except PodmanError as e:
             if "no such" in e.message.lower():
                 return None
@@ -463,8 +512,23 @@ class CliRuntime:
         except CommandError:
             return None
 
-    def remove(self, name: str) -> None:
-        self._run("rm", "--force", name)
+    def _labelled(self, kind: str, name: str) -> Labelled | None:
+        try:
+            # `--`: a name from an archive is never taken for a flag.
+            return _labelled(json.loads(self._run(kind, "inspect", "--format=json", "--", name) or "null"))
+        except PodmanError as e:
+            if f"no such {kind}" in e.message.lower():
+                return None
+            raise
+
+    def pod(self, name: str) -> Labelled | None:
+        return self._labelled("pod", name)
+
+    def volume(self, name: str) -> Labelled | None:
+        return self._labelled("volume", name)
+
+    def remove(self, container: Container) -> None:
+        self._run("rm", "--force", "--", container.id)
 
 
 def nsenter(settings: Settings) -> list[str]:

@@ -9,33 +9,77 @@ marker downloads again.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import posixpath
+import re
+import threading
 import time
+from collections.abc import Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from checkpointer import layout, metrics
 from checkpointer.adapters.kube import RESTORES
-from checkpointer.adapters.podman import PodmanError
+from checkpointer.adapters.podman import Container, Labelled, PodmanError, Runtime
 from checkpointer.archive.codec import ContainerConfiguration, CorruptArchive, read_configuration
 from checkpointer.archive.encryption import Keys
 from checkpointer.archive.ledger import KeptCheckpoint
 from checkpointer.archive.store import ArchiveMissing, ArchiveStore, StorageError
 from checkpointer.archive.workfolder import RESTORE, WorkFolder
 from checkpointer.errors import Failure, Retry
-from checkpointer.models import ArchiveRef, Compression, ContainerRestore, NameRef
+from checkpointer.models import ArchiveRef, Compression, ContainerRestore, NameRef, RestoreSpec
 from checkpointer.reasons import Phase, Reason
 from checkpointer.services import archive_policy, signing
-from checkpointer.services.node import Node, classify
+from checkpointer.services.node import NAMESPACE_LABEL, Node, classify
 from checkpointer.services.scheduling import choose_storage
 from checkpointer.settings import Settings
 from checkpointer.status import Conflict, StatusWriter
 
 log = logging.getLogger(__name__)
 RESTORING = "restoring"
+# What podman accepts as a volume's name.
+VOLUME_NAME = re.compile(r"[a-zA-Z0-9][a-zA-Z0-9_.-]*")
+
+
+@dataclass
+class _Claim:
+    lock: threading.Lock = field(default_factory=threading.Lock)
+    holders: int = 0
+
+
+class Claims:
+    """In-process locks by name, for as long as someone holds or waits for them."""
+
+    def __init__(self) -> None:
+        self._guard = threading.Lock()
+        self._claims: dict[str, _Claim] = {}
+
+    @contextlib.contextmanager
+    def hold(self, keys: Iterable[str]) -> Iterator[None]:
+        ordered = sorted(set(keys))  # one order for every holder: two never wait for each other
+        with self._guard:
+            claims = [self._claims.setdefault(key, _Claim()) for key in ordered]
+            for claim in claims:
+                claim.holders += 1
+        try:
+            with contextlib.ExitStack() as stack:
+                for claim in claims:
+                    stack.enter_context(claim.lock)
+                yield
+        finally:
+            with self._guard:
+                for key, claim in zip(ordered, claims, strict=True):
+                    claim.holders -= 1
+                    if claim.holders == 0:
+                        del self._claims[key]
+
+
+# This agent's restores: the only ones on its node.
+CLAIMS = Claims()
 
 
 def run(node: Node, body: dict[str, Any]) -> None:
@@ -110,42 +154,43 @@ def _run(node: Node, crst: ContainerRestore, status: StatusWriter, folder: WorkF
     _check_policy(node, crst, configuration)
     previous = _previous(node, crst.spec.previous, folder, status) if crst.spec.previous else None
 
-    image = str(config.get("rootfsImageName") or config.get("rootfsImageID") or "")
     name = crst.spec.name or str(config.get("name") or "")
-    runtime = node.runtime
-    # Two independent questions to podman, each a few hundred milliseconds through the CLI: asked together.
-    try:
-        with ThreadPoolExecutor(2) as pool:
-            image_found = pool.submit(lambda: not image or runtime.image_exists(image))
-            name_taken = pool.submit(lambda: bool(name) and runtime.inspect(name) is not None)
-            if not image_found.result():
-                raise Failure(
-                    Reason.IMAGE_NOT_FOUND,
-                    f"image {image!r} of the checkpointed container is not on node {crst.spec.node_name}; "
-                    "load or pull it there first",
-                )
-            if name_taken.result():
-                raise Failure(
-                    Reason.NAME_IN_USE,
-                    f"a container named {name!r} already exists on node {crst.spec.node_name}; set spec.name "
-                    "to restore under another name",
-                )
-    except PodmanError as e:
-        raise Failure(
-            classify(e, Reason.RESTORE_FAILED), f"podman could not be asked about the node: {e.message}"
-        ) from None
+    volumes = named_volumes(config)
+    # From "is the name free?" to the cleanup of a failure, one restore at a time holds the name (and
+    # the volumes): a later restore of the same name sees the earlier one's container, never removes it.
+    with CLAIMS.hold([f"container {name}", *(f"volume {v}" for v in volumes)]):
+        spec, before = _check_node(node, crst, config, name, volumes)
+        status.steps.took("verify", began)
+        _restore(node, crst, status, folder, spec, path, previous, name, before, config)
 
-    status.steps.took("verify", began)
+
+def _restore(
+    node: Node,
+    crst: ContainerRestore,
+    status: StatusWriter,
+    folder: WorkFolder,
+    spec: RestoreSpec,
+    path: Path,
+    previous: Path | None,
+    name: str,
+    before: set[str],
+    config: dict[str, Any],
+) -> None:
+    runtime = node.runtime
     folder.mark(RESTORING)
     status.phase(Phase.RESTORING, Reason.RESTORING, f"restoring {name or 'container'} with podman")
     log.info("restore %s/%s: podman restores %s", crst.metadata.namespace, crst.metadata.name, name or "the container")
     try:
         with status.steps.step("restore", container=name):
-            stats = runtime.restore(crst.spec, path, previous)
+            stats = runtime.restore(spec, path, previous)
     except PodmanError as e:
-        _remove_half_restored(node, name)
-        raise Failure(classify(e, Reason.RESTORE_FAILED), f"podman could not restore: {e.message}") from None
-    restored = runtime.inspect(name) if name else None
+        reason = classify(e, Reason.RESTORE_FAILED)
+        if reason is not Reason.NAME_IN_USE:  # podman created nothing: the name was another's
+            # Without a new name podman keeps the archive's container ID; with one it makes a new ID.
+            expected = None if spec.name else str(config.get("id") or "") or None
+            _remove_half_restored(node, name, before, expected)
+        raise Failure(reason, f"podman could not restore: {e.message}") from None
+    restored = _holder(runtime, name) if name else None
     if crst.spec.keep and restored is not None:  # what podman kept goes once nobody needs it (services/sweep.py)
         node.ledger.add_kept(KeptCheckpoint(crst.metadata.uid, RESTORE, restored.id))
     status.phase(
@@ -157,6 +202,57 @@ def _run(node: Node, crst: ContainerRestore, status: StatusWriter, folder: WorkF
         stats=stats,
     )
     log.info("restore %s/%s: restored %s", crst.metadata.namespace, crst.metadata.name, name or "the container")
+
+
+def _check_node(
+    node: Node, crst: ContainerRestore, config: dict[str, Any], name: str, volumes: list[str]
+) -> tuple[RestoreSpec, set[str]]:
+    """Asks the node's podman what the restore needs, and judges the answers: the restore's pod and the
+    archive's named volumes (outside an admin namespace), the image, the name. Returns the spec podman
+    gets (a judged pod by its ID, so that it is the pod judged) and the IDs that hold the name now."""
+    runtime = node.runtime
+    spec = crst.spec
+    namespace = crst.metadata.namespace
+    judged = namespace not in node.settings.admins
+    image = str(config.get("rootfsImageName") or config.get("rootfsImageID") or "")
+    asked = [v for v in volumes if VOLUME_NAME.fullmatch(v)] if judged else []
+    # Independent questions, each a few hundred milliseconds through the CLI: asked together.
+    try:
+        with ThreadPoolExecutor(2 + len(asked)) as pool:
+            image_found = pool.submit(lambda: not image or runtime.image_exists(image))
+            holder = pool.submit(lambda: runtime.inspect(name) if name else None)
+            pod = pool.submit(lambda: runtime.pod(spec.pod) if judged and spec.pod else None)
+            found = {v: pool.submit(runtime.volume, v) for v in asked}
+            if judged and spec.pod:
+                refusal = pod_refusal(spec.pod, pod.result(), namespace, spec.node_name)
+                if refusal is not None:
+                    raise refusal
+            if judged:
+                refusal = volume_refusal(volumes, {v: f.result() for v, f in found.items()}, namespace, spec.node_name)
+                if refusal is not None:
+                    raise refusal
+            if not image_found.result():
+                raise Failure(
+                    Reason.IMAGE_NOT_FOUND,
+                    f"image {image!r} of the checkpointed container is not on node {spec.node_name}; "
+                    "load or pull it there first",
+                )
+            taken = holder.result()
+            if taken is not None and taken.name == name:
+                raise Failure(
+                    Reason.NAME_IN_USE,
+                    f"a container named {name!r} already exists on node {spec.node_name}; set spec.name "
+                    "to restore under another name",
+                )
+    except PodmanError as e:
+        raise Failure(
+            classify(e, Reason.RESTORE_FAILED), f"podman could not be asked about the node: {e.message}"
+        ) from None
+    joined = pod.result()
+    if joined is not None:
+        spec = spec.model_copy(update={"pod": joined.id})
+    # The name is free; podman may still find a container by it (a prefix of its ID): not ours to remove.
+    return spec, {taken.id} if taken is not None else set()
 
 
 def _check_policy(node: Node, crst: ContainerRestore, configuration: ContainerConfiguration) -> None:
@@ -257,11 +353,81 @@ def _trust(node: Node, store: ArchiveStore, ref: NameRef, key: str) -> signing.T
     return signing.archive_trust(store, key, accept_unsigned, lambda: signing.published_keys(node.kube, node.settings))
 
 
-def _remove_half_restored(node: Node, name: str) -> None:
+def _holder(runtime: Runtime, name: str) -> Container | None:
+    """The container that holds the name (podman also finds a container by a prefix of its ID)."""
+    found = runtime.inspect(name)
+    return found if found is not None and found.name == name else None
+
+
+def created_by_restore(found: Container | None, before: set[str], expected_id: str | None) -> bool:
+    """Whether the container holding the restore's name after podman failed is one podman made in this
+    restore: not one that held it before, and with the archive's ID when podman keeps it. Pure."""
+    if found is None or found.id in before:
+        return False
+    return expected_id is None or found.id == expected_id
+
+
+def _remove_half_restored(node: Node, name: str, before: set[str], expected_id: str | None) -> None:
+    """Removes what podman left of a failed restore: by ID, only the container this restore created."""
     if not name:
         return
     try:
-        if node.runtime.inspect(name) is not None:
-            node.runtime.remove(name)
+        found = _holder(node.runtime, name)
+        if created_by_restore(found, before, expected_id):
+            assert found is not None
+            log.info("removing half-restored container %s (%s)", name, found.id)
+            node.runtime.remove(found)
+        elif found is not None:
+            log.info("not removing container %s (%s): this restore did not create it", name, found.id)
     except PodmanError as e:
         log.warning("could not remove half-restored container %s: %s", name, e)
+
+
+def named_volumes(config: dict[str, Any]) -> list[str]:
+    """The named volumes of the archive's container (config.dump's namedVolumes), each once. Pure."""
+    found: list[str] = []
+    for volume in config.get("namedVolumes") or []:
+        name = volume.get("volumeName") if isinstance(volume, dict) else None
+        if isinstance(name, str) and name not in found:
+            found.append(name)
+    return found
+
+
+def pod_refusal(ref: str, pod: Labelled | None, namespace: str, node: str) -> Failure | None:
+    """A restore outside an admin namespace joins only a podman pod labelled for its namespace. Pure."""
+    if pod is None:
+        return Failure(
+            Reason.POD_NOT_FOUND,
+            f"no podman pod {ref!r} on node {node}; create it there (labelled {NAMESPACE_LABEL}={namespace}) "
+            "or leave spec.pod out; nothing was restored",
+        )
+    if pod.label(NAMESPACE_LABEL) != namespace:
+        return Failure(
+            Reason.POD_NOT_PERMITTED,
+            f"podman pod {ref!r} on node {node} is not labelled {NAMESPACE_LABEL}={namespace}; outside an "
+            "admin namespace a restore joins only a pod of its own namespace; nothing was restored",
+        )
+    return None
+
+
+def volume_refusal(volumes: list[str], found: dict[str, Labelled | None], namespace: str, node: str) -> Failure | None:
+    """Outside an admin namespace each named volume of the archive must be absent on the node (podman
+    creates it) or labelled for the restore's namespace, whether or not the restore sets ignoreVolumes. Pure.
+
+    `found` holds podman's answer for each volume it was asked about; a name podman would not accept
+    was not asked.
+    """
+    refused = []
+    for name in volumes:
+        if not VOLUME_NAME.fullmatch(name):
+            refused.append(f"{name!r} (not a podman volume name)")
+        elif (volume := found.get(name)) is not None and volume.label(NAMESPACE_LABEL) != namespace:
+            refused.append(repr(name))
+    if not refused:
+        return None
+    return Failure(
+        Reason.VOLUME_NOT_PERMITTED,
+        f"the archive's container uses the named volume(s) {', '.join(refused)}, which exist on node {node} "
+        f"without the label {NAMESPACE_LABEL}={namespace}; outside an admin namespace a restore uses only "
+        "volumes that are absent from the node or labelled for its namespace; nothing was restored",
+    )

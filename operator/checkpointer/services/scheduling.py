@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime
+import re
 import time
 from collections.abc import Mapping
 from typing import Any
@@ -20,6 +21,7 @@ from checkpointer.models import (
 )
 from checkpointer.reasons import ConditionType, Phase, Reason
 from checkpointer.services.capabilities import NodeFacts, missing_for_checkpoint
+from checkpointer.settings import Settings
 
 
 def lease_name(node: str) -> str:
@@ -201,3 +203,103 @@ def resolve_restore_archive(kube: Kube, crst: ContainerRestore, admins: frozense
         sha256=archive.sha256,
         compression=archive.compression,
     )
+
+
+PortRange = tuple[int, int]
+_PORTS = re.compile(r"([0-9]{1,5})(?:-([0-9]{1,5}))?")
+
+
+def port_range(text: str) -> PortRange | None:
+    """`a` or `a-b`, within 1 to 65535 and in order; None when it is not that. Pure."""
+    match = _PORTS.fullmatch(text.strip())
+    if match is None:
+        return None
+    first = int(match[1])
+    last = int(match[2] or first)
+    return (first, last) if 1 <= first <= last <= 65535 else None
+
+
+def allowed_host_ports(setting: str) -> list[PortRange]:
+    """CHECKPOINTER_PUBLISH_HOST_PORTS: comma-separated ports and ranges; empty: none. Pure.
+
+    Raises ValueError on anything else, so that a controller with a mistyped setting does not start.
+    """
+    ranges = []
+    for part in setting.split(","):
+        if not part.strip():
+            continue
+        found = port_range(part)
+        if found is None:
+            raise ValueError(f"CHECKPOINTER_PUBLISH_HOST_PORTS: {part.strip()!r} is not a port or a range a-b of ports")
+        ranges.append(found)
+    return ranges
+
+
+def published_host_ports(entry: str) -> PortRange | None:
+    """The host ports of one `publish` entry in podman's syntax, `[[ip:][hostPort]:]containerPort[/protocol]`;
+    None when it names none, so that podman would choose one. Pure.
+
+    Raises ValueError for an entry that is not in that syntax: what is not understood is not passed on.
+    """
+    body = entry.split("/", 1)[0]
+    head, sep, container = body.rpartition(":")
+    if port_range(container) is None:
+        raise ValueError(f"{container!r} is not a container port")
+    if not sep:
+        return None
+    if head.startswith("["):  # an IPv6 address: [addr]:hostPort
+        _, closed, rest = head.partition("]")
+        if not closed or not rest.startswith(":"):
+            raise ValueError(f"{head!r} is not [address]:hostPort")
+        host = rest[1:]
+    else:
+        _, colon, host = head.rpartition(":")
+        if not colon:
+            host = head
+    if host == "":
+        return None
+    found = port_range(host)
+    if found is None:
+        raise ValueError(f"{host!r} is not a host port")
+    return found
+
+
+def describe_ports(ranges: list[PortRange]) -> str:
+    return ", ".join(str(a) if a == b else f"{a}-{b}" for a, b in ranges) or "none"
+
+
+def publish_not_permitted(publish: list[str], allowed: list[PortRange]) -> list[str]:
+    """Each entry of a restore's `publish` that asks for a host port outside `allowed`, with why. Pure.
+
+    An entry without a host port is refused too: podman would then take any free port of the node,
+    which no administrator's range bounds.
+    """
+    refused = []
+    for entry in publish:
+        try:
+            ports = published_host_ports(entry)
+        except ValueError as e:
+            refused.append(f"{entry!r} ({e})")
+            continue
+        if ports is None:
+            refused.append(f"{entry!r} (no host port: podman would choose any port of the node)")
+        elif not any(first <= ports[0] and ports[1] <= last for first, last in allowed):
+            shown = str(ports[0]) if ports[0] == ports[1] else f"{ports[0]}-{ports[1]}"
+            refused.append(f"{entry!r} (host port {shown})")
+    return refused
+
+
+def require_publish_permitted(crst: ContainerRestore, settings: Settings) -> None:
+    """Outside an admin namespace a restore publishes only host ports the administrator allows."""
+    namespace = crst.metadata.namespace
+    if not crst.spec.publish or namespace in settings.admins:
+        return
+    allowed = allowed_host_ports(settings.publish_host_ports)
+    refused = publish_not_permitted(crst.spec.publish, allowed)
+    if refused:
+        raise Failure(
+            Reason.PUBLISH_NOT_PERMITTED,
+            f"outside an admin namespace, publish may bind only the host ports the administrator allows "
+            f"({describe_ports(allowed)}; chart value tenancy.publishHostPorts), each entry naming its host "
+            f"port; not permitted: {'; '.join(refused)}; nothing was restored",
+        )

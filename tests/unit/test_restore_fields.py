@@ -1,0 +1,188 @@
+"""The ContainerRestore fields that reach the node, judged outside admin namespaces: publish, pod, the
+archive's named volumes, and a failed restore's cleanup of its name (docs/security.md)."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import pytest
+
+from checkpointer.adapters.podman import Container, Labelled, _labelled
+from checkpointer.errors import Failure
+from checkpointer.models import ContainerRestore
+from checkpointer.reasons import Reason
+from checkpointer.services.restore import (
+    Claims,
+    created_by_restore,
+    named_volumes,
+    pod_refusal,
+    volume_refusal,
+)
+from checkpointer.services.scheduling import (
+    allowed_host_ports,
+    publish_not_permitted,
+    published_host_ports,
+    require_publish_permitted,
+)
+from checkpointer.settings import Settings
+
+LABEL = "checkpointer.dev/namespace"
+NODE_PORTS = [(30000, 32767)]
+
+
+@pytest.mark.parametrize(
+    ("entry", "ports"),
+    [
+        ("8080", None),
+        ("8080/udp", None),
+        ("30080:8080", (30080, 30080)),
+        ("30080:8080/tcp", (30080, 30080)),
+        ("0.0.0.0:22:8080", (22, 22)),
+        ("127.0.0.1::8080", None),
+        ("127.0.0.1:30080:8080/sctp", (30080, 30080)),
+        ("[::1]:30080:8080", (30080, 30080)),
+        ("[::1]::8080", None),
+        ("30000-30009:8000-8009", (30000, 30009)),
+        ("10.0.0.1:30000-30009:8000-8009/udp", (30000, 30009)),
+    ],
+)
+def test_the_host_ports_of_a_publish_entry_in_podmans_syntax(entry: str, ports: tuple[int, int] | None) -> None:
+    assert published_host_ports(entry) == ports
+
+
+@pytest.mark.parametrize("entry", ["", "http", "127.0.0.1:8080", "x:8080", "9-1:80", "0:80", "70000:80", "[::1:80:8"])
+def test_what_is_not_podmans_syntax_is_not_understood(entry: str) -> None:
+    with pytest.raises(ValueError):
+        published_host_ports(entry)
+
+
+def test_the_allowed_host_ports_setting() -> None:
+    assert allowed_host_ports("") == []
+    assert allowed_host_ports("30000-32767") == [(30000, 32767)]
+    assert allowed_host_ports(" 8080 , 30000-32767 ") == [(8080, 8080), (30000, 32767)]
+    for wrong in ("30000-", "a-b", "32767-30000", "0", "65536", "1-2-3"):
+        with pytest.raises(ValueError, match="CHECKPOINTER_PUBLISH_HOST_PORTS"):
+            allowed_host_ports(wrong)
+
+
+def test_publish_only_within_the_allowed_host_ports() -> None:
+    assert publish_not_permitted(["30080:8080", "127.0.0.1:32767:80/udp", "30000-30009:8000-8009"], NODE_PORTS) == []
+    assert publish_not_permitted(["0.0.0.0:22:8080"], NODE_PORTS) == ["'0.0.0.0:22:8080' (host port 22)"]
+    assert publish_not_permitted(["32760-32770:80-90"], NODE_PORTS) == ["'32760-32770:80-90' (host port 32760-32770)"]
+    # Without a host port podman takes any free port of the node: no range bounds it.
+    [why] = publish_not_permitted(["8080"], NODE_PORTS)
+    assert "podman would choose" in why
+    [why] = publish_not_permitted(["127.0.0.1::8080"], NODE_PORTS)
+    assert "podman would choose" in why
+    # Nothing allowed: no host port at all.
+    assert len(publish_not_permitted(["30080:8080", "8080"], [])) == 2
+
+
+def restore(namespace: str, **spec: object) -> ContainerRestore:
+    return ContainerRestore.model_validate(
+        {
+            "metadata": {"name": "r", "namespace": namespace, "uid": "u"},
+            "spec": {"nodeName": "n", "source": {"checkpointRef": {"name": "c"}}, **spec},
+        }
+    )
+
+
+def test_the_controller_refuses_publish_naming_the_rule_the_entry_and_the_range() -> None:
+    settings = Settings(namespace="checkpointer-system", publish_host_ports="30000-32767")
+    require_publish_permitted(restore("team-a", publish=["30080:8080"]), settings)
+    with pytest.raises(Failure) as refused:
+        require_publish_permitted(restore("team-a", publish=["30080:8080", "0.0.0.0:22:8080"]), settings)
+    assert refused.value.reason is Reason.PUBLISH_NOT_PERMITTED
+    message = refused.value.message
+    assert "'0.0.0.0:22:8080' (host port 22)" in message and "30000-32767" in message
+    assert "tenancy.publishHostPorts" in message and "30080:8080" not in message
+    # An admin namespace is free of the rule.
+    require_publish_permitted(restore("checkpointer-system", publish=["0.0.0.0:22:8080", "80"]), settings)
+    with pytest.raises(Failure, match=r"\(none;"):
+        require_publish_permitted(restore("team-a", publish=["30080:8080"]), Settings(publish_host_ports=""))
+
+
+def labelled(name: str, namespace: str | None) -> Labelled:
+    return Labelled(id=f"{name}-id", name=name, labels=((LABEL, namespace),) if namespace else ())
+
+
+def test_a_restore_joins_only_a_pod_of_its_namespace() -> None:
+    assert pod_refusal("web", labelled("web", "team-a"), "team-a", "n") is None
+    for pod in (labelled("web", "team-b"), labelled("web", None)):
+        refusal = pod_refusal("web", pod, "team-a", "n")
+        assert refusal is not None and refusal.reason is Reason.POD_NOT_PERMITTED
+        assert f"{LABEL}=team-a" in refusal.message and "team-b" not in refusal.message
+    missing = pod_refusal("web", None, "team-a", "n")
+    assert missing is not None and missing.reason is Reason.POD_NOT_FOUND
+
+
+def test_named_volumes_absent_or_labelled_for_the_namespace() -> None:
+    config = {
+        "namedVolumes": [
+            {"volumeName": "data", "dest": "/data"},
+            {"volumeName": "cache", "dest": "/cache"},
+            {"volumeName": "data", "dest": "/again"},
+            {"dest": "/nameless"},
+            "junk",
+        ]
+    }
+    assert named_volumes(config) == ["data", "cache"]
+    assert named_volumes({}) == []
+    ours = {"data": labelled("data", "team-a"), "cache": None}
+    assert volume_refusal(["data", "cache"], ours, "team-a", "n") is None
+    theirs = {"data": labelled("data", "team-b"), "cache": labelled("cache", None)}
+    refusal = volume_refusal(["data", "cache"], theirs, "team-a", "n")
+    assert refusal is not None and refusal.reason is Reason.VOLUME_NOT_PERMITTED
+    assert "'data', 'cache'" in refusal.message and "team-b" not in refusal.message
+    odd = volume_refusal(["--help"], {}, "team-a", "n")
+    assert odd is not None and "not a podman volume name" in odd.message
+
+
+def test_both_runtimes_pod_and_volume_inspections_are_read() -> None:
+    # The REST API and podman 4 answer with one object, podman 5's CLI with a list; volumes have no Id.
+    pod = {"Id": "abc", "Name": "web", "Labels": {LABEL: "team-a"}}
+    assert _labelled(pod) == _labelled([pod]) == Labelled("abc", "web", ((LABEL, "team-a"),))
+    assert _labelled([{"Name": "data", "Labels": None}]) == Labelled("data", "data", ())
+    assert _labelled([]) is None and _labelled(None) is None
+
+
+def container(id: str, name: str = "web") -> Container:
+    return Container(id=id, name=name, state="created")
+
+
+def test_a_failed_restore_removes_only_the_container_it_created() -> None:
+    assert created_by_restore(container("new"), set(), None)
+    assert created_by_restore(container("archived"), set(), "archived")
+    assert not created_by_restore(None, set(), None)
+    # One that held the name (or its ID prefix) before podman was called is not this restore's.
+    assert not created_by_restore(container("old"), {"old"}, None)
+    # Without a new name podman keeps the archive's ID: a container with another ID is someone else's.
+    assert not created_by_restore(container("other"), set(), "archived")
+
+
+def test_claims_hold_a_name_for_one_restore_at_a_time() -> None:
+    claims = Claims()
+    order: list[str] = []
+    first_in = threading.Event()
+
+    def first() -> None:
+        with claims.hold(["container web", "volume data"]):
+            first_in.set()
+            time.sleep(0.2)
+            order.append("first out")
+
+    def second() -> None:
+        first_in.wait()
+        with claims.hold(["volume data", "container web"]):  # another order: the same locks, no deadlock
+            order.append("second in")
+
+    threads = [threading.Thread(target=first), threading.Thread(target=second)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(5)
+    assert order == ["first out", "second in"]
+    with claims.hold(["container other"]):  # another name does not wait
+        pass
+    assert claims._claims == {}, "a claim nobody holds is forgotten"
