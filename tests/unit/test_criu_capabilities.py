@@ -10,6 +10,7 @@ from checkpointer.services.capabilities import (
     ANNOTATIONS,
     NodeFacts,
     dumps_inet_sockets,
+    live_export_refusal,
     missing_for_checkpoint,
     version_of,
 )
@@ -109,3 +110,35 @@ def test_facts_survive_the_lease_annotations() -> None:
     assert NodeFacts.from_annotations({**annotations, "other.example/x": "y"}) == TRIXIE
     assert NodeFacts.from_annotations({}) is None
     assert NodeFacts.from_annotations(None) is None
+
+
+LIVE_EXPORT = {"leaveRunning": True, "export": {"storageRef": {"name": "s3"}}}
+
+
+@pytest.mark.parametrize("podman", ["5.4.2", "5.8.1", "5.8", "4.9.3", "", "unknown"])
+def test_a_live_export_is_refused_on_podman_before_5_8_2_naming_both_versions(podman: str) -> None:
+    why = live_export_refusal(spec(**LIVE_EXPORT), "node-a", podman, admin=False)
+    assert why is not None
+    assert f"node node-a runs podman {podman or '(unknown)'}" in why and "5.8.2" in why
+    assert "the container keeps running" in why
+
+
+@pytest.mark.parametrize("podman", ["5.8.2", "5.8.3", "5.9.0", "6.0.0-rc1"])
+def test_a_live_export_is_taken_on_podman_5_8_2_and_newer(podman: str) -> None:
+    assert live_export_refusal(spec(**LIVE_EXPORT), "node-a", podman, admin=False) is None
+
+
+@pytest.mark.parametrize(
+    "fields",
+    [
+        {"leaveRunning": True},  # nothing leaves the node
+        {"export": {}},  # the container is stopped while podman copies
+        {**LIVE_EXPORT, "ignoreRootfs": True},  # no root file system is copied
+    ],
+)
+def test_only_a_live_export_of_the_root_file_system_is_refused(fields: dict[str, Any]) -> None:
+    assert live_export_refusal(spec(**fields), "node-a", "5.4.2", admin=False) is None
+
+
+def test_an_admin_namespace_may_export_live_on_any_podman() -> None:
+    assert live_export_refusal(spec(**LIVE_EXPORT), "node-a", "5.4.2", admin=True) is None

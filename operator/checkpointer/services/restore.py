@@ -106,6 +106,7 @@ def _run(node: Node, crst: ContainerRestore, status: StatusWriter, folder: WorkF
         configuration = read_configuration(path, whole=not expected)
     except CorruptArchive as e:
         raise Failure(Reason.ARCHIVE_CORRUPT, f"{e}; nothing was restored") from None
+    archive_policy.require_safe_unpacking(path)  # every restore's: it guards the node, not the namespace
     config = configuration.config
     _check_policy(node, crst, configuration)
     previous = _previous(node, crst.spec.previous, folder, status) if crst.spec.previous else None
