@@ -48,8 +48,8 @@ def archive(path: Path, rootfs: bytes | None, *extra: tarfile.TarInfo, data: dic
         "config.dump": json.dumps({"name": "web"}).encode(),
         "spec.dump": json.dumps({"ociVersion": "1.2.0"}).encode(),
         "checkpoint/pages-1.img": b"\0" * 4096,
-        **({"rootfs-diff.tar": rootfs} if rootfs is not None else {}),
         **(data or {}),
+        **({"rootfs-diff.tar": rootfs} if rootfs is not None else {}),
     }
     entries = [entry("checkpoint", tarfile.DIRTYPE)] + [entry(name) for name in files] + list(extra)
     path.write_bytes(tar_of(*entries, data=files))
@@ -147,6 +147,25 @@ def test_every_tar_inside_is_judged_in_its_own_tree(tmp_path: Path) -> None:
         data={"devshm-checkpoint.tar": tar_of(entry("d", tarfile.SYMTYPE, link="y"))},
     )
     assert refusal(path) is None
+
+
+def test_deleted_files_may_not_remove_outside_the_container(tmp_path: Path) -> None:
+    """Podman removes deleted.files' paths under the container's root after unpacking rootfs-diff.tar."""
+    rootfs = tar_of(entry("w", tarfile.DIRTYPE), entry("w/d", tarfile.SYMTYPE, link="/etc"))
+    listed = {"deleted.files": json.dumps(["/usr/share/doc", "/w/d"]).encode()}
+    assert refusal(archive(tmp_path / "a.tar", rootfs, data=listed)) is None
+    # Listed before rootfs-diff.tar in the archive, judged against its symlinks all the same.
+    below = {"deleted.files": json.dumps(["/root/.cache", "/w/d/shadow"]).encode()}
+    assert refusal(archive(tmp_path / "b.tar", rootfs, data=below)) == (
+        "deleted.files path '/w/d/shadow', below rootfs-diff.tar symlink member 'w/d'"
+    )
+    up = {"deleted.files": json.dumps(["/../../etc/shadow"]).encode()}
+    assert refusal(archive(tmp_path / "c.tar", rootfs, data=up)) == (
+        "deleted.files path '/../../etc/shadow', a path with '..'"
+    )
+    assert refusal(archive(tmp_path / "d.tar", rootfs, data={"deleted.files": b"null"})) is None
+    with pytest.raises(CorruptArchive, match="not a JSON list of paths"):
+        refusal(archive(tmp_path / "e.tar", rootfs, data={"deleted.files": b'{"a": 1}'}))
 
 
 def test_a_compressed_or_unreadable_tar_inside_is_corrupt(tmp_path: Path) -> None:

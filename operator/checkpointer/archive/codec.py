@@ -305,6 +305,8 @@ def read_configuration(path: Path, whole: bool) -> ContainerConfiguration:
 # The tars inside an archive that podman unpacks on the node: rootfs-diff.tar into the container's
 # root file system, devshm-checkpoint.tar into its /dev/shm, volumes/<name>.tar into named volumes.
 NESTED_TAR_SUFFIX = ".tar"
+# The paths podman removes from the container's root file system after it unpacked rootfs-diff.tar.
+DELETED_FILES = "deleted.files"
 
 
 @dataclass(frozen=True)
@@ -314,7 +316,7 @@ class Member:
 
     tar: str  # the tar inside the archive it is a member of; "" for the archive itself
     name: str  # as its header writes it
-    kind: str  # "file", "dir", "symlink", "hardlink", "char", "block", "fifo"
+    kind: str  # "file", "dir", "symlink", "hardlink", "char", "block", "fifo"; "deleted" in deleted.files
     link: str = ""  # a link's target, as its header writes it
 
 
@@ -332,6 +334,20 @@ def _kind(member: tarfile.TarInfo) -> str:
     return "dir" if member.isdir() else "file"
 
 
+def _read_list(tar: tarfile.TarFile, member: tarfile.TarInfo, name: str) -> list[str]:
+    """A JSON list of strings (deleted.files), read within DUMP_LIMIT."""
+    if not member.isreg():
+        raise CorruptArchive(f"the archive's {name} is not a regular file")
+    if member.size > DUMP_LIMIT:
+        raise CorruptArchive(f"the archive's {name} has {member.size} bytes, more than {DUMP_LIMIT}")
+    extracted = tar.extractfile(member)
+    value = json.loads(extracted.read()) if extracted is not None else []
+    value = [] if value is None else value  # Go writes a nil list as null
+    if not isinstance(value, list) or not all(isinstance(item, str) for item in value):
+        raise CorruptArchive(f"the archive's {name} is not a JSON list of paths")
+    return value
+
+
 def _members(tar: _BoundedTarFile) -> Iterator[tarfile.TarInfo]:
     while (member := tar.next()) is not None:
         # A stream of members must not become a list of them in memory.
@@ -341,7 +357,8 @@ def _members(tar: _BoundedTarFile) -> Iterator[tarfile.TarInfo]:
 
 def unpacked_members(path: Path) -> Iterator[Member]:
     """Every member of the archive and of each tar inside it that podman unpacks (its name ends in
-    .tar), one at a time, each header read within the bounds read_configuration keeps.
+    .tar), one at a time, each header read within the bounds read_configuration keeps; and the paths
+    of deleted.files, which podman removes from the container's root file system.
 
     Podman writes the tars inside uncompressed; one that is not a readable uncompressed tar is
     CorruptArchive, as is an archive that cannot be read.
@@ -351,6 +368,10 @@ def unpacked_members(path: Path) -> Iterator[Member]:
             for member in _members(tar):
                 name = _member_name(member)
                 yield Member("", member.name, _kind(member), member.linkname)
+                if name == DELETED_FILES:
+                    for deleted in _read_list(tar, member, name):
+                        yield Member(DELETED_FILES, deleted, "deleted")
+                    continue
                 if not (member.isreg() and member.size and name.endswith(NESTED_TAR_SUFFIX)):
                     continue
                 extracted = tar.extractfile(member)

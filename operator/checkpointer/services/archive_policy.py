@@ -69,6 +69,9 @@ PODMAN_FILES = {
 # The symlink members held while an archive's members are judged, each a path of at most 4 KiB (a
 # longer one needs a pax header, and those are bounded): the one set the judgement keeps in memory.
 SYMLINKS_LIMIT = 65536
+# The paths of deleted.files held until every symlink member of rootfs-diff.tar is known.
+DELETED_LIMIT = 65536
+ROOTFS_DIFF = "rootfs-diff.tar"
 _VOLUME_NAME = re.compile(r"[a-zA-Z0-9][a-zA-Z0-9_.-]*")
 _CONTAINER_ID = re.compile(r"[0-9a-f]{64}")
 
@@ -224,11 +227,20 @@ def unpacking_refusal(members: Iterable[Member]) -> str | None:
 
     Refused: absolute paths, `..` components, device files, hard links to an absolute path, out of
     the tree or below a symlink, and any member below a symlink member of the same tar; in the
-    archive itself, a tar podman unpacks that is not a regular file. Raises CorruptArchive past
-    SYMLINKS_LIMIT symlink members.
+    archive itself, a tar podman unpacks that is not a regular file; in deleted.files (whose paths
+    are absolute, under the container's root), `..` or a path below a symlink member of
+    rootfs-diff.tar. Raises CorruptArchive past SYMLINKS_LIMIT symlink members or DELETED_LIMIT paths.
     """
     symlinks: set[tuple[str, str]] = set()
+    deleted: list[str] = []
     for member in members:
+        if member.kind == "deleted":
+            if ".." in member.name.split("/"):
+                return f"{member.tar} path {member.name!r}, a path with '..'"
+            if len(deleted) >= DELETED_LIMIT:
+                raise CorruptArchive(f"the archive's {member.tar} lists more than {DELETED_LIMIT} paths")
+            deleted.append(member.name)
+            continue
         why = member_refusal(member, symlinks)
         if why is not None:
             return why
@@ -236,6 +248,11 @@ def unpacking_refusal(members: Iterable[Member]) -> str | None:
             if len(symlinks) >= SYMLINKS_LIMIT:
                 raise CorruptArchive(f"the archive holds more than {SYMLINKS_LIMIT} symlinks")
             symlinks.add((member.tar, _tree_path(member.name)))
+    # Podman removes them after it unpacked rootfs-diff.tar, whose symlinks then stand above them.
+    for path in deleted:
+        link = _symlink_above(ROOTFS_DIFF, _tree_path(path), symlinks)
+        if link is not None:
+            return f"deleted.files path {path!r}, below {ROOTFS_DIFF} symlink member {link!r}"
     return None
 
 
