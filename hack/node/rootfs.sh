@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
-# Builds the Debian trixie rootfs every simulated node runs in (podman 5, CRIU 4.2, runc,
+# Builds the Debian trixie rootfs every simulated node runs in (podman 5.8, CRIU 4.2, runc,
 # checkpointctl, nftables) and that also provides etcd for the control plane. Debian 12's CRIU 3.17
 # fails on this kernel; trixie's CRIU 4.1 works but cannot dump inet sockets on Linux >= 6.16, so
-# CRIU comes from forky. Prints the rootfs path.
+# CRIU comes from forky; trixie's podman 5.4 follows a container's symlinks from the node's side, so
+# podman comes from forky too. Prints the rootfs path.
 set -euo pipefail
 source "$(dirname "$0")/../lib/common.sh"
 packages=(podman criu runc checkpointctl conmon netavark aardvark-dns catatonit nftables iproute2
@@ -11,6 +12,11 @@ packages=(podman criu runc checkpointctl conmon netavark aardvark-dns catatonit 
 # CRIU 4.2 is the first that dumps inet sockets on Linux >= 6.16 (4.1 fails with "Can't get 1:16
 # opt"); it needs forky's libcompel1, libnl-3-200 and libnet9.
 forky=(criu libcompel1 libnl-3-200 libnet9)
+# Podman 5.8: before 5.8.2 a live export copies the running container's root file system changes
+# from the node's side, following the symlinks the container swaps in (an archive could carry the
+# node's files), and an import writes through the symlinks an archive brings. It needs forky's glibc
+# 2.43 (for libsubid6), and libgpgme45 and libc-gconv-modules-extra, which only forky has.
+forky+=(podman libc6 libc-bin libc-gconv-modules-extra libgpgme45 libsubid6)
 # Nodes with a kubelet (opt-in, docs/local-environment.md): containerd 2.1 and runc for the kubelet's
 # pods, and the CNI plugins for the loopback-only network their (host-network) pods never use.
 if [[ ${CHECKPOINTER_KUBELET_NODES:-} == 1 ]]; then
@@ -52,6 +58,8 @@ if ((${#forky[@]})); then
 fi
 criu=$(chroot "$rootfs" criu --version | sed -n 's/^Version: //p')
 [[ $criu == 4.2* ]] || { log "CRIU in the rootfs is ${criu:-missing}, not 4.2"; exit 1; }
+podman=$(chroot "$rootfs" dpkg-query -W -f '${Version}' podman 2>/dev/null || true)
+[[ $podman == 5.8.* ]] || { log "podman in the rootfs is ${podman:-missing}, not 5.8"; exit 1; }
 
 # Podman's configuration (runc, cgroupfs, storage paths) is given to each node by
 # hack/localenv/nodes.py, which bind-mounts it over /etc/containers.

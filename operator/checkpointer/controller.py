@@ -275,7 +275,7 @@ def register(registry: kopf.OperatorRegistry, settings: Settings, kube: Kube) ->
             return
         ccp = ContainerCheckpoint.model_validate(dict(body))
         try:
-            storage = with_fresh_storage(lambda: scheduling.schedule_checkpoint(kube, leases, ccp))
+            storage = with_fresh_storage(lambda: scheduling.schedule_checkpoint(kube, leases, ccp, settings.admins))
         except Failure as e:
             _fail(kube, CHECKPOINTS, body, e)
             return

@@ -51,6 +51,8 @@ class Reason(StrEnum):
     CONTAINER_NOT_PERMITTED = "ContainerNotPermitted"
     CONTAINER_NOT_RUNNING = "ContainerNotRunning"
     CRIU_FEATURE_MISSING = "CRIUFeatureMissing"
+    # refused by the controller from the Lease's podman version, or by the agent from its own
+    LIVE_EXPORT_NOT_PERMITTED = "LiveExportNotPermitted"
     CHECKPOINT_FAILED = "CheckpointFailed"
     CHECKPOINT_INTERRUPTED = "CheckpointInterrupted"
     UPLOAD_FAILED = "UploadFailed"

@@ -1,18 +1,25 @@
-"""The controller's up-front refusal of checkpoints a node's CRIU cannot take (services/capabilities.py)."""
+"""The up-front refusal of checkpoints a node's CRIU or podman cannot take safely (services/capabilities.py)."""
 
 from dataclasses import replace
-from typing import Any
+from pathlib import Path
+from typing import Any, cast
 
 import pytest
 
-from checkpointer.models import CheckpointSpec
+from checkpointer.archive.workfolder import WorkFolder
+from checkpointer.errors import Failure
+from checkpointer.models import CheckpointSpec, ContainerCheckpoint
+from checkpointer.reasons import Reason
 from checkpointer.services.capabilities import (
     ANNOTATIONS,
     NodeFacts,
     dumps_inet_sockets,
+    live_export_refusal,
     missing_for_checkpoint,
     version_of,
 )
+from checkpointer.services.checkpoint import Checkpoint
+from checkpointer.settings import Settings
 
 # This project's test machines: Debian's CRIU on kernel 6.18, which has no soft-dirty tracking.
 TRIXIE = NodeFacts(
@@ -109,3 +116,70 @@ def test_facts_survive_the_lease_annotations() -> None:
     assert NodeFacts.from_annotations({**annotations, "other.example/x": "y"}) == TRIXIE
     assert NodeFacts.from_annotations({}) is None
     assert NodeFacts.from_annotations(None) is None
+
+
+LIVE_EXPORT = {"leaveRunning": True, "export": {"storageRef": {"name": "s3"}}}
+
+
+@pytest.mark.parametrize("podman", ["5.4.2", "5.8.1", "5.8", "4.9.3", "", "unknown"])
+def test_a_live_export_is_refused_on_podman_before_5_8_2_naming_both_versions(podman: str) -> None:
+    why = live_export_refusal(spec(**LIVE_EXPORT), "node-a", podman, admin=False)
+    assert why is not None
+    assert f"node node-a runs podman {podman or '(unknown)'}" in why and "5.8.2" in why
+    assert "the container keeps running" in why
+
+
+@pytest.mark.parametrize("podman", ["5.8.2", "5.8.3", "5.9.0", "6.0.0-rc1"])
+def test_a_live_export_is_taken_on_podman_5_8_2_and_newer(podman: str) -> None:
+    assert live_export_refusal(spec(**LIVE_EXPORT), "node-a", podman, admin=False) is None
+
+
+@pytest.mark.parametrize(
+    "fields",
+    [
+        {"leaveRunning": True},  # nothing leaves the node
+        {"export": {}},  # the container is stopped while podman copies
+        {**LIVE_EXPORT, "ignoreRootfs": True},  # no root file system is copied
+    ],
+)
+def test_only_a_live_export_of_the_root_file_system_is_refused(fields: dict[str, Any]) -> None:
+    assert live_export_refusal(spec(**fields), "node-a", "5.4.2", admin=False) is None
+
+
+def test_an_admin_namespace_may_export_live_on_any_podman() -> None:
+    assert live_export_refusal(spec(**LIVE_EXPORT), "node-a", "5.4.2", admin=True) is None
+
+
+class _Host:
+    """What the agent's check asks of its node: the versions podman reports (Node.host)."""
+
+    def __init__(self, podman: str) -> None:
+        self.settings = Settings(node_name="node-a", namespace="checkpointer-system")
+        self.podman = podman
+        self.asked = 0
+
+    def host(self) -> dict[str, str]:
+        self.asked += 1
+        return {"podman": self.podman}
+
+
+def agent_check(namespace: str, podman: str, **fields: Any) -> tuple[Reason | None, int]:
+    node = _Host(podman)
+    spec = {"nodeName": "node-a", "containers": ["web"], **fields}
+    ccp = ContainerCheckpoint.model_validate({"metadata": {"name": "c", "namespace": namespace}, "spec": spec})
+    job = Checkpoint(cast(Any, node), ccp, cast(Any, None), WorkFolder(Path("/nonexistent")))
+    try:
+        job.require_safe_live_export()
+    except Failure as e:
+        assert "node node-a runs podman" in e.message
+        return e.reason, node.asked
+    return None, node.asked
+
+
+def test_the_agent_asks_its_own_podman_when_the_lease_says_nothing() -> None:
+    assert agent_check("team-a", "5.4.2", **LIVE_EXPORT) == (Reason.LIVE_EXPORT_NOT_PERMITTED, 1)
+    assert agent_check("team-a", "", **LIVE_EXPORT) == (Reason.LIVE_EXPORT_NOT_PERMITTED, 1)
+    assert agent_check("team-a", "5.8.6", **LIVE_EXPORT) == (None, 1)
+    # Neither a checkpoint that is no live export nor an admin namespace's asks podman at all.
+    assert agent_check("team-a", "5.4.2", leaveRunning=True) == (None, 0)
+    assert agent_check("checkpointer-system", "5.4.2", **LIVE_EXPORT) == (None, 0)

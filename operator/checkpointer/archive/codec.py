@@ -300,3 +300,89 @@ def read_configuration(path: Path, whole: bool) -> ContainerConfiguration:
         if name not in found:
             raise CorruptArchive(f"the archive holds no {name}: it is not a podman checkpoint")
     return ContainerConfiguration(config=found[CONFIG_DUMP], spec=found[SPEC_DUMP])
+
+
+# The tars inside an archive that podman unpacks on the node: rootfs-diff.tar into the container's
+# root file system, devshm-checkpoint.tar into its /dev/shm, volumes/<name>.tar into named volumes.
+NESTED_TAR_SUFFIX = ".tar"
+# The paths podman removes from the container's root file system after it unpacked rootfs-diff.tar.
+DELETED_FILES = "deleted.files"
+
+
+@dataclass(frozen=True)
+class Member:
+    """One member of the archive, or of a tar inside it, as the unpacking rules see it
+    (services/archive_policy.py)."""
+
+    tar: str  # the tar inside the archive it is a member of; "" for the archive itself
+    name: str  # as its header writes it
+    kind: str  # "file", "dir", "symlink", "hardlink", "char", "block", "fifo"; "deleted" in deleted.files
+    link: str = ""  # a link's target, as its header writes it
+
+
+def _kind(member: tarfile.TarInfo) -> str:
+    if member.issym():
+        return "symlink"
+    if member.islnk():
+        return "hardlink"
+    if member.ischr():
+        return "char"
+    if member.isblk():
+        return "block"
+    if member.isfifo():
+        return "fifo"
+    return "dir" if member.isdir() else "file"
+
+
+def _read_list(tar: tarfile.TarFile, member: tarfile.TarInfo, name: str) -> list[str]:
+    """A JSON list of strings (deleted.files), read within DUMP_LIMIT."""
+    if not member.isreg():
+        raise CorruptArchive(f"the archive's {name} is not a regular file")
+    if member.size > DUMP_LIMIT:
+        raise CorruptArchive(f"the archive's {name} has {member.size} bytes, more than {DUMP_LIMIT}")
+    extracted = tar.extractfile(member)
+    value = json.loads(extracted.read()) if extracted is not None else []
+    value = [] if value is None else value  # Go writes a nil list as null
+    if not isinstance(value, list) or not all(isinstance(item, str) for item in value):
+        raise CorruptArchive(f"the archive's {name} is not a JSON list of paths")
+    return value
+
+
+def _members(tar: _BoundedTarFile) -> Iterator[tarfile.TarInfo]:
+    while (member := tar.next()) is not None:
+        # A stream of members must not become a list of them in memory.
+        tar.members.clear()
+        yield member
+
+
+def unpacked_members(path: Path) -> Iterator[Member]:
+    """Every member of the archive and of each tar inside it that podman unpacks (its name ends in
+    .tar), one at a time, each header read within the bounds read_configuration keeps; and the paths
+    of deleted.files, which podman removes from the container's root file system.
+
+    Podman writes the tars inside uncompressed; one that is not a readable uncompressed tar is
+    CorruptArchive, as is an archive that cannot be read.
+    """
+    try:
+        with _BoundedTarFile.open(path, mode="r:*") as tar:
+            for member in _members(tar):
+                name = _member_name(member)
+                yield Member("", member.name, _kind(member), member.linkname)
+                if name == DELETED_FILES:
+                    for deleted in _read_list(tar, member, name):
+                        yield Member(DELETED_FILES, deleted, "deleted")
+                    continue
+                if not (member.isreg() and member.size and name.endswith(NESTED_TAR_SUFFIX)):
+                    continue
+                extracted = tar.extractfile(member)
+                if extracted is None:
+                    raise CorruptArchive(f"the archive's {name} cannot be read")
+                try:
+                    # "r:", not "r:*": a compressed one could inflate without bound.
+                    with _BoundedTarFile.open(fileobj=extracted, mode="r:") as inner:
+                        for nested in _members(inner):
+                            yield Member(name, nested.name, _kind(nested), nested.linkname)
+                except tarfile.ReadError as e:
+                    raise CorruptArchive(f"the archive's {name} is not an uncompressed tar: {e}") from None
+    except (tarfile.TarError, OSError, EOFError, ValueError, RecursionError) as e:
+        raise CorruptArchive(f"the archive cannot be read: {e}") from None

@@ -1,4 +1,4 @@
-"""What an archive asks for that only a restore in an admin namespace may get.
+"""What an archive asks for that only a restore in an admin namespace may get, and what no restore may.
 
 Podman builds a restored container from the archive itself: its container configuration
 (`config.dump`) and the OCI runtime spec it runs (`spec.dump`, which replaces the one inside
@@ -6,16 +6,24 @@ config.dump; both are judged). An archive that podman made from an ordinary cont
 nothing here. One made from a privileged container, or written by hand, may ask for the host:
 privileged mode, capabilities beyond podman's default set, the host's PID, IPC, network or mount
 namespace, host paths mounted in, or host paths podman itself writes to or runs (docs/security.md).
+
+What podman unpacks on the node (the archive, and the tars inside it: rootfs-diff.tar into the
+container's root file system) may carry nothing that writes or reads outside the tree it is unpacked
+into, whoever restores it: podman before 5.8.2 follows symlinks while it unpacks (the class of
+CVE-2018-15664), so one member swapped for a symlink to / would let the next write the node.
 """
 
 from __future__ import annotations
 
 import posixpath
 import re
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator, Set
+from pathlib import Path
 from typing import Any
 
-from checkpointer.archive.codec import ContainerConfiguration
+from checkpointer.archive.codec import ContainerConfiguration, CorruptArchive, Member, unpacked_members
+from checkpointer.errors import Failure
+from checkpointer.reasons import Reason
 from checkpointer.services.node import NAMESPACE_LABEL
 
 # Podman's default_capabilities (containers.conf of containers-common, podman 4 and 5): what a
@@ -58,6 +66,12 @@ PODMAN_FILES = {
     "ShmDir": "shm",
     "secretsPath": "secrets",
 }
+# The symlink members held while an archive's members are judged, each a path of at most 4 KiB (a
+# longer one needs a pax header, and those are bounded): the one set the judgement keeps in memory.
+SYMLINKS_LIMIT = 65536
+# The paths of deleted.files held until every symlink member of rootfs-diff.tar is known.
+DELETED_LIMIT = 65536
+ROOTFS_DIFF = "rootfs-diff.tar"
 _VOLUME_NAME = re.compile(r"[a-zA-Z0-9][a-zA-Z0-9_.-]*")
 _CONTAINER_ID = re.compile(r"[0-9a-f]{64}")
 
@@ -191,3 +205,92 @@ def _list(value: Any) -> list[Any]:
 
 def _dict(value: Any) -> dict[str, Any]:
     return value if isinstance(value, dict) else {}
+
+
+def require_safe_unpacking(path: Path) -> None:
+    """Refuses, for every restore, an archive whose unpacking could reach outside the container:
+    ArchiveNotPermitted naming the member, or ArchiveCorrupt when it cannot be read within bounds."""
+    try:
+        why = unpacking_refusal(unpacked_members(path))
+    except CorruptArchive as e:
+        raise Failure(Reason.ARCHIVE_CORRUPT, f"{e}; nothing was restored") from None
+    if why is not None:
+        raise Failure(
+            Reason.ARCHIVE_NOT_PERMITTED,
+            f"the archive holds {why}: podman would unpack it outside the container on the node; no "
+            "restore may restore it, in any namespace; nothing was restored",
+        )
+
+
+def unpacking_refusal(members: Iterable[Member]) -> str | None:
+    """The first member podman's unpacking could write or read the node through; None when none.
+
+    Refused: absolute paths, `..` components, device files, hard links to an absolute path, out of
+    the tree or below a symlink, and any member below a symlink member of the same tar; in the
+    archive itself, a tar podman unpacks that is not a regular file; in deleted.files (whose paths
+    are absolute, under the container's root), `..` or a path below a symlink member of
+    rootfs-diff.tar. Raises CorruptArchive past SYMLINKS_LIMIT symlink members or DELETED_LIMIT paths.
+    """
+    symlinks: set[tuple[str, str]] = set()
+    deleted: list[str] = []
+    for member in members:
+        if member.kind == "deleted":
+            if ".." in member.name.split("/"):
+                return f"{member.tar} path {member.name!r}, a path with '..'"
+            if len(deleted) >= DELETED_LIMIT:
+                raise CorruptArchive(f"the archive's {member.tar} lists more than {DELETED_LIMIT} paths")
+            deleted.append(member.name)
+            continue
+        why = member_refusal(member, symlinks)
+        if why is not None:
+            return why
+        if member.kind == "symlink":
+            if len(symlinks) >= SYMLINKS_LIMIT:
+                raise CorruptArchive(f"the archive holds more than {SYMLINKS_LIMIT} symlinks")
+            symlinks.add((member.tar, _tree_path(member.name)))
+    # Podman removes them after it unpacked rootfs-diff.tar, whose symlinks then stand above them.
+    for path in deleted:
+        link = _symlink_above(ROOTFS_DIFF, _tree_path(path), symlinks)
+        if link is not None:
+            return f"deleted.files path {path!r}, below {ROOTFS_DIFF} symlink member {link!r}"
+    return None
+
+
+def member_refusal(member: Member, symlinks: Set[tuple[str, str]]) -> str | None:
+    """Why podman may not unpack this member, given the symlink members (tar, path) before it; None: it may."""
+    where = f"{member.tar} member {member.name!r}" if member.tar else f"member {member.name!r}"
+    if member.name.startswith("/"):
+        return f"{where}, an absolute path"
+    if ".." in member.name.split("/"):
+        return f"{where}, a path with '..'"
+    if member.kind in ("char", "block"):
+        return f"{where}, a {member.kind} device"
+    path = _tree_path(member.name)
+    if not member.tar and path.endswith(".tar") and member.kind != "file":
+        return f"{where}, a tar podman unpacks that is a {member.kind}, not a file"
+    link = _symlink_above(member.tar, path, symlinks)
+    if link is not None:
+        return f"{where}, below symlink member {link!r}"
+    if member.kind == "hardlink":
+        if member.link.startswith("/") or ".." in member.link.split("/"):
+            return f"{where}, a hard link to {member.link!r} outside the tree"
+        link = _symlink_above(member.tar, _tree_path(member.link), symlinks)
+        if link is not None:
+            return f"{where}, a hard link to {member.link!r} below symlink member {link!r}"
+    return None
+
+
+def _tree_path(name: str) -> str:
+    """A member's path in the tree it is unpacked into: "./a//b/" is "a/b", "." is ""."""
+    return "/".join(part for part in name.split("/") if part not in ("", "."))
+
+
+def _symlink_above(tar: str, path: str, symlinks: Set[tuple[str, str]]) -> str | None:
+    """The symlink member of `tar` that `path` lies below, if any. A hard link to the symlink itself
+    links the symlink, not what it points to."""
+    parts = path.split("/")
+    for end in range(1, len(parts)):
+        above = "/".join(parts[:end])
+        if (tar, above) in symlinks:
+            return above
+    return None

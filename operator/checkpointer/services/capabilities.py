@@ -1,4 +1,4 @@
-"""What a node's CRIU can do, as its agent recorded it, and what the controller refuses because of it.
+"""What a node's CRIU and podman can do, as its agent recorded it, and what the controller refuses because of it.
 
 At start each agent asks its node for the versions of CRIU, podman, runc and the kernel and for
 CRIU's own feature checks (`criu check --feature`), and writes them as annotations on its Lease,
@@ -60,6 +60,10 @@ DIRTY_TRACKING = "mem_dirty_track"
 # AF_UNIX, AF_NETLINK and AF_BLUETOOTH sockets have them, so it cannot dump an inet socket there.
 INET_SOCKETS_CRIU = (4, 2)
 INET_SOCKETS_KERNEL = (6, 16)
+# Podman before 5.8.2 copies a running container's root file system changes (leaveRunning with
+# export) through the container's mount from the node's side, following the symlinks the container
+# keeps swapping in meanwhile: the archive may then carry the node's files (CVE-2018-15664's class).
+LIVE_EXPORT_PODMAN = (5, 8, 2)
 
 PREFIX = f"{GROUP}/"
 ANNOTATIONS = {
@@ -153,3 +157,22 @@ def missing_for_checkpoint(spec: CheckpointSpec, node: str, facts: NodeFacts | N
             f"tracking ({DIRTY_TRACKING}) on its kernel; the node runs {facts.describe()}"
         )
     return None
+
+
+def live_export_refusal(spec: CheckpointSpec, node: str, podman: str, *, admin: bool) -> str | None:
+    """Why the node may not export this checkpoint of a running container, for a LiveExportNotPermitted
+    message; None: it may. `podman` is the node's podman version; an unknown one ("") is refused, so
+    the controller asks only when the agent recorded it, and the agent always asks with its own."""
+    if admin or not (spec.leave_running and spec.export is not None) or spec.ignore_rootfs:
+        return None
+    version = version_of(podman)
+    if version is not None and version >= LIVE_EXPORT_PODMAN:
+        return None
+    least = ".".join(map(str, LIVE_EXPORT_PODMAN))
+    return (
+        f"node {node} runs podman {podman or '(unknown)'}: before {least}, podman copies a running "
+        "container's root file system changes (leaveRunning with export) from the node's side and "
+        "follows symlinks the container swaps in meanwhile, so the archive could carry the node's files; "
+        f"only an admin namespace may export a running container there. Drop leaveRunning, set ignoreRootfs, "
+        f"or run podman {least} or later on the node; nothing was checkpointed and the container keeps running"
+    )

@@ -40,6 +40,7 @@ from checkpointer.conditions import now
 from checkpointer.errors import Failure, Retry
 from checkpointer.models import Archive, CheckpointSpec, Compression, ContainerCheckpoint
 from checkpointer.reasons import Phase, Reason
+from checkpointer.services.capabilities import live_export_refusal
 from checkpointer.services.node import EXCLUDE_LABEL, NAMESPACE_LABEL, Node, classify
 from checkpointer.services.signing import signing_requested
 from checkpointer.services.space import Estimate, refusal
@@ -170,6 +171,8 @@ class Checkpoint:
 
     def run(self) -> None:
         began = time.monotonic()
+        if self.folder.targets() is None:  # resolved before a restart: the check passed then
+            self.require_safe_live_export()
         targets = self.all_targets = self.targets()
         self.status.steps.took("resolve", began, containers=len(targets))
         names = ", ".join(t.name for t in targets)
@@ -588,6 +591,21 @@ class Checkpoint:
                 self.node.runtime.remove_local_checkpoint(container)
         except Exception as e:  # a leftover on the node, never a reason to fail a stored archive
             log.warning("could not remove the local checkpoint of %s: %s", target.name, e)
+
+    def require_safe_live_export(self) -> None:
+        """The controller's LiveExportNotPermitted, asked again of this node's own podman before any
+        container is resolved: a Lease that records no podman version yet is no way around it."""
+        admin = self.ccp.metadata.namespace in self.settings.admins
+        node = self.settings.node_name
+        if live_export_refusal(self.spec, node, "", admin=admin) is None:
+            return
+        try:
+            podman = self.node.host().get("podman", "")
+        except PodmanError as e:
+            raise Failure(classify(e, Reason.CHECKPOINT_FAILED), f"podman's version is unknown: {e.message}") from None
+        why = live_export_refusal(self.spec, node, podman, admin=admin)
+        if why is not None:
+            raise Failure(Reason.LIVE_EXPORT_NOT_PERMITTED, why)
 
     def require_room(self, targets: list[Target]) -> None:
         """Refuse up front a checkpoint whose archives the spool cannot take (services/space.py)."""

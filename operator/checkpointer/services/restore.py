@@ -150,6 +150,7 @@ def _run(node: Node, crst: ContainerRestore, status: StatusWriter, folder: WorkF
         configuration = read_configuration(path, whole=not expected)
     except CorruptArchive as e:
         raise Failure(Reason.ARCHIVE_CORRUPT, f"{e}; nothing was restored") from None
+    archive_policy.require_safe_unpacking(path)  # every restore's: it guards the node, not the namespace
     config = configuration.config
     _check_policy(node, crst, configuration)
     previous = _previous(node, crst.spec.previous, folder, status) if crst.spec.previous else None
@@ -344,6 +345,7 @@ def _previous(node: Node, ref: ArchiveRef, folder: WorkFolder, status: StatusWri
         )
     if ref.sha256 and digest != ref.sha256:
         raise Failure(Reason.ARCHIVE_CORRUPT, f"sha256 of previous archive {key} is {digest}, expected {ref.sha256}")
+    archive_policy.require_safe_unpacking(path)  # podman unpacks it on the node too
     return path
 
 

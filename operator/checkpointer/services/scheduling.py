@@ -20,7 +20,7 @@ from checkpointer.models import (
     ResolvedArchive,
 )
 from checkpointer.reasons import ConditionType, Phase, Reason
-from checkpointer.services.capabilities import NodeFacts, missing_for_checkpoint
+from checkpointer.services.capabilities import NodeFacts, live_export_refusal, missing_for_checkpoint
 from checkpointer.settings import Settings
 
 
@@ -96,6 +96,20 @@ def require_criu_features(kube: Kube, leases: AgentLeases, ccp: ContainerCheckpo
         raise Failure(Reason.CRIU_FEATURE_MISSING, why)
 
 
+def require_safe_live_export(kube: Kube, leases: AgentLeases, ccp: ContainerCheckpoint, admins: frozenset[str]) -> None:
+    """Refuse a live export the node's podman cannot make without following the container's symlinks."""
+    spec = ccp.spec
+    admin = ccp.metadata.namespace in admins
+    if live_export_refusal(spec, spec.node_name, "", admin=admin) is None:
+        return  # not a live export, or an admin's: no need to read the Lease
+    facts = NodeFacts.from_annotations(kube.lease_annotations(leases.namespace, lease_name(spec.node_name)))
+    if facts is None or not facts.podman:
+        return  # not recorded (yet): the agent asks its own podman before calling it
+    why = live_export_refusal(spec, spec.node_name, facts.podman, admin=admin)
+    if why is not None:
+        raise Failure(Reason.LIVE_EXPORT_NOT_PERMITTED, why)
+
+
 def storage_permits(storage: CheckpointStorage, namespace: str) -> bool:
     """Whether objects of `namespace` may use the storage: listed in allowedNamespaces, or no list. Pure."""
     allowed = storage.spec.allowed_namespaces
@@ -135,11 +149,14 @@ def choose_storage(ref: NameRef | None, storages: list[CheckpointStorage], *, na
     return storage
 
 
-def schedule_checkpoint(kube: Kube, leases: AgentLeases, ccp: ContainerCheckpoint) -> str | None:
+def schedule_checkpoint(
+    kube: Kube, leases: AgentLeases, ccp: ContainerCheckpoint, admins: frozenset[str]
+) -> str | None:
     """Check what needs the cluster; return the storage name the agent should use (None: no export)."""
     spec = ccp.spec
     require_node_with_agent(kube, leases, spec.node_name)
     require_criu_features(kube, leases, ccp)
+    require_safe_live_export(kube, leases, ccp, admins)
     if spec.with_previous and spec.previous_checkpoint_ref is not None:
         previous = kube.get(CHECKPOINTS, ccp.metadata.namespace, spec.previous_checkpoint_ref.name)
         if previous is None or (previous.get("status") or {}).get("phase") != Phase.SUCCEEDED:
