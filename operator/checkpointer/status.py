@@ -45,6 +45,9 @@ class StatusWriter:
         self.plural = plural
         self.namespace = body["metadata"]["namespace"]
         self.name = body["metadata"]["name"]
+        # Every write names the object's uid too: after a wait (a schedule's checkpoint, a retry) the
+        # name may belong to an object made anew, which no write meant for the old one may touch.
+        self.uid = str(body["metadata"].get("uid") or "")
         self.generation = int(body["metadata"].get("generation", 0))
         # For the final phase's metrics and log line (docs/metrics.md).
         self.node = str((body.get("spec") or {}).get("nodeName") or "")
@@ -76,7 +79,9 @@ class StatusWriter:
             conflicts = 0
             while True:
                 try:
-                    obj = self.kube.patch_status(self.plural, self.namespace, self.name, fields, self.resource_version)
+                    obj = self.kube.patch_status(
+                        self.plural, self.namespace, self.name, fields, self.resource_version, self.uid
+                    )
                 except ApiException as e:
                     if e.status == 404:
                         raise Conflict(f"{self.namespace}/{self.name} is gone") from None
@@ -84,6 +89,8 @@ class StatusWriter:
                         conflicts += 1
                         self._reread()
                         continue
+                    if e.status == 422:  # the API server may call another uid an immutable field's change
+                        self._same_object()
                     if e.status is not None and e.status < 500 and e.status != 429:
                         raise
                     self._wait(e, waited_since, patient)
@@ -94,10 +101,18 @@ class StatusWriter:
                 self._adopt(obj)
                 return
 
-    def _reread(self) -> None:
+    def _same_object(self) -> dict[str, Any]:
+        """The object as it is now; Conflict when it is gone, or another object took its name."""
         fresh = self.kube.get(self.plural, self.namespace, self.name)
         if fresh is None:
             raise Conflict(f"{self.namespace}/{self.name} is gone")
+        uid = str(fresh["metadata"].get("uid") or "")
+        if self.uid and uid != self.uid:
+            raise Conflict(f"{self.namespace}/{self.name} is gone; one of that name was made anew (uid {uid})")
+        return fresh
+
+    def _reread(self) -> None:
+        fresh = self._same_object()
         phase = (fresh.get("status") or {}).get("phase")
         if phase != self.phase_now:
             raise Conflict(f"{self.namespace}/{self.name} is {phase} now, not {self.phase_now}")

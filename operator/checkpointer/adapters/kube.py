@@ -65,16 +65,29 @@ class Kube:
         return list(found["items"])
 
     def patch_status(
-        self, plural: str, namespace: str, name: str, status: dict[str, Any], resource_version: str = ""
+        self, plural: str, namespace: str, name: str, status: dict[str, Any], resource_version: str = "", uid: str = ""
     ) -> dict[str, Any]:
-        """Merge `status` in; with `resource_version`, only if the object is still at that version (else 409)."""
+        """Merge `status` in; with `resource_version`, only if the object is still at that version, with
+        `uid` only if it is still that object, not one made anew under its name (else 409)."""
         body: dict[str, Any] = {"status": status}
-        if resource_version:
-            body["metadata"] = {"resourceVersion": resource_version}
+        metadata = {k: v for k, v in (("resourceVersion", resource_version), ("uid", uid)) if v}
+        if metadata:
+            body["metadata"] = metadata
         obj: dict[str, Any] = self.custom.patch_namespaced_custom_object_status(  # type: ignore[assignment]
             GROUP, VERSION, namespace, plural, name, body
         )
         return obj
+
+    def label(self, plural: str, namespace: str, name: str, uid: str, labels: dict[str, str]) -> bool:
+        """Set `labels` on the object if it is still the one with `uid`; False when it is gone or another one."""
+        body = {"metadata": {"uid": uid, "labels": labels}}
+        try:
+            self.custom.patch_namespaced_custom_object(GROUP, VERSION, namespace, plural, name, body)
+        except ApiException as e:
+            if e.status in (404, 409):
+                return False
+            raise
+        return True
 
     def delete(self, plural: str, namespace: str, name: str, uid: str) -> bool:
         """Delete the object if it is still the one with `uid`; False when it is gone or another one."""
