@@ -56,10 +56,12 @@ def elsewhere(body: Mapping[str, Any], node: str) -> str | None:
     return None
 
 
-def _current(agent: Node, plural: str, body: kopf.Body, retry: int, waited: bool = False) -> dict[str, Any] | None:
+def _current(
+    agent: Node, memory: Memory, plural: str, body: kopf.Body, retry: int, waited: bool = False
+) -> dict[str, Any] | None:
     """The object as the API server has it now; None once it is gone or not ours to act on (yet)."""
     node = agent.settings.node_name
-    if _declined(body, node):
+    if _declined(body, node, memory):
         return None
     if retry == 0 and not waited and (body.get("status") or {}).get("phase") == Phase.SCHEDULED:
         # The first sight of a scheduled object: nothing of this agent has acted on it yet, so the
@@ -67,7 +69,7 @@ def _current(agent: Node, plural: str, body: kopf.Body, retry: int, waited: bool
         # wait it may be: relabelled meanwhile, or deleted and made anew under the same name.
         return dict(body)
     fresh = agent.kube.get(plural, body["metadata"]["namespace"], body["metadata"]["name"])
-    if fresh is None or fresh["metadata"]["uid"] != body["metadata"]["uid"] or _declined(fresh, node):
+    if fresh is None or fresh["metadata"]["uid"] != body["metadata"]["uid"] or _declined(fresh, node, memory):
         return None
     phase = (fresh.get("status") or {}).get("phase")
     if phase in (None, Phase.PENDING):
@@ -76,11 +78,12 @@ def _current(agent: Node, plural: str, body: kopf.Body, retry: int, waited: bool
     return fresh
 
 
-def _declined(body: Mapping[str, Any], node: str) -> bool:
+def _declined(body: Mapping[str, Any], node: str, memory: Memory) -> bool:
     why = elsewhere(body, node)
     if why is not None:
         meta = body["metadata"]
         log.warning("not acting on %s %s/%s: %s", body.get("kind"), meta["namespace"], meta["name"], why)
+        memory.decline(str(meta["uid"]))
     return why is not None
 
 
@@ -117,7 +120,7 @@ def register(registry: kopf.OperatorRegistry, agent: Node, executor: Executor, m
     @kopf.on.resume(GROUP, VERSION, CHECKPOINTS, labels=mine, registry=registry)
     @kopf.on.create(GROUP, VERSION, CHECKPOINTS, labels=mine, registry=registry)
     async def take_checkpoint(body: kopf.Body, retry: int, **_: Any) -> None:
-        if _declined(body, node):
+        if _declined(body, node, memory):
             return
         with _handling(in_flight, body):
             # A schedule's checkpoint is created ahead of its time: it starts at the scheduled second.
@@ -128,7 +131,7 @@ def register(registry: kopf.OperatorRegistry, agent: Node, executor: Executor, m
                 await asyncio.sleep(delay)
 
             def take() -> None:
-                fresh = _current(agent, CHECKPOINTS, body, retry, waited=delay > 0)
+                fresh = _current(agent, memory, CHECKPOINTS, body, retry, waited=delay > 0)
                 if fresh is not None:
                     checkpoint.run(agent, fresh)
 
@@ -140,31 +143,35 @@ def register(registry: kopf.OperatorRegistry, agent: Node, executor: Executor, m
     # drops a pending retry of the handler above once the object is being deleted.
     @kopf.on.delete(GROUP, VERSION, CHECKPOINTS, labels=mine, optional=True, registry=registry)
     def cancel_checkpoint(body: kopf.Body, **_: Any) -> None:
-        if _declined(body, node):
+        if _declined(body, node, memory):
             return
         with _handling(in_flight, body):
             fresh = agent.kube.get(CHECKPOINTS, body["metadata"]["namespace"], body["metadata"]["name"])
-            if fresh is not None and fresh["metadata"]["uid"] == body["metadata"]["uid"] and not _declined(fresh, node):
+            if (
+                fresh is not None
+                and fresh["metadata"]["uid"] == body["metadata"]["uid"]
+                and not _declined(fresh, node, memory)
+            ):
                 checkpoint.run(agent, fresh)  # it sees the deletion and gives the containers back
 
     @kopf.on.resume(GROUP, VERSION, RESTORES, labels=mine, registry=registry)
     @kopf.on.create(GROUP, VERSION, RESTORES, labels=mine, registry=registry)
     def restore_archive(body: kopf.Body, retry: int, **_: Any) -> None:
-        if _declined(body, node):
+        if _declined(body, node, memory):
             return
         with _handling(in_flight, body):
-            fresh = _current(agent, RESTORES, body, retry)
+            fresh = _current(agent, memory, RESTORES, body, retry)
             if fresh is not None:
                 restore.run(agent, fresh)
 
     # An object leaves this agent's watch when it is deleted or labelled for another node (the watch
-    # then sends it as DELETED). kopf forgets it then; so does its memory here, so that an object the
-    # controller labels back for this node is new to kopf again, not one it handled already.
+    # then sends it as DELETED). One its handlers declined (relabelled away while it waited) is
+    # forgotten then, so that once the controller labels it back for this node, kopf takes it up anew.
     @kopf.on.event(GROUP, VERSION, CHECKPOINTS, labels=mine, registry=registry)
     @kopf.on.event(GROUP, VERSION, RESTORES, labels=mine, registry=registry)
-    def forget_gone(body: kopf.Body, type: str | None, **_: Any) -> None:
+    def left_the_node(body: kopf.Body, type: str | None, **_: Any) -> None:
         if type == "DELETED":
-            memory.forget(str(body["metadata"]["uid"]))
+            memory.left(str(body["metadata"]["uid"]))
 
     stop = threading.Event()
     facts: list[NodeFacts] = []  # the node's, once asked

@@ -304,8 +304,9 @@ def _register_node_labels(registry: kopf.OperatorRegistry, kube: Kube) -> _Label
         ):
             return
         was = (meta.get("labels") or {}).get(NODE_LABEL)
-        if not kube.label(_plural(body), meta["namespace"], meta["name"], str(meta["uid"]), {NODE_LABEL: node}):
-            return  # gone, or made anew: the new one is scheduled on its own
+        labels = {NODE_LABEL: node}
+        if not kube.label(_plural(body), meta["namespace"], meta["name"], str(meta["resourceVersion"]), labels):
+            return  # gone or changed since this event: the event of that change is judged in turn
         message = (
             f"its label {NODE_LABEL} was changed to {was or '(none)'}; put back to {node}, the node it was "
             "scheduled on: only the controller moves an object between nodes"

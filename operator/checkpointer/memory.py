@@ -75,6 +75,7 @@ class InFlight:
 class _Object:
     essence: kopf.BodyEssence | None = None
     progress: dict[str, kopf.ProgressRecord] = field(default_factory=dict)
+    declined: bool = False  # its handler found it was not this process's to act on
 
 
 class Memory:
@@ -110,11 +111,21 @@ class Memory:
         with self._lock:
             return self._objects.get(uid)
 
-    def forget(self, uid: str) -> None:
-        """The object left this process's watch (deleted, or labelled for another node): seen again, it is new."""
+    def decline(self, uid: str) -> None:
+        """A handler did not act on the object: not this process's (yet). Seen again after it left, it is new."""
+        self._of(uid).declined = True
+
+    def left(self, uid: str) -> None:
+        """The object left this process's watch: deleted, or labelled for another node.
+
+        No handler is working on it any more. What kopf knows of it is kept, so that an object labelled
+        back is not handled again, unless its handler declined it: then, labelled back, it is new.
+        """
         self.in_flight.end(uid)
         with self._lock:
-            self._objects.pop(uid, None)
+            entry = self._objects.get(uid)
+            if entry is not None and entry.declined:
+                del self._objects[uid]
 
     def __contains__(self, uid: object) -> bool:
         with self._lock:

@@ -45,8 +45,9 @@ class StatusWriter:
         self.plural = plural
         self.namespace = body["metadata"]["namespace"]
         self.name = body["metadata"]["name"]
-        # Every write names the object's uid too: after a wait (a schedule's checkpoint, a retry) the
-        # name may belong to an object made anew, which no write meant for the old one may touch.
+        # After a wait (a schedule's checkpoint, a retry) the name may belong to an object made anew,
+        # which no write meant for the old one may touch: its resourceVersion refuses the write (409),
+        # and the read after it stops at another uid, even in the very phase this writer believes in.
         self.uid = str(body["metadata"].get("uid") or "")
         self.generation = int(body["metadata"].get("generation", 0))
         # For the final phase's metrics and log line (docs/metrics.md).
@@ -79,9 +80,7 @@ class StatusWriter:
             conflicts = 0
             while True:
                 try:
-                    obj = self.kube.patch_status(
-                        self.plural, self.namespace, self.name, fields, self.resource_version, self.uid
-                    )
+                    obj = self.kube.patch_status(self.plural, self.namespace, self.name, fields, self.resource_version)
                 except ApiException as e:
                     if e.status == 404:
                         raise Conflict(f"{self.namespace}/{self.name} is gone") from None
@@ -89,8 +88,6 @@ class StatusWriter:
                         conflicts += 1
                         self._reread()
                         continue
-                    if e.status == 422:  # the API server may call another uid an immutable field's change
-                        self._same_object()
                     if e.status is not None and e.status < 500 and e.status != 429:
                         raise
                     self._wait(e, waited_since, patient)

@@ -139,5 +139,17 @@ def test_kopf_annotations_written_by_a_tenant_do_not_stop_the_controller(tenants
     obj = t.finished("ccp", TEAM_A, name)
     assert obj["status"]["phase"] == "Succeeded", obj["status"]
     assert ready(obj)["reason"] == "Succeeded"
+    # A status write of the controller or an agent carries the resourceVersion it read (status.py): once
+    # the name belongs to an object made anew, that version is refused, whatever the new one's phase.
+    read = obj["metadata"]["resourceVersion"]
+    t.delete("ccp", name)
+    again = {**json.loads(json.dumps(obj)), "metadata": {"name": name, "namespace": TEAM_A}, "status": {}}
+    t.env.control_plane.kubectl("create", "-f", "-", kubeconfig=t.alice, input=json.dumps(again))
+    stale = {"metadata": {"resourceVersion": read}, "status": {"progress": {"bytesDone": 1}}}
+    out = t.env.kubectl(
+        "patch", CCP, name, "-n", TEAM_A, "--subresource=status", "--type=merge", "-p", json.dumps(stale), check=False
+    )
+    assert out.returncode != 0 and "Conflict" in out.stderr, out.stderr
+    assert t.finished("ccp", TEAM_A, name)["status"].get("progress") != {"bytesDone": 1}
     t.delete("ccp", name)
     check_invariants(t.env)

@@ -182,13 +182,7 @@ class _Kube:
         return self.obj
 
     def patch_status(
-        self,
-        plural: str,
-        namespace: str,
-        name: str,
-        status: dict[str, Any],
-        resource_version: str = "",
-        uid: str = "",
+        self, plural: str, namespace: str, name: str, status: dict[str, Any], resource_version: str = ""
     ) -> dict[str, Any]:
         assert self.obj is not None
         self.obj = {**self.obj, "status": {**self.obj["status"], **status}}

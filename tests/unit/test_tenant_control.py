@@ -98,14 +98,19 @@ def test_every_entry_in_flight_stays_even_past_the_limit() -> None:
     assert all(progress.fetch(key="h", body=body(f"u{i}")) == record(i) for i in range(5))
 
 
-def test_an_object_that_left_the_watch_is_forgotten_and_new_when_it_comes_back() -> None:
+def test_an_object_declined_and_labelled_back_is_new_one_handled_is_not() -> None:
     memory = Memory()
     diffbase = memory.diffbase_storage([])
-    obj = body("u1")
-    memory.in_flight.begin("u1")
-    diffbase.store(body=obj, patch=patch(), essence=cast(kopf.BodyEssence, {"spec": {}}))
-    memory.forget("u1")
-    assert diffbase.fetch(body=obj) is None and "u1" not in memory.in_flight
+    handled, declined = body("handled"), body("declined")
+    for obj in (handled, declined):
+        memory.in_flight.begin(str(obj.metadata.uid))
+        diffbase.store(body=obj, patch=patch(), essence=cast(kopf.BodyEssence, {"spec": {}}))
+    memory.decline("declined")  # relabelled away while it waited for its scheduled time
+    for uid in ("handled", "declined"):
+        memory.left(uid)  # the watch sent it as DELETED
+        assert uid not in memory.in_flight
+    assert diffbase.fetch(body=handled) == {"spec": {}}  # labelled back, it is not run again
+    assert diffbase.fetch(body=declined) is None  # labelled back, kopf takes it up
 
 
 def test_a_handler_is_in_flight_until_it_ends_other_than_by_a_retry() -> None:

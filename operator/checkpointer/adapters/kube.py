@@ -65,22 +65,26 @@ class Kube:
         return list(found["items"])
 
     def patch_status(
-        self, plural: str, namespace: str, name: str, status: dict[str, Any], resource_version: str = "", uid: str = ""
+        self, plural: str, namespace: str, name: str, status: dict[str, Any], resource_version: str = ""
     ) -> dict[str, Any]:
-        """Merge `status` in; with `resource_version`, only if the object is still at that version, with
-        `uid` only if it is still that object, not one made anew under its name (else 409)."""
+        """Merge `status` in; with `resource_version`, only if the object is still at that version (else 409).
+
+        A resourceVersion is one object's revision of the one counter etcd keeps for all: an object made
+        anew under the name never has it, so the same 409 refuses that one too. (A uid in the patch
+        would not: the status subresource keeps the stored metadata and ignores the patch's.)
+        """
         body: dict[str, Any] = {"status": status}
-        metadata = {k: v for k, v in (("resourceVersion", resource_version), ("uid", uid)) if v}
-        if metadata:
-            body["metadata"] = metadata
+        if resource_version:
+            body["metadata"] = {"resourceVersion": resource_version}
         obj: dict[str, Any] = self.custom.patch_namespaced_custom_object_status(  # type: ignore[assignment]
             GROUP, VERSION, namespace, plural, name, body
         )
         return obj
 
-    def label(self, plural: str, namespace: str, name: str, uid: str, labels: dict[str, str]) -> bool:
-        """Set `labels` on the object if it is still the one with `uid`; False when it is gone or another one."""
-        body = {"metadata": {"uid": uid, "labels": labels}}
+    def label(self, plural: str, namespace: str, name: str, resource_version: str, labels: dict[str, str]) -> bool:
+        """Set `labels` if the object is still at `resource_version` (so still the same object); False when
+        it is gone or changed meanwhile."""
+        body = {"metadata": {"resourceVersion": resource_version, "labels": labels}}
         try:
             self.custom.patch_namespaced_custom_object(GROUP, VERSION, namespace, plural, name, body)
         except ApiException as e:
