@@ -8,6 +8,7 @@ never forgets an object in flight, however many others a tenant creates.
 from __future__ import annotations
 
 import json
+from types import SimpleNamespace
 from typing import Any, cast
 
 import kopf
@@ -15,7 +16,7 @@ import pytest
 
 from checkpointer import NODE_LABEL, kopf_prefix
 from checkpointer.__main__ import _kopf_settings
-from checkpointer.agent import _handling, elsewhere
+from checkpointer.agent import _current, _handling, elsewhere
 from checkpointer.controller import _Labelling, label_to_restore
 from checkpointer.memory import InFlight, Memory, RememberedDiffBase, RememberedProgress
 
@@ -172,3 +173,49 @@ def test_the_controllers_own_scheduled_write_is_not_taken_for_a_removed_label() 
     assert not labelling.coming(mine)
     labelling.expect(body("u1"), "41")
     assert not labelling.coming(body("u1", version="45"))
+
+
+class _Kube:
+    def __init__(self, fresh: dict[str, Any] | None) -> None:
+        self.fresh, self.reads = fresh, 0
+
+    def get(self, plural: str, namespace: str, name: str) -> dict[str, Any] | None:
+        self.reads += 1
+        return self.fresh
+
+
+def agent_of(node: str, fresh: dict[str, Any] | None) -> Any:
+    return SimpleNamespace(settings=SimpleNamespace(node_name=node), kube=_Kube(fresh))
+
+
+def scheduled(node_label: str, uid: str = "u1") -> dict[str, Any]:
+    obj = labelled(node_label, phase="Scheduled", nodeName="node-a")
+    obj["metadata"]["uid"] = uid
+    return obj
+
+
+def test_after_its_wait_a_checkpoint_is_read_again_and_left_when_it_was_relabelled_or_made_anew() -> None:
+    event = kopf.Body(cast(kopf.RawBody, scheduled("node-a")))
+    # At once, its first sight: the event's body, no read.
+    agent = agent_of("node-a", scheduled("node-b"))
+    assert _current(agent, Memory(), "containercheckpoints", event, retry=0) == dict(event)
+    assert agent.kube.reads == 0
+    # After the wait for its scheduled time: read again; relabelled meanwhile, it is left alone.
+    memory = Memory()
+    assert _current(agent, memory, "containercheckpoints", event, retry=0, waited=True) is None
+    assert agent.kube.reads == 1
+    memory.left("u1")  # it left the watch: labelled back, it is new to kopf
+    assert "u1" not in memory
+    # Deleted and made anew under its name: not this one.
+    agent = agent_of("node-a", scheduled("node-a", uid="u2"))
+    assert _current(agent, Memory(), "containercheckpoints", event, retry=0, waited=True) is None
+    # Labelled back in time: acted on, as the API server has it.
+    agent = agent_of("node-a", scheduled("node-a"))
+    assert _current(agent, Memory(), "containercheckpoints", event, retry=0, waited=True) == scheduled("node-a")
+
+
+def test_a_relabelled_object_is_left_alone_by_the_node_it_names() -> None:
+    event = kopf.Body(cast(kopf.RawBody, scheduled("node-b")))
+    agent = agent_of("node-b", scheduled("node-b"))
+    assert _current(agent, Memory(), "containercheckpoints", event, retry=0) is None
+    assert agent.kube.reads == 0
