@@ -16,8 +16,10 @@ the API server keeps, so a restarted process runs each handler once more and tha
 say it is).
 
 The memory is bounded (it forgets the objects it saw longest ago), but never forgets an object a
-handler of this process is working on (`InFlight`): a tenant who creates many objects cannot make
-kopf take a checkpoint in flight for a new one and run it a second time.
+handler is working on (`InFlight`; the agent's handlers mark theirs): a tenant who creates many
+objects for a node cannot make kopf take a checkpoint in flight for a new one and run it again from
+the start of a retry it was waiting for. The controller's handlers judge every object by its status
+alone, so one it forgot is at worst looked at once more.
 """
 
 from __future__ import annotations
