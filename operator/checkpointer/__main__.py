@@ -13,6 +13,7 @@ import kopf
 
 from checkpointer import GROUP, NODE_LABEL, kopf_finalizer, kopf_prefix, logs, metrics
 from checkpointer.adapters.kube import CHECKPOINTS, RESTORES, Kube, load_config
+from checkpointer.memory import Memory
 from checkpointer.settings import Settings
 
 if TYPE_CHECKING:
@@ -24,23 +25,15 @@ HANDLER_THREADS = 20
 CHATTY_LIBRARIES = ("boto3", "botocore", "s3transfer", "urllib3", "kubernetes")
 
 
-def _kopf_settings(role: str, node: str | None) -> kopf.OperatorSettings:
+def _kopf_settings(role: str, node: str | None, memory: Memory) -> kopf.OperatorSettings:
     settings = kopf.OperatorSettings()
-    prefix = kopf_prefix(role)
-    # Controller and agent each keep their own handler progress, so neither mistakes the other's.
-    # The spec is immutable and no handler reacts to updates: tracking labels and annotations would
-    # only make the controller's own node label look like an update, and cost one more write.
+    # Controller and agent each keep their own handler progress, so neither mistakes the other's, and
+    # both in their memory, out of the tenants' reach (memory.py). The spec is immutable and no handler
+    # reacts to updates: tracking labels and annotations would only make the controller's own node
+    # label look like an update.
     ignored = ["metadata.labels", "metadata.annotations"]
-    if node is None:
-        settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix=prefix)
-        settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(
-            prefix=prefix, key="last-handled-configuration", ignored_fields=ignored
-        )
-    else:
-        from checkpointer.agent import RememberedDiffBase, RememberedProgress
-
-        settings.persistence.progress_storage = RememberedProgress(prefix=prefix)
-        settings.persistence.diffbase_storage = RememberedDiffBase(ignored_fields=ignored)
+    settings.persistence.progress_storage = memory.progress_storage(prefix=kopf_prefix(role))
+    settings.persistence.diffbase_storage = memory.diffbase_storage(ignored_fields=ignored)
     settings.persistence.finalizer = kopf_finalizer(role)
     # kopf's own "Handler succeeded" Events would double the API writes per object; ours are explicit.
     settings.posting.level = logging.WARNING
@@ -79,7 +72,8 @@ def main(argv: list[str] | None = None, make_runtime: Callable[[Settings], Runti
     if args.role == "agent" and not settings.node_name:
         parser.error("the agent needs CHECKPOINTER_NODE_NAME (the downward API's spec.nodeName)")
     node = settings.node_name if args.role == "agent" else None
-    operator_settings = _kopf_settings(args.role, node)
+    memory = Memory()
+    operator_settings = _kopf_settings(args.role, node, memory)
     if node is None:
         from checkpointer import controller
         from checkpointer.leadership import Leadership, stand_by
@@ -96,7 +90,7 @@ def main(argv: list[str] | None = None, make_runtime: Callable[[Settings], Runti
 
         settings.spool_dir.mkdir(parents=True, exist_ok=True)
         runtime_of_node = (make_runtime or runtime)(settings)
-        agent.register(registry, Node(settings, kube, runtime_of_node), operator_settings.execution.executor)
+        agent.register(registry, Node(settings, kube, runtime_of_node), operator_settings.execution.executor, memory)
     liveness = f"http://{settings.health_host}:{settings.health_port}/healthz" if settings.health_port else None
     try:
         asyncio.run(

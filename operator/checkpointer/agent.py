@@ -8,12 +8,13 @@ stale event never starts a second checkpoint.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import contextvars
 import datetime
 import logging
 import threading
 import time
-from collections import OrderedDict
+from collections.abc import Iterator, Mapping
 from concurrent.futures import Executor
 from typing import Any
 
@@ -22,6 +23,7 @@ import kopf
 from checkpointer import GROUP, NODE_LABEL, VERSION, metrics
 from checkpointer.adapters.kube import CHECKPOINTS, RESTORES
 from checkpointer.archive.spool import spool_usage
+from checkpointer.memory import InFlight, Memory
 from checkpointer.reasons import Phase
 from checkpointer.services import checkpoint, restore
 from checkpointer.services.capabilities import NodeFacts
@@ -37,68 +39,37 @@ SPOOL_FREE = "checkpointer.dev/spool-free-bytes"
 BUCKET_SWEEP_ROUNDS = 10
 
 
-class _Bounded(OrderedDict[Any, Any]):
-    """A dict that forgets its oldest entries beyond `limit`."""
+def elsewhere(body: Mapping[str, Any], node: str) -> str | None:
+    """Why the agent of `node` must not act on this object; None when it may. Pure.
 
-    def __init__(self, limit: int) -> None:
-        super().__init__()
-        self.limit = limit
-
-    def __setitem__(self, key: Any, value: Any) -> None:
-        super().__setitem__(key, value)
-        self.move_to_end(key)
-        while len(self) > self.limit:
-            self.popitem(last=False)
-
-
-# kopf's state for the agent's handlers lives in the agent's memory, not in annotations on the
-# object: those would cost one or two more writes to the API server for every object. A restarted
-# agent (or one that forgot an old object) sees each object of its node as new and runs its handler
-# once more; the handlers act only on Scheduled objects (see _current), so that repeats nothing.
-LIMIT = 10_000
+    Both its spec.nodeName (immutable, checked by the controller when it scheduled the object) and its
+    node label (which this agent's watch selects on, and which anyone who may edit the object can
+    change) must name the node: a tenant who relabels their object must not move it to another node.
+    """
+    meta = body.get("metadata") or {}
+    scheduled = (body.get("spec") or {}).get("nodeName")
+    label = (meta.get("labels") or {}).get(NODE_LABEL)
+    if scheduled != node:
+        return f"its spec.nodeName is {scheduled!r}, not this node {node!r} (its label {NODE_LABEL} is {label!r})"
+    if label != node:
+        return f"its label {NODE_LABEL} is {label!r} now, not this node {node!r}"
+    return None
 
 
-class RememberedDiffBase(kopf.DiffBaseStorage):
-    """The last handled state of each object."""
-
-    def __init__(self, **kwargs: Any) -> None:
-        super().__init__(**kwargs)
-        self._essences = _Bounded(LIMIT)
-
-    def fetch(self, *, body: kopf.Body) -> kopf.BodyEssence | None:
-        essence: kopf.BodyEssence | None = self._essences.get(body.metadata.uid)
-        return essence
-
-    def store(self, *, body: kopf.Body, patch: kopf.Patch, essence: kopf.BodyEssence) -> None:
-        self._essences[body.metadata.uid] = essence
-
-
-class RememberedProgress(kopf.AnnotationsProgressStorage):
-    """Handler retries and delays; only the wake-up after a delay still writes (kopf's touch)."""
-
-    def __init__(self, **kwargs: Any) -> None:
-        super().__init__(**kwargs)
-        self._records = _Bounded(LIMIT)
-
-    def fetch(self, *, key: str, body: kopf.Body) -> kopf.ProgressRecord | None:
-        record: kopf.ProgressRecord | None = self._records.get((body.metadata.uid, key))
-        return record
-
-    def store(self, *, key: str, record: kopf.ProgressRecord, body: kopf.Body, patch: kopf.Patch) -> None:
-        self._records[body.metadata.uid, key] = record
-
-    def purge(self, *, key: str, body: kopf.Body, patch: kopf.Patch) -> None:
-        self._records.pop((body.metadata.uid, key), None)
-
-
-def _current(agent: Node, plural: str, body: kopf.Body, retry: int) -> dict[str, Any] | None:
-    """The object as the API server has it now; None once it is gone or not ours to act on yet."""
-    if retry == 0 and (body.get("status") or {}).get("phase") == Phase.SCHEDULED:
+def _current(
+    agent: Node, memory: Memory, plural: str, body: kopf.Body, retry: int, waited: bool = False
+) -> dict[str, Any] | None:
+    """The object as the API server has it now; None once it is gone or not ours to act on (yet)."""
+    node = agent.settings.node_name
+    if _declined(body, node, memory):
+        return None
+    if retry == 0 and not waited and (body.get("status") or {}).get("phase") == Phase.SCHEDULED:
         # The first sight of a scheduled object: nothing of this agent has acted on it yet, so the
-        # event's body cannot be behind this agent's own writes. Saves a read on every pickup.
+        # event's body cannot be behind this agent's own writes. Saves a read on every pickup. After a
+        # wait it may be: relabelled meanwhile, or deleted and made anew under the same name.
         return dict(body)
     fresh = agent.kube.get(plural, body["metadata"]["namespace"], body["metadata"]["name"])
-    if fresh is None:
+    if fresh is None or fresh["metadata"]["uid"] != body["metadata"]["uid"] or _declined(fresh, node, memory):
         return None
     phase = (fresh.get("status") or {}).get("phase")
     if phase in (None, Phase.PENDING):
@@ -107,12 +78,39 @@ def _current(agent: Node, plural: str, body: kopf.Body, retry: int) -> dict[str,
     return fresh
 
 
+def _declined(body: Mapping[str, Any], node: str, memory: Memory) -> bool:
+    why = elsewhere(body, node)
+    if why is not None:
+        meta = body["metadata"]
+        log.warning("not acting on %s %s/%s: %s", body.get("kind"), meta["namespace"], meta["name"], why)
+        memory.decline(str(meta["uid"]))
+    return why is not None
+
+
+@contextlib.contextmanager
+def _handling(in_flight: InFlight, body: kopf.Body) -> Iterator[None]:
+    """A handler's run on the object, in flight (memory.py) until it ends other than by a retry."""
+    uid = str(body["metadata"]["uid"])
+    if not in_flight.begin(uid):
+        raise kopf.TemporaryError("a handler of this agent is running on this object already", delay=5)
+    try:
+        yield
+    except kopf.PermanentError:
+        in_flight.end(uid)
+        raise
+    except BaseException:
+        in_flight.paused(uid)  # kopf tries again (every other error is a temporary one to it)
+        raise
+    in_flight.end(uid)
+
+
 def _where(body: kopf.Body) -> tuple[str, str]:
     return str(body["metadata"]["namespace"]), str(body["metadata"]["name"])
 
 
-def register(registry: kopf.OperatorRegistry, agent: Node, executor: Executor) -> None:
-    """`executor` runs the blocking work of handlers that first wait on the event loop: kopf's own."""
+def register(registry: kopf.OperatorRegistry, agent: Node, executor: Executor, memory: Memory) -> None:
+    """`executor` runs the blocking work of handlers that first wait on the event loop: kopf's own.
+    `memory` is kopf's memory of this agent's handlers (memory.py): what they work on stays in it."""
     node = agent.settings.node_name
     settings = agent.settings
     metrics.register(metrics.Spool(node, lambda: spool_usage(settings.spool_dir, settings.spool_max_bytes)))
@@ -123,41 +121,63 @@ def register(registry: kopf.OperatorRegistry, agent: Node, executor: Executor) -
 
     metrics.bound(existing)
     mine = {NODE_LABEL: node}
+    in_flight = memory.in_flight
 
     @kopf.on.resume(GROUP, VERSION, CHECKPOINTS, labels=mine, registry=registry)
     @kopf.on.create(GROUP, VERSION, CHECKPOINTS, labels=mine, registry=registry)
     async def take_checkpoint(body: kopf.Body, retry: int, **_: Any) -> None:
-        # A schedule's checkpoint is created ahead of its time: it starts at the scheduled second. The
-        # wait is on the event loop, not in a handler thread; a stale body is fine after it, because the
-        # first status write carries its resourceVersion and stops at any change meanwhile.
-        delay = start_delay(body["metadata"].get("annotations") or {}, datetime.datetime.now(datetime.UTC))
-        if delay > 0:
-            log.info("checkpoint %s/%s starts in %.1fs, at its scheduled time", *_where(body), delay)
-            await asyncio.sleep(delay)
+        if _declined(body, node, memory):
+            return
+        with _handling(in_flight, body):
+            # A schedule's checkpoint is created ahead of its time: it starts at the scheduled second.
+            # The wait is on the event loop, not in a handler thread; the object is read again after it.
+            delay = start_delay(body["metadata"].get("annotations") or {}, datetime.datetime.now(datetime.UTC))
+            if delay > 0:
+                log.info("checkpoint %s/%s starts in %.1fs, at its scheduled time", *_where(body), delay)
+                await asyncio.sleep(delay)
 
-        def take() -> None:
-            fresh = _current(agent, CHECKPOINTS, body, retry)
-            if fresh is not None:
-                checkpoint.run(agent, fresh)
+            def take() -> None:
+                fresh = _current(agent, memory, CHECKPOINTS, body, retry, waited=delay > 0)
+                if fresh is not None:
+                    checkpoint.run(agent, fresh)
 
-        # In a copy of this handler's context, as kopf runs sync handlers: kopf.event needs it.
-        await asyncio.get_running_loop().run_in_executor(executor, contextvars.copy_context().run, take)
+            # In a copy of this handler's context, as kopf runs sync handlers: kopf.event needs it.
+            await asyncio.get_running_loop().run_in_executor(executor, contextvars.copy_context().run, take)
 
     # optional: no finalizer of the agent's own. The controller's finalizer keeps a deleted object
     # until it is terminal, so this runs for one whose checkpoint was waiting for a retry: kopf
     # drops a pending retry of the handler above once the object is being deleted.
     @kopf.on.delete(GROUP, VERSION, CHECKPOINTS, labels=mine, optional=True, registry=registry)
     def cancel_checkpoint(body: kopf.Body, **_: Any) -> None:
-        fresh = agent.kube.get(CHECKPOINTS, body["metadata"]["namespace"], body["metadata"]["name"])
-        if fresh is not None:
-            checkpoint.run(agent, fresh)  # it sees the deletion and gives the containers back
+        if _declined(body, node, memory):
+            return
+        with _handling(in_flight, body):
+            fresh = agent.kube.get(CHECKPOINTS, body["metadata"]["namespace"], body["metadata"]["name"])
+            if (
+                fresh is not None
+                and fresh["metadata"]["uid"] == body["metadata"]["uid"]
+                and not _declined(fresh, node, memory)
+            ):
+                checkpoint.run(agent, fresh)  # it sees the deletion and gives the containers back
 
     @kopf.on.resume(GROUP, VERSION, RESTORES, labels=mine, registry=registry)
     @kopf.on.create(GROUP, VERSION, RESTORES, labels=mine, registry=registry)
     def restore_archive(body: kopf.Body, retry: int, **_: Any) -> None:
-        fresh = _current(agent, RESTORES, body, retry)
-        if fresh is not None:
-            restore.run(agent, fresh)
+        if _declined(body, node, memory):
+            return
+        with _handling(in_flight, body):
+            fresh = _current(agent, memory, RESTORES, body, retry)
+            if fresh is not None:
+                restore.run(agent, fresh)
+
+    # An object leaves this agent's watch when it is deleted or labelled for another node (the watch
+    # then sends it as DELETED). One its handlers declined (relabelled away while it waited) is
+    # forgotten then, so that once the controller labels it back for this node, kopf takes it up anew.
+    @kopf.on.event(GROUP, VERSION, CHECKPOINTS, labels=mine, registry=registry)
+    @kopf.on.event(GROUP, VERSION, RESTORES, labels=mine, registry=registry)
+    def left_the_node(body: kopf.Body, type: str | None, **_: Any) -> None:
+        if type == "DELETED":
+            memory.left(str(body["metadata"]["uid"]))
 
     stop = threading.Event()
     facts: list[NodeFacts] = []  # the node's, once asked

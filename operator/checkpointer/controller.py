@@ -9,7 +9,7 @@ import contextvars
 import datetime
 import logging
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any, TypeVar, cast
 
 import kopf
@@ -40,7 +40,8 @@ def _fail(kube: Kube, plural: str, body: kopf.Body, error: Failure) -> None:
     kopf.warn(body, reason=str(error.reason), message=error.message)
 
 
-def _scheduled(kube: Kube, plural: str, patch: kopf.Patch, body: kopf.Body, node: str, extra: dict[str, Any]) -> None:
+def _scheduled(kube: Kube, plural: str, patch: kopf.Patch, body: kopf.Body, node: str, extra: dict[str, Any]) -> str:
+    """Writes Scheduled and labels the object; returns the resourceVersion of the Scheduled status."""
     message = f"handed to the agent on node {node}"
     annotations = body["metadata"].get("annotations") or {}
     if start_delay(annotations, datetime.datetime.now(datetime.UTC)) > 0:
@@ -48,11 +49,11 @@ def _scheduled(kube: Kube, plural: str, patch: kopf.Patch, body: kopf.Body, node
     # Status first, then the label: the agent's watch sees the object only once it carries the label,
     # and by then it is already Scheduled, so the agent can start at once. A controller that dies in
     # between leaves a Scheduled object without its label; the next one labels it (see _label).
-    StatusWriter(kube, plural, dict(body)).phase(
-        Phase.SCHEDULED, Reason.SCHEDULED, message, scheduled=True, nodeName=node, **extra
-    )
+    status = StatusWriter(kube, plural, dict(body))
+    status.phase(Phase.SCHEDULED, Reason.SCHEDULED, message, scheduled=True, nodeName=node, **extra)
     _label(plural, patch, body, node)
     kopf.event(body, type="Normal", reason=str(Reason.SCHEDULED), message=message)
+    return status.resource_version
 
 
 def _label(plural: str, patch: kopf.Patch, body: kopf.Body, node: str) -> None:
@@ -80,6 +81,22 @@ def _needs_scheduling(plural: str, patch: kopf.Patch, body: kopf.Body) -> bool:
         )
         _label(plural, patch, body, str(status.get("nodeName") or body["spec"]["nodeName"]))
     return False
+
+
+def label_to_restore(body: Mapping[str, Any]) -> str | None:
+    """The node label to put back on an object the controller scheduled; None while it is right. Pure.
+
+    The controller's word is status.nodeName, which tenants cannot write; the label is what the
+    agents' watches select on, and whoever may edit the object may change it. Finished objects too:
+    an agent's sweep finds its work folders' objects by the label.
+    """
+    node = (body.get("status") or {}).get("nodeName")
+    labels = (body.get("metadata") or {}).get("labels") or {}
+    return None if not node or labels.get(NODE_LABEL) == node else str(node)
+
+
+def _relabelled(body: kopf.Body, **_: Any) -> bool:
+    return label_to_restore(body) is not None
 
 
 # How often the controller looks for objects whose node's agent went away before picking them up.
@@ -259,6 +276,62 @@ def _register_pickup_deadline(
     _every(registry, "pickup-deadline", PICKUP_LOOK_SECONDS, look)
 
 
+class _Labelling:
+    """The Scheduled status writes whose node label is still to come, in the handler's own patch, by uid."""
+
+    LIMIT = 10_000
+
+    def __init__(self) -> None:
+        self._versions: dict[str, str] = {}
+        self._lock = threading.Lock()
+
+    def expect(self, body: kopf.Body, resource_version: str) -> None:
+        with self._lock:
+            self._versions[str(body["metadata"]["uid"])] = resource_version
+            if len(self._versions) > self.LIMIT:  # one whose status event never came (a watch restarted)
+                self._versions.pop(next(iter(self._versions)))
+
+    def coming(self, body: kopf.Body) -> bool:
+        """True for the status event of the controller's own Scheduled write: its label follows."""
+        meta = body["metadata"]
+        with self._lock:
+            expected = self._versions.pop(str(meta["uid"]), None)
+        return expected is not None and expected == meta.get("resourceVersion")
+
+
+def _register_node_labels(registry: kopf.OperatorRegistry, kube: Kube) -> _Labelling:
+    """An object's node label, once scheduled, stays the node the controller chose (docs/security.md).
+
+    Only on the watch events whose label differs from status.nodeName: no handler state, no timer, and
+    no write for any other event.
+    """
+    labelling = _Labelling()
+
+    @kopf.on.event(GROUP, VERSION, CHECKPOINTS, when=_relabelled, registry=registry)
+    @kopf.on.event(GROUP, VERSION, RESTORES, when=_relabelled, registry=registry)
+    def restore_node_label(body: kopf.Body, type: str | None, **_: Any) -> None:
+        node = label_to_restore(body)
+        meta = body["metadata"]
+        if (
+            type == "DELETED"
+            or node is None
+            or (NODE_LABEL not in (meta.get("labels") or {}) and labelling.coming(body))
+        ):
+            return
+        was = (meta.get("labels") or {}).get(NODE_LABEL)
+        labels = {NODE_LABEL: node}
+        if not kube.label(_plural(body), meta["namespace"], meta["name"], str(meta["resourceVersion"]), labels):
+            return  # gone or changed since this event: the event of that change is judged in turn
+        message = (
+            f"its label {NODE_LABEL} was changed to {was or '(none)'}; put back to {node}, the node it was "
+            "scheduled on: only the controller moves an object between nodes"
+        )
+        log.warning("%s %s/%s: %s", body["kind"], meta["namespace"], meta["name"], message)
+        kopf.warn(body, reason=str(Reason.NODE_LABEL_RESTORED), message=message)
+
+    return labelling
+
+
 def register(registry: kopf.OperatorRegistry, settings: Settings, kube: Kube) -> None:
     scheduling.allowed_host_ports(settings.publish_host_ports)  # a mistyped setting stops the start here
     in_flight = _register_metrics(settings, kube)
@@ -266,6 +339,8 @@ def register(registry: kopf.OperatorRegistry, settings: Settings, kube: Kube) ->
     leases = scheduling.AgentLeases(kube, settings.namespace)
     unlimited = RateLimiter(0)
     stores = Stores(kube, Transfer(settings.part_size, settings.upload_concurrency, unlimited, unlimited))
+
+    labelling = _register_node_labels(registry, kube)
 
     @kopf.on.resume(GROUP, VERSION, CHECKPOINTS, registry=registry)
     @kopf.on.create(GROUP, VERSION, CHECKPOINTS, registry=registry)
@@ -279,8 +354,11 @@ def register(registry: kopf.OperatorRegistry, settings: Settings, kube: Kube) ->
         except Failure as e:
             _fail(kube, CHECKPOINTS, body, e)
             return
-        _scheduled(
-            kube, CHECKPOINTS, patch, body, ccp.spec.node_name, {"storageRef": {"name": storage}} if storage else {}
+        labelling.expect(
+            body,
+            _scheduled(
+                kube, CHECKPOINTS, patch, body, ccp.spec.node_name, {"storageRef": {"name": storage}} if storage else {}
+            ),
         )
         metrics.has_agent(ccp.spec.node_name)
 
@@ -298,13 +376,16 @@ def register(registry: kopf.OperatorRegistry, settings: Settings, kube: Kube) ->
         except Failure as e:
             _fail(kube, RESTORES, body, e)
             return
-        _scheduled(
-            kube,
-            RESTORES,
-            patch,
+        labelling.expect(
             body,
-            crst.spec.node_name,
-            {"archive": archive.model_dump(by_alias=True, exclude_none=True, mode="json")},
+            _scheduled(
+                kube,
+                RESTORES,
+                patch,
+                body,
+                crst.spec.node_name,
+                {"archive": archive.model_dump(by_alias=True, exclude_none=True, mode="json")},
+            ),
         )
         metrics.has_agent(crst.spec.node_name)
 

@@ -41,6 +41,8 @@ class Reason(StrEnum):
     CONTAINER_AMBIGUOUS = "ContainerAmbiguous"
     STORAGE_NOT_PERMITTED = "StorageNotPermitted"
     PUBLISH_NOT_PERMITTED = "PublishNotPermitted"
+    # an Event of the controller: it put back the node label someone changed on a scheduled object
+    NODE_LABEL_RESTORED = "NodeLabelRestored"
     # checkpoint (controller): the agent stored the archives, the controller signs their manifest
     SIGNING = "Signing"
     # checkpoint (agent)

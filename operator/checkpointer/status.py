@@ -18,7 +18,7 @@ from typing import Any
 import kopf
 from kubernetes.client import ApiException
 
-from checkpointer import GROUP, VERSION, logs, metrics
+from checkpointer import GROUP, NODE_LABEL, VERSION, logs, metrics
 from checkpointer.adapters.kube import Kube
 from checkpointer.conditions import now, phase_patch, set_condition
 from checkpointer.models import Metadata
@@ -45,6 +45,11 @@ class StatusWriter:
         self.plural = plural
         self.namespace = body["metadata"]["namespace"]
         self.name = body["metadata"]["name"]
+        # After a wait (a schedule's checkpoint, a retry) the name may belong to an object made anew,
+        # which no write meant for the old one may touch: its resourceVersion refuses the write (409),
+        # and the read after it stops at another uid, even in the very phase this writer believes in.
+        self.uid = str(body["metadata"].get("uid") or "")
+        self.label = str((body["metadata"].get("labels") or {}).get(NODE_LABEL) or "")
         self.generation = int(body["metadata"].get("generation", 0))
         # For the final phase's metrics and log line (docs/metrics.md).
         self.node = str((body.get("spec") or {}).get("nodeName") or "")
@@ -84,6 +89,12 @@ class StatusWriter:
                         conflicts += 1
                         self._reread()
                         continue
+                    if e.status == 403 and conflicts < CONFLICT_RETRIES and self._relabelled():
+                        conflicts += 1
+                        # The node's agent may write only objects labelled for its node (the admission
+                        # policy), and someone changed the label: the controller puts it back at once.
+                        self._wait(e, waited_since, patient)
+                        continue
                     if e.status is not None and e.status < 500 and e.status != 429:
                         raise
                     self._wait(e, waited_since, patient)
@@ -94,10 +105,30 @@ class StatusWriter:
                 self._adopt(obj)
                 return
 
-    def _reread(self) -> None:
+    def _same_object(self) -> dict[str, Any]:
+        """The object as it is now; Conflict when it is gone, or another object took its name."""
         fresh = self.kube.get(self.plural, self.namespace, self.name)
         if fresh is None:
             raise Conflict(f"{self.namespace}/{self.name} is gone")
+        uid = str(fresh["metadata"].get("uid") or "")
+        if self.uid and uid != self.uid:
+            raise Conflict(f"{self.namespace}/{self.name} is gone; one of that name was made anew (uid {uid})")
+        return fresh
+
+    def _relabelled(self) -> bool:
+        """Whether the object's node label is not the one this writer first saw on it, or was not when
+        the write was refused (the object changed since: perhaps the label was put back meanwhile)."""
+        if not self.label:
+            return False
+        try:
+            fresh = self._same_object()
+        except ApiException:
+            return False
+        label = (fresh["metadata"].get("labels") or {}).get(NODE_LABEL) or ""
+        return bool(label != self.label or fresh["metadata"].get("resourceVersion") != self.resource_version)
+
+    def _reread(self) -> None:
+        fresh = self._same_object()
         phase = (fresh.get("status") or {}).get("phase")
         if phase != self.phase_now:
             raise Conflict(f"{self.namespace}/{self.name} is {phase} now, not {self.phase_now}")

@@ -194,6 +194,27 @@ def test_creating_is_judged_by_the_label_too(local_env: LocalEnv, plane: Control
         local_env.kubectl("delete", CCP, mine, "-n", "default", "--ignore-not-found", "--timeout=60s")
 
 
+def test_the_label_alone_does_not_make_an_object_the_agents(local_env: LocalEnv, plane: ControlPlane) -> None:
+    """Whoever may edit an object may label it: its spec.nodeName must name the agent's node as well."""
+    name = f"identity-elsewhere-{uuid.uuid4().hex[:6]}"
+    # A node that does not exist: the controller fails it and never schedules it, so no label is put back.
+    local_env.apply(checkpoint(name, "node-absent"))
+    try:
+        local_env.wait_phase("ccp", name, ["Failed"], timeout=90)
+        local_env.kubectl("label", CCP, name, "-n", "default", f"{NODE_LABEL}=node-a")
+        node_a = Agent(local_env.agent_kubeconfig("node-a"))
+        assert refused(lambda: node_a.patch(name, {"status": {"startTime": "2020-01-01T00:00:00Z"}}, status=True)) == (
+            "the checkpointer agent of node node-a may write only ContainerCheckpoints and ContainerRestores whose "
+            f"spec.nodeName is node-a; containercheckpoints/status default/{name} has spec.nodeName node-absent"
+        )
+        message = refused(lambda: node_a.patch(name, {"metadata": {"annotations": {"test.checkpointer.dev/by": "a"}}}))
+        assert message.endswith(f"containercheckpoints default/{name} has spec.nodeName node-absent"), message
+        got = json.loads(local_env.kubectl("get", CCP, name, "-n", "default", "-o", "json").stdout)
+        assert "startTime" not in got["status"], got["status"]
+    finally:
+        local_env.kubectl("delete", CCP, name, "-n", "default", "--ignore-not-found", "--timeout=60s")
+
+
 def test_a_token_bound_to_no_pod_writes_nothing(
     local_env: LocalEnv, plane: ControlPlane, objects: dict[str, str]
 ) -> None:

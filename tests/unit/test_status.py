@@ -16,10 +16,11 @@ class FakeKube:
 
     def __init__(self, status: dict[str, Any]) -> None:
         self.obj: dict[str, Any] | None = {
-            "metadata": {"name": "o", "namespace": "ns", "resourceVersion": "1", "generation": 1},
+            "metadata": {"name": "o", "namespace": "ns", "uid": "u1", "resourceVersion": "1", "generation": 1},
             "status": status,
         }
         self.writes = 0
+        self.refusals = 0  # writes the admission policy refuses (403) before one goes through
 
     def bump(self, **status: Any) -> None:
         """Another writer (or a metadata change) moves the object on."""
@@ -37,6 +38,12 @@ class FakeKube:
             raise ApiException(status=404)
         if resource_version and resource_version != self.obj["metadata"]["resourceVersion"]:
             raise ApiException(status=409)
+        if self.refusals:
+            self.refusals -= 1
+            if not self.refusals:  # the controller puts the label back
+                self.obj["metadata"]["labels"] = {"checkpointer.dev/node": "node-a"}
+                self.bump()
+            raise ApiException(status=403)
         self.writes += 1
         self.bump(**status)
         return self.obj
@@ -83,3 +90,42 @@ def test_phase_keeps_conditions_in_the_metav1_shape() -> None:
     conditions = {c["type"]: c for c in kube.obj["status"]["conditions"]}
     assert conditions["Scheduled"]["status"] == "True" and conditions["Ready"]["status"] == "False"
     assert kube.obj["status"]["nodeName"] == "n"
+
+
+def test_a_write_after_the_object_was_made_anew_under_its_name_is_refused() -> None:
+    """A writer that waited (a schedule's checkpoint, a retry) must not write into a new object of the same name."""
+    kube = FakeKube({"phase": "Scheduled"})
+    status = writer(kube)
+    assert kube.obj is not None
+    # Deleted and created again by its owner, in the same phase the writer believes in.
+    kube.obj = {**kube.obj, "metadata": {**kube.obj["metadata"], "uid": "u2", "resourceVersion": "7"}}
+    with pytest.raises(Conflict, match="made anew"):
+        status.phase(Phase.CHECKPOINTING, Reason.CHECKPOINTING, "checkpointing web")
+    assert kube.obj["status"]["phase"] == "Scheduled" and kube.writes == 0
+
+
+def test_a_write_refused_while_the_label_was_changed_waits_for_the_controller_to_put_it_back(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr("checkpointer.status.time.sleep", lambda _: None)
+    kube = FakeKube({"phase": "Checkpointing"})
+    assert kube.obj is not None
+    kube.obj["metadata"]["labels"] = {"checkpointer.dev/node": "node-a"}
+    status = writer(kube)
+    # Its owner relabels it for node-b: the agent of node-a may not write it until the label is back.
+    kube.obj["metadata"]["labels"] = {"checkpointer.dev/node": "node-b"}
+    kube.bump()
+    kube.refusals = 2
+    status.phase(Phase.UPLOADING, Reason.UPLOADING, "uploading web")
+    assert kube.obj["status"]["phase"] == "Uploading" and kube.writes == 1
+
+
+def test_a_write_refused_for_another_reason_is_not_retried() -> None:
+    kube = FakeKube({"phase": "Checkpointing"})
+    assert kube.obj is not None
+    kube.obj["metadata"]["labels"] = {"checkpointer.dev/node": "node-a"}
+    status = writer(kube)
+    kube.refusals = 5
+    with pytest.raises(ApiException):
+        status.phase(Phase.UPLOADING, Reason.UPLOADING, "uploading web")
+    assert kube.refusals == 4

@@ -67,7 +67,12 @@ class Kube:
     def patch_status(
         self, plural: str, namespace: str, name: str, status: dict[str, Any], resource_version: str = ""
     ) -> dict[str, Any]:
-        """Merge `status` in; with `resource_version`, only if the object is still at that version (else 409)."""
+        """Merge `status` in; with `resource_version`, only if the object is still at that version (else 409).
+
+        A resourceVersion is one object's revision of the one counter etcd keeps for all: an object made
+        anew under the name never has it, so the same 409 refuses that one too. (A uid in the patch
+        would not: the status subresource keeps the stored metadata and ignores the patch's.)
+        """
         body: dict[str, Any] = {"status": status}
         if resource_version:
             body["metadata"] = {"resourceVersion": resource_version}
@@ -75,6 +80,18 @@ class Kube:
             GROUP, VERSION, namespace, plural, name, body
         )
         return obj
+
+    def label(self, plural: str, namespace: str, name: str, resource_version: str, labels: dict[str, str]) -> bool:
+        """Set `labels` if the object is still at `resource_version` (so still the same object); False when
+        it is gone or changed meanwhile."""
+        body = {"metadata": {"resourceVersion": resource_version, "labels": labels}}
+        try:
+            self.custom.patch_namespaced_custom_object(GROUP, VERSION, namespace, plural, name, body)
+        except ApiException as e:
+            if e.status in (404, 409):
+                return False
+            raise
+        return True
 
     def delete(self, plural: str, namespace: str, name: str, uid: str) -> bool:
         """Delete the object if it is still the one with `uid`; False when it is gone or another one."""
