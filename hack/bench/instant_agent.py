@@ -66,6 +66,9 @@ class InstantRuntime:
     def volume(self, name: str) -> Labelled | None:
         return None
 
+    def network(self, name: str) -> Labelled | None:
+        return None
+
     def remove(self, container: Container) -> None:
         return None
 

@@ -70,6 +70,7 @@ class Reason(StrEnum):
     POD_NOT_FOUND = "PodNotFound"
     POD_NOT_PERMITTED = "PodNotPermitted"
     VOLUME_NOT_PERMITTED = "VolumeNotPermitted"
+    NETWORK_NOT_PERMITTED = "NetworkNotPermitted"
     IMAGE_NOT_FOUND = "ImageNotFound"
     NAME_IN_USE = "NameInUse"
     RESTORE_FAILED = "RestoreFailed"

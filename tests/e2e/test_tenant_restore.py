@@ -189,3 +189,36 @@ def test_the_loser_of_two_restores_of_one_name_removes_nothing(tenants: Tenants,
     for done in both:
         t.delete("crst", done)
     check_invariants(env)
+
+
+def test_the_archives_network_is_joined_only_when_labelled_for_the_namespace(tenants: Tenants) -> None:
+    """A network of one name may be team-a's on NODE and team-b's on node-a: the restore does not join it."""
+    t, env = tenants, tenants.env
+    network, target = unique("shared"), env.nodes["node-a"]
+    env.nodes[NODE].podman("network", "create", *owned_by(TEAM_A), network)
+    try:
+        _, checkpoint = checkpoint_of_team_a(t, "--network", network)
+        target.podman("network", "create", *owned_by(TEAM_B), network)
+        name = unique("joined")
+        refused = restore(t, checkpoint, "node-a", name=name)
+        obj = t.finished("crst", TEAM_A, refused)
+        reason, message = reason_and_message(obj)
+        assert (obj["status"]["phase"], reason) == ("Failed", "NetworkNotPermitted"), obj["status"]
+        assert repr(network) in message and f"{NAMESPACE_LABEL}={TEAM_A}" in message and TEAM_B not in message
+        assert not exists(env, "node-a", name)
+
+        # The same network labelled for team-a on node-a: joined, and the count goes on there.
+        target.podman("network", "rm", network)
+        target.podman("network", "create", *owned_by(TEAM_A), network)
+        admitted = restore(t, checkpoint, "node-a", name=name)
+        obj = t.finished("crst", TEAM_A, admitted)
+        assert obj["status"]["phase"] == "Succeeded", obj["status"]
+        read_count(target, name)
+        target.podman("rm", "-f", "-t", "0", name)
+        for done in (refused, admitted):
+            t.delete("crst", done)
+        t.delete("ccp", checkpoint)
+    finally:
+        for node in (env.nodes[NODE], target):
+            node.podman("network", "rm", "-f", network, check=False)
+    check_invariants(env)

@@ -15,7 +15,9 @@ from checkpointer.reasons import Reason
 from checkpointer.services.restore import (
     Claims,
     created_by_restore,
+    joined_networks,
     named_volumes,
+    network_refusal,
     pod_refusal,
     volume_refusal,
 )
@@ -137,6 +139,25 @@ def test_named_volumes_absent_or_labelled_for_the_namespace() -> None:
     assert "'data', 'cache'" in refusal.message and "team-b" not in refusal.message
     odd = volume_refusal(["--help"], {}, "team-a", "n")
     assert odd is not None and "not a podman volume name" in odd.message
+
+
+def test_networks_only_the_default_or_labelled_for_the_namespace() -> None:
+    config = {"newNetworks": {"shared": {"interface_name": "eth0"}, "podman": {}}, "networkMode": "bridge"}
+    assert joined_networks(config) == ["shared", "podman"]
+    assert joined_networks({"networkMode": "none"}) == []
+    assert network_refusal(["shared"], {"shared": labelled("shared", "team-a")}, "team-a", "n") is None
+    theirs = network_refusal(["shared"], {"shared": labelled("shared", "team-b")}, "team-a", "n")
+    assert theirs is not None and theirs.reason is Reason.NETWORK_NOT_PERMITTED
+    assert "'shared'" in theirs.message and "team-b" not in theirs.message and "nothing was restored" in theirs.message
+    absent = network_refusal(["gone"], {"gone": None}, "team-a", "n")
+    assert absent is not None and "'gone' (absent)" in absent.message
+    odd = network_refusal(["--help"], {}, "team-a", "n")
+    assert odd is not None and "not a network name" in odd.message
+
+
+def test_a_networks_inspection_is_read_with_netavarks_keys() -> None:
+    network = {"name": "shared", "id": "f00", "driver": "bridge", "labels": {LABEL: "team-a"}}
+    assert _labelled([network]) == Labelled("f00", "shared", ((LABEL, "team-a"),))
 
 
 def test_both_runtimes_pod_and_volume_inspections_are_read() -> None:

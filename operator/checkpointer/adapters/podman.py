@@ -69,7 +69,7 @@ class Container:
 
 @dataclass(frozen=True)
 class Labelled:
-    """A podman pod or volume as a restore judges it: what podman knows it by, and its labels."""
+    """A podman pod, volume or network as a restore judges it: what podman knows it by, and its labels."""
 
     id: str
     name: str
@@ -80,15 +80,18 @@ class Labelled:
 
 
 def _labelled(data: dict[str, Any] | list[Any] | None) -> Labelled | None:
-    """A pod's or volume's inspection; podman 5's CLI answers with a list, the REST API and podman 4 with one."""
+    """A pod's, volume's or network's inspection; podman 5's CLI answers with a list, the REST API and
+    podman 4 with one; a network's keys are in lower case (netavark's own)."""
     if isinstance(data, list):
         data = data[0] if data else None
     if not isinstance(data, dict):
         return None
-    labels = data.get("Labels") or {}
-    name = str(data.get("Name", ""))
+    labels = data.get("Labels") or data.get("labels") or {}
+    name = str(data.get("Name") or data.get("name") or "")
     return Labelled(
-        id=str(data.get("Id") or name), name=name, labels=tuple(sorted((str(k), str(v)) for k, v in labels.items()))
+        id=str(data.get("Id") or data.get("id") or name),
+        name=name,
+        labels=tuple(sorted((str(k), str(v)) for k, v in labels.items())),
     )
 
 
@@ -134,6 +137,10 @@ class Runtime(Protocol):
 
     def volume(self, name: str) -> Labelled | None:
         """The named volume, None when there is none."""
+        ...
+
+    def network(self, name: str) -> Labelled | None:
+        """The podman network of that name, None when there is none."""
         ...
 
     def remove(self, container: Container) -> None:
@@ -385,6 +392,9 @@ class ApiRuntime:
     def volume(self, name: str) -> Labelled | None:
         return self._labelled("volumes", name)
 
+    def network(self, name: str) -> Labelled | None:
+        return self._labelled("networks", name)
+
     def remove(self, container: Container) -> None:
         self._json("DELETE", f"/containers/{urllib.parse.quote(container.id, safe='')}", {"force": "true"})
 
@@ -517,7 +527,7 @@ class CliRuntime:
             # `--`: a name from an archive is never taken for a flag.
             return _labelled(json.loads(self._run(kind, "inspect", "--format=json", "--", name) or "null"))
         except PodmanError as e:
-            if f"no such {kind}" in e.message.lower():
+            if f"no such {kind}" in e.message.lower() or f"{kind} not found" in e.message.lower():
                 return None
             raise
 
@@ -526,6 +536,9 @@ class CliRuntime:
 
     def volume(self, name: str) -> Labelled | None:
         return self._labelled("volume", name)
+
+    def network(self, name: str) -> Labelled | None:
+        return self._labelled("network", name)
 
     def remove(self, container: Container) -> None:
         self._run("rm", "--force", "--", container.id)

@@ -41,8 +41,10 @@ from checkpointer.status import Conflict, StatusWriter
 
 log = logging.getLogger(__name__)
 RESTORING = "restoring"
-# What podman accepts as a volume's name.
+# What podman accepts as a volume's or a network's name.
 VOLUME_NAME = re.compile(r"[a-zA-Z0-9][a-zA-Z0-9_.-]*")
+# The network every container of a node joins unless told otherwise: shared by all, owned by none.
+DEFAULT_NETWORK = "podman"
 
 
 @dataclass
@@ -208,8 +210,8 @@ def _restore(
 def _check_node(
     node: Node, crst: ContainerRestore, config: dict[str, Any], name: str, volumes: list[str]
 ) -> tuple[RestoreSpec, set[str]]:
-    """Asks the node's podman what the restore needs, and judges the answers: the restore's pod and the
-    archive's named volumes (outside an admin namespace), the image, the name. Returns the spec podman
+    """Asks the node's podman what the restore needs, and judges the answers: the restore's pod, the
+    archive's named volumes and networks (outside an admin namespace), the image, the name. Returns the spec podman
     gets (a judged pod by its ID, so that it is the pod judged) and the IDs that hold the name now."""
     runtime = node.runtime
     spec = crst.spec
@@ -217,19 +219,26 @@ def _check_node(
     judged = namespace not in node.settings.admins
     image = str(config.get("rootfsImageName") or config.get("rootfsImageID") or "")
     asked = [v for v in volumes if VOLUME_NAME.fullmatch(v)] if judged else []
+    networks = [n for n in joined_networks(config) if n != DEFAULT_NETWORK] if judged else []
     # Independent questions, each a few hundred milliseconds through the CLI: asked together.
     try:
-        with ThreadPoolExecutor(2 + len(asked)) as pool:
+        with ThreadPoolExecutor(2 + len(asked) + len(networks)) as pool:
             image_found = pool.submit(lambda: not image or runtime.image_exists(image))
             holder = pool.submit(lambda: runtime.inspect(name) if name else None)
             pod = pool.submit(lambda: runtime.pod(spec.pod) if judged and spec.pod else None)
             found = {v: pool.submit(runtime.volume, v) for v in asked}
+            joined = {n: pool.submit(runtime.network, n) for n in networks if VOLUME_NAME.fullmatch(n)}
             if judged and spec.pod:
                 refusal = pod_refusal(spec.pod, pod.result(), namespace, spec.node_name)
                 if refusal is not None:
                     raise refusal
             if judged:
                 refusal = volume_refusal(volumes, {v: f.result() for v, f in found.items()}, namespace, spec.node_name)
+                if refusal is not None:
+                    raise refusal
+                refusal = network_refusal(
+                    networks, {n: f.result() for n, f in joined.items()}, namespace, spec.node_name
+                )
                 if refusal is not None:
                     raise refusal
             if not image_found.result():
@@ -249,9 +258,9 @@ def _check_node(
         raise Failure(
             classify(e, Reason.RESTORE_FAILED), f"podman could not be asked about the node: {e.message}"
         ) from None
-    joined = pod.result()
-    if joined is not None:
-        spec = spec.model_copy(update={"pod": joined.id})
+    judged_pod = pod.result()
+    if judged_pod is not None:
+        spec = spec.model_copy(update={"pod": judged_pod.id})
     # The name is free; podman may still find a container by it (a prefix of its ID): not ours to remove.
     return spec, {taken.id} if taken is not None else set()
 
@@ -393,6 +402,38 @@ def named_volumes(config: dict[str, Any]) -> list[str]:
         if isinstance(name, str) and name not in found:
             found.append(name)
     return found
+
+
+def joined_networks(config: dict[str, Any]) -> list[str]:
+    """The podman networks the archive's container joins (config.dump's newNetworks), each once. Pure."""
+    networks = config.get("newNetworks")
+    return [str(n) for n in networks] if isinstance(networks, dict) else []
+
+
+def network_refusal(
+    networks: list[str], found: dict[str, Labelled | None], namespace: str, node: str
+) -> Failure | None:
+    """Outside an admin namespace the restored container joins only networks labelled for its namespace,
+    besides podman's default one: a network of the same name on another node may be another team's,
+    and joining it puts the container beside that team's containers. Pure.
+
+    `found` holds podman's answer for each network it was asked about; a name podman would not accept
+    was not asked."""
+    refused = []
+    for name in networks:
+        network = found.get(name)
+        if network is None:
+            refused.append(f"{name!r} (absent)" if VOLUME_NAME.fullmatch(name) else f"{name!r} (not a network name)")
+        elif network.label(NAMESPACE_LABEL) != namespace:
+            refused.append(repr(name))
+    if not refused:
+        return None
+    return Failure(
+        Reason.NETWORK_NOT_PERMITTED,
+        f"the archive's container joins the podman network(s) {', '.join(refused)} on node {node}, which are not "
+        f"labelled {NAMESPACE_LABEL}={namespace}; outside an admin namespace a restore joins only podman's "
+        f"default network ({DEFAULT_NETWORK}) and networks labelled for its namespace; nothing was restored",
+    )
 
 
 def pod_refusal(ref: str, pod: Labelled | None, namespace: str, node: str) -> Failure | None:
