@@ -186,3 +186,31 @@ def test_suspending_withdraws_only_what_has_not_started_and_is_still_ahead() -> 
     due = Child("n-3", "u3", at("2026-03-01T02:59:59"), phase="Scheduled")
     deleting = Child("n-4", "u4", at("2026-03-01T03:00:20"), phase="Scheduled", deleting=True)
     assert schedules.waiting([ahead, started, due, deleting], now) == [ahead]
+
+
+def test_a_schedule_counts_only_the_children_it_owns() -> None:
+    """A tenant may label any checkpoint of its namespace `checkpointer.dev/schedule: <name>`, or give it an
+    ownerReference: only one whose controlling owner is the schedule's uid counts (Forbid, retention)."""
+    from checkpointer.schedules import Schedules
+
+    clock = Schedules(kube=None)  # type: ignore[arg-type]  # nothing here reads the API server
+    clock.stopped = True  # no status writes: only what the clock remembers is looked at
+
+    def child(name: str, owner: str | None, namespace: str = "shop") -> dict[str, Any]:
+        refs = [{"uid": owner, "controller": True, "kind": "CheckpointSchedule", "name": "nightly"}] if owner else []
+        labels = {schedules.SCHEDULE_LABEL: "nightly"}
+        return {
+            "metadata": {"name": name, "namespace": namespace, "uid": name, "labels": labels, "ownerReferences": refs}
+        }
+
+    # Seen before the schedule itself (the watches list in any order): kept aside, then judged by owner.
+    clock.child_seen(child("early-labelled-only", None), gone=False)
+    clock.child_seen(child("early-own", "u-1"), gone=False)
+    entry = clock._adopt(("shop", "nightly"), schedule())
+    assert set(entry.children) == {"early-own"}
+    for name, owner in (("labelled-only", None), ("someone-elses", "u-2"), ("own", "u-1")):
+        clock.child_seen(child(name, owner), gone=False)
+    clock.child_seen(child("other-namespace", "u-1", namespace="team-b"), gone=False)
+    assert set(entry.children) == {"early-own", "own"}
+    clock.runs.shutdown()
+    clock.writes.shutdown()

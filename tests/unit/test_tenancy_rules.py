@@ -159,3 +159,35 @@ def test_the_admin_namespaces_setting_is_a_json_list(monkeypatch: pytest.MonkeyP
     assert Settings().admins == {"ops"}
     monkeypatch.setenv("CHECKPOINTER_ADMIN_NAMESPACES", '["ops", "platform"]')
     assert Settings().admins == {"ops", "platform"}
+
+
+def test_previous_checkpoint_is_looked_up_in_the_own_namespace() -> None:
+    from checkpointer.services.scheduling import require_previous
+
+    class Asked:
+        def __init__(self) -> None:
+            self.gets: list[tuple[str, str, str]] = []
+
+        def get(self, plural: str, namespace: str, name: str) -> dict[str, object] | None:
+            self.gets.append((plural, namespace, name))
+            return {"status": {"phase": "Succeeded"}} if namespace == "team-a" else None
+
+    ccp = ContainerCheckpoint.model_validate(
+        {
+            "metadata": {"name": "second", "namespace": "team-a", "uid": "u"},
+            "spec": {
+                "nodeName": "n",
+                "containers": ["web"],
+                "withPrevious": True,
+                "previousCheckpointRef": {"name": "first"},
+            },
+        }
+    )
+    kube = Asked()
+    require_previous(kube, ccp)  # type: ignore[arg-type]
+    assert kube.gets == [("containercheckpoints", "team-a", "first")]
+    elsewhere = ccp.model_copy(update={"metadata": ccp.metadata.model_copy(update={"namespace": "team-b"})})
+    with pytest.raises(Failure) as refused:
+        require_previous(kube, elsewhere)  # type: ignore[arg-type]
+    assert refused.value.reason is Reason.PREVIOUS_CHECKPOINT_NOT_READY
+    assert kube.gets[-1] == ("containercheckpoints", "team-b", "first")

@@ -157,16 +157,24 @@ def schedule_checkpoint(
     require_node_with_agent(kube, leases, spec.node_name)
     require_criu_features(kube, leases, ccp)
     require_safe_live_export(kube, leases, ccp, admins)
-    if spec.with_previous and spec.previous_checkpoint_ref is not None:
-        previous = kube.get(CHECKPOINTS, ccp.metadata.namespace, spec.previous_checkpoint_ref.name)
-        if previous is None or (previous.get("status") or {}).get("phase") != Phase.SUCCEEDED:
-            raise Failure(
-                Reason.PREVIOUS_CHECKPOINT_NOT_READY,
-                f"previousCheckpointRef {spec.previous_checkpoint_ref.name!r} does not exist or has not succeeded",
-            )
+    require_previous(kube, ccp)
     if spec.export is None:
         return None
     return choose_storage(spec.export.storage_ref, kube.storages(), namespace=ccp.metadata.namespace).metadata.name
+
+
+def require_previous(kube: Kube, ccp: ContainerCheckpoint) -> None:
+    """withPrevious builds on a checkpoint that succeeded: one of the checkpoint's own namespace, so that
+    the name never reaches another namespace's objects."""
+    ref = ccp.spec.previous_checkpoint_ref
+    if not ccp.spec.with_previous or ref is None:
+        return
+    previous = kube.get(CHECKPOINTS, ccp.metadata.namespace, ref.name)
+    if previous is None or (previous.get("status") or {}).get("phase") != Phase.SUCCEEDED:
+        raise Failure(
+            Reason.PREVIOUS_CHECKPOINT_NOT_READY,
+            f"previousCheckpointRef {ref.name!r} does not exist or has not succeeded",
+        )
 
 
 def resolve_restore_archive(kube: Kube, crst: ContainerRestore, admins: frozenset[str]) -> ResolvedArchive:
