@@ -94,8 +94,9 @@ def recorded_keys(prefix: str, ccp: ContainerCheckpoint) -> tuple[set[str], set[
     """What deleting a checkpoint removes from the bucket: (objects, keys of open uploads). Pure.
 
     Only what it wrote: the archives its status records, the manifest it wrote when it succeeded,
-    CRIU's logs it kept when it failed with `keep`. Never a whole folder, which a user-chosen
-    export.key may share with other checkpoints; never an object at a key it did not write.
+    CRIU's logs it kept when it failed with `keep`. The folder is the checkpoint's own
+    (`<export.key or name>-<uid first 8>`, layout.archive_dir), and still no whole folder is listed
+    and deleted: never an object at a key it did not write.
     """
     directory = layout.archive_dir(prefix, ccp)
     archived = [a for a in ccp.status.archives if a.key]
