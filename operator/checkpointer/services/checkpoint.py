@@ -126,6 +126,8 @@ def run(node: Node, body: dict[str, Any]) -> None:
         log.warning("checkpoint %s/%s failed: %s: %s", meta.namespace, meta.name, e.reason, e.message)
         if not job.keep_folder:
             job.folder.remove()
+        else:
+            job.folder.drop_hand_over()  # given back (or tried) here: not once more by settle
         try:
             job.status.phase(Phase.FAILED, e.reason, e.message)
         except Conflict as c:
@@ -152,7 +154,9 @@ def settle(node: Node, body: dict[str, Any]) -> None:
     """
     ccp = ContainerCheckpoint.model_validate(body)
     folder = WorkFolder.of(node.settings.spool_dir, CHECKPOINT, ccp.metadata)
-    phase, deleting = ccp.status.phase, bool(ccp.metadata.deletion_timestamp)
+    phase, status = ccp.status.phase, body.get("status") or {}
+    # Deleted before the hand-over was written: run() sees the deletion and cancels instead.
+    deleting = bool(ccp.metadata.deletion_timestamp) and signing_requested(status)
     if phase != Phase.SUCCEEDED and phase != Phase.FAILED and not deleting:
         return  # still waiting for the controller
     with _settling:
@@ -166,7 +170,6 @@ def settle(node: Node, body: dict[str, Any]) -> None:
                 "checkpoint %s/%s: signed; released podman's local checkpoints and the spool", meta.namespace, meta.name
             )
             return
-        status = body.get("status") or {}
         ready: dict[str, Any] = next((c for c in status.get("conditions") or [] if c.get("type") == "Ready"), {})
         if phase == Phase.FAILED:
             failed = str(ready.get("reason") or "")
