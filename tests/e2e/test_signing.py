@@ -311,13 +311,13 @@ def test_signing_waits_for_the_controller_and_a_restarted_agent_does_not_checkpo
     local_env: LocalEnv,
 ) -> None:
     """With the controller away, the agent stores, hands over and keeps the local checkpoint and the spool
-    until the signing; a deletion before it gives the container back."""
+    until the signing; a deletion before it, or a signing that fails, gives the container back."""
     env = local_env
     env.stop_controller()
-    kept, dropped = counter(env), counter(env)
+    kept, dropped, untrusted = counter(env), counter(env), counter(env)
     names: dict[str, str] = {}
     try:
-        for container in (kept, dropped):
+        for container in (kept, dropped, untrusted):
             # Scheduled by hand, as the controller would have: status, then the node label.
             name = names[container] = unique("ccp")
             apply(env, "ContainerCheckpoint", name, {"nodeName": "node-a", "containers": [container], "export": {}})
@@ -354,7 +354,11 @@ def test_signing_waits_for_the_controller_and_a_restarted_agent_does_not_checkpo
         def folders() -> list[str]:
             return [p.name for p in spool.glob("checkpoint_*") if any(n in p.name for n in names.values())]
 
-        assert len(folders()) == 2, folders()
+        assert len(folders()) == 3, folders()
+        # A manifest changed in the bucket before the controller reads it is not signed.
+        untrusted_manifest = manifest_key(handed[untrusted]["status"]["archives"][0]["key"])
+        edited = json.loads(s3_get(env, untrusted_manifest)) | {"nodeName": "node-b"}
+        s3_put(env, untrusted_manifest, json.dumps(edited).encode())
 
         env.stop_agent("node-a")
         env.start_agent("node-a")
@@ -363,7 +367,7 @@ def test_signing_waits_for_the_controller_and_a_restarted_agent_does_not_checkpo
             obj = get(env, "ccp", name)
             assert obj is not None and ready(obj)["reason"] == "Signing", obj
             assert obj["status"]["archives"] == handed[container]["status"]["archives"], "checkpointed again"
-        assert len(folders()) == 2, folders()
+        assert len(folders()) == 3, folders()
         env.kubectl("delete", "ccp", names[dropped], "-n", "default", "--wait=false")
         # Deleted before it was signed: its archive will never be restored, so the agent gives the
         # container back, restored in place from the local checkpoint it kept.
@@ -387,6 +391,15 @@ def test_signing_waits_for_the_controller_and_a_restarted_agent_does_not_checkpo
     while folders() or local_checkpoint(env, kept):
         assert time.monotonic() < deadline, f"still on the node after the signing: {folders()}"
         time.sleep(0.3)
-    for container in (kept, dropped):
+    # Not signed: the checkpoint fails, and the agent gives the container back from what it kept; the
+    # archive stays with its manifest until the object is deleted.
+    failed = env.wait_phase("ccp", names[untrusted], ["Succeeded", "Failed"], timeout=60)
+    assert (failed["status"]["phase"], ready(failed)["reason"]) == ("Failed", "ArchiveUntrusted"), failed["status"]
+    while container_state(env, untrusted) != "running":
+        assert time.monotonic() < deadline + 30, f"{untrusted} was not given back: {container_state(env, untrusted)}"
+        time.sleep(0.3)
+    assert s3_get(env, failed["status"]["archives"][0]["key"]) and s3_get(env, untrusted_manifest)
+    delete(env, "ccp", names[untrusted])
+    for container in (kept, dropped, untrusted):
         env.nodes["node-a"].podman("rm", "-f", container)
     check_invariants(env)
