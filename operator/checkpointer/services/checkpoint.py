@@ -1,11 +1,13 @@
 """The agent's side of a ContainerCheckpoint: checkpoint each container, spool, upload, report.
 
 Nothing lost (docs/failure-semantics.md): the containers are resolved and recorded in the object's
-work folder before the first is stopped, and a marker is written before each checkpoint. Until an
-archive is confirmed in the bucket, podman's local checkpoint and the spool stay on the node. A
-restarted agent never checkpoints a container twice: with a finished spool it hashes it again and
-uploads it; without one the checkpoint was cut short, and it gives the container back (restores it
-in place when CRIU had stopped it) before the object fails with CheckpointInterrupted.
+work folder before the first is stopped, and a marker is written before each checkpoint. Until the
+controller has signed the archives' manifest, podman's local checkpoint and the spool stay on the
+node, and a signing that fails gives the containers back (settle). An upload is aborted only by the
+id its start recorded: never another's upload of the same key. A restarted agent never checkpoints
+a container twice: with a finished spool it hashes it again and uploads it; without one the
+checkpoint was cut short, and it gives the container back (restores it in place when CRIU had
+stopped it) before the object fails with CheckpointInterrupted.
 """
 
 from __future__ import annotations
