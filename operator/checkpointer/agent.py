@@ -104,6 +104,11 @@ def _handling(in_flight: InFlight, body: kopf.Body) -> Iterator[None]:
     in_flight.end(uid)
 
 
+def _settled(body: kopf.Body, **_: Any) -> bool:
+    phase = (body.get("status") or {}).get("phase")
+    return phase in (Phase.SUCCEEDED, Phase.FAILED) or bool(body["metadata"].get("deletionTimestamp"))
+
+
 def _where(body: kopf.Body) -> tuple[str, str]:
     return str(body["metadata"]["namespace"]), str(body["metadata"]["name"])
 
@@ -159,6 +164,14 @@ def register(registry: kopf.OperatorRegistry, agent: Node, executor: Executor, m
                 and not _declined(fresh, node, memory)
             ):
                 checkpoint.run(agent, fresh)  # it sees the deletion and gives the containers back
+
+    # After the hand-over for signing, podman's local checkpoints and the spool wait for the
+    # controller's word (checkpoint.settle): one stat of the work folder per event of a finished or
+    # deleting object, the first listing after a restart included; the sweep settles what this missed.
+    @kopf.on.event(GROUP, VERSION, CHECKPOINTS, labels=mine, when=_settled, registry=registry)
+    def settle_checkpoint(body: kopf.Body, type: str | None, **_: Any) -> None:
+        if type != "DELETED" and elsewhere(body, node) is None:
+            checkpoint.settle(agent, dict(body))
 
     @kopf.on.resume(GROUP, VERSION, RESTORES, labels=mine, registry=registry)
     @kopf.on.create(GROUP, VERSION, RESTORES, labels=mine, registry=registry)

@@ -113,8 +113,9 @@ def recorded_keys(prefix: str, ccp: ContainerCheckpoint) -> tuple[set[str], set[
     """What deleting a checkpoint removes from the bucket: (objects, keys of open uploads). Pure.
 
     Only what it wrote: the archives its status records, the manifest it wrote when it succeeded,
-    CRIU's logs it kept when it failed with `keep`. Never a whole folder, which a user-chosen
-    export.key may share with other checkpoints; never an object at a key it did not write.
+    CRIU's logs it kept when it failed with `keep`. The folder is the checkpoint's own
+    (`<export.key or name>-<uid first 8>`, layout.archive_dir), and still no whole folder is listed
+    and deleted: never an object at a key it did not write.
     """
     directory = layout.archive_dir(prefix, ccp)
     archived = [a for a in ccp.status.archives if a.key]
@@ -428,11 +429,18 @@ def register(registry: kopf.OperatorRegistry, settings: Settings, kube: Kube) ->
             signing.sign_checkpoint(kube, stores, signing_keys[0], dict(body))
         except Failure as e:
             log.warning("checkpoint %s: %s: %s", where, e.reason, e.message)
+            # The agent kept podman's local checkpoints for this: seeing Failed, it restores in place
+            # the containers this checkpoint stopped (services/checkpoint.py, settle). The archives and
+            # their unsigned manifest stay together, and go together with the object.
+            message = (
+                f"{e.message}; the node's agent restores the containers it stopped in place; the archives and "
+                "their unsigned manifest stay until the ContainerCheckpoint is deleted"
+            )
             try:
-                StatusWriter(kube, CHECKPOINTS, dict(body)).phase(Phase.FAILED, e.reason, e.message)
+                StatusWriter(kube, CHECKPOINTS, dict(body)).phase(Phase.FAILED, e.reason, message)
             except Conflict:
                 return
-            kopf.warn(body, reason=str(e.reason), message=e.message)
+            kopf.warn(body, reason=str(e.reason), message=message)
         except Conflict as e:  # signed already (the other handler), or gone
             log.info("not signing %s: %s", where, e)
         except StorageError as e:
@@ -504,7 +512,9 @@ def register(registry: kopf.OperatorRegistry, settings: Settings, kube: Kube) ->
         objects, uploads = recorded_keys(storage.spec.prefix, ccp)
         try:
             store = stores.of(storage)
-            # Nothing of it stored: an upload a killed agent left open is all there can be.
+            # Nothing of it stored: an upload a killed agent left open is all there can be. Every
+            # upload at these keys is aborted, whoever opened it: they are this checkpoint's own,
+            # for its folder holds its uid (layout.archive_dir), and its agent is done with them.
             for key in sorted(uploads - objects):
                 store.abort_uploads(key)
             if not objects:
@@ -514,9 +524,10 @@ def register(registry: kopf.OperatorRegistry, settings: Settings, kube: Kube) ->
             raise kopf.TemporaryError(f"the archives could not be deleted yet: {e}", delay=10) from None
         kopf.event(body, type="Normal", reason="ArchivesDeleted", message=f"deleted {deleted} objects from the bucket")
 
-    def revalidate(storage: CheckpointStorage) -> bool:
-        """Ask the bucket now and write what it says; returns whether it is Available."""
-        status = validation.validate(stores, storage)
+    def revalidate(storage: CheckpointStorage, others: list[CheckpointStorage] | None = None) -> bool:
+        """Ask the bucket now and write what it says; returns whether it is Available. `others`: every
+        storage, whose prefixes this one's may not nest with (read now when not given)."""
+        status = validation.validate(stores, storage, kube.storages() if others is None else others)
         if status["phase"] != storage.status.get("phase"):
             log.info("CheckpointStorage %s is %s: %s", storage.metadata.name, status["phase"], status["message"])
             kopf.event(
@@ -537,7 +548,8 @@ def register(registry: kopf.OperatorRegistry, settings: Settings, kube: Kube) ->
         except Failure as e:
             if e.reason != Reason.STORAGE_UNAVAILABLE:
                 raise
-            if not any([revalidate(s) for s in kube.storages() if not s.available]):
+            every = kube.storages()
+            if not any([revalidate(s, every) for s in every if not s.available]):
                 raise
         return schedule()
 

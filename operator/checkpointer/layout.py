@@ -25,15 +25,18 @@ def namespace_dir(prefix: str, namespace: str) -> str:
 
 
 def archive_dir(prefix: str, checkpoint: ContainerCheckpoint) -> str:
-    """`<prefix>/<namespace>/<export.key>`, or `<prefix>/<namespace>/<name>-<uid first 8>` without one.
+    """`<prefix>/<namespace>/<export.key>-<uid first 8>`, or `<prefix>/<namespace>/<name>-<uid first 8>`
+    without export.key.
 
     export.key is relative to the namespace's folder, so that no checkpoint writes into another
-    namespace's folder (docs/api.md).
+    namespace's folder; the uid makes the folder the checkpoint's own, so that no two checkpoints
+    given the same key (every run of a schedule, say) write, or delete, each other's archives
+    (docs/api.md).
     """
     meta = checkpoint.metadata
     export = checkpoint.spec.export
-    own = export.key if export and export.key else f"{meta.name}-{meta.uid[:8]}"
-    return _join(namespace_dir(prefix, meta.namespace), own)
+    own = export.key if export and export.key else meta.name
+    return _join(namespace_dir(prefix, meta.namespace), f"{own}-{meta.uid[:8]}")
 
 
 def resolve_archive_key(prefix: str, namespace: str, ref: ArchiveRef, admins: frozenset[str]) -> str:

@@ -77,6 +77,8 @@ class Metadata(Model):
     uid: str = ""
     generation: int = 0
     deletion_timestamp: str | None = None
+    # RFC 3339, whole seconds: strings of it sort as the times do.
+    creation_timestamp: str | None = None
 
 
 class ContainerCheckpoint(Model):

@@ -4,6 +4,7 @@ good, and a ContainerCheckpoint deleted while it uploads (see docs/failure-seman
 from __future__ import annotations
 
 import re
+import shutil
 import time
 from pathlib import Path
 
@@ -81,7 +82,12 @@ def test_s3_down_past_the_deadline_fails_with_upload_failed_and_keeps_the_spool(
             # Once S3 answers again, the agent aborts the upload it gave up on.
             check_invariants(env)
             delete(env, "ccp", name)
-        # The object is gone, so is its spool; podman's local checkpoint of the container stays.
+            # The Warning named the spool to an administrator: it stays, past the object and its sweeps
+            # (every 5 s here), until they remove it.
+            time.sleep(8)
+            assert spool.is_file(), "the spool an UploadFailed Warning named went with its object"
+        shutil.rmtree(spool.parent)  # as the administrator does (docs/operations.md)
+        # podman's local checkpoint of the container stays.
         check_invariants(env, stopped=[(NODE, container)])
     finally:
         remove(env, NODE, container)

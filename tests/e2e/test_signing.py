@@ -51,6 +51,17 @@ def counter(env: LocalEnv, node: str = "node-a") -> str:
     return container
 
 
+def container_state(env: LocalEnv, container: str, node: str = "node-a") -> str:
+    return str(env.nodes[node].podman("inspect", "--format", "{{.State.Status}}", container).stdout.decode().strip())
+
+
+def local_checkpoint(env: LocalEnv, container: str, node: str = "node-a") -> bool:
+    """podman's own checkpoint of the container (`<StaticDir>/checkpoint/`) is on the node."""
+    static = env.nodes[node].podman("inspect", "--format", "{{.StaticDir}}", container).stdout.decode().strip()
+    probe = run([*env.nodes[node].nsenter_argv(), "test", "-d", f"{static}/checkpoint"], check=False, timeout=30)
+    return bool(static) and probe.returncode == 0
+
+
 def checkpoint(env: LocalEnv, container: str, node: str = "node-a", **spec: Any) -> str:
     name = unique("ccp")
     apply(env, "ContainerCheckpoint", name, {"nodeName": node, "containers": [container], "export": {}, **spec})
@@ -299,13 +310,14 @@ def test_the_signing_key_is_one_secret_that_agents_cannot_read(local_env: LocalE
 def test_signing_waits_for_the_controller_and_a_restarted_agent_does_not_checkpoint_again(
     local_env: LocalEnv,
 ) -> None:
-    """With the controller away, the agent stores, hands over and lets go; a deletion still works."""
+    """With the controller away, the agent stores, hands over and keeps the local checkpoint and the spool
+    until the signing; a deletion before it, or a signing that fails, gives the container back."""
     env = local_env
     env.stop_controller()
-    kept, dropped = counter(env), counter(env)
+    kept, dropped, untrusted = counter(env), counter(env), counter(env)
     names: dict[str, str] = {}
     try:
-        for container in (kept, dropped):
+        for container in (kept, dropped, untrusted):
             # Scheduled by hand, as the controller would have: status, then the node label.
             name = names[container] = unique("ccp")
             apply(env, "ContainerCheckpoint", name, {"nodeName": "node-a", "containers": [container], "export": {}})
@@ -334,16 +346,19 @@ def test_signing_waits_for_the_controller_and_a_restarted_agent_does_not_checkpo
             assert obj["status"]["phase"] == "Uploading" and obj["status"]["manifestSHA256"]
             manifest = json.loads(s3_get(env, manifest_key(obj["status"]["archives"][0]["key"])))
             assert "signature" not in manifest
-            # The archive is stored: podman's local checkpoint and the spool are let go.
-            assert (
-                env.nodes["node-a"]
-                .podman("inspect", "--format", "{{.State.Status}}", container)
-                .stdout.decode()
-                .strip()
-                == "exited"
-            )
+            # Stored, but not signed yet: podman's local checkpoint and the spool stay on the node.
+            assert container_state(env, container) == "exited"
+            assert local_checkpoint(env, container), f"the local checkpoint of {container} went before the signing"
         spool = env.nodes["node-a"].spool_dir / "checkpointer"
-        assert not [p for p in spool.glob("checkpoint_*") if any(n in p.name for n in names.values())]
+
+        def folders() -> list[str]:
+            return [p.name for p in spool.glob("checkpoint_*") if any(n in p.name for n in names.values())]
+
+        assert len(folders()) == 3, folders()
+        # A manifest changed in the bucket before the controller reads it is not signed.
+        untrusted_manifest = manifest_key(handed[untrusted]["status"]["archives"][0]["key"])
+        edited = json.loads(s3_get(env, untrusted_manifest)) | {"nodeName": "node-b"}
+        s3_put(env, untrusted_manifest, json.dumps(edited).encode())
 
         env.stop_agent("node-a")
         env.start_agent("node-a")
@@ -352,7 +367,14 @@ def test_signing_waits_for_the_controller_and_a_restarted_agent_does_not_checkpo
             obj = get(env, "ccp", name)
             assert obj is not None and ready(obj)["reason"] == "Signing", obj
             assert obj["status"]["archives"] == handed[container]["status"]["archives"], "checkpointed again"
+        assert len(folders()) == 3, folders()
         env.kubectl("delete", "ccp", names[dropped], "-n", "default", "--wait=false")
+        # Deleted before it was signed: its archive will never be restored, so the agent gives the
+        # container back, restored in place from the local checkpoint it kept.
+        deadline = time.monotonic() + 60
+        while container_state(env, dropped) != "running":
+            assert time.monotonic() < deadline, f"{dropped} was not given back: {container_state(env, dropped)}"
+            time.sleep(0.5)
     finally:
         env.start_controller()
     obj = env.wait_phase("ccp", names[kept], ["Succeeded", "Failed"], timeout=60)
@@ -365,6 +387,19 @@ def test_signing_waits_for_the_controller_and_a_restarted_agent_does_not_checkpo
         time.sleep(0.3)
     listed = env.s3.client().list_objects_v2(Bucket=env.s3.bucket, Prefix=dropped_key.rsplit("/", 1)[0] + "/")
     assert listed.get("KeyCount", 0) == 0, listed.get("Contents")
-    for container in (kept, dropped):
+    # Signed: the agent lets go of what it kept.
+    while folders() or local_checkpoint(env, kept):
+        assert time.monotonic() < deadline, f"still on the node after the signing: {folders()}"
+        time.sleep(0.3)
+    # Not signed: the checkpoint fails, and the agent gives the container back from what it kept; the
+    # archive stays with its manifest until the object is deleted.
+    failed = env.wait_phase("ccp", names[untrusted], ["Succeeded", "Failed"], timeout=60)
+    assert (failed["status"]["phase"], ready(failed)["reason"]) == ("Failed", "ArchiveUntrusted"), failed["status"]
+    while container_state(env, untrusted) != "running":
+        assert time.monotonic() < deadline + 30, f"{untrusted} was not given back: {container_state(env, untrusted)}"
+        time.sleep(0.3)
+    assert s3_get(env, failed["status"]["archives"][0]["key"]) and s3_get(env, untrusted_manifest)
+    delete(env, "ccp", names[untrusted])
+    for container in (kept, dropped, untrusted):
         env.nodes["node-a"].podman("rm", "-f", container)
     check_invariants(env)

@@ -49,9 +49,10 @@ def test_a_namespace_checkpoints_only_its_own_containers_into_its_own_folder(ten
     assert obj["status"]["phase"] == "Succeeded", obj["status"]
     [archive] = obj["status"]["archives"]
     assert archive["container"] == t.ours
-    assert archive["key"] == f"{TEAM_A}/{TEAM_B}/x/{t.ours}.tar.zst"
-    assert t.stored(archive["key"]) and t.stored(f"{TEAM_A}/{TEAM_B}/x/manifest.json")
-    assert not t.stored(f"{TEAM_B}/x/{t.ours}.tar.zst") and not t.stored(f"{TEAM_B}/x/manifest.json")
+    folder = f"x-{obj['metadata']['uid'][:8]}"
+    assert archive["key"] == f"{TEAM_A}/{TEAM_B}/{folder}/{t.ours}.tar.zst"
+    assert t.stored(archive["key"]) and t.stored(f"{TEAM_A}/{TEAM_B}/{folder}/manifest.json")
+    assert not t.stored(f"{TEAM_B}/{folder}/{t.ours}.tar.zst") and not t.stored(f"{TEAM_B}/{folder}/manifest.json")
     assert t.state(t.theirs) == "running"
 
     # latest: team-b's container is the newest on the node, yet team-a's latest is its own.
@@ -105,23 +106,28 @@ def test_team_a_cannot_restore_or_delete_team_bs_archives(tenants: Tenants) -> N
         assert obj["status"]["archive"]["key"] == f"{TEAM_A}/{key}"
     assert env.nodes[NODE].podman("container", "exists", restored, check=False).returncode == 1
 
-    # Two team-a checkpoints share a folder; each deletion takes only its own objects, none of team-b's.
+    # Two team-a checkpoints given one export.key: each gets a folder of its own, and each deletion
+    # takes only its own objects, none of the other's, none of team-b's.
     shared = {"export": {"key": "shared"}}
-    # One after the other, as the first releases podman's local checkpoint once its archive is stored.
     # The second stops the container and keeps its local checkpoint, to bring it back by hand.
-    keys = {}
+    keys, uids = {}, {}
     for spec in ({"leaveRunning": True}, {"compress": "none", "keep": True}):
         name = t.create("ContainerCheckpoint", TEAM_A, {"containers": [t.ours], **spec, **shared})
         obj = t.finished("ccp", TEAM_A, name)
         assert obj["status"]["phase"] == "Succeeded", obj["status"]
-        keys[name] = obj["status"]["archives"][0]["key"]
+        keys[name], uids[name] = obj["status"]["archives"][0]["key"], obj["metadata"]["uid"]
     zstd, plain = keys
-    assert keys == {zstd: f"{TEAM_A}/shared/{t.ours}.tar.zst", plain: f"{TEAM_A}/shared/{t.ours}.tar"}
+    assert keys == {
+        zstd: f"{TEAM_A}/shared-{uids[zstd][:8]}/{t.ours}.tar.zst",
+        plain: f"{TEAM_A}/shared-{uids[plain][:8]}/{t.ours}.tar",
+    }
     assert t.state(t.ours) == "exited"
     env.nodes[NODE].podman("container", "restore", t.ours)
     t.delete("ccp", plain)
     assert not t.stored(keys[plain])
-    assert t.stored(keys[zstd]), "a checkpoint sharing the folder keeps its archive"
+    assert t.stored(keys[zstd]) and t.stored(f"{keys[zstd].rsplit('/', 1)[0]}/manifest.json"), (
+        "a checkpoint given the same key keeps its archive and manifest"
+    )
     t.delete("ccp", zstd)
     assert not t.stored(keys[zstd])
     assert t.stored(theirs["key"]) and t.stored(f"{TEAM_B}/{inside.rsplit('/', 1)[0]}/manifest.json")
@@ -134,8 +140,9 @@ def test_team_a_cannot_restore_or_delete_team_bs_archives(tenants: Tenants) -> N
 
 def test_a_storage_serves_only_the_namespaces_it_allows(tenants: Tenants) -> None:
     t, env = tenants, tenants.env
-    # Not default: the environment keeps exactly one default storage.
-    with extra_storage(env, prefix="restricted", allowedNamespaces=[TEAM_B]) as storage:
+    # Not default: the environment keeps exactly one default storage. The default's prefix: one inside
+    # it would nest with it, and be Unavailable.
+    with extra_storage(env, allowedNamespaces=[TEAM_B]) as storage:
         ref = {"storageRef": {"name": storage}}
         name = t.create("ContainerCheckpoint", TEAM_A, {"containers": [t.ours], "export": ref})
         obj = t.finished("ccp", TEAM_A, name)

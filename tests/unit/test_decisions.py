@@ -141,7 +141,7 @@ def test_archive_layout_follows_the_contract() -> None:
     directory = layout.archive_dir("backups/", checkpoint())
     assert directory == "backups/ns/cp-01234567"
     assert layout.archive_key(directory, "web", Compression.ZSTD) == "backups/ns/cp-01234567/web.tar.zst"
-    assert layout.archive_dir("", checkpoint("team/migrations/x")) == "ns/team/migrations/x"
+    assert layout.archive_dir("", checkpoint("team/migrations/x")) == "ns/team/migrations/x-01234567"
     assert layout.compression_of("a/b.tar.gz") == Compression.GZIP
     assert layout.compression_of("a/b.tar") == Compression.NONE
 

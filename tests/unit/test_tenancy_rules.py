@@ -113,25 +113,36 @@ def checkpoint(key: str | None = None, **status: object) -> ContainerCheckpoint:
     )
 
 
-def test_export_key_is_a_folder_inside_the_namespaces_folder() -> None:
+def test_export_key_is_a_folder_inside_the_namespaces_folder_and_the_checkpoints_own() -> None:
     assert layout.archive_dir("backups", checkpoint()) == "backups/team-a/cp-01234567"
-    assert layout.archive_dir("backups", checkpoint("team-b/x")) == "backups/team-a/team-b/x"
-    assert layout.archive_dir("", checkpoint("x")) == "team-a/x"
+    assert layout.archive_dir("backups", checkpoint("team-b/x")) == "backups/team-a/team-b/x-01234567"
+    assert layout.archive_dir("", checkpoint("x")) == "team-a/x-01234567"
+
+
+def test_two_checkpoints_given_the_same_key_never_share_a_folder() -> None:
+    first = checkpoint("shared", phase="Succeeded")
+    second = first.model_copy(update={"metadata": first.metadata.model_copy(update={"uid": "fedcba9876543210"})})
+    assert layout.archive_dir("", first) == "team-a/shared-01234567"
+    assert layout.archive_dir("", second) == "team-a/shared-fedcba98"
+    # Nothing one of them writes, deletes or aborts is the other's.
+    first_keys, second_keys = (set.union(*recorded_keys("", c)) for c in (first, second))
+    assert not first_keys & second_keys
 
 
 def test_deleting_a_checkpoint_removes_only_what_it_recorded() -> None:
-    stored = {"container": "web", "key": "team-a/shared/web.tar.zst"}
+    folder = "team-a/shared-01234567"
+    stored = {"container": "web", "key": f"{folder}/web.tar.zst"}
     objects, uploads = recorded_keys("", checkpoint("shared", phase="Succeeded", archives=[stored]))
-    assert objects == {"team-a/shared/web.tar.zst", "team-a/shared/manifest.json"}
+    assert objects == {f"{folder}/web.tar.zst", f"{folder}/manifest.json"}
     # Whether its storage encrypted or not: an open upload at either key is this checkpoint's.
-    assert uploads == objects | {"team-a/shared/db.tar.zst", "team-a/shared/db.tar.zst.age", f"{stored['key']}.age"}
+    assert uploads == objects | {f"{folder}/db.tar.zst", f"{folder}/db.tar.zst.age", f"{stored['key']}.age"}
     # Failed after the first archive, with keep: CRIU's logs, but no manifest it never wrote.
     objects, _ = recorded_keys("", checkpoint("shared", phase="Failed", archives=[stored]))
-    assert objects == {"team-a/shared/web.tar.zst", "team-a/shared/db.criu-dump.log"}
+    assert objects == {f"{folder}/web.tar.zst", f"{folder}/db.criu-dump.log"}
     # Nothing stored: no object is deleted, only its own uploads are aborted.
     objects, uploads = recorded_keys("", checkpoint("shared", phase="Failed"))
-    assert objects == {"team-a/shared/web.criu-dump.log", "team-a/shared/db.criu-dump.log"}
-    assert "team-a/shared/db.tar.zst" in uploads and "team-a/shared/manifest.json" not in uploads
+    assert objects == {f"{folder}/web.criu-dump.log", f"{folder}/db.criu-dump.log"}
+    assert f"{folder}/db.tar.zst" in uploads and f"{folder}/manifest.json" not in uploads
 
 
 def storage(name: str, allowed: list[str] | None, default: bool = False) -> CheckpointStorage:

@@ -139,7 +139,9 @@ class ArchiveStore:
         """
         existing = self._parts(key, upload_id) if upload_id else None
         if existing is None:
-            self.abort_uploads(key)  # one a crash left before its id was recorded
+            # No other upload of the key is aborted here: an upload is ended only by the id its
+            # starter recorded. One a crash left before its id was recorded is the bucket sweep's
+            # once its object is finished, or the controller's when the object is deleted.
             upload_id = self._s3.create_multipart_upload(Bucket=self.bucket, Key=key, ChecksumAlgorithm="CRC32")[
                 "UploadId"
             ]
@@ -240,7 +242,11 @@ class ArchiveStore:
                 raise
 
     def abort_uploads(self, key: str) -> int:
-        """Abort every open multipart upload of exactly `key`; returns how many."""
+        """Abort every open multipart upload of exactly `key`, whoever started it; returns how many.
+
+        Only for the controller's deletion of the checkpoint whose own key it is (a checkpoint's
+        folder holds its uid: layout.archive_dir). The agent aborts only the uploads it started, by
+        the ids it recorded (abort_upload)."""
         aborted = 0
         for page in self._s3.get_paginator("list_multipart_uploads").paginate(Bucket=self.bucket, Prefix=key):
             for upload in page.get("Uploads", []):

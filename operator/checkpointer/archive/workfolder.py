@@ -137,6 +137,28 @@ class WorkFolder:
     def marked(self, marker: str) -> bool:
         return (self.path / f"{marker}.marker").exists()
 
+    # --- the folder's own state --------------------------------------------------------------------
+    # Dot files: a container's name never starts with a dot, so no container's marker or record is one.
+
+    def hand_over(self) -> None:
+        """Every archive is stored and the object goes to the controller for signing: what stays here
+        (podman's local checkpoints, the spool) waits for its word, Succeeded or Failed."""
+        self.mark(".handed-over")
+
+    def handed_over(self) -> bool:
+        return self.marked(".handed-over")
+
+    def drop_hand_over(self) -> None:
+        (self.path / ".handed-over.marker").unlink(missing_ok=True)
+
+    def hold(self) -> None:
+        """A Warning named this folder's spool to an administrator: it stays until they remove it,
+        whatever becomes of its object."""
+        self.mark(".held")
+
+    def held(self) -> bool:
+        return self.marked(".held")
+
     # --- records ----------------------------------------------------------------------------------
 
     def targets(self) -> list[Target] | None:

@@ -1,17 +1,20 @@
 """The agent's side of a ContainerCheckpoint: checkpoint each container, spool, upload, report.
 
 Nothing lost (docs/failure-semantics.md): the containers are resolved and recorded in the object's
-work folder before the first is stopped, and a marker is written before each checkpoint. Until an
-archive is confirmed in the bucket, podman's local checkpoint and the spool stay on the node. A
-restarted agent never checkpoints a container twice: with a finished spool it hashes it again and
-uploads it; without one the checkpoint was cut short, and it gives the container back (restores it
-in place when CRIU had stopped it) before the object fails with CheckpointInterrupted.
+work folder before the first is stopped, and a marker is written before each checkpoint. Until the
+controller has signed the archives' manifest, podman's local checkpoint and the spool stay on the
+node, and a signing that fails gives the containers back (settle). An upload is aborted only by the
+id its start recorded: never another's upload of the same key. A restarted agent never checkpoints
+a container twice: with a finished spool it hashes it again and uploads it; without one the
+checkpoint was cut short, and it gives the container back (restores it in place when CRIU had
+stopped it) before the object fails with CheckpointInterrupted.
 """
 
 from __future__ import annotations
 
 import contextlib
 import errno
+import functools
 import hashlib
 import logging
 import os
@@ -115,9 +118,9 @@ def run(node: Node, body: dict[str, Any]) -> None:
     status = StatusWriter(node.kube, CHECKPOINTS, body)
     job = Checkpoint(node, ccp, status, WorkFolder.of(node.settings.spool_dir, CHECKPOINT, meta))
     if signing_requested(body.get("status") or {}):
-        # Stored and handed to the controller to sign: never checkpointed again. Only what a restart
-        # right after the hand-over left on the node is let go.
-        job.let_go()
+        # Stored and handed to the controller to sign: never checkpointed again. What it left on the
+        # node waits for the controller's word, unless the object is being deleted (settle).
+        settle(node, body)
         return
     log.info("checkpoint %s/%s: %s", meta.namespace, meta.name, ccp.status.phase)
     try:
@@ -126,6 +129,8 @@ def run(node: Node, body: dict[str, Any]) -> None:
         log.warning("checkpoint %s/%s failed: %s: %s", meta.namespace, meta.name, e.reason, e.message)
         if not job.keep_folder:
             job.folder.remove()
+        else:
+            job.folder.drop_hand_over()  # given back (or tried) here: not once more by settle
         try:
             job.status.phase(Phase.FAILED, e.reason, e.message)
         except Conflict as c:
@@ -135,6 +140,54 @@ def run(node: Node, body: dict[str, Any]) -> None:
     except Conflict as e:
         # The controller failed it or it is gone: someone else has the last word; stop here.
         log.info("checkpoint %s/%s: stopped: %s", meta.namespace, meta.name, e)
+
+
+# The Succeeded or Failed event and the sweep may settle one object at once: one at a time restores.
+_settling = threading.Lock()
+
+
+def settle(node: Node, body: dict[str, Any]) -> None:
+    """After the hand-over for signing, what the agent kept on the node follows the controller's word.
+
+    Succeeded: the archives are signed, podman's local checkpoints and the spool go. Failed (the
+    manifest could not be signed), or deleted before it was signed: the archives will never be
+    restored, so every container the checkpoint stopped is restored in place, and runs again. A no-op
+    for an object without a handed-over work folder on this node (one stat), so it may be called on
+    every event of a finished object.
+    """
+    ccp = ContainerCheckpoint.model_validate(body)
+    folder = WorkFolder.of(node.settings.spool_dir, CHECKPOINT, ccp.metadata)
+    phase, status = ccp.status.phase, body.get("status") or {}
+    # Deleted before the hand-over was written: run() sees the deletion and cancels instead.
+    deleting = bool(ccp.metadata.deletion_timestamp) and signing_requested(status)
+    if phase != Phase.SUCCEEDED and phase != Phase.FAILED and not deleting:
+        return  # still waiting for the controller
+    with _settling:
+        if not folder.handed_over():
+            return
+        meta = ccp.metadata
+        job = Checkpoint(node, ccp, StatusWriter(node.kube, CHECKPOINTS, body), folder)
+        if phase == Phase.SUCCEEDED:
+            job.let_go()
+            log.info(
+                "checkpoint %s/%s: signed; released podman's local checkpoints and the spool", meta.namespace, meta.name
+            )
+            return
+        ready: dict[str, Any] = next((c for c in status.get("conditions") or [] if c.get("type") == "Ready"), {})
+        if phase == Phase.FAILED:
+            failed = str(ready.get("reason") or "")
+            reason = Reason(failed) if failed in Reason.__members__.values() else Reason.ARCHIVE_UNTRUSTED
+            why = f"the archives were stored, but the checkpoint failed before they were signed ({reason})"
+        else:
+            reason = Reason.CANCELLED
+            why = "the ContainerCheckpoint was deleted before its archives were signed"
+        message = job.give_all_back(reason, why)
+        log.info("checkpoint %s/%s: %s", meta.namespace, meta.name, message)
+        try:
+            kind = "ContainerCheckpoint"
+            node.kube.create_event(kind, meta.namespace, meta.name, meta.uid, reason, message, "Warning")
+        except Exception as e:  # the containers run again either way; the log says so
+            log.warning("could not record an Event on %s/%s: %s", meta.namespace, meta.name, e)
 
 
 @dataclass
@@ -202,8 +255,10 @@ class Checkpoint:
                 raise Retry(Reason.UPLOAD_RETRYING, f"the manifest could not be written: {e}", delay=5) from None
             self.status.steps.took("manifest", began)
             # Only the controller holds the signing key: it checks this manifest against the object,
-            # signs it and writes Succeeded (services/signing.py).
+            # signs it and writes Succeeded (services/signing.py). Until it has, podman's local
+            # checkpoints and the spool stay: a signing that fails gives the containers back (settle).
             where = f" to {store.uri(directory)}/"
+            self.folder.hand_over()
             self.status.phase(
                 Phase.UPLOADING,
                 Reason.SIGNING,
@@ -219,17 +274,30 @@ class Checkpoint:
         log.info(
             "checkpoint %s/%s: checkpointed %s%s", self.ccp.metadata.namespace, self.ccp.metadata.name, names, where
         )
-        if store is not None:
-            self.let_go()  # after the status, off the time a user waits: the archives are in the bucket now
-        self.folder.remove()
+        if store is None:
+            self.folder.remove()
 
     def let_go(self) -> None:
-        """The archives are confirmed in the bucket: podman's local checkpoints and the spool go."""
+        """The archives are signed (the object Succeeded): podman's local checkpoints and the spool go."""
         targets = self.folder.targets()
         if targets is not None and not self.spec.keep and not self.spec.pre_checkpoint:
             for target in targets:
                 self.release_local_checkpoint(target)
         self.folder.remove()
+
+    def give_all_back(self, reason: Reason, why: str) -> str:
+        """The archives were handed over but will never be restored (signing failed, or the object is
+        deleted before it was signed): every container this checkpoint stopped runs again, restored in
+        place from podman's local checkpoint. Returns what became of them."""
+        targets = self.folder.targets() or []
+        given = [self.give_back(t, reason, why, None, "") for t in targets if self.folder.marked(t.name)]
+        if self.keep_folder:
+            # Podman could not restore one: its local checkpoint stays, and the message says how to
+            # restore it by hand. Not tried again on every sweep; the folder goes with the object.
+            self.folder.drop_hand_over()
+        else:
+            self.folder.remove()
+        return "; ".join([why] + [g.message.removeprefix(why + "; ") for g in given])
 
     def targets(self) -> list[Target]:
         """The containers of this checkpoint, resolved once and recorded before any is stopped."""
@@ -253,13 +321,13 @@ class Checkpoint:
         record = self.folder.spool_record(target.name)
         if self.status.deleting:
             key = self.key(directory, target, record)
-            raise self.cancel(target, store.abort_uploads if store else None, key)
+            raise self.cancel(target, self.aborter(store, target), key)
         if record is None and self.folder.marked(target.name):
             raise self.give_back(
                 target,
                 Reason.CHECKPOINT_INTERRUPTED,
                 f"the agent restarted while checkpointing {target.name}; it is not checkpointed twice",
-                store.abort_uploads if store else None,
+                self.aborter(store, target),
                 self.key(directory, target, record),
             )
         if store is None:
@@ -362,7 +430,7 @@ class Checkpoint:
                 Reason.ARCHIVE_CORRUPT,
                 f"the spool of {target.name} on the node is not what podman exported (it changed or is gone); "
                 "it was not uploaded",
-                store.abort_uploads,
+                self.aborter(store, target),
                 key,
             )
         try:
@@ -430,12 +498,13 @@ class Checkpoint:
         if elapsed >= settings.upload_deadline_seconds:
             abandoned = True
             try:
-                store.abort_uploads(key)
+                self.abort_own(store, target, key)
                 abandoned = False
             except StorageError:
                 pass  # aborted by the node's sweep once the storage answers again
             self.folder.save_upload_state(target.name, replace(state, attempts=attempts, abandoned=abandoned))
             self.keep_folder = True
+            self.folder.hold()  # the Warning below names it: it is the administrator's now
             message = (
                 f"the upload of {target.name} kept failing for {elapsed:.0f}s, past the deadline "
                 f"(CHECKPOINTER_UPLOAD_DEADLINE_SECONDS); the archive stays on node {settings.node_name} "
@@ -511,7 +580,21 @@ class Checkpoint:
             reason, why = Reason.CHECKPOINT_INTERRUPTED, f"the export of {target.name} failed: {error}"
         else:  # the agent is stopping: the restarted agent finds the marker and gives the container back
             return error
-        return self.give_back(target, reason, why, store.abort_uploads, key)
+        return self.give_back(target, reason, why, self.aborter(store, target), key)
+
+    def abort_own(self, store: ArchiveStore, target: Target, key: str) -> int:
+        """Abort the multipart uploads of `key` this agent started for this object, by the ids it
+        recorded (work folder and ledger), and no other; returns how many were still open."""
+        uid = self.ccp.metadata.uid
+        state = self.folder.upload_state(target.name)
+        ids = {state.upload_id} if state is not None and state.key == key and state.upload_id else set()
+        ids |= {u.upload_id for u in self.node.ledger.uploads() if (u.uid, u.key) == (uid, key)}
+        aborted = sum(store.abort_upload(key, upload_id) for upload_id in sorted(ids))
+        self.node.ledger.upload_done(uid, key)
+        return aborted
+
+    def aborter(self, store: ArchiveStore | None, target: Target) -> Callable[[str], object] | None:
+        return None if store is None else functools.partial(self.abort_own, store, target)
 
     def give_back(
         self, target: Target, reason: Reason, why: str, abort: Callable[[str], object] | None, key: str

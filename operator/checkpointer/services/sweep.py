@@ -2,14 +2,18 @@
 
 An object's folder normally goes with the object's last step. It outlives it when the agent was
 killed at the wrong moment (between the object's last status write and the folder's removal), when
-the object was deleted while this agent was down, or on purpose: a failed checkpoint may keep its
-spool (an upload past its deadline) for as long as its object exists.
+the object was deleted while this agent was down, or on purpose: a checkpoint handed over for
+signing keeps it until the controller's word (then settled as checkpoint.settle says, by the agent's
+event handler, or here after a restart), a failed one keeps it while its object exists, and one
+whose spool an UploadFailed Warning named keeps it until an administrator removes it.
 
 The agent's ledger (archive/ledger.py) names the multipart uploads it opened and the local
-checkpoints `keep: true` left in containers' folders; the sweep ends those no live object needs.
-Less often it also lists the bucket's open uploads under each storage's prefix, and aborts those
-under a checkpoint's folder that no live ContainerCheckpoint of any node owns: what a deletion while
-every agent was down, or an upload opened by hand, left.
+checkpoints `keep: true` left in containers' folders; the sweep ends those no live object needs,
+each upload by the id recorded. Less often it also lists the bucket's open uploads under each
+storage's prefix, and aborts those under a checkpoint's folder that no unfinished
+ContainerCheckpoint of any node, through any storage on that bucket, writes to: what a deletion
+while every agent was down, a crash before an upload's id was recorded, or an upload opened by
+hand, left.
 
 Every decision is a pure function below; `sweep` does the I/O.
 """
@@ -30,9 +34,11 @@ from checkpointer.archive.store import StorageError
 from checkpointer.archive.workfolder import WorkFolder
 from checkpointer.conditions import parse_time
 from checkpointer.errors import Failure
-from checkpointer.models import ContainerCheckpoint, NameRef
+from checkpointer.models import CheckpointStorage, ContainerCheckpoint, NameRef
 from checkpointer.reasons import FINISHED, Phase, Reason
+from checkpointer.services.checkpoint import settle
 from checkpointer.services.node import Node
+from checkpointer.services.validation import location
 
 log = logging.getLogger(__name__)
 ARCHIVE_SUFFIXES = tuple(
@@ -46,6 +52,7 @@ class ObjectState:
 
     phase: str
     completed: datetime.datetime | None = None
+    deleting: bool = False
 
     @property
     def finished(self) -> bool:
@@ -54,7 +61,8 @@ class ObjectState:
     @classmethod
     def of(cls, obj: dict[str, Any]) -> ObjectState:
         status = obj.get("status") or {}
-        return cls(str(status.get("phase") or ""), parse_time(str(status.get("completionTime") or "")))
+        deleting = bool((obj.get("metadata") or {}).get("deletionTimestamp"))
+        return cls(str(status.get("phase") or ""), parse_time(str(status.get("completionTime") or "")), deleting)
 
 
 @dataclass
@@ -74,9 +82,31 @@ class Verdict(StrEnum):
     KEEP = "keep"  # still needed
     REMOVE = "remove"  # remove it, then forget it
     FORGET = "forget"  # nothing left to remove
+    SETTLE = "settle"  # a handed-over checkpoint's folder: as the controller's word says (checkpoint.settle)
 
 
 # --- decisions (pure) ----------------------------------------------------------------------------
+
+
+def folder_verdict(state: ObjectState | None, *, held: bool, handed_over: bool) -> Verdict:
+    """What becomes of a work folder.
+
+    One an UploadFailed Warning named to an administrator stays, whatever becomes of its object. A
+    handed-over checkpoint's folder (podman's local checkpoints and the spool wait for the signing)
+    is settled once the object Succeeded, Failed or is being deleted. Otherwise a folder goes once its
+    object is gone or Succeeded; a Failed one keeps it while the object exists.
+
+    A handed-over folder whose object is gone is only removed: whether it had been signed, and its
+    archive restored elsewhere since, cannot be known any more, so its container is not restored in
+    place; podman's local checkpoint stays in the container's folder, the way back by hand.
+    """
+    if held:
+        return Verdict.KEEP
+    if state is None:
+        return Verdict.REMOVE
+    if handed_over and (state.finished or state.deleting):
+        return Verdict.SETTLE
+    return Verdict.REMOVE if state.phase == Phase.SUCCEEDED else Verdict.KEEP
 
 
 def upload_unowned(upload: OpenUpload, states: dict[str, ObjectState]) -> bool:
@@ -107,11 +137,30 @@ def kept_checkpoint_verdict(
     return Verdict.REMOVE if (now - state.completed).total_seconds() >= retention_seconds else Verdict.KEEP
 
 
+def live_folders(
+    checkpoints: list[ContainerCheckpoint], storages: list[CheckpointStorage]
+) -> dict[tuple[str, str], set[str]]:
+    """The folders that unfinished checkpoints may write to, by bucket (validation.location). Pure.
+
+    Each checkpoint's folder under the prefix of every storage on a bucket, not only its own
+    storage's: an upload is judged against every storage's live checkpoints, so that storages whose
+    prefixes nest (refused by validation, but they may predate it) never take each other's uploads
+    for orphans. A finished checkpoint never uploads again: an upload left open in its folder (a
+    crash between opening it and recording its id) is an orphan.
+    """
+    live = [c for c in checkpoints if c.status.phase not in FINISHED]
+    found: dict[tuple[str, str], set[str]] = {}
+    for storage in storages:
+        found.setdefault(location(storage), set()).update(layout.archive_dir(storage.spec.prefix, c) for c in live)
+    return found
+
+
 def orphan_uploads(prefix: str, uploads: list[tuple[str, str]], live_dirs: set[str]) -> list[tuple[str, str]]:
     """The open uploads of archives under `prefix` whose folder no live checkpoint writes to.
 
     Only keys shaped as a checkpoint writes them (`<prefix>/<namespace>/<folder>/<container>.tar…`);
-    `live_dirs` are the archive folders of every live ContainerCheckpoint, on every node.
+    `live_dirs` are the archive folders of every unfinished ContainerCheckpoint, on every node,
+    under every storage's prefix on the bucket (live_folders).
     """
     base = prefix.strip("/")
     found = []
@@ -139,28 +188,31 @@ def sweep(node: Node, bucket: bool = False) -> Swept:
     folders = {path: uid for path in root.iterdir() if (uid := WorkFolder.uid_of(path))}
     uploads = node.ledger.uploads()
     kept = node.ledger.kept()
-    in_bucket = _bucket_uploads(node) if bucket else {}
+    storages, in_bucket = _bucket_uploads(node) if bucket else ([], {})
     if not (folders or uploads or kept or any(in_bucket.values())):
         return swept
     selector = f"{NODE_LABEL}={node.settings.node_name}"
-    states = {
-        str(o["metadata"]["uid"]): ObjectState.of(o)
-        for plural in (CHECKPOINTS, RESTORES)
-        for o in node.kube.list_all(plural, selector)
+    bodies = {
+        str(o["metadata"]["uid"]): o for plural in (CHECKPOINTS, RESTORES) for o in node.kube.list_all(plural, selector)
     }
+    states = {uid: ObjectState.of(o) for uid, o in bodies.items()}
     for path, uid in folders.items():
         folder = WorkFolder(path)
         state = states.get(uid)
         gone = state is None
         _abort_abandoned(node, folder, gone=gone)
-        if state is None or state.phase == Phase.SUCCEEDED:
+        verdict = folder_verdict(state, held=folder.held(), handed_over=folder.handed_over())
+        if verdict == Verdict.SETTLE:
+            settle(node, bodies[uid])  # the Succeeded or Failed event's handler missed it (a restart)
+            swept.folders += not folder.exists()
+        elif verdict == Verdict.REMOVE:
             log.info("sweep: removing work folder %s: its object is %s", path, "gone" if gone else "done")
             folder.remove()
             swept.folders += 1
     swept.uploads += _abort_unowned(node, [u for u in uploads if upload_unowned(u, states)])
     swept.local_checkpoints += _remove_kept(node, kept, states)
     if any(in_bucket.values()):
-        swept.uploads += _abort_orphans(node, in_bucket)
+        swept.uploads += _abort_orphans(node, storages, in_bucket)
     if swept.total:
         log.info(
             "sweep: removed %d work folders, aborted %d uploads, removed %d local checkpoints",
@@ -172,18 +224,18 @@ def sweep(node: Node, bucket: bool = False) -> Swept:
 
 
 def _abort_abandoned(node: Node, folder: WorkFolder, gone: bool) -> None:
-    """Abort the uploads a deadline or a deletion left open, once their storage answers."""
+    """Abort the uploads a deadline or a deletion left open, by the ids recorded, once their storage answers."""
     for container, state in folder.upload_states().items():
-        if not (state.abandoned or (gone and state.upload_id)):
+        if not state.upload_id or not (state.abandoned or gone):
             continue
         try:
-            node.store(NameRef(name=state.storage)).abort_uploads(state.key)
+            node.store(NameRef(name=state.storage)).abort_upload(state.key, state.upload_id)
         except (Failure, *StorageError) as e:
             log.info("the upload of %s stays open for now: %s", state.key, e)
             continue
-        log.info("aborted the open upload of %s", state.key)
-        if not gone:
-            folder.save_upload_state(container, replace(state, abandoned=False))
+        log.info("aborted the open upload %s of %s", state.upload_id, state.key)
+        if folder.exists():  # a folder held for its administrator stays: ask the bucket only once
+            folder.save_upload_state(container, replace(state, upload_id="", abandoned=False))
 
 
 def _abort_unowned(node: Node, uploads: list[OpenUpload]) -> int:
@@ -233,21 +285,23 @@ def _remove_kept(node: Node, kept: list[KeptCheckpoint], states: dict[str, Objec
     return removed
 
 
-def _bucket_uploads(node: Node) -> dict[str, list[tuple[str, str]]]:
-    """Every storage's open uploads under its prefix, by storage name."""
+def _bucket_uploads(node: Node) -> tuple[list[CheckpointStorage], dict[str, list[tuple[str, str]]]]:
+    """Every storage, and the open uploads under each one's prefix, by storage name."""
+    storages = node.kube.storages()
     found: dict[str, list[tuple[str, str]]] = {}
-    for storage in node.kube.storages():
+    for storage in storages:
         try:
             found[storage.metadata.name] = node.store(NameRef(name=storage.metadata.name)).open_uploads(
                 storage.spec.prefix
             )
         except (Failure, *StorageError) as e:
             log.info("sweep: the open uploads of storage %s are not known now: %s", storage.metadata.name, e)
-    return found
+    return storages, found
 
 
-def _abort_orphans(node: Node, in_bucket: dict[str, list[tuple[str, str]]]) -> int:
-    live = [ContainerCheckpoint.model_validate(o) for o in node.kube.list_all(CHECKPOINTS)]
+def _abort_orphans(node: Node, storages: list[CheckpointStorage], in_bucket: dict[str, list[tuple[str, str]]]) -> int:
+    live = live_folders([ContainerCheckpoint.model_validate(o) for o in node.kube.list_all(CHECKPOINTS)], storages)
+    by_name = {s.metadata.name: s for s in storages}
     aborted = 0
     for name, uploads in in_bucket.items():
         try:
@@ -255,14 +309,13 @@ def _abort_orphans(node: Node, in_bucket: dict[str, list[tuple[str, str]]]) -> i
         except Failure as e:  # gone or unreadable since the listing
             log.info("sweep: the open uploads of storage %s stay for now: %s", name, e.message)
             continue
-        live_dirs = {layout.archive_dir(store.prefix, c) for c in live}
-        for key, upload_id in orphan_uploads(store.prefix, uploads, live_dirs):
+        for key, upload_id in orphan_uploads(store.prefix, uploads, live.get(location(by_name[name]), set())):
             try:
                 if not store.abort_upload(key, upload_id):
                     continue  # ended meanwhile
             except StorageError as e:
                 log.info("sweep: the upload of %s stays open for now: %s", key, e)
                 continue
-            log.info("sweep: aborted upload %s of %s: no live ContainerCheckpoint writes there", upload_id, key)
+            log.info("sweep: aborted upload %s of %s: no unfinished ContainerCheckpoint writes there", upload_id, key)
             aborted += 1
     return aborted
