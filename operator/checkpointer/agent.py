@@ -104,9 +104,10 @@ def _handling(in_flight: InFlight, body: kopf.Body) -> Iterator[None]:
     in_flight.end(uid)
 
 
-def _settled(body: kopf.Body, **_: Any) -> bool:
+def _settled(body: kopf.Body, type: str | None, **_: Any) -> bool:
     phase = (body.get("status") or {}).get("phase")
-    return phase in (Phase.SUCCEEDED, Phase.FAILED) or bool(body["metadata"].get("deletionTimestamp"))
+    deleted = type == "DELETED" or bool(body["metadata"].get("deletionTimestamp"))
+    return phase in (Phase.SUCCEEDED, Phase.FAILED) or deleted
 
 
 def _where(body: kopf.Body) -> tuple[str, str]:
@@ -170,8 +171,10 @@ def register(registry: kopf.OperatorRegistry, agent: Node, executor: Executor, m
     # deleting object, the first listing after a restart included; the sweep settles what this missed.
     @kopf.on.event(GROUP, VERSION, CHECKPOINTS, labels=mine, when=_settled, registry=registry)
     def settle_checkpoint(body: kopf.Body, type: str | None, **_: Any) -> None:
-        if type != "DELETED" and elsewhere(body, node) is None:
-            checkpoint.settle(agent, dict(body))
+        # DELETED too: an object whose finalizer a tenant removed goes at once, with no deletion
+        # first, and the last state it carries says whether its archives were ever signed.
+        if elsewhere(body, node) is None:
+            checkpoint.settle(agent, dict(body), gone=type == "DELETED")
 
     @kopf.on.resume(GROUP, VERSION, RESTORES, labels=mine, registry=registry)
     @kopf.on.create(GROUP, VERSION, RESTORES, labels=mine, registry=registry)
@@ -236,7 +239,7 @@ def register(registry: kopf.OperatorRegistry, agent: Node, executor: Executor, m
             try:
                 # The bucket's open uploads are listed at start and every BUCKET_SWEEP_ROUNDS rounds:
                 # a listing per storage and node is dearer than a look at the node's own spool.
-                sweep(agent, bucket=rounds % BUCKET_SWEEP_ROUNDS == 0)
+                sweep(agent, bucket=rounds % BUCKET_SWEEP_ROUNDS == 0, working=in_flight.running)
             except Exception as e:  # the next round tries again
                 log.warning("could not sweep the spool: %s", e)
             try:

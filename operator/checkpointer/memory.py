@@ -68,6 +68,11 @@ class InFlight:
             self._running.discard(uid)
             self._uids.discard(uid)
 
+    def running(self, uid: str) -> bool:
+        """Whether a handler is at work on `uid` right now (not merely awaiting a retry)."""
+        with self._lock:
+            return uid in self._running
+
     def __len__(self) -> int:
         with self._lock:
             return len(self._uids)

@@ -140,26 +140,39 @@ def run(node: Node, body: dict[str, Any]) -> None:
     except Conflict as e:
         # The controller failed it or it is gone: someone else has the last word; stop here.
         log.info("checkpoint %s/%s: stopped: %s", meta.namespace, meta.name, e)
+        fresh = node.kube.get(CHECKPOINTS, meta.namespace, meta.name)
+        if ended_without_us(fresh, meta.uid):
+            # Nothing will sign what was stored, nor restore it: what this run stopped runs again.
+            why = "the ContainerCheckpoint was deleted or failed while its containers were checkpointed"
+            log.info("checkpoint %s/%s: %s", meta.namespace, meta.name, job.give_all_back(Reason.CANCELLED, why))
+
+
+def ended_without_us(fresh: dict[str, Any] | None, uid: str) -> bool:
+    """Whether a checkpoint this agent was running has ended under it: gone (its finalizer removed and
+    deleted, or made anew under its name) or failed by someone else. Pure."""
+    if fresh is None or str(fresh["metadata"].get("uid")) != uid:
+        return True
+    return (fresh.get("status") or {}).get("phase") == Phase.FAILED
 
 
 # The Succeeded or Failed event and the sweep may settle one object at once: one at a time restores.
 _settling = threading.Lock()
 
 
-def settle(node: Node, body: dict[str, Any]) -> None:
+def settle(node: Node, body: dict[str, Any], gone: bool = False) -> None:
     """After the hand-over for signing, what the agent kept on the node follows the controller's word.
 
     Succeeded: the archives are signed, podman's local checkpoints and the spool go. Failed (the
     manifest could not be signed), or deleted before it was signed: the archives will never be
     restored, so every container the checkpoint stopped is restored in place, and runs again. A no-op
     for an object without a handed-over work folder on this node (one stat), so it may be called on
-    every event of a finished object.
+    every event of a finished object. `gone`: `body` is the last state of an object deleted since.
     """
     ccp = ContainerCheckpoint.model_validate(body)
     folder = WorkFolder.of(node.settings.spool_dir, CHECKPOINT, ccp.metadata)
     phase, status = ccp.status.phase, body.get("status") or {}
     # Deleted before the hand-over was written: run() sees the deletion and cancels instead.
-    deleting = bool(ccp.metadata.deletion_timestamp) and signing_requested(status)
+    deleting = (gone or bool(ccp.metadata.deletion_timestamp)) and signing_requested(status)
     if phase != Phase.SUCCEEDED and phase != Phase.FAILED and not deleting:
         return  # still waiting for the controller
     with _settling:

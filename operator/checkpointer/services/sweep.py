@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import datetime
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from enum import StrEnum
 from typing import Any
@@ -179,8 +180,12 @@ def orphan_uploads(prefix: str, uploads: list[tuple[str, str]], live_dirs: set[s
 # --- the sweep -----------------------------------------------------------------------------------
 
 
-def sweep(node: Node, bucket: bool = False) -> Swept:
-    """One sweep of the node; `bucket` also lists every storage's open uploads (costlier: less often)."""
+def sweep(node: Node, bucket: bool = False, working: Callable[[str], bool] = lambda uid: False) -> Swept:
+    """One sweep of the node; `bucket` also lists every storage's open uploads (costlier: less often).
+
+    `working(uid)`: a handler of this agent is at work on that object now. Its folder is that handler's
+    to end, even once the object is gone: the handler finds out at its next write and gives back what
+    it stopped, which needs the folder's markers."""
     swept = Swept()
     root = node.settings.spool_dir
     # What may be orphaned is read first, the objects second: whatever a live object started before
@@ -197,6 +202,8 @@ def sweep(node: Node, bucket: bool = False) -> Swept:
     }
     states = {uid: ObjectState.of(o) for uid, o in bodies.items()}
     for path, uid in folders.items():
+        if working(uid):
+            continue
         folder = WorkFolder(path)
         state = states.get(uid)
         gone = state is None
