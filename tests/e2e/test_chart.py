@@ -432,11 +432,14 @@ def test_agent_admission_policy_confines_the_agent_account_to_its_node(helm: Hel
     assert "request.userInfo.extra['authentication.kubernetes.io/node-name']" in variables["nodeClaim"]
     assert "object.metadata.labels['checkpointer.dev/node']" in variables["newNode"]
     assert "oldObject.metadata.labels['checkpointer.dev/node']" in variables["oldNode"]
-    [claim, lease, label] = spec["validations"]
+    [claim, lease, label, spec_node] = spec["validations"]
     assert claim["expression"] == "variables.node != ''"
     assert "request.namespace == 'ops'" in lease["expression"]
     assert "'checkpointer-agent-' + variables.node" in lease["expression"]
     assert "variables.oldNode == variables.node" in label["expression"]
+    # spec.nodeName too: a label a tenant changed never makes an object another node's.
+    assert "object.spec.nodeName" in variables["specNode"]
+    assert "variables.specNode == variables.node" in spec_node["expression"]
     # 403 with a sentence, not 422.
     assert all(v["reason"] == "Forbidden" and v["messageExpression"] for v in spec["validations"])
     assert "names none" in claim["messageExpression"]
