@@ -18,7 +18,7 @@ import pytest
 import zstandard
 
 from localenv.env import NAMESPACE, LocalEnv
-from localenv.images import COUNTER, MEMORY, TCP, owned_by, read_count, wait_for_log
+from localenv.images import COUNTER, MEMORY, NAMESPACE_LABEL, TCP, owned_by, read_count, wait_for_log
 
 NODES = ["node-a", "node-b"]  # node-a's agent uses the REST API, node-b's the CLI
 
@@ -168,7 +168,9 @@ def test_latest_and_all_expand_to_actual_containers(local_env: LocalEnv) -> None
     assert status["phase"] == "Succeeded", status
     assert [a["container"] for a in status["archives"]] == [latest]
 
-    running = set(env.nodes[node].podman("ps", "--format", "{{.Names}}").stdout.decode().split())
+    # `all` takes the running containers of the checkpoint's namespace: other tenants' run on the node too.
+    mine = f"label={NAMESPACE_LABEL}=default"
+    running = set(env.nodes[node].podman("ps", "--filter", mine, "--format", "{{.Names}}").stdout.decode().split())
     name = checkpoint(env, node, all=True, leaveRunning=True, export={}, compress="none")
     status = env.wait_phase("ccp", name, ["Succeeded", "Failed"], timeout=300)["status"]
     assert status["phase"] == "Succeeded", status
