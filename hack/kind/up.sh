@@ -3,7 +3,8 @@
 # Helm-installed user story on (needs a Docker engine; run hack/install.sh first). Idempotent: an
 # existing cluster is kept and brought up to date.
 #   - kind, built from the Go module proxy into the tool cache when it is not on PATH;
-#   - the node image (node.Containerfile): kind's node plus podman 5, CRIU 4.2.1 and runc;
+#   - the node image (node.Containerfile): kind's node plus podman 5, CRIU 4.2.1 and runc, from the
+#     Debian mirror of this machine's apt sources;
 #   - the cluster (cluster.yaml): a control plane and two workers labelled checkpointer.dev/test-node;
 #   - the operator image, built as the local environment builds it (Debian and PyPI packages,
 #     hack/localenv/operator_image.py), loaded into every node's containerd: there is no registry;
@@ -36,7 +37,9 @@ python=$REPO_ROOT/.venv/bin/python
 
 node_image=checkpointer-kind-node:${KIND_NODE_IMAGE##*:}
 log "building the node image $node_image"
-docker build -t "$node_image" --build-arg "KIND_NODE_IMAGE=$KIND_NODE_IMAGE" -f "$here/node.Containerfile" "$here"
+mirror=$(debian_mirror)
+docker build -t "$node_image" --build-arg "KIND_NODE_IMAGE=$KIND_NODE_IMAGE" --build-arg "DEBIAN_MIRROR=$mirror" \
+  -f "$here/node.Containerfile" "$here"
 if ! "$kind" get clusters | grep -qx "$name"; then
   "$kind" create cluster --name "$name" --image "$node_image" --config "$here/cluster.yaml" --wait 5m
 fi

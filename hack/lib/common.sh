@@ -10,3 +10,7 @@ log() { printf '[%s] %s\n' "$(date +%H:%M:%S)" "$*" >&2; }
 
 # A stamp file named after the hash of the inputs marks a finished build of exactly those inputs.
 inputs_hash() { cat "$@" | sha256sum | cut -c1-16; }
+
+# The Debian mirror this machine's apt sources name (hack/localenv/apt_mirror.py, which the Python
+# code uses too); fails, saying where it looked, when they name none.
+debian_mirror() { PYTHONPATH=$REPO_ROOT/hack python3 -m localenv.apt_mirror; }

@@ -1,9 +1,10 @@
 """The operator image, built locally because there is no registry: `localhost/checkpointer/operator:dev`.
 
 It holds what the Containerfile puts in its image, made without a container engine on the host: a
-Debian bookworm rootfs (debootstrap; python3 3.11, python3-venv, util-linux for nsenter; neither
-podman nor CRIU, since the agent uses the node's), with the project in a venv at /opt/checkpointer,
-packed as a one-layer docker-archive for `podman load` (images.write_docker_archive).
+Debian bookworm rootfs (debootstrap from the machine's own Debian mirror, apt_mirror.py; python3
+3.11, python3-venv, util-linux for nsenter; neither podman nor CRIU, since the agent uses the
+node's), with the project in a venv at /opt/checkpointer, packed as a one-layer docker-archive for
+`podman load` (images.write_docker_archive).
 
 Two cached stages:
 - the base rootfs, CACHE/rootfs/operator-bookworm-<key>: debootstrap, a few minutes once, keyed by
@@ -36,6 +37,7 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
+from localenv.apt_mirror import debian_mirror
 from localenv.images import Image, write_docker_archive
 from localenv.nodes import NODE_PATH
 from localenv.procs import CACHE, REPO_ROOT, LocalEnvError, run
@@ -77,7 +79,8 @@ def base_rootfs() -> Path:
         shutil.rmtree(partial, ignore_errors=True)
         partial.parent.mkdir(parents=True, exist_ok=True)
         include = ",".join(PACKAGES)
-        run([debootstrap, "--variant=minbase", f"--include={include}", SUITE, partial, _mirror()], timeout=1800)
+        mirror = debian_mirror()
+        run([debootstrap, "--variant=minbase", f"--include={include}", SUITE, partial, mirror], timeout=1800)
         for rel in TRIM:
             for entry in (partial / rel).glob("*"):
                 shutil.rmtree(entry) if entry.is_dir() and not entry.is_symlink() else entry.unlink()
@@ -201,16 +204,6 @@ def _constraints() -> str:
         if name and not line.startswith(("-", "#")) and name.lower() != "checkpointer":
             keep.append(line.strip())
     return "\n".join(sorted(keep)) + "\n"
-
-
-def _mirror() -> str:
-    """The host's Debian mirror (as hack/node/rootfs.sh finds it), else deb.debian.org."""
-    sources = Path("/etc/apt/sources.list.d/debian.sources")
-    if sources.exists():
-        match = re.search(r"^URIs: *(http\S*/debian)$", sources.read_text(), re.MULTILINE)
-        if match:
-            return match.group(1)
-    return "http://deb.debian.org/debian"
 
 
 @contextlib.contextmanager

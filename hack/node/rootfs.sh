@@ -36,8 +36,7 @@ command -v debootstrap >/dev/null || {
   log "installing debootstrap"
   apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq debootstrap >/dev/null
 }
-mirror=$(sed -n 's#^URIs: *\(http[^ ]*/debian\)$#\1#p' /etc/apt/sources.list.d/debian.sources 2>/dev/null | head -1)
-mirror=${mirror:-http://deb.debian.org/debian}
+mirror=$(debian_mirror)
 rm -rf "$rootfs" && mkdir -p "$(dirname "$rootfs")"
 log "debootstrap trixie into $rootfs (first run takes a few minutes)"
 debootstrap --variant=minbase --include="$(IFS=,; echo "${packages[*]}")" trixie "$rootfs" "$mirror" >&2
