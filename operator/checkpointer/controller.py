@@ -5,15 +5,13 @@ Handlers are thin: parse, call a service, write status. One replica leads (see l
 
 from __future__ import annotations
 
-import contextvars
 import datetime
 import logging
 import threading
 from collections.abc import Callable, Mapping
-from typing import Any, TypeVar, cast
+from typing import Any, TypeVar
 
 import kopf
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from checkpointer import CONTROLLER_FINALIZER, GROUP, NODE_LABEL, VERSION, layout, metrics, schedules
 from checkpointer.adapters.kube import CHECKPOINTS, RESTORES, STORAGES, Kube
@@ -25,6 +23,7 @@ from checkpointer.reasons import FINISHED, Phase, Reason
 from checkpointer.services import scheduling, signing, validation
 from checkpointer.services.schedules import SCHEDULED_TIME_ANNOTATION, start_delay
 from checkpointer.settings import Settings
+from checkpointer.signer import Signer
 from checkpointer.status import Conflict, StatusWriter, event_subject
 
 log = logging.getLogger(__name__)
@@ -101,8 +100,6 @@ def _relabelled(body: kopf.Body, **_: Any) -> bool:
 
 # How often the controller looks for objects whose node's agent went away before picking them up.
 PICKUP_LOOK_SECONDS = 5.0
-# How often a manifest the bucket did not take is signed again.
-SIGNING_RETRY_SECONDS = 10.0
 # How often the nodes and storages that metrics may name are read again, to drop the series of the gone.
 METRIC_LABELS_SECONDS = 60.0
 # Handlers that hold kopf's finalizer match only objects with the node label: see _scheduled.
@@ -333,6 +330,105 @@ def _register_node_labels(registry: kopf.OperatorRegistry, kube: Kube) -> _Label
     return labelling
 
 
+def agent_may_be_at_work(status: Mapping[str, Any]) -> bool:
+    """Whether the node's agent may still be at work on a checkpoint that is being deleted. Pure.
+
+    Scheduled: the agent has not begun (its first write moves it on), and never will: kopf runs no
+    handler of the agent's for an object that is being deleted when it first sees it. Should it be
+    taking it up right now, its first write finds the object deleting or gone, before podman.
+    Handed over for signing: it waits for the controller only.
+    """
+    phase = status.get("phase")
+    if not phase or phase == Phase.SCHEDULED or Phase(str(phase)).finished:
+        return False
+    return not signing.signing_requested(status)
+
+
+class _ArchiveDeletion:
+    """A deleted checkpoint's archives leave the bucket with it, once its agent is done with them."""
+
+    def __init__(self, kube: Kube, stores: Stores, leases: scheduling.AgentLeases) -> None:
+        self.kube = kube
+        self.stores = stores
+        self.leases = leases
+
+    def delete(self, body: kopf.Body) -> int | None:
+        """Deletes what the checkpoint stored (recorded_keys); returns how many objects, None for no deletion.
+
+        Raises kopf.TemporaryError while its agent may still be at work, or while the bucket does not answer.
+        """
+        ccp = ContainerCheckpoint.model_validate(dict(body))
+        if agent_may_be_at_work(body.get("status") or {}) and self.leases.alive(ccp.spec.node_name):
+            # The agent sees the deletion in the answer to its next status write, gives the container
+            # back and ends the object; podman may still be running. Only then is the bucket cleaned.
+            raise kopf.TemporaryError(
+                f"waiting for the agent on {ccp.spec.node_name} to stop this {ccp.status.phase} checkpoint", delay=2
+            )
+        if ccp.status.storage_ref is None or not ccp.spec.export:
+            return None
+        storage = self.kube.storage(ccp.status.storage_ref.name)
+        if storage is None:
+            log.warning(
+                "storage %s is gone; archives of %s/%s stay where they are",
+                ccp.status.storage_ref.name,
+                ccp.metadata.namespace,
+                ccp.metadata.name,
+            )
+            return None
+        if storage.spec.deletion_policy == "Retain":
+            return None
+        objects, uploads = recorded_keys(storage.spec.prefix, ccp)
+        try:
+            store = self.stores.of(storage)
+            # Nothing of it stored: an upload a killed agent left open is all there can be. Every
+            # upload at these keys is aborted, whoever opened it: they are this checkpoint's own,
+            # for its folder holds its uid (layout.archive_dir), and its agent is done with them.
+            for key in sorted(uploads - objects):
+                store.abort_uploads(key)
+            if not objects:
+                return None
+            return store.delete_keys(objects)
+        except StorageError as e:
+            raise kopf.TemporaryError(f"the archives could not be deleted yet: {e}", delay=10) from None
+
+
+class _StorageStatus:
+    """Each CheckpointStorage's status, as its bucket answers."""
+
+    def __init__(self, kube: Kube, stores: Stores) -> None:
+        self.kube = kube
+        self.stores = stores
+
+    def revalidate(self, storage: CheckpointStorage, others: list[CheckpointStorage] | None = None) -> bool:
+        """Ask the bucket now and write what it says; returns whether it is Available. `others`: every
+        storage, whose prefixes this one's may not nest with (read now when not given)."""
+        status = validation.validate(self.stores, storage, self.kube.storages() if others is None else others)
+        if status["phase"] != storage.status.get("phase"):
+            log.info("CheckpointStorage %s is %s: %s", storage.metadata.name, status["phase"], status["message"])
+            kopf.event(
+                event_subject("CheckpointStorage", storage.metadata),
+                type="Normal" if status["phase"] == "Available" else "Warning",
+                reason=status["phase"],
+                message=status["message"],
+            )
+        self.kube.patch_storage_status(storage.metadata.name, status)
+        metrics.storage_available(storage.metadata.name, status["phase"] == "Available")
+        return bool(status["phase"] == "Available")
+
+    def with_fresh_storage(self, schedule: Callable[[], T]) -> T:
+        """`schedule()`, asked once more when it failed on a storage whose status may be stale: the
+        timer's last look may predate the end of an outage by up to an interval."""
+        try:
+            return schedule()
+        except Failure as e:
+            if e.reason != Reason.STORAGE_UNAVAILABLE:
+                raise
+            every = self.kube.storages()
+            if not any([self.revalidate(s, every) for s in every if not s.available]):
+                raise
+        return schedule()
+
+
 def register(registry: kopf.OperatorRegistry, settings: Settings, kube: Kube) -> None:
     scheduling.allowed_host_ports(settings.publish_host_ports)  # a mistyped setting stops the start here
     in_flight = _register_metrics(settings, kube)
@@ -340,6 +436,9 @@ def register(registry: kopf.OperatorRegistry, settings: Settings, kube: Kube) ->
     leases = scheduling.AgentLeases(kube, settings.namespace)
     unlimited = RateLimiter(0)
     stores = Stores(kube, Transfer(settings.part_size, settings.upload_concurrency, unlimited, unlimited))
+    storages = _StorageStatus(kube, stores)
+    signer = Signer(kube, settings, stores)
+    archives = _ArchiveDeletion(kube, stores, leases)
 
     labelling = _register_node_labels(registry, kube)
 
@@ -351,7 +450,9 @@ def register(registry: kopf.OperatorRegistry, settings: Settings, kube: Kube) ->
             return
         ccp = ContainerCheckpoint.model_validate(dict(body))
         try:
-            storage = with_fresh_storage(lambda: scheduling.schedule_checkpoint(kube, leases, ccp, settings.admins))
+            storage = storages.with_fresh_storage(
+                lambda: scheduling.schedule_checkpoint(kube, leases, ccp, settings.admins)
+            )
         except Failure as e:
             _fail(kube, CHECKPOINTS, body, e)
             return
@@ -373,7 +474,9 @@ def register(registry: kopf.OperatorRegistry, settings: Settings, kube: Kube) ->
         try:
             scheduling.require_publish_permitted(crst, settings)
             scheduling.require_node_with_agent(kube, leases, crst.spec.node_name)
-            archive = with_fresh_storage(lambda: scheduling.resolve_restore_archive(kube, crst, settings.admins))
+            archive = storages.with_fresh_storage(
+                lambda: scheduling.resolve_restore_archive(kube, crst, settings.admins)
+            )
         except Failure as e:
             _fail(kube, RESTORES, body, e)
             return
@@ -394,168 +497,31 @@ def register(registry: kopf.OperatorRegistry, settings: Settings, kube: Kube) ->
     if metrics.enabled():
         _every(registry, "metric-labels", METRIC_LABELS_SECONDS, metrics.refresh)
 
-    signing_keys: list[Ed25519PrivateKey] = []
-
     @kopf.on.startup(registry=registry)
     def load_signing_key(**_: Any) -> None:
         # Before any watch starts: every checkpoint handed over for signing finds the key.
-        signing_keys[:] = [signing.signing_key(kube, settings)]
-
-    signing_now: set[str] = set()
-    signing_lock = threading.Lock()
-    # Checkpoints whose manifest could not be signed while the bucket did not answer, by uid: (namespace,
-    # name, the context of the handler that tried, which kopf's Events need). Tried again by one loop,
-    # not a kopf timer: a timer on checkpoints makes kopf keep every checkpoint's latest body in memory.
-    unsigned: dict[str, tuple[str, str, contextvars.Context]] = {}
-
-    def sign(body: kopf.Body) -> None:
-        if body["metadata"].get("deletionTimestamp"):
-            return  # delete_archives removes what it stored, the unsigned manifest included
-        uid = str(body["metadata"]["uid"])
-        with signing_lock:  # the event handler and the retry loop: one at a time signs an object
-            if uid in signing_now:
-                return
-            signing_now.add(uid)
-        try:
-            sign_once(body)
-        finally:
-            with signing_lock:
-                signing_now.discard(uid)
-
-    def sign_once(body: kopf.Body) -> None:
-        meta = body["metadata"]
-        uid, where = str(meta["uid"]), f"{meta['namespace']}/{meta['name']}"
-        try:
-            signing.sign_checkpoint(kube, stores, signing_keys[0], dict(body))
-        except Failure as e:
-            log.warning("checkpoint %s: %s: %s", where, e.reason, e.message)
-            # The agent kept podman's local checkpoints for this: seeing Failed, it restores in place
-            # the containers this checkpoint stopped (services/checkpoint.py, settle). The archives and
-            # their unsigned manifest stay together, and go together with the object.
-            message = (
-                f"{e.message}; the node's agent restores the containers it stopped in place; the archives and "
-                "their unsigned manifest stay until the ContainerCheckpoint is deleted"
-            )
-            try:
-                StatusWriter(kube, CHECKPOINTS, dict(body)).phase(Phase.FAILED, e.reason, message)
-            except Conflict:
-                return
-            kopf.warn(body, reason=str(e.reason), message=message)
-        except Conflict as e:  # signed already (the other handler), or gone
-            log.info("not signing %s: %s", where, e)
-        except StorageError as e:
-            log.warning(
-                "could not sign the manifest of %s yet, trying again in %.0fs: %s", where, SIGNING_RETRY_SECONDS, e
-            )
-            with signing_lock:
-                unsigned[uid] = (meta["namespace"], meta["name"], contextvars.copy_context())
-            return
-        with signing_lock:
-            unsigned.pop(uid, None)
-
-    def sign_again() -> None:
-        with signing_lock:
-            due = list(unsigned.items())
-        for uid, (namespace, name, context) in due:
-            try:
-                fresh = kube.get(CHECKPOINTS, namespace, name)
-            except Exception as e:  # ApiException or the connection itself: the next round asks again
-                log.warning("could not read %s/%s to sign its manifest: %s", namespace, name, e)
-                continue
-            if (
-                fresh is None
-                or fresh["metadata"]["uid"] != uid
-                or not signing.signing_requested(fresh.get("status") or {})
-            ):
-                with signing_lock:
-                    unsigned.pop(uid, None)
-                continue
-            context.copy().run(sign, kopf.Body(cast(kopf.RawBody, fresh)))
+        signer.load_key()
 
     # On the watch event itself, in the first listing after a (re)start too: no handler state, no
-    # extra write. sign_again tries again while the bucket does not answer.
+    # extra write. The signer's retry loop tries again while the bucket does not answer.
     @kopf.on.event(GROUP, VERSION, CHECKPOINTS, labels=LABELLED, when=_signing_requested, registry=registry)
     def sign_manifest(body: kopf.Body, type: str | None, **_: Any) -> None:
         if type != "DELETED":
-            sign(body)
+            signer.handed_over(body)
 
-    _every(registry, "sign-again", SIGNING_RETRY_SECONDS, sign_again)
+    _every(registry, "sign-again", Signer.RETRY_SECONDS, signer.sign_again)
 
     @kopf.on.delete(GROUP, VERSION, CHECKPOINTS, labels=LABELLED, registry=registry)
     def delete_archives(body: kopf.Body, **_: Any) -> None:
-        ccp = ContainerCheckpoint.model_validate(dict(body))
-        phase = ccp.status.phase
-        # Scheduled: the agent has not begun (its first write moves it on), and never will: kopf runs no
-        # handler of the agent's for an object that is being deleted when it first sees it. Should it
-        # be taking it up right now, its first write finds the object deleting or gone, before podman.
-        started = phase and phase != Phase.SCHEDULED and not Phase(phase).finished
-        waiting = started and not signing.signing_requested(body.get("status") or {})
-        if waiting and leases.alive(ccp.spec.node_name):
-            # The agent sees the deletion in the answer to its next status write, gives the container
-            # back and ends the object; podman may still be running. Only then is the bucket cleaned.
-            raise kopf.TemporaryError(
-                f"waiting for the agent on {ccp.spec.node_name} to stop this {phase} checkpoint", delay=2
-            )
-        if ccp.status.storage_ref is None or not ccp.spec.export:
-            return
-        storage = kube.storage(ccp.status.storage_ref.name)
-        if storage is None:
-            log.warning(
-                "storage %s is gone; archives of %s/%s stay where they are",
-                ccp.status.storage_ref.name,
-                ccp.metadata.namespace,
-                ccp.metadata.name,
-            )
-            return
-        if storage.spec.deletion_policy == "Retain":
-            return
-        objects, uploads = recorded_keys(storage.spec.prefix, ccp)
-        try:
-            store = stores.of(storage)
-            # Nothing of it stored: an upload a killed agent left open is all there can be. Every
-            # upload at these keys is aborted, whoever opened it: they are this checkpoint's own,
-            # for its folder holds its uid (layout.archive_dir), and its agent is done with them.
-            for key in sorted(uploads - objects):
-                store.abort_uploads(key)
-            if not objects:
-                return
-            deleted = store.delete_keys(objects)
-        except StorageError as e:
-            raise kopf.TemporaryError(f"the archives could not be deleted yet: {e}", delay=10) from None
-        kopf.event(body, type="Normal", reason="ArchivesDeleted", message=f"deleted {deleted} objects from the bucket")
-
-    def revalidate(storage: CheckpointStorage, others: list[CheckpointStorage] | None = None) -> bool:
-        """Ask the bucket now and write what it says; returns whether it is Available. `others`: every
-        storage, whose prefixes this one's may not nest with (read now when not given)."""
-        status = validation.validate(stores, storage, kube.storages() if others is None else others)
-        if status["phase"] != storage.status.get("phase"):
-            log.info("CheckpointStorage %s is %s: %s", storage.metadata.name, status["phase"], status["message"])
+        deleted = archives.delete(body)
+        if deleted is not None:
             kopf.event(
-                event_subject("CheckpointStorage", storage.metadata),
-                type="Normal" if status["phase"] == "Available" else "Warning",
-                reason=status["phase"],
-                message=status["message"],
+                body, type="Normal", reason="ArchivesDeleted", message=f"deleted {deleted} objects from the bucket"
             )
-        kube.patch_storage_status(storage.metadata.name, status)
-        metrics.storage_available(storage.metadata.name, status["phase"] == "Available")
-        return bool(status["phase"] == "Available")
-
-    def with_fresh_storage(schedule: Callable[[], T]) -> T:
-        """`schedule()`, asked once more when it failed on a storage whose status may be stale: the
-        timer's last look may predate the end of an outage by up to an interval."""
-        try:
-            return schedule()
-        except Failure as e:
-            if e.reason != Reason.STORAGE_UNAVAILABLE:
-                raise
-            every = kube.storages()
-            if not any([revalidate(s, every) for s in every if not s.available]):
-                raise
-        return schedule()
 
     @kopf.timer(GROUP, VERSION, STORAGES, interval=settings.storage_validation_seconds, registry=registry)
     def validate_storage(body: kopf.Body, **_: Any) -> None:
-        revalidate(CheckpointStorage.model_validate(dict(body)))
+        storages.revalidate(CheckpointStorage.model_validate(dict(body)))
 
     @kopf.on.event(GROUP, VERSION, STORAGES, registry=registry)
     async def forget_storage(body: kopf.Body, type: str | None, **_: Any) -> None:

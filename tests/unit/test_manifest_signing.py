@@ -1,21 +1,29 @@
-"""Signed manifests: the signature, the controller's check of a manifest, the agent's trust decision."""
+"""Signed manifests: the signature, the controller's check of a manifest and its Signer, the agent's trust decision."""
 
 from __future__ import annotations
 
 import copy
 import hashlib
 import json
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any, cast
 
+import kopf
 import pytest
+from botocore.exceptions import EndpointConnectionError
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from checkpointer import layout, signing
-from checkpointer.archive.store import ArchiveStore
+from checkpointer.adapters.kube import Kube
+from checkpointer.archive.store import ArchiveStore, Stores
 from checkpointer.errors import Failure
 from checkpointer.models import ContainerCheckpoint
 from checkpointer.reasons import Reason
+from checkpointer.services import signing as controller_signing
 from checkpointer.services.signing import Trust, archive_trust, manifest_problems, signed_before, signing_requested
+from checkpointer.settings import Settings
+from checkpointer.signer import Signer
+from checkpointer.status import Conflict
 
 KEY = signing.generate()
 KEYS = {signing.key_id(KEY.public_key()): KEY.public_key()}
@@ -225,6 +233,112 @@ def test_the_namespace_of_a_key_is_its_folder_under_the_prefix() -> None:
     assert layout.namespace_of_key("/cluster/", ARCHIVE_KEY) == "team-a"
     assert layout.namespace_of_key("other", ARCHIVE_KEY) is None
     assert layout.namespace_of_key("", "web.tar") is None
+
+
+# --- the controller's Signer --------------------------------------------------------------------
+
+
+def handed_over(uid: str = "u1", version: str = "1", **meta: Any) -> dict[str, Any]:
+    """A checkpoint its agent handed over for signing."""
+    ready = {"type": "Ready", "status": "False", "reason": "Signing"}
+    return {
+        "metadata": {"name": "ccp-1", "namespace": "team-a", "uid": uid, "resourceVersion": version, **meta},
+        "status": {"phase": "Uploading", "conditions": [ready]},
+    }
+
+
+class Cluster:
+    """What the Signer reads of the API server between its tries: the checkpoint as it is now."""
+
+    def __init__(self, now: dict[str, Any] | None) -> None:
+        self.now = now
+        self.reads = 0
+
+    def get(self, plural: str, namespace: str, name: str) -> dict[str, Any] | None:
+        self.reads += 1
+        return self.now
+
+
+class Signings:
+    """services/signing.py's sign_checkpoint as the Signer calls it: each call takes the next answer."""
+
+    def __init__(self, *answers: Exception | None) -> None:
+        self.answers = list(answers)
+        self.signed: list[tuple[str, str]] = []  # (uid, resourceVersion) of each body it was given
+        self.meanwhile: Callable[[], None] | None = None  # run once, while the first call signs
+
+    def __call__(self, kube: Kube, stores: Stores, key: Ed25519PrivateKey, body: dict[str, Any]) -> None:
+        assert key is KEY, "the key loaded at the start"
+        self.signed.append((body["metadata"]["uid"], body["metadata"]["resourceVersion"]))
+        meanwhile, self.meanwhile = self.meanwhile, None
+        if meanwhile:
+            meanwhile()
+        answer = self.answers.pop(0)
+        if answer is not None:
+            raise answer
+
+
+def with_signer(
+    monkeypatch: pytest.MonkeyPatch, cluster: Cluster, *answers: Exception | None
+) -> tuple[Signer, Signings]:
+    signings = Signings(*answers)
+    monkeypatch.setattr(controller_signing, "signing_key", lambda kube, settings: KEY)
+    monkeypatch.setattr(controller_signing, "sign_checkpoint", signings)
+    signer = Signer(cast(Kube, cluster), cast(Settings, None), cast(Stores, None))
+    signer.load_key()
+    return signer, signings
+
+
+def bucket_away() -> Exception:
+    return EndpointConnectionError(endpoint_url="http://s3.example:9000")
+
+
+@pytest.mark.parametrize("last", [None, Conflict("signed by the other replica")], ids=["signed", "moved-on"])
+def test_a_manifest_the_bucket_did_not_take_is_signed_again_from_the_object_as_it_is_now(
+    monkeypatch: pytest.MonkeyPatch, last: Exception | None
+) -> None:
+    cluster = Cluster(handed_over(version="2"))
+    signer, signings = with_signer(monkeypatch, cluster, bucket_away(), bucket_away(), last)
+    signer.handed_over(kopf.Body(handed_over(version="1")))
+    signer.sign_again()
+    signer.sign_again()
+    assert signings.signed == [("u1", "1"), ("u1", "2"), ("u1", "2")]
+    signer.sign_again()
+    assert cluster.reads == 2, "once signed or moved on, it is not read again"
+
+
+@pytest.mark.parametrize(
+    "now",
+    [None, handed_over(uid="u2"), {**handed_over(), "status": {"phase": "Failed"}}],
+    ids=["gone", "made-anew", "moved-on"],
+)
+def test_a_checkpoint_no_longer_handed_over_is_not_signed_again(
+    monkeypatch: pytest.MonkeyPatch, now: dict[str, Any] | None
+) -> None:
+    cluster = Cluster(now)
+    signer, signings = with_signer(monkeypatch, cluster, bucket_away())
+    signer.handed_over(kopf.Body(handed_over()))
+    signer.sign_again()
+    signer.sign_again()
+    assert signings.signed == [("u1", "1")]
+    assert cluster.reads == 1
+
+
+def test_a_checkpoint_being_deleted_is_not_signed(monkeypatch: pytest.MonkeyPatch) -> None:
+    signer, signings = with_signer(monkeypatch, Cluster(None))
+    signer.handed_over(kopf.Body(handed_over(deletionTimestamp="2026-12-07T00:00:00Z")))
+    assert signings.signed == []
+
+
+def test_one_at_a_time_signs_an_object(monkeypatch: pytest.MonkeyPatch) -> None:
+    signer, signings = with_signer(monkeypatch, Cluster(None), None, None, None)
+    first, other = handed_over(), handed_over(uid="u2")
+    # The retry loop and the event handler at once: the second signer of the same object steps back.
+    signings.meanwhile = lambda: (signer.handed_over(kopf.Body(first)), signer.handed_over(kopf.Body(other)))
+    signer.handed_over(kopf.Body(first))
+    assert signings.signed == [("u1", "1"), ("u2", "1")]
+    signer.handed_over(kopf.Body(first))
+    assert signings.signed[-1] == ("u1", "1"), "and signs it once the first is done"
 
 
 # --- the agent's decision before a restore -------------------------------------------------------

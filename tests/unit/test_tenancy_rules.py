@@ -6,7 +6,7 @@ import pytest
 
 from checkpointer import layout
 from checkpointer.adapters.podman import Container, _container
-from checkpointer.controller import recorded_keys
+from checkpointer.controller import agent_may_be_at_work, recorded_keys
 from checkpointer.errors import Failure
 from checkpointer.models import ArchiveRef, CheckpointSpec, CheckpointStorage, ContainerCheckpoint, NameRef
 from checkpointer.reasons import Reason
@@ -143,6 +143,19 @@ def test_deleting_a_checkpoint_removes_only_what_it_recorded() -> None:
     objects, uploads = recorded_keys("", checkpoint("shared", phase="Failed"))
     assert objects == {f"{folder}/web.criu-dump.log", f"{folder}/db.criu-dump.log"}
     assert f"{folder}/db.tar.zst" in uploads and f"{folder}/manifest.json" not in uploads
+
+
+def test_a_deleted_checkpoints_archives_wait_only_for_an_agent_that_may_be_at_work() -> None:
+    signing = {"type": "Ready", "status": "False", "reason": "Signing"}
+    for phase in ("Checkpointing", "Uploading"):
+        assert agent_may_be_at_work({"phase": phase})
+    # Not begun (and never will: kopf runs no agent handler for an object deleting when first seen),
+    # handed over for signing, or finished: the archives go at once.
+    assert not agent_may_be_at_work({})
+    assert not agent_may_be_at_work({"phase": "Scheduled"})
+    assert not agent_may_be_at_work({"phase": "Uploading", "conditions": [signing]})
+    for phase in ("Succeeded", "Failed"):
+        assert not agent_may_be_at_work({"phase": phase})
 
 
 def storage(name: str, allowed: list[str] | None, default: bool = False) -> CheckpointStorage:
