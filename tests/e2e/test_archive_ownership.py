@@ -15,7 +15,7 @@ from typing import Any
 
 import pytest
 
-from faultkit import unique
+from helpers import unique
 from invariants import check_invariants
 from localenv.env import STORAGE
 from localenv.images import read_count

@@ -12,14 +12,13 @@ from __future__ import annotations
 
 import tarfile
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 import zstandard
 
-from faultkit import storage_accepting_unsigned, unique
+from helpers import ready, reason_of, unique
 from invariants import check_invariants
 from localenv.env import NAMESPACE, LocalEnv
 from localenv.images import COUNTER, owned_by, read_count
@@ -70,15 +69,6 @@ def restore(env: LocalEnv, namespace: str, storage: str, key: str, **spec: Any) 
     return env.wait_phase("crst", name, ["Succeeded", "Failed"], namespace=namespace)
 
 
-def ready(obj: dict[str, Any]) -> dict[str, Any]:
-    condition: dict[str, Any] = {c["type"]: c for c in obj["status"]["conditions"]}["Ready"]
-    return condition
-
-
-def reason_of(obj: dict[str, Any]) -> str:
-    return str(ready(obj)["reason"])
-
-
 def exported_by_hand(env: LocalEnv, *run_flags: str) -> tuple[str, bytes]:
     """A counter run on node-a with `run_flags`, checkpointed and exported by podman itself."""
     node = env.nodes["node-a"]
@@ -93,12 +83,6 @@ def exported_by_hand(env: LocalEnv, *run_flags: str) -> tuple[str, bytes]:
         return container, export.read_bytes()
     finally:
         export.unlink()
-
-
-@pytest.fixture(scope="module")
-def unsigned(local_env: LocalEnv) -> Iterator[str]:
-    with storage_accepting_unsigned(local_env) as storage:
-        yield storage
 
 
 @pytest.mark.parametrize(

@@ -12,8 +12,6 @@ import json
 import os
 import re
 import sys
-import time
-from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -21,8 +19,9 @@ from typing import Any
 import pytest
 import yaml
 
+from helpers import eventually
 from localenv.chart import agent_pod
-from localenv.controlplane import ControlPlane, kubernetes_version, missing_binaries
+from localenv.controlplane import ControlPlane, kubernetes_version
 from localenv.procs import BIN, REPO_ROOT, Supervisor, free_port, require, run
 
 pytestmark = pytest.mark.e2e
@@ -57,14 +56,6 @@ CLUSTER_SCOPED = ("ClusterRole", "ClusterRoleBinding", "ValidatingAdmissionPolic
 
 
 # --- helpers -------------------------------------------------------------------------------------
-
-
-def eventually(what: str, probe: Callable[[], bool], timeout: float = 60, log: Callable[[], str] | None = None) -> None:
-    deadline = time.monotonic() + timeout
-    while not probe():
-        if time.monotonic() > deadline:
-            pytest.fail(f"not within {timeout}s: {what}" + (f"\n{log()}" if log else ""), pytrace=False)
-        time.sleep(0.5)
 
 
 @dataclass
@@ -135,21 +126,6 @@ def env_of(container: dict[str, Any]) -> dict[str, Any]:
 def helm(tmp_path_factory: pytest.TempPathFactory) -> Helm:
     require(HELM.exists(), f"helm is not built ({HELM}): run hack/build/tools.sh")
     return Helm(tmp_path_factory.mktemp("helm"))
-
-
-@pytest.fixture(scope="module")
-def cp(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ControlPlane]:
-    """A control plane of this module's own: the chart installs cluster-wide objects and CRDs."""
-    missing = missing_binaries()
-    require(not missing, f"control-plane binaries not built ({', '.join(missing)}): run hack/build/tools.sh")
-    workdir = tmp_path_factory.mktemp("chart-control-plane")
-    supervisor = Supervisor(workdir / "logs")
-    plane = ControlPlane.start(workdir, supervisor)
-    try:
-        yield plane
-    finally:
-        plane.stop()
-        supervisor.stop_all()
 
 
 @pytest.fixture(scope="module")

@@ -3,28 +3,21 @@
 from __future__ import annotations
 
 import hashlib
-import io
 import json
 import os
 import re
 import subprocess
-import tarfile
 import time
 import urllib.request
-import uuid
 from typing import Any
 
 import pytest
-import zstandard
 
+from helpers import checkpoint, members, node_name, reason_of, remove, state, unique
 from localenv.env import NAMESPACE, LocalEnv
 from localenv.images import COUNTER, MEMORY, TCP, owned_by, read_count, wait_for_log
 
 NODES = ["node-a", "node-b"]  # node-a's agent uses the REST API, node-b's the CLI
-
-
-def unique(prefix: str) -> str:
-    return f"{prefix}-{uuid.uuid4().hex[:6]}"
 
 
 def run_counter(env: LocalEnv, node: str, name: str | None = None) -> str:
@@ -34,39 +27,8 @@ def run_counter(env: LocalEnv, node: str, name: str | None = None) -> str:
     return name
 
 
-def checkpoint(env: LocalEnv, node: str, **spec: Any) -> str:
-    name = unique("ccp")
-    env.apply(
-        {
-            "apiVersion": "checkpointer.dev/v1alpha1",
-            "kind": "ContainerCheckpoint",
-            "metadata": {"name": name, "namespace": "default"},
-            "spec": {"nodeName": node_name(env, node), **spec},
-        }
-    )
-    return name
-
-
-def node_name(env: LocalEnv, node: str) -> str:
-    """The Node's name of a test node (the same on the local environment, a worker's name on kind)."""
-    return env.nodes[node].name if node in env.nodes else node
-
-
-def state(env: LocalEnv, node: str, container: str) -> str:
-    out = env.nodes[node].podman("inspect", "--format", "{{.State.Status}}", container)
-    return out.stdout.decode().strip()
-
-
 def stored(env: LocalEnv, key: str) -> bytes:
     return bytes(env.s3.client().get_object(Bucket=env.s3.bucket, Key=key)["Body"].read())
-
-
-def members(archive: bytes) -> list[str]:
-    raw = archive
-    if archive[:4] == b"\x28\xb5\x2f\xfd":
-        raw = zstandard.ZstdDecompressor().stream_reader(io.BytesIO(archive)).read()
-    with tarfile.open(fileobj=io.BytesIO(raw), mode="r:*") as tar:
-        return tar.getnames()
 
 
 def no_stray_uploads(env: LocalEnv) -> None:
@@ -184,10 +146,6 @@ def test_checkpoint_without_export_stays_on_the_node(local_env: LocalEnv) -> Non
     assert state(local_env, "node-a", container) == "exited"
     local_env.nodes["node-a"].podman("container", "restore", container)
     assert state(local_env, "node-a", container) == "running"
-
-
-def reason_of(obj: dict[str, Any]) -> str:
-    return str({c["type"]: c for c in obj["status"]["conditions"]}["Ready"]["reason"])
 
 
 @pytest.mark.parametrize(
@@ -442,13 +400,6 @@ def criu_log(env: LocalEnv, node: str, container: str) -> str:
     static_dir = podman("inspect", "--format", "{{.StaticDir}}", container).stdout.decode().strip()
     out = podman("run", "--rm", "-v", f"{static_dir}/dump.log:/dump.log:ro", COUNTER, "cat", "/dump.log")
     return out.stdout.decode(errors="replace")
-
-
-def remove(env: LocalEnv, node: str, *containers: str, pod: str | None = None) -> None:
-    for container in containers:
-        env.nodes[node].podman("rm", "-f", "-t", "0", container, check=False)
-    if pod:
-        env.nodes[node].podman("pod", "rm", "-f", "-t", "0", pod, check=False)
 
 
 @pytest.mark.parametrize("node", NODES)

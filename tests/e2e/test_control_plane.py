@@ -4,42 +4,15 @@ from __future__ import annotations
 
 import json
 import os
-import time
-from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from localenv.controlplane import ControlPlane, kubernetes_version, missing_binaries
-from localenv.procs import Supervisor, require
+from helpers import eventually, start_control_plane
+from localenv.controlplane import ControlPlane, kubernetes_version
 
 pytestmark = pytest.mark.e2e
-
-
-def eventually(what: str, probe: Callable[[], bool], timeout: float = 60) -> None:
-    deadline = time.monotonic() + timeout
-    while not probe():
-        if time.monotonic() > deadline:
-            pytest.fail(f"not within {timeout}s: {what}")
-        time.sleep(0.5)
-
-
-def start_control_plane(workdir: Path) -> tuple[ControlPlane, Supervisor]:
-    missing = missing_binaries()
-    require(not missing, f"control-plane binaries not built ({', '.join(missing)}): run hack/build/tools.sh")
-    supervisor = Supervisor(workdir / "logs")
-    return ControlPlane.start(workdir, supervisor), supervisor
-
-
-@pytest.fixture(scope="module")
-def cp(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ControlPlane]:
-    plane, supervisor = start_control_plane(tmp_path_factory.mktemp("controlplane"))
-    try:
-        yield plane
-    finally:
-        plane.stop()
-        supervisor.stop_all()
 
 
 def apply(cp: ControlPlane, obj: dict[str, Any], **kwargs: Any) -> Any:

@@ -5,12 +5,11 @@ from __future__ import annotations
 import json
 import time
 import urllib.request
-import uuid
-from collections.abc import Callable
 from typing import Any
 
 import pytest
 
+from helpers import eventually, unique
 from invariants import check_invariants
 from localenv.controlplane import ControlPlane
 from localenv.env import LocalEnv
@@ -22,18 +21,6 @@ pytestmark = pytest.mark.e2e
 LEADER, STANDBY = "controller", "controller-2"
 # The Lease lasts 10 s after the killed leader's last renewal, which came at most 2 s before the kill.
 TAKEOVER_LIMIT_SECONDS = 15.0
-
-
-def unique(prefix: str) -> str:
-    return f"{prefix}-{uuid.uuid4().hex[:6]}"
-
-
-def eventually(what: str, probe: Callable[[], bool], env: LocalEnv, timeout: float = 60) -> None:
-    deadline = time.monotonic() + timeout
-    while not probe():
-        if time.monotonic() > deadline:
-            pytest.fail(f"not within {timeout}s: {what}\n{env.logs()}", pytrace=False)
-        time.sleep(0.2)
 
 
 def log_of(env: LocalEnv, name: str, since: int = 0) -> str:
@@ -95,14 +82,14 @@ def back_to_one_controller(env: LocalEnv) -> None:
         env.start_controller()
     # SIGTERM: the standby-turned-leader gives the Lease up and the restarted controller takes it at once.
     env.stop_controller(STANDBY)
-    eventually(f"{LEADER} leads again", lambda: env.controller_leader() == LEADER, env, timeout=30)
+    eventually(f"{LEADER} leads again", lambda: env.controller_leader() == LEADER, log=env.logs, timeout=30)
     env.wait_storage_available()
 
 
 def test_standby_takes_over_from_a_killed_leader_and_nothing_is_scheduled_twice(local_env: LocalEnv) -> None:
     env = local_env
     require(isinstance(env.control_plane, ControlPlane), "the controllers must be this environment's own processes")
-    eventually(f"{LEADER} holds the controller Lease", lambda: env.controller_leader() == LEADER, env)
+    eventually(f"{LEADER} holds the controller Lease", lambda: env.controller_leader() == LEADER, log=env.logs)
     containers = {"node-a": [counter(env, "node-a") for _ in range(2)], "node-b": [counter(env, "node-b")]}
     objects: dict[str, list[tuple[str, str]]] = {"before": [], "around": [], "after": []}
     restored: list[tuple[str, str]] = []
@@ -113,7 +100,7 @@ def test_standby_takes_over_from_a_killed_leader_and_nothing_is_scheduled_twice(
         eventually(
             "the second controller reports standing by",
             lambda: f"standing by: the controller Lease is held by {LEADER}" in log_of(env, STANDBY, since),
-            env,
+            log=env.logs,
         )
         assert healthz(env, STANDBY) == 200
         source = create(
@@ -135,7 +122,7 @@ def test_standby_takes_over_from_a_killed_leader_and_nothing_is_scheduled_twice(
             )
         )
         for obj in objects["before"]:
-            eventually(f"{obj} scheduled", lambda obj=obj: phase(env, *obj) != "", env)
+            eventually(f"{obj} scheduled", lambda obj=obj: phase(env, *obj) != "", log=env.logs)
         assert healthz(env, STANDBY) == 200
         standby_log = log_of(env, STANDBY, since)
         assert "leading" not in standby_log and "Handler" not in standby_log, standby_log
@@ -180,11 +167,13 @@ def test_standby_takes_over_from_a_killed_leader_and_nothing_is_scheduled_twice(
         eventually(
             f"{STANDBY} takes the controller Lease over",
             lambda: env.controller_leader() == STANDBY,
-            env,
+            log=env.logs,
             timeout=TAKEOVER_LIMIT_SECONDS + 10,
         )
         takeover = time.monotonic() - killed
-        eventually("the new leader schedules", lambda: all(phase(env, *o) != "" for o in objects["after"]), env)
+        eventually(
+            "the new leader schedules", lambda: all(phase(env, *o) != "" for o in objects["after"]), log=env.logs
+        )
         scheduling = time.monotonic() - killed
         print(f"takeover after SIGKILL: Lease {takeover:.1f}s, objects scheduled {scheduling:.1f}s")
         assert takeover <= TAKEOVER_LIMIT_SECONDS, f"the standby took {takeover:.1f}s over"
@@ -216,18 +205,18 @@ def test_standby_takes_over_from_a_killed_leader_and_nothing_is_scheduled_twice(
 def test_graceful_stop_hands_the_lease_over_at_once(local_env: LocalEnv) -> None:
     env = local_env
     require(isinstance(env.control_plane, ControlPlane), "the controllers must be this environment's own processes")
-    eventually(f"{LEADER} holds the controller Lease", lambda: env.controller_leader() == LEADER, env)
+    eventually(f"{LEADER} holds the controller Lease", lambda: env.controller_leader() == LEADER, log=env.logs)
     since = {name: log_size(env, name) for name in (LEADER, STANDBY)}
     env.start_controller(name=STANDBY)
     try:
         eventually(
             "the second controller reports standing by",
             lambda: f"standing by: the controller Lease is held by {LEADER}" in log_of(env, STANDBY, since[STANDBY]),
-            env,
+            log=env.logs,
         )
         stopped = time.monotonic()
         env.stop_controller(LEADER)
-        eventually(f"{STANDBY} leads", lambda: env.controller_leader() == STANDBY, env, timeout=10)
+        eventually(f"{STANDBY} leads", lambda: env.controller_leader() == STANDBY, log=env.logs, timeout=10)
         handover = time.monotonic() - stopped
         print(f"handover after SIGTERM: {handover:.1f}s")
         # Well within the Lease's 10 s: the leader gave it up instead of letting it expire.

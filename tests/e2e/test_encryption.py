@@ -20,7 +20,7 @@ import pytest
 import zstandard
 from pyrage import x25519
 
-from faultkit import apply, extra_storage, storage_accepting_unsigned, unique
+from helpers import apply, extra_storage, storage_accepting_unsigned, unique
 from invariants import check_invariants
 from localenv.env import ENCRYPTION_SECRET, NAMESPACE, LocalEnv
 from localenv.images import COUNTER, owned_by, read_count

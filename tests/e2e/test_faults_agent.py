@@ -42,7 +42,7 @@ import pytest
 import zstandard
 from botocore.exceptions import ClientError
 
-from faultkit import MiB, apply, ready, unique
+from helpers import MiB, apply, ready, unique
 from invariants import check_invariants, inspect
 from localenv.env import LocalEnv
 from localenv.images import MEMORY, owned_by, wait_for_log

@@ -22,7 +22,7 @@ from typing import Any
 import pytest
 import yaml
 
-from faultkit import apply, assert_stored_as_reported, unique, workload
+from helpers import apply, assert_stored_as_reported, unique, workload
 from invariants import Container, check_invariants
 from localenv import kubelet, operator_image
 from localenv.chart import CHART, RELEASE

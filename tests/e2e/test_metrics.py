@@ -16,7 +16,7 @@ import pytest
 import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
-from faultkit import unique
+from helpers import unique
 from invariants import check_invariants
 from localenv import chart
 from localenv.env import NAMESPACE, LocalEnv

@@ -16,12 +16,11 @@ import io
 import tarfile
 import time
 import uuid
-from collections.abc import Iterator
 from typing import Any
 
 import pytest
 
-from faultkit import storage_accepting_unsigned, unique
+from helpers import members, ready, unique
 from invariants import check_invariants
 from localenv.env import NAMESPACE, LocalEnv
 from localenv.images import COUNTER, owned_by, read_count
@@ -39,11 +38,6 @@ PODMAN_VERSION = "checkpointer.dev/podman-version"
 SWAPPED = 8
 BULK_MIB = 16
 EXPORTS = 3
-
-
-def ready(obj: dict[str, Any]) -> dict[str, Any]:
-    condition: dict[str, Any] = {c["type"]: c for c in obj["status"]["conditions"]}["Ready"]
-    return condition
 
 
 def on_node(env: LocalEnv, node: str, script: str) -> str:
@@ -76,16 +70,6 @@ wait
         assert time.monotonic() < deadline, f"{name} did not start swapping"
         time.sleep(0.1)
     return name
-
-
-def members(tar_bytes: bytes) -> dict[str, bytes]:
-    """Every member of a tar by name, the content of regular files."""
-    found: dict[str, bytes] = {}
-    with tarfile.open(fileobj=io.BytesIO(tar_bytes), mode="r:") as tar:
-        for member in tar:
-            extracted = tar.extractfile(member) if member.isreg() else None
-            found[member.name] = extracted.read() if extracted else b""
-    return found
 
 
 def test_a_live_export_never_carries_a_file_of_the_node(local_env: LocalEnv) -> None:
@@ -130,12 +114,6 @@ def live_export_of(env: LocalEnv, container: str, marker: str, secret: bytes) ->
     status = env.nodes[NODE].podman("inspect", "--format", "{{.State.Status}}", container).stdout.strip()
     assert status == b"running"
     env.kubectl("delete", "ccp", name, "-n", NAMESPACE, "--wait=true", "--timeout=60s")
-
-
-@pytest.fixture(scope="module")
-def unsigned(local_env: LocalEnv) -> Iterator[str]:
-    with storage_accepting_unsigned(local_env) as storage:
-        yield storage
 
 
 def with_escape(archive: bytes, marker: str) -> bytes:

@@ -12,7 +12,7 @@ import uuid
 
 from test_plugin import PLUGIN, ok, plugin, plugin_env
 
-from faultkit import remove, workload
+from helpers import remove, workload
 from localenv.env import LocalEnv
 from localenv.procs import require
 

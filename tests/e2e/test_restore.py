@@ -8,7 +8,7 @@ from typing import Any
 
 import pytest
 
-from faultkit import apply, storage_accepting_unsigned, unique
+from helpers import apply, storage_accepting_unsigned, unique
 from localenv.env import LocalEnv
 from localenv.images import COUNTER, MEMORY, owned_by, read_count, wait_for_log
 

@@ -17,7 +17,7 @@ from typing import Any
 import pytest
 from kubernetes.client.exceptions import ApiException
 
-from faultkit import delete, finished, get, ready, unique, workload
+from helpers import delete, finished, get, ready, unique, workload
 from invariants import check_invariants
 from localenv.env import LocalEnv
 

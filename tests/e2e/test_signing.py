@@ -26,7 +26,7 @@ import zstandard
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from cryptography.hazmat.primitives.serialization import load_pem_public_key
 
-from faultkit import apply, delete, get, storage_accepting_unsigned, unique, wait_for, workload
+from helpers import apply, delete, get, storage_accepting_unsigned, unique, wait_for, workload
 from invariants import check_invariants
 from localenv.env import NAMESPACE, SECRET, STORAGE, LocalEnv
 from localenv.images import COUNTER, owned_by, read_count

@@ -13,7 +13,7 @@ from typing import Any
 
 import pytest
 
-from faultkit import extra_storage, unique
+from helpers import extra_storage, unique
 from invariants import check_invariants
 from localenv.images import read_count
 from tenants import NODE, TEAM_A, TEAM_B, Tenants, labelled_counter

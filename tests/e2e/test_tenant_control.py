@@ -15,7 +15,7 @@ from typing import Any
 
 import pytest
 
-from faultkit import unique
+from helpers import unique
 from invariants import check_invariants
 from localenv.images import COUNTER, owned_by, read_count
 from tenants import NODE, TEAM_A, Tenants

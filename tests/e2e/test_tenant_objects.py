@@ -12,7 +12,7 @@ import time
 
 import pytest
 
-from faultkit import unique
+from helpers import unique
 from invariants import check_invariants
 from localenv.images import MEMORY, owned_by, wait_for_log
 from tenants import NODE, TEAM_A, Tenants

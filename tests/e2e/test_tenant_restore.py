@@ -16,7 +16,7 @@ from typing import Any
 
 import pytest
 
-from faultkit import unique
+from helpers import unique
 from invariants import check_invariants
 from localenv.env import PUBLISH_HOST_PORTS, LocalEnv
 from localenv.images import COUNTER, NAMESPACE_LABEL, owned_by, read_count

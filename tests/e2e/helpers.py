@@ -1,0 +1,249 @@
+"""What the e2e tests share: names, workloads, creating checkpointer's objects and watching them.
+
+Each helper is defined here once; a test file keeps only what its own story needs.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import tarfile
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager, contextmanager
+from pathlib import Path
+from typing import Any
+
+import pytest
+import zstandard
+
+from localenv.cluster import Cluster
+from localenv.controlplane import ControlPlane, missing_binaries
+from localenv.env import STORAGE, LocalEnv
+from localenv.images import MEMORY, owned_by, wait_for_log
+from localenv.procs import Supervisor, require
+
+MiB = 1024 * 1024
+
+
+def unique(prefix: str) -> str:
+    return f"{prefix}-{uuid.uuid4().hex[:6]}"
+
+
+def workload(env: Cluster, node: str, mib: int = 48) -> str:
+    """A running container holding `mib` MiB of incompressible memory."""
+    name = unique("memory")
+    env.nodes[node].podman("run", "-d", *owned_by("default"), "--name", name, MEMORY, str(mib))
+    wait_for_log(env.nodes[node], name, "ready")
+    return name
+
+
+def apply(env: Cluster, kind: str, name: str, spec: dict[str, Any], namespace: str = "default") -> None:
+    env.apply(
+        {
+            "apiVersion": "checkpointer.dev/v1alpha1",
+            "kind": kind,
+            "metadata": {"name": name, "namespace": namespace},
+            "spec": spec,
+        }
+    )
+
+
+def node_name(env: Cluster, node: str) -> str:
+    """The Node's name of a test node (the same on the local environment, a worker's name on kind)."""
+    return env.nodes[node].name if node in env.nodes else node
+
+
+def checkpoint(env: Cluster, node: str, **spec: Any) -> str:
+    """A ContainerCheckpoint on `node` with `spec` as given; its name."""
+    name = unique("ccp")
+    apply(env, "ContainerCheckpoint", name, {"nodeName": node_name(env, node), **spec})
+    return name
+
+
+def exported(env: Cluster, node: str, container: str, **spec: Any) -> str:
+    """A checkpoint of `container` exported uncompressed (its archive as large as the memory, so its
+    upload lasts long enough to be hit); its name."""
+    return checkpoint(env, node, **{"containers": [container], "export": {}, "compress": "none", **spec})
+
+
+def restore(env: Cluster, node: str, source: dict[str, Any], **flags: Any) -> dict[str, Any]:
+    """A ContainerRestore of `source` on `node`, once it has Succeeded or Failed."""
+    name = unique("crst")
+    apply(env, "ContainerRestore", name, {"nodeName": node_name(env, node), "source": source, **flags})
+    return env.wait_phase("crst", name, ["Succeeded", "Failed"])
+
+
+def assert_stored_as_reported(env: Cluster, archive: dict[str, Any]) -> None:
+    """The archive downloads with the size and sha256 that status reports."""
+    body = env.s3.client().get_object(Bucket=env.s3.bucket, Key=archive["key"])["Body"].read()
+    assert hashlib.sha256(body).hexdigest() == archive["sha256"]
+    assert len(body) == archive["size"]
+
+
+def get(env: LocalEnv, kind: str, name: str) -> dict[str, Any] | None:
+    out = env.kubectl("get", kind, name, "-n", "default", "-o", "json", check=False)
+    return json.loads(out.stdout) if out.returncode == 0 else None
+
+
+def ready(obj: dict[str, Any]) -> dict[str, Any]:
+    """The object's Ready condition; empty while it has none."""
+    status = obj.get("status") or {}
+    return next((c for c in status.get("conditions") or [] if c.get("type") == "Ready"), {})
+
+
+def reason_of(obj: dict[str, Any]) -> str:
+    return str(ready(obj)["reason"])
+
+
+def reason_and_message(obj: dict[str, Any]) -> tuple[str, str]:
+    condition = ready(obj)
+    return str(condition["reason"]), str(condition["message"])
+
+
+def wait_for(env: LocalEnv, kind: str, name: str, what: str, test: Any, timeout: float = 120) -> dict[str, Any]:
+    """The object once `test(obj)` holds; fails naming `what` after `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    obj: dict[str, Any] | None = None
+    while time.monotonic() < deadline:
+        obj = get(env, kind, name)
+        if obj is not None and test(obj):
+            return obj
+        time.sleep(0.2)
+    raise AssertionError(f"{kind} {name}: {what} did not happen in {timeout:.0f}s; last: {obj and obj.get('status')}")
+
+
+def finished(obj: dict[str, Any]) -> bool:
+    return (obj.get("status") or {}).get("phase") in ("Succeeded", "Failed")
+
+
+def uploading(obj: dict[str, Any], at_least: int = 1) -> bool:
+    status = obj.get("status") or {}
+    return status.get("phase") == "Uploading" and int((status.get("progress") or {}).get("bytesDone") or 0) >= at_least
+
+
+def state(env: LocalEnv, node: str, container: str) -> str:
+    out = env.nodes[node].podman("inspect", "--format", "{{.State.Status}}", container)
+    return out.stdout.decode().strip()
+
+
+def exists(env: Cluster, node: str, container: str) -> bool:
+    return env.nodes[node].podman("container", "exists", container, check=False).returncode == 0
+
+
+def remove(env: Cluster, node: str, *containers: str, pod: str | None = None) -> None:
+    """The containers (and the pod) gone from the node, whether they were there or not."""
+    for container in containers:
+        env.nodes[node].podman("rm", "-f", "-t", "0", container, check=False)
+    if pod:
+        env.nodes[node].podman("pod", "rm", "-f", "-t", "0", pod, check=False)
+
+
+def delete(env: LocalEnv, kind: str, name: str, timeout: float = 120) -> None:
+    env.kubectl("delete", kind, name, "-n", "default", "--wait=false", check=False)
+    deadline = time.monotonic() + timeout
+    while get(env, kind, name) is not None:
+        assert time.monotonic() < deadline, f"{kind} {name} was not deleted in {timeout:.0f}s"
+        time.sleep(0.3)
+
+
+def events(env: LocalEnv, name: str, reason: str, kind: str | None = None) -> list[str]:
+    """The messages of the Events of `reason` about the object `name` (of `kind`, when given)."""
+    selector = f"involvedObject.name={name},reason={reason}"
+    if kind:
+        selector = f"involvedObject.kind={kind},{selector}"
+    out = env.kubectl("get", "events", "-n", "default", "--field-selector", selector, "-o", "json")
+    return [str(e.get("message")) for e in json.loads(out.stdout)["items"]]
+
+
+def until(what: str, test: Callable[[], Any], timeout: float = 30, last: Callable[[], Any] | None = None) -> Any:
+    """What `test()` returns once truthy; fails naming `what`, and with `last()`, after `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    while True:
+        found = test()
+        if found:
+            return found
+        assert time.monotonic() < deadline, f"{what} did not happen in {timeout:.0f}s; last: {last and last()}"
+        time.sleep(0.25)
+
+
+def eventually(what: str, probe: Callable[[], bool], timeout: float = 60, log: Callable[[], str] | None = None) -> None:
+    """Returns once `probe()` holds; after `timeout` seconds the test fails naming `what`, with `log()`."""
+    deadline = time.monotonic() + timeout
+    while not probe():
+        if time.monotonic() > deadline:
+            pytest.fail(f"not within {timeout}s: {what}" + (f"\n{log()}" if log else ""), pytrace=False)
+        time.sleep(0.2)
+
+
+def members(archive: bytes) -> dict[str, bytes]:
+    """Every member of a tar (zstd-compressed or not) by name, the content of regular files."""
+    raw = archive
+    if archive[:4] == b"\x28\xb5\x2f\xfd":
+        raw = zstandard.ZstdDecompressor().stream_reader(io.BytesIO(archive)).read()
+    found: dict[str, bytes] = {}
+    with tarfile.open(fileobj=io.BytesIO(raw), mode="r:*") as tar:
+        for member in tar:
+            extracted = tar.extractfile(member) if member.isreg() else None
+            found[member.name] = extracted.read() if extracted else b""
+    return found
+
+
+def wait_storage(env: LocalEnv, name: str) -> None:
+    deadline = time.monotonic() + 60
+    while env.kubectl("get", "cks", name, "-o", "jsonpath={.status.phase}").stdout != "Available":
+        assert time.monotonic() < deadline, f"CheckpointStorage {name} is not Available"
+        time.sleep(0.5)
+
+
+@contextmanager
+def extra_storage(env: LocalEnv, **spec: Any) -> Iterator[str]:
+    """A second, non-default storage on the environment's bucket, once Available; deleted after.
+
+    Storages are cluster-wide: the environment keeps exactly one default, which every other test uses.
+    """
+    name = unique("storage")
+    local = json.loads(env.kubectl("get", "cks", STORAGE, "-o", "json").stdout)["spec"]
+    env.apply(
+        {
+            "apiVersion": "checkpointer.dev/v1alpha1",
+            "kind": "CheckpointStorage",
+            "metadata": {"name": name},
+            "spec": {**local, "default": False, **spec},
+        }
+    )
+    try:
+        wait_storage(env, name)
+        yield name
+    finally:
+        env.kubectl("delete", "cks", name, "--wait=true")
+        defaults = [
+            s for s in json.loads(env.kubectl("get", "cks", "-o", "json").stdout)["items"] if s["spec"].get("default")
+        ]
+        assert [s["metadata"]["name"] for s in defaults] == [STORAGE]
+
+
+def storage_accepting_unsigned(env: LocalEnv) -> AbstractContextManager[str]:
+    """An extra storage that admits unsigned archives (made by plain podman), and keeps them."""
+    return extra_storage(env, acceptUnsignedArchives=True, deletionPolicy="Retain")
+
+
+def start_control_plane(workdir: Path) -> tuple[ControlPlane, Supervisor]:
+    """A control plane of the caller's own, and the supervisor of its processes."""
+    missing = missing_binaries()
+    require(not missing, f"control-plane binaries not built ({', '.join(missing)}): run hack/build/tools.sh")
+    supervisor = Supervisor(workdir / "logs")
+    return ControlPlane.start(workdir, supervisor), supervisor
+
+
+@contextmanager
+def own_control_plane(workdir: Path) -> Iterator[ControlPlane]:
+    """A control plane of the caller's own, stopped with all its processes after."""
+    plane, supervisor = start_control_plane(workdir)
+    try:
+        yield plane
+    finally:
+        plane.stop()
+        supervisor.stop_all()
