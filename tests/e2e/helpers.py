@@ -22,7 +22,7 @@ import zstandard
 from localenv.cluster import Cluster
 from localenv.controlplane import ControlPlane, missing_binaries
 from localenv.env import STORAGE, LocalEnv
-from localenv.images import MEMORY, owned_by, wait_for_log
+from localenv.images import COUNTER, MEMORY, owned_by, read_count, wait_for_log
 from localenv.procs import Supervisor, require
 
 MiB = 1024 * 1024
@@ -56,11 +56,17 @@ def node_name(env: Cluster, node: str) -> str:
     return env.nodes[node].name if node in env.nodes else node
 
 
+def create(env: Cluster, kind: str, spec: dict[str, Any], namespace: str = "default", prefix: str = "") -> str:
+    """A new object of `kind` (ContainerCheckpoint or ContainerRestore) named `prefix` and a random
+    suffix; its name."""
+    name = unique(prefix or ("ccp" if kind == "ContainerCheckpoint" else "crst"))
+    apply(env, kind, name, spec, namespace)
+    return name
+
+
 def checkpoint(env: Cluster, node: str, **spec: Any) -> str:
     """A ContainerCheckpoint on `node` with `spec` as given; its name."""
-    name = unique("ccp")
-    apply(env, "ContainerCheckpoint", name, {"nodeName": node_name(env, node), **spec})
-    return name
+    return create(env, "ContainerCheckpoint", {"nodeName": node_name(env, node), **spec})
 
 
 def exported(env: Cluster, node: str, container: str, **spec: Any) -> str:
@@ -69,11 +75,34 @@ def exported(env: Cluster, node: str, container: str, **spec: Any) -> str:
     return checkpoint(env, node, **{"containers": [container], "export": {}, "compress": "none", **spec})
 
 
-def restore(env: Cluster, node: str, source: dict[str, Any], **flags: Any) -> dict[str, Any]:
+def restore(
+    env: Cluster, node: str, source: dict[str, Any], namespace: str = "default", **flags: Any
+) -> dict[str, Any]:
     """A ContainerRestore of `source` on `node`, once it has Succeeded or Failed."""
-    name = unique("crst")
-    apply(env, "ContainerRestore", name, {"nodeName": node_name(env, node), "source": source, **flags})
-    return env.wait_phase("crst", name, ["Succeeded", "Failed"])
+    spec = {"nodeName": node_name(env, node), "source": source, **flags}
+    name = create(env, "ContainerRestore", spec, namespace)
+    return env.wait_phase("crst", name, ["Succeeded", "Failed"], namespace=namespace)
+
+
+def counter(env: Cluster, node: str, name: str = "", running_for: float = 0) -> str:
+    """A counter of namespace default running on `node` for `running_for` seconds at least, once it
+    counts; its name."""
+    name = name or unique("counter")
+    env.nodes[node].podman("run", "-d", *owned_by("default"), "--name", name, COUNTER)
+    time.sleep(running_for)
+    read_count(env.nodes[node], name)
+    return name
+
+
+def checkpoint_counter(env: Cluster, node: str = "node-a") -> tuple[str, str, int, dict[str, Any]]:
+    """A counter checkpointed into S3 and removed: (container, checkpoint name, last count seen, its archive)."""
+    container = counter(env, node, running_for=1)
+    name = checkpoint(env, node, containers=[container], export={})
+    status = env.wait_phase("ccp", name, ["Succeeded", "Failed"])["status"]
+    assert status["phase"] == "Succeeded", status
+    counted = int(env.nodes[node].podman("logs", container).stdout.decode().split()[-1])
+    env.nodes[node].podman("rm", "-f", container)
+    return container, name, counted, status["archives"][0]
 
 
 def assert_stored_as_reported(env: Cluster, archive: dict[str, Any]) -> None:
@@ -139,6 +168,21 @@ def remove(env: Cluster, node: str, *containers: str, pod: str | None = None) ->
         env.nodes[node].podman("rm", "-f", "-t", "0", container, check=False)
     if pod:
         env.nodes[node].podman("pod", "rm", "-f", "-t", "0", pod, check=False)
+
+
+def restores_of(env: Cluster, node: str, container: str) -> int:
+    """How many times podman restored a container of that name on the node."""
+    out = env.nodes[node].podman(
+        "events",
+        "--stream=false",
+        "--filter",
+        f"container={container}",
+        "--filter",
+        "event=restore",
+        "--format",
+        "{{.Status}}",
+    )
+    return out.stdout.decode().split().count("restore")
 
 
 def delete(env: LocalEnv, kind: str, name: str, timeout: float = 120) -> None:

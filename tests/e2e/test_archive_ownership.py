@@ -9,13 +9,11 @@ on the same bucket is Unavailable, naming the older.
 from __future__ import annotations
 
 import json
-import time
-from collections.abc import Callable
 from typing import Any
 
 import pytest
 
-from helpers import unique
+from helpers import unique, until
 from invariants import check_invariants
 from localenv.env import STORAGE
 from localenv.images import read_count
@@ -24,14 +22,6 @@ from tenants import NODE, TEAM_A, Tenants, labelled_counter
 pytestmark = pytest.mark.e2e
 
 SCHEDULE_LABEL = "checkpointer.dev/schedule"
-
-
-def until(what: str, test: Callable[[], Any], timeout: float = 60) -> Any:
-    deadline = time.monotonic() + timeout
-    while not (found := test()):
-        assert time.monotonic() < deadline, f"{what} did not happen in {timeout:.0f}s"
-        time.sleep(0.3)
-    return found
 
 
 def restored_count(t: Tenants, checkpoint: str) -> tuple[str, int]:
@@ -70,7 +60,7 @@ def test_two_checkpoints_given_one_key_each_restore_their_own_bytes(tenants: Ten
         assert first_obj["status"]["phase"] == "Succeeded", first_obj["status"]
         after_first = read_count(node, counter)
         # Apart by far more than the counter runs on while a restore is written and read (5 a second).
-        until("the counter to count on", lambda: read_count(node, counter) > after_first + 40)
+        until("the counter to count on", lambda: read_count(node, counter) > after_first + 40, timeout=60)
         before_second = read_count(node, counter)
         second = t.create("ContainerCheckpoint", TEAM_A, {"containers": [counter], "compress": "none", **key})
         second_obj = t.finished("ccp", TEAM_A, second)
@@ -153,7 +143,7 @@ def test_a_schedule_with_export_key_keeps_every_run_it_retains_restorable(tenant
             made.append(restored)
             assert count > 0
         env.control_plane.kubectl("delete", "ccs", name, "-n", TEAM_A, "--wait=true", kubeconfig=t.alice)
-        until("the runs gone with their schedule", lambda: not children())
+        until("the runs gone with their schedule", lambda: not children(), timeout=60)
         delete_restores(t)
         check_invariants(env)
     finally:
@@ -180,7 +170,9 @@ def test_a_storage_nesting_with_an_older_ones_prefix_is_unavailable_naming_it(te
         def status() -> dict[str, Any]:
             return dict(json.loads(env.kubectl("get", "cks", name, "-o", "json").stdout).get("status") or {})
 
-        found = until("the nested storage Unavailable", lambda: (s := status()).get("phase") == "Unavailable" and s)
+        found = until(
+            "the nested storage Unavailable", lambda: (s := status()).get("phase") == "Unavailable" and s, timeout=60
+        )
         assert STORAGE in found["message"] and "nests" in found["message"], found
         assert env.kubectl("get", "cks", STORAGE, "-o", "jsonpath={.status.phase}").stdout == "Available"
         # Nothing is written through it.

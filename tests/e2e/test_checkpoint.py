@@ -13,18 +13,11 @@ from typing import Any
 
 import pytest
 
-from helpers import checkpoint, members, node_name, reason_of, remove, state, unique
+from helpers import checkpoint, counter, members, node_name, reason_of, remove, state, unique
 from localenv.env import NAMESPACE, LocalEnv
 from localenv.images import COUNTER, MEMORY, TCP, owned_by, read_count, wait_for_log
 
 NODES = ["node-a", "node-b"]  # node-a's agent uses the REST API, node-b's the CLI
-
-
-def run_counter(env: LocalEnv, node: str, name: str | None = None) -> str:
-    name = name or unique("counter")
-    env.nodes[node].podman("run", "-d", *owned_by("default"), "--name", name, COUNTER)
-    read_count(env.nodes[node], name)
-    return name
 
 
 def stored(env: LocalEnv, key: str) -> bytes:
@@ -39,7 +32,7 @@ def no_stray_uploads(env: LocalEnv) -> None:
 @pytest.mark.parametrize("node", NODES)
 def test_checkpoint_exports_to_s3_and_restores_with_plain_podman(local_env: LocalEnv, node: str) -> None:
     env = local_env
-    container = run_counter(env, node)
+    container = counter(env, node)
     name = checkpoint(env, node, containers=[container], export={})
     obj = env.wait_phase("ccp", name, ["Succeeded", "Failed"])
     status = obj["status"]
@@ -82,7 +75,7 @@ def test_checkpoint_exports_to_s3_and_restores_with_plain_podman(local_env: Loca
 
 @pytest.mark.parametrize("node", NODES)
 def test_leave_running_keeps_the_container_running(local_env: LocalEnv, node: str) -> None:
-    container = run_counter(local_env, node)
+    container = counter(local_env, node)
     name = checkpoint(local_env, node, containers=[container], leaveRunning=True, export={}, compress="none")
     status = local_env.wait_phase("ccp", name, ["Succeeded", "Failed"])["status"]
     assert status["phase"] == "Succeeded", status
@@ -93,7 +86,7 @@ def test_leave_running_keeps_the_container_running(local_env: LocalEnv, node: st
 
 
 def test_gzip_and_ignore_rootfs(local_env: LocalEnv) -> None:
-    container = run_counter(local_env, "node-a")
+    container = counter(local_env, "node-a")
     name = checkpoint(local_env, "node-a", containers=[container], export={}, compress="gzip", ignoreRootfs=True)
     status = local_env.wait_phase("ccp", name, ["Succeeded", "Failed"])["status"]
     assert status["phase"] == "Succeeded", status
@@ -112,7 +105,7 @@ def test_gzip_and_ignore_rootfs(local_env: LocalEnv) -> None:
 
 @pytest.mark.parametrize("node", NODES)
 def test_several_containers_one_archive_each(local_env: LocalEnv, node: str) -> None:
-    first, second = run_counter(local_env, node), run_counter(local_env, node)
+    first, second = counter(local_env, node), counter(local_env, node)
     name = checkpoint(local_env, node, containers=[first, second], export={})
     status = local_env.wait_phase("ccp", name, ["Succeeded", "Failed"])["status"]
     assert status["phase"] == "Succeeded", status
@@ -123,8 +116,8 @@ def test_several_containers_one_archive_each(local_env: LocalEnv, node: str) -> 
 def test_latest_and_all_expand_to_actual_containers(local_env: LocalEnv) -> None:
     node = "node-b"
     env = local_env
-    run_counter(env, node)
-    latest = run_counter(env, node)
+    counter(env, node)
+    latest = counter(env, node)
     name = checkpoint(env, node, latest=True, leaveRunning=True, export={})
     status = env.wait_phase("ccp", name, ["Succeeded", "Failed"])["status"]
     assert status["phase"] == "Succeeded", status
@@ -138,7 +131,7 @@ def test_latest_and_all_expand_to_actual_containers(local_env: LocalEnv) -> None
 
 
 def test_checkpoint_without_export_stays_on_the_node(local_env: LocalEnv) -> None:
-    container = run_counter(local_env, "node-a")
+    container = counter(local_env, "node-a")
     name = checkpoint(local_env, "node-a", containers=[container])
     status = local_env.wait_phase("ccp", name, ["Succeeded", "Failed"])["status"]
     assert status["phase"] == "Succeeded", status
@@ -177,7 +170,7 @@ def test_failures_end_in_failed_with_a_reason(local_env: LocalEnv, spec: dict[st
 
 @pytest.mark.parametrize("node", NODES)
 def test_stopped_container_is_not_running(local_env: LocalEnv, node: str) -> None:
-    container = run_counter(local_env, node)
+    container = counter(local_env, node)
     local_env.nodes[node].podman("stop", "-t", "0", container)
     name = checkpoint(local_env, node, containers=[container], export={})
     obj = local_env.wait_phase("ccp", name, ["Succeeded", "Failed"])
@@ -255,7 +248,7 @@ def test_pre_checkpoint_is_refused_up_front_with_criu_feature_missing_and_leaves
     """This kernel has no memory dirty tracking, which CRIU's own check on the node reports."""
     facts = recorded_facts(local_env, node)
     assert "mem_dirty_track" in facts["criu-features-missing"].split(","), facts
-    container = run_counter(local_env, node)
+    container = counter(local_env, node)
     name = checkpoint(local_env, node, containers=[container], preCheckpoint=True, export={}, keep=True)
     obj = local_env.wait_phase("ccp", name, ["Succeeded", "Failed"])
     assert obj["status"]["phase"] == "Failed"

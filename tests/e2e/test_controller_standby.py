@@ -9,11 +9,10 @@ from typing import Any
 
 import pytest
 
-from helpers import eventually, unique
+from helpers import counter, create, eventually
 from invariants import check_invariants
 from localenv.controlplane import ControlPlane
 from localenv.env import LocalEnv
-from localenv.images import COUNTER, owned_by, read_count
 from localenv.procs import require
 
 pytestmark = pytest.mark.e2e
@@ -34,24 +33,9 @@ def log_size(env: LocalEnv, name: str) -> int:
     return path.stat().st_size if path.exists() else 0
 
 
-def create(env: LocalEnv, kind: str, prefix: str, spec: dict[str, Any]) -> tuple[str, str]:
-    name = unique(prefix)
-    env.apply(
-        {
-            "apiVersion": "checkpointer.dev/v1alpha1",
-            "kind": kind,
-            "metadata": {"name": name, "namespace": "default"},
-            "spec": spec,
-        }
-    )
-    return ("ccp" if kind == "ContainerCheckpoint" else "crst"), name
-
-
-def counter(env: LocalEnv, node: str) -> str:
-    name = unique("counter")
-    env.nodes[node].podman("run", "-d", *owned_by("default"), "--name", name, COUNTER)
-    read_count(env.nodes[node], name)
-    return name
+def created(env: LocalEnv, kind: str, prefix: str, spec: dict[str, Any]) -> tuple[str, str]:
+    """A new object of `kind`, as phase() and wait_phase() name it: (its short kind, its name)."""
+    return ("ccp" if kind == "ContainerCheckpoint" else "crst"), create(env, kind, spec, prefix=prefix)
 
 
 def phase(env: LocalEnv, kind: str, name: str) -> str:
@@ -103,7 +87,7 @@ def test_standby_takes_over_from_a_killed_leader_and_nothing_is_scheduled_twice(
             log=env.logs,
         )
         assert healthz(env, STANDBY) == 200
-        source = create(
+        source = created(
             env,
             "ContainerCheckpoint",
             "ccp-before",
@@ -114,7 +98,7 @@ def test_standby_takes_over_from_a_killed_leader_and_nothing_is_scheduled_twice(
         moved = f"{containers['node-a'][0]}-b1"
         restored.append(("node-b", moved))
         objects["before"].append(
-            create(
+            created(
                 env,
                 "ContainerRestore",
                 "crst-before",
@@ -131,13 +115,13 @@ def test_standby_takes_over_from_a_killed_leader_and_nothing_is_scheduled_twice(
         moved = f"{containers['node-a'][0]}-a1"
         restored.append(("node-a", moved))
         objects["around"] = [
-            create(
+            created(
                 env,
                 "ContainerCheckpoint",
                 "ccp-around",
                 {"nodeName": "node-b", "containers": [containers["node-b"][0]]},
             ),
-            create(
+            created(
                 env,
                 "ContainerRestore",
                 "crst-around",
@@ -149,13 +133,13 @@ def test_standby_takes_over_from_a_killed_leader_and_nothing_is_scheduled_twice(
         moved = f"{containers['node-a'][0]}-b2"
         restored.append(("node-b", moved))
         objects["after"] = [
-            create(
+            created(
                 env,
                 "ContainerCheckpoint",
                 "ccp-after",
                 {"nodeName": "node-a", "containers": [containers["node-a"][1]], "leaveRunning": True},
             ),
-            create(
+            created(
                 env,
                 "ContainerRestore",
                 "crst-after",

@@ -9,21 +9,15 @@ from __future__ import annotations
 
 import json
 import time
-from typing import Any
 
 import pytest
 
-from helpers import extra_storage, unique
+from helpers import extra_storage, reason_and_message, unique
 from invariants import check_invariants
 from localenv.images import read_count
 from tenants import NODE, TEAM_A, TEAM_B, Tenants, labelled_counter
 
 pytestmark = pytest.mark.e2e
-
-
-def reason_and_message(obj: dict[str, Any]) -> tuple[str, str]:
-    ready = {c["type"]: c for c in obj["status"]["conditions"]}["Ready"]
-    return str(ready["reason"]), str(ready["message"])
 
 
 def test_a_namespace_checkpoints_only_its_own_containers_into_its_own_folder(tenants: Tenants) -> None:

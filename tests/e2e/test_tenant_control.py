@@ -9,13 +9,12 @@ from __future__ import annotations
 
 import datetime
 import json
-import time
 from collections.abc import Iterator
 from typing import Any
 
 import pytest
 
-from helpers import unique
+from helpers import ready, unique, until
 from invariants import check_invariants
 from localenv.images import COUNTER, owned_by, read_count
 from tenants import NODE, TEAM_A, Tenants
@@ -44,19 +43,6 @@ def get(t: Tenants, name: str) -> dict[str, Any]:
     out = t.env.control_plane.kubectl("get", CCP, name, "-n", TEAM_A, "-o", "json", kubeconfig=t.alice)
     obj: dict[str, Any] = json.loads(out.stdout)
     return obj
-
-
-def ready(obj: dict[str, Any]) -> dict[str, Any]:
-    found: dict[str, Any] = {c["type"]: c for c in obj["status"]["conditions"]}["Ready"]
-    return found
-
-
-def wait_for(what: str, check: Any, timeout: float = 30) -> Any:
-    deadline = time.monotonic() + timeout
-    while not (found := check()):
-        assert time.monotonic() < deadline, f"{what} within {timeout:.0f}s"
-        time.sleep(0.2)
-    return found
 
 
 @pytest.fixture
@@ -89,7 +75,7 @@ def test_a_relabelled_checkpoint_runs_only_on_its_own_node(tenants: Tenants, twi
     )
 
     # The controller puts the label back to the node it scheduled, and says so.
-    wait_for(
+    until(
         "the label back on node-a",
         lambda: (
             (o := get(t, name))["metadata"]["labels"][NODE_LABEL] == "node-a" and o["status"]["phase"] == "Scheduled"

@@ -16,7 +16,7 @@ from typing import Any
 
 import pytest
 
-from helpers import unique
+from helpers import exists, reason_and_message, unique
 from invariants import check_invariants
 from localenv.env import PUBLISH_HOST_PORTS, LocalEnv
 from localenv.images import COUNTER, NAMESPACE_LABEL, owned_by, read_count
@@ -24,11 +24,6 @@ from tenants import NODE, TEAM_A, TEAM_B, Tenants
 
 pytestmark = pytest.mark.e2e
 NODES = ["node-a", "node-b"]  # the REST API and the CLI
-
-
-def reason_and_message(obj: dict[str, Any]) -> tuple[str, str]:
-    ready = {c["type"]: c for c in obj["status"]["conditions"]}["Ready"]
-    return str(ready["reason"]), str(ready["message"])
 
 
 def checkpoint_of_team_a(t: Tenants, *run_flags: str) -> tuple[str, str]:
@@ -55,10 +50,6 @@ def archived(tenants: Tenants) -> Iterator[str]:
 
 def restore(t: Tenants, checkpoint: str, node: str = NODE, **spec: Any) -> str:
     return t.create("ContainerRestore", TEAM_A, {"source": {"checkpointRef": {"name": checkpoint}}, **spec}, node=node)
-
-
-def exists(env: LocalEnv, node: str, container: str) -> bool:
-    return env.nodes[node].podman("container", "exists", container, check=False).returncode == 0
 
 
 def test_publish_only_host_ports_the_administrator_allows(tenants: Tenants, archived: str) -> None:
