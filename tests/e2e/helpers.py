@@ -84,6 +84,14 @@ def restore(
     return env.wait_phase("crst", name, ["Succeeded", "Failed"], namespace=namespace)
 
 
+def archive_source(storage: str, key: str, namespace: str = "default") -> dict[str, Any]:
+    """A restore's source: `key` in namespace default's folder of `storage`, as a restore in `namespace` names it."""
+    archive = {"storageRef": {"name": storage}, "key": key}
+    if namespace != "default":
+        archive["namespace"] = "default"
+    return {"archive": archive}
+
+
 def counter(env: Cluster, node: str, name: str = "", running_for: float = 0) -> str:
     """A counter of namespace default running on `node` for `running_for` seconds at least, once it
     counts; its name."""
@@ -117,10 +125,15 @@ def get(env: LocalEnv, kind: str, name: str) -> dict[str, Any] | None:
     return json.loads(out.stdout) if out.returncode == 0 else None
 
 
+def condition(obj: dict[str, Any], kind: str) -> dict[str, Any]:
+    """The object's condition of type `kind`; empty while it has none."""
+    status = obj.get("status") or {}
+    return next((c for c in status.get("conditions") or [] if c.get("type") == kind), {})
+
+
 def ready(obj: dict[str, Any]) -> dict[str, Any]:
     """The object's Ready condition; empty while it has none."""
-    status = obj.get("status") or {}
-    return next((c for c in status.get("conditions") or [] if c.get("type") == "Ready"), {})
+    return condition(obj, "Ready")
 
 
 def reason_of(obj: dict[str, Any]) -> str:
@@ -235,10 +248,11 @@ def members(archive: bytes) -> dict[str, bytes]:
     return found
 
 
-def wait_storage(env: LocalEnv, name: str) -> None:
+def wait_storage(env: LocalEnv, name: str, phase: str = "Available") -> None:
+    """Returns once the CheckpointStorage's status says `phase`."""
     deadline = time.monotonic() + 60
-    while env.kubectl("get", "cks", name, "-o", "jsonpath={.status.phase}").stdout != "Available":
-        assert time.monotonic() < deadline, f"CheckpointStorage {name} is not Available"
+    while env.kubectl("get", "cks", name, "-o", "jsonpath={.status.phase}").stdout != phase:
+        assert time.monotonic() < deadline, f"CheckpointStorage {name} is not {phase}"
         time.sleep(0.5)
 
 

@@ -13,7 +13,7 @@ from typing import Any
 
 import pytest
 
-from helpers import unique, until
+from helpers import reason_and_message, remove, unique, until
 from invariants import check_invariants
 from localenv.env import STORAGE
 from localenv.images import read_count
@@ -35,11 +35,6 @@ def restored_count(t: Tenants, checkpoint: str) -> tuple[str, int]:
 
 def folder_of(obj: dict[str, Any]) -> str:
     return str(obj["status"]["archives"][0]["key"]).rsplit("/", 1)[0]
-
-
-def remove(t: Tenants, *containers: str) -> None:
-    for container in containers:
-        t.env.nodes[NODE].podman("rm", "-f", "-t", "0", container, check=False)
 
 
 def delete_restores(t: Tenants) -> None:
@@ -86,11 +81,11 @@ def test_two_checkpoints_given_one_key_each_restore_their_own_bytes(tenants: Ten
         assert count >= before_second, f"the second checkpoint restored count {count}, taken after {before_second}"
         t.delete("ccp", second)
         assert not t.stored(keys[1])
-        remove(t, counter)  # stopped by the second, whose archive is deleted now: nothing to keep it for
+        remove(t.env, NODE, counter)  # stopped by the second, whose archive is deleted now: nothing to keep it for
         delete_restores(t)
         check_invariants(env)
     finally:
-        remove(t, counter, *made)
+        remove(t.env, NODE, counter, *made)
 
 
 def test_a_schedule_with_export_key_keeps_every_run_it_retains_restorable(tenants: Tenants) -> None:
@@ -148,7 +143,7 @@ def test_a_schedule_with_export_key_keeps_every_run_it_retains_restorable(tenant
         check_invariants(env)
     finally:
         env.kubectl("delete", "ccs", name, "-n", TEAM_A, "--ignore-not-found", "--wait=false")
-        remove(t, counter, *made)
+        remove(t.env, NODE, counter, *made)
 
 
 def test_a_storage_nesting_with_an_older_ones_prefix_is_unavailable_naming_it(tenants: Tenants) -> None:
@@ -180,9 +175,9 @@ def test_a_storage_nesting_with_an_older_ones_prefix_is_unavailable_naming_it(te
             "ContainerCheckpoint", TEAM_A, {"containers": [t.ours], "export": {"storageRef": {"name": name}}}
         )
         obj = t.finished("ccp", TEAM_A, ccp)
-        ready = {c["type"]: c for c in obj["status"]["conditions"]}["Ready"]
-        assert (obj["status"]["phase"], ready["reason"]) == ("Failed", "StorageUnavailable"), obj["status"]
-        assert STORAGE in ready["message"]
+        reason, message = reason_and_message(obj)
+        assert (obj["status"]["phase"], reason) == ("Failed", "StorageUnavailable"), obj["status"]
+        assert STORAGE in message
         assert t.state(t.ours) == "running"
         t.delete("ccp", ccp)
     finally:

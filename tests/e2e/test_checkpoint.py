@@ -13,7 +13,7 @@ from typing import Any
 
 import pytest
 
-from helpers import checkpoint, counter, members, node_name, reason_of, remove, state, unique
+from helpers import checkpoint, condition, counter, members, node_name, ready, reason_of, remove, state, unique
 from localenv.env import NAMESPACE, LocalEnv
 from localenv.images import COUNTER, MEMORY, TCP, owned_by, read_count, wait_for_log
 
@@ -53,8 +53,8 @@ def test_checkpoint_exports_to_s3_and_restores_with_plain_podman(local_env: Loca
     assert manifest["archives"][0]["sha256"] == archive["sha256"]
     assert manifest["nodeName"] == node_name(env, node)
     assert manifest["host"]["podman"].startswith("5.")
-    ready = {c["type"]: c for c in status["conditions"]}["Ready"]
-    assert (ready["status"], ready["reason"]) == ("True", "Succeeded")
+    done = ready(obj)
+    assert (done["status"], done["reason"]) == ("True", "Succeeded")
     assert status["progress"]["bytesDone"] == archive["size"]
     assert state(env, node, container) == "exited"
     no_stray_uploads(env)
@@ -197,10 +197,6 @@ def version(text: str) -> tuple[int, ...]:
     return tuple(int(part) for part in re.findall(r"\d+", text)[:2])
 
 
-def scheduled_condition(obj: dict[str, Any]) -> dict[str, Any]:
-    return dict({c["type"]: c for c in obj["status"]["conditions"]}["Scheduled"])
-
-
 def checkpoint_events(env: LocalEnv, node: str, container: str) -> int:
     out = env.nodes[node].podman(
         "events", "--stream=false", "--filter", f"container={container}", "--filter", "event=checkpoint"
@@ -254,7 +250,7 @@ def test_pre_checkpoint_is_refused_up_front_with_criu_feature_missing_and_leaves
     assert obj["status"]["phase"] == "Failed"
     assert reason_of(obj) == "CRIUFeatureMissing", obj["status"]
     # Refused by the controller: never handed to the agent, and CRIU never touched the container.
-    scheduled = scheduled_condition(obj)
+    scheduled = condition(obj, "Scheduled")
     assert (scheduled["status"], scheduled["reason"]) == ("False", "CRIUFeatureMissing"), scheduled
     assert "checkpointer.dev/node" not in (obj["metadata"].get("labels") or {})
     message = scheduled["message"]
@@ -494,7 +490,7 @@ def test_tcp_established_is_refused_up_front_on_a_node_whose_criu_cannot_dump_in
         obj = env.wait_phase("ccp", name, ["Succeeded", "Failed"], timeout=60)
         assert obj["status"]["phase"] == "Failed", obj["status"]
         assert reason_of(obj) == "CRIUFeatureMissing", obj["status"]
-        scheduled = scheduled_condition(obj)
+        scheduled = condition(obj, "Scheduled")
         assert (scheduled["status"], scheduled["reason"]) == ("False", "CRIUFeatureMissing"), scheduled
         message = scheduled["message"]
         assert "tcpEstablished" in message and "cannot dump inet sockets" in message, message

@@ -20,6 +20,7 @@ from helpers import (
     state,
     uploading,
     wait_for,
+    wait_storage,
     workload,
 )
 from invariants import check_invariants
@@ -119,10 +120,7 @@ def test_a_storage_back_from_an_outage_takes_new_checkpoints_at_once(local_env: 
     try:
         with faults.s3_down(env):
             # The controller's own look at the bucket finds it down (it looks every 10 s here).
-            deadline = time.monotonic() + 60
-            while env.kubectl("get", "cks", STORAGE, "-o", "jsonpath={.status.phase}").stdout != "Unavailable":
-                assert time.monotonic() < deadline, "the storage was never seen Unavailable"
-                time.sleep(0.5)
+            wait_storage(env, STORAGE, "Unavailable")
         # S3 is back, the storage's status still says Unavailable: the controller asks the bucket again.
         name = exported(env, NODE, container)
         obj = wait_for(env, "ccp", name, "an end", finished)
@@ -148,5 +146,4 @@ def test_deleting_a_checkpoint_of_two_containers_gives_both_back(local_env: Loca
             assert not env.s3.client().list_objects_v2(Bucket=env.s3.bucket, Prefix=f"default/{name}-").get("Contents")
         check_invariants(env, stopped=[(NODE, first), (NODE, second)])
     finally:
-        remove(env, NODE, first)
-        remove(env, NODE, second)
+        remove(env, NODE, first, second)

@@ -15,7 +15,7 @@ import pytest
 import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
-from helpers import create, unique
+from helpers import create, reason_of, unique
 from invariants import check_invariants
 from localenv import chart
 from localenv.env import NAMESPACE, LocalEnv
@@ -150,8 +150,7 @@ def test_made_up_node_names_add_no_series(local_env: LocalEnv, tenants: Tenants)
     for name in names:
         failed = tenants.finished("ContainerCheckpoint", TEAM_A, name)
         assert failed["status"]["phase"] == "Failed", failed["status"]
-        ready = {c["type"]: c for c in failed["status"]["conditions"]}["Ready"]
-        assert ready["reason"] == "NodeNotFound", failed["status"]
+        assert reason_of(failed) == "NodeNotFound", failed["status"]
 
     def counted_under_no_node() -> float:
         return sum(

@@ -16,11 +16,10 @@ import io
 import tarfile
 import time
 import uuid
-from typing import Any
 
 import pytest
 
-from helpers import members, ready, unique
+from helpers import archive_source, condition, members, ready, remove, restore, state, unique
 from invariants import check_invariants
 from localenv.env import NAMESPACE, LocalEnv
 from localenv.images import COUNTER, owned_by, read_count
@@ -82,7 +81,7 @@ def test_a_live_export_never_carries_a_file_of_the_node(local_env: LocalEnv) -> 
         for _ in range(EXPORTS):
             live_export_of(env, container, marker, secret)
     finally:
-        env.nodes[NODE].podman("rm", "-f", "-t", "0", container, check=False)
+        remove(env, NODE, container)
         on_node(env, NODE, f"rm -f /tmp/{marker}")
     check_invariants(env)
 
@@ -111,8 +110,7 @@ def live_export_of(env: LocalEnv, container: str, marker: str, secret: bytes) ->
     assert copied, f"the container's files named {marker} are not in rootfs-diff.tar: {sorted(rootfs)}"
     assert secret not in data, "the archive carries the node's file"
     assert all(content == b"inside\n" for content in copied.values()), copied
-    status = env.nodes[NODE].podman("inspect", "--format", "{{.State.Status}}", container).stdout.strip()
-    assert status == b"running"
+    assert state(env, NODE, container) == "running"
     env.kubectl("delete", "ccp", name, "-n", NAMESPACE, "--wait=true", "--timeout=60s")
 
 
@@ -167,19 +165,7 @@ def test_an_archive_writing_through_a_symlink_is_refused_in_every_namespace(loca
     spool = target.spool_dir / "checkpointer"
     try:
         for namespace in ("default", NAMESPACE):
-            name = unique("crst")
-            archive: dict[str, Any] = {"storageRef": {"name": unsigned}, "key": key}
-            if namespace != "default":
-                archive["namespace"] = "default"
-            env.apply(
-                {
-                    "apiVersion": "checkpointer.dev/v1alpha1",
-                    "kind": "ContainerRestore",
-                    "metadata": {"name": name, "namespace": namespace},
-                    "spec": {"nodeName": "node-b", "source": {"archive": archive}},
-                }
-            )
-            obj = env.wait_phase("crst", name, ["Succeeded", "Failed"], namespace=namespace)
+            obj = restore(env, "node-b", archive_source(unsigned, key, namespace), namespace=namespace)
             assert (obj["status"]["phase"], ready(obj)["reason"]) == ("Failed", "ArchiveNotPermitted"), obj["status"]
             message = ready(obj)["message"]
             assert f"rootfs-diff.tar member 'escape/{marker}', below symlink member 'escape'" in message, message
@@ -210,7 +196,7 @@ def test_a_live_export_on_a_podman_before_5_8_2_is_refused_outside_admin_namespa
     message = ready(obj)["message"]
     assert f"node {NODE} runs podman 5.4.2" in message and "5.8.2" in message, message
     # Refused by the controller: never handed to the agent, the container untouched.
-    scheduled = {c["type"]: c for c in obj["status"]["conditions"]}["Scheduled"]
+    scheduled = condition(obj, "Scheduled")
     assert scheduled["status"] == "False" and not obj["status"].get("archives"), obj["status"]
     assert t.state(t.ours) == "running"
     time.sleep(0.5)

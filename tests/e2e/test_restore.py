@@ -11,6 +11,7 @@ from helpers import (
     apply,
     checkpoint_counter,
     reason_of,
+    remove,
     restore,
     restores_of,
     state,
@@ -175,4 +176,4 @@ def test_agent_killed_mid_download_restores_once(local_env: LocalEnv) -> None:
         assert restores_of(env, "node-b", container) == 1
         assert state(env, "node-b", container) == "running"
     finally:
-        target.podman("rm", "-f", "-t", "0", container, check=False)
+        remove(env, "node-b", container)

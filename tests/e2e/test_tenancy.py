@@ -12,7 +12,7 @@ import time
 
 import pytest
 
-from helpers import extra_storage, reason_and_message, unique
+from helpers import extra_storage, reason_and_message, remove, unique
 from invariants import check_invariants
 from localenv.images import read_count
 from tenants import NODE, TEAM_A, TEAM_B, Tenants, labelled_counter
@@ -70,8 +70,7 @@ def test_latest_through_the_rest_api_is_the_namespaces_newest(tenants: Tenants) 
         assert [a["container"] for a in obj["status"]["archives"]] == [ours]
         t.delete("ccp", name)
     finally:
-        for container in (ours, theirs):
-            env.nodes[node].podman("rm", "-f", "-t", "0", container, check=False)
+        remove(env, node, ours, theirs)
 
 
 def test_team_a_cannot_restore_or_delete_team_bs_archives(tenants: Tenants) -> None:

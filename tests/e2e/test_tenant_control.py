@@ -14,7 +14,7 @@ from typing import Any
 
 import pytest
 
-from helpers import ready, unique, until
+from helpers import ready, remove, state, unique, until
 from invariants import check_invariants
 from localenv.images import COUNTER, owned_by, read_count
 from tenants import NODE, TEAM_A, Tenants
@@ -56,7 +56,7 @@ def twins(tenants: Tenants) -> Iterator[str]:
         yield name
     finally:
         for node in nodes:
-            tenants.env.nodes[node].podman("rm", "-f", "-t", "0", name, check=False)
+            remove(tenants.env, node, name)
 
 
 def test_a_relabelled_checkpoint_runs_only_on_its_own_node(tenants: Tenants, twins: str) -> None:
@@ -96,7 +96,7 @@ def test_a_relabelled_checkpoint_runs_only_on_its_own_node(tenants: Tenants, twi
     assert manifest["nodeName"] == manifest["host"]["node"] == "node-a", manifest["host"]
 
     # node-b's agent never acted: its container of the same name runs on, untouched.
-    assert other.podman("inspect", "--format", "{{.State.Status}}", twins).stdout.decode().strip() == "running"
+    assert state(env, "node-b", twins) == "running"
     assert other.podman("inspect", "--format", "{{.State.StartedAt}}", twins).stdout == started_there
     assert read_count(other, twins) > count_there
     t.delete("ccp", name)

@@ -12,7 +12,7 @@ import time
 
 import pytest
 
-from helpers import unique
+from helpers import remove, unique
 from invariants import check_invariants
 from localenv.images import MEMORY, owned_by, wait_for_log
 from tenants import NODE, TEAM_A, Tenants
@@ -51,4 +51,4 @@ def test_a_checkpoint_whose_finalizer_is_removed_in_flight_gives_its_container_b
             time.sleep(0.5)
         check_invariants(env)
     finally:
-        node.podman("rm", "-f", "-t", "0", container, check=False)
+        remove(env, NODE, container)
