@@ -15,7 +15,7 @@ from localenv.controlplane import ControlPlane, kubernetes_version
 pytestmark = pytest.mark.e2e
 
 
-def apply(cp: ControlPlane, obj: dict[str, Any], **kwargs: Any) -> Any:
+def kubectl_apply(cp: ControlPlane, obj: dict[str, Any], **kwargs: Any) -> Any:
     return cp.kubectl("apply", "-f", "-", input=json.dumps(obj), **kwargs)
 
 
@@ -72,12 +72,14 @@ def widget(name: str, lo: int, hi: int) -> dict[str, Any]:
 
 
 def test_crd_cel_rule_rejects_a_bad_object_with_its_message(cp: ControlPlane) -> None:
-    apply(cp, WIDGET_CRD)
+    kubectl_apply(cp, WIDGET_CRD)
     cp.kubectl("wait", "--for=condition=Established", "crd/widgets.localenv.checkpointer.dev", "--timeout=30s")
     # kubectl's discovery may lag the Established condition by a moment.
-    eventually("a valid Widget is accepted", lambda: apply(cp, widget("good", 1, 2), check=False).returncode == 0)
+    eventually(
+        "a valid Widget is accepted", lambda: kubectl_apply(cp, widget("good", 1, 2), check=False).returncode == 0
+    )
 
-    bad = apply(cp, widget("bad", 3, 2), check=False)
+    bad = kubectl_apply(cp, widget("bad", 3, 2), check=False)
     assert bad.returncode != 0
     assert "min must not exceed max" in bad.stderr
     assert "Invalid" in bad.stderr
@@ -167,7 +169,7 @@ def test_garbage_collector_deletes_dependents(cp: ControlPlane) -> None:
             "ownerReferences": [{"apiVersion": "v1", "kind": "ConfigMap", "name": "owner", "uid": uid}],
         },
     }
-    apply(cp, dependent)
+    kubectl_apply(cp, dependent)
     cp.kubectl("delete", "configmap", "owner", "-n", "default")
     eventually(
         "the garbage collector deletes the dependent ConfigMap",

@@ -36,12 +36,12 @@ def _succeeded(obj: dict[str, Any]) -> bool:
     return (obj.get("status") or {}).get("phase") == "Succeeded"
 
 
-def _open_uploads(env: LocalEnv, key: str) -> list[str]:
+def _open_upload_ids(env: LocalEnv, key: str) -> list[str]:
     found = env.s3.client().list_multipart_uploads(Bucket=env.s3.bucket, Prefix=key).get("Uploads", [])
     return [u["UploadId"] for u in found if u["Key"] == key]
 
 
-def _stored(env: LocalEnv, key: str) -> bool:
+def _in_bucket(env: LocalEnv, key: str) -> bool:
     listed = env.s3.client().list_objects_v2(Bucket=env.s3.bucket, Prefix=key).get("Contents", [])
     return any(o["Key"] == key for o in listed)
 
@@ -61,7 +61,7 @@ def test_ttl_sweeps_and_a_bounded_spool(local_env: LocalEnv) -> None:
         status = wait_for(env, "ccp", short, "Succeeded", _succeeded, timeout=60)["status"]
         assert status["expiration"] == expiration(status["completionTime"], "15s"), status
         short_key = status["archives"][0]["key"]
-        assert _stored(env, short_key)
+        assert _in_bucket(env, short_key)
 
         # `keep: true` leaves podman's local checkpoint in the container's folder; leaveRunning keeps
         # the container running, so nothing needs that checkpoint as a way back.
@@ -76,7 +76,7 @@ def test_ttl_sweeps_and_a_bounded_spool(local_env: LocalEnv) -> None:
         env.stop_agent(node)
         stray_key = f"{directory}/stray.tar.zst"
         env.s3.client().create_multipart_upload(Bucket=env.s3.bucket, Key=stray_key)
-        assert _open_uploads(env, stray_key)
+        assert _open_upload_ids(env, stray_key)
         delete(env, "ccp", kept)
         orphan = env.nodes[node].spool_dir / "checkpointer" / f"checkpoint_default_gone_{uuid.uuid4()}"
         orphan.mkdir(parents=True)
@@ -85,7 +85,7 @@ def test_ttl_sweeps_and_a_bounded_spool(local_env: LocalEnv) -> None:
         # The agent comes back with a spool capped at 1 MiB: its first sweep clears all three.
         with faults.agent_settings(env, node, {"CHECKPOINTER_SPOOL_MAX_BYTES": str(MiB)}):
             until("the orphan work folder's removal", lambda: not orphan.exists(), timeout=20)
-            until("the stray upload's abort", lambda: not _open_uploads(env, stray_key), timeout=20)
+            until("the stray upload's abort", lambda: not _open_upload_ids(env, stray_key), timeout=20)
             until(
                 "the kept local checkpoint's removal",
                 lambda: not _local_checkpoint(env, node, static_dir),
@@ -112,7 +112,7 @@ def test_ttl_sweeps_and_a_bounded_spool(local_env: LocalEnv) -> None:
         until("the expired restore's deletion", lambda: get(env, "crst", failing) is None, timeout=30)
         assert events(env, short, "Expired"), "no Expired Event"
         assert events(env, failing, "Expired"), "no Expired Event"
-        assert not _stored(env, short_key), "the expired checkpoint's archive stays in the bucket"
+        assert not _in_bucket(env, short_key), "the expired checkpoint's archive stays in the bucket"
         assert state(env, source, expiring) == "running"
         check_invariants(env)
     finally:

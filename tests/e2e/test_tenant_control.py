@@ -39,7 +39,7 @@ def create_as_alice(t: Tenants, node: str, spec: dict[str, Any], annotations: di
     return name
 
 
-def get(t: Tenants, name: str) -> dict[str, Any]:
+def get_as_alice(t: Tenants, name: str) -> dict[str, Any]:
     out = t.env.control_plane.kubectl("get", CCP, name, "-n", TEAM_A, "-o", "json", kubeconfig=t.alice)
     obj: dict[str, Any] = json.loads(out.stdout)
     return obj
@@ -78,7 +78,8 @@ def test_a_relabelled_checkpoint_runs_only_on_its_own_node(tenants: Tenants, twi
     until(
         "the label back on node-a",
         lambda: (
-            (o := get(t, name))["metadata"]["labels"][NODE_LABEL] == "node-a" and o["status"]["phase"] == "Scheduled"
+            (o := get_as_alice(t, name))["metadata"]["labels"][NODE_LABEL] == "node-a"
+            and o["status"]["phase"] == "Scheduled"
         ),
     )
     events = env.kubectl(
