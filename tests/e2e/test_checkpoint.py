@@ -13,7 +13,19 @@ from typing import Any
 
 import pytest
 
-from helpers import checkpoint, condition, counter, members, node_name, ready, reason_of, remove, state, unique
+from helpers import (
+    checkpoint,
+    condition,
+    counter,
+    members,
+    node_name,
+    ready,
+    reason_of,
+    remove,
+    state,
+    unique,
+    wait_storage,
+)
 from localenv.env import NAMESPACE, LocalEnv
 from localenv.images import COUNTER, MEMORY, TCP, owned_by, read_count, wait_for_log
 
@@ -283,13 +295,7 @@ def test_unreachable_storage_is_storage_unavailable(local_env: LocalEnv) -> None
             },
         }
     )
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:
-        phase = local_env.kubectl("get", "cks", "unreachable", "-o", "jsonpath={.status.phase}").stdout
-        if phase == "Unavailable":
-            break
-        time.sleep(0.5)
-    assert phase == "Unavailable"
+    wait_storage(local_env, "unreachable", "Unavailable")
     name = checkpoint(local_env, "node-a", containers=["x"], export={"storageRef": {"name": "unreachable"}})
     obj = local_env.wait_phase("ccp", name, ["Succeeded", "Failed"], timeout=60)
     assert reason_of(obj) == "StorageUnavailable"

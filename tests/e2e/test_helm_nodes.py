@@ -22,7 +22,7 @@ from typing import Any
 import pytest
 import yaml
 
-from helpers import apply, assert_stored_as_reported, checkpoint_counter, restore, unique, workload
+from helpers import apply, assert_stored_as_reported, checkpoint_counter, restore, unique, until, workload
 from invariants import Container, check_invariants
 from localenv import kubelet, operator_image
 from localenv.chart import CHART, RELEASE
@@ -255,10 +255,12 @@ def test_upgrade_rolls_the_agents_and_a_checkpoint_in_flight_ends(installed: Cha
 def test_uninstall_leaves_no_pods_and_keeps_the_crds(installed: ChartCluster) -> None:
     env = installed
     env.helm("uninstall", RELEASE, "--wait", "--timeout", "5m")
-    deadline = time.monotonic() + 120
-    while pods(env, "agent") + pods(env, "controller"):
-        assert time.monotonic() < deadline, describe(env)
-        time.sleep(1)
+    until(
+        "no Pods left",
+        lambda: not (pods(env, "agent") + pods(env, "controller")),
+        timeout=120,
+        last=lambda: describe(env),
+    )
     crds = env.kubectl("get", "crd", "-o", "name").stdout.split()
     assert {c for c in crds if c.endswith(".checkpointer.dev")}, crds
     # The chart's storage stays too (helm.sh/resource-policy: keep), not stuck in deletion.

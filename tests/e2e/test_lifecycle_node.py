@@ -41,7 +41,7 @@ def _open_upload_ids(env: LocalEnv, key: str) -> list[str]:
     return [u["UploadId"] for u in found if u["Key"] == key]
 
 
-def _in_bucket(env: LocalEnv, key: str) -> bool:
+def _listed(env: LocalEnv, key: str) -> bool:
     listed = env.s3.client().list_objects_v2(Bucket=env.s3.bucket, Prefix=key).get("Contents", [])
     return any(o["Key"] == key for o in listed)
 
@@ -61,7 +61,7 @@ def test_ttl_sweeps_and_a_bounded_spool(local_env: LocalEnv) -> None:
         status = wait_for(env, "ccp", short, "Succeeded", _succeeded, timeout=60)["status"]
         assert status["expiration"] == expiration(status["completionTime"], "15s"), status
         short_key = status["archives"][0]["key"]
-        assert _in_bucket(env, short_key)
+        assert _listed(env, short_key)
 
         # `keep: true` leaves podman's local checkpoint in the container's folder; leaveRunning keeps
         # the container running, so nothing needs that checkpoint as a way back.
@@ -112,7 +112,7 @@ def test_ttl_sweeps_and_a_bounded_spool(local_env: LocalEnv) -> None:
         until("the expired restore's deletion", lambda: get(env, "crst", failing) is None, timeout=30)
         assert events(env, short, "Expired"), "no Expired Event"
         assert events(env, failing, "Expired"), "no Expired Event"
-        assert not _in_bucket(env, short_key), "the expired checkpoint's archive stays in the bucket"
+        assert not _listed(env, short_key), "the expired checkpoint's archive stays in the bucket"
         assert state(env, source, expiring) == "running"
         check_invariants(env)
     finally:

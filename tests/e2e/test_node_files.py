@@ -19,7 +19,7 @@ import uuid
 
 import pytest
 
-from helpers import archive_source, condition, members, ready, remove, restore, state, unique
+from helpers import archive_source, condition, members, ready, remove, restore, state, unique, until
 from invariants import check_invariants
 from localenv.env import NAMESPACE, LocalEnv
 from localenv.images import COUNTER, owned_by, read_count
@@ -64,10 +64,11 @@ wait
 """
     name = unique("swapper")
     env.nodes[node].podman("run", "-d", *owned_by(TEAM_A), "--name", name, COUNTER, "/bin/busybox", "sh", "-c", script)
-    deadline = time.monotonic() + 30
-    while env.nodes[node].podman("exec", name, "cat", "/tmp/count", check=False).stdout.strip() != b"ready":
-        assert time.monotonic() < deadline, f"{name} did not start swapping"
-        time.sleep(0.1)
+    until(
+        f"{name} to start swapping",
+        lambda: env.nodes[node].podman("exec", name, "cat", "/tmp/count", check=False).stdout.strip() == b"ready",
+        timeout=30,
+    )
     return name
 
 

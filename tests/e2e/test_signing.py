@@ -36,6 +36,7 @@ from helpers import (
     state,
     storage_accepting_unsigned,
     unique,
+    until,
     wait_for,
     workload,
 )
@@ -349,10 +350,12 @@ def test_signing_waits_for_the_controller_and_a_restarted_agent_does_not_checkpo
         env.kubectl("delete", "ccp", names[dropped], "-n", "default", "--wait=false")
         # Deleted before it was signed: its archive will never be restored, so the agent gives the
         # container back, restored in place from the local checkpoint it kept.
-        deadline = time.monotonic() + 60
-        while state(env, "node-a", dropped) != "running":
-            assert time.monotonic() < deadline, f"{dropped} was not given back: {state(env, 'node-a', dropped)}"
-            time.sleep(0.5)
+        until(
+            f"{dropped} given back",
+            lambda: state(env, "node-a", dropped) == "running",
+            timeout=60,
+            last=lambda: state(env, "node-a", dropped),
+        )
     finally:
         env.start_controller()
     obj = env.wait_phase("ccp", names[kept], ["Succeeded", "Failed"], timeout=60)
