@@ -16,7 +16,6 @@ from contextlib import AbstractContextManager, contextmanager
 from pathlib import Path
 from typing import Any
 
-import pytest
 import zstandard
 
 from localenv.cluster import Cluster
@@ -141,20 +140,20 @@ def reason_of(obj: dict[str, Any]) -> str:
 
 
 def reason_and_message(obj: dict[str, Any]) -> tuple[str, str]:
-    condition = ready(obj)
-    return str(condition["reason"]), str(condition["message"])
+    found = ready(obj)
+    return str(found["reason"]), str(found["message"])
 
 
 def wait_for(env: LocalEnv, kind: str, name: str, what: str, test: Any, timeout: float = 120) -> dict[str, Any]:
     """The object once `test(obj)` holds; fails naming `what` after `timeout` seconds."""
-    deadline = time.monotonic() + timeout
-    obj: dict[str, Any] | None = None
-    while time.monotonic() < deadline:
-        obj = get(env, kind, name)
-        if obj is not None and test(obj):
-            return obj
-        time.sleep(0.2)
-    raise AssertionError(f"{kind} {name}: {what} did not happen in {timeout:.0f}s; last: {obj and obj.get('status')}")
+    found: dict[str, Any] = until(
+        f"{kind} {name}: {what}",
+        lambda: (obj := get(env, kind, name)) is not None and test(obj) and obj,
+        timeout,
+        last=lambda: (get(env, kind, name) or {}).get("status"),
+        interval=0.2,
+    )
+    return found
 
 
 def finished(obj: dict[str, Any]) -> bool:
@@ -200,10 +199,7 @@ def restores_of(env: Cluster, node: str, container: str) -> int:
 
 def delete(env: LocalEnv, kind: str, name: str, timeout: float = 120) -> None:
     env.kubectl("delete", kind, name, "-n", "default", "--wait=false", check=False)
-    deadline = time.monotonic() + timeout
-    while get(env, kind, name) is not None:
-        assert time.monotonic() < deadline, f"{kind} {name} was not deleted in {timeout:.0f}s"
-        time.sleep(0.3)
+    until(f"the deletion of {kind} {name}", lambda: get(env, kind, name) is None, timeout, interval=0.3)
 
 
 def events(env: LocalEnv, name: str, reason: str, kind: str | None = None) -> list[str]:
@@ -215,24 +211,22 @@ def events(env: LocalEnv, name: str, reason: str, kind: str | None = None) -> li
     return [str(e.get("message")) for e in json.loads(out.stdout)["items"]]
 
 
-def until(what: str, test: Callable[[], Any], timeout: float = 30, last: Callable[[], Any] | None = None) -> Any:
-    """What `test()` returns once truthy; fails naming `what`, and with `last()`, after `timeout` seconds."""
+def until(
+    what: str,
+    test: Callable[[], Any],
+    timeout: float = 30,
+    last: Callable[[], Any] | None = None,
+    interval: float = 0.25,
+) -> Any:
+    """What `test()` returns once truthy, asked every `interval` seconds; fails naming `what`, and with
+    `last()`, after `timeout` seconds."""
     deadline = time.monotonic() + timeout
     while True:
         found = test()
         if found:
             return found
         assert time.monotonic() < deadline, f"{what} did not happen in {timeout:.0f}s; last: {last and last()}"
-        time.sleep(0.25)
-
-
-def eventually(what: str, probe: Callable[[], bool], timeout: float = 60, log: Callable[[], str] | None = None) -> None:
-    """Returns once `probe()` holds; after `timeout` seconds the test fails naming `what`, with `log()`."""
-    deadline = time.monotonic() + timeout
-    while not probe():
-        if time.monotonic() > deadline:
-            pytest.fail(f"not within {timeout}s: {what}" + (f"\n{log()}" if log else ""), pytrace=False)
-        time.sleep(0.2)
+        time.sleep(interval)
 
 
 def members(archive: bytes) -> dict[str, bytes]:
@@ -250,10 +244,12 @@ def members(archive: bytes) -> dict[str, bytes]:
 
 def wait_storage(env: LocalEnv, name: str, phase: str = "Available") -> None:
     """Returns once the CheckpointStorage's status says `phase`."""
-    deadline = time.monotonic() + 60
-    while env.kubectl("get", "cks", name, "-o", "jsonpath={.status.phase}").stdout != phase:
-        assert time.monotonic() < deadline, f"CheckpointStorage {name} is not {phase}"
-        time.sleep(0.5)
+    until(
+        f"CheckpointStorage {name} {phase}",
+        lambda: env.kubectl("get", "cks", name, "-o", "jsonpath={.status.phase}").stdout == phase,
+        timeout=60,
+        interval=0.5,
+    )
 
 
 @contextmanager

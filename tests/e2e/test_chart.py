@@ -19,7 +19,7 @@ from typing import Any
 import pytest
 import yaml
 
-from helpers import eventually
+from helpers import until
 from localenv.chart import agent_pod
 from localenv.controlplane import ControlPlane, kubernetes_version
 from localenv.procs import BIN, REPO_ROOT, Supervisor, free_port, require, run
@@ -540,7 +540,7 @@ def _apply_dry_run(cp: ControlPlane, manifest: str) -> None:
         return cp.kubectl("apply", "--dry-run=server", "-f", "-", input=manifest, check=False).returncode == 0
 
     if not accepted():
-        eventually("the API server accepts the rendered chart", accepted, timeout=30)
+        until("the API server accepts the rendered chart", accepted, timeout=30)
     out = cp.kubectl("apply", "--dry-run=server", "-f", "-", input=manifest)
     assert "(server dry run)" in out.stdout
 
@@ -715,9 +715,10 @@ def test_controller_has_least_privilege(cp: ControlPlane, installed: str) -> Non
 def test_namespace_editors_can_checkpoint_through_aggregated_roles(cp: ControlPlane, installed: str) -> None:
     user = cp.kubeconfig_for_user("dana", ["team-devs"])
     cp.kubectl("create", "rolebinding", "devs-edit", "--clusterrole=edit", "--group=team-devs", "-n", WORKLOADS)
-    eventually(
+    until(
         "the edit role (aggregated) lets a namespace editor create ContainerCheckpoints",
         lambda: can(cp, user, "create", CCP, WORKLOADS),
+        timeout=60,
     )
     assert can(cp, user, "delete", CRST, WORKLOADS)
     assert not can(cp, user, "patch", CCP, WORKLOADS, "--subresource=status")
@@ -797,18 +798,20 @@ print(json.dumps({{"storages": [s.metadata.name for s in kube.storages()], "key"
         def get(*args: str) -> str:
             return cp.kubectl("get", *args, check=False).stdout
 
-        eventually(
+        until(
             "the agent renews its Lease",
             lambda: (
                 get(LEASES, f"checkpointer-agent-{NODE}", "-n", NAMESPACE, "-o", "jsonpath={.spec.holderIdentity}")
                 == NODE
             ),
-            log=logs,
+            last=logs,
+            timeout=60,
         )
-        eventually(
+        until(
             "the controller validates the chart's storage with its Secret",
             lambda: get(CKS, "default", "-o", "jsonpath={.status.phase}") == "Unavailable",
-            log=logs,
+            last=logs,
+            timeout=60,
         )
         message = get(CKS, "default", "-o", "jsonpath={.status.message}")
         assert "Forbidden" not in message and "403" not in message, message
@@ -831,8 +834,11 @@ print(json.dumps({{"storages": [s.metadata.name for s in kube.storages()], "key"
             return json.loads(out) if out else {}
 
         # Scheduled by the controller (node label, finalizer), then failed by the agent (status).
-        eventually(
-            "the agent fails the checkpoint", lambda: status().get("status", {}).get("phase") == "Failed", log=logs
+        until(
+            "the agent fails the checkpoint",
+            lambda: status().get("status", {}).get("phase") == "Failed",
+            last=logs,
+            timeout=60,
         )
         obj = status()
         assert obj["metadata"]["labels"]["checkpointer.dev/node"] == NODE

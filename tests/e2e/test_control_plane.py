@@ -9,7 +9,7 @@ from typing import Any
 
 import pytest
 
-from helpers import eventually, start_control_plane
+from helpers import start_control_plane, until
 from localenv.controlplane import ControlPlane, kubernetes_version
 
 pytestmark = pytest.mark.e2e
@@ -75,8 +75,10 @@ def test_crd_cel_rule_rejects_a_bad_object_with_its_message(cp: ControlPlane) ->
     kubectl_apply(cp, WIDGET_CRD)
     cp.kubectl("wait", "--for=condition=Established", "crd/widgets.localenv.checkpointer.dev", "--timeout=30s")
     # kubectl's discovery may lag the Established condition by a moment.
-    eventually(
-        "a valid Widget is accepted", lambda: kubectl_apply(cp, widget("good", 1, 2), check=False).returncode == 0
+    until(
+        "a valid Widget is accepted",
+        lambda: kubectl_apply(cp, widget("good", 1, 2), check=False).returncode == 0,
+        timeout=60,
     )
 
     bad = kubectl_apply(cp, widget("bad", 3, 2), check=False)
@@ -109,9 +111,10 @@ def test_serviceaccount_is_forbidden_until_a_role_is_bound(cp: ControlPlane) -> 
         "-n",
         "sa-test",
     )
-    eventually(
+    until(
         "the bound Role lets the ServiceAccount list secrets",
         lambda: cp.kubectl("get", "secrets", "-n", "sa-test", kubeconfig=kubeconfig, check=False).returncode == 0,
+        timeout=60,
     )
     # Still nothing outside the Role's namespace.
     other = cp.kubectl("get", "secrets", "-n", "default", kubeconfig=kubeconfig, check=False)
@@ -131,9 +134,10 @@ def test_client_certificate_user_is_forbidden_then_gets_aggregated_view(cp: Cont
 
     # `view` has no rules of its own: the clusterrole-aggregation controller fills them in.
     cp.kubectl("create", "clusterrolebinding", "developers-view", "--clusterrole=view", "--group=developers")
-    eventually(
+    until(
         "the aggregated view ClusterRole lets the group list configmaps",
         lambda: cp.kubectl("get", "configmaps", "-n", "default", kubeconfig=kubeconfig, check=False).returncode == 0,
+        timeout=60,
     )
 
 
@@ -171,9 +175,10 @@ def test_garbage_collector_deletes_dependents(cp: ControlPlane) -> None:
     }
     kubectl_apply(cp, dependent)
     cp.kubectl("delete", "configmap", "owner", "-n", "default")
-    eventually(
+    until(
         "the garbage collector deletes the dependent ConfigMap",
         lambda: cp.kubectl("get", "configmap", "dependent", "-n", "default", check=False).returncode != 0,
+        timeout=60,
     )
 
 

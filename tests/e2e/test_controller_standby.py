@@ -9,7 +9,7 @@ from typing import Any
 
 import pytest
 
-from helpers import counter, create, eventually
+from helpers import counter, create, until
 from invariants import check_invariants
 from localenv.controlplane import ControlPlane
 from localenv.env import LocalEnv
@@ -66,14 +66,14 @@ def back_to_one_controller(env: LocalEnv) -> None:
         env.start_controller()
     # SIGTERM: the standby-turned-leader gives the Lease up and the restarted controller takes it at once.
     env.stop_controller(STANDBY)
-    eventually(f"{LEADER} leads again", lambda: env.controller_leader() == LEADER, log=env.logs, timeout=30)
+    until(f"{LEADER} leads again", lambda: env.controller_leader() == LEADER, last=env.logs, timeout=30)
     env.wait_storage_available()
 
 
 def test_standby_takes_over_from_a_killed_leader_and_nothing_is_scheduled_twice(local_env: LocalEnv) -> None:
     env = local_env
     require(isinstance(env.control_plane, ControlPlane), "the controllers must be this environment's own processes")
-    eventually(f"{LEADER} holds the controller Lease", lambda: env.controller_leader() == LEADER, log=env.logs)
+    until(f"{LEADER} holds the controller Lease", lambda: env.controller_leader() == LEADER, last=env.logs, timeout=60)
     containers = {"node-a": [counter(env, "node-a") for _ in range(2)], "node-b": [counter(env, "node-b")]}
     objects: dict[str, list[tuple[str, str]]] = {"before": [], "around": [], "after": []}
     restored: list[tuple[str, str]] = []
@@ -81,10 +81,11 @@ def test_standby_takes_over_from_a_killed_leader_and_nothing_is_scheduled_twice(
     env.start_controller(name=STANDBY)
     try:
         # Standing by: alive for its liveness probe, scheduling nothing.
-        eventually(
+        until(
             "the second controller reports standing by",
             lambda: f"standing by: the controller Lease is held by {LEADER}" in log_of(env, STANDBY, since),
-            log=env.logs,
+            last=env.logs,
+            timeout=60,
         )
         assert healthz(env, STANDBY) == 200
         source = created(
@@ -106,7 +107,7 @@ def test_standby_takes_over_from_a_killed_leader_and_nothing_is_scheduled_twice(
             )
         )
         for obj in objects["before"]:
-            eventually(f"{obj} scheduled", lambda obj=obj: phase(env, *obj) != "", log=env.logs)
+            until(f"{obj} scheduled", lambda obj=obj: phase(env, *obj) != "", last=env.logs, timeout=60)
         assert healthz(env, STANDBY) == 200
         standby_log = log_of(env, STANDBY, since)
         assert "leading" not in standby_log and "Handler" not in standby_log, standby_log
@@ -148,15 +149,18 @@ def test_standby_takes_over_from_a_killed_leader_and_nothing_is_scheduled_twice(
         ]
         assert all(phase(env, *obj) == "" for obj in objects["after"]), "scheduled while nobody leads"
 
-        eventually(
+        until(
             f"{STANDBY} takes the controller Lease over",
             lambda: env.controller_leader() == STANDBY,
-            log=env.logs,
+            last=env.logs,
             timeout=TAKEOVER_LIMIT_SECONDS + 10,
         )
         takeover = time.monotonic() - killed
-        eventually(
-            "the new leader schedules", lambda: all(phase(env, *o) != "" for o in objects["after"]), log=env.logs
+        until(
+            "the new leader schedules",
+            lambda: all(phase(env, *o) != "" for o in objects["after"]),
+            last=env.logs,
+            timeout=60,
         )
         scheduling = time.monotonic() - killed
         print(f"takeover after SIGKILL: Lease {takeover:.1f}s, objects scheduled {scheduling:.1f}s")
@@ -189,18 +193,19 @@ def test_standby_takes_over_from_a_killed_leader_and_nothing_is_scheduled_twice(
 def test_graceful_stop_hands_the_lease_over_at_once(local_env: LocalEnv) -> None:
     env = local_env
     require(isinstance(env.control_plane, ControlPlane), "the controllers must be this environment's own processes")
-    eventually(f"{LEADER} holds the controller Lease", lambda: env.controller_leader() == LEADER, log=env.logs)
+    until(f"{LEADER} holds the controller Lease", lambda: env.controller_leader() == LEADER, last=env.logs, timeout=60)
     since = {name: log_size(env, name) for name in (LEADER, STANDBY)}
     env.start_controller(name=STANDBY)
     try:
-        eventually(
+        until(
             "the second controller reports standing by",
             lambda: f"standing by: the controller Lease is held by {LEADER}" in log_of(env, STANDBY, since[STANDBY]),
-            log=env.logs,
+            last=env.logs,
+            timeout=60,
         )
         stopped = time.monotonic()
         env.stop_controller(LEADER)
-        eventually(f"{STANDBY} leads", lambda: env.controller_leader() == STANDBY, log=env.logs, timeout=10)
+        until(f"{STANDBY} leads", lambda: env.controller_leader() == STANDBY, last=env.logs, timeout=10)
         handover = time.monotonic() - stopped
         print(f"handover after SIGTERM: {handover:.1f}s")
         # Well within the Lease's 10 s: the leader gave it up instead of letting it expire.
