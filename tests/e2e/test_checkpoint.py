@@ -17,11 +17,13 @@ from helpers import (
     checkpoint,
     condition,
     counter,
+    create,
     members,
     node_name,
     ready,
     reason_of,
     remove,
+    restore,
     state,
     unique,
     wait_storage,
@@ -166,15 +168,8 @@ def test_checkpoint_without_export_stays_on_the_node(local_env: LocalEnv) -> Non
     ],
 )
 def test_failures_end_in_failed_with_a_reason(local_env: LocalEnv, spec: dict[str, Any], reason: str) -> None:
-    name = unique("bad")
-    local_env.apply(
-        {
-            "apiVersion": "checkpointer.dev/v1alpha1",
-            "kind": "ContainerCheckpoint",
-            "metadata": {"name": name, "namespace": "default"},
-            "spec": {**spec, "nodeName": node_name(local_env, spec["nodeName"])},
-        }
-    )
+    spec = {**spec, "nodeName": node_name(local_env, spec["nodeName"])}
+    name = create(local_env, "ContainerCheckpoint", spec, prefix="bad")
     obj = local_env.wait_phase("ccp", name, ["Succeeded", "Failed"], timeout=60)
     assert obj["status"]["phase"] == "Failed"
     assert reason_of(obj) == reason
@@ -452,20 +447,7 @@ def test_tcp_established_checkpoint_restores_on_the_other_node_and_the_connectio
         assert state(env, node, container) == "exited"
         counted = int(env.nodes[node].podman("logs", container).stdout.decode().split()[-1])
 
-        restore = unique("crst")
-        env.apply(
-            {
-                "apiVersion": "checkpointer.dev/v1alpha1",
-                "kind": "ContainerRestore",
-                "metadata": {"name": restore, "namespace": "default"},
-                "spec": {
-                    "nodeName": node_name(env, other),
-                    "source": {"checkpointRef": {"name": name}},
-                    "tcpEstablished": True,
-                },
-            }
-        )
-        restored = env.wait_phase("crst", restore, ["Succeeded", "Failed"])["status"]
+        restored = restore(env, other, {"checkpointRef": {"name": name}}, tcpEstablished=True)["status"]
         assert restored["phase"] == "Succeeded", restored
         assert restored["containerName"] == container
         assert read_count(env.nodes[other], container) >= counted, "the count went on from memory"

@@ -19,7 +19,7 @@ import uuid
 
 import pytest
 
-from helpers import archive_source, condition, members, ready, remove, restore, state, unique, until
+from helpers import archive_source, condition, create, members, ready, remove, restore, state, unique, until
 from invariants import check_invariants
 from localenv.env import NAMESPACE, LocalEnv
 from localenv.images import COUNTER, owned_by, read_count
@@ -90,16 +90,8 @@ def test_a_live_export_never_carries_a_file_of_the_node(local_env: LocalEnv) -> 
 def live_export_of(env: LocalEnv, container: str, marker: str, secret: bytes) -> None:
     """One live export from the admin namespace (what podman copies is judged, whatever the Lease
     says), its archive read from the bucket."""
-    name = unique("ccp")
     spec = {"nodeName": NODE, "containers": [container], "leaveRunning": True, "export": {}, "compress": "none"}
-    env.apply(
-        {
-            "apiVersion": "checkpointer.dev/v1alpha1",
-            "kind": "ContainerCheckpoint",
-            "metadata": {"name": name, "namespace": NAMESPACE},
-            "spec": spec,
-        }
-    )
+    name = create(env, "ContainerCheckpoint", spec, NAMESPACE)
     obj = env.wait_phase("ccp", name, ["Succeeded", "Failed"], namespace=NAMESPACE)
     assert obj["status"]["phase"] == "Succeeded", obj["status"]
     [archive] = obj["status"]["archives"]

@@ -17,7 +17,7 @@ from typing import Any
 import pytest
 from kubernetes.client.exceptions import ApiException
 
-from helpers import delete, events, finished, get, ready, unique, until, workload
+from helpers import apply, delete, events, finished, get, ready, unique, until, workload
 from invariants import check_invariants
 from localenv.env import LocalEnv
 
@@ -29,14 +29,7 @@ SCHEDULED_TIME = "checkpointer.dev/scheduled-time"
 
 
 def schedule(env: LocalEnv, name: str, spec: dict[str, Any]) -> None:
-    env.apply(
-        {
-            "apiVersion": "checkpointer.dev/v1alpha1",
-            "kind": KIND,
-            "metadata": {"name": name, "namespace": "default"},
-            "spec": spec,
-        }
-    )
+    apply(env, KIND, name, spec)
 
 
 def template(node: str, container: str) -> dict[str, Any]:
