@@ -63,6 +63,24 @@ def control_plane(local_env: LocalEnv) -> ControlPlane:
     return local_env.control_plane
 
 
+@pytest.fixture(scope="module")
+def cp(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ControlPlane]:
+    """A control plane of the test module's own, for tests that install cluster-wide objects and CRDs."""
+    from helpers import own_control_plane  # tests/e2e is on the path once an e2e test is collected
+
+    with own_control_plane(tmp_path_factory.mktemp("control-plane")) as plane:
+        yield plane
+
+
+@pytest.fixture(scope="module")
+def unsigned(local_env: LocalEnv) -> Iterator[str]:
+    """A storage that admits unsigned archives (made by plain podman) and keeps them, for the test module."""
+    from helpers import storage_accepting_unsigned
+
+    with storage_accepting_unsigned(local_env) as storage:
+        yield storage
+
+
 @pytest.hookimpl(wrapper=True)
 def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> Iterator[None]:
     report = yield

@@ -19,7 +19,7 @@ from typing import Any
 import yaml
 from botocore.exceptions import ClientError
 
-from faultkit import unique
+from helpers import unique
 from localenv.controlplane import kubernetes_version
 from localenv.env import NAMESPACE, LocalEnv
 from localenv.images import COUNTER, owned_by, read_count

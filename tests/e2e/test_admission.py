@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import time
-import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,6 +19,7 @@ import pytest
 from kubernetes import client, config
 from kubernetes.client.exceptions import ApiException
 
+from helpers import unique, until
 from localenv.controlplane import ControlPlane
 
 pytestmark = pytest.mark.e2e
@@ -32,7 +32,7 @@ PLURALS = {
     "CheckpointStorage": "checkpointstorages",
     "CheckpointSchedule": "checkpointschedules",
 }
-RUN = uuid.uuid4().hex[:6]
+RUN = unique("admission")
 SUITE_LABEL = "test.checkpointer.dev/suite"
 SHA = "0123456789abcdef" * 4
 
@@ -554,7 +554,7 @@ class Api:
         self.namespace = namespace
 
     def body(self, kind: str, spec: dict[str, Any], name: str | None = None) -> dict[str, Any]:
-        metadata: dict[str, Any] = {"labels": {SUITE_LABEL: f"admission-{RUN}"}}
+        metadata: dict[str, Any] = {"labels": {SUITE_LABEL: RUN}}
         if name is None:
             metadata["generateName"] = f"{kind.lower()}-"
         else:
@@ -627,7 +627,7 @@ def api(control_plane: ControlPlane) -> Iterator[Api]:
     control_plane.kubectl("apply", "-f", CRDS)
     names = [f"crd/{plural}.{GROUP}" for plural in PLURALS.values()]
     control_plane.kubectl("wait", "--for=condition=Established", "--timeout=60s", *names, timeout=90)
-    namespace = f"admission-{RUN}"
+    namespace = RUN
     control_plane.kubectl("create", "namespace", namespace)
     api_client = config.new_client_from_config(config_file=str(control_plane.kubeconfig))  # type: ignore[no-untyped-call]
     suite = Api(api_client, namespace)
@@ -646,13 +646,12 @@ def api(control_plane: ControlPlane) -> Iterator[Api]:
     try:
         yield suite
     finally:
-        selector = f"{SUITE_LABEL}=admission-{RUN}"
+        selector = f"{SUITE_LABEL}={RUN}"
         suite.objects.delete_collection_cluster_custom_object(
             GROUP, VERSION, "checkpointstorages", label_selector=selector
         )
         # Storages are cluster-wide and some of these are marked default: the next module must not
         # find them. The controller's finalizer lets each go once its validation timer has stopped.
-        deadline = time.monotonic() + 120
 
         def left() -> list[Any]:
             found = suite.objects.list_cluster_custom_object(
@@ -660,9 +659,7 @@ def api(control_plane: ControlPlane) -> Iterator[Api]:
             )
             return list(found["items"])
 
-        while left():
-            assert time.monotonic() < deadline, "the suite's CheckpointStorages were not deleted in 120 s"
-            time.sleep(0.5)
+        until("the suite's CheckpointStorages deleted", lambda: not left(), timeout=120)
         control_plane.kubectl("delete", "namespace", namespace, "--wait=false")
         api_client.close()
 

@@ -23,7 +23,6 @@ import re
 import shutil
 import tempfile
 import time
-import uuid
 from pathlib import Path
 from typing import Any
 
@@ -31,10 +30,11 @@ import pytest
 import yaml
 
 from checkpointer.services.node import EXCLUDE_LABEL
+from helpers import checkpoint, counter, unique
 from localenv import operator_image
 from localenv.controlplane import ControlPlane, kubernetes_version
 from localenv.env import NAMESPACE, LocalEnv
-from localenv.images import COUNTER, Image, load_images, owned_by, read_count
+from localenv.images import Image, load_images
 from localenv.nodes import NodeSandbox
 from localenv.procs import BIN, REPO_ROOT, require, run
 
@@ -147,7 +147,7 @@ def test_agent_in_a_container_as_the_chart_runs_it_exports_a_checkpoint(
             "agent": {"stateDir": str(node.spool_dir), "spoolDir": str(node.spool_dir / "checkpointer")},
         }
     )
-    agent = f"checkpointer-agent-{uuid.uuid4().hex[:6]}"
+    agent = unique("checkpointer-agent")
     # Inside the node only its state directory is visible from the host: the kubeconfig goes there.
     private = node.state_dir / agent
     load_images([node], [image])
@@ -172,18 +172,8 @@ def test_agent_in_a_container_as_the_chart_runs_it_exports_a_checkpoint(
         assert (host["Privileged"], host["PidMode"], host["ReadonlyRootfs"]) == (True, "host", True)
         assert host["Memory"] == 512 * 2**20, "the chart's memory limit"
 
-        counter = f"counter-{uuid.uuid4().hex[:6]}"
-        node.podman("run", "-d", *owned_by("default"), "--name", counter, COUNTER)
-        read_count(node, counter)
-        ccp = f"ccp-{uuid.uuid4().hex[:6]}"
-        env.apply(
-            {
-                "apiVersion": "checkpointer.dev/v1alpha1",
-                "kind": "ContainerCheckpoint",
-                "metadata": {"name": ccp, "namespace": "default"},
-                "spec": {"nodeName": node_name, "containers": [counter], "export": {}},
-            }
-        )
+        counting = counter(env, node_name)
+        ccp = checkpoint(env, node_name, containers=[counting], export={})
         obj = env.wait_phase("ccp", ccp, ["Succeeded", "Failed"])
         status = obj["status"]
         assert status["phase"] == "Succeeded", f"{status}\n{container_logs(node, agent)}"
@@ -197,7 +187,7 @@ def test_agent_in_a_container_as_the_chart_runs_it_exports_a_checkpoint(
         # Its step line names the object, its uid and the node (docs/metrics.md#step-logs).
         step = f"checkpoint default/{ccp} uid={obj['metadata']['uid'][:8]} node={node_name} step=checkpoint"
         assert step in container_logs(node, agent)
-        node.podman("rm", "-f", counter)
+        node.podman("rm", "-f", counting)
         env.kubectl("delete", "ccp", ccp, "--wait=true", "--timeout=60s")
     finally:
         # Into the environment's logs, which a failed test shows.

@@ -9,8 +9,6 @@ credentials try to write node-b's objects and Lease.
 from __future__ import annotations
 
 import json
-import time
-import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -19,6 +17,7 @@ import kubernetes
 import pytest
 from kubernetes.client.exceptions import ApiException
 
+from helpers import unique, until
 from localenv.chart import AGENT_SA
 from localenv.controlplane import ControlPlane
 from localenv.env import NAMESPACE, LocalEnv
@@ -70,7 +69,7 @@ def refused(call: Callable[[], Any]) -> str:
     raise AssertionError("the write went through")
 
 
-def checkpoint(name: str, node: str, label: str | None = None) -> dict[str, Any]:
+def checkpoint_object(name: str, node: str, label: str | None = None) -> dict[str, Any]:
     """A checkpoint of a container that does not exist: it fails at once, and nothing on the node changes."""
     return {
         "apiVersion": "checkpointer.dev/v1alpha1",
@@ -83,9 +82,8 @@ def checkpoint(name: str, node: str, label: str | None = None) -> dict[str, Any]
 @pytest.fixture
 def objects(local_env: LocalEnv) -> Iterator[dict[str, str]]:
     """One failed ContainerCheckpoint for each node (the controller labels them), deleted afterwards."""
-    suffix = uuid.uuid4().hex[:6]
-    names = {node: f"identity-{node}-{suffix}" for node in ("node-a", "node-b")}
-    local_env.apply(*(checkpoint(name, node) for node, name in names.items()))
+    names = {node: unique(f"identity-{node}") for node in ("node-a", "node-b")}
+    local_env.apply(*(checkpoint_object(name, node) for node, name in names.items()))
     try:
         for name in names.values():
             local_env.wait_phase("ccp", name, ["Failed"], timeout=90)
@@ -165,27 +163,27 @@ def test_node_a_agent_writes_only_node_a_objects_and_lease(
 def test_creating_is_judged_by_the_label_too(local_env: LocalEnv, plane: ControlPlane) -> None:
     """RBAC grants the agent no create; granted here for a moment, the policy alone still confines it."""
     node_a = Agent(local_env.agent_kubeconfig("node-a"))
-    grant = f"identity-create-{uuid.uuid4().hex[:6]}"
+    grant = unique("identity-create")
     local_env.kubectl("create", "role", grant, "-n", "default", "--verb=create", f"--resource={CCP}")
     subject = f"--serviceaccount={NAMESPACE}:{AGENT_SA}"
     local_env.kubectl("create", "rolebinding", grant, "-n", "default", f"--role={grant}", subject)
-    suffix = uuid.uuid4().hex[:6]
-    theirs, mine = f"identity-new-b-{suffix}", f"identity-new-a-{suffix}"
+    theirs, mine = unique("identity-new-b"), unique("identity-new-a")
     try:
         as_agent = f"--as=system:serviceaccount:{NAMESPACE}:{AGENT_SA}"
-        deadline = time.monotonic() + 30
         # RBAC takes the new binding from its cache: until then a 403 would be RBAC's, not the policy's.
-        while (
-            local_env.kubectl("auth", "can-i", "create", CCP, "-n", "default", as_agent, check=False).stdout.strip()
-            != "yes"
-        ):
-            assert time.monotonic() < deadline, "the Role granting create never took effect"
-            time.sleep(0.5)
-        message = refused(lambda: node_a.create(checkpoint(theirs, "node-b", "node-b")))
+        until(
+            "the Role granting create to take effect",
+            lambda: (
+                local_env.kubectl("auth", "can-i", "create", CCP, "-n", "default", as_agent, check=False).stdout.strip()
+                == "yes"
+            ),
+            timeout=30,
+        )
+        message = refused(lambda: node_a.create(checkpoint_object(theirs, "node-b", "node-b")))
         assert message.endswith(f"containercheckpoints default/{theirs} is labelled {NODE_LABEL}=node-b"), message
-        message = refused(lambda: node_a.create(checkpoint(theirs, "node-a")))
+        message = refused(lambda: node_a.create(checkpoint_object(theirs, "node-a")))
         assert message.endswith(f"containercheckpoints default/{theirs} has no {NODE_LABEL} label"), message
-        node_a.create(checkpoint(mine, "node-a", "node-a"))
+        node_a.create(checkpoint_object(mine, "node-a", "node-a"))
         # Left to run its course before it is deleted (it fails: its container does not exist).
         local_env.wait_phase("ccp", mine, ["Failed"], timeout=90)
         assert local_env.kubectl("get", CCP, theirs, "-n", "default", check=False).returncode != 0
@@ -196,9 +194,9 @@ def test_creating_is_judged_by_the_label_too(local_env: LocalEnv, plane: Control
 
 def test_the_label_alone_does_not_make_an_object_the_agents(local_env: LocalEnv, plane: ControlPlane) -> None:
     """Whoever may edit an object may label it: its spec.nodeName must name the agent's node as well."""
-    name = f"identity-elsewhere-{uuid.uuid4().hex[:6]}"
+    name = unique("identity-elsewhere")
     # A node that does not exist: the controller fails it and never schedules it, so no label is put back.
-    local_env.apply(checkpoint(name, "node-absent"))
+    local_env.apply(checkpoint_object(name, "node-absent"))
     try:
         local_env.wait_phase("ccp", name, ["Failed"], timeout=90)
         local_env.kubectl("label", CCP, name, "-n", "default", f"{NODE_LABEL}=node-a")

@@ -9,13 +9,11 @@ on the same bucket is Unavailable, naming the older.
 from __future__ import annotations
 
 import json
-import time
-from collections.abc import Callable
 from typing import Any
 
 import pytest
 
-from faultkit import unique
+from helpers import reason_and_message, remove, unique, until
 from invariants import check_invariants
 from localenv.env import STORAGE
 from localenv.images import read_count
@@ -24,14 +22,6 @@ from tenants import NODE, TEAM_A, Tenants, labelled_counter
 pytestmark = pytest.mark.e2e
 
 SCHEDULE_LABEL = "checkpointer.dev/schedule"
-
-
-def until(what: str, test: Callable[[], Any], timeout: float = 60) -> Any:
-    deadline = time.monotonic() + timeout
-    while not (found := test()):
-        assert time.monotonic() < deadline, f"{what} did not happen in {timeout:.0f}s"
-        time.sleep(0.3)
-    return found
 
 
 def restored_count(t: Tenants, checkpoint: str) -> tuple[str, int]:
@@ -45,11 +35,6 @@ def restored_count(t: Tenants, checkpoint: str) -> tuple[str, int]:
 
 def folder_of(obj: dict[str, Any]) -> str:
     return str(obj["status"]["archives"][0]["key"]).rsplit("/", 1)[0]
-
-
-def remove(t: Tenants, *containers: str) -> None:
-    for container in containers:
-        t.env.nodes[NODE].podman("rm", "-f", "-t", "0", container, check=False)
 
 
 def delete_restores(t: Tenants) -> None:
@@ -70,7 +55,7 @@ def test_two_checkpoints_given_one_key_each_restore_their_own_bytes(tenants: Ten
         assert first_obj["status"]["phase"] == "Succeeded", first_obj["status"]
         after_first = read_count(node, counter)
         # Apart by far more than the counter runs on while a restore is written and read (5 a second).
-        until("the counter to count on", lambda: read_count(node, counter) > after_first + 40)
+        until("the counter to count on", lambda: read_count(node, counter) > after_first + 40, timeout=60)
         before_second = read_count(node, counter)
         second = t.create("ContainerCheckpoint", TEAM_A, {"containers": [counter], "compress": "none", **key})
         second_obj = t.finished("ccp", TEAM_A, second)
@@ -96,11 +81,11 @@ def test_two_checkpoints_given_one_key_each_restore_their_own_bytes(tenants: Ten
         assert count >= before_second, f"the second checkpoint restored count {count}, taken after {before_second}"
         t.delete("ccp", second)
         assert not t.stored(keys[1])
-        remove(t, counter)  # stopped by the second, whose archive is deleted now: nothing to keep it for
+        remove(t.env, NODE, counter)  # stopped by the second, whose archive is deleted now: nothing to keep it for
         delete_restores(t)
         check_invariants(env)
     finally:
-        remove(t, counter, *made)
+        remove(t.env, NODE, counter, *made)
 
 
 def test_a_schedule_with_export_key_keeps_every_run_it_retains_restorable(tenants: Tenants) -> None:
@@ -153,12 +138,12 @@ def test_a_schedule_with_export_key_keeps_every_run_it_retains_restorable(tenant
             made.append(restored)
             assert count > 0
         env.control_plane.kubectl("delete", "ccs", name, "-n", TEAM_A, "--wait=true", kubeconfig=t.alice)
-        until("the runs gone with their schedule", lambda: not children())
+        until("the runs gone with their schedule", lambda: not children(), timeout=60)
         delete_restores(t)
         check_invariants(env)
     finally:
         env.kubectl("delete", "ccs", name, "-n", TEAM_A, "--ignore-not-found", "--wait=false")
-        remove(t, counter, *made)
+        remove(t.env, NODE, counter, *made)
 
 
 def test_a_storage_nesting_with_an_older_ones_prefix_is_unavailable_naming_it(tenants: Tenants) -> None:
@@ -180,7 +165,9 @@ def test_a_storage_nesting_with_an_older_ones_prefix_is_unavailable_naming_it(te
         def status() -> dict[str, Any]:
             return dict(json.loads(env.kubectl("get", "cks", name, "-o", "json").stdout).get("status") or {})
 
-        found = until("the nested storage Unavailable", lambda: (s := status()).get("phase") == "Unavailable" and s)
+        found = until(
+            "the nested storage Unavailable", lambda: (s := status()).get("phase") == "Unavailable" and s, timeout=60
+        )
         assert STORAGE in found["message"] and "nests" in found["message"], found
         assert env.kubectl("get", "cks", STORAGE, "-o", "jsonpath={.status.phase}").stdout == "Available"
         # Nothing is written through it.
@@ -188,9 +175,9 @@ def test_a_storage_nesting_with_an_older_ones_prefix_is_unavailable_naming_it(te
             "ContainerCheckpoint", TEAM_A, {"containers": [t.ours], "export": {"storageRef": {"name": name}}}
         )
         obj = t.finished("ccp", TEAM_A, ccp)
-        ready = {c["type"]: c for c in obj["status"]["conditions"]}["Ready"]
-        assert (obj["status"]["phase"], ready["reason"]) == ("Failed", "StorageUnavailable"), obj["status"]
-        assert STORAGE in ready["message"]
+        reason, message = reason_and_message(obj)
+        assert (obj["status"]["phase"], reason) == ("Failed", "StorageUnavailable"), obj["status"]
+        assert STORAGE in message
         assert t.state(t.ours) == "running"
         t.delete("ccp", ccp)
     finally:

@@ -12,14 +12,13 @@ from __future__ import annotations
 
 import tarfile
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 import zstandard
 
-from faultkit import storage_accepting_unsigned, unique
+from helpers import archive_source, ready, reason_of, restore, unique
 from invariants import check_invariants
 from localenv.env import NAMESPACE, LocalEnv
 from localenv.images import COUNTER, owned_by, read_count
@@ -54,31 +53,6 @@ def upload(env: LocalEnv, data: bytes, name: str) -> str:
     return key
 
 
-def restore(env: LocalEnv, namespace: str, storage: str, key: str, **spec: Any) -> dict[str, Any]:
-    name = unique("crst")
-    archive = {"storageRef": {"name": storage}, "key": key}
-    if namespace != "default":
-        archive["namespace"] = "default"
-    env.apply(
-        {
-            "apiVersion": "checkpointer.dev/v1alpha1",
-            "kind": "ContainerRestore",
-            "metadata": {"name": name, "namespace": namespace},
-            "spec": {"nodeName": "node-b", "source": {"archive": archive}, **spec},
-        }
-    )
-    return env.wait_phase("crst", name, ["Succeeded", "Failed"], namespace=namespace)
-
-
-def ready(obj: dict[str, Any]) -> dict[str, Any]:
-    condition: dict[str, Any] = {c["type"]: c for c in obj["status"]["conditions"]}["Ready"]
-    return condition
-
-
-def reason_of(obj: dict[str, Any]) -> str:
-    return str(ready(obj)["reason"])
-
-
 def exported_by_hand(env: LocalEnv, *run_flags: str) -> tuple[str, bytes]:
     """A counter run on node-a with `run_flags`, checkpointed and exported by podman itself."""
     node = env.nodes["node-a"]
@@ -93,12 +67,6 @@ def exported_by_hand(env: LocalEnv, *run_flags: str) -> tuple[str, bytes]:
         return container, export.read_bytes()
     finally:
         export.unlink()
-
-
-@pytest.fixture(scope="module")
-def unsigned(local_env: LocalEnv) -> Iterator[str]:
-    with storage_accepting_unsigned(local_env) as storage:
-        yield storage
 
 
 @pytest.mark.parametrize(
@@ -117,7 +85,7 @@ def test_archive_asking_for_the_host_needs_an_admin_namespace(
     key = upload(env, data, container)
     target = env.nodes["node-b"]
 
-    refused = restore(env, "default", unsigned, key)
+    refused = restore(env, "node-b", archive_source(unsigned, key))
     assert refused["status"]["phase"] == "Failed", refused["status"]
     assert reason_of(refused) == "ArchiveNotPermitted", refused["status"]
     message = ready(refused)["message"]
@@ -125,7 +93,7 @@ def test_archive_asking_for_the_host_needs_an_admin_namespace(
     assert "nothing was restored" in message
     assert target.podman("container", "exists", container, check=False).returncode == 1
 
-    admitted = restore(env, NAMESPACE, unsigned, key)
+    admitted = restore(env, "node-b", archive_source(unsigned, key, NAMESPACE), namespace=NAMESPACE)
     print(f"{flags}: from {NAMESPACE}: {reason_of(admitted)}: {ready(admitted)['message']}")
     assert reason_of(admitted) != "ArchiveNotPermitted", admitted["status"]
     if admitted["status"]["phase"] == "Succeeded":
@@ -187,7 +155,7 @@ def test_crafted_archive_is_corrupt_with_the_agent_bounded(
     Path(f"/proc/{pid}/clear_refs").write_text("5")  # resets VmHWM to the current RSS
     before = memory(pid, "VmHWM")
 
-    obj = restore(env, "default", unsigned, key)
+    obj = restore(env, "node-b", archive_source(unsigned, key))
     peak = memory(pid, "VmHWM")
     print(f"agent peak RSS {peak / MiB:.0f} MiB (before {before / MiB:.0f} MiB) reading a {size // MiB} MiB {message}")
     assert reason_of(obj) == "ArchiveCorrupt", obj["status"]

@@ -12,8 +12,6 @@ import json
 import os
 import re
 import sys
-import time
-from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -21,8 +19,9 @@ from typing import Any
 import pytest
 import yaml
 
+from helpers import until
 from localenv.chart import agent_pod
-from localenv.controlplane import ControlPlane, kubernetes_version, missing_binaries
+from localenv.controlplane import ControlPlane, kubernetes_version
 from localenv.procs import BIN, REPO_ROOT, Supervisor, free_port, require, run
 
 pytestmark = pytest.mark.e2e
@@ -57,14 +56,6 @@ CLUSTER_SCOPED = ("ClusterRole", "ClusterRoleBinding", "ValidatingAdmissionPolic
 
 
 # --- helpers -------------------------------------------------------------------------------------
-
-
-def eventually(what: str, probe: Callable[[], bool], timeout: float = 60, log: Callable[[], str] | None = None) -> None:
-    deadline = time.monotonic() + timeout
-    while not probe():
-        if time.monotonic() > deadline:
-            pytest.fail(f"not within {timeout}s: {what}" + (f"\n{log()}" if log else ""), pytrace=False)
-        time.sleep(0.5)
 
 
 @dataclass
@@ -135,21 +126,6 @@ def env_of(container: dict[str, Any]) -> dict[str, Any]:
 def helm(tmp_path_factory: pytest.TempPathFactory) -> Helm:
     require(HELM.exists(), f"helm is not built ({HELM}): run hack/build/tools.sh")
     return Helm(tmp_path_factory.mktemp("helm"))
-
-
-@pytest.fixture(scope="module")
-def cp(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ControlPlane]:
-    """A control plane of this module's own: the chart installs cluster-wide objects and CRDs."""
-    missing = missing_binaries()
-    require(not missing, f"control-plane binaries not built ({', '.join(missing)}): run hack/build/tools.sh")
-    workdir = tmp_path_factory.mktemp("chart-control-plane")
-    supervisor = Supervisor(workdir / "logs")
-    plane = ControlPlane.start(workdir, supervisor)
-    try:
-        yield plane
-    finally:
-        plane.stop()
-        supervisor.stop_all()
 
 
 @pytest.fixture(scope="module")
@@ -567,7 +543,7 @@ def _apply_dry_run(cp: ControlPlane, manifest: str) -> None:
         return cp.kubectl("apply", "--dry-run=server", "-f", "-", input=manifest, check=False).returncode == 0
 
     if not accepted():
-        eventually("the API server accepts the rendered chart", accepted, timeout=30)
+        until("the API server accepts the rendered chart", accepted, timeout=30)
     out = cp.kubectl("apply", "--dry-run=server", "-f", "-", input=manifest)
     assert "(server dry run)" in out.stdout
 
@@ -742,9 +718,10 @@ def test_controller_has_least_privilege(cp: ControlPlane, installed: str) -> Non
 def test_namespace_editors_can_checkpoint_through_aggregated_roles(cp: ControlPlane, installed: str) -> None:
     user = cp.kubeconfig_for_user("dana", ["team-devs"])
     cp.kubectl("create", "rolebinding", "devs-edit", "--clusterrole=edit", "--group=team-devs", "-n", WORKLOADS)
-    eventually(
+    until(
         "the edit role (aggregated) lets a namespace editor create ContainerCheckpoints",
         lambda: can(cp, user, "create", CCP, WORKLOADS),
+        timeout=60,
     )
     assert can(cp, user, "delete", CRST, WORKLOADS)
     assert not can(cp, user, "patch", CCP, WORKLOADS, "--subresource=status")
@@ -824,18 +801,20 @@ print(json.dumps({{"storages": [s.metadata.name for s in kube.storages()], "key"
         def get(*args: str) -> str:
             return cp.kubectl("get", *args, check=False).stdout
 
-        eventually(
+        until(
             "the agent renews its Lease",
             lambda: (
                 get(LEASES, f"checkpointer-agent-{NODE}", "-n", NAMESPACE, "-o", "jsonpath={.spec.holderIdentity}")
                 == NODE
             ),
-            log=logs,
+            last=logs,
+            timeout=60,
         )
-        eventually(
+        until(
             "the controller validates the chart's storage with its Secret",
             lambda: get(CKS, "default", "-o", "jsonpath={.status.phase}") == "Unavailable",
-            log=logs,
+            last=logs,
+            timeout=60,
         )
         message = get(CKS, "default", "-o", "jsonpath={.status.message}")
         assert "Forbidden" not in message and "403" not in message, message
@@ -858,8 +837,11 @@ print(json.dumps({{"storages": [s.metadata.name for s in kube.storages()], "key"
             return json.loads(out) if out else {}
 
         # Scheduled by the controller (node label, finalizer), then failed by the agent (status).
-        eventually(
-            "the agent fails the checkpoint", lambda: status().get("status", {}).get("phase") == "Failed", log=logs
+        until(
+            "the agent fails the checkpoint",
+            lambda: status().get("status", {}).get("phase") == "Failed",
+            last=logs,
+            timeout=60,
         )
         obj = status()
         assert obj["metadata"]["labels"]["checkpointer.dev/node"] == NODE

@@ -3,70 +3,39 @@
 from __future__ import annotations
 
 import hashlib
-import io
 import json
 import os
 import re
 import subprocess
-import tarfile
 import time
 import urllib.request
-import uuid
 from typing import Any
 
 import pytest
-import zstandard
 
+from helpers import (
+    checkpoint,
+    condition,
+    counter,
+    create,
+    members,
+    node_name,
+    ready,
+    reason_of,
+    remove,
+    restore,
+    state,
+    unique,
+    wait_storage,
+)
 from localenv.env import NAMESPACE, LocalEnv
 from localenv.images import COUNTER, MEMORY, NAMESPACE_LABEL, TCP, owned_by, read_count, wait_for_log
 
 NODES = ["node-a", "node-b"]  # node-a's agent uses the REST API, node-b's the CLI
 
 
-def unique(prefix: str) -> str:
-    return f"{prefix}-{uuid.uuid4().hex[:6]}"
-
-
-def run_counter(env: LocalEnv, node: str, name: str | None = None) -> str:
-    name = name or unique("counter")
-    env.nodes[node].podman("run", "-d", *owned_by("default"), "--name", name, COUNTER)
-    read_count(env.nodes[node], name)
-    return name
-
-
-def checkpoint(env: LocalEnv, node: str, **spec: Any) -> str:
-    name = unique("ccp")
-    env.apply(
-        {
-            "apiVersion": "checkpointer.dev/v1alpha1",
-            "kind": "ContainerCheckpoint",
-            "metadata": {"name": name, "namespace": "default"},
-            "spec": {"nodeName": node_name(env, node), **spec},
-        }
-    )
-    return name
-
-
-def node_name(env: LocalEnv, node: str) -> str:
-    """The Node's name of a test node (the same on the local environment, a worker's name on kind)."""
-    return env.nodes[node].name if node in env.nodes else node
-
-
-def state(env: LocalEnv, node: str, container: str) -> str:
-    out = env.nodes[node].podman("inspect", "--format", "{{.State.Status}}", container)
-    return out.stdout.decode().strip()
-
-
 def stored(env: LocalEnv, key: str) -> bytes:
     return bytes(env.s3.client().get_object(Bucket=env.s3.bucket, Key=key)["Body"].read())
-
-
-def members(archive: bytes) -> list[str]:
-    raw = archive
-    if archive[:4] == b"\x28\xb5\x2f\xfd":
-        raw = zstandard.ZstdDecompressor().stream_reader(io.BytesIO(archive)).read()
-    with tarfile.open(fileobj=io.BytesIO(raw), mode="r:*") as tar:
-        return tar.getnames()
 
 
 def no_stray_uploads(env: LocalEnv) -> None:
@@ -77,7 +46,7 @@ def no_stray_uploads(env: LocalEnv) -> None:
 @pytest.mark.parametrize("node", NODES)
 def test_checkpoint_exports_to_s3_and_restores_with_plain_podman(local_env: LocalEnv, node: str) -> None:
     env = local_env
-    container = run_counter(env, node)
+    container = counter(env, node)
     name = checkpoint(env, node, containers=[container], export={})
     obj = env.wait_phase("ccp", name, ["Succeeded", "Failed"])
     status = obj["status"]
@@ -98,8 +67,8 @@ def test_checkpoint_exports_to_s3_and_restores_with_plain_podman(local_env: Loca
     assert manifest["archives"][0]["sha256"] == archive["sha256"]
     assert manifest["nodeName"] == node_name(env, node)
     assert manifest["host"]["podman"].startswith("5.")
-    ready = {c["type"]: c for c in status["conditions"]}["Ready"]
-    assert (ready["status"], ready["reason"]) == ("True", "Succeeded")
+    done = ready(obj)
+    assert (done["status"], done["reason"]) == ("True", "Succeeded")
     assert status["progress"]["bytesDone"] == archive["size"]
     assert state(env, node, container) == "exited"
     no_stray_uploads(env)
@@ -120,7 +89,7 @@ def test_checkpoint_exports_to_s3_and_restores_with_plain_podman(local_env: Loca
 
 @pytest.mark.parametrize("node", NODES)
 def test_leave_running_keeps_the_container_running(local_env: LocalEnv, node: str) -> None:
-    container = run_counter(local_env, node)
+    container = counter(local_env, node)
     name = checkpoint(local_env, node, containers=[container], leaveRunning=True, export={}, compress="none")
     status = local_env.wait_phase("ccp", name, ["Succeeded", "Failed"])["status"]
     assert status["phase"] == "Succeeded", status
@@ -131,7 +100,7 @@ def test_leave_running_keeps_the_container_running(local_env: LocalEnv, node: st
 
 
 def test_gzip_and_ignore_rootfs(local_env: LocalEnv) -> None:
-    container = run_counter(local_env, "node-a")
+    container = counter(local_env, "node-a")
     name = checkpoint(local_env, "node-a", containers=[container], export={}, compress="gzip", ignoreRootfs=True)
     status = local_env.wait_phase("ccp", name, ["Succeeded", "Failed"])["status"]
     assert status["phase"] == "Succeeded", status
@@ -150,7 +119,7 @@ def test_gzip_and_ignore_rootfs(local_env: LocalEnv) -> None:
 
 @pytest.mark.parametrize("node", NODES)
 def test_several_containers_one_archive_each(local_env: LocalEnv, node: str) -> None:
-    first, second = run_counter(local_env, node), run_counter(local_env, node)
+    first, second = counter(local_env, node), counter(local_env, node)
     name = checkpoint(local_env, node, containers=[first, second], export={})
     status = local_env.wait_phase("ccp", name, ["Succeeded", "Failed"])["status"]
     assert status["phase"] == "Succeeded", status
@@ -161,8 +130,8 @@ def test_several_containers_one_archive_each(local_env: LocalEnv, node: str) -> 
 def test_latest_and_all_expand_to_actual_containers(local_env: LocalEnv) -> None:
     node = "node-b"
     env = local_env
-    run_counter(env, node)
-    latest = run_counter(env, node)
+    counter(env, node)
+    latest = counter(env, node)
     name = checkpoint(env, node, latest=True, leaveRunning=True, export={})
     status = env.wait_phase("ccp", name, ["Succeeded", "Failed"])["status"]
     assert status["phase"] == "Succeeded", status
@@ -178,7 +147,7 @@ def test_latest_and_all_expand_to_actual_containers(local_env: LocalEnv) -> None
 
 
 def test_checkpoint_without_export_stays_on_the_node(local_env: LocalEnv) -> None:
-    container = run_counter(local_env, "node-a")
+    container = counter(local_env, "node-a")
     name = checkpoint(local_env, "node-a", containers=[container])
     status = local_env.wait_phase("ccp", name, ["Succeeded", "Failed"])["status"]
     assert status["phase"] == "Succeeded", status
@@ -186,10 +155,6 @@ def test_checkpoint_without_export_stays_on_the_node(local_env: LocalEnv) -> Non
     assert state(local_env, "node-a", container) == "exited"
     local_env.nodes["node-a"].podman("container", "restore", container)
     assert state(local_env, "node-a", container) == "running"
-
-
-def reason_of(obj: dict[str, Any]) -> str:
-    return str({c["type"]: c for c in obj["status"]["conditions"]}["Ready"]["reason"])
 
 
 @pytest.mark.parametrize(
@@ -205,15 +170,8 @@ def reason_of(obj: dict[str, Any]) -> str:
     ],
 )
 def test_failures_end_in_failed_with_a_reason(local_env: LocalEnv, spec: dict[str, Any], reason: str) -> None:
-    name = unique("bad")
-    local_env.apply(
-        {
-            "apiVersion": "checkpointer.dev/v1alpha1",
-            "kind": "ContainerCheckpoint",
-            "metadata": {"name": name, "namespace": "default"},
-            "spec": {**spec, "nodeName": node_name(local_env, spec["nodeName"])},
-        }
-    )
+    spec = {**spec, "nodeName": node_name(local_env, spec["nodeName"])}
+    name = create(local_env, "ContainerCheckpoint", spec, prefix="bad")
     obj = local_env.wait_phase("ccp", name, ["Succeeded", "Failed"], timeout=60)
     assert obj["status"]["phase"] == "Failed"
     assert reason_of(obj) == reason
@@ -221,7 +179,7 @@ def test_failures_end_in_failed_with_a_reason(local_env: LocalEnv, spec: dict[st
 
 @pytest.mark.parametrize("node", NODES)
 def test_stopped_container_is_not_running(local_env: LocalEnv, node: str) -> None:
-    container = run_counter(local_env, node)
+    container = counter(local_env, node)
     local_env.nodes[node].podman("stop", "-t", "0", container)
     name = checkpoint(local_env, node, containers=[container], export={})
     obj = local_env.wait_phase("ccp", name, ["Succeeded", "Failed"])
@@ -246,10 +204,6 @@ def recorded_facts(env: LocalEnv, node: str, timeout: float = 30) -> dict[str, s
 
 def version(text: str) -> tuple[int, ...]:
     return tuple(int(part) for part in re.findall(r"\d+", text)[:2])
-
-
-def scheduled_condition(obj: dict[str, Any]) -> dict[str, Any]:
-    return dict({c["type"]: c for c in obj["status"]["conditions"]}["Scheduled"])
 
 
 def checkpoint_events(env: LocalEnv, node: str, container: str) -> int:
@@ -299,13 +253,13 @@ def test_pre_checkpoint_is_refused_up_front_with_criu_feature_missing_and_leaves
     """This kernel has no memory dirty tracking, which CRIU's own check on the node reports."""
     facts = recorded_facts(local_env, node)
     assert "mem_dirty_track" in facts["criu-features-missing"].split(","), facts
-    container = run_counter(local_env, node)
+    container = counter(local_env, node)
     name = checkpoint(local_env, node, containers=[container], preCheckpoint=True, export={}, keep=True)
     obj = local_env.wait_phase("ccp", name, ["Succeeded", "Failed"])
     assert obj["status"]["phase"] == "Failed"
     assert reason_of(obj) == "CRIUFeatureMissing", obj["status"]
     # Refused by the controller: never handed to the agent, and CRIU never touched the container.
-    scheduled = scheduled_condition(obj)
+    scheduled = condition(obj, "Scheduled")
     assert (scheduled["status"], scheduled["reason"]) == ("False", "CRIUFeatureMissing"), scheduled
     assert "checkpointer.dev/node" not in (obj["metadata"].get("labels") or {})
     message = scheduled["message"]
@@ -338,13 +292,7 @@ def test_unreachable_storage_is_storage_unavailable(local_env: LocalEnv) -> None
             },
         }
     )
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:
-        phase = local_env.kubectl("get", "cks", "unreachable", "-o", "jsonpath={.status.phase}").stdout
-        if phase == "Unavailable":
-            break
-        time.sleep(0.5)
-    assert phase == "Unavailable"
+    wait_storage(local_env, "unreachable", "Unavailable")
     name = checkpoint(local_env, "node-a", containers=["x"], export={"storageRef": {"name": "unreachable"}})
     obj = local_env.wait_phase("ccp", name, ["Succeeded", "Failed"], timeout=60)
     assert reason_of(obj) == "StorageUnavailable"
@@ -446,13 +394,6 @@ def criu_log(env: LocalEnv, node: str, container: str) -> str:
     return out.stdout.decode(errors="replace")
 
 
-def remove(env: LocalEnv, node: str, *containers: str, pod: str | None = None) -> None:
-    for container in containers:
-        env.nodes[node].podman("rm", "-f", "-t", "0", container, check=False)
-    if pod:
-        env.nodes[node].podman("pod", "rm", "-f", "-t", "0", pod, check=False)
-
-
 @pytest.mark.parametrize("node", NODES)
 def test_established_tcp_connection_without_tcp_established_fails_and_keeps_running(
     local_env: LocalEnv, node: str
@@ -508,20 +449,7 @@ def test_tcp_established_checkpoint_restores_on_the_other_node_and_the_connectio
         assert state(env, node, container) == "exited"
         counted = int(env.nodes[node].podman("logs", container).stdout.decode().split()[-1])
 
-        restore = unique("crst")
-        env.apply(
-            {
-                "apiVersion": "checkpointer.dev/v1alpha1",
-                "kind": "ContainerRestore",
-                "metadata": {"name": restore, "namespace": "default"},
-                "spec": {
-                    "nodeName": node_name(env, other),
-                    "source": {"checkpointRef": {"name": name}},
-                    "tcpEstablished": True,
-                },
-            }
-        )
-        restored = env.wait_phase("crst", restore, ["Succeeded", "Failed"])["status"]
+        restored = restore(env, other, {"checkpointRef": {"name": name}}, tcpEstablished=True)["status"]
         assert restored["phase"] == "Succeeded", restored
         assert restored["containerName"] == container
         assert read_count(env.nodes[other], container) >= counted, "the count went on from memory"
@@ -552,7 +480,7 @@ def test_tcp_established_is_refused_up_front_on_a_node_whose_criu_cannot_dump_in
         obj = env.wait_phase("ccp", name, ["Succeeded", "Failed"], timeout=60)
         assert obj["status"]["phase"] == "Failed", obj["status"]
         assert reason_of(obj) == "CRIUFeatureMissing", obj["status"]
-        scheduled = scheduled_condition(obj)
+        scheduled = condition(obj, "Scheduled")
         assert (scheduled["status"], scheduled["reason"]) == ("False", "CRIUFeatureMissing"), scheduled
         message = scheduled["message"]
         assert "tcpEstablished" in message and "cannot dump inet sockets" in message, message

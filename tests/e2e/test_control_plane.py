@@ -4,45 +4,18 @@ from __future__ import annotations
 
 import json
 import os
-import time
-from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from localenv.controlplane import ControlPlane, kubernetes_version, missing_binaries
-from localenv.procs import Supervisor, require
+from helpers import start_control_plane, until
+from localenv.controlplane import ControlPlane, kubernetes_version
 
 pytestmark = pytest.mark.e2e
 
 
-def eventually(what: str, probe: Callable[[], bool], timeout: float = 60) -> None:
-    deadline = time.monotonic() + timeout
-    while not probe():
-        if time.monotonic() > deadline:
-            pytest.fail(f"not within {timeout}s: {what}")
-        time.sleep(0.5)
-
-
-def start_control_plane(workdir: Path) -> tuple[ControlPlane, Supervisor]:
-    missing = missing_binaries()
-    require(not missing, f"control-plane binaries not built ({', '.join(missing)}): run hack/build/tools.sh")
-    supervisor = Supervisor(workdir / "logs")
-    return ControlPlane.start(workdir, supervisor), supervisor
-
-
-@pytest.fixture(scope="module")
-def cp(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ControlPlane]:
-    plane, supervisor = start_control_plane(tmp_path_factory.mktemp("controlplane"))
-    try:
-        yield plane
-    finally:
-        plane.stop()
-        supervisor.stop_all()
-
-
-def apply(cp: ControlPlane, obj: dict[str, Any], **kwargs: Any) -> Any:
+def kubectl_apply(cp: ControlPlane, obj: dict[str, Any], **kwargs: Any) -> Any:
     return cp.kubectl("apply", "-f", "-", input=json.dumps(obj), **kwargs)
 
 
@@ -99,12 +72,16 @@ def widget(name: str, lo: int, hi: int) -> dict[str, Any]:
 
 
 def test_crd_cel_rule_rejects_a_bad_object_with_its_message(cp: ControlPlane) -> None:
-    apply(cp, WIDGET_CRD)
+    kubectl_apply(cp, WIDGET_CRD)
     cp.kubectl("wait", "--for=condition=Established", "crd/widgets.localenv.checkpointer.dev", "--timeout=30s")
     # kubectl's discovery may lag the Established condition by a moment.
-    eventually("a valid Widget is accepted", lambda: apply(cp, widget("good", 1, 2), check=False).returncode == 0)
+    until(
+        "a valid Widget is accepted",
+        lambda: kubectl_apply(cp, widget("good", 1, 2), check=False).returncode == 0,
+        timeout=60,
+    )
 
-    bad = apply(cp, widget("bad", 3, 2), check=False)
+    bad = kubectl_apply(cp, widget("bad", 3, 2), check=False)
     assert bad.returncode != 0
     assert "min must not exceed max" in bad.stderr
     assert "Invalid" in bad.stderr
@@ -134,9 +111,10 @@ def test_serviceaccount_is_forbidden_until_a_role_is_bound(cp: ControlPlane) -> 
         "-n",
         "sa-test",
     )
-    eventually(
+    until(
         "the bound Role lets the ServiceAccount list secrets",
         lambda: cp.kubectl("get", "secrets", "-n", "sa-test", kubeconfig=kubeconfig, check=False).returncode == 0,
+        timeout=60,
     )
     # Still nothing outside the Role's namespace.
     other = cp.kubectl("get", "secrets", "-n", "default", kubeconfig=kubeconfig, check=False)
@@ -156,9 +134,10 @@ def test_client_certificate_user_is_forbidden_then_gets_aggregated_view(cp: Cont
 
     # `view` has no rules of its own: the clusterrole-aggregation controller fills them in.
     cp.kubectl("create", "clusterrolebinding", "developers-view", "--clusterrole=view", "--group=developers")
-    eventually(
+    until(
         "the aggregated view ClusterRole lets the group list configmaps",
         lambda: cp.kubectl("get", "configmaps", "-n", "default", kubeconfig=kubeconfig, check=False).returncode == 0,
+        timeout=60,
     )
 
 
@@ -194,11 +173,12 @@ def test_garbage_collector_deletes_dependents(cp: ControlPlane) -> None:
             "ownerReferences": [{"apiVersion": "v1", "kind": "ConfigMap", "name": "owner", "uid": uid}],
         },
     }
-    apply(cp, dependent)
+    kubectl_apply(cp, dependent)
     cp.kubectl("delete", "configmap", "owner", "-n", "default")
-    eventually(
+    until(
         "the garbage collector deletes the dependent ConfigMap",
         lambda: cp.kubectl("get", "configmap", "dependent", "-n", "default", check=False).returncode != 0,
+        timeout=60,
     )
 
 

@@ -5,16 +5,14 @@ from __future__ import annotations
 import json
 import time
 import urllib.request
-import uuid
-from collections.abc import Callable
 from typing import Any
 
 import pytest
 
+from helpers import counter, create, until
 from invariants import check_invariants
 from localenv.controlplane import ControlPlane
 from localenv.env import LocalEnv
-from localenv.images import COUNTER, owned_by, read_count
 from localenv.procs import require
 
 pytestmark = pytest.mark.e2e
@@ -22,18 +20,6 @@ pytestmark = pytest.mark.e2e
 LEADER, STANDBY = "controller", "controller-2"
 # The Lease lasts 10 s after the killed leader's last renewal, which came at most 2 s before the kill.
 TAKEOVER_LIMIT_SECONDS = 15.0
-
-
-def unique(prefix: str) -> str:
-    return f"{prefix}-{uuid.uuid4().hex[:6]}"
-
-
-def eventually(what: str, probe: Callable[[], bool], env: LocalEnv, timeout: float = 60) -> None:
-    deadline = time.monotonic() + timeout
-    while not probe():
-        if time.monotonic() > deadline:
-            pytest.fail(f"not within {timeout}s: {what}\n{env.logs()}", pytrace=False)
-        time.sleep(0.2)
 
 
 def log_of(env: LocalEnv, name: str, since: int = 0) -> str:
@@ -47,24 +33,9 @@ def log_size(env: LocalEnv, name: str) -> int:
     return path.stat().st_size if path.exists() else 0
 
 
-def create(env: LocalEnv, kind: str, prefix: str, spec: dict[str, Any]) -> tuple[str, str]:
-    name = unique(prefix)
-    env.apply(
-        {
-            "apiVersion": "checkpointer.dev/v1alpha1",
-            "kind": kind,
-            "metadata": {"name": name, "namespace": "default"},
-            "spec": spec,
-        }
-    )
-    return ("ccp" if kind == "ContainerCheckpoint" else "crst"), name
-
-
-def counter(env: LocalEnv, node: str) -> str:
-    name = unique("counter")
-    env.nodes[node].podman("run", "-d", *owned_by("default"), "--name", name, COUNTER)
-    read_count(env.nodes[node], name)
-    return name
+def created(env: LocalEnv, kind: str, prefix: str, spec: dict[str, Any]) -> tuple[str, str]:
+    """A new object of `kind`, as phase() and wait_phase() name it: (its short kind, its name)."""
+    return ("ccp" if kind == "ContainerCheckpoint" else "crst"), create(env, kind, spec, prefix=prefix)
 
 
 def phase(env: LocalEnv, kind: str, name: str) -> str:
@@ -95,14 +66,14 @@ def back_to_one_controller(env: LocalEnv) -> None:
         env.start_controller()
     # SIGTERM: the standby-turned-leader gives the Lease up and the restarted controller takes it at once.
     env.stop_controller(STANDBY)
-    eventually(f"{LEADER} leads again", lambda: env.controller_leader() == LEADER, env, timeout=30)
+    until(f"{LEADER} leads again", lambda: env.controller_leader() == LEADER, last=env.logs, timeout=30)
     env.wait_storage_available()
 
 
 def test_standby_takes_over_from_a_killed_leader_and_nothing_is_scheduled_twice(local_env: LocalEnv) -> None:
     env = local_env
     require(isinstance(env.control_plane, ControlPlane), "the controllers must be this environment's own processes")
-    eventually(f"{LEADER} holds the controller Lease", lambda: env.controller_leader() == LEADER, env)
+    until(f"{LEADER} holds the controller Lease", lambda: env.controller_leader() == LEADER, last=env.logs, timeout=60)
     containers = {"node-a": [counter(env, "node-a") for _ in range(2)], "node-b": [counter(env, "node-b")]}
     objects: dict[str, list[tuple[str, str]]] = {"before": [], "around": [], "after": []}
     restored: list[tuple[str, str]] = []
@@ -110,13 +81,14 @@ def test_standby_takes_over_from_a_killed_leader_and_nothing_is_scheduled_twice(
     env.start_controller(name=STANDBY)
     try:
         # Standing by: alive for its liveness probe, scheduling nothing.
-        eventually(
+        until(
             "the second controller reports standing by",
             lambda: f"standing by: the controller Lease is held by {LEADER}" in log_of(env, STANDBY, since),
-            env,
+            last=env.logs,
+            timeout=60,
         )
         assert healthz(env, STANDBY) == 200
-        source = create(
+        source = created(
             env,
             "ContainerCheckpoint",
             "ccp-before",
@@ -127,7 +99,7 @@ def test_standby_takes_over_from_a_killed_leader_and_nothing_is_scheduled_twice(
         moved = f"{containers['node-a'][0]}-b1"
         restored.append(("node-b", moved))
         objects["before"].append(
-            create(
+            created(
                 env,
                 "ContainerRestore",
                 "crst-before",
@@ -135,7 +107,7 @@ def test_standby_takes_over_from_a_killed_leader_and_nothing_is_scheduled_twice(
             )
         )
         for obj in objects["before"]:
-            eventually(f"{obj} scheduled", lambda obj=obj: phase(env, *obj) != "", env)
+            until(f"{obj} scheduled", lambda obj=obj: phase(env, *obj) != "", last=env.logs, timeout=60)
         assert healthz(env, STANDBY) == 200
         standby_log = log_of(env, STANDBY, since)
         assert "leading" not in standby_log and "Handler" not in standby_log, standby_log
@@ -144,13 +116,13 @@ def test_standby_takes_over_from_a_killed_leader_and_nothing_is_scheduled_twice(
         moved = f"{containers['node-a'][0]}-a1"
         restored.append(("node-a", moved))
         objects["around"] = [
-            create(
+            created(
                 env,
                 "ContainerCheckpoint",
                 "ccp-around",
                 {"nodeName": "node-b", "containers": [containers["node-b"][0]]},
             ),
-            create(
+            created(
                 env,
                 "ContainerRestore",
                 "crst-around",
@@ -162,13 +134,13 @@ def test_standby_takes_over_from_a_killed_leader_and_nothing_is_scheduled_twice(
         moved = f"{containers['node-a'][0]}-b2"
         restored.append(("node-b", moved))
         objects["after"] = [
-            create(
+            created(
                 env,
                 "ContainerCheckpoint",
                 "ccp-after",
                 {"nodeName": "node-a", "containers": [containers["node-a"][1]], "leaveRunning": True},
             ),
-            create(
+            created(
                 env,
                 "ContainerRestore",
                 "crst-after",
@@ -177,14 +149,19 @@ def test_standby_takes_over_from_a_killed_leader_and_nothing_is_scheduled_twice(
         ]
         assert all(phase(env, *obj) == "" for obj in objects["after"]), "scheduled while nobody leads"
 
-        eventually(
+        until(
             f"{STANDBY} takes the controller Lease over",
             lambda: env.controller_leader() == STANDBY,
-            env,
+            last=env.logs,
             timeout=TAKEOVER_LIMIT_SECONDS + 10,
         )
         takeover = time.monotonic() - killed
-        eventually("the new leader schedules", lambda: all(phase(env, *o) != "" for o in objects["after"]), env)
+        until(
+            "the new leader schedules",
+            lambda: all(phase(env, *o) != "" for o in objects["after"]),
+            last=env.logs,
+            timeout=60,
+        )
         scheduling = time.monotonic() - killed
         print(f"takeover after SIGKILL: Lease {takeover:.1f}s, objects scheduled {scheduling:.1f}s")
         assert takeover <= TAKEOVER_LIMIT_SECONDS, f"the standby took {takeover:.1f}s over"
@@ -216,18 +193,19 @@ def test_standby_takes_over_from_a_killed_leader_and_nothing_is_scheduled_twice(
 def test_graceful_stop_hands_the_lease_over_at_once(local_env: LocalEnv) -> None:
     env = local_env
     require(isinstance(env.control_plane, ControlPlane), "the controllers must be this environment's own processes")
-    eventually(f"{LEADER} holds the controller Lease", lambda: env.controller_leader() == LEADER, env)
+    until(f"{LEADER} holds the controller Lease", lambda: env.controller_leader() == LEADER, last=env.logs, timeout=60)
     since = {name: log_size(env, name) for name in (LEADER, STANDBY)}
     env.start_controller(name=STANDBY)
     try:
-        eventually(
+        until(
             "the second controller reports standing by",
             lambda: f"standing by: the controller Lease is held by {LEADER}" in log_of(env, STANDBY, since[STANDBY]),
-            env,
+            last=env.logs,
+            timeout=60,
         )
         stopped = time.monotonic()
         env.stop_controller(LEADER)
-        eventually(f"{STANDBY} leads", lambda: env.controller_leader() == STANDBY, env, timeout=10)
+        until(f"{STANDBY} leads", lambda: env.controller_leader() == STANDBY, last=env.logs, timeout=10)
         handover = time.monotonic() - stopped
         print(f"handover after SIGTERM: {handover:.1f}s")
         # Well within the Lease's 10 s: the leader gave it up instead of letting it expire.

@@ -14,16 +14,15 @@ import shutil
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import pytest
 import zstandard
 from pyrage import x25519
 
-from faultkit import apply, extra_storage, storage_accepting_unsigned, unique
+from helpers import apply, counter, extra_storage, reason_and_message, storage_accepting_unsigned, unique
 from invariants import check_invariants
 from localenv.env import ENCRYPTION_SECRET, NAMESPACE, LocalEnv
-from localenv.images import COUNTER, owned_by, read_count
+from localenv.images import read_count
 from localenv.procs import run
 
 pytestmark = pytest.mark.e2e
@@ -54,21 +53,13 @@ def encrypted(local_env: LocalEnv) -> Iterator[tuple[str, x25519.Identity]]:
         local_env.kubectl("delete", "secret", ENCRYPTION_SECRET, "-n", NAMESPACE, "--ignore-not-found")
 
 
-def reason_of(obj: dict[str, Any]) -> tuple[str, str]:
-    ready = {c["type"]: c for c in obj["status"]["conditions"]}["Ready"]
-    return str(ready["reason"]), str(ready["message"])
-
-
 def test_encrypted_checkpoint_migrates_and_decrypts_by_hand_with_age(
     local_env: LocalEnv, encrypted: tuple[str, x25519.Identity], tmp_path: Path
 ) -> None:
     env = local_env
     storage, identity = encrypted
     source, target = env.nodes["node-a"], env.nodes["node-b"]
-    container = unique("counter")
-    source.podman("run", "-d", *owned_by("default"), "--name", container, COUNTER)
-    time.sleep(1)
-    read_count(source, container)
+    container = counter(env, "node-a", running_for=1)
     name = unique("ccp")
     spec = {"nodeName": source.name, "containers": [container], "export": {"storageRef": {"name": storage}}}
     apply(env, "ContainerCheckpoint", name, spec)
@@ -172,7 +163,7 @@ def test_zstd_bomb_is_archive_corrupt_with_the_agent_unharmed(local_env: LocalEn
         source = {"archive": {"storageRef": {"name": storage}, "key": f"{folder}/web.tar.zst"}}
         apply(env, "ContainerRestore", name, {"nodeName": node.name, "source": source, "name": unique("web")})
         obj = env.wait_phase("crst", name, ["Succeeded", "Failed"], timeout=120)
-        reason, message = reason_of(obj)
+        reason, message = reason_and_message(obj)
         assert (obj["status"]["phase"], reason) == ("Failed", "ArchiveCorrupt"), obj["status"]
         assert "inflates past 1048576 bytes" in message, message
 

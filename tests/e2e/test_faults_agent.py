@@ -42,7 +42,7 @@ import pytest
 import zstandard
 from botocore.exceptions import ClientError
 
-from faultkit import MiB, apply, ready, unique
+from helpers import MiB, apply, ready, restores_of, unique
 from invariants import check_invariants, inspect
 from localenv.env import LocalEnv
 from localenv.images import MEMORY, owned_by, wait_for_log
@@ -143,21 +143,6 @@ def containers_on(env: LocalEnv, node: str) -> dict[str, str]:
     """Every container on the node, by name, with its state."""
     listed = json.loads(env.nodes[node].podman("ps", "--all", "--format", "json").stdout or b"[]")
     return {name: str(c.get("State")) for c in listed for name in c.get("Names") or []}
-
-
-def restores_of(env: LocalEnv, node: str, container: str) -> int:
-    """How many times podman restored a container of that name on the node."""
-    out = env.nodes[node].podman(
-        "events",
-        "--stream=false",
-        "--filter",
-        f"container={container}",
-        "--filter",
-        "event=restore",
-        "--format",
-        "{{.Status}}",
-    )
-    return out.stdout.decode().split().count("restore")
 
 
 # --- the agent -----------------------------------------------------------------------------------

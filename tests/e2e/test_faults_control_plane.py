@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 import time
 
-from faultkit import MiB, assert_stored_as_reported, checkpoint, finished, get, remove, uploading, wait_for, workload
+from helpers import MiB, assert_stored_as_reported, exported, finished, get, remove, uploading, wait_for, workload
 from invariants import check_invariants
 from localenv import faults
 from localenv.env import STORAGE, LocalEnv
@@ -19,7 +19,7 @@ def test_api_server_down_for_20s_mid_checkpoint(local_env: LocalEnv) -> None:
     container = workload(env, NODE)
     try:
         with faults.agent_settings(env, NODE, {"CHECKPOINTER_UPLOAD_BYTES_PER_SECOND": str(4 * MiB)}):
-            name = checkpoint(env, NODE, container)
+            name = exported(env, NODE, container)
             wait_for(env, "ccp", name, "upload under way", lambda o: uploading(o, 4 * MiB))
             with faults.apiserver_down(env):
                 time.sleep(20)
@@ -40,7 +40,7 @@ def test_an_object_left_scheduled_without_its_label_completes(local_env: LocalEn
         # controller running, the object is made and given exactly that status, as the dead one left it.
         env.stop_controller(kill=True)
         try:
-            name = checkpoint(env, NODE, container)
+            name = exported(env, NODE, container)
             status = {
                 "status": {
                     "phase": "Scheduled",

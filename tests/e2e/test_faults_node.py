@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from faultkit import MiB, checkpoint, finished, ready, remove, state, uploading, wait_for, workload
+from helpers import MiB, exported, finished, ready, remove, state, uploading, wait_for, workload
 from invariants import check_invariants
 from localenv import faults
 from localenv.env import LocalEnv
@@ -27,7 +27,7 @@ def test_a_spool_that_fills_mid_export_gives_the_container_back(local_env: Local
         with faults.small_spool(env, node, 160) as spool:
             settings = {"CHECKPOINTER_SPOOL_DIR": str(spool), "CHECKPOINTER_SPOOL_MIN_FREE_BYTES": "1048576"}
             with faults.agent_settings(env, node, settings):
-                name = checkpoint(env, node, container)
+                name = exported(env, node, container)
                 _fill_once_exporting(spool, container, leave=16 * MiB)
                 obj = wait_for(env, "ccp", name, "an end", finished, timeout=180)
                 assert obj["status"]["phase"] == "Failed"
@@ -64,7 +64,7 @@ def test_a_spool_without_room_refuses_the_checkpoint_up_front(local_env: LocalEn
             faults.small_spool(env, node, 32) as spool,
             faults.agent_settings(env, node, {"CHECKPOINTER_SPOOL_DIR": str(spool)}),
         ):
-            name = checkpoint(env, node, container)
+            name = exported(env, node, container)
             obj = wait_for(env, "ccp", name, "an end", finished, timeout=60)
             assert ready(obj)["reason"] == "InsufficientSpace", obj["status"]
             assert "keeps running" in ready(obj)["message"]
@@ -80,7 +80,7 @@ def test_a_node_whose_podman_is_gone_fails_new_objects_with_a_reason(local_env: 
     container = workload(env, node, mib=16)
     try:
         with faults.podman_service_down(env, node):
-            name = checkpoint(env, node, container)
+            name = exported(env, node, container)
             obj = wait_for(env, "ccp", name, "an end", finished, timeout=90)
             assert obj["status"]["phase"] == "Failed"
             assert ready(obj)["reason"] == "RuntimeUnavailable", obj["status"]
@@ -96,7 +96,7 @@ def test_a_spool_changed_on_the_node_is_not_uploaded_and_the_container_runs_agai
     container = workload(env, node)
     try:
         with faults.agent_settings(env, node, {"CHECKPOINTER_UPLOAD_BYTES_PER_SECOND": str(4 * MiB)}):
-            name = checkpoint(env, node, container)
+            name = exported(env, node, container)
             obj = wait_for(env, "ccp", name, "upload under way", lambda o: uploading(o, 4 * MiB))
             env.stop_agent(node, kill=True)
             meta = obj["metadata"]

@@ -8,18 +8,19 @@ import shutil
 import time
 from pathlib import Path
 
-from faultkit import (
+from helpers import (
     MiB,
     assert_stored_as_reported,
-    checkpoint,
     delete,
     events,
+    exported,
     finished,
     ready,
     remove,
     state,
     uploading,
     wait_for,
+    wait_storage,
     workload,
 )
 from invariants import check_invariants
@@ -40,7 +41,7 @@ def test_s3_down_for_30s_mid_upload_retries_with_backoff_and_succeeds(local_env:
     container = workload(env, NODE)
     try:
         with faults.agent_settings(env, NODE, SLOW):
-            name = checkpoint(env, NODE, container)
+            name = exported(env, NODE, container)
             wait_for(env, "ccp", name, "upload under way", lambda o: uploading(o, 8 * MiB))
             delays: list[int] = []
             with faults.s3_down(env):
@@ -69,7 +70,7 @@ def test_s3_down_past_the_deadline_fails_with_upload_failed_and_keeps_the_spool(
     container = workload(env, NODE)
     try:
         with faults.agent_settings(env, NODE, {**SLOW, "CHECKPOINTER_UPLOAD_DEADLINE_SECONDS": "12"}):
-            name = checkpoint(env, NODE, container)
+            name = exported(env, NODE, container)
             wait_for(env, "ccp", name, "upload under way", lambda o: uploading(o, 8 * MiB))
             with faults.s3_down(env):
                 obj = wait_for(env, "ccp", name, "Failed", lambda o: o["status"].get("phase") == "Failed", timeout=90)
@@ -98,7 +99,7 @@ def test_deleting_a_checkpoint_mid_upload_leaves_nothing_and_the_container_runs(
     container = workload(env, NODE)
     try:
         with faults.agent_settings(env, NODE, SLOW):
-            name = checkpoint(env, NODE, container)
+            name = exported(env, NODE, container)
             obj = wait_for(env, "ccp", name, "upload under way", lambda o: uploading(o, 8 * MiB))
             uid = obj["metadata"]["uid"]
             delete(env, "ccp", name)
@@ -119,12 +120,9 @@ def test_a_storage_back_from_an_outage_takes_new_checkpoints_at_once(local_env: 
     try:
         with faults.s3_down(env):
             # The controller's own look at the bucket finds it down (it looks every 10 s here).
-            deadline = time.monotonic() + 60
-            while env.kubectl("get", "cks", STORAGE, "-o", "jsonpath={.status.phase}").stdout != "Unavailable":
-                assert time.monotonic() < deadline, "the storage was never seen Unavailable"
-                time.sleep(0.5)
+            wait_storage(env, STORAGE, "Unavailable")
         # S3 is back, the storage's status still says Unavailable: the controller asks the bucket again.
-        name = checkpoint(env, NODE, container)
+        name = exported(env, NODE, container)
         obj = wait_for(env, "ccp", name, "an end", finished)
         assert obj["status"]["phase"] == "Succeeded", obj["status"]
         check_invariants(env)
@@ -137,7 +135,7 @@ def test_deleting_a_checkpoint_of_two_containers_gives_both_back(local_env: Loca
     first, second = workload(env, NODE, mib=16), workload(env, NODE)
     try:
         with faults.agent_settings(env, NODE, SLOW):
-            name = checkpoint(env, NODE, first, containers=[first, second])
+            name = exported(env, NODE, first, containers=[first, second])
             # The first archive is in the bucket and its container stopped; the second one uploads.
             wait_for(
                 env, "ccp", name, "the second upload", lambda o: uploading(o, 8 * MiB) and o["status"].get("archives")
@@ -148,5 +146,4 @@ def test_deleting_a_checkpoint_of_two_containers_gives_both_back(local_env: Loca
             assert not env.s3.client().list_objects_v2(Bucket=env.s3.bucket, Prefix=f"default/{name}-").get("Contents")
         check_invariants(env, stopped=[(NODE, first), (NODE, second)])
     finally:
-        remove(env, NODE, first)
-        remove(env, NODE, second)
+        remove(env, NODE, first, second)

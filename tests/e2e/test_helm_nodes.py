@@ -22,13 +22,13 @@ from typing import Any
 import pytest
 import yaml
 
-from faultkit import apply, assert_stored_as_reported, unique, workload
+from helpers import apply, assert_stored_as_reported, checkpoint_counter, restore, unique, until, workload
 from invariants import Container, check_invariants
 from localenv import kubelet, operator_image
 from localenv.chart import CHART, RELEASE
 from localenv.cluster import ChartCluster
 from localenv.env import NAMESPACE, SECRET, LocalEnv
-from localenv.images import COUNTER, owned_by, read_count
+from localenv.images import read_count
 from localenv.procs import LocalEnvError, require, run, wait_until
 
 pytestmark = pytest.mark.e2e
@@ -127,7 +127,7 @@ def pods(env: ChartCluster, component: str) -> list[dict[str, Any]]:
     return list(json.loads(out)["items"])
 
 
-def ready(obj: dict[str, Any]) -> bool:
+def running_and_ready(obj: dict[str, Any]) -> bool:
     """A Pod Running and Ready, or a Node Ready."""
     status = obj.get("status") or {}
     conditions = status.get("conditions") or []
@@ -178,7 +178,7 @@ def test_nodes_register_with_their_own_certificates_and_are_ready(helm_env: Char
     server = json.loads(helm_env.kubectl("version", "-o", "json").stdout)["serverVersion"]["gitVersion"]
     for name in helm_env.nodes:
         node = json.loads(helm_env.kubectl("get", "node", name, "-o", "json").stdout)
-        assert ready(node), node["status"].get("conditions")
+        assert running_and_ready(node), node["status"].get("conditions")
         # The kubelet is of the control plane's version (built from the same module here).
         assert node["status"]["nodeInfo"]["kubeletVersion"] == server
         assert node["status"]["nodeInfo"]["containerRuntimeVersion"].startswith("containerd://2.1")
@@ -193,7 +193,7 @@ def test_helm_install_runs_the_chart_pods_on_both_nodes(installed: ChartCluster)
     agents = pods(env, "agent")
     assert sorted(p["spec"]["nodeName"] for p in agents) == sorted(env.nodes), describe(env)
     controllers = pods(env, "controller")
-    assert len(controllers) == 2 and all(ready(p) for p in agents + controllers), describe(env)
+    assert len(controllers) == 2 and all(running_and_ready(p) for p in agents + controllers), describe(env)
     for pod in agents + controllers:
         # The token is the kubelet's: a projected serviceAccountToken volume, mounted in the container.
         projected = [v for v in pod["spec"]["volumes"] if "projected" in v]
@@ -209,28 +209,15 @@ def test_helm_install_runs_the_chart_pods_on_both_nodes(installed: ChartCluster)
         assert set(rss) == {"kubelet", "containerd"} and sum(rss.values()) < 384 * 1024, rss
 
 
-def checkpoint_counter(env: ChartCluster, node: str) -> tuple[str, str, int]:
-    container = unique("counter")
-    env.nodes[node].podman("run", "-d", *owned_by("default"), "--name", container, COUNTER)
-    time.sleep(1)
-    read_count(env.nodes[node], container)
-    name = unique("ccp")
-    apply(env, "ContainerCheckpoint", name, {"nodeName": node, "containers": [container], "export": {}})
-    status = env.wait_phase("ccp", name, ["Succeeded", "Failed"])["status"]
-    assert status["phase"] == "Succeeded", f"{status}\n{describe(env)}"
-    assert_stored_as_reported(env, status["archives"][0])
-    counted = int(env.nodes[node].podman("logs", container).stdout.decode().split()[-1])
-    env.nodes[node].podman("rm", "-f", container)
-    return container, name, counted
-
-
 def test_counter_moves_from_node_a_to_node_b(installed: ChartCluster) -> None:
     env = installed
     source, target = source_and_target(env)
-    container, name, counted = checkpoint_counter(env, source)
-    restore = unique("crst")
-    apply(env, "ContainerRestore", restore, {"nodeName": target, "source": {"checkpointRef": {"name": name}}})
-    status = env.wait_phase("crst", restore, ["Succeeded", "Failed"])["status"]
+    try:
+        container, name, counted, archive = checkpoint_counter(env, source)
+    except AssertionError as err:
+        raise AssertionError(f"{err}\n{describe(env)}") from err
+    assert_stored_as_reported(env, archive)
+    status = restore(env, target, {"checkpointRef": {"name": name}})["status"]
     assert status["phase"] == "Succeeded", f"{status}\n{describe(env)}"
     time.sleep(1)
     assert read_count(env.nodes[target], container) > counted
@@ -268,10 +255,12 @@ def test_upgrade_rolls_the_agents_and_a_checkpoint_in_flight_ends(installed: Cha
 def test_uninstall_leaves_no_pods_and_keeps_the_crds(installed: ChartCluster) -> None:
     env = installed
     env.helm("uninstall", RELEASE, "--wait", "--timeout", "5m")
-    deadline = time.monotonic() + 120
-    while pods(env, "agent") + pods(env, "controller"):
-        assert time.monotonic() < deadline, describe(env)
-        time.sleep(1)
+    until(
+        "no Pods left",
+        lambda: not (pods(env, "agent") + pods(env, "controller")),
+        timeout=120,
+        last=lambda: describe(env),
+    )
     crds = env.kubectl("get", "crd", "-o", "name").stdout.split()
     assert {c for c in crds if c.endswith(".checkpointer.dev")}, crds
     # The chart's storage stays too (helm.sh/resource-policy: keep), not stuck in deletion.

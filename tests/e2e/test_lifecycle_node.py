@@ -6,22 +6,22 @@ checkpoint up front and the container keeps running."""
 from __future__ import annotations
 
 import json
-import time
 import uuid
 from typing import Any
 
 from checkpointer.services.expiry import expiration
-from faultkit import (
+from helpers import (
     apply,
-    checkpoint,
     delete,
     events,
+    exported,
     finished,
     get,
     ready,
     remove,
     state,
     unique,
+    until,
     wait_for,
     workload,
 )
@@ -36,21 +36,14 @@ def _succeeded(obj: dict[str, Any]) -> bool:
     return (obj.get("status") or {}).get("phase") == "Succeeded"
 
 
-def _open_uploads(env: LocalEnv, key: str) -> list[str]:
+def _open_upload_ids(env: LocalEnv, key: str) -> list[str]:
     found = env.s3.client().list_multipart_uploads(Bucket=env.s3.bucket, Prefix=key).get("Uploads", [])
     return [u["UploadId"] for u in found if u["Key"] == key]
 
 
-def _stored(env: LocalEnv, key: str) -> bool:
+def _listed(env: LocalEnv, key: str) -> bool:
     listed = env.s3.client().list_objects_v2(Bucket=env.s3.bucket, Prefix=key).get("Contents", [])
     return any(o["Key"] == key for o in listed)
-
-
-def _until(what: str, test: Any, timeout: float) -> None:
-    deadline = time.monotonic() + timeout
-    while not test():
-        assert time.monotonic() < deadline, f"{what} did not happen in {timeout:.0f}s"
-        time.sleep(0.3)
 
 
 def test_ttl_sweeps_and_a_bounded_spool(local_env: LocalEnv) -> None:
@@ -61,18 +54,18 @@ def test_ttl_sweeps_and_a_bounded_spool(local_env: LocalEnv) -> None:
     try:
         # A TTL: the checkpoint goes a few seconds after it succeeded, and its archives with it.
         # A restore that fails up front goes too.
-        short = checkpoint(env, source, expiring, ttl="15s", leaveRunning=True)
+        short = exported(env, source, expiring, ttl="15s", leaveRunning=True)
         failing = unique("crst")
         restore = {"nodeName": "nowhere", "source": {"checkpointRef": {"name": short}}, "ttl": "1s"}
         apply(env, "ContainerRestore", failing, restore)
         status = wait_for(env, "ccp", short, "Succeeded", _succeeded, timeout=60)["status"]
         assert status["expiration"] == expiration(status["completionTime"], "15s"), status
         short_key = status["archives"][0]["key"]
-        assert _stored(env, short_key)
+        assert _listed(env, short_key)
 
         # `keep: true` leaves podman's local checkpoint in the container's folder; leaveRunning keeps
         # the container running, so nothing needs that checkpoint as a way back.
-        kept = checkpoint(env, node, container, keep=True, leaveRunning=True)
+        kept = exported(env, node, container, keep=True, leaveRunning=True)
         obj = wait_for(env, "ccp", kept, "Succeeded", _succeeded, timeout=60)
         directory = obj["status"]["archives"][0]["key"].rpartition("/")[0]
         static_dir = str((inspect(env, node, container) or {}).get("StaticDir") or "")
@@ -83,7 +76,7 @@ def test_ttl_sweeps_and_a_bounded_spool(local_env: LocalEnv) -> None:
         env.stop_agent(node)
         stray_key = f"{directory}/stray.tar.zst"
         env.s3.client().create_multipart_upload(Bucket=env.s3.bucket, Key=stray_key)
-        assert _open_uploads(env, stray_key)
+        assert _open_upload_ids(env, stray_key)
         delete(env, "ccp", kept)
         orphan = env.nodes[node].spool_dir / "checkpointer" / f"checkpoint_default_gone_{uuid.uuid4()}"
         orphan.mkdir(parents=True)
@@ -91,9 +84,9 @@ def test_ttl_sweeps_and_a_bounded_spool(local_env: LocalEnv) -> None:
 
         # The agent comes back with a spool capped at 1 MiB: its first sweep clears all three.
         with faults.agent_settings(env, node, {"CHECKPOINTER_SPOOL_MAX_BYTES": str(MiB)}):
-            _until("the orphan work folder's removal", lambda: not orphan.exists(), timeout=20)
-            _until("the stray upload's abort", lambda: not _open_uploads(env, stray_key), timeout=20)
-            _until(
+            until("the orphan work folder's removal", lambda: not orphan.exists(), timeout=20)
+            until("the stray upload's abort", lambda: not _open_upload_ids(env, stray_key), timeout=20)
+            until(
                 "the kept local checkpoint's removal",
                 lambda: not _local_checkpoint(env, node, static_dir),
                 timeout=20,
@@ -106,7 +99,7 @@ def test_ttl_sweeps_and_a_bounded_spool(local_env: LocalEnv) -> None:
             assert int(annotations["checkpointer.dev/spool-used-bytes"]) >= 0, annotations
 
             # Its memory alone is more than the cap: refused before podman is asked.
-            refused = checkpoint(env, node, container)
+            refused = exported(env, node, container)
             obj = wait_for(env, "ccp", refused, "an end", finished, timeout=30)
             message = ready(obj)["message"]
             assert obj["status"]["phase"] == "Failed" and ready(obj)["reason"] == "InsufficientSpace", obj["status"]
@@ -115,11 +108,11 @@ def test_ttl_sweeps_and_a_bounded_spool(local_env: LocalEnv) -> None:
             assert state(env, node, container) == "running"
             delete(env, "ccp", refused)
 
-        _until("the expired checkpoint's deletion", lambda: get(env, "ccp", short) is None, timeout=30)
-        _until("the expired restore's deletion", lambda: get(env, "crst", failing) is None, timeout=30)
+        until("the expired checkpoint's deletion", lambda: get(env, "ccp", short) is None, timeout=30)
+        until("the expired restore's deletion", lambda: get(env, "crst", failing) is None, timeout=30)
         assert events(env, short, "Expired"), "no Expired Event"
         assert events(env, failing, "Expired"), "no Expired Event"
-        assert not _stored(env, short_key), "the expired checkpoint's archive stays in the bucket"
+        assert not _listed(env, short_key), "the expired checkpoint's archive stays in the bucket"
         assert state(env, source, expiring) == "running"
         check_invariants(env)
     finally:

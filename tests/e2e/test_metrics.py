@@ -10,13 +10,12 @@ import time
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import pytest
 import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
-from faultkit import unique
+from helpers import create, reason_of, unique
 from invariants import check_invariants
 from localenv import chart
 from localenv.env import NAMESPACE, LocalEnv
@@ -50,19 +49,6 @@ def prometheus(local_env: LocalEnv, tmp_path: Path) -> Iterator[tuple[Prometheus
         server.stop()
 
 
-def create(env: LocalEnv, kind: str, namespace: str, spec: dict[str, Any]) -> str:
-    name = unique("ccp" if kind == "ContainerCheckpoint" else "crst")
-    env.apply(
-        {
-            "apiVersion": "checkpointer.dev/v1alpha1",
-            "kind": kind,
-            "metadata": {"name": name, "namespace": namespace},
-            "spec": spec,
-        }
-    )
-    return name
-
-
 def test_prometheus_counts_a_known_sequence_exactly(local_env: LocalEnv, prometheus: tuple[Prometheus, Path]) -> None:
     server, rules = prometheus
     env = local_env
@@ -88,15 +74,15 @@ def test_prometheus_counts_a_known_sequence_exactly(local_env: LocalEnv, prometh
     time.sleep(1)
     read_count(node, containers[0])
     export = {"nodeName": "node-b", "export": {}, "compress": "none"}
-    names = [create(env, "ContainerCheckpoint", namespace, {**export, "containers": [c]}) for c in containers]
-    missing = create(env, "ContainerCheckpoint", namespace, {**export, "containers": [unique("absent")]})
+    names = [create(env, "ContainerCheckpoint", {**export, "containers": [c]}, namespace) for c in containers]
+    missing = create(env, "ContainerCheckpoint", {**export, "containers": [unique("absent")]}, namespace)
     finished = {n: env.wait_phase("ccp", n, ["Succeeded", "Failed"], namespace=namespace) for n in [*names, missing]}
     assert [finished[n]["status"]["phase"] for n in names] == ["Succeeded", "Succeeded"], finished
     assert finished[missing]["status"]["phase"] == "Failed"
     for container in containers:
         node.podman("rm", "-f", container)
     restore = create(
-        env, "ContainerRestore", namespace, {"nodeName": "node-a", "source": {"checkpointRef": {"name": names[0]}}}
+        env, "ContainerRestore", {"nodeName": "node-a", "source": {"checkpointRef": {"name": names[0]}}}, namespace
     )
     restored = env.wait_phase("crst", restore, ["Succeeded", "Failed"], namespace=namespace)
     assert restored["status"]["phase"] == "Succeeded", restored["status"]
@@ -164,8 +150,7 @@ def test_made_up_node_names_add_no_series(local_env: LocalEnv, tenants: Tenants)
     for name in names:
         failed = tenants.finished("ContainerCheckpoint", TEAM_A, name)
         assert failed["status"]["phase"] == "Failed", failed["status"]
-        ready = {c["type"]: c for c in failed["status"]["conditions"]}["Ready"]
-        assert ready["reason"] == "NodeNotFound", failed["status"]
+        assert reason_of(failed) == "NodeNotFound", failed["status"]
 
     def counted_under_no_node() -> float:
         return sum(

@@ -16,12 +16,10 @@ import io
 import tarfile
 import time
 import uuid
-from collections.abc import Iterator
-from typing import Any
 
 import pytest
 
-from faultkit import storage_accepting_unsigned, unique
+from helpers import archive_source, condition, create, members, ready, remove, restore, state, unique, until
 from invariants import check_invariants
 from localenv.env import NAMESPACE, LocalEnv
 from localenv.images import COUNTER, owned_by, read_count
@@ -39,11 +37,6 @@ PODMAN_VERSION = "checkpointer.dev/podman-version"
 SWAPPED = 8
 BULK_MIB = 16
 EXPORTS = 3
-
-
-def ready(obj: dict[str, Any]) -> dict[str, Any]:
-    condition: dict[str, Any] = {c["type"]: c for c in obj["status"]["conditions"]}["Ready"]
-    return condition
 
 
 def on_node(env: LocalEnv, node: str, script: str) -> str:
@@ -71,21 +64,12 @@ wait
 """
     name = unique("swapper")
     env.nodes[node].podman("run", "-d", *owned_by(TEAM_A), "--name", name, COUNTER, "/bin/busybox", "sh", "-c", script)
-    deadline = time.monotonic() + 30
-    while env.nodes[node].podman("exec", name, "cat", "/tmp/count", check=False).stdout.strip() != b"ready":
-        assert time.monotonic() < deadline, f"{name} did not start swapping"
-        time.sleep(0.1)
+    until(
+        f"{name} to start swapping",
+        lambda: env.nodes[node].podman("exec", name, "cat", "/tmp/count", check=False).stdout.strip() == b"ready",
+        timeout=30,
+    )
     return name
-
-
-def members(tar_bytes: bytes) -> dict[str, bytes]:
-    """Every member of a tar by name, the content of regular files."""
-    found: dict[str, bytes] = {}
-    with tarfile.open(fileobj=io.BytesIO(tar_bytes), mode="r:") as tar:
-        for member in tar:
-            extracted = tar.extractfile(member) if member.isreg() else None
-            found[member.name] = extracted.read() if extracted else b""
-    return found
 
 
 def test_a_live_export_never_carries_a_file_of_the_node(local_env: LocalEnv) -> None:
@@ -98,7 +82,7 @@ def test_a_live_export_never_carries_a_file_of_the_node(local_env: LocalEnv) -> 
         for _ in range(EXPORTS):
             live_export_of(env, container, marker, secret)
     finally:
-        env.nodes[NODE].podman("rm", "-f", "-t", "0", container, check=False)
+        remove(env, NODE, container)
         on_node(env, NODE, f"rm -f /tmp/{marker}")
     check_invariants(env)
 
@@ -106,16 +90,8 @@ def test_a_live_export_never_carries_a_file_of_the_node(local_env: LocalEnv) -> 
 def live_export_of(env: LocalEnv, container: str, marker: str, secret: bytes) -> None:
     """One live export from the admin namespace (what podman copies is judged, whatever the Lease
     says), its archive read from the bucket."""
-    name = unique("ccp")
     spec = {"nodeName": NODE, "containers": [container], "leaveRunning": True, "export": {}, "compress": "none"}
-    env.apply(
-        {
-            "apiVersion": "checkpointer.dev/v1alpha1",
-            "kind": "ContainerCheckpoint",
-            "metadata": {"name": name, "namespace": NAMESPACE},
-            "spec": spec,
-        }
-    )
+    name = create(env, "ContainerCheckpoint", spec, NAMESPACE)
     obj = env.wait_phase("ccp", name, ["Succeeded", "Failed"], namespace=NAMESPACE)
     assert obj["status"]["phase"] == "Succeeded", obj["status"]
     [archive] = obj["status"]["archives"]
@@ -127,15 +103,8 @@ def live_export_of(env: LocalEnv, container: str, marker: str, secret: bytes) ->
     assert copied, f"the container's files named {marker} are not in rootfs-diff.tar: {sorted(rootfs)}"
     assert secret not in data, "the archive carries the node's file"
     assert all(content == b"inside\n" for content in copied.values()), copied
-    status = env.nodes[NODE].podman("inspect", "--format", "{{.State.Status}}", container).stdout.strip()
-    assert status == b"running"
+    assert state(env, NODE, container) == "running"
     env.kubectl("delete", "ccp", name, "-n", NAMESPACE, "--wait=true", "--timeout=60s")
-
-
-@pytest.fixture(scope="module")
-def unsigned(local_env: LocalEnv) -> Iterator[str]:
-    with storage_accepting_unsigned(local_env) as storage:
-        yield storage
 
 
 def with_escape(archive: bytes, marker: str) -> bytes:
@@ -189,19 +158,7 @@ def test_an_archive_writing_through_a_symlink_is_refused_in_every_namespace(loca
     spool = target.spool_dir / "checkpointer"
     try:
         for namespace in ("default", NAMESPACE):
-            name = unique("crst")
-            archive: dict[str, Any] = {"storageRef": {"name": unsigned}, "key": key}
-            if namespace != "default":
-                archive["namespace"] = "default"
-            env.apply(
-                {
-                    "apiVersion": "checkpointer.dev/v1alpha1",
-                    "kind": "ContainerRestore",
-                    "metadata": {"name": name, "namespace": namespace},
-                    "spec": {"nodeName": "node-b", "source": {"archive": archive}},
-                }
-            )
-            obj = env.wait_phase("crst", name, ["Succeeded", "Failed"], namespace=namespace)
+            obj = restore(env, "node-b", archive_source(unsigned, key, namespace), namespace=namespace)
             assert (obj["status"]["phase"], ready(obj)["reason"]) == ("Failed", "ArchiveNotPermitted"), obj["status"]
             message = ready(obj)["message"]
             assert f"rootfs-diff.tar member 'escape/{marker}', below symlink member 'escape'" in message, message
@@ -232,7 +189,7 @@ def test_a_live_export_on_a_podman_before_5_8_2_is_refused_outside_admin_namespa
     message = ready(obj)["message"]
     assert f"node {NODE} runs podman 5.4.2" in message and "5.8.2" in message, message
     # Refused by the controller: never handed to the agent, the container untouched.
-    scheduled = {c["type"]: c for c in obj["status"]["conditions"]}["Scheduled"]
+    scheduled = condition(obj, "Scheduled")
     assert scheduled["status"] == "False" and not obj["status"].get("archives"), obj["status"]
     assert t.state(t.ours) == "running"
     time.sleep(0.5)

@@ -17,7 +17,7 @@ from typing import Any
 
 import yaml
 
-from faultkit import get, remove, state, workload
+from helpers import get, remove, state, workload
 from localenv.env import LocalEnv
 from localenv.procs import BIN, require
 

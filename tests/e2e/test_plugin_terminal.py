@@ -8,11 +8,10 @@ import shlex
 import shutil
 import subprocess
 import time
-import uuid
 
 from test_plugin import PLUGIN, ok, plugin, plugin_env
 
-from faultkit import remove, workload
+from helpers import remove, unique, workload
 from localenv.env import LocalEnv
 from localenv.procs import require
 
@@ -31,11 +30,11 @@ def test_watch_shows_a_1gib_checkpoint_advance_to_succeeded(local_env: LocalEnv)
     require(tmux is not None, "tmux is not installed: run hack/install.sh")
     assert tmux is not None
     container = workload(local_env, "node-a", mib=1024)
-    name = f"big-{uuid.uuid4().hex[:6]}"
+    name = unique("big")
     # Uncompressed: the bytes the bar counts are the memory's, and the checkpoint lasts long enough.
     ok(plugin(local_env, "checkpoint", f"node-a/{container}", "--export", "--compress", "none", "--name", name))
 
-    socket = f"plugin-{uuid.uuid4().hex[:6]}"  # a tmux server of this test's own
+    socket = unique("plugin")  # a tmux server of this test's own
     environment = plugin_env(local_env)
     command = f"{shlex.quote(str(PLUGIN))} watch ccp/{name}; echo EXIT=$?; sleep 60"
     tmux_argv = [tmux, "-L", socket]

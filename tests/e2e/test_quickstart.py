@@ -8,7 +8,7 @@ import subprocess
 
 import pytest
 
-from faultkit import unique
+from helpers import unique
 from localenv import quickstart
 from localenv.controlplane import ControlPlane
 from localenv.env import LocalEnv

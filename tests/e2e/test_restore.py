@@ -4,44 +4,28 @@ from __future__ import annotations
 
 import hashlib
 import time
-from typing import Any
 
 import pytest
 
-from faultkit import apply, storage_accepting_unsigned, unique
+from helpers import (
+    apply,
+    checkpoint_counter,
+    reason_of,
+    remove,
+    restore,
+    restores_of,
+    state,
+    storage_accepting_unsigned,
+    unique,
+)
 from localenv.env import LocalEnv
 from localenv.images import COUNTER, MEMORY, owned_by, read_count, wait_for_log
-
-
-def checkpoint_counter(env: LocalEnv, node: str = "node-a") -> tuple[str, str, int, dict[str, Any]]:
-    """A counter checkpointed into S3: (container, checkpoint name, last count seen, its archive)."""
-    container = unique("counter")
-    env.nodes[node].podman("run", "-d", *owned_by("default"), "--name", container, COUNTER)
-    time.sleep(1)
-    read_count(env.nodes[node], container)
-    name = unique("ccp")
-    apply(env, "ContainerCheckpoint", name, {"nodeName": env.nodes[node].name, "containers": [container], "export": {}})
-    status = env.wait_phase("ccp", name, ["Succeeded", "Failed"])["status"]
-    assert status["phase"] == "Succeeded", status
-    counted = int(env.nodes[node].podman("logs", container).stdout.decode().split()[-1])
-    env.nodes[node].podman("rm", "-f", container)
-    return container, name, counted, status["archives"][0]
-
-
-def restore(env: LocalEnv, node: str, source: dict[str, Any], **flags: Any) -> dict[str, Any]:
-    name = unique("crst")
-    apply(env, "ContainerRestore", name, {"nodeName": env.nodes[node].name, "source": source, **flags})
-    return env.wait_phase("crst", name, ["Succeeded", "Failed"])
 
 
 def relative(key: str) -> str:
     """A stored key as a restore names it: relative to its namespace's folder (the storage has no prefix)."""
     assert key.startswith("default/"), key
     return key.removeprefix("default/")
-
-
-def reason_of(obj: dict[str, Any]) -> str:
-    return str({c["type"]: c for c in obj["status"]["conditions"]}["Ready"]["reason"])
 
 
 @pytest.mark.parametrize("target", ["node-b", "node-a"])
@@ -189,17 +173,7 @@ def test_agent_killed_mid_download_restores_once(local_env: LocalEnv) -> None:
         # Restored once: one container of that name, and podman restored it once.
         ids = target.podman("ps", "--all", "--filter", f"name=^{container}$", "--format", "{{.ID}}")
         assert len(ids.stdout.decode().split()) == 1
-        restores = target.podman(
-            "events",
-            "--stream=false",
-            "--filter",
-            f"container={container}",
-            "--filter",
-            "event=restore",
-            "--format",
-            "{{.Status}}",
-        )
-        assert restores.stdout.decode().split().count("restore") == 1
-        assert target.podman("inspect", "--format", "{{.State.Status}}", container).stdout.decode().strip() == "running"
+        assert restores_of(env, "node-b", container) == 1
+        assert state(env, "node-b", container) == "running"
     finally:
-        target.podman("rm", "-f", "-t", "0", container, check=False)
+        remove(env, "node-b", container)

@@ -11,13 +11,13 @@ from __future__ import annotations
 import datetime
 import json
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from typing import Any
 
 import pytest
 from kubernetes.client.exceptions import ApiException
 
-from faultkit import delete, finished, get, ready, unique, workload
+from helpers import apply, delete, events, finished, get, ready, unique, until, workload
 from invariants import check_invariants
 from localenv.env import LocalEnv
 
@@ -29,14 +29,7 @@ SCHEDULED_TIME = "checkpointer.dev/scheduled-time"
 
 
 def schedule(env: LocalEnv, name: str, spec: dict[str, Any]) -> None:
-    env.apply(
-        {
-            "apiVersion": "checkpointer.dev/v1alpha1",
-            "kind": KIND,
-            "metadata": {"name": name, "namespace": "default"},
-            "spec": spec,
-        }
-    )
+    apply(env, KIND, name, spec)
 
 
 def template(node: str, container: str) -> dict[str, Any]:
@@ -49,31 +42,14 @@ def children(env: LocalEnv, name: str) -> list[dict[str, Any]]:
     return sorted(items, key=lambda o: o["metadata"]["name"])
 
 
-def events(env: LocalEnv, name: str, reason: str) -> list[str]:
-    selector = f"involvedObject.kind={KIND},involvedObject.name={name},reason={reason}"
-    out = env.kubectl("get", "events", "-n", "default", "--field-selector", selector, "-o", "json")
-    return [str(e.get("message")) for e in json.loads(out.stdout)["items"]]
-
-
 def created_runs(env: LocalEnv, name: str) -> list[int]:
     """The unix times of the scheduled runs the schedule created, from its Created Events."""
     runs = []
-    for message in events(env, name, "Created"):
+    for message in events(env, name, "Created", kind=KIND):
         child = message.split()[2]  # created ContainerCheckpoint <name> for ...
         if "-cordon-" not in child:
             runs.append(int(child.rsplit("-", 1)[1]))
     return sorted(runs)
-
-
-def until(what: str, test: Callable[[], Any], timeout: float = 30, last: Callable[[], Any] | None = None) -> Any:
-    """What `test()` returns once truthy; fails naming `what`, and with `last()`, after `timeout` seconds."""
-    deadline = time.monotonic() + timeout
-    while True:
-        found = test()
-        if found:
-            return found
-        assert time.monotonic() < deadline, f"{what} did not happen in {timeout:.0f}s; last: {last and last()}"
-        time.sleep(0.25)
 
 
 def stamp(text: str) -> float:
@@ -114,7 +90,8 @@ def test_a_schedule_runs_on_time_skips_catches_up_triggers_on_cordon_and_keeps_i
         # Fires never on its own (1 January at midnight): only the cordon makes it checkpoint.
         schedule(env, drain, {"schedule": "0 0 1 1 *", "onNodeCordon": True, "template": template("node-a", drained)})
         skipped = until(
-            "two Forbid skips", lambda: (found := events(env, forbid, "Skipped")) and len(found) >= 2 and found
+            "two Forbid skips",
+            lambda: (found := events(env, forbid, "Skipped", kind=KIND)) and len(found) >= 2 and found,
         )
         [blocker] = children(env, forbid)
         assert all(blocker["metadata"]["name"] in m for m in skipped), skipped
@@ -150,7 +127,9 @@ def test_a_schedule_runs_on_time_skips_catches_up_triggers_on_cordon_and_keeps_i
     time.sleep(7)
     env.start_controller()
     caught = until(
-        "a caught-up run", lambda: [m for m in events(env, every3, "Created") if "caught up" in m], timeout=45
+        "a caught-up run",
+        lambda: [m for m in events(env, every3, "Created", kind=KIND) if "caught up" in m],
+        timeout=45,
     )
     assert len(caught) == 1, caught
     caught_run = int(caught[0].split()[2].rsplit("-", 1)[1])
@@ -200,7 +179,7 @@ def test_a_schedule_runs_on_time_skips_catches_up_triggers_on_cordon_and_keeps_i
         return {k.rsplit("/", 1)[0] for k in keys} if expected <= keys else set()
 
     until("the bucket holds exactly the kept archives", lambda: bucket_folders() == folders, timeout=20)
-    assert events(env, every3, "Deleted")
+    assert events(env, every3, "Deleted", kind=KIND)
     status = get(env, KIND, every3)["status"]  # type: ignore[index]
     assert status["lastSuccessfulTime"] and status["lastScheduleTime"] and status["activeCount"] == 0
 
@@ -254,7 +233,7 @@ def test_admission_and_a_schedule_the_controller_cannot_read(local_env: LocalEnv
         timeout=15,
     )
     assert condition["status"] == "False" and "61 * * * *" in condition["message"]
-    assert events(local_env, broken, "InvalidSchedule")
+    assert events(local_env, broken, "InvalidSchedule", kind=KIND)
     # Repaired, it becomes Ready; the printer columns show it.
     local_env.kubectl(
         "patch", "ccs", broken, "-n", "default", "--type=merge", "-p", '{"spec":{"schedule":"0 2 * * *"}}'

@@ -12,7 +12,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from faultkit import apply, unique
+from helpers import apply, unique
 from localenv.env import NAMESPACE, SECRET, LocalEnv
 from localenv.images import COUNTER, read_count
 

@@ -10,10 +10,8 @@ from __future__ import annotations
 
 import base64
 import hashlib
-import io
 import json
 import statistics
-import tarfile
 import threading
 import time
 from collections.abc import Iterator
@@ -22,14 +20,29 @@ from typing import Any
 
 import kubernetes
 import pytest
-import zstandard
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from cryptography.hazmat.primitives.serialization import load_pem_public_key
 
-from faultkit import apply, delete, get, storage_accepting_unsigned, unique, wait_for, workload
+from helpers import (
+    apply,
+    checkpoint,
+    counter,
+    delete,
+    exists,
+    get,
+    members,
+    ready,
+    restore,
+    state,
+    storage_accepting_unsigned,
+    unique,
+    until,
+    wait_for,
+    workload,
+)
 from invariants import check_invariants
 from localenv.env import NAMESPACE, SECRET, STORAGE, LocalEnv
-from localenv.images import COUNTER, owned_by, read_count
+from localenv.images import read_count
 from localenv.procs import run
 
 pytestmark = pytest.mark.e2e
@@ -43,43 +56,11 @@ CONTROLLER_SA = "system:serviceaccount:checkpointer-system:checkpointer-controll
 # --- helpers -------------------------------------------------------------------------------------
 
 
-def counter(env: LocalEnv, node: str = "node-a") -> str:
-    container = unique("counter")
-    env.nodes[node].podman("run", "-d", *owned_by("default"), "--name", container, COUNTER)
-    time.sleep(1)
-    read_count(env.nodes[node], container)
-    return container
-
-
-def container_state(env: LocalEnv, container: str, node: str = "node-a") -> str:
-    return str(env.nodes[node].podman("inspect", "--format", "{{.State.Status}}", container).stdout.decode().strip())
-
-
 def local_checkpoint(env: LocalEnv, container: str, node: str = "node-a") -> bool:
     """podman's own checkpoint of the container (`<StaticDir>/checkpoint/`) is on the node."""
     static = env.nodes[node].podman("inspect", "--format", "{{.StaticDir}}", container).stdout.decode().strip()
     probe = run([*env.nodes[node].nsenter_argv(), "test", "-d", f"{static}/checkpoint"], check=False, timeout=30)
     return bool(static) and probe.returncode == 0
-
-
-def checkpoint(env: LocalEnv, container: str, node: str = "node-a", **spec: Any) -> str:
-    name = unique("ccp")
-    apply(env, "ContainerCheckpoint", name, {"nodeName": node, "containers": [container], "export": {}, **spec})
-    return name
-
-
-def restore(env: LocalEnv, node: str, source: dict[str, Any], **flags: Any) -> dict[str, Any]:
-    name = unique("crst")
-    apply(env, "ContainerRestore", name, {"nodeName": node, "source": source, **flags})
-    return env.wait_phase("crst", name, ["Succeeded", "Failed"])
-
-
-def ready(obj: dict[str, Any]) -> dict[str, Any]:
-    return next(c for c in obj["status"]["conditions"] if c["type"] == "Ready")
-
-
-def exists(env: LocalEnv, node: str, container: str) -> bool:
-    return env.nodes[node].podman("container", "exists", container, check=False).returncode == 0
 
 
 def s3_get(env: LocalEnv, key: str) -> bytes:
@@ -113,12 +94,6 @@ def verify(manifest: dict[str, Any], keys: dict[str, Ed25519PublicKey]) -> None:
     content = {k: v for k, v in manifest.items() if k != "signature"}
     canonical = json.dumps(content, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode()
     keys[signature["keyID"]].verify(base64.b64decode(signature["value"]), canonical)
-
-
-def members(archive: bytes, *names: str) -> dict[str, bytes]:
-    plain = zstandard.ZstdDecompressor().stream_reader(io.BytesIO(archive)).read()
-    with tarfile.open(fileobj=io.BytesIO(plain)) as tar:
-        return {n: tar.extractfile(n).read() for n in names}  # type: ignore[union-attr]
 
 
 def plain_podman_export(env: LocalEnv, node: str, container: str) -> bytes:
@@ -173,7 +148,7 @@ def test_checkpoint_is_signed_by_the_controller_and_restores(local_env: LocalEnv
     keys = public_keys(env)
     added: list[float] = []
     for _ in range(3):  # a few, for the added latency
-        container = counter(env)
+        container = counter(env, "node-a", running_for=1)
         name = unique("ccp")
         with watch_phases(env, name) as seen:
             apply(env, "ContainerCheckpoint", name, {"nodeName": "node-a", "containers": [container], "export": {}})
@@ -199,7 +174,7 @@ def test_checkpoint_is_signed_by_the_controller_and_restores(local_env: LocalEnv
     # The container configuration podman builds the restored container from, as in the archive.
     data = s3_get(env, archive["key"])
     assert hashlib.sha256(data).hexdigest() == entry["sha256"]
-    dumps = members(data, "config.dump", "spec.dump")
+    dumps = members(data)
     assert entry["configDumpSHA256"] == hashlib.sha256(dumps["config.dump"]).hexdigest()
     assert entry["specDumpSHA256"] == hashlib.sha256(dumps["spec.dump"]).hexdigest()
     # What the controller signed is what the agent handed over: the same manifest, unsigned.
@@ -218,8 +193,8 @@ def test_edited_manifest_and_swapped_bytes_are_untrusted_and_nothing_is_restored
     # The victim holds more memory than the archive swapped in: that one inflates to less than the
     # signed manifest states, so the download's bound on inflation does not stop it first.
     container = workload(env, "node-a", mib=16)
-    other = counter(env)
-    name = checkpoint(env, container)
+    other = counter(env, "node-a", running_for=1)
+    name = checkpoint(env, "node-a", containers=[container], export={})
     obj = env.wait_phase("ccp", name, ["Succeeded", "Failed"])
     assert obj["status"]["phase"] == "Succeeded", obj["status"]
     archive = obj["status"]["archives"][0]
@@ -252,7 +227,7 @@ def test_edited_manifest_and_swapped_bytes_are_untrusted_and_nothing_is_restored
 
 def test_plain_podman_archive_is_untrusted_unless_the_storage_accepts_unsigned(local_env: LocalEnv) -> None:
     env = local_env
-    container = counter(env)
+    container = counter(env, "node-a", running_for=1)
     data = plain_podman_export(env, "node-a", container)
     env.nodes["node-a"].podman("rm", "-f", container)
     folder = unique("planted")
@@ -314,7 +289,11 @@ def test_signing_waits_for_the_controller_and_a_restarted_agent_does_not_checkpo
     until the signing; a deletion before it, or a signing that fails, gives the container back."""
     env = local_env
     env.stop_controller()
-    kept, dropped, untrusted = counter(env), counter(env), counter(env)
+    kept, dropped, untrusted = (
+        counter(env, "node-a", running_for=1),
+        counter(env, "node-a", running_for=1),
+        counter(env, "node-a", running_for=1),
+    )
     names: dict[str, str] = {}
     try:
         for container in (kept, dropped, untrusted):
@@ -347,7 +326,7 @@ def test_signing_waits_for_the_controller_and_a_restarted_agent_does_not_checkpo
             manifest = json.loads(s3_get(env, manifest_key(obj["status"]["archives"][0]["key"])))
             assert "signature" not in manifest
             # Stored, but not signed yet: podman's local checkpoint and the spool stay on the node.
-            assert container_state(env, container) == "exited"
+            assert state(env, "node-a", container) == "exited"
             assert local_checkpoint(env, container), f"the local checkpoint of {container} went before the signing"
         spool = env.nodes["node-a"].spool_dir / "checkpointer"
 
@@ -371,10 +350,12 @@ def test_signing_waits_for_the_controller_and_a_restarted_agent_does_not_checkpo
         env.kubectl("delete", "ccp", names[dropped], "-n", "default", "--wait=false")
         # Deleted before it was signed: its archive will never be restored, so the agent gives the
         # container back, restored in place from the local checkpoint it kept.
-        deadline = time.monotonic() + 60
-        while container_state(env, dropped) != "running":
-            assert time.monotonic() < deadline, f"{dropped} was not given back: {container_state(env, dropped)}"
-            time.sleep(0.5)
+        until(
+            f"{dropped} given back",
+            lambda: state(env, "node-a", dropped) == "running",
+            timeout=60,
+            last=lambda: state(env, "node-a", dropped),
+        )
     finally:
         env.start_controller()
     obj = env.wait_phase("ccp", names[kept], ["Succeeded", "Failed"], timeout=60)
@@ -395,8 +376,8 @@ def test_signing_waits_for_the_controller_and_a_restarted_agent_does_not_checkpo
     # archive stays with its manifest until the object is deleted.
     failed = env.wait_phase("ccp", names[untrusted], ["Succeeded", "Failed"], timeout=60)
     assert (failed["status"]["phase"], ready(failed)["reason"]) == ("Failed", "ArchiveUntrusted"), failed["status"]
-    while container_state(env, untrusted) != "running":
-        assert time.monotonic() < deadline + 30, f"{untrusted} was not given back: {container_state(env, untrusted)}"
+    while state(env, "node-a", untrusted) != "running":
+        assert time.monotonic() < deadline + 30, f"{untrusted} was not given back: {state(env, 'node-a', untrusted)}"
         time.sleep(0.3)
     assert s3_get(env, failed["status"]["archives"][0]["key"]) and s3_get(env, untrusted_manifest)
     delete(env, "ccp", names[untrusted])

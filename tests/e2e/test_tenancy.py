@@ -9,21 +9,15 @@ from __future__ import annotations
 
 import json
 import time
-from typing import Any
 
 import pytest
 
-from faultkit import extra_storage, unique
+from helpers import extra_storage, reason_and_message, remove, unique
 from invariants import check_invariants
 from localenv.images import read_count
 from tenants import NODE, TEAM_A, TEAM_B, Tenants, labelled_counter
 
 pytestmark = pytest.mark.e2e
-
-
-def reason_and_message(obj: dict[str, Any]) -> tuple[str, str]:
-    ready = {c["type"]: c for c in obj["status"]["conditions"]}["Ready"]
-    return str(ready["reason"]), str(ready["message"])
 
 
 def test_a_namespace_checkpoints_only_its_own_containers_into_its_own_folder(tenants: Tenants) -> None:
@@ -76,8 +70,7 @@ def test_latest_through_the_rest_api_is_the_namespaces_newest(tenants: Tenants) 
         assert [a["container"] for a in obj["status"]["archives"]] == [ours]
         t.delete("ccp", name)
     finally:
-        for container in (ours, theirs):
-            env.nodes[node].podman("rm", "-f", "-t", "0", container, check=False)
+        remove(env, node, ours, theirs)
 
 
 def test_team_a_cannot_restore_or_delete_team_bs_archives(tenants: Tenants) -> None:

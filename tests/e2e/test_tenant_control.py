@@ -9,13 +9,12 @@ from __future__ import annotations
 
 import datetime
 import json
-import time
 from collections.abc import Iterator
 from typing import Any
 
 import pytest
 
-from faultkit import unique
+from helpers import ready, remove, state, unique, until
 from invariants import check_invariants
 from localenv.images import COUNTER, owned_by, read_count
 from tenants import NODE, TEAM_A, Tenants
@@ -40,23 +39,10 @@ def create_as_alice(t: Tenants, node: str, spec: dict[str, Any], annotations: di
     return name
 
 
-def get(t: Tenants, name: str) -> dict[str, Any]:
+def get_as_alice(t: Tenants, name: str) -> dict[str, Any]:
     out = t.env.control_plane.kubectl("get", CCP, name, "-n", TEAM_A, "-o", "json", kubeconfig=t.alice)
     obj: dict[str, Any] = json.loads(out.stdout)
     return obj
-
-
-def ready(obj: dict[str, Any]) -> dict[str, Any]:
-    found: dict[str, Any] = {c["type"]: c for c in obj["status"]["conditions"]}["Ready"]
-    return found
-
-
-def wait_for(what: str, check: Any, timeout: float = 30) -> Any:
-    deadline = time.monotonic() + timeout
-    while not (found := check()):
-        assert time.monotonic() < deadline, f"{what} within {timeout:.0f}s"
-        time.sleep(0.2)
-    return found
 
 
 @pytest.fixture
@@ -70,7 +56,7 @@ def twins(tenants: Tenants) -> Iterator[str]:
         yield name
     finally:
         for node in nodes:
-            tenants.env.nodes[node].podman("rm", "-f", "-t", "0", name, check=False)
+            remove(tenants.env, node, name)
 
 
 def test_a_relabelled_checkpoint_runs_only_on_its_own_node(tenants: Tenants, twins: str) -> None:
@@ -89,10 +75,11 @@ def test_a_relabelled_checkpoint_runs_only_on_its_own_node(tenants: Tenants, twi
     )
 
     # The controller puts the label back to the node it scheduled, and says so.
-    wait_for(
+    until(
         "the label back on node-a",
         lambda: (
-            (o := get(t, name))["metadata"]["labels"][NODE_LABEL] == "node-a" and o["status"]["phase"] == "Scheduled"
+            (o := get_as_alice(t, name))["metadata"]["labels"][NODE_LABEL] == "node-a"
+            and o["status"]["phase"] == "Scheduled"
         ),
     )
     events = env.kubectl(
@@ -110,7 +97,7 @@ def test_a_relabelled_checkpoint_runs_only_on_its_own_node(tenants: Tenants, twi
     assert manifest["nodeName"] == manifest["host"]["node"] == "node-a", manifest["host"]
 
     # node-b's agent never acted: its container of the same name runs on, untouched.
-    assert other.podman("inspect", "--format", "{{.State.Status}}", twins).stdout.decode().strip() == "running"
+    assert state(env, "node-b", twins) == "running"
     assert other.podman("inspect", "--format", "{{.State.StartedAt}}", twins).stdout == started_there
     assert read_count(other, twins) > count_there
     t.delete("ccp", name)

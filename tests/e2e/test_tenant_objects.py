@@ -12,7 +12,7 @@ import time
 
 import pytest
 
-from faultkit import unique
+from helpers import remove, unique, until
 from invariants import check_invariants
 from localenv.images import MEMORY, owned_by, wait_for_log
 from tenants import NODE, TEAM_A, Tenants
@@ -45,10 +45,12 @@ def test_a_checkpoint_whose_finalizer_is_removed_in_flight_gives_its_container_b
         assert cp.kubectl("get", "ccp", name, "-n", TEAM_A, kubeconfig=t.alice, check=False).returncode != 0
 
         # The agent finds the object gone at its next write, and restores what it stopped in place.
-        deadline = time.monotonic() + 120
-        while t.state(container) != "running":
-            assert time.monotonic() < deadline, f"{container} was left {t.state(container)} by a vanished checkpoint"
-            time.sleep(0.5)
+        until(
+            f"{container} given back after a vanished checkpoint",
+            lambda: t.state(container) == "running",
+            timeout=120,
+            last=lambda: t.state(container),
+        )
         check_invariants(env)
     finally:
-        node.podman("rm", "-f", "-t", "0", container, check=False)
+        remove(env, NODE, container)

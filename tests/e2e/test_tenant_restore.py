@@ -16,7 +16,7 @@ from typing import Any
 
 import pytest
 
-from faultkit import unique
+from helpers import exists, reason_and_message, unique
 from invariants import check_invariants
 from localenv.env import PUBLISH_HOST_PORTS, LocalEnv
 from localenv.images import COUNTER, NAMESPACE_LABEL, owned_by, read_count
@@ -24,11 +24,6 @@ from tenants import NODE, TEAM_A, TEAM_B, Tenants
 
 pytestmark = pytest.mark.e2e
 NODES = ["node-a", "node-b"]  # the REST API and the CLI
-
-
-def reason_and_message(obj: dict[str, Any]) -> tuple[str, str]:
-    ready = {c["type"]: c for c in obj["status"]["conditions"]}["Ready"]
-    return str(ready["reason"]), str(ready["message"])
 
 
 def checkpoint_of_team_a(t: Tenants, *run_flags: str) -> tuple[str, str]:
@@ -53,12 +48,8 @@ def archived(tenants: Tenants) -> Iterator[str]:
     tenants.delete("ccp", name)
 
 
-def restore(t: Tenants, checkpoint: str, node: str = NODE, **spec: Any) -> str:
+def restore_as_alice(t: Tenants, checkpoint: str, node: str = NODE, **spec: Any) -> str:
     return t.create("ContainerRestore", TEAM_A, {"source": {"checkpointRef": {"name": checkpoint}}, **spec}, node=node)
-
-
-def exists(env: LocalEnv, node: str, container: str) -> bool:
-    return env.nodes[node].podman("container", "exists", container, check=False).returncode == 0
 
 
 def test_publish_only_host_ports_the_administrator_allows(tenants: Tenants, archived: str) -> None:
@@ -67,7 +58,7 @@ def test_publish_only_host_ports_the_administrator_allows(tenants: Tenants, arch
     # Refused by the controller: never scheduled onto the node.
     made = []
     for entry in ("0.0.0.0:22:8080", "8080"):
-        refused = restore(t, archived, name=unique("published"), publish=[entry])
+        refused = restore_as_alice(t, archived, name=unique("published"), publish=[entry])
         made.append(refused)
         obj = t.finished("crst", TEAM_A, refused)
         reason, message = reason_and_message(obj)
@@ -77,7 +68,7 @@ def test_publish_only_host_ports_the_administrator_allows(tenants: Tenants, arch
 
     port = first + int(unique("p").split("-")[1], 16) % (last - first + 1)
     name = unique("published")
-    admitted = restore(t, archived, name=name, publish=[f"127.0.0.1:{port}:8080/tcp"])
+    admitted = restore_as_alice(t, archived, name=name, publish=[f"127.0.0.1:{port}:8080/tcp"])
     obj = t.finished("crst", TEAM_A, admitted)
     assert obj["status"]["phase"] == "Succeeded", obj["status"]
     # A restored container shows its mappings there (its HostConfig keeps the archive's, none).
@@ -99,7 +90,7 @@ def test_a_restore_joins_only_a_pod_of_its_namespace(tenants: Tenants, archived:
     env.nodes[node].podman("pod", "create", "--infra=false", *owned_by(TEAM_B), "--name", theirs)
     try:
         name = unique("podded")
-        refused = restore(t, archived, node, name=name, pod=theirs)
+        refused = restore_as_alice(t, archived, node, name=name, pod=theirs)
         obj = t.finished("crst", TEAM_A, refused)
         reason, message = reason_and_message(obj)
         assert (obj["status"]["phase"], reason) == ("Failed", "PodNotPermitted"), obj["status"]
@@ -108,7 +99,7 @@ def test_a_restore_joins_only_a_pod_of_its_namespace(tenants: Tenants, archived:
         members = env.nodes[node].podman("pod", "inspect", "--format", "{{.NumContainers}}", theirs).stdout
         assert members.decode().strip() == "0", "team-b's pod got no container"
 
-        missing = restore(t, archived, node, name=name, pod=missing_pod)
+        missing = restore_as_alice(t, archived, node, name=name, pod=missing_pod)
         obj = t.finished("crst", TEAM_A, missing)
         assert reason_and_message(obj)[0] == "PodNotFound", obj["status"]
         for done in (refused, missing):
@@ -144,7 +135,7 @@ def test_another_namespaces_volume_is_refused_even_with_ignore_volumes(tenants: 
     try:
         name = unique("mounted")
         for ignore in (True, False):
-            refused = restore(t, checkpoint, node, name=name, ignoreVolumes=ignore)
+            refused = restore_as_alice(t, checkpoint, node, name=name, ignoreVolumes=ignore)
             obj = t.finished("crst", TEAM_A, refused)
             reason, message = reason_and_message(obj)
             assert (obj["status"]["phase"], reason) == ("Failed", "VolumeNotPermitted"), obj["status"]
@@ -158,7 +149,7 @@ def test_another_namespaces_volume_is_refused_even_with_ignore_volumes(tenants: 
         target.podman("volume", "rm", volume)
         target.podman("volume", "create", *owned_by(TEAM_A), volume)
         for ignore in (True, False):
-            admitted = restore(t, checkpoint, node, name=name, ignoreVolumes=ignore)
+            admitted = restore_as_alice(t, checkpoint, node, name=name, ignoreVolumes=ignore)
             obj = t.finished("crst", TEAM_A, admitted)
             assert obj["status"]["phase"] == "Succeeded", obj["status"]
             read_count(target, name)
@@ -174,7 +165,7 @@ def test_another_namespaces_volume_is_refused_even_with_ignore_volumes(tenants: 
 def test_the_loser_of_two_restores_of_one_name_removes_nothing(tenants: Tenants, archived: str) -> None:
     t, env = tenants, tenants.env
     name = unique("raced")
-    both = [restore(t, archived, name=name), restore(t, archived, name=name)]
+    both = [restore_as_alice(t, archived, name=name), restore_as_alice(t, archived, name=name)]
     finished = {r: t.finished("crst", TEAM_A, r) for r in both}
     phases = sorted(obj["status"]["phase"] for obj in finished.values())
     assert phases == ["Failed", "Succeeded"], [obj["status"] for obj in finished.values()]
@@ -200,7 +191,7 @@ def test_the_archives_network_is_joined_only_when_labelled_for_the_namespace(ten
         _, checkpoint = checkpoint_of_team_a(t, "--network", network)
         target.podman("network", "create", *owned_by(TEAM_B), network)
         name = unique("joined")
-        refused = restore(t, checkpoint, "node-a", name=name)
+        refused = restore_as_alice(t, checkpoint, "node-a", name=name)
         obj = t.finished("crst", TEAM_A, refused)
         reason, message = reason_and_message(obj)
         assert (obj["status"]["phase"], reason) == ("Failed", "NetworkNotPermitted"), obj["status"]
@@ -210,7 +201,7 @@ def test_the_archives_network_is_joined_only_when_labelled_for_the_namespace(ten
         # The same network labelled for team-a on node-a: joined, and the count goes on there.
         target.podman("network", "rm", network)
         target.podman("network", "create", *owned_by(TEAM_A), network)
-        admitted = restore(t, checkpoint, "node-a", name=name)
+        admitted = restore_as_alice(t, checkpoint, "node-a", name=name)
         obj = t.finished("crst", TEAM_A, admitted)
         assert obj["status"]["phase"] == "Succeeded", obj["status"]
         read_count(target, name)
