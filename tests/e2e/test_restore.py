@@ -17,6 +17,7 @@ from helpers import (
     state,
     storage_accepting_unsigned,
     unique,
+    until,
 )
 from localenv.env import LocalEnv
 from localenv.images import COUNTER, MEMORY, owned_by, read_count, wait_for_log
@@ -169,7 +170,9 @@ def test_agent_killed_mid_download_restores_once(local_env: LocalEnv) -> None:
         status = env.wait_phase("crst", restore_name, ["Succeeded", "Failed"], timeout=300)["status"]
         assert status["phase"] == "Succeeded", status
         assert status["progress"]["bytesDone"] == size
-        assert not workdir.exists(), "the download and its leftovers are cleaned up"
+        # The folder goes right after the final status write, which it outlives on purpose (its marker
+        # is what stops a retry from restoring twice).
+        until("the download and its leftovers are cleaned up", lambda: not workdir.exists(), timeout=10)
         # Restored once: one container of that name, and podman restored it once.
         ids = target.podman("ps", "--all", "--filter", f"name=^{container}$", "--format", "{{.ID}}")
         assert len(ids.stdout.decode().split()) == 1
