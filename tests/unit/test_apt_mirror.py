@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from localenv.apt_mirror import Source, deb822_sources, debian_archive, debian_mirror, one_line_sources
-from localenv.procs import REPO_ROOT, LocalEnvError
+from localenv.procs import REPO_ROOT, LocalEnvError, require
 
 # As a Debian 12 installation writes it: the security stanza after the archive's, comments between.
 DEB822 = """\
@@ -124,7 +124,8 @@ def test_the_shell_scripts_get_the_same_mirror_as_the_python_code() -> None:
     try:
         expected = debian_mirror()
     except LocalEnvError:
-        pytest.skip("this machine's apt sources name no Debian archive")
+        expected = ""
+    require(bool(expected), "this machine's apt sources name no Debian archive")
     script = f"source {REPO_ROOT}/hack/lib/common.sh && debian_mirror"
     out = subprocess.run(["bash", "-c", script], capture_output=True, text=True, check=True)
     assert out.stdout == expected + "\n"
