@@ -18,7 +18,7 @@ from checkpointer.settings import Settings
 
 if TYPE_CHECKING:
     from checkpointer.adapters.podman import Runtime
-    from checkpointer.leadership import Leadership
+    from checkpointer.controller.leadership import Leadership
 
 # Sync handlers run in kopf's thread pool of this size: objects handled at once by one process.
 HANDLER_THREADS = 20
@@ -76,7 +76,7 @@ def main(argv: list[str] | None = None, make_runtime: Callable[[Settings], Runti
     operator_settings = _kopf_settings(args.role, node, memory)
     if node is None:
         from checkpointer import controller
-        from checkpointer.leadership import Leadership, stand_by
+        from checkpointer.controller.leadership import Leadership, stand_by
 
         # Replicas stand by until the Lease is theirs: only one may schedule, and kopf runs standalone.
         leadership = Leadership.for_settings(kube, settings)

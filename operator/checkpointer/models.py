@@ -47,7 +47,7 @@ class CheckpointSpec(Model):
     compress: Compression = Compression.ZSTD
     ignore_rootfs: bool = False
     ignore_volumes: bool = False
-    # A Go duration: how long the object stays once finished (services/expiry.py).
+    # A Go duration: how long the object stays once finished (ttl.py).
     ttl: str | None = None
 
 

@@ -23,7 +23,7 @@ from checkpointer.adapters.kube import Kube
 from checkpointer.conditions import now, phase_patch, set_condition
 from checkpointer.models import Metadata
 from checkpointer.reasons import ConditionType, Phase, Reason
-from checkpointer.services.expiry import expiration
+from checkpointer.ttl import expiration
 
 log = logging.getLogger(__name__)
 

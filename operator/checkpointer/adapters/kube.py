@@ -13,7 +13,6 @@ from kubernetes.client import ApiException
 
 from checkpointer import GROUP, VERSION
 from checkpointer.adapters.storage import Credentials
-from checkpointer.archive.encryption import Keys, parse_identity, parse_recipients
 from checkpointer.models import CheckpointStorage
 
 log = logging.getLogger(__name__)
@@ -172,14 +171,9 @@ class Kube:
         except KeyError as e:
             raise ValueError(f"Secret {ref.namespace}/{ref.name} has no key {e}") from None
 
-    def encryption(self, storage: CheckpointStorage) -> Keys | None:
-        """The age keys of the storage's encryption Secret; None when the storage does not encrypt.
-
-        Checkpoints use the recipients, restores the identity. A Secret without an identity is
-        allowed (the secret key may be kept off the cluster): a restore of an encrypted archive then
-        fails. Raises ValueError, never quoting a key, when the Secret cannot be read,
-        has no recipients, or holds a key that is not an age key.
-        """
+    def encryption_secret(self, storage: CheckpointStorage) -> tuple[dict[str, bytes], str] | None:
+        """The data of the storage's encryption Secret, decoded, and words naming it for messages;
+        None when the storage does not encrypt. Raises ValueError when the Secret cannot be read."""
         if storage.spec.encryption is None:
             return None
         ref = storage.spec.encryption.secret_ref
@@ -189,15 +183,7 @@ class Kube:
         except ApiException as e:
             # Forbidden: the Secret is missing from the chart's rbac.storageSecrets.
             raise ValueError(f"the {where} cannot be read: {e.status} {e.reason}") from None
-        data = secret.data or {}
-        try:
-            recipients = parse_recipients(base64.b64decode(data.get("recipients", "")).decode())
-            key = parse_identity(base64.b64decode(data["identity"]).decode()) if "identity" in data else None
-        except (ValueError, UnicodeDecodeError) as e:
-            raise ValueError(f"the {where} is not usable: {e}") from None
-        if not recipients:
-            raise ValueError(f"the {where} has no recipients (age public keys, one per line)")
-        return Keys(recipients, key)
+        return {k: base64.b64decode(v) for k, v in (secret.data or {}).items()}, where
 
     # --- the signing key ------------------------------------------------------------------------
 

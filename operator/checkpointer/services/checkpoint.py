@@ -268,7 +268,7 @@ class Checkpoint:
                 raise Retry(Reason.UPLOAD_RETRYING, f"the manifest could not be written: {e}", delay=5) from None
             self.status.steps.took("manifest", began)
             # Only the controller holds the signing key: it checks this manifest against the object,
-            # signs it and writes Succeeded (signer.py). Until it has, podman's local checkpoints and
+            # signs it and writes Succeeded (controller/signer.py). Until it has, podman's local checkpoints and
             # the spool stay: a signing that fails gives the containers back (settle).
             where = f" to {store.uri(directory)}/"
             self.folder.hand_over()

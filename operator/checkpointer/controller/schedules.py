@@ -4,9 +4,9 @@ No kopf timer per schedule (a thousand of them ticking would cost more than the 
 events of schedules, of the checkpoints they made and of Nodes keep an in-memory picture, and
 one clock thread sleeps until the earliest next creation, then hands the runs that are due to a
 small pool of threads that create the checkpoints. Each run's checkpoint is created ahead of its
-time (services/schedules.py creation_time) and the agent starts it at the scheduled second. Status
+time (services/schedule_rules.py creation_time) and the agent starts it at the scheduled second. Status
 is written from that picture by a second pool, only when it changed. Decisions are in
-services/schedules.py.
+services/schedule_rules.py.
 """
 
 from __future__ import annotations
@@ -33,8 +33,8 @@ from checkpointer.adapters.kube import CHECKPOINTS, SCHEDULES, Kube
 from checkpointer.conditions import format_time, parse_time, set_condition
 from checkpointer.models import CheckpointSchedule, Metadata
 from checkpointer.reasons import ConditionType, Reason
-from checkpointer.services import schedules as decide
-from checkpointer.services.schedules import Child, Clock, InvalidSchedule
+from checkpointer.services import schedule_rules as decide
+from checkpointer.services.schedule_rules import Child, Clock, InvalidSchedule
 from checkpointer.settings import Settings
 from checkpointer.status import event_subject
 

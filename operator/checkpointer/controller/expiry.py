@@ -20,8 +20,8 @@ from typing import Any
 
 from checkpointer.adapters.kube import CHECKPOINTS, Kube
 from checkpointer.durations import parse_duration
-from checkpointer.services.expiry import desired_expiration, seconds_until, ttl_of
 from checkpointer.status import Conflict, StatusWriter
+from checkpointer.ttl import desired_expiration, seconds_until, ttl_of
 
 log = logging.getLogger(__name__)
 # A delete the API server refused is tried again after this long.

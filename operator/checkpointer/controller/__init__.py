@@ -1,6 +1,8 @@
 """The controller: checks what needs the cluster, schedules objects onto nodes, keeps storage status.
 
-Handlers are thin: parse, call a service, write status. One replica leads (see leadership.py).
+`register` lists its kopf handlers, which stay thin: parse, call a service, write status. The
+long-running work has modules of its own: `signer` (the signing key and its retry loop), `expiry`
+and `schedules` (the two clocks). One replica leads (`leadership`).
 """
 
 from __future__ import annotations
@@ -13,17 +15,18 @@ from typing import Any, TypeVar
 
 import kopf
 
-from checkpointer import CONTROLLER_FINALIZER, GROUP, NODE_LABEL, VERSION, layout, metrics, schedules
+from checkpointer import CONTROLLER_FINALIZER, GROUP, NODE_LABEL, VERSION, layout, metrics
 from checkpointer.adapters.kube import CHECKPOINTS, RESTORES, STORAGES, Kube
 from checkpointer.archive.store import RateLimiter, StorageError, Stores, Transfer
+from checkpointer.controller import schedules
+from checkpointer.controller.expiry import Expiring, ExpiryClock
+from checkpointer.controller.signer import Signer
 from checkpointer.errors import Failure
-from checkpointer.expiry import Expiring, ExpiryClock
 from checkpointer.models import CheckpointStorage, ContainerCheckpoint, ContainerRestore
 from checkpointer.reasons import FINISHED, Phase, Reason
 from checkpointer.services import scheduling, signing, validation
-from checkpointer.services.schedules import SCHEDULED_TIME_ANNOTATION, start_delay
+from checkpointer.services.schedule_rules import SCHEDULED_TIME_ANNOTATION, start_delay
 from checkpointer.settings import Settings
-from checkpointer.signer import Signer
 from checkpointer.status import Conflict, StatusWriter, event_subject
 
 log = logging.getLogger(__name__)
