@@ -296,8 +296,8 @@ def finished(
     plural: str, namespace: str, node: str, result: str, reason: str, status: Mapping[str, Any], seconds: float | None
 ) -> None:
     """Count a final phase just written, with what its status says of the run."""
-    if not _State.enabled:
-        return
+    if not _State.enabled or plural not in KINDS:
+        return  # a ContainerMigration's end is counted by the checkpoint and restore it made
     node = _State.bounds.node(node)
     if plural == "containerrestores":
         RESTORES.labels(namespace, node, result, reason).inc()

@@ -69,6 +69,9 @@ class CheckpointStatus(Model):
     archives: list[Archive] = Field(default_factory=list)
     # The sha256 of the unsigned manifest the agent wrote for the controller to sign.
     manifest_sha256: str | None = Field(default=None, alias="manifestSHA256")
+    # When podman was asked to checkpoint the first container: from then on it serves nothing.
+    frozen_time: str | None = None
+    completion_time: str | None = None
 
 
 class Metadata(Model):
@@ -137,6 +140,7 @@ class RestoreStatus(Model):
     node_name: str | None = None
     archive: ResolvedArchive | None = None
     container_id: str | None = Field(default=None, alias="containerID")
+    completion_time: str | None = None
 
 
 class ContainerRestore(Model):
@@ -185,6 +189,13 @@ class ConcurrencyPolicy(StrEnum):
     ALLOW = "Allow"
 
 
+class CordonAction(StrEnum):
+    """What a schedule's onNodeCordon does: checkpoint the template, or move its containers away."""
+
+    CHECKPOINT = "Checkpoint"
+    MIGRATE = "Migrate"
+
+
 class Retention(Model):
     keep_last: int | None = None
     max_age: str | None = None  # a Go duration, checked at admission
@@ -200,6 +211,7 @@ class ScheduleSpec(Model):
     template: dict[str, Any]
     retention: Retention | None = None
     on_node_cordon: bool = False
+    cordon_action: CordonAction = CordonAction.CHECKPOINT
 
     @property
     def node_name(self) -> str:
@@ -214,3 +226,50 @@ class CheckpointSchedule(Model):
     metadata: ScheduleMetadata
     spec: ScheduleSpec
     status: dict[str, Any] = Field(default_factory=dict)
+
+
+class MigrationSource(Model):
+    node_name: str
+    container: str
+
+
+class MigrationSpec(Model):
+    source: MigrationSource
+    # Absent: the controller chooses a Ready node with a live agent, not the source, not cordoned.
+    target_node_name: str | None = None
+    storage_ref: NameRef | None = None
+    compress: Compression = Compression.ZSTD
+    tcp_established: bool = False
+    # The restored container's name (the restore's spec.name); absent: the one it had.
+    name: str | None = None
+    ttl: str | None = None
+
+
+class Progress(Model):
+    bytes_done: int = 0
+    bytes_total: int | None = None
+
+
+class MigrationStatus(Model):
+    phase: str | None = None
+    observed_generation: int | None = None
+    conditions: list[dict[str, Any]] = Field(default_factory=list)
+    checkpoint_ref: NameRef | None = None
+    restore_ref: NameRef | None = None
+    # The restore back on the source node, made once the restore on the target failed for good.
+    fallback_restore_ref: NameRef | None = None
+    source_node_name: str | None = None
+    target_node_name: str | None = None
+    frozen_time: str | None = None
+    running_time: str | None = None
+    downtime_seconds: float | None = None
+    progress: Progress | None = None
+    start_time: str | None = None
+    completion_time: str | None = None
+    expiration: str | None = None
+
+
+class ContainerMigration(Model):
+    metadata: Metadata
+    spec: MigrationSpec
+    status: MigrationStatus = Field(default_factory=MigrationStatus)

@@ -221,6 +221,8 @@ class Checkpoint:
     # Each container's configuration digests, and its inspection, once read (see configuration()).
     configs: dict[str, dict[str, str]] = field(default_factory=dict)
     inspected: dict[str, Container | None] = field(default_factory=dict)
+    # When podman was first asked to stop a container (status.frozenTime): a migration's downtime starts here.
+    frozen: str = ""
 
     @property
     def spec(self) -> CheckpointSpec:
@@ -282,13 +284,27 @@ class Checkpoint:
         else:
             where = " (kept on the node)"
             self.status.phase(
-                Phase.SUCCEEDED, Reason.SUCCEEDED, f"checkpointed {names}{where}", archives=_dump(archives.values())
+                Phase.SUCCEEDED,
+                Reason.SUCCEEDED,
+                f"checkpointed {names}{where}",
+                archives=_dump(archives.values()),
+                **self.frozen_field(),
             )
         log.info(
             "checkpoint %s/%s: checkpointed %s%s", self.ccp.metadata.namespace, self.ccp.metadata.name, names, where
         )
         if store is None:
             self.folder.remove()
+
+    def freezing(self) -> None:
+        """Podman is asked to checkpoint now: unless leaveRunning, CRIU freezes the container and it
+        serves nothing from here on. Taken on the clock before the call, not when podman returns."""
+        if not self.frozen:
+            self.frozen = now(precise=True)
+
+    def frozen_field(self) -> dict[str, Any]:
+        """status.frozenTime, in the next phase write (no write of its own before podman runs)."""
+        return {"frozenTime": self.frozen} if self.frozen and not self.status.status.get("frozenTime") else {}
 
     def let_go(self) -> None:
         """The archives are signed (the object Succeeded): podman's local checkpoints and the spool go."""
@@ -346,6 +362,7 @@ class Checkpoint:
         if store is None:
             self.folder.mark(target.name)
             began = time.monotonic()
+            self.freezing()
             stats = self.podman_checkpoint(target, None, None, directory)
             self.status.steps.took("checkpoint", began, container=target.name)
             return Archive(container=target.name, containerID=target.id, stats=stats)
@@ -394,6 +411,7 @@ class Checkpoint:
                 target.name,
             )
             began = time.monotonic()
+            self.freezing()
             try:
                 stats = self.podman_checkpoint(target, write, store, directory)
                 if written is None:
@@ -420,7 +438,10 @@ class Checkpoint:
             record = SpoolRecord(target.name, target.id, compression, raw, digest, stats, self.recipients, uncompressed)
             self.folder.save_spool_record(record)
             self.status.phase(
-                Phase.UPLOADING, Reason.UPLOADING, f"checkpointed {target.name}; uploading {digest.size} bytes"
+                Phase.UPLOADING,
+                Reason.UPLOADING,
+                f"checkpointed {target.name}; uploading {digest.size} bytes",
+                **self.frozen_field(),
             )
             error = uploading.exception()
         if error is not None:
