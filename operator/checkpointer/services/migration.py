@@ -15,6 +15,7 @@ the same checkpoint.
 
 from __future__ import annotations
 
+import json
 import logging
 import threading
 from collections.abc import Callable, Mapping
@@ -169,6 +170,15 @@ def _child(kind: str, name: str, migration: Mapping[str, Any], spec: dict[str, A
         },
         "spec": spec,
     }
+
+
+def _refusal(error: ApiException) -> str:
+    """The API server's own sentence for a refused request (a CEL rule's message, a quota), else its status."""
+    try:
+        message = json.loads(error.body or "{}").get("message")
+    except (ValueError, AttributeError):
+        message = None
+    return str(message or f"{error.status} {error.reason}")
 
 
 def _phase(body: Mapping[str, Any] | None) -> str:
@@ -520,11 +530,10 @@ class Migrations:
         try:
             made = self.kube.create(plural, namespace, child)
         except ApiException as e:
-            # Refused by admission or RBAC: the migration cannot make it, whatever happens next.
+            # Refused by admission, a quota or RBAC: the migration cannot make it, whatever happens next.
             if e.status is not None and 400 <= e.status < 500 and e.status != 429:
-                raise Failure(
-                    Reason.NAME_TAKEN if e.status == 409 else Reason.CHECKPOINT_FAILED, str(e.reason)
-                ) from None
+                reason = Reason.CHECKPOINT_FAILED if plural == CHECKPOINTS else Reason.RESTORE_FAILED
+                raise Failure(reason, f"the API server refused the {child['kind']} {name}: {_refusal(e)}") from None
             raise
         if made is not None:
             return made
