@@ -21,6 +21,7 @@ from helpers import (
     remove,
     running_on,
     unique,
+    until,
 )
 from localenv.env import LocalEnv
 from localenv.images import read_count
@@ -146,3 +147,31 @@ def test_a_migrations_spec_cannot_change(local_env: LocalEnv) -> None:
     patch = json.dumps({"spec": {"targetNodeName": TARGET}})
     out = env.kubectl("patch", "cmig", name, "--type=merge", "-p", patch, check=False)
     assert out.returncode != 0 and "spec is immutable; delete and recreate the ContainerMigration" in out.stderr
+
+
+def test_draining_a_node_moves_its_containers_when_the_schedule_says_migrate(local_env: LocalEnv) -> None:
+    env = local_env
+    container = counter(env, SOURCE, running_for=1)
+    schedule = unique("drain")
+    template = {"nodeName": SOURCE, "containers": [container], "export": {}}
+    # Fires never on its own (1 January at midnight): only the cordon moves the counter.
+    spec = {"schedule": "0 0 1 1 *", "onNodeCordon": True, "cordonAction": "Migrate", "template": template}
+    apply(env, "CheckpointSchedule", schedule, spec)
+    try:
+        cordon(env, SOURCE, True)
+        listed = ["cmig", "-n", "default", "-l", f"checkpointer.dev/schedule={schedule}", "-o", "json"]
+
+        def made() -> list[dict[str, Any]]:
+            return list(json.loads(env.kubectl("get", *listed).stdout)["items"])
+
+        [moved] = until("the cordon's migration", made, timeout=60)
+        assert moved["spec"]["source"] == {"nodeName": SOURCE, "container": container}
+        obj = env.wait_phase("cmig", moved["metadata"]["name"], ["Succeeded", "Failed"])
+        assert obj["status"]["phase"] == "Succeeded", obj["status"]
+        assert obj["status"]["targetNodeName"] == TARGET  # the only node not cordoned
+        assert_runs_on_exactly_one_node(env, container, TARGET)
+    finally:
+        cordon(env, SOURCE, False)
+        env.kubectl("delete", "ccs", schedule, "-n", "default", "--wait=false", check=False)
+        remove(env, SOURCE, container)
+        remove(env, TARGET, container)
