@@ -141,6 +141,8 @@ class RestoreStatus(Model):
     archive: ResolvedArchive | None = None
     container_id: str | None = Field(default=None, alias="containerID")
     completion_time: str | None = None
+    # When podman's restore returned: the container runs from then on.
+    running_time: str | None = None
 
 
 class ContainerRestore(Model):

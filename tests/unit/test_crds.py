@@ -164,6 +164,7 @@ STATUS_FIELDS = {
         "nodeName": "string",
         "startTime": "string",
         "completionTime": "string",
+        "runningTime": "string",
         "expiration": "string",
         **PROGRESS_FIELDS,
         **CONDITION_FIELDS,

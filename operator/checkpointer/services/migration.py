@@ -317,7 +317,8 @@ def _restoring(
     restore_name = str(restore["metadata"]["name"])
     phase = _phase(restore)
     if phase == Phase.SUCCEEDED:
-        running = str((restore.get("status") or {}).get("completionTime") or now(precise=True))
+        restored = restore.get("status") or {}
+        running = str(restored.get("runningTime") or restored.get("completionTime") or now(precise=True))
         fields["runningTime"] = running
         took = downtime(fields.get("frozenTime"), running)
         if took is not None:

@@ -30,6 +30,7 @@ from checkpointer.archive.encryption import Keys
 from checkpointer.archive.ledger import KeptCheckpoint
 from checkpointer.archive.store import ArchiveMissing, ArchiveStore, StorageError
 from checkpointer.archive.workfolder import RESTORE, WorkFolder
+from checkpointer.conditions import now
 from checkpointer.errors import Failure, Retry
 from checkpointer.models import ArchiveRef, Compression, ContainerRestore, NameRef, RestoreSpec
 from checkpointer.reasons import Phase, Reason
@@ -202,6 +203,8 @@ def _restore(
     try:
         with status.steps.step("restore", container=name):
             stats = runtime.restore(spec, path, previous)
+        # Podman returns once the container runs: taken here, before the inspection and the write.
+        running = now(precise=True)
     except PodmanError as e:
         reason = classify(e, Reason.RESTORE_FAILED)
         if reason is not Reason.NAME_IN_USE:  # podman created nothing: the name was another's
@@ -219,6 +222,7 @@ def _restore(
         containerID=restored.id if restored else "",
         containerName=name,
         stats=stats,
+        runningTime=running,
     )
     log.info("restore %s/%s: restored %s", crst.metadata.namespace, crst.metadata.name, name or "the container")
 
