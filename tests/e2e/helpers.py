@@ -146,10 +146,12 @@ def counts_with_times(env: Cluster, node: str, container: str) -> list[tuple[flo
 
 def _epoch(stamp: str) -> float:
     """RFC 3339 with up to nanoseconds (podman's log stamps) as seconds since the epoch."""
-    head, _, rest = stamp.partition(".")
-    digits = "".join(c for c in rest if c.isdigit())
-    zone = rest[len(digits) :] or "Z"
-    moment = datetime.datetime.fromisoformat(head + (zone if zone != "Z" else "+00:00"))
+    head, dot, rest = stamp.partition(".")
+    digits = "".join(c for c in rest[: len(rest) - len(rest.lstrip("0123456789"))])
+    zone = rest[len(digits) :] if dot else ""
+    if not dot:  # no fraction: the zone is at the end of the head
+        head, zone = head[:19], head[19:]
+    moment = datetime.datetime.fromisoformat(head + (zone if zone not in ("", "Z") else "+00:00"))
     return moment.timestamp() + (int(digits[:9].ljust(9, "0")) / 1e9 if digits else 0.0)
 
 
