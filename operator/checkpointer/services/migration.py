@@ -298,7 +298,7 @@ def step(m: ContainerMigration, children: Children) -> Step | None:
         return Step(
             Phase.TRANSFERRING,
             Reason.TRANSFERRING,
-            f"the checkpoint {name} succeeded; restoring {container} on {target}",
+            f"checkpoint {name} is {ck_phase}; restoring {container} on {target}",
             create="restore",
             fields=fields,
         )
