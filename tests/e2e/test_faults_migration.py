@@ -83,12 +83,12 @@ def test_s3_stopped_mid_upload_and_mid_download_the_migration_waits_and_succeeds
             name = migration(env, SOURCE, container, targetNodeName=TARGET, compress="none")
             wait_for(env, "ccp", name, "upload under way", lambda o: uploading(o, 8 * MiB))
             with faults.s3_down(env):
-                time.sleep(8)
+                time.sleep(4)
                 assert get(env, "cmig", name)["status"]["phase"] == "Transferring"  # type: ignore[index]
             _, restore = children(env, name)
             wait_for(env, "crst", restore, "download under way", lambda o: downloading(o, 8 * MiB))
             with faults.s3_down(env):
-                time.sleep(8)
+                time.sleep(4)
             obj = wait_for(env, "cmig", name, "an end", finished, timeout=180)
             assert obj["status"]["phase"] == "Succeeded", obj["status"]
         assert_runs_on_exactly_one_node(env, container, TARGET)
