@@ -668,8 +668,16 @@ def test_controller_has_least_privilege(cp: ControlPlane, installed: str) -> Non
             assert ok(verb, plural, WORKLOADS), f"{verb} {plural}"
         assert ok("patch", plural, WORKLOADS, "--subresource=status")
         assert ok("delete", plural, WORKLOADS)  # once their TTL has passed (docs/api.md)
-        # A CheckpointSchedule's runs are ContainerCheckpoints the controller creates (docs/api.md).
-        assert ok("create", plural, WORKLOADS) == (plural == CCP), f"create {plural}"
+        # A CheckpointSchedule's runs are ContainerCheckpoints, and a ContainerMigration's checkpoint
+        # and restores, that the controller creates (docs/api.md).
+        assert ok("create", plural, WORKLOADS), f"create {plural}"
+    migrations = "containermigrations.checkpointer.dev"
+    for verb in ("get", "list", "watch", "create", "delete"):
+        assert ok(verb, migrations, WORKLOADS), verb
+    assert ok("patch", migrations, WORKLOADS, "--subresource=status")
+    # What it owns carries blockOwnerDeletion: update on its finalizers, and no other change to it.
+    assert ok("update", migrations, WORKLOADS, "--subresource=finalizers")
+    assert not ok("patch", migrations, WORKLOADS) and not ok("update", migrations, WORKLOADS)
     schedules = "checkpointschedules.checkpointer.dev"
     for verb in ("get", "list", "watch"):
         assert ok(verb, schedules, WORKLOADS), verb
