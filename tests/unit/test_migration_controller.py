@@ -7,6 +7,7 @@ import copy
 import itertools
 from typing import Any
 
+import pytest
 from kubernetes.client import ApiException
 
 from checkpointer.adapters.kube import CHECKPOINTS, MIGRATIONS, RESTORES, NodeState
@@ -180,3 +181,20 @@ def test_a_checkpoint_made_before_a_restart_is_taken_as_the_migrations_own() -> 
     kube.objects[(MIGRATIONS, "shop", "m")]["status"] = {}
     status = advance(kube, migrations)
     assert status["phase"] == "Pending" and kube.get(CHECKPOINTS, "shop", "m") == first
+
+
+def test_a_step_the_api_server_did_not_answer_is_asked_again(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr("checkpointer.services.migration.RETRY_DELAYS", (0, 0))
+    kube, migrations = setup()
+    answers = iter([ApiException(status=503), ConnectionResetError("gone")])
+    real = kube.get
+
+    def flaky(plural: str, namespace: str, name: str) -> dict[str, Any] | None:
+        failure = next(answers, None)
+        if failure is not None:
+            raise failure
+        return real(plural, namespace, name)
+
+    kube.get = flaky  # type: ignore[method-assign]
+    migrations.advance(real(MIGRATIONS, "shop", "m") or {})
+    assert migration(kube)["status"]["phase"] == "Pending"

@@ -18,6 +18,7 @@ from __future__ import annotations
 import json
 import logging
 import threading
+import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -39,6 +40,9 @@ KIND = "ContainerMigration"
 # The restore back on the source node is named after the migration with this suffix.
 FALLBACK_SUFFIX = "-back"
 _NAME_MAX = 253
+# Seconds between tries of a step the API server did not answer: about two minutes in all, as long as
+# a status write waits for it (status.WRITE_PATIENCE_SECONDS).
+RETRY_DELAYS = (1, 2, 5, 10, 20, 30, 50)
 
 
 # --- pure decisions -----------------------------------------------------------------------------------
@@ -429,17 +433,27 @@ class Migrations:
         self.advance(migration)
 
     def advance(self, body: Mapping[str, Any]) -> None:
+        """One step of the migration, from its state read now; asked again while the API server does
+        not answer, for a watch event is not delivered twice (and the restore's last is the last)."""
         meta = body["metadata"]
         if meta.get("deletionTimestamp"):
             return
         with self._lock(str(meta["uid"])):
-            fresh = self.kube.get(MIGRATIONS, meta["namespace"], meta["name"])
-            if fresh is None or fresh["metadata"].get("uid") != meta["uid"]:
-                return
-            try:
-                self._advance(fresh)
-            except Conflict as e:  # moved on meanwhile: the event of that change takes the next step
-                log.info("migration %s/%s: %s", meta["namespace"], meta["name"], e)
+            for delay in (*RETRY_DELAYS, None):
+                try:
+                    fresh = self.kube.get(MIGRATIONS, meta["namespace"], meta["name"])
+                    if fresh is None or fresh["metadata"].get("uid") != meta["uid"]:
+                        return
+                    self._advance(fresh)
+                    return
+                except Conflict as e:  # moved on meanwhile: the event of that change takes the next step
+                    log.info("migration %s/%s: %s", meta["namespace"], meta["name"], e)
+                    return
+                except Exception as e:  # ApiException, or the connection itself
+                    if delay is None:
+                        raise
+                    log.warning("migration %s/%s: trying again in %ss: %s", meta["namespace"], meta["name"], delay, e)
+                    time.sleep(delay)
 
     def _advance(self, body: dict[str, Any]) -> None:
         m = ContainerMigration.model_validate(body)
