@@ -31,6 +31,16 @@ class Status(Model):
         aliases = {name: field.alias or name for name, field in type(self).model_fields.items()}
         return {aliases[name]: dumped.get(aliases[name]) for name in self.model_fields_set}
 
+    def changed_since(self, written: Status) -> Self:
+        """The patch of the fields this one sets whose values `written` does not hold (a field it lacks
+        holds None)."""
+        changed = {
+            name: value
+            for name in self.model_fields_set
+            if (value := getattr(self, name)) != (getattr(written, name) if name in written.model_fields_set else None)
+        }
+        return type(self).model_validate(changed)
+
 
 class Condition(Model):
     """One aspect of an object's state, in the metav1.Condition shape."""

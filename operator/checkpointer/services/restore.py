@@ -31,7 +31,15 @@ from checkpointer.archive.ledger import KeptCheckpoint
 from checkpointer.archive.store import ArchiveMissing, ArchiveStore, StorageError
 from checkpointer.archive.workfolder import RESTORE, WorkFolder
 from checkpointer.errors import Failure, Retry
-from checkpointer.models import ArchiveRef, Compression, ContainerRestore, NameRef, PreviousArchive, RestoreSpec
+from checkpointer.models import (
+    ArchiveRef,
+    Compression,
+    ContainerRestore,
+    NameRef,
+    PreviousArchive,
+    RestoreSpec,
+    RestoreStatus,
+)
 from checkpointer.reasons import Phase, Reason
 from checkpointer.services import archive_policy, signing
 from checkpointer.services.node import NAMESPACE_LABEL, Node, classify
@@ -200,9 +208,7 @@ def _restore(
         Phase.SUCCEEDED,
         Reason.SUCCEEDED,
         f"restored {name} on {crst.spec.node_name}",
-        containerID=restored.id if restored else "",
-        containerName=name,
-        stats=stats,
+        patch=RestoreStatus(container_id=restored.id if restored else "", container_name=name, stats=stats),
     )
     log.info("restore %s/%s: restored %s", crst.metadata.namespace, crst.metadata.name, name or "the container")
 
