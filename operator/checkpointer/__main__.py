@@ -70,7 +70,7 @@ def main(argv: list[str] | None = None, make_runtime: Callable[[Settings], Runti
     # An own registry has none of kopf's default login handlers: authenticate as the kubernetes client does.
     kopf.on.login(registry=registry)(kopf.login_via_client)
     # First of the startup handlers: every other one, and every thread they start, may post Events.
-    register_events(registry)
+    register_events(registry, kube, settings.namespace)
     leadership: Leadership | None = None
     if args.role == "agent" and not settings.node_name:
         parser.error("the agent needs CHECKPOINTER_NODE_NAME (the downward API's spec.nodeName)")

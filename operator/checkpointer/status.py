@@ -1,4 +1,5 @@
-"""The one way controller and agent write an object's status, and the one way they post Events.
+"""The one way controller and agent write an object's status, and the one way they post Events
+(post_event: in order, from a thread of its own, so that nobody waits for one).
 
 Every write is a typed status (models.py) of the fields to set, and carries the resourceVersion the
 writer last saw, so two writers cannot clobber each other: the API server refuses a stale write
@@ -12,17 +13,18 @@ the leading controller, and no phase to guard: after a 409 it writes again on th
 from __future__ import annotations
 
 import contextlib
-import contextvars
 import logging
+import queue
 import threading
 import time
 from collections.abc import Mapping
-from typing import Any, Literal
+from dataclasses import dataclass
+from typing import Any, ClassVar, Literal
 
 import kopf
 from kubernetes.client import ApiException
 
-from checkpointer import GROUP, NODE_LABEL, VERSION, logs, metrics
+from checkpointer import NODE_LABEL, logs, metrics
 from checkpointer.adapters.kube import CHECKPOINTS, RESTORES, SCHEDULES, STORAGES, Kube
 from checkpointer.conditions import now, phase_patch
 from checkpointer.models import (
@@ -209,40 +211,73 @@ class StatusWriter:
 # --- Events --------------------------------------------------------------------------------------
 
 EventType = Literal["Normal", "Warning"]
+# Events waiting for the poster at most; beyond, one is dropped with a log line (the API server is away).
+EVENT_BACKLOG = 10_000
+
+
+@dataclass(frozen=True)
+class _Event:
+    kind: str
+    meta: Metadata
+    type_: EventType
+    reason: str
+    message: str
 
 
 class _Poster:
-    """kopf's poster sends the Events of either process, in the background and with retries. It is
-    found through context variables that kopf sets for its own tasks and handlers; the threads of the
-    operator's own (the clocks, the sweep, the retry loops) have none, so every Event is posted in the
-    context captured at the operator's start."""
+    """Posts the Events of the process, in order, from a thread of its own: no handler, clock or loop
+    waits for the API server to take one, and any thread may post."""
 
-    context: contextvars.Context | None = None
+    # The process's one poster, from its start to its cleanup.
+    current: ClassVar[_Poster | None] = None
+
+    def __init__(self, kube: Kube, namespace: str) -> None:
+        self.kube = kube
+        # Where an Event about a cluster-scoped object (a CheckpointStorage) goes: the operator's namespace.
+        self.namespace = namespace
+        self.backlog: queue.Queue[_Event | None] = queue.Queue(EVENT_BACKLOG)
+        self.thread = threading.Thread(target=self._run, name="events", daemon=True)
+
+    def post(self, event: _Event) -> None:
+        try:
+            self.backlog.put_nowait(event)
+        except queue.Full:
+            log.warning("Event %s of %s %s dropped: too many waiting", event.reason, event.kind, event.meta.name)
+
+    def stop(self) -> None:
+        with contextlib.suppress(queue.Full):
+            self.backlog.put_nowait(None)
+
+    def _run(self) -> None:
+        while (event := self.backlog.get()) is not None:
+            meta = event.meta
+            try:
+                namespace = meta.namespace or self.namespace
+                self.kube.create_event(event.kind, meta, namespace, event.type_, event.reason, event.message)
+            except Exception as e:  # ApiException or the connection itself: the log line stays
+                log.warning("could not post the Event %s on %s %s: %s", event.reason, event.kind, meta.name, e)
 
 
-def register_events(registry: kopf.OperatorRegistry) -> None:
-    """Capture kopf's context in the first startup handler of the process, before any Event is due."""
+def register_events(registry: kopf.OperatorRegistry, kube: Kube, namespace: str) -> None:
+    """Start the poster in the first startup handler of the process, before any Event is due."""
+    poster = _Poster(kube, namespace)
 
     @kopf.on.startup(registry=registry)
-    def capture_event_poster(**_: Any) -> None:
-        _Poster.context = contextvars.copy_context()
+    def start_event_poster(**_: Any) -> None:
+        _Poster.current = poster
+        poster.thread.start()
+
+    @kopf.on.cleanup(registry=registry)
+    def stop_event_poster(**_: Any) -> None:
+        _Poster.current = None
+        poster.stop()
 
 
 def post_event(kind: str, meta: Metadata, type_: EventType, reason: str, message: str) -> None:
-    """The one way either process posts an Event about one of its objects, from any thread."""
-    if _Poster.context is None:  # no operator running (a unit test): the caller's log line is all
+    """The one way either process posts an Event about one of its objects, from any thread; it returns
+    at once, and the Event goes out in the background."""
+    poster = _Poster.current
+    if poster is None:  # no operator running (a unit test): the caller's log line is all
         log.debug("no Event poster: %s %s/%s: %s: %s", kind, meta.namespace, meta.name, reason, message)
         return
-    _Poster.context.copy().run(kopf.event, _subject(kind, meta), type=type_, reason=str(reason), message=message)
-
-
-def _subject(kind: str, meta: Metadata) -> kopf.Body:
-    """The object an Event is about, as kopf names it."""
-    raw: kopf.RawBody = {
-        "apiVersion": f"{GROUP}/{VERSION}",
-        "kind": kind,
-        "metadata": {"name": meta.name, "uid": meta.uid},
-    }
-    if meta.namespace:  # a CheckpointStorage has none
-        raw["metadata"]["namespace"] = meta.namespace
-    return kopf.Body(raw)
+    poster.post(_Event(kind, meta, type_, str(reason), message))

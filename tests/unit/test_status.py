@@ -7,9 +7,9 @@ from typing import Any
 import pytest
 from kubernetes.client import ApiException
 
-from checkpointer.models import CheckpointStatus, Progress, ScheduleStatus, StorageStatus
+from checkpointer.models import CheckpointStatus, Metadata, Progress, ScheduleStatus, StorageStatus
 from checkpointer.reasons import Phase, Reason
-from checkpointer.status import Conflict, StatusWriter
+from checkpointer.status import Conflict, StatusWriter, _Event, _Poster
 
 
 class FakeKube:
@@ -153,3 +153,29 @@ def test_a_storage_or_schedule_status_has_no_phase_to_guard_and_is_written_on_th
     assert kube.obj["status"]["phase"] == "Available" and kube.writes == 1
     with pytest.raises(TypeError):
         status.write(CheckpointStatus(phase="Failed"))
+
+
+def test_events_go_out_in_order_from_the_posters_thread_a_storages_to_the_operators_namespace() -> None:
+    class Events:
+        def __init__(self) -> None:
+            self.posted: list[tuple[str, str, str, str]] = []
+
+        def create_event(
+            self, kind: str, meta: Metadata, namespace: str, type_: str, reason: str, message: str
+        ) -> None:
+            if reason == "Broken":
+                raise ApiException(status=500)  # logged; the next one goes out all the same
+            self.posted.append((kind, namespace, type_, reason))
+
+    kube = Events()
+    poster = _Poster(kube, "checkpointer-system")  # type: ignore[arg-type]
+    poster.thread.start()
+    poster.post(_Event("ContainerCheckpoint", Metadata(name="c", namespace="team-a"), "Normal", "Broken", "m"))
+    poster.post(_Event("ContainerCheckpoint", Metadata(name="c", namespace="team-a"), "Normal", "Scheduled", "m"))
+    poster.post(_Event("CheckpointStorage", Metadata(name="s"), "Warning", "Unavailable", "m"))
+    poster.stop()
+    poster.thread.join(5)
+    assert kube.posted == [
+        ("ContainerCheckpoint", "team-a", "Normal", "Scheduled"),
+        ("CheckpointStorage", "checkpointer-system", "Warning", "Unavailable"),
+    ]

@@ -13,7 +13,7 @@ from kubernetes.client import ApiException
 
 from checkpointer import GROUP, VERSION
 from checkpointer.adapters.storage import Credentials
-from checkpointer.models import CheckpointStorage, ObjectStatus
+from checkpointer.models import CheckpointStorage, Metadata, ObjectStatus
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -22,6 +22,8 @@ CHECKPOINTS = "containercheckpoints"
 RESTORES = "containerrestores"
 STORAGES = "checkpointstorages"
 SCHEDULES = "checkpointschedules"
+# An Event the API server has not taken by then is given up: the next one must not wait behind it.
+EVENT_TIMEOUT_SECONDS = 10
 
 
 def load_config() -> None:
@@ -130,6 +132,28 @@ class Kube:
         )
         items: list[dict[str, Any]] = found["items"]
         return items
+
+    def create_event(self, kind: str, meta: Metadata, namespace: str, type_: str, reason: str, message: str) -> None:
+        """An Event about the object `meta` names, in `namespace` (its own, when it has one)."""
+        now = datetime.datetime.now(datetime.UTC)
+        event = kubernetes.client.CoreV1Event(
+            metadata=kubernetes.client.V1ObjectMeta(generate_name=f"{meta.name}.", namespace=namespace),
+            involved_object=kubernetes.client.V1ObjectReference(
+                api_version=f"{GROUP}/{VERSION}",
+                kind=kind,
+                name=meta.name,
+                namespace=meta.namespace or None,
+                uid=meta.uid,
+            ),
+            reason=reason,
+            message=message[:1024],
+            type=type_,
+            source=kubernetes.client.V1EventSource(component="checkpointer"),
+            first_timestamp=now,
+            last_timestamp=now,
+            count=1,
+        )
+        self.core.create_namespaced_event(namespace, event, _request_timeout=EVENT_TIMEOUT_SECONDS)
 
     def storage(self, name: str) -> CheckpointStorage | None:
         obj = _found(lambda: self.custom.get_cluster_custom_object(GROUP, VERSION, STORAGES, name))
