@@ -419,7 +419,11 @@ class _StorageStatus:
             log.info("CheckpointStorage %s is %s: %s", storage.metadata.name, status.phase, status.message)
             type_: EventType = "Normal" if available else "Warning"
             post_event("CheckpointStorage", storage.metadata, type_, str(status.phase), str(status.message))
-        StatusWriter(self.kube, STORAGES, storage.model_dump(by_alias=True)).write(status)
+        try:
+            # Not patient: the caller may be a handler scheduling an object, and the timer tries again.
+            StatusWriter(self.kube, STORAGES, storage.model_dump(by_alias=True)).write(status, patient=False)
+        except Conflict:  # deleted meanwhile
+            return False
         metrics.storage_available(storage.metadata.name, available)
         return available
 
