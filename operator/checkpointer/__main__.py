@@ -15,6 +15,7 @@ from checkpointer import GROUP, NODE_LABEL, kopf_finalizer, kopf_prefix, logs, m
 from checkpointer.adapters.kube import CHECKPOINTS, RESTORES, Kube, load_config
 from checkpointer.memory import Memory
 from checkpointer.settings import Settings
+from checkpointer.status import register_events
 
 if TYPE_CHECKING:
     from checkpointer.adapters.podman import Runtime
@@ -68,6 +69,8 @@ def main(argv: list[str] | None = None, make_runtime: Callable[[Settings], Runti
     registry = kopf.OperatorRegistry()
     # An own registry has none of kopf's default login handlers: authenticate as the kubernetes client does.
     kopf.on.login(registry=registry)(kopf.login_via_client)
+    # First of the startup handlers: every other one, and every thread they start, may post Events.
+    register_events(registry, kube, settings.namespace)
     leadership: Leadership | None = None
     if args.role == "agent" and not settings.node_name:
         parser.error("the agent needs CHECKPOINTER_NODE_NAME (the downward API's spec.nodeName)")

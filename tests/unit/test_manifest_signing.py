@@ -19,7 +19,7 @@ from checkpointer.archive import signature
 from checkpointer.archive.store import ArchiveStore, Stores
 from checkpointer.controller.signer import Signer
 from checkpointer.errors import Failure
-from checkpointer.models import ContainerCheckpoint
+from checkpointer.models import CheckpointStatus, ContainerCheckpoint
 from checkpointer.reasons import Reason
 from checkpointer.services import signing as controller_signing
 from checkpointer.services.signing import Trust, archive_trust, manifest_problems, signed_before, signing_requested
@@ -225,10 +225,14 @@ def test_an_archive_outside_the_checkpoints_folder_is_not_signed() -> None:
 
 def test_signing_is_requested_by_reason_signing_in_uploading() -> None:
     ready = {"type": "Ready", "status": "False", "reason": "Signing"}
-    assert signing_requested({"phase": "Uploading", "conditions": [ready]})
-    assert not signing_requested({"phase": "Uploading", "conditions": [{**ready, "reason": "Uploading"}]})
-    assert not signing_requested({"phase": "Succeeded", "conditions": [ready]})
-    assert not signing_requested({})
+
+    def requested(status: dict[str, Any]) -> bool:
+        return signing_requested(CheckpointStatus.model_validate(status))
+
+    assert requested({"phase": "Uploading", "conditions": [ready]})
+    assert not requested({"phase": "Uploading", "conditions": [{**ready, "reason": "Uploading"}]})
+    assert not requested({"phase": "Succeeded", "conditions": [ready]})
+    assert not requested({})
 
 
 def test_the_namespace_of_a_key_is_its_folder_under_the_prefix() -> None:

@@ -11,6 +11,7 @@ import pytest
 from kubernetes.client import ApiException
 
 from checkpointer.adapters.kube import CHECKPOINTS, MIGRATIONS, RESTORES, NodeState
+from checkpointer.models import Metadata
 from checkpointer.services.migration import Migrations
 from checkpointer.services.scheduling import AgentLeases
 
@@ -22,7 +23,6 @@ class FakeKube:
         self.objects: dict[tuple[str, str, str], dict[str, Any]] = {}
         self.nodes = nodes
         self.agents = agents
-        self.events: list[tuple[str, str, str]] = []
         self.versions = itertools.count(1)
 
     def get(self, plural: str, namespace: str, name: str) -> dict[str, Any] | None:
@@ -64,10 +64,17 @@ class FakeKube:
     def lease_age(self, namespace: str, name: str) -> tuple[float, int] | None:
         return (1.0, 20) if name.removeprefix("checkpointer-agent-") in self.agents else None
 
-    def create_event(
-        self, kind: str, namespace: str, name: str, uid: str, reason: str, message: str, type_: str = ""
-    ) -> None:
-        self.events.append((name, reason, message))
+
+@pytest.fixture(autouse=True)
+def events(monkeypatch: pytest.MonkeyPatch) -> list[tuple[str, str, str]]:
+    """The Events the migration posts, as (object, reason, message)."""
+    posted: list[tuple[str, str, str]] = []
+
+    def post(kind: str, meta: Metadata, type_: str, reason: str, message: str) -> None:
+        posted.append((meta.name, reason, message))
+
+    monkeypatch.setattr("checkpointer.services.migration.post_event", post)
+    return posted
 
 
 def setup(**spec: Any) -> tuple[FakeKube, Migrations]:
@@ -99,12 +106,12 @@ def advance(kube: FakeKube, migrations: Migrations, child: tuple[str, str] | Non
     return migration(kube)["status"]
 
 
-def test_a_migration_moves_through_its_checkpoint_and_its_restore() -> None:
+def test_a_migration_moves_through_its_checkpoint_and_its_restore(events: list[tuple[str, str, str]]) -> None:
     kube, migrations = setup()
     status = advance(kube, migrations)
     # The target chosen (node-c is cordoned), said in status and an Event, and the checkpoint made.
     assert status["phase"] == "Pending" and status["targetNodeName"] == "node-b"
-    assert ("m", "TargetChosen", "chose node node-b: Ready, not cordoned, with a live agent") in kube.events
+    assert ("m", "TargetChosen", "chose node node-b: Ready, not cordoned, with a live agent") in events
     checkpoint = kube.get(CHECKPOINTS, "shop", "m")
     assert (
         checkpoint is not None

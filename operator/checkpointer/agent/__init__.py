@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import contextvars
 import datetime
 import logging
 from collections.abc import Iterator, Mapping
@@ -25,7 +24,8 @@ from checkpointer.agent.lease import NodeLease
 from checkpointer.agent.sweeper import Sweeper
 from checkpointer.archive.spool import spool_usage
 from checkpointer.memory import InFlight, Memory
-from checkpointer.reasons import Phase
+from checkpointer.models import ObjectStatus
+from checkpointer.reasons import FINISHED, Phase
 from checkpointer.services import checkpoint, restore
 from checkpointer.services.node import Node
 from checkpointer.services.schedule_rules import start_delay
@@ -57,7 +57,7 @@ def _current(
     node = agent.settings.node_name
     if _declined(body, node, memory):
         return None
-    if retry == 0 and not waited and (body.get("status") or {}).get("phase") == Phase.SCHEDULED:
+    if retry == 0 and not waited and ObjectStatus.of(body).phase == Phase.SCHEDULED:
         # The first sight of a scheduled object: nothing of this agent has acted on it yet, so the
         # event's body cannot be behind this agent's own writes. Saves a read on every pickup. After a
         # wait it may be: relabelled meanwhile, or deleted and made anew under the same name.
@@ -65,8 +65,7 @@ def _current(
     fresh = agent.kube.get(plural, body["metadata"]["namespace"], body["metadata"]["name"])
     if fresh is None or fresh["metadata"]["uid"] != body["metadata"]["uid"] or _declined(fresh, node, memory):
         return None
-    phase = (fresh.get("status") or {}).get("phase")
-    if phase in (None, Phase.PENDING):
+    if ObjectStatus.of(fresh).phase in (None, Phase.PENDING):
         # The controller writes the label and the status in two patches; wait for the status.
         raise kopf.TemporaryError("waiting for the controller to schedule this object", delay=1)
     return fresh
@@ -99,9 +98,8 @@ def _handling(in_flight: InFlight, body: kopf.Body) -> Iterator[None]:
 
 
 def _settled(body: kopf.Body, type: str | None, **_: Any) -> bool:
-    phase = (body.get("status") or {}).get("phase")
     deleted = type == "DELETED" or bool(body["metadata"].get("deletionTimestamp"))
-    return phase in (Phase.SUCCEEDED, Phase.FAILED) or deleted
+    return ObjectStatus.of(body).phase in FINISHED or deleted
 
 
 def _where(body: kopf.Body) -> tuple[str, str]:
@@ -141,8 +139,7 @@ def register(registry: kopf.OperatorRegistry, agent: Node, executor: Executor, m
                 if fresh is not None:
                     checkpoint.run(agent, fresh)
 
-            # In a copy of this handler's context, as kopf runs sync handlers: kopf.event needs it.
-            await asyncio.get_running_loop().run_in_executor(executor, contextvars.copy_context().run, take)
+            await asyncio.get_running_loop().run_in_executor(executor, take)
 
     # optional: no finalizer of the agent's own. The controller's finalizer keeps a deleted object
     # until it is terminal, so this runs for one whose checkpoint was waiting for a retry: kopf

@@ -27,8 +27,6 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-import kopf
-
 from checkpointer import layout, metrics
 from checkpointer.adapters.kube import CHECKPOINTS
 from checkpointer.adapters.podman import Container, PodmanError, checkpoint_in_progress, criu_supports
@@ -41,14 +39,21 @@ from checkpointer.archive.store import ArchiveStore, Cancelled, StorageError, St
 from checkpointer.archive.workfolder import CHECKPOINT, SpoolRecord, Target, UploadState, WorkFolder
 from checkpointer.conditions import now
 from checkpointer.errors import Failure, Retry
-from checkpointer.models import Archive, CheckpointSpec, Compression, ContainerCheckpoint
-from checkpointer.reasons import Phase, Reason
+from checkpointer.models import (
+    Archive,
+    CheckpointSpec,
+    CheckpointStatus,
+    Compression,
+    ContainerCheckpoint,
+    ObjectStatus,
+)
+from checkpointer.reasons import ConditionType, Phase, Reason
 from checkpointer.services.capabilities import live_export_refusal
 from checkpointer.services.node import EXCLUDE_LABEL, NAMESPACE_LABEL, Node, classify
 from checkpointer.services.signing import signing_requested
 from checkpointer.services.space import Estimate, refusal
 from checkpointer.settings import Settings
-from checkpointer.status import Conflict, StatusWriter, event_subject
+from checkpointer.status import Conflict, StatusWriter, post_event
 
 log = logging.getLogger(__name__)
 ACTIVE = (Phase.SCHEDULED, Phase.CHECKPOINTING, Phase.UPLOADING)
@@ -117,7 +122,7 @@ def run(node: Node, body: dict[str, Any]) -> None:
     meta = ccp.metadata
     status = StatusWriter(node.kube, CHECKPOINTS, body)
     job = Checkpoint(node, ccp, status, WorkFolder.of(node.settings.spool_dir, CHECKPOINT, meta))
-    if signing_requested(body.get("status") or {}):
+    if signing_requested(ccp.status):
         # Stored and handed to the controller to sign: never checkpointed again. What it left on the
         # node waits for the controller's word, unless the object is being deleted (settle).
         settle(node, body)
@@ -152,7 +157,7 @@ def ended_without_us(fresh: dict[str, Any] | None, uid: str) -> bool:
     deleted, or made anew under its name) or failed by someone else. Pure."""
     if fresh is None or str(fresh["metadata"].get("uid")) != uid:
         return True
-    return (fresh.get("status") or {}).get("phase") == Phase.FAILED
+    return ObjectStatus.of(fresh).phase == Phase.FAILED
 
 
 # The Succeeded or Failed event and the sweep may settle one object at once: one at a time restores.
@@ -170,9 +175,9 @@ def settle(node: Node, body: dict[str, Any], gone: bool = False) -> None:
     """
     ccp = ContainerCheckpoint.model_validate(body)
     folder = WorkFolder.of(node.settings.spool_dir, CHECKPOINT, ccp.metadata)
-    phase, status = ccp.status.phase, body.get("status") or {}
+    phase = ccp.status.phase
     # Deleted before the hand-over was written: run() sees the deletion and cancels instead.
-    deleting = (gone or bool(ccp.metadata.deletion_timestamp)) and signing_requested(status)
+    deleting = (gone or bool(ccp.metadata.deletion_timestamp)) and signing_requested(ccp.status)
     if phase != Phase.SUCCEEDED and phase != Phase.FAILED and not deleting:
         return  # still waiting for the controller
     with _settling:
@@ -186,9 +191,9 @@ def settle(node: Node, body: dict[str, Any], gone: bool = False) -> None:
                 "checkpoint %s/%s: signed; released podman's local checkpoints and the spool", meta.namespace, meta.name
             )
             return
-        ready: dict[str, Any] = next((c for c in status.get("conditions") or [] if c.get("type") == "Ready"), {})
+        ready = ccp.status.condition(ConditionType.READY)
         if phase == Phase.FAILED:
-            failed = str(ready.get("reason") or "")
+            failed = ready.reason if ready else ""
             reason = Reason(failed) if failed in Reason.__members__.values() else Reason.ARCHIVE_UNTRUSTED
             why = f"the archives were stored, but the checkpoint failed before they were signed ({reason})"
         else:
@@ -196,11 +201,7 @@ def settle(node: Node, body: dict[str, Any], gone: bool = False) -> None:
             why = "the ContainerCheckpoint was deleted before its archives were signed"
         message = job.give_all_back(reason, why)
         log.info("checkpoint %s/%s: %s", meta.namespace, meta.name, message)
-        try:
-            kind = "ContainerCheckpoint"
-            node.kube.create_event(kind, meta.namespace, meta.name, meta.uid, reason, message, "Warning")
-        except Exception as e:  # the containers run again either way; the log says so
-            log.warning("could not record an Event on %s/%s: %s", meta.namespace, meta.name, e)
+        post_event("ContainerCheckpoint", meta, "Warning", reason, message)
 
 
 @dataclass
@@ -258,9 +259,9 @@ class Checkpoint:
                 continue  # uploaded before a restart
             archives[target.name] = self.one(target, store, directory)
             if i < len(targets) - 1:  # the last one goes out with the final phase, in one write
-                self.status.write({"archives": _dump(archives.values())})
+                self.status.write(CheckpointStatus(archives=list(archives.values())))
         if store is not None:
-            started = str(self.status.status.get("startTime") or now(precise=True))
+            started = self.status.phased.start_time or now(precise=True)
             entries = [{**self.manifest_entry(a), **self.spool_facts(a["container"])} for a in _dump(archives.values())]
             manifest = layout.manifest(self.ccp, entries, self.node.host(), started, now(precise=True))
             began = time.monotonic()
@@ -278,8 +279,7 @@ class Checkpoint:
                 Phase.UPLOADING,
                 Reason.SIGNING,
                 f"checkpointed {names}{where}; the controller signs the manifest",
-                archives=_dump(archives.values()),
-                manifestSHA256=sha256,
+                patch=CheckpointStatus(archives=list(archives.values()), manifest_sha256=sha256),
             )
         else:
             where = " (kept on the node)"
@@ -287,8 +287,7 @@ class Checkpoint:
                 Phase.SUCCEEDED,
                 Reason.SUCCEEDED,
                 f"checkpointed {names}{where}",
-                archives=_dump(archives.values()),
-                **self.frozen_field(),
+                patch=self.frozen_patch(archives=list(archives.values())),
             )
         log.info(
             "checkpoint %s/%s: checkpointed %s%s", self.ccp.metadata.namespace, self.ccp.metadata.name, names, where
@@ -302,9 +301,11 @@ class Checkpoint:
         if not self.frozen:
             self.frozen = now(precise=True)
 
-    def frozen_field(self) -> dict[str, Any]:
-        """status.frozenTime, in the next phase write (no write of its own before podman runs)."""
-        return {"frozenTime": self.frozen} if self.frozen and not self.status.status.get("frozenTime") else {}
+    def frozen_patch(self, **fields: Any) -> CheckpointStatus:
+        """`fields` and status.frozenTime, in the next phase write (no write of its own before podman runs)."""
+        written = self.status.status
+        first = bool(self.frozen) and not (isinstance(written, CheckpointStatus) and written.frozen_time)
+        return CheckpointStatus(**fields, **({"frozen_time": self.frozen} if first else {}))
 
     def let_go(self) -> None:
         """The archives are signed (the object Succeeded): podman's local checkpoints and the spool go."""
@@ -441,7 +442,7 @@ class Checkpoint:
                 Phase.UPLOADING,
                 Reason.UPLOADING,
                 f"checkpointed {target.name}; uploading {digest.size} bytes",
-                **self.frozen_field(),
+                patch=self.frozen_patch(),
             )
             error = uploading.exception()
         if error is not None:
@@ -544,11 +545,7 @@ class Checkpoint:
                 f"(CHECKPOINTER_UPLOAD_DEADLINE_SECONDS); the archive stays on node {settings.node_name} "
                 f"at {where}: {error}"
             )
-            kopf.warn(
-                event_subject("ContainerCheckpoint", self.ccp.metadata),
-                reason=str(Reason.UPLOAD_FAILED),
-                message=message,
-            )
+            post_event("ContainerCheckpoint", self.ccp.metadata, "Warning", Reason.UPLOAD_FAILED, message)
             raise Failure(Reason.UPLOAD_FAILED, message)
         delay = min(
             retry_delay(attempts, settings.upload_retry_seconds, settings.upload_retry_max_seconds),

@@ -29,10 +29,18 @@ from checkpointer import GROUP, VERSION
 from checkpointer.adapters.kube import CHECKPOINTS, MIGRATIONS, RESTORES, Kube, NodeState
 from checkpointer.conditions import now, parse_time
 from checkpointer.errors import Failure
-from checkpointer.models import ContainerMigration
+from checkpointer.models import (
+    CheckpointStatus,
+    ContainerMigration,
+    MigrationStatus,
+    NameRef,
+    ObjectStatus,
+    Progress,
+    RestoreStatus,
+)
 from checkpointer.reasons import FINISHED, Phase, Reason
 from checkpointer.services.scheduling import AgentLeases, require_node_with_agent
-from checkpointer.status import Conflict, StatusWriter
+from checkpointer.status import Conflict, EventType, StatusWriter, post_event
 
 log = logging.getLogger(__name__)
 
@@ -186,27 +194,21 @@ def _refusal(error: ApiException) -> str:
 
 
 def _phase(body: Mapping[str, Any] | None) -> str:
-    return str(((body or {}).get("status") or {}).get("phase") or "")
+    return str(ObjectStatus.of(body or {}).phase or "")
 
 
 def _ready(body: Mapping[str, Any] | None) -> tuple[str, str]:
-    status = (body or {}).get("status") or {}
-    found: Mapping[str, Any] = next((c for c in status.get("conditions") or [] if c.get("type") == "Ready"), {})
-    return str(found.get("reason") or ""), str(found.get("message") or "")
+    found = ObjectStatus.of(body or {}).condition("Ready")
+    return (found.reason, found.message) if found else ("", "")
 
 
 def _reason(text: str, default: Reason) -> Reason:
     return Reason(text) if text in Reason.__members__.values() else default
 
 
-def _progress(body: Mapping[str, Any] | None) -> dict[str, int] | None:
-    progress = ((body or {}).get("status") or {}).get("progress") or {}
-    if not progress.get("bytesDone") and not progress.get("bytesTotal"):
-        return None
-    found = {"bytesDone": int(progress.get("bytesDone") or 0)}
-    if progress.get("bytesTotal"):
-        found["bytesTotal"] = int(progress["bytesTotal"])
-    return found
+def _progress(body: Mapping[str, Any] | None) -> Progress | None:
+    progress = ObjectStatus.of(body or {}).progress
+    return progress if progress is not None and (progress.bytes_done or progress.bytes_total) else None
 
 
 def downtime(frozen: str | None, running: str | None) -> float | None:
@@ -258,10 +260,9 @@ def step(m: ContainerMigration, children: Children) -> Step | None:
             "(restored in place) when it had stopped it",
         )
     ck_phase = _phase(checkpoint)
-    ck_status = checkpoint.get("status") or {}
     fields: dict[str, Any] = {}
-    if ck_status.get("frozenTime"):
-        fields["frozenTime"] = ck_status["frozenTime"]
+    if frozen := CheckpointStatus.of(checkpoint).frozen_time:
+        fields["frozen_time"] = frozen
     if ck_phase == Phase.FAILED:
         reason, message = _ready(checkpoint)
         return Step(
@@ -321,12 +322,12 @@ def _restoring(
     restore_name = str(restore["metadata"]["name"])
     phase = _phase(restore)
     if phase == Phase.SUCCEEDED:
-        restored = restore.get("status") or {}
-        running = str(restored.get("runningTime") or restored.get("completionTime") or now(precise=True))
-        fields["runningTime"] = running
-        took = downtime(fields.get("frozenTime"), running)
+        restored = RestoreStatus.of(restore)
+        running = restored.running_time or restored.completion_time or now(precise=True)
+        fields["running_time"] = running
+        took = downtime(fields.get("frozen_time"), running)
         if took is not None:
-            fields["downtimeSeconds"] = took
+            fields["downtime_seconds"] = took
         shown = f"; down {took:.2f}s" if took is not None else ""
         return Step(
             Phase.SUCCEEDED, Reason.SUCCEEDED, f"moved {container} from {source} to {target}{shown}", fields=fields
@@ -388,11 +389,12 @@ def _restoring(
     )
 
 
-def changed(status: Mapping[str, Any], found: Step) -> dict[str, Any]:
-    """The status fields `found` changes, the phase, reason and message included. Pure."""
-    ready: Mapping[str, Any] = next((c for c in status.get("conditions") or [] if c.get("type") == "Ready"), {})
-    delta = {k: v for k, v in found.fields.items() if status.get(k) != v}
-    if (status.get("phase"), ready.get("reason"), ready.get("message")) != (
+def changed(status: MigrationStatus, found: Step) -> dict[str, Any]:
+    """The status fields `found` changes, by field name, "phase" included when the phase, its reason
+    or its message moves. Pure."""
+    ready = status.condition("Ready")
+    delta = {k: v for k, v in found.fields.items() if getattr(status, k) != v}
+    if (status.phase, ready and ready.reason, ready and ready.message) != (
         str(found.phase),
         str(found.reason),
         found.message,
@@ -514,10 +516,12 @@ class Migrations:
             Phase.PENDING,
             Reason.SCHEDULED,
             message,
-            checkpointRef={"name": checkpoint},
-            sourceNodeName=source,
-            targetNodeName=target,
-            startTime=now(precise=True),
+            patch=MigrationStatus(
+                checkpoint_ref=NameRef(name=checkpoint),
+                source_node_name=source,
+                target_node_name=target,
+                start_time=now(precise=True),
+            ),
         )
         if chosen:
             self._event(m, Reason.TARGET_CHOSEN, f"chose node {target}: Ready, not cordoned, with a live agent")
@@ -529,12 +533,12 @@ class Migrations:
         try:
             made = self._create(body, restore_body(body, node, back=back))
         except Failure as e:
-            status.phase(Phase.FAILED, e.reason, e.message, **found.fields)
+            status.phase(Phase.FAILED, e.reason, e.message, patch=MigrationStatus(**found.fields))
             self._event(m, e.reason, e.message, "Warning")
             return
-        ref = {"name": str(made["metadata"]["name"])}
-        extra = {**found.fields, "fallbackRestoreRef" if back else "restoreRef": ref}
-        status.phase(found.phase, found.reason, found.message, **extra)
+        ref = NameRef(name=str(made["metadata"]["name"]))
+        made_ref = {"fallback_restore_ref" if back else "restore_ref": ref}
+        status.phase(found.phase, found.reason, found.message, patch=MigrationStatus(**found.fields, **made_ref))
         if back:
             self._event(m, found.reason, found.message, "Warning")
 
@@ -563,20 +567,16 @@ class Migrations:
 
     def _write(self, body: dict[str, Any], found: Step) -> None:
         status = StatusWriter(self.kube, MIGRATIONS, body)
-        delta = changed(body.get("status") or {}, found)
+        delta = changed(MigrationStatus.of(body), found)
         if not delta:
             return
         if "phase" in delta:
-            status.phase(found.phase, found.reason, found.message, **found.fields)
+            status.phase(found.phase, found.reason, found.message, patch=MigrationStatus(**found.fields))
             if found.phase == Phase.FAILED:
                 m = ContainerMigration.model_validate(body)
                 self._event(m, found.reason, found.message, "Warning")
         else:
-            status.write(delta, patient=False)
+            status.write(MigrationStatus(**delta), patient=False)
 
-    def _event(self, m: ContainerMigration, reason: Reason, message: str, type_: str = "Normal") -> None:
-        meta = m.metadata
-        try:
-            self.kube.create_event(KIND, meta.namespace, meta.name, meta.uid, str(reason), message, type_)
-        except Exception as e:  # the status says it too
-            log.warning("could not post the Event %s on %s/%s: %s", reason, meta.namespace, meta.name, e)
+    def _event(self, m: ContainerMigration, reason: Reason, message: str, type_: EventType = "Normal") -> None:
+        post_event(KIND, m.metadata, type_, str(reason), message)

@@ -32,7 +32,15 @@ from checkpointer.archive.store import ArchiveMissing, ArchiveStore, StorageErro
 from checkpointer.archive.workfolder import RESTORE, WorkFolder
 from checkpointer.conditions import now
 from checkpointer.errors import Failure, Retry
-from checkpointer.models import ArchiveRef, Compression, ContainerRestore, NameRef, RestoreSpec
+from checkpointer.models import (
+    ArchiveRef,
+    Compression,
+    ContainerRestore,
+    NameRef,
+    PreviousArchive,
+    RestoreSpec,
+    RestoreStatus,
+)
 from checkpointer.reasons import Phase, Reason
 from checkpointer.services import archive_policy, signing
 from checkpointer.services.node import NAMESPACE_LABEL, Node, classify
@@ -219,10 +227,9 @@ def _restore(
         Phase.SUCCEEDED,
         Reason.SUCCEEDED,
         f"restored {name} on {crst.spec.node_name}",
-        containerID=restored.id if restored else "",
-        containerName=name,
-        stats=stats,
-        runningTime=running,
+        patch=RestoreStatus(
+            container_id=restored.id if restored else "", container_name=name, stats=stats, running_time=running
+        ),
     )
     log.info("restore %s/%s: restored %s", crst.metadata.namespace, crst.metadata.name, name or "the container")
 
@@ -381,12 +388,12 @@ def _fetch(
     return digest
 
 
-def _previous(node: Node, ref: ArchiveRef, folder: WorkFolder, status: StatusWriter) -> Path:
+def _previous(node: Node, ref: PreviousArchive, folder: WorkFolder, status: StatusWriter) -> Path:
     # Like source.archive (services/scheduling.py): a storage the namespace may use, a key in its folder.
     namespace = status.namespace
     storage = choose_storage(ref.storage_ref, node.kube.storages(), namespace=namespace)
     store = node.store(NameRef(name=storage.metadata.name))
-    key = layout.resolve_archive_key(store.prefix, namespace, ref, node.settings.admins)
+    key = layout.resolve_archive_key(store.prefix, namespace, ArchiveRef(key=ref.key), node.settings.admins)
     path = folder.file("previous-" + _local_name(key))
     trust = _trust(node, store, NameRef(name=storage.metadata.name), key)
     keys = node.encryption(NameRef(name=storage.metadata.name))

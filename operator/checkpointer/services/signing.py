@@ -28,7 +28,7 @@ from checkpointer.adapters.kube import CHECKPOINTS, Kube
 from checkpointer.archive import signature
 from checkpointer.archive.store import ArchiveStore, CorruptArchive, Stores, manifest_body
 from checkpointer.errors import Failure
-from checkpointer.models import ContainerCheckpoint
+from checkpointer.models import ContainerCheckpoint, ObjectStatus
 from checkpointer.reasons import ConditionType, Phase, Reason
 from checkpointer.settings import Settings
 from checkpointer.status import StatusWriter
@@ -37,12 +37,10 @@ log = logging.getLogger(__name__)
 LABELS = {"app.kubernetes.io/name": "checkpointer", "app.kubernetes.io/component": "controller"}
 
 
-def signing_requested(status: Mapping[str, Any]) -> bool:
+def signing_requested(status: ObjectStatus) -> bool:
     """The agent stored every archive and waits for the controller to sign the manifest. Pure."""
-    if status.get("phase") != Phase.UPLOADING:
-        return False
-    conditions = status.get("conditions") or []
-    return any(c.get("type") == ConditionType.READY and c.get("reason") == Reason.SIGNING for c in conditions)
+    ready = status.condition(ConditionType.READY)
+    return status.phase == Phase.UPLOADING and ready is not None and ready.reason == Reason.SIGNING
 
 
 # --- the controller's key ------------------------------------------------------------------------
