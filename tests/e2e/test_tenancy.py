@@ -155,13 +155,15 @@ def test_a_namespace_migrates_only_its_own_containers(tenants: Tenants) -> None:
     refused untouched, and the namespace's editors may migrate in their namespace only."""
     t, env = tenants, tenants.env
     cp = env.control_plane
-    count_before = read_count(env.nodes[NODE], t.theirs)
+    # A counter of team-b's own: the session's may have been stopped by a test before.
+    theirs = labelled_counter(env, TEAM_B)
+    count_before = read_count(env.nodes[NODE], theirs)
     name = unique("cmig")
     migration = {
         "apiVersion": "checkpointer.dev/v1alpha1",
         "kind": "ContainerMigration",
         "metadata": {"name": name, "namespace": TEAM_A},
-        "spec": {"source": {"nodeName": NODE, "container": t.theirs}},
+        "spec": {"source": {"nodeName": NODE, "container": theirs}},
     }
     cp.kubectl("create", "-f", "-", kubeconfig=t.alice, input=json.dumps(migration))
     obj = env.wait_phase("cmig", name, ["Succeeded", "Failed"], namespace=TEAM_A)
@@ -169,9 +171,9 @@ def test_a_namespace_migrates_only_its_own_containers(tenants: Tenants) -> None:
     assert (obj["status"]["phase"], reason) == ("Failed", "ContainerNotPermitted"), obj["status"]
     assert f"checkpointer.dev/namespace={TEAM_A}" in message and "nothing was restored" in message
     assert "restoreRef" not in obj["status"]
-    assert t.state(t.theirs) == "running"
+    assert t.state(theirs) == "running"
     time.sleep(1.5)
-    assert read_count(env.nodes[NODE], t.theirs) > count_before, "team-b's counter kept counting"
+    assert read_count(env.nodes[NODE], theirs) > count_before, "team-b's counter kept counting"
 
     def can(verb: str, namespace: str, *extra: str) -> bool:
         resource = "containermigrations.checkpointer.dev"
@@ -181,3 +183,4 @@ def test_a_namespace_migrates_only_its_own_containers(tenants: Tenants) -> None:
     assert can("create", TEAM_A) and can("delete", TEAM_A)
     assert not can("create", TEAM_B) and not can("patch", TEAM_A, "--subresource=status")
     cp.kubectl("delete", "cmig", name, "-n", TEAM_A, "--wait=true", "--timeout=60s", kubeconfig=t.alice)
+    remove(env, NODE, theirs)
