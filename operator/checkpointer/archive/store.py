@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import base64
 import hashlib
-import json
 import logging
 import threading
 import time
@@ -29,7 +28,7 @@ from s3transfer.utils import ReadFileChunk
 
 from checkpointer import layout
 from checkpointer.adapters.storage import StorageError, client
-from checkpointer.archive import encryption
+from checkpointer.archive import encryption, manifest
 from checkpointer.archive.codec import READ_SIZE, ZSTD_MAGIC, CorruptArchive, crc32
 from checkpointer.archive.encryption import Data, Keys
 from checkpointer.archive.spool import Digest, GrowingFile, SpoolFailed
@@ -275,9 +274,9 @@ class ArchiveStore:
 
     # --- small objects ---------------------------------------------------------------------------
 
-    def put_manifest(self, directory: str, manifest: dict[str, Any]) -> str:
+    def put_manifest(self, directory: str, document: dict[str, Any]) -> str:
         """Write the manifest of `directory`; returns the sha256 of the bytes written."""
-        body = manifest_body(manifest)
+        body = manifest.body(document)
         self._s3.put_object(
             Bucket=self.bucket, Key=f"{directory}/{layout.MANIFEST}", Body=body, ContentType="application/json"
         )
@@ -484,11 +483,6 @@ class _Plaintext:
     def flush(self) -> None:
         if self._sink is not None and self._sink is not self._out:
             self._sink.flush()
-
-
-def manifest_body(manifest: dict[str, Any]) -> bytes:
-    """A manifest's bytes as stored: readable JSON, its fields in the writer's order."""
-    return json.dumps(manifest, indent=2).encode()
 
 
 def _code(error: ClientError) -> str:

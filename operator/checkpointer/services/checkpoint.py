@@ -15,7 +15,6 @@ from __future__ import annotations
 import contextlib
 import errno
 import functools
-import hashlib
 import logging
 import os
 import posixpath
@@ -30,7 +29,7 @@ from typing import Any
 from checkpointer import layout, metrics
 from checkpointer.adapters.kube import CHECKPOINTS
 from checkpointer.adapters.podman import Container, PodmanError, checkpoint_in_progress, criu_supports
-from checkpointer.archive import encryption
+from checkpointer.archive import manifest
 from checkpointer.archive import spool as spooling
 from checkpointer.archive.codec import Chunk
 from checkpointer.archive.ledger import KeptCheckpoint, OpenUpload
@@ -57,8 +56,6 @@ from checkpointer.status import Conflict, StatusWriter, post_event
 
 log = logging.getLogger(__name__)
 ACTIVE = (Phase.SCHEDULED, Phase.CHECKPOINTING, Phase.UPLOADING)
-# The files of an archive that say how podman builds the container, by their field in the manifest.
-CONFIGURATION = {"config.dump": "configDumpSHA256", "spec.dump": "specDumpSHA256"}
 
 
 def select_targets(
@@ -220,7 +217,7 @@ class Checkpoint:
     # The age recipients of the storage's encryption Secret; empty: archives are stored as they are.
     recipients: tuple[str, ...] = ()
     # Each container's configuration digests, and its inspection, once read (see configuration()).
-    configs: dict[str, dict[str, str]] = field(default_factory=dict)
+    configs: dict[str, manifest.Configuration] = field(default_factory=dict)
     inspected: dict[str, Container | None] = field(default_factory=dict)
 
     @property
@@ -260,11 +257,11 @@ class Checkpoint:
                 self.status.write(CheckpointStatus(archives=list(archives.values())))
         if store is not None:
             started = self.status.phased.start_time or now(precise=True)
-            entries = [{**self.manifest_entry(a), **self.spool_facts(a["container"])} for a in _dump(archives.values())]
-            manifest = layout.manifest(self.ccp, entries, self.node.host(), started, now(precise=True))
+            entries = [self.manifest_entry(a) for a in archives.values()]
+            document = manifest.Manifest.of(self.ccp, entries, self.node.host(), started, now(precise=True)).document()
             began = time.monotonic()
             try:
-                sha256 = store.put_manifest(directory, manifest)
+                sha256 = store.put_manifest(directory, document)
             except StorageError as e:
                 raise Retry(Reason.UPLOAD_RETRYING, f"the manifest could not be written: {e}", delay=5) from None
             self.status.steps.took("manifest", began)
@@ -655,27 +652,29 @@ class Checkpoint:
         given = [self.give_back(t, Reason.CANCELLED, why, abort if t == current else None, key) for t in ordered]
         return Failure(Reason.CANCELLED, "; ".join([why] + [g.message.removeprefix(why + "; ") for g in given]))
 
-    def configuration(self, target: Target) -> dict[str, str]:
-        """The sha256 of the container's config.dump and spec.dump, as podman's local checkpoint holds
-        them: the same files its export put into the archive. Empty when they cannot be read."""
+    def configuration(self, target: Target) -> manifest.Configuration:
+        """The digests of the container's config.dump and spec.dump, as podman's local checkpoint holds
+        them: the same files its export put into the archive. None for those that cannot be read."""
         if target.name in self.configs:
             return self.configs[target.name]
-        found: dict[str, str] = {}
+        files: dict[str, bytes] = {}
         try:
             container = self.inspected[target.name] = self.node.runtime.inspect(target.name)
             folder = container.static_dir if container else ""
-            for name, field in CONFIGURATION.items() if folder else ():
+            for name in manifest.CONFIGURATION_FILES if folder else ():
                 content = self.node.runtime.read_file(f"{folder}/{name}")
                 if content is not None:
-                    found[field] = hashlib.sha256(content).hexdigest()
+                    files[name] = content
         except Exception as e:  # the archive's sha256 binds its configuration all the same
             log.warning("could not read the configuration of %s: %s", target.name, e)
-        self.configs[target.name] = found
+        found = self.configs[target.name] = manifest.Configuration.of(files)
         return found
 
-    def manifest_entry(self, archive: dict[str, Any]) -> dict[str, Any]:
-        target = next((t for t in self.all_targets if t.name == archive["container"]), None)
-        return {**archive, **(self.configuration(target) if target else {})}
+    def manifest_entry(self, archive: Archive) -> manifest.Entry:
+        """The archive's entry in the manifest, from what this node knows of it beyond status."""
+        target = next((t for t in self.all_targets if t.name == archive.container), None)
+        configuration = self.configuration(target) if target else manifest.Configuration()
+        return manifest.entry(archive, configuration, self.folder.spool_record(archive.container))
 
     def release_local_checkpoint(self, target: Target) -> None:
         """The archive is in the bucket: what `--keep` kept on the node is no longer the only copy."""
@@ -754,18 +753,3 @@ class Checkpoint:
 
     def spool_path(self, target: Target) -> Path:
         return self.folder.file(posixpath.basename(self.key("", target, None)))
-
-    def spool_facts(self, container: str) -> dict[str, Any]:
-        """What the manifest says of an archive beyond its status: the size it inflates to (the bound
-        of a restore's download) and the recipients it is encrypted to."""
-        record = self.folder.spool_record(container)
-        facts: dict[str, Any] = {}
-        if record is not None and record.uncompressed_size is not None:
-            facts["uncompressedSize"] = record.uncompressed_size
-        if record is not None and record.recipients:
-            facts["encryption"] = {"format": encryption.FORMAT, "recipients": list(record.recipients)}
-        return facts
-
-
-def _dump(archives: Iterable[Archive]) -> list[dict[str, Any]]:
-    return [a.model_dump(by_alias=True, exclude_none=True) for a in archives]

@@ -25,6 +25,7 @@ from typing import Any
 from checkpointer import layout, metrics
 from checkpointer.adapters.kube import RESTORES
 from checkpointer.adapters.podman import Container, Labelled, PodmanError, Runtime
+from checkpointer.archive import manifest
 from checkpointer.archive.codec import ContainerConfiguration, CorruptArchive, read_configuration
 from checkpointer.archive.encryption import Keys
 from checkpointer.archive.ledger import KeptCheckpoint
@@ -321,7 +322,7 @@ def _fetch(
     key: str,
     path: Path,
     status: StatusWriter,
-    trust: signing.Trust,
+    trust: manifest.Trust,
     storage: str = "",
 ) -> str:
     # The stated size is of the tar: only a zstd archive is decompressed on the way.
@@ -364,7 +365,7 @@ def _previous(node: Node, ref: PreviousArchive, folder: WorkFolder, status: Stat
     return path
 
 
-def _trust(node: Node, store: ArchiveStore, ref: NameRef, key: str) -> signing.Trust:
+def _trust(node: Node, store: ArchiveStore, ref: NameRef, key: str) -> manifest.Trust:
     storage = node.kube.storage(ref.name)
     accept_unsigned = bool(storage and storage.spec.accept_unsigned_archives)
     return signing.archive_trust(store, key, accept_unsigned, lambda: signing.published_keys(node.kube, node.settings))
