@@ -127,7 +127,8 @@ class ResolvedArchive(Model):
     """The archive a restore reads, as the controller resolved it."""
 
     storage_ref: NameRef
-    key: str
+    # Empty while the checkpoint that writes it still runs: the agent follows it (services/pipeline.py).
+    key: str = ""
     sha256: str | None = None
     compression: Compression | None = None
 

@@ -16,7 +16,7 @@ import posixpath
 import re
 import threading
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -123,6 +123,13 @@ def _run(node: Node, crst: ContainerRestore, status: StatusWriter, folder: WorkF
     if archive is None:
         raise Failure(Reason.ARCHIVE_NOT_FOUND, "the controller resolved no archive for this restore")
     folder.create()
+    if not archive.key:  # its checkpoint still ran when the controller scheduled it
+        from checkpointer.services import pipeline
+
+        followed = pipeline.follow(node, crst, status, folder)
+        if followed is None:
+            return  # restored from the parts as they landed
+        archive = followed
     store = node.store(archive.storage_ref)
     status.phase(Phase.DOWNLOADING, Reason.DOWNLOADING, f"downloading {store.uri(archive.key)}")
     began = time.monotonic()
@@ -178,14 +185,21 @@ def _restore(
     name: str,
     before: set[str],
     config: dict[str, Any],
+    podman: Callable[[RestoreSpec], dict[str, Any]] | None = None,
 ) -> None:
+    """Podman restores; `podman` instead of the runtime's import of `path`, for an archive that
+    streams (services/pipeline.py)."""
     runtime = node.runtime
     folder.mark(RESTORING)
     status.phase(Phase.RESTORING, Reason.RESTORING, f"restoring {name or 'container'} with podman")
     log.info("restore %s/%s: podman restores %s", crst.metadata.namespace, crst.metadata.name, name or "the container")
     try:
         with status.steps.step("restore", container=name):
-            stats = runtime.restore(spec, path, previous)
+            stats = podman(spec) if podman is not None else runtime.restore(spec, path, previous)
+    except Failure:
+        # The stream stopped before podman had all of it: what podman made of it goes.
+        _remove_half_restored(node, name, before, None if spec.name else str(config.get("id") or "") or None)
+        raise
     except PodmanError as e:
         reason = classify(e, Reason.RESTORE_FAILED)
         if reason is not Reason.NAME_IN_USE:  # podman created nothing: the name was another's
