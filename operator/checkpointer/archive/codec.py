@@ -438,7 +438,9 @@ def streamed_members(stream: Any, dumps: dict[str, bytes]) -> Iterator[tuple[Mem
                 if extracted is None:
                     raise CorruptArchive(f"the archive's {name} cannot be read")
                 try:
-                    with _BoundedTarFile.open(fileobj=extracted, mode="r:") as inner:
+                    # A stream too: the stream below cannot seek. "r|", not "r|*": a compressed one
+                    # could inflate without bound.
+                    with _BoundedTarFile.open(fileobj=extracted, mode="r|", bufsize=STREAM_READ) as inner:
                         for nested in _members(inner):
                             covered = member.offset_data + nested.offset_data + _padded(nested.size)
                             yield Member(name, nested.name, _kind(nested), nested.linkname), min(covered, end)
