@@ -46,7 +46,7 @@ from checkpointer.archive.codec import (
     streamed_members,
 )
 from checkpointer.archive.encryption import Keys
-from checkpointer.archive.store import ArchiveStore, CappedFile, PlaintextSink
+from checkpointer.archive.store import ArchiveMissing, ArchiveStore, CappedFile, PlaintextSink, StorageError
 from checkpointer.archive.workfolder import WorkFolder
 from checkpointer.errors import Failure
 from checkpointer.models import ContainerCheckpoint, ContainerRestore, NameRef, ResolvedArchive
@@ -61,6 +61,8 @@ log = logging.getLogger(__name__)
 FOLLOW_SECONDS = 0.1
 # Parts fetched ahead of the one being decoded.
 FETCH_AHEAD = 4
+# How long a part is asked for while the bucket does not answer, podman waiting meanwhile.
+PART_PATIENCE_SECONDS = 120.0
 
 
 @dataclass(frozen=True)
@@ -341,8 +343,12 @@ class Streamed:
         def run() -> None:
             try:
                 stage()
-            except BaseException as e:
+            except (Failure, _Stopped) as e:
                 self.flow.fail(e)
+            except BaseException as e:
+                # Whatever stopped a stage stops the restore: the podman it fed is stopped, and what
+                # podman made of the bytes so far is removed (restore._restore).
+                self.flow.fail(Failure(Reason.RESTORE_FAILED, f"the stream stopped: {e}; nothing was restored"))
 
         return run
 
@@ -366,7 +372,7 @@ class Streamed:
                         if count is not None and index == count - 1 and stream.size is not None:
                             length = stream.size - start
                         number = index + 1
-                        future = pool.submit(self.store.read_part, self.key, number, start, length)
+                        future = pool.submit(self._read_part, number, start, length)
                         pending.append((number, stream.parts[index], future))
                         index += 1
                     if not pending:
@@ -392,6 +398,28 @@ class Streamed:
                 for _, _, future in pending:
                     future.cancel()
         self.flow.update(digest=digest.hexdigest(), size=size)
+
+    def _read_part(self, number: int, start: int, length: int) -> bytes:
+        """One part, asked again while the bucket does not answer (up to PART_PATIENCE_SECONDS)."""
+        since = time.monotonic()
+        while True:
+            self.flow.check()
+            try:
+                return self.store.read_part(self.key, number, start, length)
+            except ArchiveMissing:
+                self.checkpoint.read(fresh_within=0)  # gone or failed: says so
+                raise Failure(
+                    Reason.ARCHIVE_NOT_FOUND,
+                    f"part {number} of {self.store.uri(self.key)} is not in the bucket; nothing was restored",
+                ) from None
+            except StorageError as e:
+                if time.monotonic() - since > PART_PATIENCE_SECONDS:
+                    raise Failure(
+                        Reason.ARCHIVE_NOT_FOUND,
+                        f"part {number} of {self.store.uri(self.key)} could not be read for "
+                        f"{PART_PATIENCE_SECONDS:.0f}s: {e}; nothing was restored",
+                    ) from None
+                time.sleep(1.0)
 
     def _stream(self) -> StreamView:
         stream = chosen_stream(self.checkpoint.read(), self.container)
