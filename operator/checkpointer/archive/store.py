@@ -424,7 +424,6 @@ class ArchiveStore:
                 deleted += len(present)
         for key in wanted:
             self.abort_uploads(key)
-            self.delete_parts(key)
         return deleted
 
     def _exists(self, key: str) -> bool:

@@ -684,6 +684,8 @@ class Checkpoint:
         ids = {state.upload_id} if state is not None and state.key == key and state.upload_id else set()
         ids |= {u.upload_id for u in self.node.ledger.uploads() if (u.uid, u.key) == (uid, key)}
         aborted = sum(store.abort_upload(key, upload_id) for upload_id in sorted(ids))
+        if self.streaming:
+            store.delete_parts(key)  # the parts a restore could read go with the upload
         self.node.ledger.upload_done(uid, key)
         return aborted
 
