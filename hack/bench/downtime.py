@@ -192,8 +192,11 @@ class Downtime:
                     value = way(size_mib)
                     if r >= warmup:
                         runs[key].append(value)
-                    print(f"{size_mib} MiB {link} round {r}{' (warm-up)' if r < warmup else ''} {key}: "
-                          f"{value['seconds'] if isinstance(value, dict) else value:.2f}s", flush=True)
+                    print(
+                        f"{size_mib} MiB {link} round {r}{' (warm-up)' if r < warmup else ''} {key}: "
+                        f"{value['seconds'] if isinstance(value, dict) else value:.2f}s",
+                        flush=True,
+                    )
                 self.rounds += 1
         m = [x["seconds"] for x in runs["m"]]
         f, s = runs["f"], runs["s"]

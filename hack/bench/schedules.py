@@ -25,7 +25,7 @@ import kubernetes
 from bench.controlplane import api_writes
 from bench.fleet import METRICS_OFF, Fleet, node_names
 from bench.stats import conditions, cpu_seconds, memory_kib, percentile, reset_peak
-from checkpointer.services.schedules import CREATE_AHEAD_SECONDS
+from checkpointer.services.schedule_rules import CREATE_AHEAD_SECONDS
 from localenv.env import LocalEnv
 
 GROUP, VERSION = "checkpointer.dev", "v1alpha1"

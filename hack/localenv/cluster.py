@@ -1,6 +1,6 @@
 """What the e2e tests need of a cluster and its nodes, whichever environment provides them.
 
-The local environment (LocalEnv, and LocalEnv.up(kubelet_nodes=True) behind KubeletCluster) and a
+The local environment (LocalEnv, and kubelet.up_with_kubelets behind KubeletCluster) and a
 kind cluster (hack/kind/up.sh, KindCluster) both give the tests these handles. `Cluster` and `Node`
 are what the shared test helpers (tests/e2e/helpers.py, invariants, read_count) use; `ChartCluster` adds what
 the Helm-installed user story needs (tests/e2e/test_helm_nodes.py).

@@ -117,7 +117,7 @@ def _cert_user(files: CertKey) -> dict[str, str]:
     }
 
 
-def _write_private(path: Path, data: str) -> None:
+def write_private(path: Path, data: str) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     with os.fdopen(fd, "w") as f:
@@ -407,7 +407,7 @@ class ControlPlane:
 
     def _write_kubeconfig(self, path: Path, user: dict[str, str], name: str) -> None:
         config = _kubeconfig(self.server, self.ca_file, user, name)
-        _write_private(path, yaml.safe_dump(config, sort_keys=False))
+        write_private(path, yaml.safe_dump(config, sort_keys=False))
 
     def stop(self) -> None:
         """End the processes, newest first. Idempotent; the files stay for the caller to remove."""

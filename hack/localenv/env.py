@@ -54,7 +54,7 @@ class LocalEnv:
     agent_kubeconfigs: dict[str, Path] = field(default_factory=dict)
     # How each controller was started, to start it again as its Deployment would.
     controller_starts: dict[str, tuple[dict[str, str], tuple[str, ...]]] = field(default_factory=dict)
-    # Nodes with a kubelet (LocalEnv.up(kubelet_nodes=True)): containerd and the kubelet of each node.
+    # Nodes with a kubelet (kubelet.up_with_kubelets): containerd and the kubelet of each node.
     kubelets: dict[str, Any] = field(default_factory=dict)
 
     # --- lifecycle -------------------------------------------------------------------------------
@@ -68,7 +68,6 @@ class LocalEnv:
         operator: bool = True,
         agent_settings: dict[str, str] | None = None,
         agents_as_chart: bool = True,
-        kubelet_nodes: bool = False,
     ) -> LocalEnv:
         """Everything up. The agents authenticate as the chart's agent ServiceAccount (`agents_as_chart`).
 
@@ -76,13 +75,8 @@ class LocalEnv:
         Pod on its node, as a kubelet's projected token is. With `agents_as_chart=False` the agents
         use the admin kubeconfig instead.
 
-        With `kubelet_nodes` (opt-in, hack/localenv/kubelet.py) every node runs containerd and a
-        kubelet beside its podman, with the operator image imported, and kube-scheduler runs with the
-        control plane. Nothing of the operator is installed then, not even its CRDs: that is Helm's
-        part. The release namespace and the S3 credentials Secret are there.
+        Nodes with a kubelet beside their podman: kubelet.up_with_kubelets.
         """
-        if kubelet_nodes:
-            return cls._up_with_kubelets(workdir, node_names)
         from localenv import images
         from localenv.s3 import S3Server
 
@@ -119,42 +113,6 @@ class LocalEnv:
         env.write_summary()
         return env
 
-    @classmethod
-    def _up_with_kubelets(cls, workdir: Path, node_names: Sequence[str]) -> LocalEnv:
-        from localenv import images, kubelet, operator_image
-        from localenv.s3 import S3Server
-
-        missing = kubelet.missing_binaries()
-        if missing:
-            raise LocalEnvError(f"missing {', '.join(missing)}: run {kubelet.OPT_IN}=1 hack/build/tools.sh")
-        rootfs = kubelet.rootfs()
-        workdir.mkdir(parents=True, exist_ok=True)
-        supervisor = Supervisor(workdir / "logs")
-        control_plane = ControlPlane.start(workdir / "control-plane", supervisor, rootfs=rootfs, kubelet_nodes=True)
-        env = cls(workdir, supervisor, control_plane, None)
-        try:
-            env.s3 = S3Server.start(workdir / "s3", supervisor)
-            env._install_namespace()
-            workloads = images.workload_images(rootfs)
-            pod_images = [kubelet.pause_image(rootfs), operator_image.operator_image()]
-            for index, name in enumerate(node_names):
-                state_dir = (workdir / "nodes" / name).resolve()
-                node = NodeSandbox(
-                    name, workdir, rootfs=rootfs, supervisor=supervisor, mounts=kubelet.node_mounts(state_dir)
-                )
-                node.start()
-                env.nodes[name] = node
-                images.load_images([node], workloads)
-                runtime = kubelet.KubeletNode(node, kubelet.node_address(workdir, index), supervisor)
-                env.kubelets[name] = runtime
-                runtime.start(control_plane, pod_images[0])
-                runtime.import_image(pod_images[1])
-        except BaseException:
-            env.down()
-            raise
-        env.write_summary()
-        return env
-
     def down(self) -> None:
         for runtime in self.kubelets.values():
             runtime.stop()
@@ -174,7 +132,7 @@ class LocalEnv:
     def apply(self, *objects: dict[str, Any]) -> None:
         self.kubectl("apply", "--server-side", "--force-conflicts", "-f", "-", input=yaml.safe_dump_all(objects))
 
-    def _install_namespace(self) -> None:
+    def install_namespace(self) -> None:
         """The release namespace and the S3 credentials Secret, as an admin makes them before `helm install`."""
         s3 = self.s3
         self.apply(
@@ -197,7 +155,7 @@ class LocalEnv:
         for crd in sorted((REPO_ROOT / "crds").glob("*.yaml")):
             name = yaml.safe_load(crd.read_text())["metadata"]["name"]
             self.kubectl("wait", "--for=condition=Established", "--timeout=60s", f"crd/{name}")
-        self._install_namespace()
+        self.install_namespace()
         s3 = self.s3
         self.apply(
             {

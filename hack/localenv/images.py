@@ -64,7 +64,7 @@ class Image:
 
 
 @dataclass(frozen=True)
-class _File:
+class ImageFile:
     path: str  # inside the image, no leading slash
     mode: int
     data: bytes = b""
@@ -76,13 +76,13 @@ def counter_image(rootfs: Path) -> Image:
     """busybox-static from the node rootfs plus the counter script; CMD prints 1, 2, 3, ..."""
     busybox = (rootfs / "bin/busybox").read_bytes()
     files = [
-        *_dirs("bin", "dev", "etc", "proc", "sys"),
-        _File("tmp", 0o1777, is_dir=True),
-        _File("bin/busybox", 0o755, busybox),
-        *(_File(f"bin/{applet}", 0o777, link="busybox") for applet in ("sh", "cat", "echo", "sleep", "ls", "ps")),
-        _File("bin/counter", 0o755, COUNTER_SH.encode()),
+        *image_dirs("bin", "dev", "etc", "proc", "sys"),
+        ImageFile("tmp", 0o1777, is_dir=True),
+        ImageFile("bin/busybox", 0o755, busybox),
+        *(ImageFile(f"bin/{applet}", 0o777, link="busybox") for applet in ("sh", "cat", "echo", "sleep", "ls", "ps")),
+        ImageFile("bin/counter", 0o755, COUNTER_SH.encode()),
     ]
-    return _image(COUNTER, {"Cmd": ["/bin/counter"], "Env": ["PATH=/bin"]}, _files_key(files), lambda: files)
+    return build_image(COUNTER, {"Cmd": ["/bin/counter"], "Env": ["PATH=/bin"]}, files_key(files), lambda: files)
 
 
 def memory_image() -> Image:
@@ -96,29 +96,29 @@ def tcp_image(rootfs: Path) -> Image:
     busybox's `cat` comes along so that `read_count` can `podman exec` it.
     """
     busybox = (rootfs / "bin/busybox").read_bytes()
-    extra = [*_dirs("bin"), _File("bin/busybox", 0o755, busybox), _File("bin/cat", 0o777, link="busybox")]
+    extra = [*image_dirs("bin"), ImageFile("bin/busybox", 0o755, busybox), ImageFile("bin/cat", 0o777, link="busybox")]
     return _static_c_image(TCP, "tcp", {"Entrypoint": ["/tcp"], "Env": ["PATH=/bin:/"]}, extra)
 
 
-def _static_c_image(ref: str, program: str, config: dict[str, object], extra: Sequence[_File] = ()) -> Image:
+def _static_c_image(ref: str, program: str, config: dict[str, object], extra: Sequence[ImageFile] = ()) -> Image:
     """hack/images/<program>.c built with `gcc -static` as /<program>, plus `extra` files."""
     source = REPO_ROOT / f"hack/images/{program}.c"
     gcc = ["gcc", "-static", "-O2", "-Wall", "-Werror"]
 
-    def files() -> list[_File]:
+    def files() -> list[ImageFile]:
         with tempfile.TemporaryDirectory() as tmp:
             binary = Path(tmp) / program
             run([*gcc, "-o", binary, source])
             return [
-                *_dirs("dev", "etc", "proc", "sys"),
-                _File("tmp", 0o1777, is_dir=True),
-                _File(program, 0o755, binary.read_bytes()),
+                *image_dirs("dev", "etc", "proc", "sys"),
+                ImageFile("tmp", 0o1777, is_dir=True),
+                ImageFile(program, 0o755, binary.read_bytes()),
                 *extra,
             ]
 
     # Keyed by the source, not the compiled bytes, so that a cached archive needs no compiler.
-    key = source.read_bytes() + repr(gcc).encode() + (_files_key(list(extra)) if extra else b"")
-    return _image(ref, config, key, files)
+    key = source.read_bytes() + repr(gcc).encode() + (files_key(list(extra)) if extra else b"")
+    return build_image(ref, config, key, files)
 
 
 def workload_images(rootfs: Path) -> list[Image]:
@@ -161,18 +161,20 @@ def wait_for_log(node: Node, container: str, text: str, timeout: float = 60) -> 
         time.sleep(0.1)
 
 
-def _dirs(*paths: str) -> list[_File]:
-    return [_File(p, 0o755, is_dir=True) for p in paths]
+def image_dirs(*paths: str) -> list[ImageFile]:
+    return [ImageFile(p, 0o755, is_dir=True) for p in paths]
 
 
-def _files_key(files: list[_File]) -> bytes:
+def files_key(files: list[ImageFile]) -> bytes:
     h = hashlib.sha256()
     for f in files:
         h.update(repr((f.path, f.mode, f.link, f.is_dir)).encode() + hashlib.sha256(f.data).digest())
     return h.digest()
 
 
-def _image(ref: str, config: dict[str, object], key_inputs: bytes, make_files: Callable[[], list[_File]]) -> Image:
+def build_image(
+    ref: str, config: dict[str, object], key_inputs: bytes, make_files: Callable[[], list[ImageFile]]
+) -> Image:
     """The cached archive for these inputs; `make_files` runs only when there is none yet."""
     describe = {"format": FORMAT, "ref": ref, "config": config, "arch": _arch()}
     h = hashlib.sha256(json.dumps(describe, sort_keys=True).encode() + key_inputs)
@@ -245,7 +247,7 @@ def write_docker_archive(
     return image_id
 
 
-def _tar(entries: list[tuple[_File, bytes]]) -> bytes:
+def _tar(entries: list[tuple[ImageFile, bytes]]) -> bytes:
     buf = io.BytesIO()
     with tarfile.open(fileobj=buf, mode="w", format=tarfile.PAX_FORMAT) as tar:
         for f, data in sorted(entries, key=lambda e: e[0].path):

@@ -40,9 +40,9 @@ from typing import Any
 
 import yaml
 
-from localenv.controlplane import ControlPlane, _write_private
+from localenv.controlplane import ControlPlane, write_private
 from localenv.env import NAMESPACE, LocalEnv
-from localenv.images import Image, _dirs, _File, _files_key, _image
+from localenv.images import Image, ImageFile, build_image, files_key, image_dirs, load_images, workload_images
 from localenv.nodes import NODE_ENV, NodeSandbox
 from localenv.procs import BIN, REPO_ROOT, LocalEnvError, Process, Supervisor, free_port, run, wait_until
 from localenv.s3 import S3Server
@@ -114,10 +114,10 @@ def rootfs() -> Path:
 def pause_image(node_rootfs: Path) -> Image:
     """The Pod sandbox image: the rootfs's static catatonit in pause mode."""
     files = [
-        *_dirs("dev", "etc", "proc", "sys"),
-        _File("catatonit", 0o755, (node_rootfs / "usr/bin/catatonit").read_bytes()),
+        *image_dirs("dev", "etc", "proc", "sys"),
+        ImageFile("catatonit", 0o755, (node_rootfs / "usr/bin/catatonit").read_bytes()),
     ]
-    return _image(PAUSE, {"Entrypoint": ["/catatonit", "-P"]}, _files_key(files), lambda: files)
+    return build_image(PAUSE, {"Entrypoint": ["/catatonit", "-P"]}, files_key(files), lambda: files)
 
 
 def node_address(workdir: Path, index: int) -> str:
@@ -230,7 +230,7 @@ class KubeletNode:
         }
         # The certificates live under the control plane's work directory, which the node cannot see.
         kubeconfig = state / "kubelet.kubeconfig"
-        _write_private(kubeconfig, control_plane.kubeconfig_for_node(self.name).read_text())
+        write_private(kubeconfig, control_plane.kubeconfig_for_node(self.name).read_text())
         (state / "ca.crt").write_bytes(control_plane.ca_file.read_bytes())
         config_file = state / "kubelet-config.yaml"
         config_file.write_text(yaml.safe_dump(config))
@@ -335,9 +335,49 @@ def chart_values(server: str, image: Image, storage: dict[str, object]) -> dict[
     }
 
 
+def up_with_kubelets(workdir: Path, node_names: Sequence[str] = ("node-a", "node-b")) -> LocalEnv:
+    """The local environment whose nodes each run containerd and a kubelet beside their podman.
+
+    The operator image is imported on every node and kube-scheduler runs with the control plane.
+    Nothing of the operator is installed, not even its CRDs: that is Helm's part. The release
+    namespace and the S3 credentials Secret are there.
+    """
+    from localenv import operator_image
+    from localenv.s3 import S3Server
+
+    missing = missing_binaries()
+    if missing:
+        raise LocalEnvError(f"missing {', '.join(missing)}: run {OPT_IN}=1 hack/build/tools.sh")
+    node_rootfs = rootfs()
+    workdir.mkdir(parents=True, exist_ok=True)
+    supervisor = Supervisor(workdir / "logs")
+    control_plane = ControlPlane.start(workdir / "control-plane", supervisor, rootfs=node_rootfs, kubelet_nodes=True)
+    env = LocalEnv(workdir, supervisor, control_plane, None)
+    try:
+        env.s3 = S3Server.start(workdir / "s3", supervisor)
+        env.install_namespace()
+        workloads = workload_images(node_rootfs)
+        pod_images = [pause_image(node_rootfs), operator_image.operator_image()]
+        for index, name in enumerate(node_names):
+            state_dir = (workdir / "nodes" / name).resolve()
+            node = NodeSandbox(name, workdir, rootfs=node_rootfs, supervisor=supervisor, mounts=node_mounts(state_dir))
+            node.start()
+            env.nodes[name] = node
+            load_images([node], workloads)
+            runtime = KubeletNode(node, node_address(workdir, index), supervisor)
+            env.kubelets[name] = runtime
+            runtime.start(control_plane, pod_images[0])
+            runtime.import_image(pod_images[1])
+    except BaseException:
+        env.down()
+        raise
+    env.write_summary()
+    return env
+
+
 @dataclass
 class KubeletCluster:
-    """The local environment with kubelet nodes (LocalEnv.up(kubelet_nodes=True)), as the Helm-installed
+    """The local environment with kubelet nodes (up_with_kubelets), as the Helm-installed
     user story's cluster (localenv.cluster.ChartCluster)."""
 
     env: LocalEnv
@@ -345,7 +385,7 @@ class KubeletCluster:
     @classmethod
     def up(cls, workdir: Path) -> KubeletCluster:
         """Control plane with kube-scheduler, S3, and two nodes whose containerd has the operator image."""
-        return cls(LocalEnv.up(workdir, kubelet_nodes=True))
+        return cls(up_with_kubelets(workdir))
 
     @property
     def workdir(self) -> Path:

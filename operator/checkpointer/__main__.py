@@ -15,10 +15,11 @@ from checkpointer import GROUP, NODE_LABEL, kopf_finalizer, kopf_prefix, logs, m
 from checkpointer.adapters.kube import CHECKPOINTS, RESTORES, Kube, load_config
 from checkpointer.memory import Memory
 from checkpointer.settings import Settings
+from checkpointer.status import register_events
 
 if TYPE_CHECKING:
     from checkpointer.adapters.podman import Runtime
-    from checkpointer.leadership import Leadership
+    from checkpointer.controller.leadership import Leadership
 
 # Sync handlers run in kopf's thread pool of this size: objects handled at once by one process.
 HANDLER_THREADS = 20
@@ -68,6 +69,8 @@ def main(argv: list[str] | None = None, make_runtime: Callable[[Settings], Runti
     registry = kopf.OperatorRegistry()
     # An own registry has none of kopf's default login handlers: authenticate as the kubernetes client does.
     kopf.on.login(registry=registry)(kopf.login_via_client)
+    # First of the startup handlers: every other one, and every thread they start, may post Events.
+    register_events(registry, kube, settings.namespace)
     leadership: Leadership | None = None
     if args.role == "agent" and not settings.node_name:
         parser.error("the agent needs CHECKPOINTER_NODE_NAME (the downward API's spec.nodeName)")
@@ -76,7 +79,7 @@ def main(argv: list[str] | None = None, make_runtime: Callable[[Settings], Runti
     operator_settings = _kopf_settings(args.role, node, memory)
     if node is None:
         from checkpointer import controller
-        from checkpointer.leadership import Leadership, stand_by
+        from checkpointer.controller.leadership import Leadership, stand_by
 
         # Replicas stand by until the Lease is theirs: only one may schedule, and kopf runs standalone.
         leadership = Leadership.for_settings(kube, settings)

@@ -1,10 +1,11 @@
-"""Status building: pure functions over plain dicts, in the metav1.Condition shape."""
+"""Status building: pure functions over the typed status, conditions in the metav1.Condition shape."""
 
 from __future__ import annotations
 
 import datetime
 from typing import Any
 
+from checkpointer.models import Condition, ObjectStatus
 from checkpointer.reasons import ConditionType, Phase, Reason
 
 
@@ -31,39 +32,39 @@ def parse_time(text: str | None) -> datetime.datetime | None:
 
 
 def set_condition(
-    conditions: list[dict[str, Any]],
+    conditions: list[Condition],
     type_: ConditionType,
     status: bool,
     reason: Reason,
     message: str,
     generation: int,
-) -> list[dict[str, Any]]:
+) -> list[Condition]:
     """Return conditions with `type_` set; lastTransitionTime moves only when the status flips."""
     status_text = "True" if status else "False"
-    previous = next((c for c in conditions if c.get("type") == type_), None)
-    transition = previous["lastTransitionTime"] if previous and previous.get("status") == status_text else now()
-    updated = {
-        "type": str(type_),
-        "status": status_text,
-        "reason": str(reason),
-        "message": message[:32000],
-        "lastTransitionTime": transition,
-        "observedGeneration": generation,
-    }
-    return [c for c in conditions if c.get("type") != type_] + [updated]
-
-
-def phase_patch(status: dict[str, Any], phase: Phase, reason: Reason, message: str, generation: int) -> dict[str, Any]:
-    """The status fields that move together with a phase: Ready condition and completion time."""
-    conditions = set_condition(
-        list(status.get("conditions") or []),
-        ConditionType.READY,
-        phase == Phase.SUCCEEDED,
-        reason,
-        message,
-        generation,
+    previous = next((c for c in conditions if c.type == type_), None)
+    kept = previous.last_transition_time if previous and previous.status == status_text else None
+    updated = Condition(
+        type=str(type_),
+        status=status_text,
+        reason=str(reason),
+        message=message[:32000],
+        last_transition_time=kept or now(),
+        observed_generation=generation,
     )
-    patch: dict[str, Any] = {"phase": str(phase), "observedGeneration": generation, "conditions": conditions}
+    return [c for c in conditions if c.type != type_] + [updated]
+
+
+def phase_patch(
+    status: ObjectStatus, phase: Phase, reason: Reason, message: str, generation: int, scheduled: bool | None = None
+) -> dict[str, Any]:
+    """The status fields that move together with a phase, by field name: the Ready condition (and the
+    Scheduled one, when `scheduled` says), the observed generation and the completion time."""
+    conditions = set_condition(
+        status.conditions, ConditionType.READY, phase == Phase.SUCCEEDED, reason, message, generation
+    )
+    if scheduled is not None:
+        conditions = set_condition(conditions, ConditionType.SCHEDULED, scheduled, reason, message, generation)
+    patch: dict[str, Any] = {"phase": str(phase), "observed_generation": generation, "conditions": conditions}
     if phase.finished:
-        patch["completionTime"] = now(precise=True)
+        patch["completion_time"] = now(precise=True)
     return patch

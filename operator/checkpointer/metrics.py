@@ -19,7 +19,7 @@ import datetime
 import logging
 import threading
 import time
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any
 
@@ -29,6 +29,7 @@ from prometheus_client.metrics import MetricWrapperBase
 from prometheus_client.registry import Collector
 
 from checkpointer.conditions import parse_time
+from checkpointer.models import Archive, ObjectStatus
 from checkpointer.reasons import FINISHED
 
 if TYPE_CHECKING:
@@ -277,9 +278,9 @@ def _seconds_since(timestamp: object) -> float | None:
     return None if then is None else max(0.0, (datetime.datetime.now(datetime.UTC) - then).total_seconds())
 
 
-def elapsed(status: Mapping[str, Any], created: object) -> float | None:
+def elapsed(start_time: str | None, created: object) -> float | None:
     """Seconds since the work started on the node (status.startTime), else since the object's creation."""
-    return _seconds_since(status.get("startTime")) if status.get("startTime") else _seconds_since(created)
+    return _seconds_since(start_time) if start_time else _seconds_since(created)
 
 
 def frozen_seconds(stats: Mapping[str, Any] | None) -> list[float]:
@@ -293,9 +294,9 @@ def frozen_seconds(stats: Mapping[str, Any] | None) -> list[float]:
 
 
 def finished(
-    plural: str, namespace: str, node: str, result: str, reason: str, status: Mapping[str, Any], seconds: float | None
+    plural: str, namespace: str, node: str, result: str, reason: str, archives: Sequence[Archive], seconds: float | None
 ) -> None:
-    """Count a final phase just written, with what its status says of the run."""
+    """Count a final phase just written, with the archives its status records."""
     if not _State.enabled:
         return
     node = _State.bounds.node(node)
@@ -309,10 +310,10 @@ def finished(
         CHECKPOINT_DURATION.labels(namespace, node).observe(seconds)
     if result != "Succeeded":
         return
-    for archive in status.get("archives") or []:
-        if isinstance(archive.get("size"), int):
-            ARCHIVE_SIZE.labels(namespace, node).observe(archive["size"])
-        for frozen in frozen_seconds(archive.get("stats")):
+    for archive in archives:
+        if archive.size is not None:
+            ARCHIVE_SIZE.labels(namespace, node).observe(archive.size)
+        for frozen in frozen_seconds(archive.stats):
             FROZEN.labels(node).observe(frozen)
 
 
@@ -371,7 +372,7 @@ class InFlight(Collector):
 
     def seen(self, plural: str, body: Mapping[str, Any], deleted: bool) -> None:
         uid = str(body["metadata"]["uid"])
-        phase = (body.get("status") or {}).get("phase")
+        phase = ObjectStatus.of(body).phase
         known = _State.bounds.existing
         with self._lock:
             if deleted or phase in FINISHED:

@@ -2,15 +2,76 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from enum import StrEnum
-from typing import Any
+from typing import Any, Self
 
 from pydantic import BaseModel, ConfigDict, Field
 from pydantic.alias_generators import to_camel
 
 
 class Model(BaseModel):
+    # Unknown fields are ignored, not refused: an object written by an older or newer release still
+    # reads. What the CRDs declare and the models hold is kept equal by tests/unit/test_crd_models.py.
     model_config = ConfigDict(alias_generator=to_camel, populate_by_name=True, extra="ignore", frozen=True)
+
+
+class Status(Model):
+    """A kind's status. As a patch (status.StatusWriter), only the fields set are written; one set to
+    None is removed."""
+
+    @classmethod
+    def of(cls, obj: Mapping[str, Any]) -> Self:
+        """The status of a whole object as the API server sends it; empty before anyone wrote one."""
+        return cls.model_validate(obj.get("status") or {})
+
+    def patch(self) -> dict[str, Any]:
+        """The JSON merge patch of the fields set: None removes a field, absent ones stay as they are."""
+        dumped = self.model_dump(by_alias=True, exclude_none=True, mode="json")
+        aliases = {name: field.alias or name for name, field in type(self).model_fields.items()}
+        return {aliases[name]: dumped.get(aliases[name]) for name in self.model_fields_set}
+
+    def changed_since(self, written: Status) -> Self:
+        """The patch of the fields this one sets whose values `written` does not hold (a field it lacks
+        holds None)."""
+        changed = {
+            name: value
+            for name in self.model_fields_set
+            if (value := getattr(self, name)) != (getattr(written, name) if name in written.model_fields_set else None)
+        }
+        return type(self).model_validate(changed)
+
+
+class Condition(Model):
+    """One aspect of an object's state, in the metav1.Condition shape."""
+
+    type: str
+    status: str = ""
+    reason: str = ""
+    message: str = ""
+    last_transition_time: str | None = None
+    observed_generation: int | None = None
+
+
+class Progress(Model):
+    bytes_done: int = 0
+    bytes_total: int | None = None
+
+
+class ObjectStatus(Status):
+    """What a ContainerCheckpoint's and a ContainerRestore's status have in common: a phase on a node."""
+
+    phase: str | None = None
+    observed_generation: int | None = None
+    node_name: str | None = None
+    start_time: str | None = None
+    completion_time: str | None = None
+    expiration: str | None = None
+    progress: Progress | None = None
+    conditions: list[Condition] = Field(default_factory=list)
+
+    def condition(self, type_: str) -> Condition | None:
+        return next((c for c in self.conditions if c.type == type_), None)
 
 
 class Compression(StrEnum):
@@ -47,7 +108,7 @@ class CheckpointSpec(Model):
     compress: Compression = Compression.ZSTD
     ignore_rootfs: bool = False
     ignore_volumes: bool = False
-    # A Go duration: how long the object stays once finished (services/expiry.py).
+    # A Go duration: how long the object stays once finished (ttl.py).
     ttl: str | None = None
 
 
@@ -62,11 +123,22 @@ class Archive(Model):
     stats: dict[str, Any] | None = None
 
 
-class CheckpointStatus(Model):
-    phase: str | None = None
-    node_name: str | None = None
+class ArchiveStream(Model):
+    """One archive whose parts are readable while it is written (status.streams; services/pipeline.py)."""
+
+    container: str = ""
+    key: str = ""
+    part_size: int = 0
+    # The sha256 of each part that landed, in order.
+    parts: list[str] = Field(default_factory=list)
+    # Known once the last part landed.
+    size: int | None = None
+
+
+class CheckpointStatus(ObjectStatus):
     storage_ref: NameRef | None = None
     archives: list[Archive] = Field(default_factory=list)
+    streams: list[ArchiveStream] = Field(default_factory=list)
     # The sha256 of the unsigned manifest the agent wrote for the controller to sign.
     manifest_sha256: str | None = Field(default=None, alias="manifestSHA256")
 
@@ -76,6 +148,8 @@ class Metadata(Model):
     namespace: str = ""
     uid: str = ""
     generation: int = 0
+    # The object's revision this copy is of: a status write carries it (status.StatusWriter).
+    resource_version: str = ""
     deletion_timestamp: str | None = None
     # RFC 3339, whole seconds: strings of it sort as the times do.
     creation_timestamp: str | None = None
@@ -92,12 +166,17 @@ class CheckpointRef(Model):
     container: str | None = None
 
 
-class ArchiveRef(Model):
+class PreviousArchive(Model):
+    """The pre-checkpoint archive a restore builds on: a key in the restore's own namespace's folder."""
+
     storage_ref: NameRef | None = None
     key: str
+    sha256: str | None = None
+
+
+class ArchiveRef(PreviousArchive):
     # Whose folder `key` is in; absent: the restore's own namespace. Another only for admin namespaces.
     namespace: str | None = None
-    sha256: str | None = None
 
 
 class RestoreSource(Model):
@@ -108,7 +187,7 @@ class RestoreSource(Model):
 class RestoreSpec(Model):
     node_name: str
     source: RestoreSource
-    previous: ArchiveRef | None = None
+    previous: PreviousArchive | None = None
     name: str | None = None
     tcp_established: bool = False
     tcp_close: bool = False
@@ -133,11 +212,12 @@ class ResolvedArchive(Model):
     compression: Compression | None = None
 
 
-class RestoreStatus(Model):
-    phase: str | None = None
-    node_name: str | None = None
+class RestoreStatus(ObjectStatus):
     archive: ResolvedArchive | None = None
     container_id: str | None = Field(default=None, alias="containerID")
+    container_name: str | None = None
+    # podman's --print-stats figures of the restore, as podman reports them.
+    stats: dict[str, Any] | None = None
 
 
 class ContainerRestore(Model):
@@ -171,14 +251,20 @@ class StorageSpec(Model):
     encryption: Encryption | None = None
 
 
+class StorageStatus(Status):
+    phase: str | None = None
+    last_validated_time: str | None = None
+    message: str | None = None
+
+
 class CheckpointStorage(Model):
     metadata: Metadata
     spec: StorageSpec
-    status: dict[str, Any] = Field(default_factory=dict)
+    status: StorageStatus = Field(default_factory=StorageStatus)
 
     @property
     def available(self) -> bool:
-        return self.status.get("phase") == "Available"
+        return self.status.phase == "Available"
 
 
 class ConcurrencyPolicy(StrEnum):
@@ -211,7 +297,25 @@ class ScheduleMetadata(Metadata):
     creation_timestamp: str | None = None
 
 
+class ObjectReference(Model):
+    api_version: str = ""
+    kind: str = ""
+    namespace: str = ""
+    name: str = ""
+    uid: str = ""
+
+
+class ScheduleStatus(Status):
+    last_schedule_time: str | None = None
+    last_successful_time: str | None = None
+    last_cordon_time: str | None = None
+    active_count: int | None = None
+    active: list[ObjectReference] = Field(default_factory=list)
+    observed_generation: int | None = None
+    conditions: list[Condition] = Field(default_factory=list)
+
+
 class CheckpointSchedule(Model):
     metadata: ScheduleMetadata
     spec: ScheduleSpec
-    status: dict[str, Any] = Field(default_factory=dict)
+    status: ScheduleStatus = Field(default_factory=ScheduleStatus)

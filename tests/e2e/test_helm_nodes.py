@@ -1,7 +1,7 @@
 """The operator installed by Helm alone, on nodes with a kubelet (docs/local-environment.md).
 
 The same tests run on either cluster (localenv.cluster.ChartCluster):
-- by default the local environment's own (LocalEnv.up(kubelet_nodes=True)): containerd and a
+- by default the local environment's own (kubelet.up_with_kubelets): containerd and a
   kubelet beside each node's podman, kube-scheduler beside the control plane;
 - with `pytest --cluster kind`, the kind cluster hack/kind/up.sh made (localenv.kind).
 No agent or controller is started by the harness. The chart's Deployment and DaemonSet run as a

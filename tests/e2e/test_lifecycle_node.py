@@ -9,7 +9,7 @@ import json
 import uuid
 from typing import Any
 
-from checkpointer.services.expiry import expiration
+from checkpointer.ttl import expiration
 from helpers import (
     apply,
     delete,

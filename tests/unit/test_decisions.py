@@ -147,13 +147,13 @@ def test_archive_layout_follows_the_contract() -> None:
 
 
 def test_condition_transition_time_moves_only_when_status_flips() -> None:
-    first = set_condition([], ConditionType.READY, False, Reason.CHECKPOINTING, "a", 1)
-    first[0]["lastTransitionTime"] = "2000-01-01T00:00:00Z"
-    same = set_condition(first, ConditionType.READY, False, Reason.UPLOADING, "b", 1)
-    assert same[0]["lastTransitionTime"] == "2000-01-01T00:00:00Z"
-    assert same[0]["reason"] == "Uploading"
+    [first] = set_condition([], ConditionType.READY, False, Reason.CHECKPOINTING, "a", 1)
+    first = first.model_copy(update={"last_transition_time": "2000-01-01T00:00:00Z"})
+    same = set_condition([first], ConditionType.READY, False, Reason.UPLOADING, "b", 1)
+    assert same[0].last_transition_time == "2000-01-01T00:00:00Z"
+    assert same[0].reason == "Uploading"
     flipped = set_condition(same, ConditionType.READY, True, Reason.SUCCEEDED, "c", 1)
-    assert flipped[0]["lastTransitionTime"] != "2000-01-01T00:00:00Z"
+    assert flipped[0].last_transition_time != "2000-01-01T00:00:00Z"
     assert len(flipped) == 1
 
 

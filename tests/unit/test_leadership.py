@@ -13,7 +13,7 @@ import pytest
 from kubernetes.client import ApiException, V1Lease
 
 from checkpointer.adapters.kube import Kube
-from checkpointer.leadership import LEASE_NAME, Leadership, may_acquire
+from checkpointer.controller.leadership import LEASE_NAME, Leadership, may_acquire
 
 T0 = datetime.datetime(2025, 1, 1, 12, 0, 0, 1, tzinfo=datetime.UTC)
 NAMESPACE = "checkpointer-system"

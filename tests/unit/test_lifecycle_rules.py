@@ -13,10 +13,10 @@ import pytest
 from checkpointer.adapters.podman import Container, Footprint, cgroup_memory_files
 from checkpointer.archive.ledger import KeptCheckpoint, Ledger, OpenUpload
 from checkpointer.archive.spool import SpoolUsage, spool_usage
-from checkpointer.expiry import Expiring, ExpiryClock
-from checkpointer.services.expiry import desired_expiration, expiration, seconds_until
+from checkpointer.controller.expiry import Expiring, ExpiryClock
 from checkpointer.services.space import Estimate, refusal
 from checkpointer.services.sweep import ObjectState, Verdict, kept_checkpoint_verdict, orphan_uploads, upload_unowned
+from checkpointer.ttl import desired_expiration, expiration, seconds_until
 
 MiB = 1024 * 1024
 NOW = datetime.datetime(2026, 1, 2, 12, 0, 0, tzinfo=datetime.UTC)

@@ -16,6 +16,7 @@ from rich.table import Table
 
 from checkpointer import logs, metrics
 from checkpointer.cli import commands, present
+from checkpointer.models import Archive
 
 BODY = {
     "metadata": {"namespace": "team-a", "name": "web-1", "uid": "0c6f1d2e-1111-2222-3333-444455556666"},
@@ -126,10 +127,10 @@ def test_byte_counter_adds_each_parts_bytes_once(existing: list[metrics.Existing
 def test_made_up_nodes_and_storages_are_counted_under_one_value(existing: list[metrics.Existing]) -> None:
     metrics.CHECKPOINTS.clear()
     for i in range(30):
-        status = {"archives": [{"size": 2**20, "stats": {"container_statistics": []}}]}
-        metrics.finished("containercheckpoints", "team-a", f"made-up-{i}", "Failed", "NodeNotFound", status, 1.0)
+        archives = [Archive(container="web", size=2**20, stats={"container_statistics": []})]
+        metrics.finished("containercheckpoints", "team-a", f"made-up-{i}", "Failed", "NodeNotFound", archives, 1.0)
         metrics.byte_counter(metrics.UPLOADED, f"made-up-{i}", f"bucket-{i}")(1)
-    metrics.finished("containercheckpoints", "team-a", "node-x", "Succeeded", "Succeeded", {}, 1.0)
+    metrics.finished("containercheckpoints", "team-a", "node-x", "Succeeded", "Succeeded", [], 1.0)
     assert series(metrics.CHECKPOINTS) == {
         ("team-a", metrics.OTHER, "Failed", "NodeNotFound"),
         ("team-a", "node-x", "Succeeded", "Succeeded"),
@@ -140,12 +141,12 @@ def test_made_up_nodes_and_storages_are_counted_under_one_value(existing: list[m
 
 def test_a_node_whose_agent_came_up_since_the_last_read_is_named(existing: list[metrics.Existing]) -> None:
     existing.append(metrics.Existing(frozenset({"node-x", "node-new"}), frozenset({"unit"})))
-    metrics.finished("containerrestores", "team-a", "node-new", "Succeeded", "Succeeded", {}, None)
+    metrics.finished("containerrestores", "team-a", "node-new", "Succeeded", "Succeeded", [], None)
     assert ("team-a", "node-new", "Succeeded", "Succeeded") in series(metrics.RESTORES)
 
 
 def test_series_of_gone_nodes_and_storages_are_dropped(existing: list[metrics.Existing]) -> None:
-    metrics.finished("containercheckpoints", "team-a", "node-x", "Succeeded", "Succeeded", {}, 1.0)
+    metrics.finished("containercheckpoints", "team-a", "node-x", "Succeeded", "Succeeded", [], 1.0)
     metrics.byte_counter(metrics.DOWNLOADED, "node-x", "unit")(5)
     metrics.storage_available("unit", True)
     existing.append(metrics.Existing(frozenset({"node-y"}), frozenset({"other"})))
@@ -163,8 +164,8 @@ def test_series_of_gone_nodes_and_storages_are_dropped(existing: list[metrics.Ex
 def test_series_of_a_deleted_namespace_are_dropped(existing: list[metrics.Existing]) -> None:
     existing.append(metrics.Existing(frozenset({"node-x"}), frozenset(), frozenset({"team-a", "team-c"})))
     metrics.refresh()
-    metrics.finished("containercheckpoints", "team-c", "node-x", "Failed", "ContainerNotFound", {}, 1.0)
-    metrics.finished("containercheckpoints", "team-d", "node-x", "Failed", "ContainerNotFound", {}, 1.0)
+    metrics.finished("containercheckpoints", "team-c", "node-x", "Failed", "ContainerNotFound", [], 1.0)
+    metrics.finished("containercheckpoints", "team-d", "node-x", "Failed", "ContainerNotFound", [], 1.0)
     existing.append(metrics.Existing(frozenset({"node-x"}), frozenset(), frozenset({"team-a", "team-d"})))
     metrics.refresh()  # team-d was made after the last read: spared; team-c was in it: spared once more
     assert {labels[0] for labels in series(metrics.CHECKPOINTS)} >= {"team-c", "team-d"}
@@ -236,9 +237,9 @@ def test_in_flight_names_only_nodes_with_an_agent(existing: list[metrics.Existin
 
 
 def test_elapsed_starts_at_start_time_else_creation() -> None:
-    assert metrics.elapsed({"startTime": "2020-01-01T00:00:00.5Z"}, "2019-01-01T00:00:00Z") is not None
-    assert metrics.elapsed({}, None) is None
-    since_start = metrics.elapsed({"startTime": "2030-01-01T00:00:00Z"}, "2020-01-01T00:00:00Z")
+    assert metrics.elapsed("2020-01-01T00:00:00.5Z", "2019-01-01T00:00:00Z") is not None
+    assert metrics.elapsed(None, None) is None
+    since_start = metrics.elapsed("2030-01-01T00:00:00Z", "2020-01-01T00:00:00Z")
     assert since_start == 0.0  # a clock behind the writer's never makes a negative duration
 
 
@@ -332,7 +333,7 @@ def test_a_node_scheduled_to_is_named_before_the_next_read(existing: list[metric
     body = {"metadata": {"uid": "b"}, "spec": {"nodeName": "node-new"}, "status": {"phase": "Scheduled"}}
     in_flight.seen("containercheckpoints", body, deleted=False)  # before the controller scheduled it
     metrics.has_agent("node-new")  # the controller found its agent's Lease alive and scheduled it
-    metrics.finished("containercheckpoints", "team-a", "node-new", "Succeeded", "Succeeded", {}, 1.0)
+    metrics.finished("containercheckpoints", "team-a", "node-new", "Succeeded", "Succeeded", [], 1.0)
     assert ("team-a", "node-new", "Succeeded", "Succeeded") in series(metrics.CHECKPOINTS)
     in_flight.seen("containercheckpoints", {**body, "status": {"phase": "Succeeded"}}, deleted=False)
     [family] = in_flight.collect()  # no scrape while it was in flight: its zero is there all the same

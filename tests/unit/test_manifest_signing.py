@@ -13,20 +13,21 @@ import pytest
 from botocore.exceptions import EndpointConnectionError
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from checkpointer import layout, signing
+from checkpointer import layout
 from checkpointer.adapters.kube import Kube
+from checkpointer.archive import signature
 from checkpointer.archive.store import ArchiveStore, Stores
+from checkpointer.controller.signer import Signer
 from checkpointer.errors import Failure
-from checkpointer.models import ContainerCheckpoint
+from checkpointer.models import CheckpointStatus, ContainerCheckpoint
 from checkpointer.reasons import Reason
 from checkpointer.services import signing as controller_signing
 from checkpointer.services.signing import Trust, archive_trust, manifest_problems, signed_before, signing_requested
 from checkpointer.settings import Settings
-from checkpointer.signer import Signer
 from checkpointer.status import Conflict
 
-KEY = signing.generate()
-KEYS = {signing.key_id(KEY.public_key()): KEY.public_key()}
+KEY = signature.generate()
+KEYS = {signature.key_id(KEY.public_key()): KEY.public_key()}
 SHA = hashlib.sha256(b"archive").hexdigest()
 DIRECTORY = "cluster/team-a/ccp-1-0a1b2c3d"
 ARCHIVE_KEY = f"{DIRECTORY}/web.tar.zst"
@@ -85,49 +86,49 @@ def changed(value: Any) -> Any:
 
 
 def test_a_signed_manifest_verifies_after_a_round_trip_through_json() -> None:
-    signed = signing.sign(manifest(), KEY)
+    signed = signature.sign(manifest(), KEY)
     assert signed["signature"]["algorithm"] == "Ed25519"
     assert signed["signature"]["keyID"] == hashlib.sha256(KEY.public_key().public_bytes_raw()).hexdigest()
     # As the bucket holds it: indented, keys in the writer's order; the canonical bytes do not care.
     stored = json.loads(json.dumps(signed, indent=2))
-    assert signing.verify(stored, KEYS) == signed["signature"]["keyID"]
+    assert signature.verify(stored, KEYS) == signed["signature"]["keyID"]
 
 
 def test_the_signature_is_deterministic_and_replaces_an_old_one() -> None:
-    once = signing.sign(manifest(), KEY)
-    assert signing.sign(once, KEY) == once
+    once = signature.sign(manifest(), KEY)
+    assert signature.sign(once, KEY) == once
 
 
 def test_canonical_bytes_are_sorted_compact_utf8_without_the_signature() -> None:
     m = {"b": "ü", "a": [1, {"d": 2, "c": 3}], "signature": {"value": "x"}}
-    assert signing.canonical(m) == '{"a":[1,{"c":3,"d":2}],"b":"ü"}'.encode()
+    assert signature.canonical(m) == '{"a":[1,{"c":3,"d":2}],"b":"ü"}'.encode()
 
 
 @pytest.mark.parametrize("path", list(leaves(manifest())), ids=lambda p: ".".join(map(str, p)))
 def test_a_changed_byte_of_any_field_fails(path: tuple[Any, ...]) -> None:
-    signed = signing.sign(manifest(), KEY)
+    signed = signature.sign(manifest(), KEY)
     edited = copy.deepcopy(signed)
     target: Any = edited
     for step in path[:-1]:
         target = target[step]
     target[path[-1]] = changed(target[path[-1]])
-    with pytest.raises(signing.BadSignature):
-        signing.verify(edited, KEYS)
+    with pytest.raises(signature.BadSignature):
+        signature.verify(edited, KEYS)
 
 
 def test_an_added_or_removed_field_fails() -> None:
-    signed = signing.sign(manifest(), KEY)
-    with pytest.raises(signing.BadSignature):
-        signing.verify({**signed, "privileged": True}, KEYS)
+    signed = signature.sign(manifest(), KEY)
+    with pytest.raises(signature.BadSignature):
+        signature.verify({**signed, "privileged": True}, KEYS)
     without = {k: v for k, v in signed.items() if k != "host"}
-    with pytest.raises(signing.BadSignature):
-        signing.verify(without, KEYS)
+    with pytest.raises(signature.BadSignature):
+        signature.verify(without, KEYS)
 
 
 def test_a_missing_signature_is_told_apart_from_a_bad_one() -> None:
-    with pytest.raises(signing.Unsigned):
-        signing.verify(manifest(), KEYS)
-    signed = signing.sign(manifest(), KEY)
+    with pytest.raises(signature.Unsigned):
+        signature.verify(manifest(), KEYS)
+    signed = signature.sign(manifest(), KEY)
     bad = [
         {**signed, "signature": "nonsense"},
         {**signed, "signature": {**signed["signature"], "algorithm": "RSA"}},
@@ -135,46 +136,49 @@ def test_a_missing_signature_is_told_apart_from_a_bad_one() -> None:
         {**signed, "signature": {**signed["signature"], "value": ""}},
     ]
     for manifest_ in bad:
-        with pytest.raises(signing.BadSignature) as e:
-            signing.verify(manifest_, KEYS)
-        assert not isinstance(e.value, signing.Unsigned)
+        with pytest.raises(signature.BadSignature) as e:
+            signature.verify(manifest_, KEYS)
+        assert not isinstance(e.value, signature.Unsigned)
 
 
 def test_a_signature_of_another_key_fails() -> None:
-    other = signing.generate()
-    with pytest.raises(signing.BadSignature, match="not one of this cluster's"):
-        signing.verify(signing.sign(manifest(), other), KEYS)
+    other = signature.generate()
+    with pytest.raises(signature.BadSignature, match="not one of this cluster's"):
+        signature.verify(signature.sign(manifest(), other), KEYS)
     # Even one that claims this cluster's keyID.
-    forged = signing.sign(manifest(), other)
-    forged["signature"]["keyID"] = signing.key_id(KEY.public_key())
-    with pytest.raises(signing.BadSignature, match="edited"):
-        signing.verify(forged, KEYS)
+    forged = signature.sign(manifest(), other)
+    forged["signature"]["keyID"] = signature.key_id(KEY.public_key())
+    with pytest.raises(signature.BadSignature, match="edited"):
+        signature.verify(forged, KEYS)
 
 
 # --- the keys as stored --------------------------------------------------------------------------
 
 
 def test_keys_survive_their_stored_forms() -> None:
-    again = signing.load_private(signing.private_pem(KEY))
-    assert signing.key_id(again.public_key()) == signing.key_id(KEY.public_key())
-    public = signing.load_public(signing.public_pem(KEY.public_key()))
-    assert signing.key_id(public) == signing.key_id(KEY.public_key())
+    again = signature.load_private(signature.private_pem(KEY))
+    assert signature.key_id(again.public_key()) == signature.key_id(KEY.public_key())
+    public = signature.load_public(signature.public_pem(KEY.public_key()))
+    assert signature.key_id(public) == signature.key_id(KEY.public_key())
 
 
 def test_publishing_keeps_the_keys_signed_with_before() -> None:
-    assert signing.published(KEY.public_key(), {signing.PUBLIC_KEY: signing.public_pem(KEY.public_key())}) is None
-    first = signing.published(KEY.public_key(), {})
-    assert first == {signing.PUBLIC_KEY: signing.public_pem(KEY.public_key())}
-    rotated = signing.generate()
-    entries = signing.published(rotated.public_key(), first)
+    assert signature.published(KEY.public_key(), {signature.PUBLIC_KEY: signature.public_pem(KEY.public_key())}) is None
+    first = signature.published(KEY.public_key(), {})
+    assert first == {signature.PUBLIC_KEY: signature.public_pem(KEY.public_key())}
+    rotated = signature.generate()
+    entries = signature.published(rotated.public_key(), first)
     assert entries is not None
-    assert entries[signing.PUBLIC_KEY] == signing.public_pem(rotated.public_key())
-    assert set(signing.public_keys(entries)) == {signing.key_id(KEY.public_key()), signing.key_id(rotated.public_key())}
+    assert entries[signature.PUBLIC_KEY] == signature.public_pem(rotated.public_key())
+    assert set(signature.public_keys(entries)) == {
+        signature.key_id(KEY.public_key()),
+        signature.key_id(rotated.public_key()),
+    }
 
 
 def test_only_pub_entries_that_are_keys_are_trusted() -> None:
-    entries = {"notes": signing.public_pem(KEY.public_key()), "broken.pub": "not a key"}
-    assert signing.public_keys(entries) == {}
+    entries = {"notes": signature.public_pem(KEY.public_key()), "broken.pub": "not a key"}
+    assert signature.public_keys(entries) == {}
 
 
 # --- the controller's check before it signs ------------------------------------------------------
@@ -221,10 +225,14 @@ def test_an_archive_outside_the_checkpoints_folder_is_not_signed() -> None:
 
 def test_signing_is_requested_by_reason_signing_in_uploading() -> None:
     ready = {"type": "Ready", "status": "False", "reason": "Signing"}
-    assert signing_requested({"phase": "Uploading", "conditions": [ready]})
-    assert not signing_requested({"phase": "Uploading", "conditions": [{**ready, "reason": "Uploading"}]})
-    assert not signing_requested({"phase": "Succeeded", "conditions": [ready]})
-    assert not signing_requested({})
+
+    def requested(status: dict[str, Any]) -> bool:
+        return signing_requested(CheckpointStatus.model_validate(status))
+
+    assert requested({"phase": "Uploading", "conditions": [ready]})
+    assert not requested({"phase": "Uploading", "conditions": [{**ready, "reason": "Uploading"}]})
+    assert not requested({"phase": "Succeeded", "conditions": [ready]})
+    assert not requested({})
 
 
 def test_the_namespace_of_a_key_is_its_folder_under_the_prefix() -> None:
@@ -239,7 +247,7 @@ def test_the_namespace_of_a_key_is_its_folder_under_the_prefix() -> None:
 
 
 def handed_over(uid: str = "u1", version: str = "1", **meta: Any) -> dict[str, Any]:
-    """A checkpoint its agent handed over for signing."""
+    """A checkpoint its agent handed over for signature."""
     ready = {"type": "Ready", "status": "False", "reason": "Signing"}
     return {
         "metadata": {"name": "ccp-1", "namespace": "team-a", "uid": uid, "resourceVersion": version, **meta},
@@ -260,7 +268,7 @@ class Cluster:
 
 
 class Signings:
-    """services/signing.py's sign_checkpoint as the Signer calls it: each call takes the next answer."""
+    """services/signature.py's sign_checkpoint as the Signer calls it: each call takes the next answer."""
 
     def __init__(self, *answers: Exception | None) -> None:
         self.answers = list(answers)
@@ -377,7 +385,7 @@ def reason(objects: dict[str, bytes], **kwargs: Any) -> Reason:
 
 
 def test_a_signed_archive_is_trusted_with_its_signed_sha256() -> None:
-    assert trust(stored(signing.sign(manifest(), KEY))) == Trust(SHA, signed=True)
+    assert trust(stored(signature.sign(manifest(), KEY))) == Trust(SHA, signed=True)
 
 
 def test_an_unsigned_archive_is_refused_unless_the_storage_accepts_them() -> None:
@@ -393,7 +401,7 @@ def test_a_missing_archive_is_not_found_rather_than_untrusted() -> None:
 
 
 def test_a_bad_signature_is_refused_even_where_unsigned_archives_are_accepted() -> None:
-    signed = signing.sign(manifest(), KEY)
+    signed = signature.sign(manifest(), KEY)
     signed["archives"][0]["sha256"] = "0" * 64
     for accept_unsigned in (False, True):
         assert reason(stored(signed), accept_unsigned=accept_unsigned) == Reason.ARCHIVE_UNTRUSTED
@@ -403,13 +411,16 @@ def test_a_signed_manifest_moved_to_another_namespaces_folder_is_refused() -> No
     other = ARCHIVE_KEY.replace("team-a", "team-b")
     m = manifest()
     m["archives"][0]["key"] = other
-    objects = {other: b"archive", f"{other.rsplit('/', 1)[0]}/manifest.json": json.dumps(signing.sign(m, KEY)).encode()}
+    objects = {
+        other: b"archive",
+        f"{other.rsplit('/', 1)[0]}/manifest.json": json.dumps(signature.sign(m, KEY)).encode(),
+    }
     for accept_unsigned in (False, True):
         assert reason(objects, key=other, accept_unsigned=accept_unsigned) == Reason.ARCHIVE_UNTRUSTED
 
 
 def test_an_archive_its_signed_manifest_does_not_list_is_unsigned() -> None:
-    objects = stored(signing.sign(manifest(), KEY))
+    objects = stored(signature.sign(manifest(), KEY))
     planted = f"{DIRECTORY}/planted.tar.zst"
     objects[planted] = b"other"
     assert reason(objects, key=planted) == Reason.ARCHIVE_UNTRUSTED
@@ -425,8 +436,8 @@ def test_an_unreadable_manifest_is_refused() -> None:
 def test_a_second_signer_finds_the_agents_manifest_signed_already() -> None:
     agents = manifest()
     sha = hashlib.sha256(json.dumps(agents, indent=2).encode()).hexdigest()
-    signed = json.loads(json.dumps(signing.sign(agents, KEY), indent=2))
+    signed = json.loads(json.dumps(signature.sign(agents, KEY), indent=2))
     assert signed_before(signed, sha, KEY)
     assert not signed_before(agents, sha, KEY), "not signed yet"
     assert not signed_before(signed, "0" * 64, KEY), "another manifest than the agent's"
-    assert not signed_before(signed, sha, signing.generate()), "signed by another key"
+    assert not signed_before(signed, sha, signature.generate()), "signed by another key"

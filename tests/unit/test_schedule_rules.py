@@ -1,4 +1,4 @@
-"""CheckpointSchedule decisions (services/schedules.py): cron, catch-up, Forbid, retention, the child."""
+"""CheckpointSchedule decisions (services/schedule_rules.py): cron, catch-up, Forbid, retention, the child."""
 
 from __future__ import annotations
 
@@ -8,8 +8,8 @@ from typing import Any
 import pytest
 
 from checkpointer.models import CheckpointSchedule, ConcurrencyPolicy
-from checkpointer.services import schedules
-from checkpointer.services.schedules import Child, Clock, InvalidSchedule
+from checkpointer.services import schedule_rules as schedules
+from checkpointer.services.schedule_rules import Child, Clock, InvalidSchedule
 
 UTC = datetime.UTC
 
@@ -191,7 +191,7 @@ def test_suspending_withdraws_only_what_has_not_started_and_is_still_ahead() -> 
 def test_a_schedule_counts_only_the_children_it_owns() -> None:
     """A tenant may label any checkpoint of its namespace `checkpointer.dev/schedule: <name>`, or give it an
     ownerReference: only one whose controlling owner is the schedule's uid counts (Forbid, retention)."""
-    from checkpointer.schedules import Schedules
+    from checkpointer.controller.schedules import Schedules
 
     clock = Schedules(kube=None)  # type: ignore[arg-type]  # nothing here reads the API server
     clock.stopped = True  # no status writes: only what the clock remembers is looked at

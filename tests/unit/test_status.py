@@ -7,8 +7,9 @@ from typing import Any
 import pytest
 from kubernetes.client import ApiException
 
+from checkpointer.models import CheckpointStatus, Metadata, Progress, ScheduleStatus, StorageStatus
 from checkpointer.reasons import Phase, Reason
-from checkpointer.status import Conflict, StatusWriter
+from checkpointer.status import Conflict, StatusWriter, _Event, _Poster
 
 
 class FakeKube:
@@ -76,16 +77,18 @@ def test_a_deleted_object_is_a_conflict_and_deletion_is_seen_in_answers() -> Non
     status = writer(kube)
     assert kube.obj is not None
     kube.obj["metadata"]["deletionTimestamp"] = "2026-12-03T00:00:00Z"
-    status.write({"progress": {"bytesDone": 1}})
+    status.write(CheckpointStatus(progress=Progress(bytes_done=1)))
     assert status.deleting
     kube.obj = None
     with pytest.raises(Conflict):
-        status.write({"progress": {"bytesDone": 2}})
+        status.write(CheckpointStatus(progress=Progress(bytes_done=2)))
 
 
 def test_phase_keeps_conditions_in_the_metav1_shape() -> None:
     kube = FakeKube({})
-    writer(kube).phase(Phase.SCHEDULED, Reason.SCHEDULED, "handed over", scheduled=True, nodeName="n")
+    writer(kube).phase(
+        Phase.SCHEDULED, Reason.SCHEDULED, "handed over", scheduled=True, patch=CheckpointStatus(node_name="n")
+    )
     assert kube.obj is not None
     conditions = {c["type"]: c for c in kube.obj["status"]["conditions"]}
     assert conditions["Scheduled"]["status"] == "True" and conditions["Ready"]["status"] == "False"
@@ -129,3 +132,50 @@ def test_a_write_refused_for_another_reason_is_not_retried() -> None:
     with pytest.raises(ApiException):
         status.phase(Phase.UPLOADING, Reason.UPLOADING, "uploading web")
     assert kube.refusals == 4
+
+
+def test_a_patch_writes_the_fields_it_sets_and_removes_those_set_to_none() -> None:
+    patch = ScheduleStatus(last_cordon_time=None, active_count=0, active=[])
+    assert patch.patch() == {"lastCordonTime": None, "activeCount": 0, "active": []}
+    written = ScheduleStatus.model_validate({"activeCount": 0, "lastScheduleTime": "2026-01-01T00:00:00Z"})
+    now = ScheduleStatus(active_count=0, active=[], last_schedule_time="2026-01-01T00:00:00Z", last_cordon_time=None)
+    # What `written` lacks counts as None: `active` is written, the unset lastCordonTime is not.
+    assert now.changed_since(written).patch() == {"active": []}
+
+
+def test_a_storage_or_schedule_status_has_no_phase_to_guard_and_is_written_on_the_fresh_version() -> None:
+    kube = FakeKube({"phase": "Available"})
+    assert kube.obj is not None
+    del kube.obj["metadata"]["namespace"]  # a CheckpointStorage is cluster-scoped
+    status = StatusWriter(kube, "checkpointstorages", kube.obj)  # type: ignore[arg-type]
+    kube.bump(phase="Unavailable")  # the timer's own write, a moment before
+    status.write(StorageStatus(phase="Available", message="bucket 'b' is reachable"))
+    assert kube.obj["status"]["phase"] == "Available" and kube.writes == 1
+    with pytest.raises(TypeError):
+        status.write(CheckpointStatus(phase="Failed"))
+
+
+def test_events_go_out_in_order_from_the_posters_thread_a_storages_to_the_operators_namespace() -> None:
+    class Events:
+        def __init__(self) -> None:
+            self.posted: list[tuple[str, str, str, str]] = []
+
+        def create_event(
+            self, kind: str, meta: Metadata, namespace: str, type_: str, reason: str, message: str
+        ) -> None:
+            if reason == "Broken":
+                raise ApiException(status=500)  # logged; the next one goes out all the same
+            self.posted.append((kind, namespace, type_, reason))
+
+    kube = Events()
+    poster = _Poster(kube, "checkpointer-system")  # type: ignore[arg-type]
+    poster.thread.start()
+    poster.post(_Event("ContainerCheckpoint", Metadata(name="c", namespace="team-a"), "Normal", "Broken", "m"))
+    poster.post(_Event("ContainerCheckpoint", Metadata(name="c", namespace="team-a"), "Normal", "Scheduled", "m"))
+    poster.post(_Event("CheckpointStorage", Metadata(name="s"), "Warning", "Unavailable", "m"))
+    poster.stop()
+    poster.thread.join(5)
+    assert kube.posted == [
+        ("ContainerCheckpoint", "team-a", "Normal", "Scheduled"),
+        ("CheckpointStorage", "checkpointer-system", "Warning", "Unavailable"),
+    ]

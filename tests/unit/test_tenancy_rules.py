@@ -2,13 +2,22 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import pytest
 
 from checkpointer import layout
 from checkpointer.adapters.podman import Container, _container
 from checkpointer.controller import agent_may_be_at_work, recorded_keys
 from checkpointer.errors import Failure
-from checkpointer.models import ArchiveRef, CheckpointSpec, CheckpointStorage, ContainerCheckpoint, NameRef
+from checkpointer.models import (
+    ArchiveRef,
+    CheckpointSpec,
+    CheckpointStatus,
+    CheckpointStorage,
+    ContainerCheckpoint,
+    NameRef,
+)
 from checkpointer.reasons import Reason
 from checkpointer.services.checkpoint import select_targets
 from checkpointer.services.scheduling import choose_storage
@@ -147,15 +156,19 @@ def test_deleting_a_checkpoint_removes_only_what_it_recorded() -> None:
 
 def test_a_deleted_checkpoints_archives_wait_only_for_an_agent_that_may_be_at_work() -> None:
     signing = {"type": "Ready", "status": "False", "reason": "Signing"}
+
+    def at_work(status: dict[str, Any]) -> bool:
+        return agent_may_be_at_work(CheckpointStatus.model_validate(status))
+
     for phase in ("Checkpointing", "Uploading"):
-        assert agent_may_be_at_work({"phase": phase})
+        assert at_work({"phase": phase})
     # Not begun (and never will: kopf runs no agent handler for an object deleting when first seen),
     # handed over for signing, or finished: the archives go at once.
-    assert not agent_may_be_at_work({})
-    assert not agent_may_be_at_work({"phase": "Scheduled"})
-    assert not agent_may_be_at_work({"phase": "Uploading", "conditions": [signing]})
+    assert not at_work({})
+    assert not at_work({"phase": "Scheduled"})
+    assert not at_work({"phase": "Uploading", "conditions": [signing]})
     for phase in ("Succeeded", "Failed"):
-        assert not agent_may_be_at_work({"phase": phase})
+        assert not at_work({"phase": phase})
 
 
 def storage(name: str, allowed: list[str] | None, default: bool = False) -> CheckpointStorage:

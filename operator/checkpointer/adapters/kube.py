@@ -13,8 +13,7 @@ from kubernetes.client import ApiException
 
 from checkpointer import GROUP, VERSION
 from checkpointer.adapters.storage import Credentials
-from checkpointer.archive.encryption import Keys, parse_identity, parse_recipients
-from checkpointer.models import CheckpointStorage
+from checkpointer.models import CheckpointStorage, Metadata, ObjectStatus
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -23,6 +22,8 @@ CHECKPOINTS = "containercheckpoints"
 RESTORES = "containerrestores"
 STORAGES = "checkpointstorages"
 SCHEDULES = "checkpointschedules"
+# An Event the API server has not taken by then is given up: the next one must not wait behind it.
+EVENT_TIMEOUT_SECONDS = 10
 
 
 def load_config() -> None:
@@ -46,16 +47,22 @@ class Kube:
     # --- custom objects -------------------------------------------------------------------------
 
     def get(self, plural: str, namespace: str, name: str) -> dict[str, Any] | None:
+        """The object; no namespace: a cluster-scoped one (a CheckpointStorage)."""
+
+        def read() -> object:
+            if not namespace:
+                return self.custom.get_cluster_custom_object(GROUP, VERSION, plural, name)
+            return self.custom.get_namespaced_custom_object(GROUP, VERSION, namespace, plural, name)
+
         # The client declares the answer an object; it is the JSON dict of the custom object.
-        found = _found(lambda: self.custom.get_namespaced_custom_object(GROUP, VERSION, namespace, plural, name))
-        return cast(dict[str, Any] | None, found)
+        return cast(dict[str, Any] | None, _found(read))
 
     def phases(self, plural: str, label_selector: str) -> dict[str, str]:
         """The phase of each object of `plural` that matches `label_selector`, in every namespace, by uid."""
         found: dict[str, Any] = self.custom.list_cluster_custom_object(  # type: ignore[assignment]
             GROUP, VERSION, plural, label_selector=label_selector
         )
-        return {str(o["metadata"]["uid"]): str((o.get("status") or {}).get("phase") or "") for o in found["items"]}
+        return {str(o["metadata"]["uid"]): ObjectStatus.of(o).phase or "" for o in found["items"]}
 
     def list_all(self, plural: str, label_selector: str = "") -> list[dict[str, Any]]:
         """Every object of `plural` in every namespace that matches `label_selector`."""
@@ -68,6 +75,7 @@ class Kube:
         self, plural: str, namespace: str, name: str, status: dict[str, Any], resource_version: str = ""
     ) -> dict[str, Any]:
         """Merge `status` in; with `resource_version`, only if the object is still at that version (else 409).
+        No namespace: a cluster-scoped object (a CheckpointStorage).
 
         A resourceVersion is one object's revision of the one counter etcd keeps for all: an object made
         anew under the name never has it, so the same 409 refuses that one too. (A uid in the patch
@@ -76,10 +84,11 @@ class Kube:
         body: dict[str, Any] = {"status": status}
         if resource_version:
             body["metadata"] = {"resourceVersion": resource_version}
-        obj: dict[str, Any] = self.custom.patch_namespaced_custom_object_status(  # type: ignore[assignment]
-            GROUP, VERSION, namespace, plural, name, body
-        )
-        return obj
+        if not namespace:  # a cluster-scoped object
+            patched = self.custom.patch_cluster_custom_object_status(GROUP, VERSION, plural, name, body)
+        else:
+            patched = self.custom.patch_namespaced_custom_object_status(GROUP, VERSION, namespace, plural, name, body)
+        return cast(dict[str, Any], patched)
 
     def label(self, plural: str, namespace: str, name: str, resource_version: str, labels: dict[str, str]) -> bool:
         """Set `labels` if the object is still at `resource_version` (so still the same object); False when
@@ -124,16 +133,17 @@ class Kube:
         items: list[dict[str, Any]] = found["items"]
         return items
 
-    def create_event(
-        self, kind: str, namespace: str, name: str, uid: str, reason: str, message: str, type_: str = "Normal"
-    ) -> None:
-        """An Event about an object, from a thread of our own (kopf posts its Events only from its
-        handlers' context)."""
+    def create_event(self, kind: str, meta: Metadata, namespace: str, type_: str, reason: str, message: str) -> None:
+        """An Event about the object `meta` names, in `namespace` (its own, when it has one)."""
         now = datetime.datetime.now(datetime.UTC)
         event = kubernetes.client.CoreV1Event(
-            metadata=kubernetes.client.V1ObjectMeta(generate_name=f"{name}.", namespace=namespace),
+            metadata=kubernetes.client.V1ObjectMeta(generate_name=f"{meta.name}.", namespace=namespace),
             involved_object=kubernetes.client.V1ObjectReference(
-                api_version=f"{GROUP}/{VERSION}", kind=kind, name=name, namespace=namespace, uid=uid
+                api_version=f"{GROUP}/{VERSION}",
+                kind=kind,
+                name=meta.name,
+                namespace=meta.namespace or None,
+                uid=meta.uid,
             ),
             reason=reason,
             message=message[:1024],
@@ -143,7 +153,7 @@ class Kube:
             last_timestamp=now,
             count=1,
         )
-        self.core.create_namespaced_event(namespace, event)
+        self.core.create_namespaced_event(namespace, event, _request_timeout=EVENT_TIMEOUT_SECONDS)
 
     def storage(self, name: str) -> CheckpointStorage | None:
         obj = _found(lambda: self.custom.get_cluster_custom_object(GROUP, VERSION, STORAGES, name))
@@ -153,10 +163,6 @@ class Kube:
         found: dict[str, Any] = self.custom.list_cluster_custom_object(GROUP, VERSION, STORAGES)  # type: ignore[assignment]
         items = found["items"]
         return [CheckpointStorage.model_validate(o) for o in items]
-
-    def patch_storage_status(self, name: str, status: dict[str, Any]) -> None:
-        # The controller is its only writer: no resourceVersion to hold on to.
-        self.custom.patch_cluster_custom_object_status(GROUP, VERSION, STORAGES, name, {"status": status})
 
     def credentials(self, storage: CheckpointStorage) -> Credentials | None:
         ref = storage.spec.credentials_secret_ref
@@ -172,14 +178,9 @@ class Kube:
         except KeyError as e:
             raise ValueError(f"Secret {ref.namespace}/{ref.name} has no key {e}") from None
 
-    def encryption(self, storage: CheckpointStorage) -> Keys | None:
-        """The age keys of the storage's encryption Secret; None when the storage does not encrypt.
-
-        Checkpoints use the recipients, restores the identity. A Secret without an identity is
-        allowed (the secret key may be kept off the cluster): a restore of an encrypted archive then
-        fails. Raises ValueError, never quoting a key, when the Secret cannot be read,
-        has no recipients, or holds a key that is not an age key.
-        """
+    def encryption_secret(self, storage: CheckpointStorage) -> tuple[dict[str, bytes], str] | None:
+        """The data of the storage's encryption Secret, decoded, and words naming it for messages;
+        None when the storage does not encrypt. Raises ValueError when the Secret cannot be read."""
         if storage.spec.encryption is None:
             return None
         ref = storage.spec.encryption.secret_ref
@@ -189,15 +190,7 @@ class Kube:
         except ApiException as e:
             # Forbidden: the Secret is missing from the chart's rbac.storageSecrets.
             raise ValueError(f"the {where} cannot be read: {e.status} {e.reason}") from None
-        data = secret.data or {}
-        try:
-            recipients = parse_recipients(base64.b64decode(data.get("recipients", "")).decode())
-            key = parse_identity(base64.b64decode(data["identity"]).decode()) if "identity" in data else None
-        except (ValueError, UnicodeDecodeError) as e:
-            raise ValueError(f"the {where} is not usable: {e}") from None
-        if not recipients:
-            raise ValueError(f"the {where} has no recipients (age public keys, one per line)")
-        return Keys(recipients, key)
+        return {k: base64.b64decode(v) for k, v in (secret.data or {}).items()}, where
 
     # --- the signing key ------------------------------------------------------------------------
 

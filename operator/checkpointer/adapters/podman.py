@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from checkpointer import flags
-from checkpointer.adapters import commands
+from checkpointer.adapters import process
 from checkpointer.archive.codec import Chunk, read_chunks
 from checkpointer.errors import CommandError
 from checkpointer.models import CheckpointSpec, Compression, RestoreSpec
@@ -425,7 +425,7 @@ class CliRuntime:
 
     def _run(self, *args: str, timeout: float | None = None) -> str:
         try:
-            return commands.run([*self.podman, *args], timeout=timeout or self.query_timeout)
+            return process.run([*self.podman, *args], timeout=timeout or self.query_timeout)
         except CommandError as e:
             raise PodmanError(e.stderr.strip() or str(e), e.returncode, unavailable=e.timed_out) from e
 
@@ -464,8 +464,8 @@ class CliRuntime:
 
     def versions(self) -> dict[str, str]:
         version = json.loads(self._run("version", "--format=json"))
-        criu = commands.run([*self.prefix, "criu", "--version"], timeout=30).splitlines()
-        kernel = commands.run([*self.prefix, "uname", "-r"], timeout=30).strip()
+        criu = process.run([*self.prefix, "criu", "--version"], timeout=30).splitlines()
+        kernel = process.run([*self.prefix, "uname", "-r"], timeout=30).strip()
         return {
             "podman": str(version.get("Client", {}).get("Version", "")),
             "criu": criu[0].removeprefix("Version: ").strip() if criu else "",
@@ -482,12 +482,12 @@ class CliRuntime:
         os.mkfifo(fifo, 0o600)
         compress = spec.compress if self.compresses(spec.compress) else Compression.NONE
         argv = [*self.exporting_podman, *flags.checkpoint_argv(spec, container, fifo, compress)]
-        proc = commands.spawn(argv, die_with_parent=True)
+        proc = process.spawn(argv, die_with_parent=True)
         outcome: dict[str, Any] = {}
 
         def wait() -> None:
             try:
-                outcome["stdout"] = commands.finish(proc, argv, self.timeout)
+                outcome["stdout"] = process.finish(proc, argv, self.timeout)
             except CommandError as e:
                 outcome["error"] = e
             # Podman may fail before it opens the FIFO; open it for writing so our reader sees EOF.
@@ -537,12 +537,12 @@ class CliRuntime:
             path.unlink(missing_ok=True)
         os.mkfifo(fifo, 0o600)
         argv = [*self.exporting_podman, *flags.restore_argv(spec, fifo, None)]
-        proc = commands.spawn(argv, die_with_parent=True)
+        proc = process.spawn(argv, die_with_parent=True)
         outcome: dict[str, Any] = {}
 
         def wait() -> None:
             try:
-                outcome["stdout"] = commands.finish(proc, argv, self.timeout)
+                outcome["stdout"] = process.finish(proc, argv, self.timeout)
             except CommandError as e:
                 outcome["error"] = e
             # Podman may end before it opens the FIFO again: a reader of our own unblocks our open.
@@ -586,11 +586,11 @@ class CliRuntime:
 
     def remove_local_checkpoint(self, container: Container) -> None:
         paths = [f"{container.static_dir}/{name}" for name in LOCAL_CHECKPOINT]
-        commands.run([*self.prefix, "rm", "-rf", "--", *paths], timeout=self.query_timeout)
+        process.run([*self.prefix, "rm", "-rf", "--", *paths], timeout=self.query_timeout)
 
     def read_file(self, path: str) -> bytes | None:
         try:
-            return commands.run([*self.prefix, "cat", path], timeout=60).encode()
+            return process.run([*self.prefix, "cat", path], timeout=60).encode()
         except CommandError:
             return None
 
@@ -624,7 +624,7 @@ def nsenter(settings: Settings) -> list[str]:
 def criu_supports(settings: Settings, feature: str) -> bool:
     """CRIU's own feature check on the node (hostPID and privileges let the agent enter it either way)."""
     try:
-        commands.run([*nsenter(settings), "criu", "check", "--feature", feature], timeout=60)
+        process.run([*nsenter(settings), "criu", "check", "--feature", feature], timeout=60)
     except CommandError:
         return False
     return True
@@ -655,7 +655,7 @@ def criu_check(settings: Settings, features: Iterable[str]) -> CriuCheck:
 
     Without a CRIU on the node no feature counts as supported or missing: nothing is known.
     """
-    out = commands.run([*nsenter(settings), "sh", "-c", _CRIU_CHECK, "sh", *features], timeout=60)
+    out = process.run([*nsenter(settings), "sh", "-c", _CRIU_CHECK, "sh", *features], timeout=60)
     versions: dict[str, str] = {}
     supported: set[str] = set()
     missing: set[str] = set()

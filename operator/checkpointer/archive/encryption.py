@@ -10,7 +10,7 @@ decrypts them by hand.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 
 import pyrage
@@ -64,6 +64,24 @@ def parse_identity(text: str) -> str:
     except pyrage.IdentityError:
         raise ValueError("identity is not an age secret key (AGE-SECRET-KEY-1...)") from None
     return keys[0]
+
+
+def keys_from_secret(data: Mapping[str, bytes], where: str) -> Keys:
+    """A storage's keys from its encryption Secret's data (`recipients`, optional `identity`).
+
+    Checkpoints use the recipients, restores the identity. A Secret without an identity is allowed
+    (the secret key may be kept off the cluster): a restore of an encrypted archive then fails.
+    Raises ValueError, never quoting a key, when the Secret has no recipients or holds a key that is
+    not an age key; `where` names the Secret in the message.
+    """
+    try:
+        recipients = parse_recipients(data.get("recipients", b"").decode())
+        identity = parse_identity(data["identity"].decode()) if "identity" in data else None
+    except (ValueError, UnicodeDecodeError) as e:
+        raise ValueError(f"the {where} is not usable: {e}") from None
+    if not recipients:
+        raise ValueError(f"the {where} has no recipients (age public keys, one per line)")
+    return Keys(recipients, identity)
 
 
 def is_encrypted(head: Data) -> bool:

@@ -14,7 +14,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from checkpointer.archive.workfolder import _read_json, _write_json
+from checkpointer.archive.workfolder import read_json, write_json
 
 NAME = ".ledger.json"
 
@@ -46,7 +46,7 @@ class Ledger:
         self._lock = threading.Lock()
 
     def _load(self) -> tuple[list[OpenUpload], list[KeptCheckpoint]]:
-        raw: Any = _read_json(self.path) or {}
+        raw: Any = read_json(self.path) or {}
         try:
             uploads = [OpenUpload(**u) for u in raw.get("uploads", [])]
             kept = [KeptCheckpoint(**k) for k in raw.get("keptCheckpoints", [])]
@@ -56,7 +56,7 @@ class Ledger:
 
     def _save(self, uploads: list[OpenUpload], kept: list[KeptCheckpoint]) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        _write_json(self.path, {"uploads": [asdict(u) for u in uploads], "keptCheckpoints": [asdict(k) for k in kept]})
+        write_json(self.path, {"uploads": [asdict(u) for u in uploads], "keptCheckpoints": [asdict(k) for k in kept]})
 
     def uploads(self) -> list[OpenUpload]:
         with self._lock:

@@ -65,7 +65,7 @@ class UploadState:
     abandoned: bool = False
 
 
-def _write_json(path: Path, value: Any) -> None:
+def write_json(path: Path, value: Any) -> None:
     tmp = path.with_name(path.name + ".tmp")
     with tmp.open("w") as f:
         json.dump(value, f)
@@ -75,7 +75,7 @@ def _write_json(path: Path, value: Any) -> None:
     _sync_dir(path.parent)
 
 
-def _read_json(path: Path) -> Any:
+def read_json(path: Path) -> Any:
     try:
         text = path.read_text()
     except FileNotFoundError:
@@ -162,17 +162,17 @@ class WorkFolder:
     # --- records ----------------------------------------------------------------------------------
 
     def targets(self) -> list[Target] | None:
-        raw = _read_json(self.path / "targets.json")
+        raw = read_json(self.path / "targets.json")
         if not isinstance(raw, list):
             return None
         return [Target(str(t["name"]), str(t["id"])) for t in raw]
 
     def save_targets(self, targets: list[Target]) -> None:
         self.create()
-        _write_json(self.path / "targets.json", [asdict(t) for t in targets])
+        write_json(self.path / "targets.json", [asdict(t) for t in targets])
 
     def spool_record(self, container: str) -> SpoolRecord | None:
-        raw = _read_json(self.path / f"{container}.spool.json")
+        raw = read_json(self.path / f"{container}.spool.json")
         if not isinstance(raw, dict):
             return None
         try:
@@ -185,10 +185,10 @@ class WorkFolder:
             return None
 
     def save_spool_record(self, record: SpoolRecord) -> None:
-        _write_json(self.path / f"{record.container}.spool.json", asdict(record))
+        write_json(self.path / f"{record.container}.spool.json", asdict(record))
 
     def upload_state(self, container: str) -> UploadState | None:
-        raw = _read_json(self.path / f"{container}.upload.json")
+        raw = read_json(self.path / f"{container}.upload.json")
         if not isinstance(raw, dict):
             return None
         with contextlib.suppress(TypeError):
@@ -197,7 +197,7 @@ class WorkFolder:
 
     def save_upload_state(self, container: str, state: UploadState) -> None:
         self.create()
-        _write_json(self.path / f"{container}.upload.json", asdict(state))
+        write_json(self.path / f"{container}.upload.json", asdict(state))
 
     def upload_states(self) -> dict[str, UploadState]:
         """Every upload state in the folder, by container."""

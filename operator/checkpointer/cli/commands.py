@@ -20,6 +20,7 @@ from rich.table import Table
 
 from checkpointer.cli import plan, present
 from checkpointer.cli.session import CliError, Session, context_namespace
+from checkpointer.models import CheckpointStatus
 
 F = TypeVar("F", bound=Callable[..., Any])
 POLL_SECONDS = 0.5
@@ -157,8 +158,8 @@ def report(obj: dict[str, Any]) -> bool:
     result = present.outcome(obj)
     line = result.line(obj["kind"], obj["metadata"]["name"])
     (err if result.failed else out).print(line, style="bold red" if result.failed else None)
-    for archive in (obj.get("status") or {}).get("archives") or []:
-        line = f"  {archive.get('container')}: {present.size(archive.get('size'))}  {archive.get('key') or ''}"
+    for archive in CheckpointStatus.of(obj).archives:
+        line = f"  {archive.container}: {present.size(archive.size)}  {archive.key or ''}"
         out.print(present.printable(line))
     return result.failed
 

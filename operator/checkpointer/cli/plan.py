@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from checkpointer import GROUP, VERSION
-from checkpointer.models import Compression
+from checkpointer.models import CheckpointStatus, Compression
 
 API_VERSION = f"{GROUP}/{VERSION}"
 CHECKPOINT = "ContainerCheckpoint"
@@ -176,6 +176,6 @@ def archive_folder(key: str) -> str:
 
 def checkpoint_folder(checkpoint: dict[str, Any] | None) -> str | None:
     """The bucket folder of a ContainerCheckpoint's archives, from its status; None before it has one."""
-    archives = ((checkpoint or {}).get("status") or {}).get("archives") or []
-    key = next((str(a["key"]) for a in archives if a.get("key")), None)
+    archives = CheckpointStatus.of(checkpoint or {}).archives
+    key = next((a.key for a in archives if a.key), None)
     return key.rsplit("/", 1)[0] if key and "/" in key else None

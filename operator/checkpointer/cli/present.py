@@ -15,10 +15,11 @@ from typing import Any
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
-from checkpointer import signing
+from checkpointer.archive import signature
 from checkpointer.conditions import parse_time
 from checkpointer.logs import escaped
-from checkpointer.reasons import FINISHED
+from checkpointer.models import ObjectStatus
+from checkpointer.reasons import FINISHED, ConditionType
 
 _UNITS = ("B", "KiB", "MiB", "GiB", "TiB", "PiB")
 # The rate is over the last few seconds: the agent writes progress at most once a second.
@@ -98,9 +99,9 @@ class Outcome:
 
 
 def outcome(obj: Mapping[str, Any]) -> Outcome:
-    status = obj.get("status") or {}
-    ready: Mapping[str, Any] = next((c for c in status.get("conditions") or [] if c.get("type") == "Ready"), {})
-    return Outcome(str(status.get("phase") or ""), str(ready.get("reason") or ""), str(ready.get("message") or ""))
+    status = ObjectStatus.of(obj)
+    ready = status.condition(ConditionType.READY)
+    return Outcome(status.phase or "", ready.reason if ready else "", ready.message if ready else "")
 
 
 @dataclass
@@ -149,11 +150,10 @@ class Progress:
 
 def progress(obj: Mapping[str, Any], meter: Meter, now: float) -> Progress:
     """The progress an object's status shows at `now`; feeds `meter`."""
-    status = obj.get("status") or {}
-    numbers = status.get("progress") or {}
-    done = int(numbers.get("bytesDone") or 0)
-    total = int(numbers["bytesTotal"]) if numbers.get("bytesTotal") else None
-    phase = str(status.get("phase") or "Pending")
+    status = ObjectStatus.of(obj)
+    done = status.progress.bytes_done if status.progress else 0
+    total = (status.progress.bytes_total or None) if status.progress else None
+    phase = status.phase or "Pending"
     if phase == "Succeeded" and total is None and done:
         total = done
     meter.add(now, done)
@@ -267,14 +267,14 @@ def archive_cells(entry: Mapping[str, Any]) -> list[str]:
 
 def signature_state(manifest: Mapping[str, Any], keys: Mapping[str, Ed25519PublicKey] | None, unchecked: str) -> str:
     """Whether this cluster's controller signed the manifest; `keys` None when they could not be read."""
-    signed = manifest.get(signing.SIGNATURE)
+    signed = manifest.get(signature.SIGNATURE)
     if signed is None:
         return "unsigned (a restore needs a storage with acceptUnsignedArchives)"
     kid = str(signed.get("keyID") or "")[:16] if isinstance(signed, Mapping) else ""
     if keys is None:
         return f"signed by key {kid}, not verified: {unchecked}"
     try:
-        signing.verify(manifest, keys)
-    except signing.Untrusted as e:
+        signature.verify(manifest, keys)
+    except signature.Untrusted as e:
         return f"INVALID: {e}"
-    return f"valid, {signing.ALGORITHM} key {kid}"
+    return f"valid, {signature.ALGORITHM} key {kid}"

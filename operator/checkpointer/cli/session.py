@@ -15,7 +15,8 @@ import kubernetes
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from kubernetes.client import ApiException
 
-from checkpointer import GROUP, VERSION, signing
+from checkpointer import GROUP, VERSION
+from checkpointer.archive import signature
 from checkpointer.cli.plan import PLURALS
 
 if TYPE_CHECKING:
@@ -169,7 +170,7 @@ class Session:
             return None, f"ConfigMap {namespace}/{config_map} cannot be read ({e.status} {e.reason})"
         if published is None:
             return None, f"no ConfigMap {namespace}/{config_map} (set --operator-namespace)"
-        return signing.public_keys(published), ""
+        return signature.public_keys(published), ""
 
 
 @contextlib.contextmanager

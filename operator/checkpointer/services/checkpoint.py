@@ -27,8 +27,6 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-import kopf
-
 from checkpointer import layout, metrics
 from checkpointer.adapters.kube import CHECKPOINTS
 from checkpointer.adapters.podman import Container, PodmanError, checkpoint_in_progress, criu_supports
@@ -41,14 +39,22 @@ from checkpointer.archive.store import ArchiveStore, Cancelled, StorageError, St
 from checkpointer.archive.workfolder import CHECKPOINT, SpoolRecord, Target, UploadState, WorkFolder
 from checkpointer.conditions import now
 from checkpointer.errors import Failure, Retry
-from checkpointer.models import Archive, CheckpointSpec, Compression, ContainerCheckpoint
-from checkpointer.reasons import Phase, Reason
+from checkpointer.models import (
+    Archive,
+    ArchiveStream,
+    CheckpointSpec,
+    CheckpointStatus,
+    Compression,
+    ContainerCheckpoint,
+    ObjectStatus,
+)
+from checkpointer.reasons import ConditionType, Phase, Reason
 from checkpointer.services.capabilities import live_export_refusal
 from checkpointer.services.node import EXCLUDE_LABEL, NAMESPACE_LABEL, Node, classify
 from checkpointer.services.signing import signing_requested
 from checkpointer.services.space import Estimate, refusal
 from checkpointer.settings import Settings
-from checkpointer.status import Conflict, StatusWriter, event_subject
+from checkpointer.status import Conflict, StatusWriter, post_event
 
 log = logging.getLogger(__name__)
 ACTIVE = (Phase.SCHEDULED, Phase.CHECKPOINTING, Phase.UPLOADING)
@@ -160,7 +166,7 @@ def run(node: Node, body: dict[str, Any]) -> None:
     status = StatusWriter(node.kube, CHECKPOINTS, body)
     job = Checkpoint(node, ccp, status, WorkFolder.of(node.settings.spool_dir, CHECKPOINT, meta))
     job.streaming = streams_parts(body)
-    if signing_requested(body.get("status") or {}):
+    if signing_requested(ccp.status):
         # Stored and handed to the controller to sign: never checkpointed again. What it left on the
         # node waits for the controller's word, unless the object is being deleted (settle).
         settle(node, body)
@@ -195,7 +201,7 @@ def ended_without_us(fresh: dict[str, Any] | None, uid: str) -> bool:
     deleted, or made anew under its name) or failed by someone else. Pure."""
     if fresh is None or str(fresh["metadata"].get("uid")) != uid:
         return True
-    return (fresh.get("status") or {}).get("phase") == Phase.FAILED
+    return ObjectStatus.of(fresh).phase == Phase.FAILED
 
 
 # The Succeeded or Failed event and the sweep may settle one object at once: one at a time restores.
@@ -213,9 +219,9 @@ def settle(node: Node, body: dict[str, Any], gone: bool = False) -> None:
     """
     ccp = ContainerCheckpoint.model_validate(body)
     folder = WorkFolder.of(node.settings.spool_dir, CHECKPOINT, ccp.metadata)
-    phase, status = ccp.status.phase, body.get("status") or {}
+    phase = ccp.status.phase
     # Deleted before the hand-over was written: run() sees the deletion and cancels instead.
-    deleting = (gone or bool(ccp.metadata.deletion_timestamp)) and signing_requested(status)
+    deleting = (gone or bool(ccp.metadata.deletion_timestamp)) and signing_requested(ccp.status)
     if phase != Phase.SUCCEEDED and phase != Phase.FAILED and not deleting:
         return  # still waiting for the controller
     with _settling:
@@ -229,9 +235,9 @@ def settle(node: Node, body: dict[str, Any], gone: bool = False) -> None:
                 "checkpoint %s/%s: signed; released podman's local checkpoints and the spool", meta.namespace, meta.name
             )
             return
-        ready: dict[str, Any] = next((c for c in status.get("conditions") or [] if c.get("type") == "Ready"), {})
+        ready = ccp.status.condition(ConditionType.READY)
         if phase == Phase.FAILED:
-            failed = str(ready.get("reason") or "")
+            failed = ready.reason if ready else ""
             reason = Reason(failed) if failed in Reason.__members__.values() else Reason.ARCHIVE_UNTRUSTED
             why = f"the archives were stored, but the checkpoint failed before they were signed ({reason})"
         else:
@@ -239,11 +245,7 @@ def settle(node: Node, body: dict[str, Any], gone: bool = False) -> None:
             why = "the ContainerCheckpoint was deleted before its archives were signed"
         message = job.give_all_back(reason, why)
         log.info("checkpoint %s/%s: %s", meta.namespace, meta.name, message)
-        try:
-            kind = "ContainerCheckpoint"
-            node.kube.create_event(kind, meta.namespace, meta.name, meta.uid, reason, message, "Warning")
-        except Exception as e:  # the containers run again either way; the log says so
-            log.warning("could not record an Event on %s/%s: %s", meta.namespace, meta.name, e)
+        post_event("ContainerCheckpoint", meta, "Warning", reason, message)
 
 
 @dataclass
@@ -304,9 +306,9 @@ class Checkpoint:
                 continue  # uploaded before a restart
             archives[target.name] = self.one(target, store, directory)
             if i < len(targets) - 1:  # the last one goes out with the final phase, in one write
-                self.status.write({"archives": _dump(archives.values())})
+                self.status.write(CheckpointStatus(archives=list(archives.values())))
         if store is not None:
-            started = str(self.status.status.get("startTime") or now(precise=True))
+            started = self.status.phased.start_time or now(precise=True)
             entries = [{**self.manifest_entry(a), **self.spool_facts(a["container"])} for a in _dump(archives.values())]
             manifest = layout.manifest(self.ccp, entries, self.node.host(), started, now(precise=True))
             began = time.monotonic()
@@ -316,7 +318,7 @@ class Checkpoint:
                 raise Retry(Reason.UPLOAD_RETRYING, f"the manifest could not be written: {e}", delay=5) from None
             self.status.steps.took("manifest", began)
             # Only the controller holds the signing key: it checks this manifest against the object,
-            # signs it and writes Succeeded (signer.py). Until it has, podman's local checkpoints and
+            # signs it and writes Succeeded (controller/signer.py). Until it has, podman's local checkpoints and
             # the spool stay: a signing that fails gives the containers back (settle).
             where = f" to {store.uri(directory)}/"
             self.folder.hand_over()
@@ -324,13 +326,15 @@ class Checkpoint:
                 Phase.UPLOADING,
                 Reason.SIGNING,
                 f"checkpointed {names}{where}; the controller signs the manifest",
-                archives=_dump(archives.values()),
-                manifestSHA256=sha256,
+                patch=CheckpointStatus(archives=list(archives.values()), manifest_sha256=sha256),
             )
         else:
             where = " (kept on the node)"
             self.status.phase(
-                Phase.SUCCEEDED, Reason.SUCCEEDED, f"checkpointed {names}{where}", archives=_dump(archives.values())
+                Phase.SUCCEEDED,
+                Reason.SUCCEEDED,
+                f"checkpointed {names}{where}",
+                patch=CheckpointStatus(archives=list(archives.values())),
             )
         log.info(
             "checkpoint %s/%s: checkpointed %s%s", self.ccp.metadata.namespace, self.ccp.metadata.name, names, where
@@ -560,9 +564,9 @@ class Checkpoint:
             if not force and time.monotonic() - self._streamed_at < STREAM_WRITE_SECONDS:
                 return
             self._streamed_at = time.monotonic()
-            entries = [s.entry() for s in self.streams.values()]
+            entries = [ArchiveStream.model_validate(s.entry()) for s in self.streams.values()]
         with contextlib.suppress(Exception):
-            self.status.write({"streams": entries}, patient=force)
+            self.status.write(CheckpointStatus(streams=entries), patient=force)
 
     def confirm(self, target: Target, store: ArchiveStore, key: str, record: SpoolRecord) -> None:
         """Stored equals reported: the object's size and part checksums are the spool's."""
@@ -604,11 +608,7 @@ class Checkpoint:
                 f"(CHECKPOINTER_UPLOAD_DEADLINE_SECONDS); the archive stays on node {settings.node_name} "
                 f"at {where}: {error}"
             )
-            kopf.warn(
-                event_subject("ContainerCheckpoint", self.ccp.metadata),
-                reason=str(Reason.UPLOAD_FAILED),
-                message=message,
-            )
+            post_event("ContainerCheckpoint", self.ccp.metadata, "Warning", Reason.UPLOAD_FAILED, message)
             raise Failure(Reason.UPLOAD_FAILED, message)
         delay = min(
             retry_delay(attempts, settings.upload_retry_seconds, settings.upload_retry_max_seconds),

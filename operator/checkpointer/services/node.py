@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 
 from checkpointer.adapters.kube import Kube
 from checkpointer.adapters.podman import PodmanError, Runtime, criu_check
-from checkpointer.archive.encryption import Keys
+from checkpointer.archive.encryption import Keys, keys_from_secret
 from checkpointer.archive.ledger import Ledger
 from checkpointer.archive.store import ArchiveStore, RateLimiter, StorageError, Stores, Transfer
 from checkpointer.errors import Failure
@@ -74,7 +74,8 @@ class Node:
         if storage is None:
             raise Failure(Reason.STORAGE_NOT_FOUND, f"CheckpointStorage {ref.name!r} does not exist")
         try:
-            return self.kube.encryption(storage)
+            secret = self.kube.encryption_secret(storage)
+            return None if secret is None else keys_from_secret(*secret)
         except ValueError as e:
             raise Failure(Reason.STORAGE_UNAVAILABLE, str(e)) from None
 

@@ -315,7 +315,7 @@ class Streamed:
                 configuration = configuration_of(self.dumps)
             except CorruptArchive as e:
                 raise Failure(Reason.ARCHIVE_CORRUPT, f"{e}; nothing was restored") from None
-            restore._check_policy(self.node, crst, configuration)
+            restore.check_policy(self.node, crst, configuration)
             config = configuration.config
             name = crst.spec.name or str(config.get("name") or "")
             volumes = restore.named_volumes(config)
@@ -323,12 +323,12 @@ class Streamed:
             runtime = self.node.runtime
             assert isinstance(runtime, CliRuntime)
             with restore.CLAIMS.hold([f"container {name}", *(f"volume {v}" for v in volumes)]):
-                spec, before = restore._check_node(self.node, crst, config, name, volumes)
+                spec, before = restore.check_node(self.node, crst, config, name, volumes)
 
                 def podman(judged: Any) -> dict[str, Any]:
                     return runtime.restore_streamed(judged, self.folder.path, head, self._feed)
 
-                restore._restore(
+                restore.run_podman(
                     self.node, crst, self.status, self.folder, spec, self.path, None, name, before, config, podman
                 )
         except BaseException as e:
@@ -347,7 +347,7 @@ class Streamed:
                 self.flow.fail(e)
             except BaseException as e:
                 # Whatever stopped a stage stops the restore: the podman it fed is stopped, and what
-                # podman made of the bytes so far is removed (restore._restore).
+                # podman made of the bytes so far is removed (restore.run_podman).
                 self.flow.fail(Failure(Reason.RESTORE_FAILED, f"the stream stopped: {e}; nothing was restored"))
 
         return run
@@ -485,7 +485,7 @@ class Streamed:
 
     def _verify(self) -> None:
         """The tail goes to podman only once the checkpoint Succeeded and the whole is the signed archive."""
-        from checkpointer.services.restore import _trust
+        from checkpointer.services.restore import trust_of
 
         flow = self.flow
         flow.wait(lambda: flow.ended and flow.judged)
@@ -500,7 +500,7 @@ class Streamed:
                 f"the bytes read of {self.store.uri(self.key)} (sha256 {flow.digest}, {flow.size} bytes) are not the "
                 "archive its checkpoint stored; nothing was restored",
             )
-        trust = _trust(self.node, self.store, NameRef(name=self.storage), self.key)
+        trust = trust_of(self.node, self.store, NameRef(name=self.storage), self.key)
         if trust.signed and trust.sha256 != flow.digest:
             raise Failure(
                 Reason.ARCHIVE_UNTRUSTED,

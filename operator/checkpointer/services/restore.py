@@ -31,7 +31,15 @@ from checkpointer.archive.ledger import KeptCheckpoint
 from checkpointer.archive.store import ArchiveMissing, ArchiveStore, StorageError
 from checkpointer.archive.workfolder import RESTORE, WorkFolder
 from checkpointer.errors import Failure, Retry
-from checkpointer.models import ArchiveRef, Compression, ContainerRestore, NameRef, RestoreSpec
+from checkpointer.models import (
+    ArchiveRef,
+    Compression,
+    ContainerRestore,
+    NameRef,
+    PreviousArchive,
+    RestoreSpec,
+    RestoreStatus,
+)
 from checkpointer.reasons import Phase, Reason
 from checkpointer.services import archive_policy, signing
 from checkpointer.services.node import NAMESPACE_LABEL, Node, classify
@@ -134,7 +142,7 @@ def _run(node: Node, crst: ContainerRestore, status: StatusWriter, folder: WorkF
     status.phase(Phase.DOWNLOADING, Reason.DOWNLOADING, f"downloading {store.uri(archive.key)}")
     began = time.monotonic()
     # Before a byte is fetched: is it an archive this cluster's controller signed?
-    trust = _trust(node, store, archive.storage_ref, archive.key)
+    trust = trust_of(node, store, archive.storage_ref, archive.key)
     expected = archive.sha256 or trust.sha256
     path = folder.file(_local_name(archive.key))
     keys = node.encryption(archive.storage_ref)
@@ -161,7 +169,7 @@ def _run(node: Node, crst: ContainerRestore, status: StatusWriter, folder: WorkF
         raise Failure(Reason.ARCHIVE_CORRUPT, f"{e}; nothing was restored") from None
     archive_policy.require_safe_unpacking(path)  # every restore's: it guards the node, not the namespace
     config = configuration.config
-    _check_policy(node, crst, configuration)
+    check_policy(node, crst, configuration)
     previous = _previous(node, crst.spec.previous, folder, status) if crst.spec.previous else None
 
     name = crst.spec.name or str(config.get("name") or "")
@@ -169,12 +177,12 @@ def _run(node: Node, crst: ContainerRestore, status: StatusWriter, folder: WorkF
     # From "is the name free?" to the cleanup of a failure, one restore at a time holds the name (and
     # the volumes): a later restore of the same name sees the earlier one's container, never removes it.
     with CLAIMS.hold([f"container {name}", *(f"volume {v}" for v in volumes)]):
-        spec, before = _check_node(node, crst, config, name, volumes)
+        spec, before = check_node(node, crst, config, name, volumes)
         status.steps.took("verify", began)
-        _restore(node, crst, status, folder, spec, path, previous, name, before, config)
+        run_podman(node, crst, status, folder, spec, path, previous, name, before, config)
 
 
-def _restore(
+def run_podman(
     node: Node,
     crst: ContainerRestore,
     status: StatusWriter,
@@ -214,14 +222,12 @@ def _restore(
         Phase.SUCCEEDED,
         Reason.SUCCEEDED,
         f"restored {name} on {crst.spec.node_name}",
-        containerID=restored.id if restored else "",
-        containerName=name,
-        stats=stats,
+        patch=RestoreStatus(container_id=restored.id if restored else "", container_name=name, stats=stats),
     )
     log.info("restore %s/%s: restored %s", crst.metadata.namespace, crst.metadata.name, name or "the container")
 
 
-def _check_node(
+def check_node(
     node: Node, crst: ContainerRestore, config: dict[str, Any], name: str, volumes: list[str]
 ) -> tuple[RestoreSpec, set[str]]:
     """Asks the node's podman what the restore needs, and judges the answers: the restore's pod, the
@@ -279,7 +285,7 @@ def _check_node(
     return spec, {taken.id} if taken is not None else set()
 
 
-def _check_policy(node: Node, crst: ContainerRestore, configuration: ContainerConfiguration) -> None:
+def check_policy(node: Node, crst: ContainerRestore, configuration: ContainerConfiguration) -> None:
     """Refuses an archive that asks for more than an ordinary container gets, unless the restore's
     namespace is an admin namespace (services/archive_policy.py)."""
     namespace = crst.metadata.namespace
@@ -352,14 +358,14 @@ def _fetch(
     return digest
 
 
-def _previous(node: Node, ref: ArchiveRef, folder: WorkFolder, status: StatusWriter) -> Path:
+def _previous(node: Node, ref: PreviousArchive, folder: WorkFolder, status: StatusWriter) -> Path:
     # Like source.archive (services/scheduling.py): a storage the namespace may use, a key in its folder.
     namespace = status.namespace
     storage = choose_storage(ref.storage_ref, node.kube.storages(), namespace=namespace)
     store = node.store(NameRef(name=storage.metadata.name))
-    key = layout.resolve_archive_key(store.prefix, namespace, ref, node.settings.admins)
+    key = layout.resolve_archive_key(store.prefix, namespace, ArchiveRef(key=ref.key), node.settings.admins)
     path = folder.file("previous-" + _local_name(key))
-    trust = _trust(node, store, NameRef(name=storage.metadata.name), key)
+    trust = trust_of(node, store, NameRef(name=storage.metadata.name), key)
     keys = node.encryption(NameRef(name=storage.metadata.name))
     digest = _fetch(node.settings, store, keys, key, path, status, trust, storage.metadata.name)
     if trust.signed and digest != trust.sha256:
@@ -372,7 +378,7 @@ def _previous(node: Node, ref: ArchiveRef, folder: WorkFolder, status: StatusWri
     return path
 
 
-def _trust(node: Node, store: ArchiveStore, ref: NameRef, key: str) -> signing.Trust:
+def trust_of(node: Node, store: ArchiveStore, ref: NameRef, key: str) -> signing.Trust:
     storage = node.kube.storage(ref.name)
     accept_unsigned = bool(storage and storage.spec.accept_unsigned_archives)
     return signing.archive_trust(store, key, accept_unsigned, lambda: signing.published_keys(node.kube, node.settings))

@@ -17,6 +17,7 @@ from checkpointer.models import (
     ContainerCheckpoint,
     ContainerRestore,
     NameRef,
+    ObjectStatus,
     ResolvedArchive,
 )
 from checkpointer.reasons import ConditionType, Phase, Reason
@@ -61,12 +62,12 @@ class AgentLeases:
 
 def pickup_overdue(body: Mapping[str, Any], now: datetime.datetime, timeout_seconds: float) -> bool:
     """Still Scheduled, and handed to its node's agent more than `timeout_seconds` ago. Pure."""
-    status = body.get("status") or {}
-    if status.get("phase") != Phase.SCHEDULED:
+    status = ObjectStatus.of(body)
+    if status.phase != Phase.SCHEDULED:
         return False
-    conditions = status.get("conditions") or []
-    scheduled: dict[str, Any] = next((c for c in conditions if c.get("type") == ConditionType.SCHEDULED), {})
-    since = parse_time(scheduled.get("lastTransitionTime")) or parse_time(body["metadata"].get("creationTimestamp"))
+    scheduled = status.condition(ConditionType.SCHEDULED)
+    since = parse_time(scheduled.last_transition_time if scheduled else None)
+    since = since or parse_time(body["metadata"].get("creationTimestamp"))
     return since is not None and (now - since).total_seconds() > timeout_seconds
 
 
@@ -141,7 +142,7 @@ def choose_storage(ref: NameRef | None, storages: list[CheckpointStorage], *, na
             "allowedNamespaces; name another storage or ask its administrator to add the namespace",
         )
     if not storage.available:
-        message = storage.status.get("message") or "not validated yet"
+        message = storage.status.message or "not validated yet"
         raise Failure(
             Reason.STORAGE_UNAVAILABLE,
             f"CheckpointStorage {storage.metadata.name!r} is not Available: {message}",
@@ -170,7 +171,7 @@ def require_previous(kube: Kube, ccp: ContainerCheckpoint) -> None:
     if not ccp.spec.with_previous or ref is None:
         return
     previous = kube.get(CHECKPOINTS, ccp.metadata.namespace, ref.name)
-    if previous is None or (previous.get("status") or {}).get("phase") != Phase.SUCCEEDED:
+    if previous is None or ObjectStatus.of(previous).phase != Phase.SUCCEEDED:
         raise Failure(
             Reason.PREVIOUS_CHECKPOINT_NOT_READY,
             f"previousCheckpointRef {ref.name!r} does not exist or has not succeeded",

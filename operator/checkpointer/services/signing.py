@@ -23,11 +23,12 @@ from typing import Any
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
-from checkpointer import layout, signing
+from checkpointer import layout
 from checkpointer.adapters.kube import CHECKPOINTS, Kube
+from checkpointer.archive import signature
 from checkpointer.archive.store import ArchiveStore, CorruptArchive, Stores, manifest_body
 from checkpointer.errors import Failure
-from checkpointer.models import ContainerCheckpoint
+from checkpointer.models import ContainerCheckpoint, ObjectStatus
 from checkpointer.reasons import ConditionType, Phase, Reason
 from checkpointer.settings import Settings
 from checkpointer.status import StatusWriter
@@ -36,12 +37,10 @@ log = logging.getLogger(__name__)
 LABELS = {"app.kubernetes.io/name": "checkpointer", "app.kubernetes.io/component": "controller"}
 
 
-def signing_requested(status: Mapping[str, Any]) -> bool:
+def signing_requested(status: ObjectStatus) -> bool:
     """The agent stored every archive and waits for the controller to sign the manifest. Pure."""
-    if status.get("phase") != Phase.UPLOADING:
-        return False
-    conditions = status.get("conditions") or []
-    return any(c.get("type") == ConditionType.READY and c.get("reason") == Reason.SIGNING for c in conditions)
+    ready = status.condition(ConditionType.READY)
+    return status.phase == Phase.UPLOADING and ready is not None and ready.reason == Reason.SIGNING
 
 
 # --- the controller's key ------------------------------------------------------------------------
@@ -56,28 +55,28 @@ def signing_key(kube: Kube, settings: Settings) -> Ed25519PrivateKey:
     namespace, name = settings.namespace, settings.signing_key_secret
     data = kube.secret_data(namespace, name)
     if data is None:
-        created = signing.generate()
-        if kube.create_secret(namespace, name, {signing.PRIVATE_KEY: signing.private_pem(created)}, LABELS):
+        created = signature.generate()
+        if kube.create_secret(namespace, name, {signature.PRIVATE_KEY: signature.private_pem(created)}, LABELS):
             log.info("created the manifest signing key in Secret %s/%s", namespace, name)
         data = kube.secret_data(namespace, name)
         if data is None:
             raise RuntimeError(f"Secret {namespace}/{name} was created but cannot be read")
-    if signing.PRIVATE_KEY not in data:
-        raise ValueError(f"Secret {namespace}/{name} has no key {signing.PRIVATE_KEY}")
-    key = signing.load_private(data[signing.PRIVATE_KEY])
+    if signature.PRIVATE_KEY not in data:
+        raise ValueError(f"Secret {namespace}/{name} has no key {signature.PRIVATE_KEY}")
+    key = signature.load_private(data[signature.PRIVATE_KEY])
     config_map = settings.signing_public_key_config_map
-    entries = signing.published(key.public_key(), kube.config_map_data(namespace, config_map) or {})
+    entries = signature.published(key.public_key(), kube.config_map_data(namespace, config_map) or {})
     if entries is not None:
         kube.put_config_map(namespace, config_map, entries, LABELS)
         log.info("published the signing public key in ConfigMap %s/%s", namespace, config_map)
-    log.info("manifests are signed with key %s", signing.key_id(key.public_key())[:16])
+    log.info("manifests are signed with key %s", signature.key_id(key.public_key())[:16])
     return key
 
 
 def published_keys(kube: Kube, settings: Settings) -> dict[str, Ed25519PublicKey]:
     """The public keys the controller published, by keyID; what an agent verifies manifests with."""
     namespace, name = settings.namespace, settings.signing_public_key_config_map
-    return signing.public_keys(kube.config_map_data(namespace, name) or {})
+    return signature.public_keys(kube.config_map_data(namespace, name) or {})
 
 
 # --- the controller signs ------------------------------------------------------------------------
@@ -113,14 +112,14 @@ def manifest_problems(manifest: Mapping[str, Any], ccp: ContainerCheckpoint, dir
 def signed_before(manifest: dict[str, Any], agents_sha256: str | None, key: Ed25519PrivateKey) -> bool:
     """Whether `manifest` is the agent's one, signed already with `key`: a second signer of the same
     hand-over (after a restart, or a retry racing the first) finds it so, and only writes the status."""
-    if signing.SIGNATURE not in manifest:
+    if signature.SIGNATURE not in manifest:
         return False
-    unsigned = {k: v for k, v in manifest.items() if k != signing.SIGNATURE}
+    unsigned = {k: v for k, v in manifest.items() if k != signature.SIGNATURE}
     if hashlib.sha256(manifest_body(unsigned)).hexdigest() != agents_sha256:
         return False
     try:
-        signing.verify(manifest, {signing.key_id(key.public_key()): key.public_key()})
-    except signing.Untrusted:
+        signature.verify(manifest, {signature.key_id(key.public_key()): key.public_key()})
+    except signature.Untrusted:
         return False
     return True
 
@@ -167,7 +166,7 @@ def sign_checkpoint(kube: Kube, stores: Stores, key: Ed25519PrivateKey, body: di
     if problems:
         raise Failure(Reason.ARCHIVE_UNTRUSTED, f"{untrusted}: {'; '.join(problems)}")
     if not signed:
-        store.put_manifest(directory, signing.sign(manifest, key))
+        store.put_manifest(directory, signature.sign(manifest, key))
     names = ", ".join(a.container for a in ccp.status.archives)
     status.steps.took("sign", started)
     status.phase(Phase.SUCCEEDED, Reason.SUCCEEDED, f"checkpointed {names} to {store.uri(directory)}/ (signed)")
@@ -219,14 +218,14 @@ def archive_trust(
         raise Failure(Reason.ARCHIVE_UNTRUSTED, f"the manifest beside {where} cannot be read; nothing was restored")
     entry = next((e for e in manifest.get("archives") or [] if isinstance(e, dict) and e.get("key") == key), None)
     try:
-        signing.verify(manifest, keys())
-    except signing.Unsigned:
+        signature.verify(manifest, keys())
+    except signature.Unsigned:
         if accept_unsigned:
             if entry is None:
                 return Trust(None, signed=False)
             return Trust(str(entry.get("sha256") or "") or None, signed=False, uncompressed_size=_stated(entry))
         raise Failure(Reason.ARCHIVE_UNTRUSTED, _unsigned(where, "its manifest is not signed")) from None
-    except signing.BadSignature as e:
+    except signature.BadSignature as e:
         raise Failure(Reason.ARCHIVE_UNTRUSTED, f"{where}: {e}; nothing was restored") from None
     if entry is None:
         if accept_unsigned:

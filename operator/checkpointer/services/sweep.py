@@ -35,7 +35,7 @@ from checkpointer.archive.store import StorageError
 from checkpointer.archive.workfolder import WorkFolder
 from checkpointer.conditions import parse_time
 from checkpointer.errors import Failure
-from checkpointer.models import CheckpointStorage, ContainerCheckpoint, NameRef
+from checkpointer.models import CheckpointStorage, ContainerCheckpoint, NameRef, ObjectStatus
 from checkpointer.reasons import FINISHED, Phase, Reason
 from checkpointer.services.checkpoint import settle
 from checkpointer.services.node import Node
@@ -61,9 +61,9 @@ class ObjectState:
 
     @classmethod
     def of(cls, obj: dict[str, Any]) -> ObjectState:
-        status = obj.get("status") or {}
+        status = ObjectStatus.of(obj)
         deleting = bool((obj.get("metadata") or {}).get("deletionTimestamp"))
-        return cls(str(status.get("phase") or ""), parse_time(str(status.get("completionTime") or "")), deleting)
+        return cls(status.phase or "", parse_time(status.completion_time), deleting)
 
 
 @dataclass

@@ -4,14 +4,13 @@ and is its prefix its own?"""
 from __future__ import annotations
 
 from collections.abc import Iterable
-from typing import Any
 
 from checkpointer.archive.store import StorageError, Stores
 from checkpointer.conditions import now
-from checkpointer.models import CheckpointStorage
+from checkpointer.models import CheckpointStorage, StorageStatus
 
 
-def validate(stores: Stores, storage: CheckpointStorage, others: Iterable[CheckpointStorage] = ()) -> dict[str, Any]:
+def validate(stores: Stores, storage: CheckpointStorage, others: Iterable[CheckpointStorage] = ()) -> StorageStatus:
     """The status to write: Available when the bucket answers and no older storage on the same bucket
     nests with this one's prefix (see nested_with), Unavailable with a reason otherwise."""
     older = nested_with(storage, others)
@@ -75,5 +74,5 @@ def nesting_message(storage: CheckpointStorage, older: CheckpointStorage) -> str
     )
 
 
-def _status(phase: str, message: str) -> dict[str, Any]:
-    return {"phase": phase, "message": message[:1000], "lastValidatedTime": now()}
+def _status(phase: str, message: str) -> StorageStatus:
+    return StorageStatus(phase=phase, message=message[:1000], last_validated_time=now())

@@ -4,14 +4,13 @@ No kopf timer per schedule (a thousand of them ticking would cost more than the 
 events of schedules, of the checkpoints they made and of Nodes keep an in-memory picture, and
 one clock thread sleeps until the earliest next creation, then hands the runs that are due to a
 small pool of threads that create the checkpoints. Each run's checkpoint is created ahead of its
-time (services/schedules.py creation_time) and the agent starts it at the scheduled second. Status
+time (services/schedule_rules.py creation_time) and the agent starts it at the scheduled second. Status
 is written from that picture by a second pool, only when it changed. Decisions are in
-services/schedules.py.
+services/schedule_rules.py.
 """
 
 from __future__ import annotations
 
-import contextvars
 import dataclasses
 import datetime
 import heapq
@@ -19,7 +18,6 @@ import itertools
 import logging
 import threading
 import time
-from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
@@ -31,12 +29,12 @@ from pydantic import ValidationError
 from checkpointer import GROUP, VERSION
 from checkpointer.adapters.kube import CHECKPOINTS, SCHEDULES, Kube
 from checkpointer.conditions import format_time, parse_time, set_condition
-from checkpointer.models import CheckpointSchedule, Metadata
+from checkpointer.models import CheckpointSchedule, Condition, ObjectReference, ObjectStatus, ScheduleStatus
 from checkpointer.reasons import ConditionType, Reason
-from checkpointer.services import schedules as decide
-from checkpointer.services.schedules import Child, Clock, InvalidSchedule
+from checkpointer.services import schedule_rules as decide
+from checkpointer.services.schedule_rules import Child, Clock, InvalidSchedule
 from checkpointer.settings import Settings
-from checkpointer.status import event_subject
+from checkpointer.status import Conflict, EventType, StatusWriter, post_event
 
 log = logging.getLogger(__name__)
 
@@ -56,14 +54,15 @@ class Entry:
     """What the controller knows of one schedule."""
 
     schedule: CheckpointSchedule
+    # Its status as last written or read: a write sends only what changed since.
+    writer: StatusWriter
     clock: Clock | None = None
     invalid: str = ""
     version: int = 0  # bumped on every change of spec: older clock entries are stale
     last_scheduled: datetime.datetime | None = None
     last_successful: datetime.datetime | None = None
     last_cordon: datetime.datetime | None = None
-    conditions: list[dict[str, Any]] = field(default_factory=list)
-    written: dict[str, Any] = field(default_factory=dict)
+    conditions: list[Condition] = field(default_factory=list)
     children: dict[str, Child] = field(default_factory=dict)
 
     @property
@@ -92,13 +91,11 @@ class Schedules:
         self.runs = ThreadPoolExecutor(RUN_THREADS, thread_name_prefix="schedule-run")
         self.writes = ThreadPoolExecutor(STATUS_THREADS, thread_name_prefix="schedule-status")
         self.stopped = False
-        self.context: contextvars.Context | None = None
         self.thread = threading.Thread(target=self._tick, name="schedule-clock", daemon=True)
 
     # --- watch events (called in kopf's event loop: short, no I/O) ----------------------------
 
     def observe(self, body: kopf.Body) -> None:
-        self.context = self.context or contextvars.copy_context()
         try:
             schedule = CheckpointSchedule.model_validate(dict(body))
         except ValidationError as e:  # the CRD admits only valid ones; an old object may not be
@@ -132,12 +129,12 @@ class Schedules:
         status = schedule.status
         # Checkpoints of an earlier schedule of the same name are not this one's: the garbage collector's.
         seen = self.orphans.pop(key, {})
-        entry = Entry(schedule, children={n: c for n, c in seen.items() if c.owner == schedule.metadata.uid})
-        entry.last_scheduled = _time(status.get("lastScheduleTime"))
-        entry.last_successful = _time(status.get("lastSuccessfulTime"))
-        entry.last_cordon = _time(status.get("lastCordonTime"))
-        entry.conditions = list(status.get("conditions") or [])
-        entry.written = dict(status)
+        writer = StatusWriter(self.kube, SCHEDULES, schedule.model_dump(by_alias=True))
+        entry = Entry(schedule, writer, children={n: c for n, c in seen.items() if c.owner == schedule.metadata.uid})
+        entry.last_scheduled = _time(status.last_schedule_time)
+        entry.last_successful = _time(status.last_successful_time)
+        entry.last_cordon = _time(status.last_cordon_time)
+        entry.conditions = list(status.conditions)
         self.entries[key] = entry
         return entry
 
@@ -342,8 +339,7 @@ class Schedules:
             entry = self.entries.get(key)
             if entry is None:
                 return
-            status = self._status(entry)
-            changed = {k: v for k, v in status.items() if entry.written.get(k) != v}
+            changed = self._status(entry).changed_since(entry.writer.status)
             schedule = entry.schedule
             doomed = decide.expired(
                 list(entry.children.values()), decide.keep_last(schedule), decide.max_age(schedule), _now()
@@ -352,22 +348,19 @@ class Schedules:
                 entry.children[child.name] = dataclasses.replace(child, deleting=True)
         for child in doomed:
             self._delete(entry, child)
-        if not changed:
+        if not changed.model_fields_set:
             return
         try:
-            self.kube.patch_status(SCHEDULES, *key, changed)
+            entry.writer.write(changed, patient=False)
+        except Conflict:  # gone
+            return
         except Exception as e:  # ApiException, or the connection itself
-            if isinstance(e, ApiException) and e.status == 404:
-                return
             log.warning("status of CheckpointSchedule %s/%s not written yet: %s", *key, e)
             time.sleep(1)
             with self.lock:
                 self._mark(key)
-            return
-        with self.lock:
-            entry.written.update(changed)
 
-    def _status(self, entry: Entry) -> dict[str, Any]:
+    def _status(self, entry: Entry) -> ScheduleStatus:
         """Under the lock: the status the schedule should show."""
         children = sorted(entry.children.values(), key=lambda c: c.scheduled)
         active = [c for c in children if not c.finished]
@@ -384,15 +377,15 @@ class Schedules:
             zone = spec.time_zone or "UTC"
             ready, reason, message = True, Reason.ACTIVE, f"checkpoints on {spec.schedule!r} ({zone})"
         entry.conditions = set_condition(entry.conditions, ConditionType.READY, ready, reason, message, meta.generation)
-        return {
-            "lastScheduleTime": entry.last_scheduled and format_time(entry.last_scheduled, precise=False),
-            "lastSuccessfulTime": entry.last_successful and format_time(entry.last_successful, precise=False),
-            "lastCordonTime": entry.last_cordon and format_time(entry.last_cordon, precise=False),
-            "active": [_reference(meta.namespace, c) for c in active],
-            "activeCount": len(active),
-            "conditions": entry.conditions,
-            "observedGeneration": meta.generation,
-        }
+        return ScheduleStatus(
+            last_schedule_time=_format(entry.last_scheduled),
+            last_successful_time=_format(entry.last_successful),
+            last_cordon_time=_format(entry.last_cordon),
+            active=[_reference(meta.namespace, c) for c in active],
+            active_count=len(active),
+            conditions=entry.conditions,
+            observed_generation=meta.generation,
+        )
 
     def _delete(self, entry: Entry, child: Child, why: str = "retention") -> None:
         try:
@@ -408,15 +401,9 @@ class Schedules:
             when = format_time(child.scheduled, precise=False)
             self._event(entry, "Normal", Reason.DELETED, f"deleted ContainerCheckpoint {child.name} of {when} ({why})")
 
-    def _event(self, entry: Entry, type_: str, reason: Reason, message: str) -> None:
+    def _event(self, entry: Entry, type_: EventType, reason: Reason, message: str) -> None:
         log.info("CheckpointSchedule %s/%s: %s: %s", *entry.key, reason, message)
-        if self.context is None:
-            return
-        meta = entry.schedule.metadata
-        subject = event_subject("CheckpointSchedule", Metadata(name=meta.name, namespace=meta.namespace, uid=meta.uid))
-        # kopf posts Events from any thread given the context of one of its handlers.
-        post: Callable[..., None] = kopf.event
-        self.context.copy().run(post, subject, type=type_, reason=str(reason), message=message)
+        post_event("CheckpointSchedule", entry.schedule.metadata, type_, reason, message)
 
 
 def _where(body: kopf.Body) -> str:
@@ -427,30 +414,34 @@ def _time(text: Any) -> datetime.datetime | None:
     return parse_time(str(text or ""))
 
 
+def _format(moment: datetime.datetime | None) -> str | None:
+    return None if moment is None else format_time(moment, precise=False)
+
+
 def _child(body: kopf.Body | dict[str, Any]) -> Child:
     meta = body["metadata"]
-    status = body.get("status") or {}
+    status = ObjectStatus.of(body)
     annotations = meta.get("annotations") or {}
     scheduled = _time(annotations.get(decide.SCHEDULED_TIME_ANNOTATION)) or _time(meta.get("creationTimestamp"))
     return Child(
         name=str(meta["name"]),
         uid=str(meta.get("uid") or ""),
         scheduled=scheduled or _now(),
-        phase=str(status.get("phase") or ""),
-        completion=_time(status.get("completionTime")),
+        phase=status.phase or "",
+        completion=_time(status.completion_time),
         deleting=bool(meta.get("deletionTimestamp")),
         owner=next((str(o.get("uid")) for o in meta.get("ownerReferences") or [] if o.get("controller")), ""),
     )
 
 
-def _reference(namespace: str, child: Child) -> dict[str, str]:
-    return {
-        "apiVersion": f"{GROUP}/{VERSION}",
-        "kind": "ContainerCheckpoint",
-        "namespace": namespace,
-        "name": child.name,
-        "uid": child.uid,
-    }
+def _reference(namespace: str, child: Child) -> ObjectReference:
+    return ObjectReference(
+        api_version=f"{GROUP}/{VERSION}",
+        kind="ContainerCheckpoint",
+        namespace=namespace,
+        name=child.name,
+        uid=child.uid,
+    )
 
 
 def register(registry: kopf.OperatorRegistry, settings: Settings, kube: Kube) -> None:

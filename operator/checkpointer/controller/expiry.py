@@ -20,8 +20,9 @@ from typing import Any
 
 from checkpointer.adapters.kube import CHECKPOINTS, Kube
 from checkpointer.durations import parse_duration
-from checkpointer.services.expiry import desired_expiration, seconds_until, ttl_of
+from checkpointer.models import CheckpointStatus, ObjectStatus
 from checkpointer.status import Conflict, StatusWriter
+from checkpointer.ttl import desired_expiration, seconds_until, ttl_of
 
 log = logging.getLogger(__name__)
 # A delete the API server refused is tried again after this long.
@@ -75,10 +76,11 @@ class ExpiryClock:
         if expires is None:
             self.forget(str(meta["uid"]))
             return
-        if (body.get("status") or {}).get("expiration") != expires:
+        if ObjectStatus.of(body).expiration != expires:
             # Written by the controller for a default ttl (the agent knows only spec.ttl), or after spec.ttl changed.
             try:
-                StatusWriter(self.kube, plural, body).write({"expiration": expires})
+                writer = StatusWriter(self.kube, plural, body)
+                writer.write(writer.model.model_validate({"expiration": expires}))
             except Conflict:
                 return
         self.schedule(Expiring.of(plural, body), expires)
@@ -144,15 +146,14 @@ class ExpiryClock:
             return
         if not self.kube.delete(obj.plural, obj.namespace, obj.name, obj.uid):
             return
-        status = fresh.get("status") or {}
+        status = CheckpointStatus.of(fresh) if obj.plural == CHECKPOINTS else ObjectStatus.of(fresh)
         message = (
-            f"{status.get('phase')} at {status.get('completionTime')}, ttl {ttl_of(fresh, self.default_ttl)}: "
+            f"{status.phase} at {status.completion_time}, ttl {ttl_of(fresh, self.default_ttl)}: "
             f"expired at {expires} and deleted"
         )
-        if obj.plural == CHECKPOINTS:
-            storage = (status.get("storageRef") or {}).get("name")
-            if storage and status.get("archives"):
-                message += f", with its archives unless CheckpointStorage {storage} retains them"
+        if isinstance(status, CheckpointStatus) and status.storage_ref and status.archives:
+            storage = status.storage_ref.name
+            message += f", with its archives unless CheckpointStorage {storage} retains them"
         log.info("%s %s/%s: %s", obj.kind, obj.namespace, obj.name, message)
         try:
             self.announce(obj, message)

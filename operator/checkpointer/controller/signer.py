@@ -11,7 +11,6 @@ a timer on checkpoints makes kopf keep every checkpoint's latest body in memory.
 
 from __future__ import annotations
 
-import contextvars
 import logging
 import threading
 from typing import cast
@@ -22,10 +21,11 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from checkpointer.adapters.kube import CHECKPOINTS, Kube
 from checkpointer.archive.store import StorageError, Stores
 from checkpointer.errors import Failure
+from checkpointer.models import CheckpointStatus, Metadata
 from checkpointer.reasons import Phase
 from checkpointer.services import signing
 from checkpointer.settings import Settings
-from checkpointer.status import Conflict, StatusWriter
+from checkpointer.status import Conflict, StatusWriter, post_event
 
 log = logging.getLogger(__name__)
 
@@ -44,19 +44,15 @@ class Signer:
         self._key: Ed25519PrivateKey | None = None
         self._lock = threading.Lock()
         self._signing: set[str] = set()
-        # Checkpoints whose manifest could not be signed while the bucket did not answer, by uid: (namespace,
-        # name, the context of the handler that tried, which kopf's Events need).
-        self._unsigned: dict[str, tuple[str, str, contextvars.Context]] = {}
+        # Checkpoints whose manifest could not be signed while the bucket did not answer, by uid: (namespace, name).
+        self._unsigned: dict[str, tuple[str, str]] = {}
 
     def load_key(self) -> None:
         """The key from its Secret, created on first start (services/signing.py, signing_key)."""
         self._key = signing.signing_key(self.kube, self.settings)
 
     def handed_over(self, body: kopf.Body) -> None:
-        """The agent handed this checkpoint over: sign its manifest and write Succeeded, or Failed.
-
-        Called in a kopf handler's context: the Events it posts, now or from the retry loop, need it.
-        """
+        """The agent handed this checkpoint over: sign its manifest and write Succeeded, or Failed."""
         if body["metadata"].get("deletionTimestamp"):
             return  # controller.delete_archives removes what it stored, the unsigned manifest included
         uid = str(body["metadata"]["uid"])
@@ -74,7 +70,7 @@ class Signer:
         """One round of the retry loop: each manifest the bucket did not take, from its object as it is now."""
         with self._lock:
             due = list(self._unsigned.items())
-        for uid, (namespace, name, context) in due:
+        for uid, (namespace, name) in due:
             try:
                 fresh = self.kube.get(CHECKPOINTS, namespace, name)
             except Exception as e:  # ApiException or the connection itself: the next round asks again
@@ -83,12 +79,12 @@ class Signer:
             if (
                 fresh is None
                 or fresh["metadata"]["uid"] != uid
-                or not signing.signing_requested(fresh.get("status") or {})
+                or not signing.signing_requested(CheckpointStatus.of(fresh))
             ):
                 with self._lock:
                     self._unsigned.pop(uid, None)
                 continue
-            context.copy().run(self.handed_over, kopf.Body(cast(kopf.RawBody, fresh)))
+            self.handed_over(kopf.Body(cast(kopf.RawBody, fresh)))
 
     def _sign(self, body: kopf.Body) -> None:
         meta = body["metadata"]
@@ -110,7 +106,7 @@ class Signer:
                 StatusWriter(self.kube, CHECKPOINTS, dict(body)).phase(Phase.FAILED, e.reason, message)
             except Conflict:
                 return
-            kopf.warn(body, reason=str(e.reason), message=message)
+            post_event("ContainerCheckpoint", Metadata.model_validate(meta), "Warning", e.reason, message)
         except Conflict as e:  # signed already (the other handler), or gone
             log.info("not signing %s: %s", where, e)
         except StorageError as e:
@@ -118,7 +114,7 @@ class Signer:
                 "could not sign the manifest of %s yet, trying again in %.0fs: %s", where, self.RETRY_SECONDS, e
             )
             with self._lock:
-                self._unsigned[uid] = (meta["namespace"], meta["name"], contextvars.copy_context())
+                self._unsigned[uid] = (meta["namespace"], meta["name"])
             return
         with self._lock:
             self._unsigned.pop(uid, None)

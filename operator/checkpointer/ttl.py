@@ -11,6 +11,7 @@ from typing import Any
 
 from checkpointer.conditions import format_time, parse_time
 from checkpointer.durations import parse_duration
+from checkpointer.models import ObjectStatus
 from checkpointer.reasons import FINISHED
 
 
@@ -36,10 +37,10 @@ def expiration(completion_time: str, ttl: str) -> str | None:
 
 def desired_expiration(obj: dict[str, Any], default: str) -> str | None:
     """The expiration a finished object should carry; None for one that is not finished or has no ttl."""
-    status = obj.get("status") or {}
-    if status.get("phase") not in FINISHED:
+    status = ObjectStatus.of(obj)
+    if status.phase not in FINISHED:
         return None
-    return expiration(str(status.get("completionTime") or ""), ttl_of(obj, default))
+    return expiration(status.completion_time or "", ttl_of(obj, default))
 
 
 def seconds_until(expires: str, now: datetime.datetime) -> float:

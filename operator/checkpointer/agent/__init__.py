@@ -1,19 +1,17 @@
 """The node agent: one per node, watching only the objects labelled for its node.
 
-It renews a Lease so the controller can tell a live agent from a missing one, and hands each
-object to the checkpoint or restore service. Handlers re-read the object before acting, so a
-stale event never starts a second checkpoint.
+`register` lists its kopf handlers, which hand each object to the checkpoint or restore service.
+Handlers re-read the object before acting, so a stale event never starts a second checkpoint. The
+agent keeps its node's Lease (`lease`), so the controller can tell a live agent from a missing one,
+and sweeps its spool and the bucket (`sweeper`).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import contextvars
 import datetime
 import logging
-import threading
-import time
 from collections.abc import Iterator, Mapping
 from concurrent.futures import Executor
 from typing import Any
@@ -22,21 +20,17 @@ import kopf
 
 from checkpointer import GROUP, NODE_LABEL, VERSION, metrics
 from checkpointer.adapters.kube import CHECKPOINTS, RESTORES
+from checkpointer.agent.lease import NodeLease
+from checkpointer.agent.sweeper import Sweeper
 from checkpointer.archive.spool import spool_usage
 from checkpointer.memory import InFlight, Memory
-from checkpointer.reasons import Phase
+from checkpointer.models import ObjectStatus
+from checkpointer.reasons import FINISHED, Phase
 from checkpointer.services import checkpoint, restore
-from checkpointer.services.capabilities import NodeFacts
 from checkpointer.services.node import Node
-from checkpointer.services.schedules import start_delay
-from checkpointer.services.scheduling import lease_name
-from checkpointer.services.sweep import sweep
+from checkpointer.services.schedule_rules import start_delay
 
 log = logging.getLogger(__name__)
-# The agent's spool, as its last sweep found it, on its Lease (bytes).
-SPOOL_USED = "checkpointer.dev/spool-used-bytes"
-SPOOL_FREE = "checkpointer.dev/spool-free-bytes"
-BUCKET_SWEEP_ROUNDS = 10
 
 
 def elsewhere(body: Mapping[str, Any], node: str) -> str | None:
@@ -63,7 +57,7 @@ def _current(
     node = agent.settings.node_name
     if _declined(body, node, memory):
         return None
-    if retry == 0 and not waited and (body.get("status") or {}).get("phase") == Phase.SCHEDULED:
+    if retry == 0 and not waited and ObjectStatus.of(body).phase == Phase.SCHEDULED:
         # The first sight of a scheduled object: nothing of this agent has acted on it yet, so the
         # event's body cannot be behind this agent's own writes. Saves a read on every pickup. After a
         # wait it may be: relabelled meanwhile, or deleted and made anew under the same name.
@@ -71,8 +65,7 @@ def _current(
     fresh = agent.kube.get(plural, body["metadata"]["namespace"], body["metadata"]["name"])
     if fresh is None or fresh["metadata"]["uid"] != body["metadata"]["uid"] or _declined(fresh, node, memory):
         return None
-    phase = (fresh.get("status") or {}).get("phase")
-    if phase in (None, Phase.PENDING):
+    if ObjectStatus.of(fresh).phase in (None, Phase.PENDING):
         # The controller writes the label and the status in two patches; wait for the status.
         raise kopf.TemporaryError("waiting for the controller to schedule this object", delay=1)
     return fresh
@@ -105,9 +98,8 @@ def _handling(in_flight: InFlight, body: kopf.Body) -> Iterator[None]:
 
 
 def _settled(body: kopf.Body, type: str | None, **_: Any) -> bool:
-    phase = (body.get("status") or {}).get("phase")
     deleted = type == "DELETED" or bool(body["metadata"].get("deletionTimestamp"))
-    return phase in (Phase.SUCCEEDED, Phase.FAILED) or deleted
+    return ObjectStatus.of(body).phase in FINISHED or deleted
 
 
 def _where(body: kopf.Body) -> tuple[str, str]:
@@ -147,8 +139,7 @@ def register(registry: kopf.OperatorRegistry, agent: Node, executor: Executor, m
                 if fresh is not None:
                     checkpoint.run(agent, fresh)
 
-            # In a copy of this handler's context, as kopf runs sync handlers: kopf.event needs it.
-            await asyncio.get_running_loop().run_in_executor(executor, contextvars.copy_context().run, take)
+            await asyncio.get_running_loop().run_in_executor(executor, take)
 
     # optional: no finalizer of the agent's own. The controller's finalizer keeps a deleted object
     # until it is terminal, so this runs for one whose checkpoint was waiting for a retry: kopf
@@ -195,78 +186,15 @@ def register(registry: kopf.OperatorRegistry, agent: Node, executor: Executor, m
         if type == "DELETED":
             memory.left(str(body["metadata"]["uid"]))
 
-    stop = threading.Event()
-    facts: list[NodeFacts] = []  # the node's, once asked
-    recorded = threading.Event()  # they are on the Lease
-
-    def renew() -> None:
-        # Written once, not on every beat: a renewal then stays one small patch.
-        annotations = facts[0].annotations() if facts and not recorded.is_set() else None
-        created = agent.kube.renew_lease(
-            agent.settings.namespace, lease_name(node), node, agent.settings.lease_duration_seconds, annotations
-        )
-        if annotations is not None:
-            recorded.set()
-        elif created:
-            recorded.clear()  # a Lease made anew has lost them: the next beat writes them again
-
-    def record_facts() -> None:
-        started = time.monotonic()
-        try:
-            facts.append(agent.facts())
-            renew()
-        except Exception as e:  # the controller then refuses nothing up front; the agent's own checks still run
-            log.warning("could not record the node's versions and CRIU features on Lease %s: %s", lease_name(node), e)
-            return
-        log.info(
-            "recorded on Lease %s in %.2fs: %s; CRIU features missing: %s",
-            lease_name(node),
-            time.monotonic() - started,
-            facts[0].describe(),
-            ", ".join(sorted(facts[0].missing)) or "none",
-        )
-
-    def heartbeat() -> None:
-        while not stop.wait(agent.settings.lease_renew_seconds):
-            try:
-                renew()
-            except Exception as e:  # the next beat tries again; the controller sees the Lease age
-                log.warning("could not renew Lease %s: %s", lease_name(node), e)
-
-    def sweeper() -> None:
-        rounds = 0
-        while True:
-            try:
-                # The bucket's open uploads are listed at start and every BUCKET_SWEEP_ROUNDS rounds:
-                # a listing per storage and node is dearer than a look at the node's own spool.
-                sweep(agent, bucket=rounds % BUCKET_SWEEP_ROUNDS == 0, working=in_flight.running)
-            except Exception as e:  # the next round tries again
-                log.warning("could not sweep the spool: %s", e)
-            try:
-                report_spool_usage()
-            except Exception as e:
-                log.warning("could not record the spool's usage on Lease %s: %s", lease_name(node), e)
-            metrics.refresh()
-            rounds += 1
-            if stop.wait(agent.settings.sweep_seconds):
-                return
-
-    def report_spool_usage() -> None:
-        usage = spool_usage(agent.settings.spool_dir, agent.settings.spool_max_bytes)
-        annotations = {SPOOL_USED: str(usage.used_bytes), SPOOL_FREE: str(usage.free_bytes)}
-        agent.kube.renew_lease(
-            agent.settings.namespace, lease_name(node), node, agent.settings.lease_duration_seconds, annotations
-        )
+    lease = NodeLease(agent)
+    sweeper = Sweeper(agent, lease, working=in_flight.running)
 
     @kopf.on.startup(registry=registry)
     def start_heartbeat(**_: Any) -> None:
-        renew()  # before any handler runs, so the controller sees a live agent at once
-        # The node's versions go into every manifest, and with CRIU's feature checks onto the Lease for
-        # the controller; asking now keeps podman off the first checkpoint and the start fast.
-        threading.Thread(target=record_facts, name="versions", daemon=True).start()
-        threading.Thread(target=heartbeat, name="lease", daemon=True).start()
-        threading.Thread(target=sweeper, name="sweep", daemon=True).start()
+        lease.start()
+        sweeper.start()
 
     @kopf.on.cleanup(registry=registry)
     def stop_heartbeat(**_: Any) -> None:
-        stop.set()
+        lease.stop()
+        sweeper.stop()

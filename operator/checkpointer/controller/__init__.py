@@ -1,6 +1,8 @@
 """The controller: checks what needs the cluster, schedules objects onto nodes, keeps storage status.
 
-Handlers are thin: parse, call a service, write status. One replica leads (see leadership.py).
+`register` lists its kopf handlers, which stay thin: parse, call a service, write status. The
+long-running work has modules of its own: `signer` (the signing key and its retry loop), `expiry`
+and `schedules` (the two clocks). One replica leads (`leadership`).
 """
 
 from __future__ import annotations
@@ -13,18 +15,28 @@ from typing import Any, TypeVar
 
 import kopf
 
-from checkpointer import CONTROLLER_FINALIZER, GROUP, NODE_LABEL, VERSION, layout, metrics, schedules
+from checkpointer import CONTROLLER_FINALIZER, GROUP, NODE_LABEL, VERSION, layout, metrics
 from checkpointer.adapters.kube import CHECKPOINTS, RESTORES, STORAGES, Kube
 from checkpointer.archive.store import RateLimiter, StorageError, Stores, Transfer
+from checkpointer.controller import schedules
+from checkpointer.controller.expiry import Expiring, ExpiryClock
+from checkpointer.controller.signer import Signer
 from checkpointer.errors import Failure
-from checkpointer.expiry import Expiring, ExpiryClock
-from checkpointer.models import CheckpointStorage, ContainerCheckpoint, ContainerRestore
+from checkpointer.models import (
+    CheckpointStatus,
+    CheckpointStorage,
+    ContainerCheckpoint,
+    ContainerRestore,
+    Metadata,
+    NameRef,
+    ObjectStatus,
+    RestoreStatus,
+)
 from checkpointer.reasons import FINISHED, Phase, Reason
 from checkpointer.services import scheduling, signing, validation
-from checkpointer.services.schedules import SCHEDULED_TIME_ANNOTATION, start_delay
+from checkpointer.services.schedule_rules import SCHEDULED_TIME_ANNOTATION, start_delay
 from checkpointer.settings import Settings
-from checkpointer.signer import Signer
-from checkpointer.status import Conflict, StatusWriter, event_subject
+from checkpointer.status import Conflict, EventType, StatusWriter, post_event
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -36,10 +48,10 @@ def _fail(kube: Kube, plural: str, body: kopf.Body, error: Failure) -> None:
     except Conflict as e:  # the agent moved it on first: its word stands
         log.info("not failing %s: %s", body["metadata"]["name"], e)
         return
-    kopf.warn(body, reason=str(error.reason), message=error.message)
+    post_event(body["kind"], Metadata.model_validate(body["metadata"]), "Warning", error.reason, error.message)
 
 
-def _scheduled(kube: Kube, plural: str, patch: kopf.Patch, body: kopf.Body, node: str, extra: dict[str, Any]) -> str:
+def _scheduled(kube: Kube, plural: str, patch: kopf.Patch, body: kopf.Body, node: str, fields: ObjectStatus) -> str:
     """Writes Scheduled and labels the object; returns the resourceVersion of the Scheduled status."""
     message = f"handed to the agent on node {node}"
     annotations = body["metadata"].get("annotations") or {}
@@ -49,9 +61,9 @@ def _scheduled(kube: Kube, plural: str, patch: kopf.Patch, body: kopf.Body, node
     # and by then it is already Scheduled, so the agent can start at once. A controller that dies in
     # between leaves a Scheduled object without its label; the next one labels it (see _label).
     status = StatusWriter(kube, plural, dict(body))
-    status.phase(Phase.SCHEDULED, Reason.SCHEDULED, message, scheduled=True, nodeName=node, **extra)
+    status.phase(Phase.SCHEDULED, Reason.SCHEDULED, message, scheduled=True, patch=fields)
     _label(plural, patch, body, node)
-    kopf.event(body, type="Normal", reason=str(Reason.SCHEDULED), message=message)
+    post_event(body["kind"], Metadata.model_validate(body["metadata"]), "Normal", Reason.SCHEDULED, message)
     return status.resource_version
 
 
@@ -67,18 +79,17 @@ def _label(plural: str, patch: kopf.Patch, body: kopf.Body, node: str) -> None:
 
 def _needs_scheduling(plural: str, patch: kopf.Patch, body: kopf.Body) -> bool:
     """False for an object scheduled before; one left Scheduled without its label gets it now."""
-    status = body.get("status") or {}
-    phase = status.get("phase")
-    if not phase:
+    status = ObjectStatus.of(body)
+    if not status.phase:
         return True
-    if phase == Phase.SCHEDULED and NODE_LABEL not in (body["metadata"].get("labels") or {}):
+    if status.phase == Phase.SCHEDULED and NODE_LABEL not in (body["metadata"].get("labels") or {}):
         log.info(
             "%s %s/%s is Scheduled without its node label: labelling it",
             plural,
             body["metadata"]["namespace"],
             body["metadata"]["name"],
         )
-        _label(plural, patch, body, str(status.get("nodeName") or body["spec"]["nodeName"]))
+        _label(plural, patch, body, status.node_name or str(body["spec"]["nodeName"]))
     return False
 
 
@@ -89,9 +100,9 @@ def label_to_restore(body: Mapping[str, Any]) -> str | None:
     agents' watches select on, and whoever may edit the object may change it. Finished objects too:
     an agent's sweep finds its work folders' objects by the label.
     """
-    node = (body.get("status") or {}).get("nodeName")
+    node = ObjectStatus.of(body).node_name
     labels = (body.get("metadata") or {}).get("labels") or {}
-    return None if not node or labels.get(NODE_LABEL) == node else str(node)
+    return None if not node or labels.get(NODE_LABEL) == node else node
 
 
 def _relabelled(body: kopf.Body, **_: Any) -> bool:
@@ -131,11 +142,11 @@ def recorded_keys(prefix: str, ccp: ContainerCheckpoint) -> tuple[set[str], set[
 
 
 def _signing_requested(body: kopf.Body, **_: Any) -> bool:
-    return signing.signing_requested(body.get("status") or {})
+    return signing.signing_requested(CheckpointStatus.of(body))
 
 
 def _finished_or_deleted(body: kopf.Body, type: str | None, **_: Any) -> bool:
-    return type == "DELETED" or (body.get("status") or {}).get("phase") in FINISHED
+    return type == "DELETED" or ObjectStatus.of(body).phase in FINISHED
 
 
 def _plural(body: kopf.Body) -> str:
@@ -148,7 +159,9 @@ def _register_expiry(
     """TTLs: one clock deletes finished objects once their expiration has passed (expiry.py)."""
 
     def announce(obj: Expiring, message: str) -> None:
-        kube.create_event(obj.kind, obj.namespace, obj.name, obj.uid, "Expired", message)
+        post_event(
+            obj.kind, Metadata(name=obj.name, namespace=obj.namespace, uid=obj.uid), "Normal", "Expired", message
+        )
 
     clock = ExpiryClock(kube, settings.default_ttl, announce)
     stop = threading.Event()
@@ -259,9 +272,7 @@ def _register_pickup_deadline(
                     log.info("not failing %s/%s: %s", meta["namespace"], meta["name"], e)
                     continue
                 kind = "ContainerCheckpoint" if plural == CHECKPOINTS else "ContainerRestore"
-                kube.create_event(
-                    kind, meta["namespace"], meta["name"], meta["uid"], Reason.AGENT_UNAVAILABLE, message, "Warning"
-                )
+                post_event(kind, Metadata.model_validate(meta), "Warning", Reason.AGENT_UNAVAILABLE, message)
 
     def look() -> None:
         for node in sorted(in_flight.nodes()):
@@ -325,12 +336,12 @@ def _register_node_labels(registry: kopf.OperatorRegistry, kube: Kube) -> _Label
             "scheduled on: only the controller moves an object between nodes"
         )
         log.warning("%s %s/%s: %s", body["kind"], meta["namespace"], meta["name"], message)
-        kopf.warn(body, reason=str(Reason.NODE_LABEL_RESTORED), message=message)
+        post_event(body["kind"], Metadata.model_validate(meta), "Warning", Reason.NODE_LABEL_RESTORED, message)
 
     return labelling
 
 
-def agent_may_be_at_work(status: Mapping[str, Any]) -> bool:
+def agent_may_be_at_work(status: CheckpointStatus) -> bool:
     """Whether the node's agent may still be at work on a checkpoint that is being deleted. Pure.
 
     Scheduled: the agent has not begun (its first write moves it on), and never will: kopf runs no
@@ -338,8 +349,8 @@ def agent_may_be_at_work(status: Mapping[str, Any]) -> bool:
     taking it up right now, its first write finds the object deleting or gone, before podman.
     Handed over for signing: it waits for the controller only.
     """
-    phase = status.get("phase")
-    if not phase or phase == Phase.SCHEDULED or Phase(str(phase)).finished:
+    phase = status.phase
+    if not phase or phase == Phase.SCHEDULED or Phase(phase).finished:
         return False
     return not signing.signing_requested(status)
 
@@ -358,7 +369,7 @@ class _ArchiveDeletion:
         Raises kopf.TemporaryError while its agent may still be at work, or while the bucket does not answer.
         """
         ccp = ContainerCheckpoint.model_validate(dict(body))
-        if agent_may_be_at_work(body.get("status") or {}) and self.leases.alive(ccp.spec.node_name):
+        if agent_may_be_at_work(ccp.status) and self.leases.alive(ccp.spec.node_name):
             # The agent sees the deletion in the answer to its next status write, gives the container
             # back and ends the object; podman may still be running. Only then is the bucket cleaned.
             raise kopf.TemporaryError(
@@ -405,17 +416,18 @@ class _StorageStatus:
         """Ask the bucket now and write what it says; returns whether it is Available. `others`: every
         storage, whose prefixes this one's may not nest with (read now when not given)."""
         status = validation.validate(self.stores, storage, self.kube.storages() if others is None else others)
-        if status["phase"] != storage.status.get("phase"):
-            log.info("CheckpointStorage %s is %s: %s", storage.metadata.name, status["phase"], status["message"])
-            kopf.event(
-                event_subject("CheckpointStorage", storage.metadata),
-                type="Normal" if status["phase"] == "Available" else "Warning",
-                reason=status["phase"],
-                message=status["message"],
-            )
-        self.kube.patch_storage_status(storage.metadata.name, status)
-        metrics.storage_available(storage.metadata.name, status["phase"] == "Available")
-        return bool(status["phase"] == "Available")
+        available = status.phase == Reason.AVAILABLE
+        if status.phase != storage.status.phase:
+            log.info("CheckpointStorage %s is %s: %s", storage.metadata.name, status.phase, status.message)
+            type_: EventType = "Normal" if available else "Warning"
+            post_event("CheckpointStorage", storage.metadata, type_, str(status.phase), str(status.message))
+        try:
+            # Not patient: the caller may be a handler scheduling an object, and the timer tries again.
+            StatusWriter(self.kube, STORAGES, storage.model_dump(by_alias=True)).write(status, patient=False)
+        except Conflict:  # deleted meanwhile
+            return False
+        metrics.storage_available(storage.metadata.name, available)
+        return available
 
     def with_fresh_storage(self, schedule: Callable[[], T]) -> T:
         """`schedule()`, asked once more when it failed on a storage whose status may be stale: the
@@ -458,12 +470,10 @@ def register(registry: kopf.OperatorRegistry, settings: Settings, kube: Kube) ->
         except Failure as e:
             _fail(kube, CHECKPOINTS, body, e)
             return
-        labelling.expect(
-            body,
-            _scheduled(
-                kube, CHECKPOINTS, patch, body, ccp.spec.node_name, {"storageRef": {"name": storage}} if storage else {}
-            ),
-        )
+        fields = CheckpointStatus(node_name=ccp.spec.node_name)
+        if storage:
+            fields = fields.model_copy(update={"storage_ref": NameRef(name=storage)})
+        labelling.expect(body, _scheduled(kube, CHECKPOINTS, patch, body, ccp.spec.node_name, fields))
         metrics.has_agent(ccp.spec.node_name)
 
     @kopf.on.resume(GROUP, VERSION, RESTORES, registry=registry)
@@ -482,17 +492,8 @@ def register(registry: kopf.OperatorRegistry, settings: Settings, kube: Kube) ->
         except Failure as e:
             _fail(kube, RESTORES, body, e)
             return
-        labelling.expect(
-            body,
-            _scheduled(
-                kube,
-                RESTORES,
-                patch,
-                body,
-                crst.spec.node_name,
-                {"archive": archive.model_dump(by_alias=True, exclude_none=True, mode="json")},
-            ),
-        )
+        fields = RestoreStatus(node_name=crst.spec.node_name, archive=archive)
+        labelling.expect(body, _scheduled(kube, RESTORES, patch, body, crst.spec.node_name, fields))
         metrics.has_agent(crst.spec.node_name)
 
     _register_pickup_deadline(registry, settings, kube, leases, in_flight)
@@ -517,9 +518,8 @@ def register(registry: kopf.OperatorRegistry, settings: Settings, kube: Kube) ->
     def delete_archives(body: kopf.Body, **_: Any) -> None:
         deleted = archives.delete(body)
         if deleted is not None:
-            kopf.event(
-                body, type="Normal", reason="ArchivesDeleted", message=f"deleted {deleted} objects from the bucket"
-            )
+            message = f"deleted {deleted} objects from the bucket"
+            post_event(body["kind"], Metadata.model_validate(body["metadata"]), "Normal", "ArchivesDeleted", message)
 
     @kopf.timer(GROUP, VERSION, STORAGES, interval=settings.storage_validation_seconds, registry=registry)
     def validate_storage(body: kopf.Body, **_: Any) -> None:
