@@ -398,9 +398,10 @@ def _padded(size: int) -> int:
 
 
 def streamed_members(stream: Any, dumps: dict[str, bytes]) -> Iterator[tuple[Member | None, int]]:
-    """The members unpacked_members yields, read from a stream that cannot seek (a restore's bytes as
-    they arrive), each with the offset of the stream up to which its bytes may be handed on once the
-    member is judged acceptable; (None, offset) when only the offset moves on.
+    """The members unpacked_members yields, read from a file that is still being written (a restore's
+    bytes as they arrive: its reads wait for bytes, a seek forward skips them unread), each with the
+    offset up to which its bytes may be handed on once the member is judged acceptable; (None,
+    offset) when only the offset moves on. The data of a plain member is never read.
 
     A member's own bytes (its data included) are covered by its offset: what a plain member holds is
     not judged, only where it goes. A tar inside (rootfs-diff.tar, ...) is covered member by member,
@@ -409,7 +410,7 @@ def streamed_members(stream: Any, dumps: dict[str, bytes]) -> Iterator[tuple[Mem
     Raises CorruptArchive as unpacked_members does.
     """
     try:
-        with _BoundedTarFile.open(fileobj=stream, mode="r|", bufsize=STREAM_READ) as tar:
+        with _BoundedTarFile.open(fileobj=stream, mode="r:") as tar:
             for member in _members(tar):
                 name = _member_name(member)
                 end = member.offset_data + _padded(member.size)
@@ -438,9 +439,8 @@ def streamed_members(stream: Any, dumps: dict[str, bytes]) -> Iterator[tuple[Mem
                 if extracted is None:
                     raise CorruptArchive(f"the archive's {name} cannot be read")
                 try:
-                    # A stream too: the stream below cannot seek. "r|", not "r|*": a compressed one
-                    # could inflate without bound.
-                    with _BoundedTarFile.open(fileobj=extracted, mode="r|", bufsize=STREAM_READ) as inner:
+                    # "r:", not "r:*": a compressed one could inflate without bound.
+                    with _BoundedTarFile.open(fileobj=extracted, mode="r:") as inner:
                         for nested in _members(inner):
                             covered = member.offset_data + nested.offset_data + _padded(nested.size)
                             yield Member(name, nested.name, _kind(nested), nested.linkname), min(covered, end)

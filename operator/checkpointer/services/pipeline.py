@@ -227,20 +227,35 @@ class _Flow:
 
 
 class _GrowingReader:
-    """The node's file as the fetch writes it: reads wait for bytes, and end where the fetch ended."""
+    """The node's file as the fetch writes it: reads wait for bytes and end where the fetch ended; a
+    seek forward skips bytes without reading them (what the tar reader does over a member's data)."""
 
     def __init__(self, path: Path, flow: _Flow) -> None:
-        self._file = path.open("rb")
+        self._file = path.open("rb", buffering=0)
         self._flow = flow
         self._pos = 0
 
     def read(self, size: int = -1) -> bytes:
         flow = self._flow
-        flow.wait(lambda: flow.written > self._pos or flow.ended)
-        want = flow.written - self._pos if size < 0 else min(size, flow.written - self._pos)
-        data = self._file.read(want)
+        want = STREAM_READ if size < 0 else size
+        flow.wait(lambda: flow.written >= self._pos + want or flow.ended)
+        self._file.seek(self._pos)
+        data = self._file.read(max(0, min(want, flow.written - self._pos)))
         self._pos += len(data)
         return data
+
+    def seek(self, offset: int, whence: int = os.SEEK_SET) -> int:
+        self._pos = offset if whence == os.SEEK_SET else self._pos + offset
+        return self._pos
+
+    def tell(self) -> int:
+        return self._pos
+
+    def seekable(self) -> bool:
+        return True
+
+    def readable(self) -> bool:
+        return True
 
     def close(self) -> None:
         self._file.close()
@@ -250,13 +265,15 @@ class _Counted:
     """The node's file: every write says how far it is written."""
 
     def __init__(self, path: Path, flow: _Flow) -> None:
-        self._out = path.open("wb")
+        self._out = path.open("wb", buffering=0)
         self._flow = flow
         self.written = 0
 
     def write(self, data: Any) -> int:
-        n = self._out.write(data)
-        self._out.flush()
+        view = memoryview(data)
+        n = len(view)
+        while view:  # unbuffered: a write may take less than it was given
+            view = view[self._out.write(view) or 0 :]
         self.written += n
         self._flow.update(written=self.written)
         return n
@@ -434,6 +451,7 @@ class Streamed:
         stat = os.statvfs(self.path.parent)
         limit = download_limit(self.node.settings, stat.f_bavail * stat.f_frsize, None)
         out = _Counted(self.path, flow)
+        began = time.monotonic()
         try:
             sink = PlaintextSink(CappedFile(out, limit, self.store.uri(self.key)))  # type: ignore[arg-type]
             parts = self._parts()
@@ -457,6 +475,8 @@ class Streamed:
         finally:
             out.close()
         flow.update(ended=True)
+        # From the first part asked for to the last one decoded (the agent's own clock, for the README's breakdown).
+        self.status.steps.took("download", began, bytes=flow.size)
 
     def _judge(self) -> None:
         """Every member is judged before its bytes may go to podman (flow.safe)."""
@@ -489,6 +509,7 @@ class Streamed:
 
         flow = self.flow
         flow.wait(lambda: flow.ended and flow.judged)
+        began = time.monotonic()
         while self.checkpoint.phase() != Phase.SUCCEEDED:
             flow.check()
             time.sleep(FOLLOW_SECONDS)
@@ -508,11 +529,14 @@ class Streamed:
                 "nothing was restored",
             )
         flow.update(released=True)
+        # Waiting for the checkpoint's Succeeded (its signing) and checking the whole, once all was read.
+        self.status.steps.took("verify", began)
 
     def _feed(self, fd: int) -> None:
         """Into podman's FIFO: the judged bytes as they come, the rest once released."""
         flow = self.flow
         sent = 0
+        began = time.monotonic()
         with self.path.open("rb") as src:
             while True:
                 flow.wait(lambda sent=sent: flow.released or min(flow.safe, flow.written) > sent)
@@ -522,6 +546,8 @@ class Streamed:
                 while sent < limit:
                     sent += os.sendfile(fd, src.fileno(), sent, limit - sent)
                 if done:
+                    # Podman had every byte: what it does after (its unpacking's end, CRIU) is the rest of `restore`.
+                    self.status.steps.took("import", began, bytes=sent)
                     return
 
 
