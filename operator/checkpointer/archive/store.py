@@ -277,7 +277,7 @@ class ArchiveStore:
             self._s3.delete_objects(Bucket=self.bucket, Delete={"Objects": objects, "Quiet": True})
         return len(keys)
 
-    def read_part(self, key: str, number: int, start: int, length: int) -> bytes:
+    def read_part(self, key: str, number: int, start: int, length: int) -> bytearray:
         """Part `number` of a streamed archive: its own object while it streams, else the range of
         the completed archive (the part objects go once it is completed). Raises ArchiveMissing."""
         try:
@@ -300,7 +300,7 @@ class ArchiveStore:
             for chunk in body.iter_chunks(READ_SIZE):
                 limiter.take(len(chunk))
                 data += chunk
-        return bytes(data)
+        return data
 
     def _parts(self, key: str, upload_id: str) -> dict[int, Any] | None:
         """The parts of an open upload by number; None once it is no longer open."""

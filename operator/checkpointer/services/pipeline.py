@@ -371,12 +371,12 @@ class Streamed:
 
     # --- the stages ----------------------------------------------------------------------------
 
-    def _parts(self) -> Iterator[bytes]:
+    def _parts(self) -> Iterator[bytearray]:
         """The archive's stored bytes in order, each part checked against the sha256 its checkpoint's
         agent published for it before it is passed on."""
         digest = hashlib.sha256()
         size = 0
-        pending: deque[tuple[int, str, Future[bytes]]] = deque()
+        pending: deque[tuple[int, str, Future[bytearray]]] = deque()
         index = 0  # the next part to ask for
         with ThreadPoolExecutor(FETCH_AHEAD, thread_name_prefix="stream-part") as pool:
             try:
@@ -416,7 +416,7 @@ class Streamed:
                     future.cancel()
         self.flow.update(digest=digest.hexdigest(), size=size)
 
-    def _read_part(self, number: int, start: int, length: int) -> bytes:
+    def _read_part(self, number: int, start: int, length: int) -> bytearray:
         """One part, asked again while the bucket does not answer (up to PART_PATIENCE_SECONDS)."""
         since = time.monotonic()
         while True:
