@@ -26,6 +26,8 @@ import argparse
 import datetime
 import json
 import re
+import signal
+import sys
 import time
 import uuid
 from pathlib import Path
@@ -241,6 +243,8 @@ def main() -> int:
     parser.add_argument("--out", type=Path, default=REPO_ROOT / "_output" / "bench")
     parser.add_argument("--workdir", type=Path, default=Path("/tmp/checkpointer-downtime"))
     args = parser.parse_args()
+    # Stopped, it still tears its environment down (the finally below).
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     args.out.mkdir(parents=True, exist_ok=True)
     rows = []
     with reflink_filesystem(args.workdir / "data" / "s3", 8 + 2 * max(args.sizes) // 256):
