@@ -139,8 +139,12 @@ class Downtime:
     def _steps(self, ccp: str, crst: str) -> dict[str, float]:
         """The agents' step lines of the two objects: each step's duration in seconds."""
         found: dict[str, float] = {}
-        for node, name, kind in ((SOURCE, ccp, "checkpoint"), (TARGET, crst, "restore")):
-            log = self.env.workdir / "logs" / f"agent-{node}.log"
+        for process, name, kind in (
+            (f"agent-{SOURCE}", ccp, "checkpoint"),
+            ("controller", ccp, "checkpoint"),  # its signing
+            (f"agent-{TARGET}", crst, "restore"),
+        ):
+            log = self.env.workdir / "logs" / f"{process}.log"
             if not log.exists():
                 continue
             for line in log.read_text(errors="replace").splitlines():
@@ -215,6 +219,15 @@ class Downtime:
             "m_over_f": spread([a / b for a, b in zip(m, f, strict=False)]) | {"median": median(m) / median(f)},
             "m_over_s": spread([a / b for a, b in zip(m, s, strict=False)]) | {"median": median(m) / median(s)},
             "archiveBytes": size,
+            # Where (m)'s time went, by the agents' and the controller's own clocks (medians).
+            "steps": {
+                step: median([x["steps"][step] for x in runs["m"] if step in x["steps"]])
+                for step in sorted({k for x in runs["m"] for k in x["steps"]})
+            },
+            "timeline": {
+                point: median([x[point] for x in runs["m"]])
+                for point in ("checkpointStart", "checkpointDone", "restoreStart", "restoreDone")
+            },
             "sourceRssMiB": max(x["sourceRssMiB"] for x in runs["m"]),
             "targetRssMiB": max(x["targetRssMiB"] for x in runs["m"]),
             "runs": runs,
