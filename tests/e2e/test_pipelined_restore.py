@@ -115,34 +115,36 @@ def test_a_checkpoint_that_ends_without_its_archive_fails_its_restore_and_nothin
 
 
 def test_a_tampered_part_is_refused_before_podman_sees_it(local_env: LocalEnv) -> None:
-    container = workload(local_env, SOURCE, mib=64)
-    checkpoint = _checkpoint(local_env, container, compress="none")
-    stream = until(
-        f"checkpoint {checkpoint} to publish its first part",
-        lambda: (
-            (obj := get(local_env, "ccp", checkpoint)) is not None
-            and ((obj.get("status") or {}).get("streams") or [{}])[0].get("parts")
-            and obj["status"]["streams"][0]
-        ),
-        120,
-        interval=0.05,
-    )
-    s3, bucket = local_env.s3.client(), local_env.s3.bucket
-    part = f"{stream['key']}.part-00001"
-    # The first part as anyone with the bucket's credentials could leave it: other bytes, same length.
-    size = int(stream["partSize"])
-    s3.put_object(Bucket=bucket, Key=part, Body=b"\0" * size)
-    name = _restore(local_env, checkpoint)
-    obj, _ = _reasons_until_finished(local_env, "crst", name)
-    assert obj["status"]["phase"] == "Failed", obj["status"]
-    assert reason_of(obj) == "ArchiveCorrupt", obj["status"]
-    assert "part 1" in str(obj["status"]["conditions"]), obj["status"]
-    assert not exists(local_env, TARGET, container), "podman never imported it"
-    until(
-        f"checkpoint {checkpoint} to finish",
-        lambda: (o := get(local_env, "ccp", checkpoint)) and o["status"]["phase"] in ("Succeeded", "Failed"),
-        120,
-    )
-    s3.delete_object(Bucket=bucket, Key=part)  # what the test planted, if the checkpoint had removed its own
-    local_env.nodes[SOURCE].podman("rm", "-f", container)
-    check_invariants(local_env)
+    env = local_env
+    # A slow uplink keeps the checkpoint running while the part is changed and the restore starts.
+    env.stop_agent(SOURCE)
+    env.start_agent(SOURCE, {"CHECKPOINTER_UPLOAD_BYTES_PER_SECOND": str(4 * 1024 * 1024)})
+    try:
+        container = workload(env, SOURCE, mib=64)
+        checkpoint = _checkpoint(env, container, compress="none")
+        stream = until(
+            f"checkpoint {checkpoint} to publish its first part",
+            lambda: (
+                (obj := get(env, "ccp", checkpoint)) is not None
+                and ((obj.get("status") or {}).get("streams") or [{}])[0].get("parts")
+                and obj["status"]["streams"][0]
+            ),
+            120,
+            interval=0.05,
+        )
+        s3, bucket = env.s3.client(), env.s3.bucket
+        # The first part as anyone with the bucket's credentials could leave it: other bytes, same length.
+        s3.put_object(Bucket=bucket, Key=f"{stream['key']}.part-00001", Body=b"\0" * int(stream["partSize"]))
+        name = _restore(env, checkpoint)
+        obj, _ = _reasons_until_finished(env, "crst", name)
+        assert obj["status"]["phase"] == "Failed", obj["status"]
+        assert reason_of(obj) == "ArchiveCorrupt", obj["status"]
+        assert "part 1" in str(obj["status"]["conditions"]), obj["status"]
+        assert not exists(env, TARGET, container), "podman never imported it"
+        done = env.wait_phase("ccp", checkpoint, ["Succeeded", "Failed"], timeout=180)
+        assert done["status"]["phase"] == "Succeeded", "the bucket's stored archive is whole: its own bytes"
+    finally:
+        env.stop_agent(SOURCE)
+        env.start_agent(SOURCE, {})
+    env.nodes[SOURCE].podman("rm", "-f", container)
+    check_invariants(env)
