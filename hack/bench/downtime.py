@@ -160,7 +160,9 @@ class Downtime:
         name = self._workload(size_mib)
         path = self.source.spool_dir / f"{name}.tar.zst"
         there = self.target.spool_dir / f"{name}.tar.zst"
-        key = f"bench/script/{name}.tar.zst"
+        # Not shaped as a checkpoint's key (<namespace>/<folder>/<container>.tar…): the agents' bucket
+        # sweep aborts open uploads of such keys that no checkpoint writes.
+        key = f"bench-script/{name}.tar.zst.script"
         settle()
         with timer() as took:
             self.source.podman("container", "checkpoint", f"--export={path}", "--compress=zstd", name, timeout=1800)
