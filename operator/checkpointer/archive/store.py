@@ -195,7 +195,10 @@ class ArchiveStore:
                 if etag is None:
                     limiter.take(length)
                     if on_part is not None:
-                        etag = self._visible_part(key, upload_id, number, spool.path, start, length, sent)
+                        # Readable, and said so, before the server copies it into the upload.
+                        self._put_part(key, number, spool.path, start, length, sent)
+                        on_part(index, sha256, length)
+                        etag = self._copy_part(key, upload_id, number)
                     else:
                         # The part streams from the spool file: no part is ever held in memory whole.
                         with ReadFileChunk.from_filename(
@@ -209,7 +212,7 @@ class ArchiveStore:
                                 Body=body,  # type: ignore[arg-type]
                                 ChecksumCRC32=sent,
                             )["ETag"]
-                if on_part is not None:
+                elif on_part is not None:  # stored before a restart: readable as the archive's range once complete
                     on_part(index, sha256, length)
                 with lock:
                     parts[number] = {"PartNumber": number, "ETag": etag, "ChecksumCRC32": sent}
@@ -244,13 +247,15 @@ class ArchiveStore:
         if on_part is not None:
             self.delete_parts(key)
 
-    def _visible_part(
-        self, key: str, upload_id: str, number: int, path: Path, start: int, length: int, sent: str
-    ) -> str:
-        """Store one part as an object of its own, then have the server copy it into the upload."""
+    def _put_part(self, key: str, number: int, path: Path, start: int, length: int, sent: str) -> None:
+        """Store one part as an object of its own, with the CRC32 of the bytes the spool wrote."""
         part = layout.part_key(key, number)
         with ReadFileChunk.from_filename(str(path), start, length, enable_callbacks=False) as body:
             self._s3.put_object(Bucket=self.bucket, Key=part, Body=body, ChecksumCRC32=sent)  # type: ignore[arg-type]
+
+    def _copy_part(self, key: str, upload_id: str, number: int) -> str:
+        """Have the server copy a stored part into the upload (UploadPartCopy), keeping its CRC32."""
+        part = layout.part_key(key, number)
         copied = self._s3.upload_part_copy(
             Bucket=self.bucket,
             Key=key,
