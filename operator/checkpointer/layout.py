@@ -58,6 +58,16 @@ def archive_key(directory: str, container: str, compression: Compression, encryp
     return f"{directory}/{container}{compression.suffix}{ENCRYPTED_SUFFIX if encrypted else ''}"
 
 
+# A streamed checkpoint's parts, each an object of its own while the archive is written, so that a
+# restore may read them as they land (services/pipeline.py); composed into the archive and removed.
+PART_INFIX = ".part-"
+
+
+def part_key(key: str, number: int) -> str:
+    """The object holding part `number` (from 1) of the archive `key` while it streams."""
+    return f"{key}{PART_INFIX}{number:05d}"
+
+
 def log_key(directory: str, container: str) -> str:
     return f"{directory}/{container}.criu-dump.log"
 

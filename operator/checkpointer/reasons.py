@@ -75,6 +75,9 @@ class Reason(StrEnum):
     NAME_IN_USE = "NameInUse"
     RESTORE_FAILED = "RestoreFailed"
     RESTORE_INTERRUPTED = "RestoreInterrupted"
+    # a restore of a checkpoint still running: waiting for its first part, reading its parts as they land
+    WAITING_FOR_CHECKPOINT = "WaitingForCheckpoint"
+    STREAMING = "Streaming"
     # either
     RUNTIME_UNAVAILABLE = "RuntimeUnavailable"
     SUCCEEDED = "Succeeded"

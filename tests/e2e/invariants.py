@@ -77,6 +77,7 @@ def check_invariants(
     # Uploads and work folders are judged once the objects have settled; what is then still there
     # stays, so a short grace only covers an abort or a removal that trails the last status write.
     violations += settled(lambda: _open_uploads(env))
+    violations += settled(lambda: _part_objects(env))
     violations += archives_in_bucket(env, objects)
     violations += stopped_containers_keep_their_archive(env, objects, extra)
     violations += settled(lambda: _orphan_work_folders(env))
@@ -154,6 +155,15 @@ def _open_uploads(env: Cluster) -> list[str]:
     return [
         f"2. open multipart upload {u['Key']} (upload {u['UploadId']}, since {u.get('Initiated')})" for u in uploads
     ]
+
+
+def _part_objects(env: Cluster) -> list[str]:
+    """A streamed checkpoint's part objects (layout.part_key) go once its archive is completed or aborted."""
+    s3 = env.s3.client()
+    found = []
+    for page in s3.get_paginator("list_objects_v2").paginate(Bucket=env.s3.bucket):
+        found += [str(o["Key"]) for o in page.get("Contents", []) if ".part-" in str(o["Key"]).rsplit("/", 1)[-1]]
+    return [f"2. temporary part object {key} left in the bucket" for key in found]
 
 
 def _key_of(archive: dict[str, Any], bucket: str) -> tuple[str, str] | None:

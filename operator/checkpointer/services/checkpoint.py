@@ -40,6 +40,7 @@ from checkpointer.conditions import now
 from checkpointer.errors import Failure, Retry
 from checkpointer.models import (
     Archive,
+    ArchiveStream,
     CheckpointSpec,
     CheckpointStatus,
     Compression,
@@ -56,6 +57,46 @@ from checkpointer.status import Conflict, StatusWriter, post_event
 
 log = logging.getLogger(__name__)
 ACTIVE = (Phase.SCHEDULED, Phase.CHECKPOINTING, Phase.UPLOADING)
+# Asks that the archive's parts be readable while they land, for a restore that follows the checkpoint.
+STREAM_ANNOTATION = "checkpointer.dev/stream"
+# How often the parts that landed are published in status at most, but for the last.
+STREAM_WRITE_SECONDS = 0.2
+
+
+def streams_parts(body: dict[str, Any]) -> bool:
+    """Whether a checkpoint makes its parts readable as they land (status.streams): one a
+    ContainerMigration owns, or one annotated checkpointer.dev/stream: "true". Pure.
+
+    Streaming costs the bucket a server-side copy of every part, so a checkpoint nobody follows
+    does without it."""
+    meta = body.get("metadata") or {}
+    if (meta.get("annotations") or {}).get(STREAM_ANNOTATION) == "true":
+        return True
+    return any(
+        o.get("kind") == "ContainerMigration" and str(o.get("apiVersion", "")).startswith("checkpointer.dev/")
+        for o in meta.get("ownerReferences") or []
+    )
+
+
+@dataclass
+class Stream:
+    """What status.streams says of one archive: its key and the sha256 of each part that landed, in order."""
+
+    container: str
+    key: str
+    part_size: int
+    landed: dict[int, str] = field(default_factory=dict)
+    size: int | None = None
+
+    def entry(self) -> dict[str, Any]:
+        parts: list[str] = []
+        while len(parts) in self.landed:
+            parts.append(self.landed[len(parts)])
+        entry: dict[str, Any] = {"container": self.container, "key": self.key, "partSize": self.part_size}
+        entry["parts"] = parts
+        if self.size is not None:
+            entry["size"] = self.size
+        return entry
 
 
 def select_targets(
@@ -119,6 +160,7 @@ def run(node: Node, body: dict[str, Any]) -> None:
     meta = ccp.metadata
     status = StatusWriter(node.kube, CHECKPOINTS, body)
     job = Checkpoint(node, ccp, status, WorkFolder.of(node.settings.spool_dir, CHECKPOINT, meta))
+    job.streaming = streams_parts(body)
     if signing_requested(ccp.status):
         # Stored and handed to the controller to sign: never checkpointed again. What it left on the
         # node waits for the controller's word, unless the object is being deleted (settle).
@@ -219,6 +261,11 @@ class Checkpoint:
     # Each container's configuration digests, and its inspection, once read (see configuration()).
     configs: dict[str, manifest.Configuration] = field(default_factory=dict)
     inspected: dict[str, Container | None] = field(default_factory=dict)
+    # By container: the archives whose parts land readable (streams_parts), as published.
+    streaming: bool = False
+    streams: dict[str, Stream] = field(default_factory=dict)
+    _streamed_at: float = 0.0
+    _stream_lock: threading.Lock = field(default_factory=threading.Lock)
 
     @property
     def spec(self) -> CheckpointSpec:
@@ -479,9 +526,42 @@ class Checkpoint:
             if self.status.deleting:
                 self.cancelled.set()
 
+        on_part = None
+        if self.streaming:
+            stream = self.streams.setdefault(target.name, Stream(target.name, key, spool.part_size))
+
+            def on_part(index: int, sha256: str, length: int) -> None:
+                with self._stream_lock:
+                    stream.landed[index] = sha256
+                    last = length < spool.part_size
+                    if last:
+                        stream.size = index * spool.part_size + length
+                self.publish_streams(force=last)
+
         store.upload(
-            key, spool, upload_id=state.upload_id, on_started=started, on_progress=progress, cancelled=self.cancelled
+            key,
+            spool,
+            upload_id=state.upload_id,
+            on_started=started,
+            on_progress=progress,
+            cancelled=self.cancelled,
+            on_part=on_part,
         )
+        if on_part is not None:
+            stream = self.streams[target.name]
+            stream.size = spool.verdict()
+            self.publish_streams(force=True)
+
+    def publish_streams(self, force: bool) -> None:
+        """status.streams: the parts that landed, for a restore that reads them as they do. Like
+        progress, informative until the end: a write that fails is skipped, the next carries it."""
+        with self._stream_lock:
+            if not force and time.monotonic() - self._streamed_at < STREAM_WRITE_SECONDS:
+                return
+            self._streamed_at = time.monotonic()
+            entries = [ArchiveStream.model_validate(s.entry()) for s in self.streams.values()]
+        with contextlib.suppress(Exception):
+            self.status.write(CheckpointStatus(streams=entries), patient=force)
 
     def confirm(self, target: Target, store: ArchiveStore, key: str, record: SpoolRecord) -> None:
         """Stored equals reported: the object's size and part checksums are the spool's."""
@@ -599,6 +679,8 @@ class Checkpoint:
         ids = {state.upload_id} if state is not None and state.key == key and state.upload_id else set()
         ids |= {u.upload_id for u in self.node.ledger.uploads() if (u.uid, u.key) == (uid, key)}
         aborted = sum(store.abort_upload(key, upload_id) for upload_id in sorted(ids))
+        if self.streaming:
+            store.delete_parts(key)  # the parts a restore could read go with the upload
         self.node.ledger.upload_done(uid, key)
         return aborted
 
