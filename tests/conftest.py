@@ -63,10 +63,9 @@ def control_plane(local_env: LocalEnv) -> ControlPlane:
     return local_env.control_plane
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def cp(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ControlPlane]:
-    """A control plane apart from the environment's, for tests that install cluster-wide objects and
-    CRDs; one for the session, shared by the modules that ask for it (their objects do not meet)."""
+    """A control plane of the test module's own, for tests that install cluster-wide objects and CRDs."""
     from helpers import own_control_plane  # tests/e2e is on the path once an e2e test is collected
 
     with own_control_plane(tmp_path_factory.mktemp("control-plane")) as plane:
