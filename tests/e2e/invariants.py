@@ -106,7 +106,7 @@ def _wait_terminal(env: Cluster, timeout: float) -> list[dict[str, Any]]:
         objects = _all_objects(env)
         if all((o.get("status") or {}).get("phase") in TERMINAL for o in objects) or time.monotonic() > deadline:
             return objects
-        time.sleep(1)
+        time.sleep(0.25)
 
 
 def _describe(obj: dict[str, Any]) -> str:
@@ -136,7 +136,7 @@ def settled(check: Callable[[], list[str]], grace: float = SETTLE_SECONDS) -> li
         violations = check()
         if not violations or time.monotonic() > deadline:
             return violations
-        time.sleep(1)
+        time.sleep(0.25)
 
 
 # --- the bucket ----------------------------------------------------------------------------------
