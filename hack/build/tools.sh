@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Builds the control plane (kube-apiserver, kube-controller-manager, kubectl), helm and the S3
-# server (the Versity S3 Gateway, `versitygw`) from the Go module proxy into $CHECKPOINTER_BIN.
+# server (the Versity S3 Gateway, `versitygw`) from the Go module proxy into $CHECKPOINTER_BIN; with
+# CHECKPOINTER_KUBELET_NODES=1 also the kubelet, kube-scheduler and the OCI registry.
 # Each build is skipped when its go.mod, go.sum and flags have not changed since the last build.
 set -euo pipefail
 source "$(dirname "$0")/../lib/common.sh"
@@ -30,9 +31,12 @@ build kubernetes kube-controller-manager k8s.io/kubernetes/cmd/kube-controller-m
 build kubernetes kubectl k8s.io/kubernetes/cmd/kubectl "$k8s_ldflags"
 # Nodes with a kubelet (opt-in while that environment is new, docs/local-environment.md): the kubelet
 # and kube-scheduler come from the same wrapper module and version as kube-apiserver.
+# The OCI registry their kubelets pull from is the CNCF distribution registry (Apache-2.0).
 if [[ ${CHECKPOINTER_KUBELET_NODES:-} == 1 ]]; then
   build kubernetes kubelet k8s.io/kubernetes/cmd/kubelet "$k8s_ldflags"
   build kubernetes kube-scheduler k8s.io/kubernetes/cmd/kube-scheduler "$k8s_ldflags"
+  build registry registry github.com/distribution/distribution/v3/cmd/registry \
+    "-X github.com/distribution/distribution/v3/version.version=v3.1.2"
 fi
 # Helm's default Kubernetes version (for `helm template` and lint) is that of its client-go, 1.34.
 helm_ldflags="-X helm.sh/helm/v3/internal/version.version=v3.19.5 -X helm.sh/helm/v3/internal/version.gitTreeState=clean"

@@ -129,7 +129,7 @@ def wait_phase(
             obj = json.loads(out.stdout)
             if (obj.get("status") or {}).get("phase") in phases:
                 return obj
-        time.sleep(0.5)
+        time.sleep(0.2)
     raise AssertionError(
         f"{kind}/{name} did not reach {phases} in {timeout}s; last status "
         f"{json.dumps(obj.get('status'), indent=1)}\n{cluster.logs()}"

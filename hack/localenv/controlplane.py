@@ -255,6 +255,18 @@ class ControlPlane:
 
         port = free_port()
         self.server = f"https://127.0.0.1:{port}"
+        kubelet_client: list[str] = []
+        if self.kubelet_nodes:
+            # `kubectl logs`, `exec` and the node proxy go through the API server to a kubelet, which
+            # authenticates it by a client certificate as a real cluster's (kubeadm's) does, and which
+            # it reaches at the address the environment gives each Node (hack/localenv/kubelet.py):
+            # node names resolve to nothing here.
+            client = ca.issue_client(self.pki_dir, "apiserver-kubelet-client", "kube-apiserver-kubelet-client")
+            kubelet_client = [
+                f"--kubelet-client-certificate={client.cert}",
+                f"--kubelet-client-key={client.key}",
+                "--kubelet-preferred-address-types=InternalIP",
+            ]
         apiserver = self._spawn(
             self.APISERVER,
             [
@@ -278,6 +290,7 @@ class ControlPlane:
                 f"--service-account-key-file={sa_keys.public_key}",
                 f"--service-account-signing-key-file={sa_keys.private_key}",
                 "--profiling=false",
+                *kubelet_client,
             ],
         )
         _wait(
@@ -319,6 +332,14 @@ class ControlPlane:
             deadline - time.monotonic(),
         )
         if self.kubelet_nodes:
+            # What the API server's kubelet client may do at a kubelet: the bootstrap role for it.
+            self.kubectl(
+                "create",
+                "clusterrolebinding",
+                "kube-apiserver-kubelet-client",
+                "--clusterrole=system:kubelet-api-admin",
+                "--user=kube-apiserver-kubelet-client",
+            )
             self._start_scheduler(ca)
 
     def _start_scheduler(self, ca: CertificateAuthority) -> None:

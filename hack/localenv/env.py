@@ -55,8 +55,10 @@ class LocalEnv:
     agent_kubeconfigs: dict[str, Path] = field(default_factory=dict)
     # How each controller was started, to start it again as its Deployment would.
     controller_starts: dict[str, tuple[dict[str, str], tuple[str, ...]]] = field(default_factory=dict)
-    # Nodes with a kubelet (kubelet.up_with_kubelets): containerd and the kubelet of each node.
+    # Nodes with a kubelet (kubelet.up_with_kubelets): containerd and the kubelet of each node, and
+    # the OCI registry they pull from.
     kubelets: dict[str, Any] = field(default_factory=dict)
+    registry: Any = None
 
     # --- lifecycle -------------------------------------------------------------------------------
 

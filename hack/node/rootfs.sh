@@ -18,10 +18,11 @@ forky=(criu libcompel1 libnl-3-200 libnet9)
 # 2.43 (for libsubid6), and libgpgme45 and libc-gconv-modules-extra, which only forky has.
 forky+=(podman libc6 libc-bin libc-gconv-modules-extra libgpgme45 libsubid6)
 # Nodes with a kubelet (opt-in, docs/local-environment.md): containerd 2.1 and runc for the kubelet's
-# pods, and the CNI plugins for the loopback-only network their (host-network) pods never use.
+# pods, and the CNI plugins for their loopback-only Pod networks. Trixie's plugins (1.1) lack `tap`,
+# which gives a Pod's own network namespace the eth0 address containerd insists on, on a device that
+# leads nowhere (hack/localenv/kubelet.py).
 if [[ ${CHECKPOINTER_KUBELET_NODES:-} == 1 ]]; then
-  forky+=(containerd runc)
-  packages+=(containernetworking-plugins)
+  forky+=(containerd runc containernetworking-plugins)
 fi
 key=$(printf '%s\n' "${packages[@]}" "${forky[@]}" | cat - "$0" | sha256sum | cut -c1-12)
 rootfs=$CHECKPOINTER_CACHE/rootfs/trixie-$key

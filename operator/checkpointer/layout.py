@@ -1,16 +1,14 @@
-"""Where archives live in the bucket, and the manifest that makes one restorable on its own."""
+"""Where archives and their manifests live in the bucket; what a manifest holds is archive/manifest.py's."""
 
 from __future__ import annotations
 
 import posixpath
-from typing import Any
 
 from checkpointer.errors import Failure
 from checkpointer.models import ArchiveRef, Compression, ContainerCheckpoint
 from checkpointer.reasons import Reason
 
 MANIFEST = "manifest.json"
-MANIFEST_VERSION = 1
 # An archive encrypted in the age format (docs/api.md): `<container>.tar.zst.age`.
 ENCRYPTED_SUFFIX = ".age"
 
@@ -60,6 +58,16 @@ def archive_key(directory: str, container: str, compression: Compression, encryp
     return f"{directory}/{container}{compression.suffix}{ENCRYPTED_SUFFIX if encrypted else ''}"
 
 
+# A streamed checkpoint's parts, each an object of its own while the archive is written, so that a
+# restore may read them as they land (services/pipeline.py); composed into the archive and removed.
+PART_INFIX = ".part-"
+
+
+def part_key(key: str, number: int) -> str:
+    """The object holding part `number` (from 1) of the archive `key` while it streams."""
+    return f"{key}{PART_INFIX}{number:05d}"
+
+
 def log_key(directory: str, container: str) -> str:
     return f"{directory}/{container}.criu-dump.log"
 
@@ -74,30 +82,6 @@ def compression_of(key: str) -> Compression:
         if key.endswith(compression.suffix):
             return compression
     return Compression.NONE
-
-
-def manifest(
-    checkpoint: ContainerCheckpoint,
-    archives: list[dict[str, Any]],
-    host: dict[str, Any],
-    started: str,
-    finished: str,
-) -> dict[str, Any]:
-    """Everything needed to restore without the cluster that made the archives."""
-    spec = checkpoint.spec
-    return {
-        "manifestVersion": MANIFEST_VERSION,
-        "kind": "ContainerCheckpoint",
-        "namespace": checkpoint.metadata.namespace,
-        "name": checkpoint.metadata.name,
-        "uid": checkpoint.metadata.uid,
-        "nodeName": spec.node_name,
-        "flags": spec.model_dump(by_alias=True, exclude_defaults=True, mode="json"),
-        "host": host,
-        "startTime": started,
-        "completionTime": finished,
-        "archives": archives,
-    }
 
 
 def namespace_of_key(prefix: str, key: str) -> str | None:

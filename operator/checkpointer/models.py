@@ -129,9 +129,22 @@ class Archive(Model):
     stats: dict[str, Any] | None = None
 
 
+class ArchiveStream(Model):
+    """One archive whose parts are readable while it is written (status.streams; services/pipeline.py)."""
+
+    container: str = ""
+    key: str = ""
+    part_size: int = 0
+    # The sha256 of each part that landed, in order.
+    parts: list[str] = Field(default_factory=list)
+    # Known once the last part landed.
+    size: int | None = None
+
+
 class CheckpointStatus(ObjectStatus):
     storage_ref: NameRef | None = None
     archives: list[Archive] = Field(default_factory=list)
+    streams: list[ArchiveStream] = Field(default_factory=list)
     # The sha256 of the unsigned manifest the agent wrote for the controller to sign.
     manifest_sha256: str | None = Field(default=None, alias="manifestSHA256")
     # When podman was asked to checkpoint the first container: from then on it serves nothing.
@@ -201,7 +214,8 @@ class ResolvedArchive(Model):
     """The archive a restore reads, as the controller resolved it."""
 
     storage_ref: NameRef
-    key: str
+    # Empty while the checkpoint that writes it still runs: the agent follows it (services/pipeline.py).
+    key: str = ""
     sha256: str | None = None
     compression: Compression | None = None
 

@@ -91,6 +91,9 @@ class Reason(StrEnum):
     RESTORED_ON_SOURCE = "RestoredOnSource"
     # and the restore back on the source failed too: the archive stays in the bucket
     RETURN_FAILED = "ReturnFailed"
+    # a restore of a checkpoint still running: waiting for its first part, reading its parts as they land
+    WAITING_FOR_CHECKPOINT = "WaitingForCheckpoint"
+    STREAMING = "Streaming"
     # either
     RUNTIME_UNAVAILABLE = "RuntimeUnavailable"
     SUCCEEDED = "Succeeded"

@@ -78,6 +78,7 @@ def check_invariants(
     # Uploads and work folders are judged once the objects have settled; what is then still there
     # stays, so a short grace only covers an abort or a removal that trails the last status write.
     violations += settled(lambda: _open_uploads(env))
+    violations += settled(lambda: _part_objects(env))
     violations += archives_in_bucket(env, objects)
     violations += stopped_containers_keep_their_archive(env, objects, extra)
     violations += settled(lambda: _orphan_work_folders(env))
@@ -106,7 +107,7 @@ def _wait_terminal(env: Cluster, timeout: float) -> list[dict[str, Any]]:
         objects = _all_objects(env)
         if all((o.get("status") or {}).get("phase") in TERMINAL for o in objects) or time.monotonic() > deadline:
             return objects
-        time.sleep(1)
+        time.sleep(0.25)
 
 
 def _describe(obj: dict[str, Any]) -> str:
@@ -136,7 +137,7 @@ def settled(check: Callable[[], list[str]], grace: float = SETTLE_SECONDS) -> li
         violations = check()
         if not violations or time.monotonic() > deadline:
             return violations
-        time.sleep(1)
+        time.sleep(0.25)
 
 
 # --- the bucket ----------------------------------------------------------------------------------
@@ -155,6 +156,15 @@ def _open_uploads(env: Cluster) -> list[str]:
     return [
         f"2. open multipart upload {u['Key']} (upload {u['UploadId']}, since {u.get('Initiated')})" for u in uploads
     ]
+
+
+def _part_objects(env: Cluster) -> list[str]:
+    """A streamed checkpoint's part objects (layout.part_key) go once its archive is completed or aborted."""
+    s3 = env.s3.client()
+    found = []
+    for page in s3.get_paginator("list_objects_v2").paginate(Bucket=env.s3.bucket):
+        found += [str(o["Key"]) for o in page.get("Contents", []) if ".part-" in str(o["Key"]).rsplit("/", 1)[-1]]
+    return [f"2. temporary part object {key} left in the bucket" for key in found]
 
 
 def _key_of(archive: dict[str, Any], bucket: str) -> tuple[str, str] | None:

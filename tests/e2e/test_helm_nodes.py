@@ -13,7 +13,6 @@ checkpoint in flight, uninstall.
 from __future__ import annotations
 
 import json
-import os
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -24,12 +23,12 @@ import yaml
 
 from helpers import apply, assert_stored_as_reported, checkpoint_counter, restore, unique, until, workload
 from invariants import Container, check_invariants
-from localenv import kubelet, operator_image
+from localenv import kubelet
 from localenv.chart import CHART, RELEASE
 from localenv.cluster import ChartCluster
-from localenv.env import NAMESPACE, SECRET, LocalEnv
+from localenv.env import NAMESPACE, SECRET
 from localenv.images import read_count
-from localenv.procs import LocalEnvError, require, run, wait_until
+from localenv.procs import LocalEnvError, require, wait_until
 
 pytestmark = pytest.mark.e2e
 STORAGE = "local"
@@ -52,51 +51,11 @@ def helm_env(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFa
             return
         # Asked for kind and there is none: an error wherever it runs, never a skip.
         pytest.fail(f"--cluster kind: {problem}", pytrace=False)
-    require(not kubelet.missing_binaries(), f"kubelet and kube-scheduler: {kubelet.OPT_IN}=1 hack/build/tools.sh")
-    require(not operator_image.missing_tools(), "the operator image's build tools")
-    network = host_network()
-    local = kubelet.KubeletCluster.up(Path(tmp_path_factory.mktemp("kubelet-env")))
-    cgroups = [d for node in local.nodes.values() for d in node.cgroup_dirs]
-    try:
+    missing = kubelet.missing()
+    require(not missing, missing)
+    # Down, it fails if any process, cgroup or mount of its nodes is left, or the machine's network changed.
+    with kubelet.running(Path(tmp_path_factory.mktemp("kubelet-env"))) as local:
         yield local
-    finally:
-        local.down()
-    leaves_nothing_behind(local.env, cgroups, network)
-
-
-def leaves_nothing_behind(env: LocalEnv, cgroups: list[Path], network: str) -> None:
-    """No cgroup, process or mount of the local nodes is left, and the machine's network is as it was.
-
-    NodeSandbox.stop returned only once no process was left in a node's PID namespace or cgroups, so
-    its mount namespace, and every mount made in it, ended with them.
-    """
-    left = [d for d in cgroups if d.exists()]
-    assert not left, f"cgroups left behind: {left}"
-    leaves = {f"/{d.name}/" for d in cgroups} | {f"/{d.name}\n" for d in cgroups}
-    for entry in Path("/proc").iterdir():
-        try:
-            in_node = entry.name.isdigit() and any(leaf in (entry / "cgroup").read_text() for leaf in leaves)
-        except OSError:
-            continue
-        assert not in_node, f"process {entry.name} left in a node's cgroup"
-    workdir = str(env.workdir.resolve())
-    mounts = [line for line in Path("/proc/self/mountinfo").read_text().splitlines() if workdir in line]
-    assert not mounts, f"mounts left behind: {mounts}"
-    assert host_network() == network, "the machine's routes, rules or netfilter tables changed"
-
-
-def host_network() -> str:
-    """The host network namespace's routes, routing rules and netfilter ruleset.
-
-    nftables comes from the node rootfs, run through its own loader (as etcd is): the kubelet's
-    iptables would be that rootfs's, with the nf_tables backend.
-    """
-    rootfs = kubelet.rootfs()
-    libs = f"{rootfs}/lib/x86_64-linux-gnu:{rootfs}/usr/lib/x86_64-linux-gnu"
-    nft = [rootfs / "lib64/ld-linux-x86-64.so.2", "--argv0", "nft", "--library-path", libs, rootfs / "usr/sbin/nft"]
-    argvs: list[list[str | os.PathLike[str]]] = [["ip", "route", "show", "table", "all"], ["ip", "rule"]]
-    argvs.append([*nft, "list", "ruleset"])
-    return "".join(run(argv).stdout.decode() for argv in argvs)
 
 
 def values(env: ChartCluster, **changes: Any) -> Path:

@@ -23,7 +23,7 @@ from moto import mock_aws
 from pyrage import x25519
 
 from checkpointer import layout
-from checkpointer.archive import encryption
+from checkpointer.archive import encryption, manifest
 from checkpointer.archive import spool as spooling
 from checkpointer.archive.encryption import Keys
 from checkpointer.archive.spool import GrowingFile
@@ -32,7 +32,7 @@ from checkpointer.archive.workfolder import SpoolRecord, WorkFolder
 from checkpointer.errors import Failure
 from checkpointer.models import Compression
 from checkpointer.reasons import Reason
-from checkpointer.services import restore, signing
+from checkpointer.services import restore
 from checkpointer.settings import Settings
 from checkpointer.status import StatusWriter
 
@@ -122,7 +122,7 @@ def fetch(
         path = tmp_path / "restore" / restore._local_name(key)
         path.parent.mkdir(exist_ok=True)
         progress = cast(StatusWriter, Progress())
-        trust = signing.Trust(None, signed=False, uncompressed_size=stated)
+        trust = manifest.Trust(None, signed=False, uncompressed_size=stated)
         return restore._fetch(settings or Settings(), store, keys, key, path, progress, trust), path
 
 

@@ -10,6 +10,7 @@ import pytest
 from click.testing import CliRunner
 
 from checkpointer.archive import signature
+from checkpointer.archive.manifest import sign
 from checkpointer.cli import plan, present
 from checkpointer.cli.commands import cli
 from checkpointer.cli.session import CliError, context_namespace
@@ -279,7 +280,7 @@ def test_a_manifest_readable() -> None:
 def test_the_signature_state_of_a_manifest() -> None:
     key = signature.generate()
     keys = {signature.key_id(key.public_key()): key.public_key()}
-    signed = signature.sign(manifest("m", "2026-01-02T11:00:00Z"), key)
+    signed = sign(manifest("m", "2026-01-02T11:00:00Z"), key)
     assert present.signature_state(signed, keys, "") == f"valid, Ed25519 key {signature.key_id(key.public_key())[:16]}"
     assert present.signature_state({**signed, "name": "edited"}, keys, "").startswith("INVALID: ")
     assert present.signature_state(signed, None, "no ConfigMap").endswith("not verified: no ConfigMap")

@@ -97,3 +97,17 @@ def test_every_row_of_the_tenant_field_table_names_a_test_that_exists() -> None:
             assert source.exists(), f"{field}: {path} does not exist"
             if name:
                 assert f"def {name}(" in source.read_text(), f"{field}: {path} has no test {name}"
+
+
+def test_the_architecture_names_every_module_of_the_tree() -> None:
+    text = (ROOT / "docs/architecture.md").read_text()
+    block = text[text.index("operator/checkpointer/\n") :]
+    block = block[: block.index("```")]
+    package = ROOT / "operator" / "checkpointer"
+    unnamed = [
+        str(p.relative_to(package))
+        for p in sorted(package.rglob("*.py"))
+        if p.name != "__init__.py" or p.parent != package
+        if not re.search(rf"\b{re.escape(p.name)}\b", block)
+    ]
+    assert unnamed == []

@@ -14,10 +14,11 @@ import pytest
 import zstandard
 from moto import mock_aws
 
+from checkpointer.archive import manifest
 from checkpointer.archive.store import ArchiveStore, RateLimiter, Transfer
 from checkpointer.errors import Failure
 from checkpointer.reasons import Reason
-from checkpointer.services import restore, signing
+from checkpointer.services import restore
 from checkpointer.settings import Settings
 from checkpointer.status import StatusWriter
 
@@ -43,7 +44,7 @@ def download(tmp_path: Path, data: bytes, bytes_per_second: int, key: str = "k.t
         start = time.monotonic()
         transfer = Transfer(5 * MiB, 4, RateLimiter(0), RateLimiter(bytes_per_second))
         store = ArchiveStore(client, "archives", "", transfer)
-        unsigned = signing.Trust(None, signed=False)
+        unsigned = manifest.Trust(None, signed=False)
         digest = restore._fetch(
             Settings(), store, None, key, tmp_path / "stored", cast(StatusWriter, progress), unsigned
         )

@@ -16,13 +16,23 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from checkpointer import layout
 from checkpointer.adapters.kube import Kube
 from checkpointer.archive import signature
+from checkpointer.archive.manifest import (
+    BadSignature,
+    Trust,
+    Unsigned,
+    canonical,
+    problems,
+    sign,
+    signed_before,
+    verify,
+)
 from checkpointer.archive.store import ArchiveStore, Stores
 from checkpointer.controller.signer import Signer
 from checkpointer.errors import Failure
 from checkpointer.models import CheckpointStatus, ContainerCheckpoint
 from checkpointer.reasons import Reason
 from checkpointer.services import signing as controller_signing
-from checkpointer.services.signing import Trust, archive_trust, manifest_problems, signed_before, signing_requested
+from checkpointer.services.signing import archive_trust, signing_requested
 from checkpointer.settings import Settings
 from checkpointer.status import Conflict
 
@@ -86,49 +96,49 @@ def changed(value: Any) -> Any:
 
 
 def test_a_signed_manifest_verifies_after_a_round_trip_through_json() -> None:
-    signed = signature.sign(manifest(), KEY)
+    signed = sign(manifest(), KEY)
     assert signed["signature"]["algorithm"] == "Ed25519"
     assert signed["signature"]["keyID"] == hashlib.sha256(KEY.public_key().public_bytes_raw()).hexdigest()
     # As the bucket holds it: indented, keys in the writer's order; the canonical bytes do not care.
     stored = json.loads(json.dumps(signed, indent=2))
-    assert signature.verify(stored, KEYS) == signed["signature"]["keyID"]
+    assert verify(stored, KEYS) == signed["signature"]["keyID"]
 
 
 def test_the_signature_is_deterministic_and_replaces_an_old_one() -> None:
-    once = signature.sign(manifest(), KEY)
-    assert signature.sign(once, KEY) == once
+    once = sign(manifest(), KEY)
+    assert sign(once, KEY) == once
 
 
 def test_canonical_bytes_are_sorted_compact_utf8_without_the_signature() -> None:
     m = {"b": "ü", "a": [1, {"d": 2, "c": 3}], "signature": {"value": "x"}}
-    assert signature.canonical(m) == '{"a":[1,{"c":3,"d":2}],"b":"ü"}'.encode()
+    assert canonical(m) == '{"a":[1,{"c":3,"d":2}],"b":"ü"}'.encode()
 
 
 @pytest.mark.parametrize("path", list(leaves(manifest())), ids=lambda p: ".".join(map(str, p)))
 def test_a_changed_byte_of_any_field_fails(path: tuple[Any, ...]) -> None:
-    signed = signature.sign(manifest(), KEY)
+    signed = sign(manifest(), KEY)
     edited = copy.deepcopy(signed)
     target: Any = edited
     for step in path[:-1]:
         target = target[step]
     target[path[-1]] = changed(target[path[-1]])
-    with pytest.raises(signature.BadSignature):
-        signature.verify(edited, KEYS)
+    with pytest.raises(BadSignature):
+        verify(edited, KEYS)
 
 
 def test_an_added_or_removed_field_fails() -> None:
-    signed = signature.sign(manifest(), KEY)
-    with pytest.raises(signature.BadSignature):
-        signature.verify({**signed, "privileged": True}, KEYS)
+    signed = sign(manifest(), KEY)
+    with pytest.raises(BadSignature):
+        verify({**signed, "privileged": True}, KEYS)
     without = {k: v for k, v in signed.items() if k != "host"}
-    with pytest.raises(signature.BadSignature):
-        signature.verify(without, KEYS)
+    with pytest.raises(BadSignature):
+        verify(without, KEYS)
 
 
 def test_a_missing_signature_is_told_apart_from_a_bad_one() -> None:
-    with pytest.raises(signature.Unsigned):
-        signature.verify(manifest(), KEYS)
-    signed = signature.sign(manifest(), KEY)
+    with pytest.raises(Unsigned):
+        verify(manifest(), KEYS)
+    signed = sign(manifest(), KEY)
     bad = [
         {**signed, "signature": "nonsense"},
         {**signed, "signature": {**signed["signature"], "algorithm": "RSA"}},
@@ -136,20 +146,20 @@ def test_a_missing_signature_is_told_apart_from_a_bad_one() -> None:
         {**signed, "signature": {**signed["signature"], "value": ""}},
     ]
     for manifest_ in bad:
-        with pytest.raises(signature.BadSignature) as e:
-            signature.verify(manifest_, KEYS)
-        assert not isinstance(e.value, signature.Unsigned)
+        with pytest.raises(BadSignature) as e:
+            verify(manifest_, KEYS)
+        assert not isinstance(e.value, Unsigned)
 
 
 def test_a_signature_of_another_key_fails() -> None:
     other = signature.generate()
-    with pytest.raises(signature.BadSignature, match="not one of this cluster's"):
-        signature.verify(signature.sign(manifest(), other), KEYS)
+    with pytest.raises(BadSignature, match="not one of this cluster's"):
+        verify(sign(manifest(), other), KEYS)
     # Even one that claims this cluster's keyID.
-    forged = signature.sign(manifest(), other)
+    forged = sign(manifest(), other)
     forged["signature"]["keyID"] = signature.key_id(KEY.public_key())
-    with pytest.raises(signature.BadSignature, match="edited"):
-        signature.verify(forged, KEYS)
+    with pytest.raises(BadSignature, match="edited"):
+        verify(forged, KEYS)
 
 
 # --- the keys as stored --------------------------------------------------------------------------
@@ -196,7 +206,7 @@ def checkpoint(**status: Any) -> ContainerCheckpoint:
 
 
 def test_a_manifest_that_says_what_the_object_says_has_no_problems() -> None:
-    assert manifest_problems(manifest(), checkpoint(), DIRECTORY) == []
+    assert problems(manifest(), checkpoint(), DIRECTORY) == []
 
 
 @pytest.mark.parametrize(
@@ -214,13 +224,13 @@ def test_a_manifest_that_says_what_the_object_says_has_no_problems() -> None:
 def test_a_manifest_that_differs_from_the_object_is_not_signed(edit: Any, problem: str) -> None:
     m = manifest()
     edit(m)
-    problems = manifest_problems(m, checkpoint(), DIRECTORY)
-    assert any(problem in p for p in problems), problems
+    found = problems(m, checkpoint(), DIRECTORY)
+    assert any(problem in p for p in found), found
 
 
 def test_an_archive_outside_the_checkpoints_folder_is_not_signed() -> None:
-    problems = manifest_problems(manifest(), checkpoint(), "cluster/team-a/other")
-    assert any("outside" in p for p in problems), problems
+    found = problems(manifest(), checkpoint(), "cluster/team-a/other")
+    assert any("outside" in p for p in found), found
 
 
 def test_signing_is_requested_by_reason_signing_in_uploading() -> None:
@@ -385,7 +395,7 @@ def reason(objects: dict[str, bytes], **kwargs: Any) -> Reason:
 
 
 def test_a_signed_archive_is_trusted_with_its_signed_sha256() -> None:
-    assert trust(stored(signature.sign(manifest(), KEY))) == Trust(SHA, signed=True)
+    assert trust(stored(sign(manifest(), KEY))) == Trust(SHA, signed=True)
 
 
 def test_an_unsigned_archive_is_refused_unless_the_storage_accepts_them() -> None:
@@ -401,7 +411,7 @@ def test_a_missing_archive_is_not_found_rather_than_untrusted() -> None:
 
 
 def test_a_bad_signature_is_refused_even_where_unsigned_archives_are_accepted() -> None:
-    signed = signature.sign(manifest(), KEY)
+    signed = sign(manifest(), KEY)
     signed["archives"][0]["sha256"] = "0" * 64
     for accept_unsigned in (False, True):
         assert reason(stored(signed), accept_unsigned=accept_unsigned) == Reason.ARCHIVE_UNTRUSTED
@@ -413,14 +423,14 @@ def test_a_signed_manifest_moved_to_another_namespaces_folder_is_refused() -> No
     m["archives"][0]["key"] = other
     objects = {
         other: b"archive",
-        f"{other.rsplit('/', 1)[0]}/manifest.json": json.dumps(signature.sign(m, KEY)).encode(),
+        f"{other.rsplit('/', 1)[0]}/manifest.json": json.dumps(sign(m, KEY)).encode(),
     }
     for accept_unsigned in (False, True):
         assert reason(objects, key=other, accept_unsigned=accept_unsigned) == Reason.ARCHIVE_UNTRUSTED
 
 
 def test_an_archive_its_signed_manifest_does_not_list_is_unsigned() -> None:
-    objects = stored(signature.sign(manifest(), KEY))
+    objects = stored(sign(manifest(), KEY))
     planted = f"{DIRECTORY}/planted.tar.zst"
     objects[planted] = b"other"
     assert reason(objects, key=planted) == Reason.ARCHIVE_UNTRUSTED
@@ -436,7 +446,7 @@ def test_an_unreadable_manifest_is_refused() -> None:
 def test_a_second_signer_finds_the_agents_manifest_signed_already() -> None:
     agents = manifest()
     sha = hashlib.sha256(json.dumps(agents, indent=2).encode()).hexdigest()
-    signed = json.loads(json.dumps(signature.sign(agents, KEY), indent=2))
+    signed = json.loads(json.dumps(sign(agents, KEY), indent=2))
     assert signed_before(signed, sha, KEY)
     assert not signed_before(agents, sha, KEY), "not signed yet"
     assert not signed_before(signed, "0" * 64, KEY), "another manifest than the agent's"

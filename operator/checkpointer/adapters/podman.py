@@ -400,6 +400,14 @@ class ApiRuntime:
 
 
 PODMAN_ZSTD_LEVEL = 3
+# How often podman 5's CLI opens an import (CliRuntime.restore_streamed).
+IMPORT_READINGS = 3
+
+
+def _write_all(fd: int, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view) :]
 
 
 class CliRuntime:
@@ -508,6 +516,70 @@ class CliRuntime:
 
     def restore(self, spec: RestoreSpec, archive: Path, previous: Path | None) -> dict[str, Any]:
         return _stats(self._run(*flags.restore_argv(spec, archive, previous), timeout=self.timeout))
+
+    def restore_streamed(
+        self, spec: RestoreSpec, fifo_dir: Path, head: bytes, feed: Callable[[int], None]
+    ) -> dict[str, Any]:
+        """`podman container restore --import` from a FIFO, while the archive is still arriving.
+
+        Podman 5's CLI opens an import three times: for the OCI runtime the archive names (root.go),
+        for config.dump and spec.dump (CRImportCheckpointConfigOnly), then for everything else
+        (CRImportCheckpointWithoutConfig), reading each to the tar's end. The first two get `head`, a
+        tar of the two configuration files the agent judged; the third gets the archive itself,
+        written by `feed` into the FIFO's descriptor as its bytes are judged. Between readings the
+        path is swapped for a fresh FIFO while the reader still holds the old one, so no reading
+        ever sees bytes meant for another. A `feed` that raises stops podman: nothing half-fed
+        is restored.
+        """
+        fifo = fifo_dir / ".import.fifo"
+        fresh = fifo_dir / ".import.fifo.next"
+        for path in (fifo, fresh):
+            path.unlink(missing_ok=True)
+        os.mkfifo(fifo, 0o600)
+        argv = [*self.exporting_podman, *flags.restore_argv(spec, fifo, None)]
+        proc = process.spawn(argv, die_with_parent=True)
+        outcome: dict[str, Any] = {}
+
+        def wait() -> None:
+            try:
+                outcome["stdout"] = process.finish(proc, argv, self.timeout)
+            except CommandError as e:
+                outcome["error"] = e
+            # Podman may end before it opens the FIFO again: a reader of our own unblocks our open.
+            with contextlib.suppress(OSError):
+                os.close(os.open(fifo, os.O_RDONLY | os.O_NONBLOCK))
+
+        waiter = threading.Thread(target=wait, name="podman-import", daemon=True)
+        waiter.start()
+        try:
+            for reading in range(IMPORT_READINGS):
+                fd = os.open(fifo, os.O_WRONLY)
+                try:
+                    if waiter.is_alive() is False:
+                        break
+                    if reading < IMPORT_READINGS - 1:
+                        os.mkfifo(fresh, 0o600)
+                        os.replace(fresh, fifo)
+                        _write_all(fd, head)
+                    else:
+                        with contextlib.suppress(OSError):
+                            fcntl.fcntl(fd, fcntl.F_SETPIPE_SZ, PIPE_SIZE)
+                        feed(fd)
+                except BrokenPipeError:
+                    break  # podman stopped reading: its own error says why
+                finally:
+                    os.close(fd)
+        except BaseException:
+            proc.kill()
+            raise
+        finally:
+            waiter.join()
+            for path in (fifo, fresh):
+                path.unlink(missing_ok=True)
+        if "error" in outcome:
+            error: CommandError = outcome["error"]
+            raise PodmanError(error.stderr.strip() or str(error), error.returncode)
+        return _stats(outcome.get("stdout", ""))
 
     def restore_in_place(self, name: str) -> None:
         self._run("container", "restore", name, timeout=self.timeout)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import posixpath
@@ -386,3 +387,97 @@ def unpacked_members(path: Path) -> Iterator[Member]:
                     raise CorruptArchive(f"the archive's {name} is not an uncompressed tar: {e}") from None
     except (tarfile.TarError, OSError, EOFError, ValueError, RecursionError) as e:
         raise CorruptArchive(f"the archive cannot be read: {e}") from None
+
+
+# Bytes a streamed judgement reads from its source at once (tarfile's own stream reads 10 KiB).
+STREAM_READ = MiB
+
+
+def _padded(size: int) -> int:
+    return size + -size % tarfile.BLOCKSIZE
+
+
+def streamed_members(stream: Any, dumps: dict[str, bytes]) -> Iterator[tuple[Member | None, int]]:
+    """The members unpacked_members yields, read from a file that is still being written (a restore's
+    bytes as they arrive: its reads wait for bytes, a seek forward skips them unread), each with the
+    offset up to which its bytes may be handed on once the member is judged acceptable; (None,
+    offset) when only the offset moves on. The data of a plain member is never read.
+
+    A member's own bytes (its data included) are covered by its offset: what a plain member holds is
+    not judged, only where it goes. A tar inside (rootfs-diff.tar, ...) is covered member by member,
+    as each is read, and deleted.files once its paths are. config.dump and spec.dump go into `dumps`
+    (within DUMP_LIMIT, each once), for the restore's policy before podman sees the archive.
+    Raises CorruptArchive as unpacked_members does.
+    """
+    try:
+        with _BoundedTarFile.open(fileobj=stream, mode="r:") as tar:
+            for member in _members(tar):
+                name = _member_name(member)
+                end = member.offset_data + _padded(member.size)
+                if name in (CONFIG_DUMP, SPEC_DUMP):
+                    if name in dumps:
+                        raise CorruptArchive(f"the archive holds {name} twice")
+                    if not member.isreg():
+                        raise CorruptArchive(f"the archive's {name} is not a regular file")
+                    if member.size > DUMP_LIMIT:
+                        raise CorruptArchive(f"the archive's {name} has {member.size} bytes, more than {DUMP_LIMIT}")
+                    extracted = tar.extractfile(member)
+                    dumps[name] = extracted.read() if extracted is not None else b""
+                    yield Member("", member.name, _kind(member), member.linkname), end
+                    continue
+                if name == DELETED_FILES:
+                    yield Member("", member.name, _kind(member), member.linkname), member.offset_data
+                    for deleted in _read_list(tar, member, name):
+                        yield Member(DELETED_FILES, deleted, "deleted"), member.offset_data
+                    yield None, end
+                    continue
+                if not (member.isreg() and member.size and name.endswith(NESTED_TAR_SUFFIX)):
+                    yield Member("", member.name, _kind(member), member.linkname), end
+                    continue
+                yield Member("", member.name, _kind(member), member.linkname), member.offset_data
+                extracted = tar.extractfile(member)
+                if extracted is None:
+                    raise CorruptArchive(f"the archive's {name} cannot be read")
+                try:
+                    # "r:", not "r:*": a compressed one could inflate without bound.
+                    with _BoundedTarFile.open(fileobj=extracted, mode="r:") as inner:
+                        for nested in _members(inner):
+                            covered = member.offset_data + nested.offset_data + _padded(nested.size)
+                            yield Member(name, nested.name, _kind(nested), nested.linkname), min(covered, end)
+                except tarfile.ReadError as e:
+                    raise CorruptArchive(f"the archive's {name} is not an uncompressed tar: {e}") from None
+                yield None, end
+    except (tarfile.TarError, OSError, EOFError, ValueError, RecursionError) as e:
+        raise CorruptArchive(f"the archive cannot be read: {e}") from None
+    for name in (CONFIG_DUMP, SPEC_DUMP):
+        if name not in dumps:
+            raise CorruptArchive(f"the archive holds no {name}: it is not a podman checkpoint")
+
+
+def configuration_of(dumps: dict[str, bytes]) -> ContainerConfiguration:
+    """config.dump and spec.dump as streamed_members kept them. Raises CorruptArchive."""
+    found: dict[str, dict[str, Any]] = {}
+    for name in (CONFIG_DUMP, SPEC_DUMP):
+        if name not in dumps:
+            raise CorruptArchive(f"the archive holds no {name}: it is not a podman checkpoint")
+        try:
+            value = json.loads(dumps[name])
+        except ValueError as e:
+            raise CorruptArchive(f"the archive's {name} cannot be read: {e}") from None
+        if not isinstance(value, dict):
+            raise CorruptArchive(f"the archive's {name} is not a JSON object")
+        found[name] = value
+    return ContainerConfiguration(config=found[CONFIG_DUMP], spec=found[SPEC_DUMP])
+
+
+def configuration_tar(dumps: dict[str, bytes]) -> bytes:
+    """A tar of only config.dump and spec.dump, the bytes judged: what podman's first reading of an
+    import takes from it (it extracts those two, and reads the rest of the stream only to skip it)."""
+    out = io.BytesIO()
+    with tarfile.open(fileobj=out, mode="w", format=tarfile.PAX_FORMAT) as tar:
+        for name in (CONFIG_DUMP, SPEC_DUMP):
+            info = tarfile.TarInfo(name)
+            info.size = len(dumps[name])
+            info.mode = 0o600
+            tar.addfile(info, io.BytesIO(dumps[name]))
+    return out.getvalue()

@@ -1,83 +1,30 @@
-"""Signed manifests: Ed25519 over a manifest's canonical bytes. Pure functions, no I/O.
+"""The controller's Ed25519 signing keys: made, stored, published, and named by their keyID. Pure
+functions, no I/O.
 
-The canonical bytes of a manifest are its JSON without the `signature` field, with sorted keys,
-compact separators, in UTF-8. The signature goes into the manifest itself:
-`signature: {algorithm: Ed25519, keyID: <sha256 of the raw public key>, value: <base64>}`.
-Ed25519 is deterministic: signing the same manifest twice gives the same bytes, so two signers
-racing on one manifest write the same object.
+What a key signs, and where its signature goes, is the manifest's (archive/manifest.py). The private
+key lives in the controller's Secret, the public ones in a ConfigMap the agents read
+(services/signing.py); a public key signed with before stays published after a rotation.
 """
 
 from __future__ import annotations
 
-import base64
-import binascii
 import contextlib
 import hashlib
-import json
 from collections.abc import Mapping
-from typing import Any
 
-from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
-ALGORITHM = "Ed25519"
-SIGNATURE = "signature"
 # Where the controller keeps its key, and where it publishes the public half for the agents.
 PRIVATE_KEY = "ed25519.key"
 PUBLIC_KEY = "ed25519.pub"
 PUBLIC_SUFFIX = ".pub"
 
 
-class Untrusted(Exception):
-    """The manifest does not prove that this cluster's controller wrote it."""
-
-
-class Unsigned(Untrusted):
-    """The manifest carries no signature at all (a plain podman export, or a manifest of old)."""
-
-
-class BadSignature(Untrusted):
-    """The manifest carries a signature that is malformed, of an unknown key, or does not match."""
-
-
-def canonical(manifest: Mapping[str, Any]) -> bytes:
-    """The bytes a signature covers: every field but the signature, sorted, compact, UTF-8."""
-    content = {k: v for k, v in manifest.items() if k != SIGNATURE}
-    return json.dumps(content, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
-
-
 def key_id(public: Ed25519PublicKey) -> str:
+    """The sha256 of the raw public key: what a manifest's signature names its key by."""
     raw = public.public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
     return hashlib.sha256(raw).hexdigest()
-
-
-def sign(manifest: Mapping[str, Any], key: Ed25519PrivateKey) -> dict[str, Any]:
-    """The manifest with its signature; one it carried before is replaced."""
-    value = base64.b64encode(key.sign(canonical(manifest))).decode()
-    signature = {"algorithm": ALGORITHM, "keyID": key_id(key.public_key()), "value": value}
-    return {**{k: v for k, v in manifest.items() if k != SIGNATURE}, SIGNATURE: signature}
-
-
-def verify(manifest: Mapping[str, Any], keys: Mapping[str, Ed25519PublicKey]) -> str:
-    """Return the keyID that signed `manifest`; raise Unsigned or BadSignature. `keys` by keyID."""
-    signature = manifest.get(SIGNATURE)
-    if signature is None:
-        raise Unsigned("the manifest is not signed")
-    if not isinstance(signature, dict):
-        raise BadSignature("the manifest's signature is malformed")
-    if signature.get("algorithm") != ALGORITHM:
-        raise BadSignature(f"the manifest's signature is not {ALGORITHM} but {signature.get('algorithm')!r}")
-    kid = str(signature.get("keyID") or "")
-    public = keys.get(kid)
-    if public is None:
-        raise BadSignature(f"the manifest is signed by key {kid[:16]!r}, which is not one of this cluster's")
-    try:
-        value = base64.b64decode(str(signature.get("value") or ""), validate=True)
-        public.verify(value, canonical(manifest))
-    except (binascii.Error, InvalidSignature, ValueError):
-        raise BadSignature("the manifest's signature does not match its content: it was edited") from None
-    return kid
 
 
 # --- keys as they are stored ---------------------------------------------------------------------

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import base64
 import hashlib
-import json
 import logging
 import threading
 import time
@@ -29,7 +28,7 @@ from s3transfer.utils import ReadFileChunk
 
 from checkpointer import layout
 from checkpointer.adapters.storage import StorageError, client
-from checkpointer.archive import encryption
+from checkpointer.archive import encryption, manifest
 from checkpointer.archive.codec import READ_SIZE, ZSTD_MAGIC, CorruptArchive, crc32
 from checkpointer.archive.encryption import Data, Keys
 from checkpointer.archive.spool import Digest, GrowingFile, SpoolFailed
@@ -48,6 +47,22 @@ MANIFEST_MAX_BYTES = 1024 * 1024
 # zstd's own default limit is 128 MiB; every level up to 19 (and podman's zstd) stays within 8 MiB.
 ZSTD_MAX_WINDOW = 32 * 1024 * 1024
 Progress = Callable[[int], None]
+# A streamed part is readable: its index (from 0), sha256 and length.
+PartLanded = Callable[[int, str, int], None]
+
+
+def _sha256_of(path: Path, start: int, length: int) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        f.seek(start)
+        left = length
+        while left > 0:
+            chunk = f.read(min(READ_SIZE, left))
+            if not chunk:
+                break
+            digest.update(chunk)
+            left -= len(chunk)
+    return digest.hexdigest()
 
 
 class ArchiveMissing(Exception):
@@ -129,8 +144,14 @@ class ArchiveStore:
         on_started: Callable[[str], None],
         on_progress: Progress,
         cancelled: threading.Event,
+        on_part: PartLanded | None = None,
     ) -> None:
         """Upload the spool as one multipart object while it may still be growing.
+
+        With `on_part`, every part is first stored as an object of its own (layout.part_key) and
+        copied into the upload by the server (UploadPartCopy), and `on_part` receives its index,
+        sha256 and length once it is readable: a restore may read the parts while the export goes
+        on. The part objects are removed once the upload is completed or aborted.
 
         `upload_id` resumes an open upload: its parts whose size and CRC32 match the spool's are
         kept, the others are sent. `on_started` receives the id of a new upload before any part
@@ -169,18 +190,29 @@ class ArchiveStore:
                 stored = existing.get(number, {})
                 same = stored.get("ChecksumCRC32") == sent and stored.get("Size") == length
                 etag = stored.get("ETag") if same else None
+                sha256 = _sha256_of(spool.path, start, length) if on_part is not None else ""
                 if etag is None:
                     limiter.take(length)
-                    # The part streams from the spool file: no part is ever held in memory whole.
-                    with ReadFileChunk.from_filename(str(spool.path), start, length, enable_callbacks=False) as body:
-                        etag = self._s3.upload_part(  # ReadFileChunk is the seekable body botocore streams
-                            Bucket=self.bucket,
-                            Key=key,
-                            UploadId=upload_id,
-                            PartNumber=number,
-                            Body=body,  # type: ignore[arg-type]
-                            ChecksumCRC32=sent,
-                        )["ETag"]
+                    if on_part is not None:
+                        # Readable, and said so, before the server copies it into the upload.
+                        self._put_part(key, number, spool.path, start, length, sent)
+                        on_part(index, sha256, length)
+                        etag = self._copy_part(key, upload_id, number)
+                    else:
+                        # The part streams from the spool file: no part is ever held in memory whole.
+                        with ReadFileChunk.from_filename(
+                            str(spool.path), start, length, enable_callbacks=False
+                        ) as body:
+                            etag = self._s3.upload_part(  # ReadFileChunk is the seekable body botocore streams
+                                Bucket=self.bucket,
+                                Key=key,
+                                UploadId=upload_id,
+                                PartNumber=number,
+                                Body=body,  # type: ignore[arg-type]
+                                ChecksumCRC32=sent,
+                            )["ETag"]
+                elif on_part is not None:  # stored before a restart: readable as the archive's range once complete
+                    on_part(index, sha256, length)
                 with lock:
                     parts[number] = {"PartNumber": number, "ETag": etag, "ChecksumCRC32": sent}
                     done += length
@@ -208,7 +240,71 @@ class ArchiveStore:
             )
         except (SpoolFailed, Cancelled):
             self._abort(key, upload_id)
+            if on_part is not None:
+                self.delete_parts(key)
             raise
+        if on_part is not None:
+            self.delete_parts(key)
+
+    def _put_part(self, key: str, number: int, path: Path, start: int, length: int, sent: str) -> None:
+        """Store one part as an object of its own, with the CRC32 of the bytes the spool wrote."""
+        part = layout.part_key(key, number)
+        with ReadFileChunk.from_filename(str(path), start, length, enable_callbacks=False) as body:
+            self._s3.put_object(Bucket=self.bucket, Key=part, Body=body, ChecksumCRC32=sent)  # type: ignore[arg-type]
+
+    def _copy_part(self, key: str, upload_id: str, number: int) -> str:
+        """Have the server copy a stored part into the upload (UploadPartCopy), keeping its CRC32."""
+        part = layout.part_key(key, number)
+        copied = self._s3.upload_part_copy(
+            Bucket=self.bucket,
+            Key=key,
+            UploadId=upload_id,
+            PartNumber=number,
+            CopySource={"Bucket": self.bucket, "Key": part},
+        )
+        return str(copied["CopyPartResult"]["ETag"])
+
+    def part_keys(self, key: str) -> list[str]:
+        """The part objects of a streamed archive still in the bucket."""
+        found: list[str] = []
+        for page in self._s3.get_paginator("list_objects_v2").paginate(
+            Bucket=self.bucket, Prefix=key + layout.PART_INFIX
+        ):
+            found += [str(o["Key"]) for o in page.get("Contents", [])]
+        return found
+
+    def delete_parts(self, key: str) -> int:
+        """Remove the part objects of a streamed archive; returns how many there were."""
+        keys = self.part_keys(key)
+        for start in range(0, len(keys), 1000):
+            objects: list[ObjectIdentifierTypeDef] = [{"Key": k} for k in keys[start : start + 1000]]
+            self._s3.delete_objects(Bucket=self.bucket, Delete={"Objects": objects, "Quiet": True})
+        return len(keys)
+
+    def read_part(self, key: str, number: int, start: int, length: int) -> bytearray:
+        """Part `number` of a streamed archive: its own object while it streams, else the range of
+        the completed archive (the part objects go once it is completed). Raises ArchiveMissing."""
+        try:
+            body = self._s3.get_object(Bucket=self.bucket, Key=layout.part_key(key, number))["Body"]
+        except ClientError as e:
+            if _code(e) not in ("404", "NoSuchKey", "NotFound"):
+                raise
+            try:
+                end = start + length - 1
+                body = self._s3.get_object(Bucket=self.bucket, Key=key, Range=f"bytes={start}-{end}")["Body"]
+            except ClientError as e2:
+                if _code(e2) in ("404", "NoSuchKey", "NotFound", "InvalidRange"):
+                    raise ArchiveMissing(
+                        f"part {number} of {self.uri(key)} is in the bucket neither alone nor in the archive"
+                    ) from None
+                raise
+        limiter = self.transfer.download_limiter
+        data = bytearray()
+        with body:
+            for chunk in body.iter_chunks(READ_SIZE):
+                limiter.take(len(chunk))
+                data += chunk
+        return data
 
     def _parts(self, key: str, upload_id: str) -> dict[int, Any] | None:
         """The parts of an open upload by number; None once it is no longer open."""
@@ -275,9 +371,9 @@ class ArchiveStore:
 
     # --- small objects ---------------------------------------------------------------------------
 
-    def put_manifest(self, directory: str, manifest: dict[str, Any]) -> str:
+    def put_manifest(self, directory: str, document: dict[str, Any]) -> str:
         """Write the manifest of `directory`; returns the sha256 of the bytes written."""
-        body = manifest_body(manifest)
+        body = manifest.body(document)
         self._s3.put_object(
             Bucket=self.bucket, Key=f"{directory}/{layout.MANIFEST}", Body=body, ContentType="application/json"
         )
@@ -411,7 +507,7 @@ class ArchiveStore:
                         done += len(data)
                         on_progress(done, total)
 
-                sink = _Plaintext(_Capped(out, limit, self.uri(key)))
+                sink = PlaintextSink(CappedFile(out, limit, self.uri(key)))
                 try:
                     parts = stored()
                     first = next(parts, None)
@@ -443,7 +539,7 @@ class ArchiveTooLarge(CorruptArchive):
     """The archive inflates past what may be written for it on the node."""
 
 
-class _Capped:
+class CappedFile:
     """The node-side file of a download, refusing to grow past `limit` bytes."""
 
     def __init__(self, out: BinaryIO, limit: int | None, uri: str) -> None:
@@ -463,10 +559,10 @@ class _Capped:
         return self._out.write(data)
 
 
-class _Plaintext:
+class PlaintextSink:
     """Where the plaintext of an archive goes: decompressed on the way when it is zstd."""
 
-    def __init__(self, out: _Capped) -> None:
+    def __init__(self, out: CappedFile) -> None:
         self._out = out
         self._sink: Any = None
 
@@ -484,11 +580,6 @@ class _Plaintext:
     def flush(self) -> None:
         if self._sink is not None and self._sink is not self._out:
             self._sink.flush()
-
-
-def manifest_body(manifest: dict[str, Any]) -> bytes:
-    """A manifest's bytes as stored: readable JSON, its fields in the writer's order."""
-    return json.dumps(manifest, indent=2).encode()
 
 
 def _code(error: ClientError) -> str:

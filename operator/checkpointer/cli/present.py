@@ -15,7 +15,7 @@ from typing import Any
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
-from checkpointer.archive import signature
+from checkpointer.archive.manifest import ALGORITHM, SIGNATURE, Untrusted, verify
 from checkpointer.conditions import parse_time
 from checkpointer.logs import escaped
 from checkpointer.models import ObjectStatus
@@ -292,14 +292,14 @@ def archive_cells(entry: Mapping[str, Any]) -> list[str]:
 
 def signature_state(manifest: Mapping[str, Any], keys: Mapping[str, Ed25519PublicKey] | None, unchecked: str) -> str:
     """Whether this cluster's controller signed the manifest; `keys` None when they could not be read."""
-    signed = manifest.get(signature.SIGNATURE)
+    signed = manifest.get(SIGNATURE)
     if signed is None:
         return "unsigned (a restore needs a storage with acceptUnsignedArchives)"
     kid = str(signed.get("keyID") or "")[:16] if isinstance(signed, Mapping) else ""
     if keys is None:
         return f"signed by key {kid}, not verified: {unchecked}"
     try:
-        signature.verify(manifest, keys)
-    except signature.Untrusted as e:
+        verify(manifest, keys)
+    except Untrusted as e:
         return f"INVALID: {e}"
-    return f"valid, {signature.ALGORITHM} key {kid}"
+    return f"valid, {ALGORITHM} key {kid}"

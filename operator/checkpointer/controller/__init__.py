@@ -407,6 +407,8 @@ class _ArchiveDeletion:
             # for its folder holds its uid (layout.archive_dir), and its agent is done with them.
             for key in sorted(uploads - objects):
                 store.abort_uploads(key)
+            for key in sorted(uploads):
+                store.delete_parts(key)  # a streamed archive's parts (layout.part_key) a killed agent left
             if not objects:
                 return None
             return store.delete_keys(objects)

@@ -3,10 +3,11 @@ kept on the node only, its agent ends itself).
 
 The agent stores the archives, writes their manifest unsigned and hands the object over (phase
 Uploading, reason Signing). The Signer holds the key, takes the hand-over from the watch event,
-signs through services/signing.py (which decides whether the manifest may be signed) and writes
-Succeeded there, or Failed here when it may not. A manifest the bucket did not take while it was
-away is signed again by one loop of the controller's own (Signer.sign_again), not by a kopf timer:
-a timer on checkpoints makes kopf keep every checkpoint's latest body in memory.
+signs through services/signing.py (which checks the manifest against the object with
+archive/manifest.py) and writes Succeeded there, or Failed here when it may not. A manifest the
+bucket did not take while it was away is signed again by one loop of the controller's own
+(Signer.sign_again), not by a kopf timer: a timer on checkpoints makes kopf keep every checkpoint's
+latest body in memory.
 """
 
 from __future__ import annotations

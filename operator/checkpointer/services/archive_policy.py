@@ -215,11 +215,7 @@ def require_safe_unpacking(path: Path) -> None:
     except CorruptArchive as e:
         raise Failure(Reason.ARCHIVE_CORRUPT, f"{e}; nothing was restored") from None
     if why is not None:
-        raise Failure(
-            Reason.ARCHIVE_NOT_PERMITTED,
-            f"the archive holds {why}: podman would unpack it outside the container on the node; no "
-            "restore may restore it, in any namespace; nothing was restored",
-        )
+        raise not_unpackable(why)
 
 
 def unpacking_refusal(members: Iterable[Member]) -> str | None:
@@ -231,29 +227,55 @@ def unpacking_refusal(members: Iterable[Member]) -> str | None:
     are absolute, under the container's root), `..` or a path below a symlink member of
     rootfs-diff.tar. Raises CorruptArchive past SYMLINKS_LIMIT symlink members or DELETED_LIMIT paths.
     """
-    symlinks: set[tuple[str, str]] = set()
-    deleted: list[str] = []
+    judge = UnpackingJudge()
     for member in members:
+        why = judge.member(member)
+        if why is not None:
+            return why
+    return judge.finish()
+
+
+class UnpackingJudge:
+    """unpacking_refusal one member at a time, for an archive judged while it streams: each member
+    is judged before its bytes go on to podman, and `finish` judges what only the whole can tell
+    (deleted.files against the symlinks of rootfs-diff.tar, which podman applies after unpacking)."""
+
+    def __init__(self) -> None:
+        self.symlinks: set[tuple[str, str]] = set()
+        self.deleted: list[str] = []
+
+    def member(self, member: Member) -> str | None:
         if member.kind == "deleted":
             if ".." in member.name.split("/"):
                 return f"{member.tar} path {member.name!r}, a path with '..'"
-            if len(deleted) >= DELETED_LIMIT:
+            if len(self.deleted) >= DELETED_LIMIT:
                 raise CorruptArchive(f"the archive's {member.tar} lists more than {DELETED_LIMIT} paths")
-            deleted.append(member.name)
-            continue
-        why = member_refusal(member, symlinks)
+            self.deleted.append(member.name)
+            return None
+        why = member_refusal(member, self.symlinks)
         if why is not None:
             return why
         if member.kind == "symlink":
-            if len(symlinks) >= SYMLINKS_LIMIT:
+            if len(self.symlinks) >= SYMLINKS_LIMIT:
                 raise CorruptArchive(f"the archive holds more than {SYMLINKS_LIMIT} symlinks")
-            symlinks.add((member.tar, _tree_path(member.name)))
-    # Podman removes them after it unpacked rootfs-diff.tar, whose symlinks then stand above them.
-    for path in deleted:
-        link = _symlink_above(ROOTFS_DIFF, _tree_path(path), symlinks)
-        if link is not None:
-            return f"deleted.files path {path!r}, below {ROOTFS_DIFF} symlink member {link!r}"
-    return None
+            self.symlinks.add((member.tar, _tree_path(member.name)))
+        return None
+
+    def finish(self) -> str | None:
+        # Podman removes them after it unpacked rootfs-diff.tar, whose symlinks then stand above them.
+        for path in self.deleted:
+            link = _symlink_above(ROOTFS_DIFF, _tree_path(path), self.symlinks)
+            if link is not None:
+                return f"deleted.files path {path!r}, below {ROOTFS_DIFF} symlink member {link!r}"
+        return None
+
+
+def not_unpackable(why: str) -> Failure:
+    return Failure(
+        Reason.ARCHIVE_NOT_PERMITTED,
+        f"the archive holds {why}: podman would unpack it outside the container on the node; no "
+        "restore may restore it, in any namespace; nothing was restored",
+    )
 
 
 def member_refusal(member: Member, symlinks: Set[tuple[str, str]]) -> str | None:

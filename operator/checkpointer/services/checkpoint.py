@@ -15,7 +15,6 @@ from __future__ import annotations
 import contextlib
 import errno
 import functools
-import hashlib
 import logging
 import os
 import posixpath
@@ -30,7 +29,7 @@ from typing import Any
 from checkpointer import layout, metrics
 from checkpointer.adapters.kube import CHECKPOINTS
 from checkpointer.adapters.podman import Container, PodmanError, checkpoint_in_progress, criu_supports
-from checkpointer.archive import encryption
+from checkpointer.archive import manifest
 from checkpointer.archive import spool as spooling
 from checkpointer.archive.codec import Chunk
 from checkpointer.archive.ledger import KeptCheckpoint, OpenUpload
@@ -41,6 +40,7 @@ from checkpointer.conditions import now
 from checkpointer.errors import Failure, Retry
 from checkpointer.models import (
     Archive,
+    ArchiveStream,
     CheckpointSpec,
     CheckpointStatus,
     Compression,
@@ -57,8 +57,46 @@ from checkpointer.status import Conflict, StatusWriter, post_event
 
 log = logging.getLogger(__name__)
 ACTIVE = (Phase.SCHEDULED, Phase.CHECKPOINTING, Phase.UPLOADING)
-# The files of an archive that say how podman builds the container, by their field in the manifest.
-CONFIGURATION = {"config.dump": "configDumpSHA256", "spec.dump": "specDumpSHA256"}
+# Asks that the archive's parts be readable while they land, for a restore that follows the checkpoint.
+STREAM_ANNOTATION = "checkpointer.dev/stream"
+# How often the parts that landed are published in status at most, but for the last.
+STREAM_WRITE_SECONDS = 0.2
+
+
+def streams_parts(body: dict[str, Any]) -> bool:
+    """Whether a checkpoint makes its parts readable as they land (status.streams): one a
+    ContainerMigration owns, or one annotated checkpointer.dev/stream: "true". Pure.
+
+    Streaming costs the bucket a server-side copy of every part, so a checkpoint nobody follows
+    does without it."""
+    meta = body.get("metadata") or {}
+    if (meta.get("annotations") or {}).get(STREAM_ANNOTATION) == "true":
+        return True
+    return any(
+        o.get("kind") == "ContainerMigration" and str(o.get("apiVersion", "")).startswith("checkpointer.dev/")
+        for o in meta.get("ownerReferences") or []
+    )
+
+
+@dataclass
+class Stream:
+    """What status.streams says of one archive: its key and the sha256 of each part that landed, in order."""
+
+    container: str
+    key: str
+    part_size: int
+    landed: dict[int, str] = field(default_factory=dict)
+    size: int | None = None
+
+    def entry(self) -> dict[str, Any]:
+        parts: list[str] = []
+        while len(parts) in self.landed:
+            parts.append(self.landed[len(parts)])
+        entry: dict[str, Any] = {"container": self.container, "key": self.key, "partSize": self.part_size}
+        entry["parts"] = parts
+        if self.size is not None:
+            entry["size"] = self.size
+        return entry
 
 
 def select_targets(
@@ -122,6 +160,7 @@ def run(node: Node, body: dict[str, Any]) -> None:
     meta = ccp.metadata
     status = StatusWriter(node.kube, CHECKPOINTS, body)
     job = Checkpoint(node, ccp, status, WorkFolder.of(node.settings.spool_dir, CHECKPOINT, meta))
+    job.streaming = streams_parts(body)
     if signing_requested(ccp.status):
         # Stored and handed to the controller to sign: never checkpointed again. What it left on the
         # node waits for the controller's word, unless the object is being deleted (settle).
@@ -220,10 +259,15 @@ class Checkpoint:
     # The age recipients of the storage's encryption Secret; empty: archives are stored as they are.
     recipients: tuple[str, ...] = ()
     # Each container's configuration digests, and its inspection, once read (see configuration()).
-    configs: dict[str, dict[str, str]] = field(default_factory=dict)
+    configs: dict[str, manifest.Configuration] = field(default_factory=dict)
     inspected: dict[str, Container | None] = field(default_factory=dict)
     # When podman was first asked to stop a container (status.frozenTime): a migration's downtime starts here.
     frozen: str = ""
+    # By container: the archives whose parts land readable (streams_parts), as published.
+    streaming: bool = False
+    streams: dict[str, Stream] = field(default_factory=dict)
+    _streamed_at: float = 0.0
+    _stream_lock: threading.Lock = field(default_factory=threading.Lock)
 
     @property
     def spec(self) -> CheckpointSpec:
@@ -262,11 +306,11 @@ class Checkpoint:
                 self.status.write(CheckpointStatus(archives=list(archives.values())))
         if store is not None:
             started = self.status.phased.start_time or now(precise=True)
-            entries = [{**self.manifest_entry(a), **self.spool_facts(a["container"])} for a in _dump(archives.values())]
-            manifest = layout.manifest(self.ccp, entries, self.node.host(), started, now(precise=True))
+            entries = [self.manifest_entry(a) for a in archives.values()]
+            document = manifest.Manifest.of(self.ccp, entries, self.node.host(), started, now(precise=True)).document()
             began = time.monotonic()
             try:
-                sha256 = store.put_manifest(directory, manifest)
+                sha256 = store.put_manifest(directory, document)
             except StorageError as e:
                 raise Retry(Reason.UPLOAD_RETRYING, f"the manifest could not be written: {e}", delay=5) from None
             self.status.steps.took("manifest", began)
@@ -501,9 +545,42 @@ class Checkpoint:
             if self.status.deleting:
                 self.cancelled.set()
 
+        on_part = None
+        if self.streaming:
+            stream = self.streams.setdefault(target.name, Stream(target.name, key, spool.part_size))
+
+            def on_part(index: int, sha256: str, length: int) -> None:
+                with self._stream_lock:
+                    stream.landed[index] = sha256
+                    last = length < spool.part_size
+                    if last:
+                        stream.size = index * spool.part_size + length
+                self.publish_streams(force=last)
+
         store.upload(
-            key, spool, upload_id=state.upload_id, on_started=started, on_progress=progress, cancelled=self.cancelled
+            key,
+            spool,
+            upload_id=state.upload_id,
+            on_started=started,
+            on_progress=progress,
+            cancelled=self.cancelled,
+            on_part=on_part,
         )
+        if on_part is not None:
+            stream = self.streams[target.name]
+            stream.size = spool.verdict()
+            self.publish_streams(force=True)
+
+    def publish_streams(self, force: bool) -> None:
+        """status.streams: the parts that landed, for a restore that reads them as they do. Like
+        progress, informative until the end: a write that fails is skipped, the next carries it."""
+        with self._stream_lock:
+            if not force and time.monotonic() - self._streamed_at < STREAM_WRITE_SECONDS:
+                return
+            self._streamed_at = time.monotonic()
+            entries = [ArchiveStream.model_validate(s.entry()) for s in self.streams.values()]
+        with contextlib.suppress(Exception):
+            self.status.write(CheckpointStatus(streams=entries), patient=force)
 
     def confirm(self, target: Target, store: ArchiveStore, key: str, record: SpoolRecord) -> None:
         """Stored equals reported: the object's size and part checksums are the spool's."""
@@ -621,6 +698,8 @@ class Checkpoint:
         ids = {state.upload_id} if state is not None and state.key == key and state.upload_id else set()
         ids |= {u.upload_id for u in self.node.ledger.uploads() if (u.uid, u.key) == (uid, key)}
         aborted = sum(store.abort_upload(key, upload_id) for upload_id in sorted(ids))
+        if self.streaming:
+            store.delete_parts(key)  # the parts a restore could read go with the upload
         self.node.ledger.upload_done(uid, key)
         return aborted
 
@@ -674,27 +753,29 @@ class Checkpoint:
         given = [self.give_back(t, Reason.CANCELLED, why, abort if t == current else None, key) for t in ordered]
         return Failure(Reason.CANCELLED, "; ".join([why] + [g.message.removeprefix(why + "; ") for g in given]))
 
-    def configuration(self, target: Target) -> dict[str, str]:
-        """The sha256 of the container's config.dump and spec.dump, as podman's local checkpoint holds
-        them: the same files its export put into the archive. Empty when they cannot be read."""
+    def configuration(self, target: Target) -> manifest.Configuration:
+        """The digests of the container's config.dump and spec.dump, as podman's local checkpoint holds
+        them: the same files its export put into the archive. None for those that cannot be read."""
         if target.name in self.configs:
             return self.configs[target.name]
-        found: dict[str, str] = {}
+        files: dict[str, bytes] = {}
         try:
             container = self.inspected[target.name] = self.node.runtime.inspect(target.name)
             folder = container.static_dir if container else ""
-            for name, field in CONFIGURATION.items() if folder else ():
+            for name in manifest.CONFIGURATION_FILES if folder else ():
                 content = self.node.runtime.read_file(f"{folder}/{name}")
                 if content is not None:
-                    found[field] = hashlib.sha256(content).hexdigest()
+                    files[name] = content
         except Exception as e:  # the archive's sha256 binds its configuration all the same
             log.warning("could not read the configuration of %s: %s", target.name, e)
-        self.configs[target.name] = found
+        found = self.configs[target.name] = manifest.Configuration.of(files)
         return found
 
-    def manifest_entry(self, archive: dict[str, Any]) -> dict[str, Any]:
-        target = next((t for t in self.all_targets if t.name == archive["container"]), None)
-        return {**archive, **(self.configuration(target) if target else {})}
+    def manifest_entry(self, archive: Archive) -> manifest.Entry:
+        """The archive's entry in the manifest, from what this node knows of it beyond status."""
+        target = next((t for t in self.all_targets if t.name == archive.container), None)
+        configuration = self.configuration(target) if target else manifest.Configuration()
+        return manifest.entry(archive, configuration, self.folder.spool_record(archive.container))
 
     def release_local_checkpoint(self, target: Target) -> None:
         """The archive is in the bucket: what `--keep` kept on the node is no longer the only copy."""
@@ -773,18 +854,3 @@ class Checkpoint:
 
     def spool_path(self, target: Target) -> Path:
         return self.folder.file(posixpath.basename(self.key("", target, None)))
-
-    def spool_facts(self, container: str) -> dict[str, Any]:
-        """What the manifest says of an archive beyond its status: the size it inflates to (the bound
-        of a restore's download) and the recipients it is encrypted to."""
-        record = self.folder.spool_record(container)
-        facts: dict[str, Any] = {}
-        if record is not None and record.uncompressed_size is not None:
-            facts["uncompressedSize"] = record.uncompressed_size
-        if record is not None and record.recipients:
-            facts["encryption"] = {"format": encryption.FORMAT, "recipients": list(record.recipients)}
-        return facts
-
-
-def _dump(archives: Iterable[Archive]) -> list[dict[str, Any]]:
-    return [a.model_dump(by_alias=True, exclude_none=True) for a in archives]

@@ -16,7 +16,7 @@ import posixpath
 import re
 import threading
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,6 +25,7 @@ from typing import Any
 from checkpointer import layout, metrics
 from checkpointer.adapters.kube import RESTORES
 from checkpointer.adapters.podman import Container, Labelled, PodmanError, Runtime
+from checkpointer.archive import manifest
 from checkpointer.archive.codec import ContainerConfiguration, CorruptArchive, read_configuration
 from checkpointer.archive.encryption import Keys
 from checkpointer.archive.ledger import KeptCheckpoint
@@ -132,11 +133,18 @@ def _run(node: Node, crst: ContainerRestore, status: StatusWriter, folder: WorkF
     if archive is None:
         raise Failure(Reason.ARCHIVE_NOT_FOUND, "the controller resolved no archive for this restore")
     folder.create()
+    if not archive.key:  # its checkpoint still ran when the controller scheduled it
+        from checkpointer.services import pipeline
+
+        followed = pipeline.follow(node, crst, status, folder)
+        if followed is None:
+            return  # restored from the parts as they landed
+        archive = followed
     store = node.store(archive.storage_ref)
     status.phase(Phase.DOWNLOADING, Reason.DOWNLOADING, f"downloading {store.uri(archive.key)}")
     began = time.monotonic()
     # Before a byte is fetched: is it an archive this cluster's controller signed?
-    trust = _trust(node, store, archive.storage_ref, archive.key)
+    trust = trust_of(node, store, archive.storage_ref, archive.key)
     expected = archive.sha256 or trust.sha256
     path = folder.file(_local_name(archive.key))
     keys = node.encryption(archive.storage_ref)
@@ -163,7 +171,7 @@ def _run(node: Node, crst: ContainerRestore, status: StatusWriter, folder: WorkF
         raise Failure(Reason.ARCHIVE_CORRUPT, f"{e}; nothing was restored") from None
     archive_policy.require_safe_unpacking(path)  # every restore's: it guards the node, not the namespace
     config = configuration.config
-    _check_policy(node, crst, configuration)
+    check_policy(node, crst, configuration)
     previous = _previous(node, crst.spec.previous, folder, status) if crst.spec.previous else None
 
     name = crst.spec.name or str(config.get("name") or "")
@@ -171,12 +179,12 @@ def _run(node: Node, crst: ContainerRestore, status: StatusWriter, folder: WorkF
     # From "is the name free?" to the cleanup of a failure, one restore at a time holds the name (and
     # the volumes): a later restore of the same name sees the earlier one's container, never removes it.
     with CLAIMS.hold([f"container {name}", *(f"volume {v}" for v in volumes)]):
-        spec, before, stale = _check_node(node, crst, config, name, volumes)
+        spec, before, stale = check_node(node, crst, config, name, volumes)
         status.steps.took("verify", began)
-        _restore(node, crst, status, folder, spec, path, previous, name, before, config, stale)
+        run_podman(node, crst, status, folder, spec, path, previous, name, before, config, stale=stale)
 
 
-def _restore(
+def run_podman(
     node: Node,
     crst: ContainerRestore,
     status: StatusWriter,
@@ -187,8 +195,11 @@ def _restore(
     name: str,
     before: set[str],
     config: dict[str, Any],
+    podman: Callable[[RestoreSpec], dict[str, Any]] | None = None,
     stale: Container | None = None,
 ) -> None:
+    """Podman restores; `podman` instead of the runtime's import of `path`, for an archive that
+    streams (services/pipeline.py)."""
     runtime = node.runtime
     folder.mark(RESTORING)
     if stale is not None:
@@ -210,9 +221,13 @@ def _restore(
     log.info("restore %s/%s: podman restores %s", crst.metadata.namespace, crst.metadata.name, name or "the container")
     try:
         with status.steps.step("restore", container=name):
-            stats = runtime.restore(spec, path, previous)
+            stats = podman(spec) if podman is not None else runtime.restore(spec, path, previous)
         # Podman returns once the container runs: taken here, before the inspection and the write.
         running = now(precise=True)
+    except Failure:
+        # The stream stopped before podman had all of it: what podman made of it goes.
+        _remove_half_restored(node, name, before, None if spec.name else str(config.get("id") or "") or None)
+        raise
     except PodmanError as e:
         reason = classify(e, Reason.RESTORE_FAILED)
         if reason is not Reason.NAME_IN_USE:  # podman created nothing: the name was another's
@@ -234,7 +249,7 @@ def _restore(
     log.info("restore %s/%s: restored %s", crst.metadata.namespace, crst.metadata.name, name or "the container")
 
 
-def _check_node(
+def check_node(
     node: Node, crst: ContainerRestore, config: dict[str, Any], name: str, volumes: list[str]
 ) -> tuple[RestoreSpec, set[str], Container | None]:
     """Asks the node's podman what the restore needs, and judges the answers: the restore's pod, the
@@ -315,7 +330,7 @@ def stopped_self(holder: Container, config: dict[str, Any], crst: ContainerResto
     )
 
 
-def _check_policy(node: Node, crst: ContainerRestore, configuration: ContainerConfiguration) -> None:
+def check_policy(node: Node, crst: ContainerRestore, configuration: ContainerConfiguration) -> None:
     """Refuses an archive that asks for more than an ordinary container gets, unless the restore's
     namespace is an admin namespace (services/archive_policy.py)."""
     namespace = crst.metadata.namespace
@@ -365,7 +380,7 @@ def _fetch(
     key: str,
     path: Path,
     status: StatusWriter,
-    trust: signing.Trust,
+    trust: manifest.Trust,
     storage: str = "",
 ) -> str:
     # The stated size is of the tar: only a zstd archive is decompressed on the way.
@@ -395,7 +410,7 @@ def _previous(node: Node, ref: PreviousArchive, folder: WorkFolder, status: Stat
     store = node.store(NameRef(name=storage.metadata.name))
     key = layout.resolve_archive_key(store.prefix, namespace, ArchiveRef(key=ref.key), node.settings.admins)
     path = folder.file("previous-" + _local_name(key))
-    trust = _trust(node, store, NameRef(name=storage.metadata.name), key)
+    trust = trust_of(node, store, NameRef(name=storage.metadata.name), key)
     keys = node.encryption(NameRef(name=storage.metadata.name))
     digest = _fetch(node.settings, store, keys, key, path, status, trust, storage.metadata.name)
     if trust.signed and digest != trust.sha256:
@@ -408,7 +423,7 @@ def _previous(node: Node, ref: PreviousArchive, folder: WorkFolder, status: Stat
     return path
 
 
-def _trust(node: Node, store: ArchiveStore, ref: NameRef, key: str) -> signing.Trust:
+def trust_of(node: Node, store: ArchiveStore, ref: NameRef, key: str) -> manifest.Trust:
     storage = node.kube.storage(ref.name)
     accept_unsigned = bool(storage and storage.spec.accept_unsigned_archives)
     return signing.archive_trust(store, key, accept_unsigned, lambda: signing.published_keys(node.kube, node.settings))

@@ -178,6 +178,10 @@ def require_previous(kube: Kube, ccp: ContainerCheckpoint) -> None:
         )
 
 
+# The phases of a checkpoint that may still succeed.
+RUNNING = (None, "", Phase.PENDING, Phase.SCHEDULED, Phase.CHECKPOINTING, Phase.UPLOADING)
+
+
 def resolve_restore_archive(kube: Kube, crst: ContainerRestore, admins: frozenset[str]) -> ResolvedArchive:
     source = crst.spec.source
     namespace = crst.metadata.namespace
@@ -196,6 +200,13 @@ def resolve_restore_archive(kube: Kube, crst: ContainerRestore, admins: frozense
     if obj is None:
         raise Failure(Reason.CHECKPOINT_NOT_FOUND, f"ContainerCheckpoint {ref.name!r} does not exist")
     ccp = ContainerCheckpoint.model_validate(obj)
+    if ccp.status.phase in RUNNING and ccp.spec.export is not None:
+        # Accepted while the checkpoint runs: the node's agent follows it, reading its parts as they
+        # land when it streams them, and restores nothing unless it succeeds (services/pipeline.py).
+        # Its folder is in this namespace, as any checkpointRef's.
+        ref_storage = ccp.status.storage_ref or ccp.spec.export.storage_ref
+        storage = choose_storage(ref_storage, kube.storages(), namespace=namespace)
+        return ResolvedArchive(storage_ref=NameRef(name=storage.metadata.name))
     if ccp.status.phase != Phase.SUCCEEDED:
         raise Failure(
             Reason.CHECKPOINT_NOT_READY,

@@ -1,0 +1,280 @@
+"""Downtime of a move from one node to another: container stopped on the source -> running on the target.
+
+Three ways, in interleaved rounds of one invocation (the order rotates from round to round):
+
+(m) checkpointer: a ContainerCheckpoint (export, zstd, streaming its parts) and, created with it, a
+    ContainerRestore on the other node whose checkpointRef names it: the restore reads the parts as
+    they land and podman imports while they arrive (services/pipeline.py). Until the
+    ContainerMigration kind lands, this is what a migration does.
+(s) the script a user would write: `podman container checkpoint --export --compress zstd` to disk,
+    boto3 upload_file, boto3 download_file on the other node, `podman container restore --import`.
+(f) the local floor: `--export --compress none` to tmpfs and `--import` of it on the same node.
+
+Downtime for (m) runs from CRIU's freeze (the source agent's step line `checkpoint` began then,
+within the podman call; the freeze is its first act) to the restore's Succeeded; the benchmark
+takes it as from creating the two objects to the restore's Succeeded, which adds the scheduling
+before the freeze (about 0.1 s) to it. (s) and (f) are timed around the commands. Where the time
+goes inside (m) comes from the agents' own timestamps: status startTime and completionTime of the
+two objects, and their step lines (checkpoint, upload, first-part, restore).
+
+Both agents run the CLI runtime (podman compresses the export, and a FIFO feeds the import).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import re
+import signal
+import sys
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlparse
+
+import kubernetes
+
+from bench.datapath import LOOPBACK, reflink_filesystem, shaped_link
+from bench.stats import median, memory_kib, reset_peak, settle, spread, timer
+from localenv.env import LocalEnv
+from localenv.images import MEMORY, owned_by, wait_for_log
+from localenv.procs import REPO_ROOT
+
+GROUP, VERSION = "checkpointer.dev", "v1alpha1"
+SOURCE, TARGET = "node-a", "node-b"
+STREAM = {"checkpointer.dev/stream": "true"}
+
+
+def _time(value: str | None) -> float:
+    if not value:
+        return float("nan")
+    return datetime.datetime.fromisoformat(value.replace("Z", "+00:00")).timestamp()
+
+
+class Downtime:
+    def __init__(self, env: LocalEnv) -> None:
+        self.env = env
+        api = kubernetes.config.new_client_from_config(config_file=str(env.kubeconfig))  # type: ignore[no-untyped-call]
+        self.custom = kubernetes.client.CustomObjectsApi(api)
+        self.s3 = env.s3.client()
+        self.source = env.nodes[SOURCE]
+        self.target = env.nodes[TARGET]
+        for name in (SOURCE, TARGET):
+            env.supervisor.stop(f"agent-{name}")
+            env.start_agent(name, {"CHECKPOINTER_PODMAN_MODE": "cli"})
+        self.rounds = 0
+
+    def _agent_pid(self, node: str) -> int:
+        return next(p for p in self.env.supervisor.processes if p.name == f"agent-{node}").popen.pid
+
+    def _workload(self, size_mib: int) -> str:
+        name = f"mem-{uuid.uuid4().hex[:6]}"
+        self.source.podman("run", "-d", *owned_by("default"), "--name", name, MEMORY, str(size_mib))
+        wait_for_log(self.source, name, "ready", timeout=120 + size_mib / 20)
+        return name
+
+    def _get(self, plural: str, name: str) -> dict[str, Any]:
+        return self.custom.get_namespaced_custom_object(GROUP, VERSION, "default", plural, name)  # type: ignore[return-value]
+
+    def _wait(self, plural: str, name: str, timeout: float = 1800) -> dict[str, Any]:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            obj = self._get(plural, name)
+            phase = (obj.get("status") or {}).get("phase")
+            if phase == "Failed":
+                raise RuntimeError(f"{plural}/{name} failed: {json.dumps(obj['status'])[:2000]}")
+            if phase == "Succeeded":
+                return obj
+            time.sleep(0.02)
+        raise TimeoutError(f"{plural}/{name} did not finish in {timeout}s")
+
+    def _create(self, plural: str, kind: str, name: str, spec: dict[str, Any], **meta: Any) -> None:
+        body = {"apiVersion": f"{GROUP}/{VERSION}", "kind": kind, "metadata": {"name": name, **meta}, "spec": spec}
+        self.custom.create_namespaced_custom_object(GROUP, VERSION, "default", plural, body)
+
+    def _delete(self, plural: str, name: str) -> None:
+        self.custom.delete_namespaced_custom_object(GROUP, VERSION, "default", plural, name)
+
+    def checkpointer(self, size_mib: int) -> dict[str, Any]:
+        name = self._workload(size_mib)
+        ccp, crst = f"mig-{uuid.uuid4().hex[:8]}", f"mig-{uuid.uuid4().hex[:8]}"
+        pids = {node: self._agent_pid(node) for node in (SOURCE, TARGET)}
+        for pid in pids.values():
+            reset_peak(pid)
+        settle()
+        since = time.time()
+        with timer() as took:
+            spec = {"nodeName": SOURCE, "containers": [name], "export": {}, "compress": "zstd"}
+            self._create("containercheckpoints", "ContainerCheckpoint", ccp, spec, annotations=STREAM)
+            self._create(
+                "containerrestores",
+                "ContainerRestore",
+                crst,
+                {"nodeName": TARGET, "source": {"checkpointRef": {"name": ccp}}},
+            )
+            restored = self._wait("containerrestores", crst)
+        seconds = took()
+        checkpoint = self._get("containercheckpoints", ccp)
+        cs, rs = checkpoint["status"], restored["status"]
+        result = {
+            "seconds": seconds,
+            "sourceRssMiB": memory_kib(pids[SOURCE], "VmHWM") / 1024,
+            "targetRssMiB": memory_kib(pids[TARGET], "VmHWM") / 1024,
+            "archiveBytes": int(cs["archives"][0]["size"]),
+            # The agents' own clocks, relative to the creation of the objects.
+            "checkpointStart": _time(cs.get("startTime")) - since,
+            "checkpointDone": _time(cs.get("completionTime")) - since,
+            "restoreStart": _time(rs.get("startTime")) - since,
+            "restoreDone": _time(rs.get("completionTime")) - since,
+            "steps": self._steps(ccp, crst),
+        }
+        self.target.podman("rm", "-f", name)
+        self.source.podman("rm", "-f", name)
+        self._delete("containerrestores", crst)
+        self._delete("containercheckpoints", ccp)
+        return result
+
+    def _steps(self, ccp: str, crst: str) -> dict[str, float]:
+        """The agents' step lines of the two objects: each step's duration in seconds."""
+        found: dict[str, float] = {}
+        for process, name, kind in (
+            (f"agent-{SOURCE}", ccp, "checkpoint"),
+            ("controller", ccp, "checkpoint"),  # its signing
+            (f"agent-{TARGET}", crst, "restore"),
+        ):
+            log = self.env.workdir / "logs" / f"{process}.log"
+            if not log.exists():
+                continue
+            for line in log.read_text(errors="replace").splitlines():
+                if f"{kind} default/{name} " not in line:
+                    continue
+                step = re.search(r" step=(\S+)", line)
+                took = re.search(r" took=([0-9.]+)", line)
+                if step and took:
+                    found[f"{kind}.{step[1]}"] = float(took[1])
+        return found
+
+    def script(self, size_mib: int) -> float:
+        name = self._workload(size_mib)
+        path = self.source.spool_dir / f"{name}.tar.zst"
+        there = self.target.spool_dir / f"{name}.tar.zst"
+        # Not shaped as a checkpoint's key (<namespace>/<folder>/<container>.tar…): the agents' bucket
+        # sweep aborts open uploads of such keys that no checkpoint writes.
+        key = f"bench-script/{name}.tar.zst.script"
+        settle()
+        with timer() as took:
+            self.source.podman("container", "checkpoint", f"--export={path}", "--compress=zstd", name, timeout=1800)
+            self.s3.upload_file(str(path), self.env.s3.bucket, key)
+            self.s3.download_file(self.env.s3.bucket, key, str(there))
+            self.target.podman("container", "restore", f"--import={there}", timeout=1800)
+        seconds = took()
+        path.unlink()
+        there.unlink()
+        self.s3.delete_object(Bucket=self.env.s3.bucket, Key=key)
+        self.target.podman("rm", "-f", name)
+        self.source.podman("rm", "-f", name)
+        return seconds
+
+    def floor(self, size_mib: int) -> float:
+        name = self._workload(size_mib)
+        inside = "/tmp/floor.tar"  # the node's /tmp is a tmpfs
+        settle()
+        with timer() as exported:
+            self.source.podman("container", "checkpoint", f"--export={inside}", "--compress=none", name, timeout=1800)
+        # On another node the name and ID are free: here the stopped original holds them (not timed).
+        self.source.podman("rm", "-f", name)
+        with timer() as imported:
+            self.source.podman("container", "restore", f"--import={inside}", timeout=1800)
+        seconds = exported() + imported()
+        self.source.podman("rm", "-f", name)
+        Path(f"/proc/{self.source.init_pid}/root{inside}").unlink()
+        return seconds
+
+    def row(self, size_mib: int, link: str, repeats: int, warmup: int) -> dict[str, Any]:
+        runs: dict[str, list[Any]] = {"m": [], "s": [], "f": []}
+        port = urlparse(self.env.s3.endpoint).port or 80
+        with shaped_link(port, link):
+            for r in range(warmup + repeats):
+                steps = [("f", self.floor), ("s", self.script), ("m", self.checkpointer)]
+                shift = self.rounds % len(steps)
+                for key, way in steps[shift:] + steps[:shift]:
+                    value = way(size_mib)
+                    if r >= warmup:
+                        runs[key].append(value)
+                    print(
+                        f"{size_mib} MiB {link} round {r}{' (warm-up)' if r < warmup else ''} {key}: "
+                        f"{value['seconds'] if isinstance(value, dict) else value:.2f}s",
+                        flush=True,
+                    )
+                self.rounds += 1
+        m = [x["seconds"] for x in runs["m"]]
+        f, s = runs["f"], runs["s"]
+        size = median([float(x["archiveBytes"]) for x in runs["m"]])
+        summary: dict[str, Any] = {
+            "sizeMiB": size_mib,
+            "link": link,
+            "checkpointerSeconds": spread(m) | {"median": median(m)},
+            "scriptSeconds": spread(s) | {"median": median(s)},
+            "floorSeconds": spread(f) | {"median": median(f)},
+            "m_over_f": spread([a / b for a, b in zip(m, f, strict=False)]) | {"median": median(m) / median(f)},
+            "m_over_s": spread([a / b for a, b in zip(m, s, strict=False)]) | {"median": median(m) / median(s)},
+            "archiveBytes": size,
+            # Where (m)'s time went, by the agents' and the controller's own clocks (medians).
+            "steps": {
+                step: median([x["steps"][step] for x in runs["m"] if step in x["steps"]])
+                for step in sorted({k for x in runs["m"] for k in x["steps"]})
+            },
+            "timeline": {
+                point: median([x[point] for x in runs["m"]])
+                for point in ("checkpointStart", "checkpointDone", "restoreStart", "restoreDone")
+            },
+            "sourceRssMiB": max(x["sourceRssMiB"] for x in runs["m"]),
+            "targetRssMiB": max(x["targetRssMiB"] for x in runs["m"]),
+            "runs": runs,
+        }
+        if link != LOOPBACK:
+            rate = _rate(link)
+            summary["linkBound"] = median(f) + 1.2 * size * 8 / rate
+        print(json.dumps({k: v for k, v in summary.items() if k != "runs"}), flush=True)
+        return summary
+
+
+def _rate(link: str) -> float:
+    """tc's rate (1gbit, 500mbit) in bits per second."""
+    match = re.fullmatch(r"([0-9.]+)([kmg]?)bit", link)
+    if match is None:
+        raise ValueError(f"{link!r} is not a rate such as 1gbit")
+    return float(match[1]) * {"": 1, "k": 1e3, "m": 1e6, "g": 1e9}[match[2]]
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--sizes", type=int, nargs="+", default=[1024, 4096])
+    parser.add_argument("--links", nargs="+", default=[LOOPBACK, "1gbit"])
+    parser.add_argument("--repeats", type=int, default=2, help="counted rounds per row (4 GiB rounds are slow)")
+    parser.add_argument("--warmup", type=int, default=1, help="discarded rounds before the first row")
+    parser.add_argument("--out", type=Path, default=REPO_ROOT / "_output" / "bench")
+    parser.add_argument("--workdir", type=Path, default=Path("/tmp/checkpointer-downtime"))
+    args = parser.parse_args()
+    # Stopped, it still tears its environment down (the finally below).
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+    args.out.mkdir(parents=True, exist_ok=True)
+    rows = []
+    with reflink_filesystem(args.workdir / "data" / "s3", 8 + 2 * max(args.sizes) // 256):
+        env = LocalEnv.up(args.workdir / "data", [SOURCE, TARGET])
+        try:
+            bench = Downtime(env)
+            for i, size in enumerate(args.sizes):
+                for j, link in enumerate(args.links):
+                    warm = args.warmup if (i, j) == (0, 0) else 0
+                    rows.append(bench.row(size, link, args.repeats, warm))
+        finally:
+            env.down()
+    (args.out / "downtime.json").write_text(json.dumps({"rows": rows}, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,57 @@
+"""The rules of a restore that follows a running checkpoint (services/pipeline.py, services/checkpoint.py)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from checkpointer.services.checkpoint import Stream, streams_parts
+from checkpointer.services.pipeline import StreamView, chosen_stream
+
+
+def test_a_checkpoint_streams_when_a_migration_owns_it_or_it_asks() -> None:
+    owned = {
+        "metadata": {"ownerReferences": [{"apiVersion": "checkpointer.dev/v1alpha1", "kind": "ContainerMigration"}]}
+    }
+    assert streams_parts(owned)
+    assert streams_parts({"metadata": {"annotations": {"checkpointer.dev/stream": "true"}}})
+    assert not streams_parts({"metadata": {}})
+    # A kind of that name from another group is not checkpointer's migration.
+    other = {"metadata": {"ownerReferences": [{"apiVersion": "example.com/v1", "kind": "ContainerMigration"}]}}
+    assert not streams_parts(other)
+
+
+def test_only_the_parts_that_landed_in_order_are_published() -> None:
+    stream = Stream("web", "default/m-1/web.tar.zst", 8)
+    stream.landed |= {0: "a", 2: "c"}
+    assert stream.entry()["parts"] == ["a"], "part 2 waits for part 1"
+    stream.landed[1] = "b"
+    stream.size = 20
+    assert stream.entry() == {
+        "container": "web",
+        "key": "default/m-1/web.tar.zst",
+        "partSize": 8,
+        "parts": ["a", "b", "c"],
+        "size": 20,
+    }
+
+
+def _body(streams: list[dict[str, Any]], **spec: Any) -> dict[str, Any]:
+    return {"spec": spec, "status": {"streams": streams}}
+
+
+def test_the_restore_reads_the_stream_of_its_container() -> None:
+    web = {"container": "web", "key": "k/web.tar", "partSize": 8, "parts": ["a"]}
+    db = {"container": "db", "key": "k/db.tar", "partSize": 8, "parts": []}
+    assert chosen_stream(_body([web, db], containers=["web", "db"]), "db") == StreamView.of(db)
+    # Two containers and none named: which is the restore's is said once the checkpoint Succeeded.
+    assert chosen_stream(_body([web, db], containers=["web", "db"]), "") is None
+    assert chosen_stream(_body([web], containers=["web"]), "") == StreamView.of(web)
+    assert chosen_stream(_body([], containers=["web"]), "") is None
+
+
+def test_the_count_of_parts_is_known_once_the_size_is() -> None:
+    view = StreamView.of({"container": "web", "key": "k", "partSize": 8, "parts": ["a", "b"]})
+    assert view.count() is None
+    assert StreamView.of({"key": "k", "partSize": 8, "parts": ["a", "b"], "size": 16}).count() == 2
+    assert StreamView.of({"key": "k", "partSize": 8, "parts": ["a", "b"], "size": 9}).count() == 2
+    assert StreamView.of({"key": "k", "partSize": 8, "parts": ["a"], "size": 0}).count() == 1
