@@ -10,6 +10,7 @@ import json
 import os
 import shutil
 import sys
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -102,6 +103,7 @@ class LocalEnv:
                         "metadata": {"name": name, "labels": {"kubernetes.io/hostname": name}},
                     }
                 )
+                env.report_ready(name)
             if operator:
                 if agents_as_chart:
                     env.install_agent_access()
@@ -133,6 +135,22 @@ class LocalEnv:
 
     def apply(self, *objects: dict[str, Any]) -> None:
         self.kubectl("apply", "--server-side", "--force-conflicts", "-f", "-", input=yaml.safe_dump_all(objects))
+
+    def report_ready(self, node: str) -> None:
+        """The Node's Ready condition True, as the kubelet of a node with podman up would report it: a
+        migration without a target chooses only Ready nodes. No node-lifecycle controller runs here
+        (no kubelets), so nothing marks it stale."""
+        now = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+        ready = {
+            "type": "Ready",
+            "status": "True",
+            "reason": "KubeletReady",
+            "message": "the node sandbox runs podman",
+            "lastHeartbeatTime": now,
+            "lastTransitionTime": now,
+        }
+        patch = json.dumps({"status": {"conditions": [ready]}})
+        self.kubectl("patch", "node", node, "--subresource=status", "--type=merge", "-p", patch)
 
     def install_namespace(self) -> None:
         """The release namespace and the S3 credentials Secret, as an admin makes them before `helm install`."""

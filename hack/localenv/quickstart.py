@@ -1,4 +1,4 @@
-"""What `./hack/quickstart` shows: a counter checkpointed on node-a into S3 goes on counting on node-b.
+"""What `./hack/quickstart` shows: a counter moved from node-a to node-b through S3 goes on counting.
 
 `migrate_counter` runs the story on any environment with both nodes (the quickstart's own, or the
 test session's) and tells it through `say`; `by_hand` is the same story as commands for a person to
@@ -40,16 +40,17 @@ def mib(size: int) -> str:
 @dataclass(frozen=True)
 class Names:
     container: str = "counter"
-    checkpoint: str = "quickstart"
-    restore: str = "quickstart"
+    # The ContainerMigration; its ContainerCheckpoint and ContainerRestore take its name.
+    migration: str = "quickstart"
 
 
 @dataclass(frozen=True)
 class Migration:
     last_on_source: int  # the counter's last output on node-a, when the checkpoint stopped it
     on_target: int  # the count on node-b RUN_SECONDS after the restore
-    checkpoint: dict[str, Any]  # the ContainerCheckpoint's status
-    restore: dict[str, Any]  # the ContainerRestore's status
+    migration: dict[str, Any]  # the ContainerMigration's status
+    checkpoint: dict[str, Any]  # the status of the ContainerCheckpoint it made
+    restore: dict[str, Any]  # the status of the ContainerRestore it made
 
 
 def run_counter_args(container: str) -> list[str]:
@@ -57,36 +58,21 @@ def run_counter_args(container: str) -> list[str]:
     return ["run", "-d", *owned_by(NAMESPACE), "--name", container, COUNTER]
 
 
-def checkpoint_yaml(names: Names) -> str:
+def migration_yaml(names: Names) -> str:
     return f"""apiVersion: checkpointer.dev/v1alpha1
-kind: ContainerCheckpoint
+kind: ContainerMigration
 metadata:
-  name: {names.checkpoint}
+  name: {names.migration}
   namespace: {NAMESPACE}
 spec:
-  nodeName: {SOURCE}
-  containers: [{names.container}]
-  export: {{}}          # into the default CheckpointStorage, zstd
-"""
-
-
-def restore_yaml(names: Names, key: str = "<name>-<uid8>/counter.tar.zst") -> str:
-    return f"""apiVersion: checkpointer.dev/v1alpha1
-kind: ContainerRestore
-metadata:
-  name: {names.restore}
-  namespace: {NAMESPACE}
-spec:
-  nodeName: {TARGET}
-  source:
-    checkpointRef: {{name: {names.checkpoint}}}
-    # or, once the checkpoint object is gone: archive: {{key: {key}}}
-    # (the key is relative to the namespace's folder, {NAMESPACE}/)
+  source: {{nodeName: {SOURCE}, container: {names.container}}}
+  targetNodeName: {TARGET}   # leave it out and the controller chooses a node
+  # through the default CheckpointStorage, zstd
 """
 
 
 def migrate_counter(env: LocalEnv, say: Callable[[str], None] = print, names: Names = Names()) -> Migration:
-    """Start a counter on node-a, checkpoint it into S3, restore it on node-b; tell it through `say`."""
+    """Start a counter on node-a and move it to node-b with a ContainerMigration; tell it through `say`."""
     source, target = env.nodes[SOURCE], env.nodes[TARGET]
     say(f"1. {SOURCE} runs a counter: a shell loop that counts 5 times a second, the count in its memory.")
     say(f"   podman {shlex.join(run_counter_args(names.container))}")
@@ -94,22 +80,29 @@ def migrate_counter(env: LocalEnv, say: Callable[[str], None] = print, names: Na
     time.sleep(RUN_SECONDS)
     say(f"   count on {SOURCE}: {read_count(source, names.container)}")
 
-    say(f"\n2. Checkpoint it into S3 (the container stops on {SOURCE}):")
-    say(_indent(checkpoint_yaml(names)))
-    checkpoint, took = _apply_until_done(env, "ContainerCheckpoint", names.checkpoint, checkpoint_yaml(names))
+    say(f"\n2. Move it to {TARGET} with one ContainerMigration:")
+    say(_indent(migration_yaml(names)))
+    moved, took = _apply_until_done(env, "ContainerMigration", names.migration, migration_yaml(names))
+    checkpoint = env.wait_phase("ccp", moved["checkpointRef"]["name"], ["Succeeded"], namespace=NAMESPACE)["status"]
+    restore = env.wait_phase("crst", moved["restoreRef"]["name"], ["Succeeded"], namespace=NAMESPACE)["status"]
     logs = source.podman("logs", names.container).stdout.decode().split()
     last = int(logs[-1])
     archive = checkpoint["archives"][0]
     signed = ", its manifest signed by the controller" if checkpoint.get("manifestSHA256") else ""
-    say(f"   ContainerCheckpoint {names.checkpoint}: Succeeded in {took:.1f}s{signed}")
-    say(f"   archive {archive['key']}: {mib(archive['size'])} ({archive.get('compression', 'zstd')})")
+    say(f"   ContainerMigration {names.migration}: Succeeded in {took:.1f}s; it made and owns")
+    say(f"   - ContainerCheckpoint {moved['checkpointRef']['name']}: the counter stopped on {SOURCE}, into S3{signed}")
+    say(f"     archive {archive['key']}: {mib(archive['size'])} ({archive.get('compression', 'zstd')})")
+    say(
+        f"   - ContainerRestore {moved['restoreRef']['name']}: container {restore['containerName']} runs on "
+        f"{TARGET}, its archive's sha256 checked against the signed manifest"
+    )
     say(f"   the counter's last output on {SOURCE}: {last}")
+    say(
+        f"   downtime {moved['downtimeSeconds']:.2f}s: stopped on {SOURCE} at {moved['frozenTime']}, "
+        f"running on {TARGET} at {moved['runningTime']}"
+    )
 
-    say(f"\n3. Restore it on {TARGET}:")
-    say(_indent(restore_yaml(names, archive["key"].split(f"{NAMESPACE}/", 1)[1])))
-    restore, took = _apply_until_done(env, "ContainerRestore", names.restore, restore_yaml(names))
-    say(f"   ContainerRestore {names.restore}: Succeeded in {took:.1f}s, container {restore['containerName']} runs")
-    say(f"   read from {restore['archive']['key']}, its sha256 checked against the signed manifest")
+    say(f"\n3. On {TARGET}:")
     time.sleep(RUN_SECONDS)
     on_target = read_count(target, restore["containerName"])
     fresh = int(RUN_SECONDS * 5)
@@ -117,8 +110,11 @@ def migrate_counter(env: LocalEnv, say: Callable[[str], None] = print, names: Na
         f"   count on {TARGET} {RUN_SECONDS:.0f}s later: {on_target}; it went on from {last} "
         f"(started afresh it would be near {fresh})"
     )
-    say(f"\nThe count went on: {last} on {SOURCE} before the checkpoint, {on_target} on {TARGET} after the restore.")
-    return Migration(last, on_target, checkpoint, restore)
+    say(
+        f"\nThe count went on: {last} on {SOURCE} before the move, {on_target} on {TARGET} after it, "
+        f"{moved['downtimeSeconds']:.2f}s without counting."
+    )
+    return Migration(last, on_target, moved, checkpoint, restore)
 
 
 def bucket_listing(env: LocalEnv, prefix: str) -> list[str]:
@@ -134,14 +130,10 @@ def by_hand_script(workdir: Path, names: Names = Names()) -> str:
 podman-{SOURCE} {shlex.join(run_counter_args(c))}
 sleep 2; podman-{SOURCE} exec {c} cat /tmp/count
 kubectl apply -f - <<'EOF'
-{checkpoint_yaml(names)}EOF
-kubectl wait ccp/{names.checkpoint} --for=jsonpath='{{.status.phase}}'=Succeeded --timeout=2m
-kubectl get ccp {names.checkpoint} -o jsonpath='{{.status.archives[0].key}} {{.status.archives[0].size}}{{"\\n"}}' |
-  awk '{{printf "%s %.2f MiB\\n", $1, $2 / 1048576}}'
+{migration_yaml(names)}EOF
+kubectl wait cmig/{names.migration} --for=jsonpath='{{.status.phase}}'=Succeeded --timeout=2m
+kubectl get cmig {names.migration} -o jsonpath='downtime {{.status.downtimeSeconds}}s{{"\\n"}}'
 podman-{SOURCE} logs --tail 1 {c}
-kubectl apply -f - <<'EOF'
-{restore_yaml(names)}EOF
-kubectl wait crst/{names.restore} --for=jsonpath='{{.status.phase}}'=Succeeded --timeout=2m
 sleep 2; podman-{TARGET} exec {c} cat /tmp/count
 """
 
@@ -156,9 +148,8 @@ then paste this here, as root ({w}/bin holds kubectl, and podman-<node> runs pod
 
 {by_hand_script(workdir, names)}
 # Look, then clean up:
-kubectl get ccp,crst   # their SIZE column is in bytes
-kubectl delete crst {names.restore}
-kubectl delete ccp {names.checkpoint}   # takes its archive and manifest out of S3
+kubectl get cmig,ccp,crst   # the migration and the checkpoint and restore it made
+kubectl delete cmig {names.migration}   # with its checkpoint and restore, and the archive in S3
 podman-{SOURCE} rm {names.container}; podman-{TARGET} rm -f {names.container}
 """
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import datetime
 from typing import Any
 
-from checkpointer.models import Condition, ObjectStatus
+from checkpointer.models import Condition, PhasedStatus
 from checkpointer.reasons import ConditionType, Phase, Reason
 
 
@@ -55,7 +55,7 @@ def set_condition(
 
 
 def phase_patch(
-    status: ObjectStatus, phase: Phase, reason: Reason, message: str, generation: int, scheduled: bool | None = None
+    status: PhasedStatus, phase: Phase, reason: Reason, message: str, generation: int, scheduled: bool | None = None
 ) -> dict[str, Any]:
     """The status fields that move together with a phase, by field name: the Ready condition (and the
     Scheduled one, when `scheduled` says), the observed generation and the completion time."""

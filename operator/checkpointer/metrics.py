@@ -297,8 +297,8 @@ def finished(
     plural: str, namespace: str, node: str, result: str, reason: str, archives: Sequence[Archive], seconds: float | None
 ) -> None:
     """Count a final phase just written, with the archives its status records."""
-    if not _State.enabled:
-        return
+    if not _State.enabled or plural not in KINDS:
+        return  # a ContainerMigration's end is counted by the checkpoint and restore it made
     node = _State.bounds.node(node)
     if plural == "containerrestores":
         RESTORES.labels(namespace, node, result, reason).inc()

@@ -58,12 +58,12 @@ class Progress(Model):
     bytes_total: int | None = None
 
 
-class ObjectStatus(Status):
-    """What a ContainerCheckpoint's and a ContainerRestore's status have in common: a phase on a node."""
+class PhasedStatus(Status):
+    """A status with a phase, its conditions and times: a ContainerCheckpoint's, a ContainerRestore's
+    and a ContainerMigration's. Its writers guard the phase (status.StatusWriter)."""
 
     phase: str | None = None
     observed_generation: int | None = None
-    node_name: str | None = None
     start_time: str | None = None
     completion_time: str | None = None
     expiration: str | None = None
@@ -72,6 +72,12 @@ class ObjectStatus(Status):
 
     def condition(self, type_: str) -> Condition | None:
         return next((c for c in self.conditions if c.type == type_), None)
+
+
+class ObjectStatus(PhasedStatus):
+    """What a ContainerCheckpoint's and a ContainerRestore's status have in common: a phase on a node."""
+
+    node_name: str | None = None
 
 
 class Compression(StrEnum):
@@ -141,6 +147,8 @@ class CheckpointStatus(ObjectStatus):
     streams: list[ArchiveStream] = Field(default_factory=list)
     # The sha256 of the unsigned manifest the agent wrote for the controller to sign.
     manifest_sha256: str | None = Field(default=None, alias="manifestSHA256")
+    # When podman was asked to checkpoint the first container: from then on it serves nothing.
+    frozen_time: str | None = None
 
 
 class Metadata(Model):
@@ -218,6 +226,8 @@ class RestoreStatus(ObjectStatus):
     container_name: str | None = None
     # podman's --print-stats figures of the restore, as podman reports them.
     stats: dict[str, Any] | None = None
+    # When podman's restore returned: the container runs from then on.
+    running_time: str | None = None
 
 
 class ContainerRestore(Model):
@@ -272,6 +282,13 @@ class ConcurrencyPolicy(StrEnum):
     ALLOW = "Allow"
 
 
+class CordonAction(StrEnum):
+    """What a schedule's onNodeCordon does: checkpoint the template, or move its containers away."""
+
+    CHECKPOINT = "Checkpoint"
+    MIGRATE = "Migrate"
+
+
 class Retention(Model):
     keep_last: int | None = None
     max_age: str | None = None  # a Go duration, checked at admission
@@ -287,6 +304,7 @@ class ScheduleSpec(Model):
     template: dict[str, Any]
     retention: Retention | None = None
     on_node_cordon: bool = False
+    cordon_action: CordonAction = CordonAction.CHECKPOINT
 
     @property
     def node_name(self) -> str:
@@ -319,3 +337,38 @@ class CheckpointSchedule(Model):
     metadata: ScheduleMetadata
     spec: ScheduleSpec
     status: ScheduleStatus = Field(default_factory=ScheduleStatus)
+
+
+class MigrationSource(Model):
+    node_name: str
+    container: str
+
+
+class MigrationSpec(Model):
+    source: MigrationSource
+    # Absent: the controller chooses a Ready node with a live agent, not the source, not cordoned.
+    target_node_name: str | None = None
+    storage_ref: NameRef | None = None
+    compress: Compression = Compression.ZSTD
+    tcp_established: bool = False
+    # The restored container's name (the restore's spec.name); absent: the one it had.
+    name: str | None = None
+    ttl: str | None = None
+
+
+class MigrationStatus(PhasedStatus):
+    checkpoint_ref: NameRef | None = None
+    restore_ref: NameRef | None = None
+    # The restore back on the source node, made once the restore on the target failed for good.
+    fallback_restore_ref: NameRef | None = None
+    source_node_name: str | None = None
+    target_node_name: str | None = None
+    frozen_time: str | None = None
+    running_time: str | None = None
+    downtime_seconds: float | None = None
+
+
+class ContainerMigration(Model):
+    metadata: Metadata
+    spec: MigrationSpec
+    status: MigrationStatus = Field(default_factory=MigrationStatus)

@@ -8,6 +8,8 @@ class Phase(StrEnum):
     SCHEDULED = "Scheduled"
     CHECKPOINTING = "Checkpointing"
     UPLOADING = "Uploading"
+    # a ContainerMigration's: the archive goes from the source node through the bucket to the target
+    TRANSFERRING = "Transferring"
     DOWNLOADING = "Downloading"
     RESTORING = "Restoring"
     SUCCEEDED = "Succeeded"
@@ -75,6 +77,20 @@ class Reason(StrEnum):
     NAME_IN_USE = "NameInUse"
     RESTORE_FAILED = "RestoreFailed"
     RESTORE_INTERRUPTED = "RestoreInterrupted"
+    # migration (controller)
+    TRANSFERRING = "Transferring"
+    # targetNodeName names the source node: the container would go nowhere
+    TARGET_IS_SOURCE = "TargetIsSource"
+    # no Ready node with a live agent, other than the source and not cordoned, to move the container to
+    NO_TARGET_NODE = "NoTargetNode"
+    # an Event: the controller chose the target node
+    TARGET_CHOSEN = "TargetChosen"
+    # an object of the name the migration gives its checkpoint or restore exists and is not its own
+    NAME_TAKEN = "NameTaken"
+    # the restore on the target failed for good: the container was restored on the source node
+    RESTORED_ON_SOURCE = "RestoredOnSource"
+    # and the restore back on the source failed too: the archive stays in the bucket
+    RETURN_FAILED = "ReturnFailed"
     # a restore of a checkpoint still running: waiting for its first part, reading its parts as they land
     WAITING_FOR_CHECKPOINT = "WaitingForCheckpoint"
     STREAMING = "Streaming"

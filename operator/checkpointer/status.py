@@ -25,12 +25,13 @@ import kopf
 from kubernetes.client import ApiException
 
 from checkpointer import NODE_LABEL, logs, metrics
-from checkpointer.adapters.kube import CHECKPOINTS, RESTORES, SCHEDULES, STORAGES, Kube
+from checkpointer.adapters.kube import CHECKPOINTS, MIGRATIONS, RESTORES, SCHEDULES, STORAGES, Kube
 from checkpointer.conditions import now, phase_patch
 from checkpointer.models import (
     CheckpointStatus,
     Metadata,
-    ObjectStatus,
+    MigrationStatus,
+    PhasedStatus,
     Progress,
     RestoreStatus,
     ScheduleStatus,
@@ -52,6 +53,7 @@ STATUS_OF: dict[str, type[Status]] = {
     RESTORES: RestoreStatus,
     STORAGES: StorageStatus,
     SCHEDULES: ScheduleStatus,
+    MIGRATIONS: MigrationStatus,
 }
 
 
@@ -94,9 +96,10 @@ class StatusWriter:
         self.status = self.model.of(obj)
 
     @property
-    def phased(self) -> ObjectStatus:
-        """The status of a ContainerCheckpoint or ContainerRestore, as this writer last saw it."""
-        if not isinstance(self.status, ObjectStatus):
+    def phased(self) -> PhasedStatus:
+        """The status of a ContainerCheckpoint, ContainerRestore or ContainerMigration, as this writer
+        last saw it."""
+        if not isinstance(self.status, PhasedStatus):
             raise TypeError(f"{self.plural} have no phase")
         return self.status
 
@@ -158,8 +161,8 @@ class StatusWriter:
 
     def _reread(self) -> None:
         fresh = self._same_object()
-        if isinstance(self.status, ObjectStatus):  # the agent's and the controller's: the phase is guarded
-            phase = ObjectStatus.of(fresh).phase
+        if isinstance(self.status, PhasedStatus):  # the agent's and the controller's: the phase is guarded
+            phase = PhasedStatus.of(fresh).phase
             if phase != self.status.phase:
                 raise Conflict(f"{self.namespace}/{self.name} is {phase} now, not {self.status.phase}")
         self._adopt(fresh)
@@ -177,7 +180,7 @@ class StatusWriter:
         message: str,
         *,
         scheduled: bool | None = None,
-        patch: ObjectStatus | None = None,
+        patch: PhasedStatus | None = None,
     ) -> None:
         """Write `phase` with its conditions and times, and the fields `patch` sets, in one write."""
         status = self.phased

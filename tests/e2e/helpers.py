@@ -5,6 +5,7 @@ Each helper is defined here once; a test file keeps only what its own story need
 
 from __future__ import annotations
 
+import datetime
 import hashlib
 import io
 import json
@@ -110,6 +111,48 @@ def checkpoint_counter(env: Cluster, node: str = "node-a") -> tuple[str, str, in
     counted = int(env.nodes[node].podman("logs", container).stdout.decode().split()[-1])
     env.nodes[node].podman("rm", "-f", container)
     return container, name, counted, status["archives"][0]
+
+
+def migration(env: Cluster, node: str, container: str, **spec: Any) -> str:
+    """A ContainerMigration of `container` from `node` with `spec` as given; its name."""
+    source = {"nodeName": node_name(env, node), "container": container}
+    return create(env, "ContainerMigration", {"source": source, **spec}, prefix="cmig")
+
+
+def running_on(env: Cluster, container: str) -> list[str]:
+    """The nodes on which a container of that name runs now."""
+    return [node for node in env.nodes if exists(env, node, container) and state(env, node, container) == "running"]
+
+
+def assert_runs_on_exactly_one_node(env: Cluster, container: str, node: str | None = None) -> None:
+    """The container runs on one node, never on none and never on two (`node`: that one)."""
+    found = running_on(env, container)
+    assert len(found) == 1, f"container {container} runs on {found or 'no node'}"
+    assert node is None or found == [node], f"container {container} runs on {found[0]}, not on {node}"
+
+
+def counts_with_times(env: Cluster, node: str, container: str) -> list[tuple[float, int]]:
+    """(seconds since the epoch, count) of every line a counter wrote on the node, from podman's log
+    timestamps: conmon stamps each line as the process writes it."""
+    out = env.nodes[node].podman("logs", "--timestamps", container).stdout.decode()
+    found = []
+    for line in out.splitlines():
+        stamp, _, count = line.strip().rpartition(" ")
+        if not count.isdigit() or not stamp:
+            continue
+        found.append((_epoch(stamp.split()[0]), int(count)))
+    return found
+
+
+def _epoch(stamp: str) -> float:
+    """RFC 3339 with up to nanoseconds (podman's log stamps) as seconds since the epoch."""
+    head, dot, rest = stamp.partition(".")
+    digits = "".join(c for c in rest[: len(rest) - len(rest.lstrip("0123456789"))])
+    zone = rest[len(digits) :] if dot else ""
+    if not dot:  # no fraction: the zone is at the end of the head
+        head, zone = head[:19], head[19:]
+    moment = datetime.datetime.fromisoformat(head + (zone if zone not in ("", "Z") else "+00:00"))
+    return moment.timestamp() + (int(digits[:9].ljust(9, "0")) / 1e9 if digits else 0.0)
 
 
 def assert_stored_as_reported(env: Cluster, archive: dict[str, Any]) -> None:

@@ -7,7 +7,7 @@ docs/failure-semantics.md promises:
 2. the bucket has no open multipart upload;
 3. no container stopped by a checkpoint lacks its archive: it runs again, or its archive is in the
    bucket (the object Succeeded), or on the node (a complete spool, or podman's local checkpoint);
-4. no ContainerCheckpoint or ContainerRestore stays non-terminal past `timeout`;
+4. no ContainerCheckpoint, ContainerRestore or ContainerMigration stays non-terminal past `timeout`;
 5. no work folder in a node's spool exists without a live object whose uid it names.
 
 Every violation found is reported together, in one AssertionError.
@@ -30,6 +30,7 @@ from localenv.procs import run
 
 CHECKPOINTS = "containercheckpoints.checkpointer.dev"
 RESTORES = "containerrestores.checkpointer.dev"
+MIGRATIONS = "containermigrations.checkpointer.dev"
 TERMINAL = ("Succeeded", "Failed")
 UID = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$")
 # Failures that end a checkpoint before podman is asked to stop anything.
@@ -97,7 +98,7 @@ def _list(env: Cluster, resource: str) -> list[dict[str, Any]]:
 
 
 def _all_objects(env: Cluster) -> list[dict[str, Any]]:
-    return _list(env, CHECKPOINTS) + _list(env, RESTORES)
+    return _list(env, CHECKPOINTS) + _list(env, RESTORES) + _list(env, MIGRATIONS)
 
 
 def _wait_terminal(env: Cluster, timeout: float) -> list[dict[str, Any]]:

@@ -508,16 +508,19 @@ def test_rendered_rbac_grants_no_wildcards_and_no_secret_beyond_named_ones(helm:
                 assert "*" not in rule[field], f"{role['kind']} {name}: {rule}"
             # The controller deletes finished objects once their TTL has passed (docs/api.md); nothing
             # else of the operator deletes.
-            expiring = {"containercheckpoints", "containerrestores"}
+            expiring = {"containercheckpoints", "containerrestores", "containermigrations"}
             expires = name == "checkpointer-controller" and set(rule["resources"]) <= expiring
             assert "delete" not in rule["verbs"] or name == "checkpointer-edit" or expires, f"{name}: {rule}"
             if "checkpointer.dev" in rule["apiGroups"] and name != "checkpointer-edit":
                 # The operator patches; it never creates or replaces the API's objects.
                 allowed = {"get", "list", "watch", "patch"} | ({"delete"} if expires else set())
-                # CheckpointSchedules create their ContainerCheckpoints, which they own (docs/api.md).
-                if name == "checkpointer-controller" and rule["resources"] == ["containercheckpoints"]:
+                # CheckpointSchedules create their ContainerCheckpoints (or ContainerMigrations), and
+                # ContainerMigrations their checkpoint and restores, which they own (docs/api.md).
+                made = {"containercheckpoints", "containerrestores", "containermigrations"}
+                if name == "checkpointer-controller" and set(rule["resources"]) <= made:
                     allowed.add("create")
-                if name == "checkpointer-controller" and rule["resources"] == ["checkpointschedules/finalizers"]:
+                owners = {"checkpointschedules/finalizers", "containermigrations/finalizers"}
+                if name == "checkpointer-controller" and set(rule["resources"]) <= owners:
                     allowed = {"update"}
                 assert set(rule["verbs"]) <= allowed, f"{name}: {rule}"
             assert not {"escalate", "bind", "impersonate"} & set(rule["verbs"]), f"{name}: {rule}"
@@ -665,8 +668,16 @@ def test_controller_has_least_privilege(cp: ControlPlane, installed: str) -> Non
             assert ok(verb, plural, WORKLOADS), f"{verb} {plural}"
         assert ok("patch", plural, WORKLOADS, "--subresource=status")
         assert ok("delete", plural, WORKLOADS)  # once their TTL has passed (docs/api.md)
-        # A CheckpointSchedule's runs are ContainerCheckpoints the controller creates (docs/api.md).
-        assert ok("create", plural, WORKLOADS) == (plural == CCP), f"create {plural}"
+        # A CheckpointSchedule's runs are ContainerCheckpoints, and a ContainerMigration's checkpoint
+        # and restores, that the controller creates (docs/api.md).
+        assert ok("create", plural, WORKLOADS), f"create {plural}"
+    migrations = "containermigrations.checkpointer.dev"
+    for verb in ("get", "list", "watch", "create", "delete"):
+        assert ok(verb, migrations, WORKLOADS), verb
+    assert ok("patch", migrations, WORKLOADS, "--subresource=status")
+    # What it owns carries blockOwnerDeletion: update on its finalizers, and no other change to it.
+    assert ok("update", migrations, WORKLOADS, "--subresource=finalizers")
+    assert not ok("patch", migrations, WORKLOADS) and not ok("update", migrations, WORKLOADS)
     schedules = "checkpointschedules.checkpointer.dev"
     for verb in ("get", "list", "watch"):
         assert ok(verb, schedules, WORKLOADS), verb
@@ -724,6 +735,8 @@ def test_namespace_editors_can_checkpoint_through_aggregated_roles(cp: ControlPl
         timeout=60,
     )
     assert can(cp, user, "delete", CRST, WORKLOADS)
+    assert can(cp, user, "create", "containermigrations.checkpointer.dev", WORKLOADS)
+    assert not can(cp, user, "patch", "containermigrations.checkpointer.dev", WORKLOADS, "--subresource=status")
     assert not can(cp, user, "patch", CCP, WORKLOADS, "--subresource=status")
     assert not can(cp, user, "create", CCP, "default")
 

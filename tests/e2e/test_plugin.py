@@ -85,12 +85,13 @@ def test_plugin_checkpoint_restore_migrate_archives_inspect(local_env: LocalEnv)
     assert restored["kind"] == "ContainerRestore" and restored["status"]["phase"] == "Succeeded", restored
     assert state(local_env, "node-b", container) == "running"
 
-    # migrate back: checkpoint with export, wait, restore on node-a, in one command.
+    # migrate back: one ContainerMigration, followed to its end by default.
     remove(local_env, "node-a", container)
-    moved = plugin(local_env, "migrate", f"node-b/{container}", "--to", "node-a", "--wait")
+    moved = plugin(local_env, "migrate", f"node-b/{container}", "--to", "node-a")
     ok(moved)
     ended = re.findall(r"^(Container\w+) \S+: Succeeded", moved.stdout, re.MULTILINE)
-    assert ended == ["ContainerCheckpoint", "ContainerRestore"], moved.stdout
+    assert ended == ["ContainerMigration"], moved.stdout
+    assert re.search(r"^  downtime \d+\.\d\ds: stopped on node-b", moved.stdout, re.MULTILINE), moved.stdout
     assert state(local_env, "node-a", container) == "running"
     assert state(local_env, "node-b", container) == "exited"
 

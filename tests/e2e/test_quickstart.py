@@ -23,7 +23,7 @@ def env(local_env: LocalEnv) -> LocalEnv:
 
 
 def names() -> quickstart.Names:
-    return quickstart.Names(unique("counter"), unique("quickstart"), unique("quickstart"))
+    return quickstart.Names(unique("counter"), unique("quickstart"))
 
 
 def remove_counters(env: LocalEnv, container: str) -> None:
@@ -42,8 +42,13 @@ def test_quickstart_moves_the_counter_and_tells_it_for_people(env: LocalEnv) -> 
 
     assert migration.on_target > migration.last_on_source > 0
     assert migration.restore["nodeName"] == quickstart.TARGET
-    assert f"{migration.last_on_source} on node-a before the checkpoint" in out
-    assert f"{migration.on_target} on node-b after the restore" in out
+    assert migration.migration["phase"] == "Succeeded"
+    assert f"{migration.last_on_source} on node-a before the move" in out
+    assert f"{migration.on_target} on node-b after it" in out
+    downtime = migration.migration["downtimeSeconds"]
+    assert 0 < downtime < 30 and f"downtime {downtime:.2f}s: stopped on node-a at" in out, out
+    assert f"{downtime:.2f}s without counting" in out
+    assert "kind: ContainerMigration" in out
     archive = migration.checkpoint["archives"][0]
     assert f"{quickstart.mib(archive['size'])} (" in out and " MiB (" in out
     assert str(archive["size"]) not in out, "sizes are for people, not byte counts"
@@ -56,9 +61,13 @@ def test_quickstart_moves_the_counter_and_tells_it_for_people(env: LocalEnv) -> 
     commands = quickstart.by_hand(env.workdir, story)
     assert "./hack/local-up --workdir" in commands
     assert f"export KUBECONFIG={env.workdir}/kubeconfig" in commands
-    for step in ("kubectl apply -f -", f"kubectl wait ccp/{story.checkpoint}", f"kubectl wait crst/{story.restore}"):
+    for step in (
+        "kubectl apply -f -",
+        f"kubectl wait cmig/{story.migration}",
+        f"kubectl delete cmig {story.migration}",
+    ):
         assert step in commands
-    assert "kind: ContainerCheckpoint" in commands and "kind: ContainerRestore" in commands
+    assert "kind: ContainerMigration" in commands
 
 
 def test_the_commands_it_prints_move_the_counter_again(env: LocalEnv) -> None:
@@ -78,3 +87,4 @@ def test_the_commands_it_prints_move_the_counter_again(env: LocalEnv) -> None:
     assert len(counts) == 3, done.stdout
     on_source, last_on_source, on_target = counts
     assert on_target > last_on_source >= on_source > 0, counts
+    assert re.search(r"^downtime \d+(\.\d+)?s$", done.stdout, re.MULTILINE), done.stdout

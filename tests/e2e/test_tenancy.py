@@ -148,3 +148,41 @@ def test_a_storage_serves_only_the_namespaces_it_allows(tenants: Tenants) -> Non
         t.delete("ccp", name)
         t.delete("crst", asked)
         check_invariants(env)
+
+
+def test_a_namespace_migrates_only_its_own_containers(tenants: Tenants) -> None:
+    """A ContainerMigration is judged as the checkpoint it makes: another namespace's container is
+    refused untouched, and the namespace's editors may migrate in their namespace only."""
+    t, env = tenants, tenants.env
+    cp = env.control_plane
+    # A counter of team-b's own: the session's may have been stopped by a test before.
+    theirs = labelled_counter(env, TEAM_B)
+    try:
+        count_before = read_count(env.nodes[NODE], theirs)
+        name = unique("cmig")
+        migration = {
+            "apiVersion": "checkpointer.dev/v1alpha1",
+            "kind": "ContainerMigration",
+            "metadata": {"name": name, "namespace": TEAM_A},
+            "spec": {"source": {"nodeName": NODE, "container": theirs}},
+        }
+        cp.kubectl("create", "-f", "-", kubeconfig=t.alice, input=json.dumps(migration))
+        obj = env.wait_phase("cmig", name, ["Succeeded", "Failed"], namespace=TEAM_A)
+        reason, message = reason_and_message(obj)
+        assert (obj["status"]["phase"], reason) == ("Failed", "ContainerNotPermitted"), obj["status"]
+        assert f"checkpointer.dev/namespace={TEAM_A}" in message and "nothing was restored" in message
+        assert "restoreRef" not in obj["status"]
+        assert t.state(theirs) == "running"
+        time.sleep(1.5)
+        assert read_count(env.nodes[NODE], theirs) > count_before, "team-b's counter kept counting"
+
+        def can(verb: str, namespace: str, *extra: str) -> bool:
+            resource = "containermigrations.checkpointer.dev"
+            out = cp.kubectl("auth", "can-i", verb, resource, "-n", namespace, *extra, kubeconfig=t.alice, check=False)
+            return bool(out.stdout.strip() == "yes")
+
+        assert can("create", TEAM_A) and can("delete", TEAM_A)
+        assert not can("create", TEAM_B) and not can("patch", TEAM_A, "--subresource=status")
+        cp.kubectl("delete", "cmig", name, "-n", TEAM_A, "--wait=true", "--timeout=60s", kubeconfig=t.alice)
+    finally:
+        remove(env, NODE, theirs)

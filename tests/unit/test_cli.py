@@ -298,9 +298,42 @@ def test_dry_run_prints_yaml_and_json_without_a_cluster() -> None:
     migrated = runner.invoke(cli, ["migrate", "node-a/web", "--to", "node-b", "-n", "shop", "--dry-run", "-o", "json"])
     assert migrated.exit_code == 0, migrated.output
     doc = json.loads(migrated.output)
-    checkpoint, restore = doc["items"]
-    assert checkpoint["spec"]["export"] == {} and "leaveRunning" not in checkpoint["spec"]
-    assert restore["spec"]["source"]["checkpointRef"] == {"name": checkpoint["metadata"]["name"], "container": "web"}
+    assert doc["kind"] == "ContainerMigration" and doc["metadata"]["namespace"] == "shop"
+    assert doc["spec"] == {"source": {"nodeName": "node-a", "container": "web"}, "targetNodeName": "node-b"}
+    # Without --to the controller chooses; --to the source node is a mistake said at once.
+    chosen = runner.invoke(cli, ["migrate", "node-a/web", "-n", "s", "--dry-run", "-o", "json", "--compress", "none"])
+    assert json.loads(chosen.output)["spec"] == {
+        "source": {"nodeName": "node-a", "container": "web"},
+        "compress": "none",
+    }
+    same = runner.invoke(cli, ["migrate", "node-a/web", "-n", "s", "--to", "node-a", "--dry-run"])
+    assert same.exit_code == 1 and "is the node the container runs on" in same.output
+
+
+def test_watch_takes_a_migration_by_any_of_kubectls_words() -> None:
+    for word in ("cmig", "containermigration", "containermigrations", "ContainerMigration.checkpointer.dev"):
+        assert plan.parse_kind(f"{word}/m") == ("ContainerMigration", "m")
+
+
+def test_a_finished_migration_says_what_it_made_and_its_downtime() -> None:
+    obj = {
+        "kind": "ContainerMigration",
+        "status": {
+            "checkpointRef": {"name": "m"},
+            "restoreRef": {"name": "m"},
+            "downtimeSeconds": 1.234,
+            "sourceNodeName": "node-a",
+            "targetNodeName": "node-b",
+            "frozenTime": "t0",
+            "runningTime": "t1",
+        },
+    }
+    lines = present.migration_lines(obj)
+    assert lines == [
+        "  made ContainerCheckpoint m, ContainerRestore m",
+        "  downtime 1.23s: stopped on node-a at t0, running on node-b at t1",
+    ]
+    assert present.migration_lines({"kind": "ContainerCheckpoint"}) == []
 
 
 def test_mistakes_are_one_line_and_exit_1() -> None:

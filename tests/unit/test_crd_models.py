@@ -18,6 +18,7 @@ from checkpointer.models import (
     CheckpointSpec,
     CheckpointStorage,
     ContainerCheckpoint,
+    ContainerMigration,
     ContainerRestore,
 )
 
@@ -27,6 +28,7 @@ MODELS: dict[str, type[BaseModel]] = {
     "containerrestores.yaml": ContainerRestore,
     "checkpointstorages.yaml": CheckpointStorage,
     "checkpointschedules.yaml": CheckpointSchedule,
+    "containermigrations.yaml": ContainerMigration,
 }
 # Fields a model keeps as written, as a plain dict, whose CRD properties another model holds: a
 # schedule's template is passed on to its checkpoints as it is, and read as a ContainerCheckpoint spec.

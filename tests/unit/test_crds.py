@@ -26,6 +26,7 @@ KINDS = {
     "ContainerCheckpoint": ("containercheckpoints.yaml", "containercheckpoints", "ccp", "Namespaced"),
     "ContainerRestore": ("containerrestores.yaml", "containerrestores", "crst", "Namespaced"),
     "CheckpointStorage": ("checkpointstorages.yaml", "checkpointstorages", "cks", "Cluster"),
+    "ContainerMigration": ("containermigrations.yaml", "containermigrations", "cmig", "Namespaced"),
 }
 
 # Dotted path under .spec -> OpenAPI type. "[]" is a list's item.
@@ -83,6 +84,18 @@ SPEC_FIELDS = {
         "publish": "array",
         "publish[]": "string",
     },
+    "ContainerMigration": {
+        "source": "object",
+        "source.nodeName": "string",
+        "source.container": "string",
+        "targetNodeName": "string",
+        "storageRef": "object",
+        "storageRef.name": "string",
+        "compress": "string",
+        "tcpEstablished": "boolean",
+        "name": "string",
+        "ttl": "string",
+    },
     "CheckpointStorage": {
         "bucket": "string",
         "prefix": "string",
@@ -129,6 +142,7 @@ STATUS_FIELDS = {
         "storageRef.name": "string",
         "startTime": "string",
         "completionTime": "string",
+        "frozenTime": "string",
         "expiration": "string",
         **PROGRESS_FIELDS,
         **CONDITION_FIELDS,
@@ -158,6 +172,7 @@ STATUS_FIELDS = {
         "nodeName": "string",
         "startTime": "string",
         "completionTime": "string",
+        "runningTime": "string",
         "expiration": "string",
         **PROGRESS_FIELDS,
         **CONDITION_FIELDS,
@@ -171,6 +186,26 @@ STATUS_FIELDS = {
         "containerName": "string",
         "stats": "object",
     },
+    "ContainerMigration": {
+        "phase": "string",
+        "observedGeneration": "integer",
+        "checkpointRef": "object",
+        "checkpointRef.name": "string",
+        "restoreRef": "object",
+        "restoreRef.name": "string",
+        "fallbackRestoreRef": "object",
+        "fallbackRestoreRef.name": "string",
+        "sourceNodeName": "string",
+        "targetNodeName": "string",
+        "frozenTime": "string",
+        "runningTime": "string",
+        "downtimeSeconds": "number",
+        "startTime": "string",
+        "completionTime": "string",
+        "expiration": "string",
+        **PROGRESS_FIELDS,
+        **CONDITION_FIELDS,
+    },
     "CheckpointStorage": {
         "phase": "string",
         "lastValidatedTime": "string",
@@ -182,6 +217,7 @@ PHASES = {
     "ContainerCheckpoint": ["Pending", "Scheduled", "Checkpointing", "Uploading", "Succeeded", "Failed"],
     "ContainerRestore": ["Pending", "Scheduled", "Downloading", "Restoring", "Succeeded", "Failed"],
     "CheckpointStorage": ["Available", "Unavailable"],
+    "ContainerMigration": ["Pending", "Checkpointing", "Transferring", "Restoring", "Succeeded", "Failed"],
 }
 
 # kind -> [(name, jsonPath)] in order, NAME excepted.
@@ -199,6 +235,14 @@ PRINTER_COLUMNS = {
         ("Checkpoint", ".spec.source.checkpointRef.name"),
         ("Archive", ".spec.source.archive.key"),
         ("Container", ".status.containerName"),
+        ("Age", ".metadata.creationTimestamp"),
+    ],
+    "ContainerMigration": [
+        ("Phase", ".status.phase"),
+        ("Source", ".spec.source.nodeName"),
+        ("Container", ".spec.source.container"),
+        ("Target", ".status.targetNodeName"),
+        ("Downtime", ".status.downtimeSeconds"),
         ("Age", ".metadata.creationTimestamp"),
     ],
     "CheckpointStorage": [
@@ -223,6 +267,7 @@ REQUIRED_SPEC = {
         "previous": ["key"],
     },
     "CheckpointStorage": {"": ["bucket"], "credentialsSecretRef": ["namespace", "name"]},
+    "ContainerMigration": {"": ["source"], "source": ["nodeName", "container"], "storageRef": ["name"]},
 }
 
 
@@ -351,6 +396,7 @@ def test_only_podman_stats_are_free_form(kind: str) -> None:
         "ContainerCheckpoint": {"status.archives[].stats"},
         "ContainerRestore": {"status.stats"},
         "CheckpointStorage": set(),
+        "ContainerMigration": set(),
     }
     assert free == expected[kind]
     for path in free:
@@ -454,6 +500,19 @@ def test_restore_rules() -> None:
     for sha in ("spec.source.archive.sha256", "spec.previous.sha256"):
         assert any("64 lowercase hexadecimal" in m for m in rule_messages(kind, sha)), sha
     assert len(rule_messages(kind, "spec.publish[]")) == 2
+
+
+def test_migration_rules() -> None:
+    kind = "ContainerMigration"
+    spec_messages = rule_messages(kind, "spec")
+    assert any("name cannot be combined with tcpEstablished" in m for m in spec_messages)
+    assert "spec is immutable; delete and recreate the ContainerMigration" in spec_messages
+    spec = node(root(kind), "spec")
+    assert node(spec, "compress")["enum"] == ["zstd", "none", "gzip"]
+    for path in ("spec.source.nodeName", "spec.source.container", "spec.targetNodeName", "spec.name"):
+        assert rule_messages(kind, path), path
+    assert "--compress" in node(spec, "compress")["description"]
+    assert "--tcp-established" in node(spec, "tcpEstablished")["description"]
 
 
 def test_storage_rules_and_defaults() -> None:

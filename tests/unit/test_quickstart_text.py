@@ -24,17 +24,19 @@ def test_sizes_read_in_mib(size: int, shown: str) -> None:
     assert quickstart.mib(size) == shown
 
 
-def test_the_by_hand_script_holds_both_objects_in_closed_heredocs() -> None:
-    names = quickstart.Names("web", "web-before-drain", "web-on-b")
+def test_the_by_hand_script_holds_the_migration_in_a_closed_heredoc() -> None:
+    names = quickstart.Names("web", "web-to-b")
     script = quickstart.by_hand_script(Path("/var/tmp/ck"), names)
     lines = script.splitlines()
     assert lines[0] == "export KUBECONFIG=/var/tmp/ck/kubeconfig PATH=/var/tmp/ck/bin:$PATH"
     bodies = script.split("<<'EOF'\n")[1:]
-    assert len(bodies) == 2
-    objects = [yaml.safe_load(body.split("\nEOF\n")[0]) for body in bodies]
-    checkpoint, restore = objects
-    assert checkpoint["kind"] == "ContainerCheckpoint" and checkpoint["spec"]["containers"] == ["web"]
-    assert checkpoint["spec"]["nodeName"] == quickstart.SOURCE
-    assert restore["kind"] == "ContainerRestore" and restore["spec"]["nodeName"] == quickstart.TARGET
-    assert restore["spec"]["source"] == {"checkpointRef": {"name": "web-before-drain"}}
+    assert len(bodies) == 1
+    [migration] = [yaml.safe_load(body.split("\nEOF\n")[0]) for body in bodies]
+    assert migration["kind"] == "ContainerMigration" and migration["metadata"]["name"] == "web-to-b"
+    assert migration["spec"] == {
+        "source": {"nodeName": quickstart.SOURCE, "container": "web"},
+        "targetNodeName": quickstart.TARGET,
+    }
+    assert "kubectl wait cmig/web-to-b" in script and "{.status.downtimeSeconds}" in script
     assert "--label checkpointer.dev/namespace=default --name web" in script
+    assert "kubectl delete cmig web-to-b" in quickstart.by_hand(Path("/var/tmp/ck"), names)

@@ -56,10 +56,12 @@ def test_names_printer_columns_and_fields() -> None:
         "concurrencyPolicy",
         "startingDeadlineSeconds",
         "onNodeCordon",
+        "cordonAction",
         "retention",
         "template",
     }
     assert spec["concurrencyPolicy"]["enum"] == ["Forbid", "Allow"]
+    assert spec["cordonAction"]["enum"] == ["Checkpoint", "Migrate"]
     assert spec["retention"]["properties"]["maxAge"]["pattern"] == DURATION_PATTERN
     assert re.match(DURATION_PATTERN, "168h")
     status = version["schema"]["openAPIV3Schema"]["properties"]["status"]["properties"]

@@ -6,6 +6,7 @@ import base64
 import datetime
 import logging
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any, TypeVar, cast
 
 import kubernetes
@@ -22,8 +23,18 @@ CHECKPOINTS = "containercheckpoints"
 RESTORES = "containerrestores"
 STORAGES = "checkpointstorages"
 SCHEDULES = "checkpointschedules"
+MIGRATIONS = "containermigrations"
 # An Event the API server has not taken by then is given up: the next one must not wait behind it.
 EVENT_TIMEOUT_SECONDS = 10
+
+
+@dataclass(frozen=True)
+class NodeState:
+    """What choosing a migration's target needs of a Node."""
+
+    name: str
+    ready: bool
+    unschedulable: bool
 
 
 def load_config() -> None:
@@ -246,6 +257,17 @@ class Kube:
 
     def node_exists(self, name: str) -> bool:
         return _found(lambda: self.core.read_node(name)) is not None
+
+    def node_states(self) -> list[NodeState]:
+        """Every Node: its name, whether its Ready condition is True, and whether it is cordoned."""
+        found = []
+        for item in self.core.list_node().items:
+            if not item.metadata:
+                continue
+            conditions = (item.status.conditions if item.status else None) or []
+            ready = any(c.type == "Ready" and c.status == "True" for c in conditions)
+            found.append(NodeState(str(item.metadata.name), ready, bool(item.spec and item.spec.unschedulable)))
+        return found
 
     def node_names(self) -> list[str]:
         return [str(n.metadata.name) for n in self.core.list_node().items if n.metadata]

@@ -89,8 +89,8 @@ def handled(fn: F) -> F:
 def cli(ctx: click.Context, namespace: str | None, kubeconfig: str | None, context: str | None) -> None:
     """Checkpoint, restore and migrate containers; follow them; read the archives in a storage.
 
-    Everything it does are ordinary ContainerCheckpoint and ContainerRestore objects: --dry-run
-    prints their YAML.
+    Everything it does are ordinary ContainerCheckpoint, ContainerRestore and ContainerMigration
+    objects: --dry-run prints their YAML.
     """
     ctx.obj = Cluster(kubeconfig=kubeconfig, context=context, namespace_flag=namespace)
 
@@ -161,6 +161,9 @@ def report(obj: dict[str, Any]) -> bool:
     for archive in CheckpointStatus.of(obj).archives:
         line = f"  {archive.container}: {present.size(archive.size)}  {archive.key or ''}"
         out.print(present.printable(line))
+    moved = present.migration_lines(obj)
+    for line in moved:
+        out.print(line)
     return result.failed
 
 
@@ -294,10 +297,17 @@ def restore(
 
 @cli.command()
 @click.argument("target", metavar="NODE/CONTAINER")
-@click.option("--to", "node", required=True, help="The node to move the container to.")
-@click.option("--storage", default="", help="The CheckpointStorage to go through (default: the default storage).")
+@click.option("--to", "node", default=None, help="The node to move the container to (default: the controller chooses).")
+@click.option("--storage", default=None, help="The CheckpointStorage to go through (default: the default storage).")
 @click.option("--compress", type=click.Choice(plan.COMPRESSIONS), default=None)
-@wait_option
+@click.option("--name", default=None, help="The ContainerMigration's name (default: <container>-<random>).")
+@click.option("--as", "container_name", default=None, help="Name the container on the target (default: its name).")
+@click.option(
+    "--wait/--no-wait",
+    default=True,
+    show_default=True,
+    help="Follow it to Succeeded or Failed and exit 1 on Failed; --no-wait returns once it is created.",
+)
 @timeout_option
 @output_option
 @dry_run_option
@@ -306,26 +316,30 @@ def restore(
 def migrate(
     cluster: Cluster,
     target: str,
-    node: str,
-    storage: str,
+    node: str | None,
+    storage: str | None,
     compress: str | None,
+    name: str | None,
+    container_name: str | None,
     wait: bool,
     timeout: float,
     output: str | None,
     dry_run: bool,
 ) -> None:
-    """Move a container to another node: checkpoint with export, wait for it, restore there."""
-    source = plan.parse_target(target)
-    (ccp,) = plan.checkpoint_objects([source], cluster.namespace, export=storage, compress=compress)
-    crst = plan.restore_object(cluster.namespace, node, checkpoint=ccp["metadata"]["name"], container=source.container)
+    """Move a container to another node: one ContainerMigration, followed to its end by default."""
+    obj = plan.migration_object(
+        cluster.namespace,
+        plan.parse_target(target),
+        to=node,
+        storage=storage,
+        compress=compress,
+        name=name,
+        container_name=container_name,
+    )
     if dry_run:
-        emit([ccp, crst], output or "yaml")
+        emit([obj], output or "yaml")
         return
-    checkpointed, failed = run(cluster, [ccp], True, output, timeout)
-    restored: list[dict[str, Any]] = []
-    if not failed:
-        restored, failed = run(cluster, [crst], wait, output, timeout)
-    finish(checkpointed + restored, failed, output)
+    finish(*run(cluster, [obj], wait, output, timeout), output)
 
 
 @cli.command()
@@ -335,7 +349,7 @@ def migrate(
 @cluster_options
 @handled
 def watch(cluster: Cluster, resource: str, timeout: float, output: str | None) -> None:
-    """Follow a ccp/NAME or crst/NAME: phase, bytes, rate and time left; exit 1 on Failed."""
+    """Follow a ccp/NAME, crst/NAME or cmig/NAME: phase, bytes, rate and time left; exit 1 on Failed."""
     kind, name = plan.parse_kind(resource)
     obj = follow(cluster, kind, name, timeout)
     failed = report(obj) if output is None else present.outcome(obj).failed

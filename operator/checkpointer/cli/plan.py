@@ -17,12 +17,14 @@ from checkpointer.models import CheckpointStatus, Compression
 API_VERSION = f"{GROUP}/{VERSION}"
 CHECKPOINT = "ContainerCheckpoint"
 RESTORE = "ContainerRestore"
+MIGRATION = "ContainerMigration"
 # The words `watch` accepts for each kind, as kubectl does: short name, singular, plural, Kind.
 KINDS = {
     CHECKPOINT: ("ccp", "containercheckpoint", "containercheckpoints"),
     RESTORE: ("crst", "containerrestore", "containerrestores"),
+    MIGRATION: ("cmig", "containermigration", "containermigrations"),
 }
-PLURALS = {CHECKPOINT: "containercheckpoints", RESTORE: "containerrestores"}
+PLURALS = {CHECKPOINT: "containercheckpoints", RESTORE: "containerrestores", MIGRATION: "containermigrations"}
 # spec.compress of an export (docs/api.md).
 COMPRESSIONS = tuple(c.value for c in Compression)
 # An object's name is a DNS subdomain; 63 keeps it a valid label too, as most tools expect.
@@ -71,7 +73,10 @@ def parse_kind(text: str) -> tuple[str, str]:
     for kind, words in KINDS.items():
         if sep and name and word in words:
             return kind, name
-    raise ValueError(f"{text!r} is not KIND/NAME with KIND one of ccp, crst, containercheckpoint, containerrestore")
+    raise ValueError(
+        f"{text!r} is not KIND/NAME with KIND one of ccp, crst, cmig, containercheckpoint, containerrestore, "
+        "containermigration"
+    )
 
 
 def generated_name(base: str, token: str | None = None) -> str:
@@ -166,6 +171,34 @@ def restore_object(
     if container_name:
         spec["name"] = container_name
     return _object(RESTORE, name or generated_name(f"{container_name or base}-restore", token), namespace, spec)
+
+
+def migration_object(
+    namespace: str,
+    source: Target,
+    *,
+    to: str | None = None,
+    storage: str | None = None,
+    compress: str | None = None,
+    name: str | None = None,
+    container_name: str | None = None,
+    token: str | None = None,
+) -> dict[str, Any]:
+    """A ContainerMigration of one container; without `to` the controller chooses the target node."""
+    if to is not None and to == source.node:
+        raise ValueError(f"--to {to} is the node the container runs on: name another node, or leave --to out")
+    spec: dict[str, Any] = {"source": {"nodeName": source.node, "container": source.container}}
+    if to:
+        spec["targetNodeName"] = to
+    if storage:
+        spec["storageRef"] = {"name": storage}
+    if compress is not None:
+        if compress not in COMPRESSIONS:
+            raise ValueError(f"--compress is one of {', '.join(COMPRESSIONS)}, not {compress!r}")
+        spec["compress"] = compress
+    if container_name:
+        spec["name"] = container_name
+    return _object(MIGRATION, name or generated_name(source.container, token), namespace, spec)
 
 
 def archive_folder(key: str) -> str:

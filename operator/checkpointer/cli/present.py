@@ -160,6 +160,31 @@ def progress(obj: Mapping[str, Any], meter: Meter, now: float) -> Progress:
     return Progress(phase, done, total, meter.rate(), 0.0 if phase == "Succeeded" else meter.eta(total))
 
 
+def migration_lines(obj: Mapping[str, Any]) -> list[str]:
+    """What a finished ContainerMigration adds to its result line: the objects it made and the downtime."""
+    if obj.get("kind") != "ContainerMigration":
+        return []
+    status = obj.get("status") or {}
+    lines = []
+    made = [
+        f"{kind} {(status.get(ref) or {}).get('name')}"
+        for kind, ref in (
+            ("ContainerCheckpoint", "checkpointRef"),
+            ("ContainerRestore", "restoreRef"),
+            ("ContainerRestore", "fallbackRestoreRef"),
+        )
+        if status.get(ref)
+    ]
+    if made:
+        lines.append(f"  made {', '.join(made)}")
+    if status.get("downtimeSeconds") is not None:
+        lines.append(
+            f"  downtime {float(status['downtimeSeconds']):.2f}s: stopped on {status.get('sourceNodeName')} at "
+            f"{status.get('frozenTime')}, running on {status.get('targetNodeName')} at {status.get('runningTime')}"
+        )
+    return [printable(line) for line in lines]
+
+
 # --- manifests -------------------------------------------------------------------------------------
 
 

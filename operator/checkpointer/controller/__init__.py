@@ -16,7 +16,7 @@ from typing import Any, TypeVar
 import kopf
 
 from checkpointer import CONTROLLER_FINALIZER, GROUP, NODE_LABEL, VERSION, layout, metrics
-from checkpointer.adapters.kube import CHECKPOINTS, RESTORES, STORAGES, Kube
+from checkpointer.adapters.kube import CHECKPOINTS, MIGRATIONS, RESTORES, STORAGES, Kube
 from checkpointer.archive.store import RateLimiter, StorageError, Stores, Transfer
 from checkpointer.controller import schedules
 from checkpointer.controller.expiry import Expiring, ExpiryClock
@@ -34,6 +34,7 @@ from checkpointer.models import (
 )
 from checkpointer.reasons import FINISHED, Phase, Reason
 from checkpointer.services import scheduling, signing, validation
+from checkpointer.services.migration import Migrations, owner_of
 from checkpointer.services.schedule_rules import SCHEDULED_TIME_ANNOTATION, start_delay
 from checkpointer.settings import Settings
 from checkpointer.status import Conflict, EventType, StatusWriter, post_event
@@ -150,7 +151,15 @@ def _finished_or_deleted(body: kopf.Body, type: str | None, **_: Any) -> bool:
 
 
 def _plural(body: kopf.Body) -> str:
-    return CHECKPOINTS if body["kind"] == "ContainerCheckpoint" else RESTORES
+    return {"ContainerCheckpoint": CHECKPOINTS, "ContainerMigration": MIGRATIONS}.get(str(body["kind"]), RESTORES)
+
+
+def _owned_by_migration(body: kopf.Body, **_: Any) -> bool:
+    return owner_of(body) is not None
+
+
+def _migration_open(body: kopf.Body, type: str | None, **_: Any) -> bool:
+    return type == "DELETED" or (body.get("status") or {}).get("phase") not in FINISHED
 
 
 def _register_expiry(
@@ -169,8 +178,10 @@ def _register_expiry(
     # On the watch event itself: no handler state and no write but a missing expiration.
     @kopf.on.event(GROUP, VERSION, CHECKPOINTS, when=_finished_or_deleted, registry=registry)
     @kopf.on.event(GROUP, VERSION, RESTORES, when=_finished_or_deleted, registry=registry)
+    @kopf.on.event(GROUP, VERSION, MIGRATIONS, when=_finished_or_deleted, registry=registry)
     def expire_finished(body: kopf.Body, type: str | None, **_: Any) -> None:
-        in_flight.seen(_plural(body), body, deleted=type == "DELETED")
+        if body["kind"] != "ContainerMigration":
+            in_flight.seen(_plural(body), body, deleted=type == "DELETED")
         if type == "DELETED":
             clock.forget(str(body["metadata"]["uid"]))
         else:
@@ -530,4 +541,24 @@ def register(registry: kopf.OperatorRegistry, settings: Settings, kube: Kube) ->
         if type == "DELETED":
             metrics.storage_gone(str(body["metadata"]["name"]))
 
+    _register_migrations(registry, kube, leases)
     schedules.register(registry, settings, kube)
+
+
+def _register_migrations(registry: kopf.OperatorRegistry, kube: Kube, leases: scheduling.AgentLeases) -> None:
+    """ContainerMigrations, driven by the watch events of themselves and of the objects they own: no
+    timer, no polling (services/migration.py decides each step)."""
+    migrations = Migrations(kube, leases)
+
+    @kopf.on.event(GROUP, VERSION, MIGRATIONS, when=_migration_open, registry=registry)
+    def migration_changed(body: kopf.Body, type: str | None, **_: Any) -> None:
+        if type == "DELETED":
+            migrations.forget(str(body["metadata"]["uid"]))
+        else:
+            migrations.advance(body)
+
+    # Their deletion too: a child deleted under a migration ends it.
+    @kopf.on.event(GROUP, VERSION, CHECKPOINTS, when=_owned_by_migration, registry=registry)
+    @kopf.on.event(GROUP, VERSION, RESTORES, when=_owned_by_migration, registry=registry)
+    def migration_child_changed(body: kopf.Body, **_: Any) -> None:
+        migrations.child_changed(body)

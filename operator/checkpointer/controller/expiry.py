@@ -18,7 +18,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from checkpointer.adapters.kube import CHECKPOINTS, Kube
+from checkpointer.adapters.kube import CHECKPOINTS, MIGRATIONS, Kube
 from checkpointer.durations import parse_duration
 from checkpointer.models import CheckpointStatus, ObjectStatus
 from checkpointer.status import Conflict, StatusWriter
@@ -45,7 +45,9 @@ class Expiring:
 
     @property
     def kind(self) -> str:
-        return "ContainerCheckpoint" if self.plural == CHECKPOINTS else "ContainerRestore"
+        return {CHECKPOINTS: "ContainerCheckpoint", MIGRATIONS: "ContainerMigration"}.get(
+            self.plural, "ContainerRestore"
+        )
 
 
 # Called with the deleted object and a message, to post the Event `Expired`.

@@ -27,9 +27,16 @@ from kubernetes.client import ApiException
 from pydantic import ValidationError
 
 from checkpointer import GROUP, VERSION
-from checkpointer.adapters.kube import CHECKPOINTS, SCHEDULES, Kube
+from checkpointer.adapters.kube import CHECKPOINTS, MIGRATIONS, SCHEDULES, Kube
 from checkpointer.conditions import format_time, parse_time, set_condition
-from checkpointer.models import CheckpointSchedule, Condition, ObjectReference, ObjectStatus, ScheduleStatus
+from checkpointer.models import (
+    CheckpointSchedule,
+    Condition,
+    CordonAction,
+    ObjectReference,
+    ObjectStatus,
+    ScheduleStatus,
+)
 from checkpointer.reasons import ConditionType, Reason
 from checkpointer.services import schedule_rules as decide
 from checkpointer.services.schedule_rules import Child, Clock, InvalidSchedule
@@ -270,6 +277,9 @@ class Schedules:
             message = f"skipped {what}: {blocker.name} is still active (concurrencyPolicy Forbid)"
             self._event(entry, "Normal", Reason.SKIPPED, message)
             return
+        if cordon and spec.cordon_action == CordonAction.MIGRATE:
+            self._migrate(entry, run, what)
+            return
         name = str(body["metadata"]["name"])
         try:
             created = self.kube.create(CHECKPOINTS, key[0], body)
@@ -289,6 +299,21 @@ class Schedules:
             self._event(entry, "Normal", Reason.CREATED, f"created ContainerCheckpoint {name} for {what}")
         else:  # made before a restart: names are deterministic
             log.info("CheckpointSchedule %s/%s: %s exists already", *key, name)
+
+    def _migrate(self, entry: Entry, run: datetime.datetime, what: str) -> None:
+        """cordonAction Migrate: the cordon moves the template's containers, one ContainerMigration each."""
+        for body in decide.cordon_migrations(entry.schedule, run):
+            name = str(body["metadata"]["name"])
+            try:
+                created = self.kube.create(MIGRATIONS, entry.key[0], body)
+            except ApiException as e:
+                self._event(entry, "Warning", Reason.FAILED_CREATE, f"could not create {name}: {e.status} {e.reason}")
+                continue
+            except Exception as e:  # the connection itself: urllib3's errors are no ApiException
+                self._event(entry, "Warning", Reason.FAILED_CREATE, f"could not create {name}: {e}")
+                continue
+            if created is not None:
+                self._event(entry, "Normal", Reason.CREATED, f"created ContainerMigration {name} for {what}")
 
     def _refresh_children(self, key: Key) -> None:
         try:

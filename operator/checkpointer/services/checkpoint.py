@@ -261,6 +261,8 @@ class Checkpoint:
     # Each container's configuration digests, and its inspection, once read (see configuration()).
     configs: dict[str, manifest.Configuration] = field(default_factory=dict)
     inspected: dict[str, Container | None] = field(default_factory=dict)
+    # When podman was first asked to stop a container (status.frozenTime): a migration's downtime starts here.
+    frozen: str = ""
     # By container: the archives whose parts land readable (streams_parts), as published.
     streaming: bool = False
     streams: dict[str, Stream] = field(default_factory=dict)
@@ -329,13 +331,25 @@ class Checkpoint:
                 Phase.SUCCEEDED,
                 Reason.SUCCEEDED,
                 f"checkpointed {names}{where}",
-                patch=CheckpointStatus(archives=list(archives.values())),
+                patch=self.frozen_patch(archives=list(archives.values())),
             )
         log.info(
             "checkpoint %s/%s: checkpointed %s%s", self.ccp.metadata.namespace, self.ccp.metadata.name, names, where
         )
         if store is None:
             self.folder.remove()
+
+    def freezing(self) -> None:
+        """Podman is asked to checkpoint now: unless leaveRunning, CRIU freezes the container and it
+        serves nothing from here on. Taken on the clock before the call, not when podman returns."""
+        if not self.frozen:
+            self.frozen = now(precise=True)
+
+    def frozen_patch(self, **fields: Any) -> CheckpointStatus:
+        """`fields` and status.frozenTime, in the next phase write (no write of its own before podman runs)."""
+        written = self.status.status
+        first = bool(self.frozen) and not (isinstance(written, CheckpointStatus) and written.frozen_time)
+        return CheckpointStatus(**fields, **({"frozen_time": self.frozen} if first else {}))
 
     def let_go(self) -> None:
         """The archives are signed (the object Succeeded): podman's local checkpoints and the spool go."""
@@ -393,6 +407,7 @@ class Checkpoint:
         if store is None:
             self.folder.mark(target.name)
             began = time.monotonic()
+            self.freezing()
             stats = self.podman_checkpoint(target, None, None, directory)
             self.status.steps.took("checkpoint", began, container=target.name)
             return Archive(container=target.name, containerID=target.id, stats=stats)
@@ -441,6 +456,7 @@ class Checkpoint:
                 target.name,
             )
             began = time.monotonic()
+            self.freezing()
             try:
                 stats = self.podman_checkpoint(target, write, store, directory)
                 if written is None:
@@ -467,7 +483,10 @@ class Checkpoint:
             record = SpoolRecord(target.name, target.id, compression, raw, digest, stats, self.recipients, uncompressed)
             self.folder.save_spool_record(record)
             self.status.phase(
-                Phase.UPLOADING, Reason.UPLOADING, f"checkpointed {target.name}; uploading {digest.size} bytes"
+                Phase.UPLOADING,
+                Reason.UPLOADING,
+                f"checkpointed {target.name}; uploading {digest.size} bytes",
+                patch=self.frozen_patch(),
             )
             error = uploading.exception()
         if error is not None:

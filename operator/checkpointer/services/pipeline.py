@@ -340,13 +340,24 @@ class Streamed:
             runtime = self.node.runtime
             assert isinstance(runtime, CliRuntime)
             with restore.CLAIMS.hold([f"container {name}", *(f"volume {v}" for v in volumes)]):
-                spec, before = restore.check_node(self.node, crst, config, name, volumes)
+                spec, before, stale = restore.check_node(self.node, crst, config, name, volumes)
 
                 def podman(judged: Any) -> dict[str, Any]:
                     return runtime.restore_streamed(judged, self.folder.path, head, self._feed)
 
                 restore.run_podman(
-                    self.node, crst, self.status, self.folder, spec, self.path, None, name, before, config, podman
+                    self.node,
+                    crst,
+                    self.status,
+                    self.folder,
+                    spec,
+                    self.path,
+                    None,
+                    name,
+                    before,
+                    config,
+                    podman,
+                    stale=stale,
                 )
         except BaseException as e:
             flow.fail(e if flow.error is None else flow.error)

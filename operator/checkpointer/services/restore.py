@@ -31,6 +31,7 @@ from checkpointer.archive.encryption import Keys
 from checkpointer.archive.ledger import KeptCheckpoint
 from checkpointer.archive.store import ArchiveMissing, ArchiveStore, StorageError
 from checkpointer.archive.workfolder import RESTORE, WorkFolder
+from checkpointer.conditions import now
 from checkpointer.errors import Failure, Retry
 from checkpointer.models import (
     ArchiveRef,
@@ -178,9 +179,9 @@ def _run(node: Node, crst: ContainerRestore, status: StatusWriter, folder: WorkF
     # From "is the name free?" to the cleanup of a failure, one restore at a time holds the name (and
     # the volumes): a later restore of the same name sees the earlier one's container, never removes it.
     with CLAIMS.hold([f"container {name}", *(f"volume {v}" for v in volumes)]):
-        spec, before = check_node(node, crst, config, name, volumes)
+        spec, before, stale = check_node(node, crst, config, name, volumes)
         status.steps.took("verify", began)
-        run_podman(node, crst, status, folder, spec, path, previous, name, before, config)
+        run_podman(node, crst, status, folder, spec, path, previous, name, before, config, stale=stale)
 
 
 def run_podman(
@@ -195,16 +196,34 @@ def run_podman(
     before: set[str],
     config: dict[str, Any],
     podman: Callable[[RestoreSpec], dict[str, Any]] | None = None,
+    stale: Container | None = None,
 ) -> None:
     """Podman restores; `podman` instead of the runtime's import of `path`, for an archive that
     streams (services/pipeline.py)."""
     runtime = node.runtime
     folder.mark(RESTORING)
+    if stale is not None:
+        # The archive's own container, left stopped by its checkpoint, holds its name and ID: this
+        # restore takes its place. Should podman fail now, the archive in the bucket is its copy.
+        try:
+            runtime.remove(stale)
+        except PodmanError as e:
+            raise Failure(classify(e, Reason.RESTORE_FAILED), f"podman could not remove {name}: {e.message}") from None
+        log.info(
+            "restore %s/%s: replaced the stopped %s (%s) it was checkpointed from",
+            crst.metadata.namespace,
+            crst.metadata.name,
+            name,
+            stale.id,
+        )
+        before = set()
     status.phase(Phase.RESTORING, Reason.RESTORING, f"restoring {name or 'container'} with podman")
     log.info("restore %s/%s: podman restores %s", crst.metadata.namespace, crst.metadata.name, name or "the container")
     try:
         with status.steps.step("restore", container=name):
             stats = podman(spec) if podman is not None else runtime.restore(spec, path, previous)
+        # Podman returns once the container runs: taken here, before the inspection and the write.
+        running = now(precise=True)
     except Failure:
         # The stream stopped before podman had all of it: what podman made of it goes.
         _remove_half_restored(node, name, before, None if spec.name else str(config.get("id") or "") or None)
@@ -223,14 +242,16 @@ def run_podman(
         Phase.SUCCEEDED,
         Reason.SUCCEEDED,
         f"restored {name} on {crst.spec.node_name}",
-        patch=RestoreStatus(container_id=restored.id if restored else "", container_name=name, stats=stats),
+        patch=RestoreStatus(
+            container_id=restored.id if restored else "", container_name=name, stats=stats, running_time=running
+        ),
     )
     log.info("restore %s/%s: restored %s", crst.metadata.namespace, crst.metadata.name, name or "the container")
 
 
 def check_node(
     node: Node, crst: ContainerRestore, config: dict[str, Any], name: str, volumes: list[str]
-) -> tuple[RestoreSpec, set[str]]:
+) -> tuple[RestoreSpec, set[str], Container | None]:
     """Asks the node's podman what the restore needs, and judges the answers: the restore's pod, the
     archive's named volumes and networks (outside an admin namespace), the image, the name. Returns the spec podman
     gets (a judged pod by its ID, so that it is the pod judged) and the IDs that hold the name now."""
@@ -269,7 +290,8 @@ def check_node(
                     "load or pull it there first",
                 )
             taken = holder.result()
-            if taken is not None and taken.name == name:
+            stale = taken if taken is not None and stopped_self(taken, config, crst, node.settings.admins) else None
+            if taken is not None and taken.name == name and stale is None:
                 raise Failure(
                     Reason.NAME_IN_USE,
                     f"a container named {name!r} already exists on node {spec.node_name}; set spec.name "
@@ -283,7 +305,29 @@ def check_node(
     if judged_pod is not None:
         spec = spec.model_copy(update={"pod": judged_pod.id})
     # The name is free; podman may still find a container by it (a prefix of its ID): not ours to remove.
-    return spec, {taken.id} if taken is not None else set()
+    return spec, {taken.id} if taken is not None else set(), stale
+
+
+# The states of a container that podman's checkpoint stopped (`exited`; `stopped` in older podman).
+STOPPED = frozenset({"exited", "stopped"})
+
+
+def stopped_self(holder: Container, config: dict[str, Any], crst: ContainerRestore, admins: frozenset[str]) -> bool:
+    """Whether the container holding the restore's name is the very container the archive was made of,
+    left stopped by its checkpoint: the restore then replaces it, a restore in place as `podman container
+    restore` makes from a local checkpoint (a migration's restore back on its source node). Pure.
+
+    Only without spec.name, where podman keeps the archive's container ID, which that container holds;
+    only one that does not run; outside admin namespaces only one labelled for the restore's namespace.
+    """
+    namespace = crst.metadata.namespace
+    return (
+        not crst.spec.name
+        and bool(holder.id)
+        and holder.id == str(config.get("id") or "")
+        and holder.state in STOPPED
+        and (namespace in admins or holder.label(NAMESPACE_LABEL) == namespace)
+    )
 
 
 def check_policy(node: Node, crst: ContainerRestore, configuration: ContainerConfiguration) -> None:

@@ -226,6 +226,34 @@ def child(schedule: CheckpointSchedule, run: datetime.datetime, cordon: bool = F
     }
 
 
+def cordon_migrations(schedule: CheckpointSchedule, run: datetime.datetime) -> list[dict[str, Any]]:
+    """The ContainerMigrations a cordon makes with cordonAction Migrate: one per container the template
+    names, from the template's node to one the controller chooses, owned by and labelled with the
+    schedule, named `<schedule>-cordon-<unix time>-<index>`. Pure.
+
+    The template's export.storageRef, compress and tcpEstablished go with them; each is judged as a
+    ContainerMigration (and its checkpoint as a ContainerCheckpoint) of the schedule's namespace.
+    """
+    base = child(schedule, run, cordon=True)
+    template = schedule.spec.template
+    spec: dict[str, Any] = {}
+    storage = (template.get("export") or {}).get("storageRef")
+    if storage:
+        spec["storageRef"] = dict(storage)
+    if template.get("compress"):
+        spec["compress"] = template["compress"]
+    if template.get("tcpEstablished"):
+        spec["tcpEstablished"] = True
+    made = []
+    for index, container in enumerate(template.get("containers") or []):
+        metadata = {**base["metadata"], "name": f"{base['metadata']['name']}-{index}"}
+        # No scheduled time: a migration starts when it is made, the moment of the cordon.
+        metadata["annotations"] = {TRIGGER_ANNOTATION: "cordon"}
+        source = {"nodeName": schedule.spec.node_name, "container": str(container)}
+        made.append({**base, "kind": "ContainerMigration", "metadata": metadata, "spec": {"source": source, **spec}})
+    return made
+
+
 def max_age(schedule: CheckpointSchedule) -> datetime.timedelta | None:
     retention = schedule.spec.retention
     if retention is None or not retention.max_age:
