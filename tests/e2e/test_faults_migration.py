@@ -60,11 +60,14 @@ def test_agents_killed_mid_upload_and_mid_download_the_container_runs_on_the_tar
     try:
         with faults.agent_settings(env, SOURCE, SLOW_UP), faults.agent_settings(env, TARGET, SLOW_DOWN):
             name = migration(env, SOURCE, container, targetNodeName=TARGET, compress="none")
+            # The restore follows the checkpoint: both transfers run at once, so the target's agent
+            # is killed mid-download first, then the source's mid-upload, while the upload still runs.
             wait_for(env, "ccp", name, "upload under way", lambda o: uploading(o, 8 * MiB))
-            faults.restart_agent(env, SOURCE, SLOW_UP, kill=True)  # resumes the upload from its spool
             _, restore = children(env, name)
-            wait_for(env, "crst", restore, "download under way", lambda o: downloading(o, 8 * MiB))
-            faults.restart_agent(env, TARGET, SLOW_DOWN, kill=True)  # downloads again
+            wait_for(env, "crst", restore, "download under way", lambda o: downloading(o, 1))
+            faults.restart_agent(env, TARGET, SLOW_DOWN, kill=True)  # follows the checkpoint again
+            assert get(env, "ccp", name)["status"]["phase"] == "Uploading"  # type: ignore[index]
+            faults.restart_agent(env, SOURCE, SLOW_UP, kill=True)  # resumes the upload from its spool
             obj = wait_for(env, "cmig", name, "an end", finished, timeout=180)
             assert obj["status"]["phase"] == "Succeeded", obj["status"]
             assert obj["status"]["downtimeSeconds"] > 0
@@ -82,11 +85,10 @@ def test_s3_stopped_mid_upload_and_mid_download_the_migration_waits_and_succeeds
         with faults.agent_settings(env, SOURCE, SLOW_UP), faults.agent_settings(env, TARGET, SLOW_DOWN):
             name = migration(env, SOURCE, container, targetNodeName=TARGET, compress="none")
             wait_for(env, "ccp", name, "upload under way", lambda o: uploading(o, 8 * MiB))
+            # The restore follows the checkpoint, so both transfers run at once: the outages cut both.
             with faults.s3_down(env):
                 time.sleep(4)
                 assert get(env, "cmig", name)["status"]["phase"] == "Transferring"  # type: ignore[index]
-            _, restore = children(env, name)
-            wait_for(env, "crst", restore, "download under way", lambda o: downloading(o, 8 * MiB))
             with faults.s3_down(env):
                 time.sleep(4)
             obj = wait_for(env, "cmig", name, "an end", finished, timeout=180)

@@ -119,18 +119,22 @@ def test_a_migration_moves_through_its_checkpoint_and_its_restore(events: list[t
     )
     assert kube.get(RESTORES, "shop", "m") is None
 
+    # The restore is made on the checkpoint's first event: it follows the checkpoint while it runs.
     kube.set_phase(CHECKPOINTS, "m", "Checkpointing")
-    assert advance(kube, migrations, (CHECKPOINTS, "m"))["phase"] == "Checkpointing"
+    status = advance(kube, migrations, (CHECKPOINTS, "m"))
+    assert status["phase"] == "Checkpointing" and status["restoreRef"] == {"name": "m"}
+    restore = kube.get(RESTORES, "shop", "m")
+    assert restore is not None and restore["spec"]["nodeName"] == "node-b"
+    assert restore["spec"]["source"] == {"checkpointRef": {"name": "m"}}
+    kube.set_phase(RESTORES, "m", "Downloading")
+    assert advance(kube, migrations, (RESTORES, "m"))["phase"] == "Checkpointing"
     kube.set_phase(CHECKPOINTS, "m", "Uploading", frozenTime="2026-12-07T10:00:00Z", progress={"bytesDone": 7})
     status = advance(kube, migrations, (CHECKPOINTS, "m"))
     assert status["phase"] == "Transferring" and status["progress"] == {"bytesDone": 7}
-    assert kube.get(RESTORES, "shop", "m") is None  # not before the checkpoint succeeded
 
     kube.set_phase(CHECKPOINTS, "m", "Succeeded")
     status = advance(kube, migrations, (CHECKPOINTS, "m"))
-    restore = kube.get(RESTORES, "shop", "m")
-    assert restore is not None and restore["spec"]["nodeName"] == "node-b"
-    assert status["restoreRef"] == {"name": "m"} and status["frozenTime"] == "2026-12-07T10:00:00Z"
+    assert status["phase"] == "Transferring" and status["frozenTime"] == "2026-12-07T10:00:00Z"
     # An event of its own status write changes nothing more.
     advance(kube, migrations)
     assert kube.get(RESTORES, "shop", "m-back") is None

@@ -62,10 +62,10 @@ def crst(phase: str, **kw: Any) -> dict[str, Any]:
     return child("ContainerRestore", phase, **kw)
 
 
-def test_the_restore_starts_once_the_checkpoint_succeeded_until_pipelined_restores_land() -> None:
-    assert rules.restore_may_start("Succeeded")
-    for phase in ("", "Pending", "Scheduled", "Checkpointing", "Uploading", "Failed"):
-        assert not rules.restore_may_start(phase), phase
+def test_the_restore_starts_as_soon_as_the_checkpoint_exists_and_has_not_failed() -> None:
+    for phase in ("", "Pending", "Scheduled", "Checkpointing", "Uploading", "Succeeded"):
+        assert rules.restore_may_start(phase), phase
+    assert not rules.restore_may_start("Failed")
 
 
 def test_the_target_is_ready_not_cordoned_not_the_source_and_has_a_live_agent() -> None:
@@ -113,16 +113,19 @@ def test_the_children_are_owned_by_the_migration_and_carry_its_flags() -> None:
 
 
 def test_the_phase_follows_the_checkpoint_then_the_restore() -> None:
-    m = started()
-    assert rules.step(m, Children(ccp("Scheduled"))).phase == Phase.PENDING  # type: ignore[union-attr]
-    assert rules.step(m, Children(ccp("Checkpointing"))).phase == Phase.CHECKPOINTING  # type: ignore[union-attr]
-    uploading = rules.step(m, Children(ccp("Uploading", progress={"bytesDone": 5, "bytesTotal": 9})))
+    first = rules.step(started(), Children(ccp("Scheduled")))
+    assert first is not None and first.phase == Phase.PENDING and first.create == "restore"
+    m = started(restoreRef={"name": "m"})
+    following = crst("Downloading")
+    assert rules.step(m, Children(ccp("Scheduled"), following)).phase == Phase.PENDING  # type: ignore[union-attr]
+    checkpointing = rules.step(m, Children(ccp("Checkpointing"), following))
+    assert checkpointing is not None and checkpointing.phase == Phase.CHECKPOINTING and not checkpointing.create
+    uploading = rules.step(m, Children(ccp("Uploading", progress={"bytesDone": 5, "bytesTotal": 9}), following))
     assert uploading is not None and uploading.phase == Phase.TRANSFERRING
     assert uploading.fields["progress"] == Progress(bytes_done=5, bytes_total=9)
     done = ccp("Succeeded", frozenTime="2026-12-07T10:00:00.000000Z")
-    create = rules.step(m, Children(done))
-    assert create is not None and create.create == "restore" and create.fields["frozen_time"]
-    m = started(restoreRef={"name": "m"})
+    late = rules.step(started(), Children(done))
+    assert late is not None and late.create == "restore" and late.fields["frozen_time"]
     assert rules.step(m, Children(done, crst("Downloading"))).phase == Phase.TRANSFERRING  # type: ignore[union-attr]
     assert rules.step(m, Children(done, crst("Restoring"))).phase == Phase.RESTORING  # type: ignore[union-attr]
     ok = rules.step(m, Children(done, crst("Succeeded", completionTime="2026-12-07T10:00:01.250000Z")))

@@ -59,12 +59,12 @@ RETRY_DELAYS = (1, 2, 5, 10, 20, 30, 50)
 def restore_may_start(checkpoint_phase: str | None) -> bool:
     """Whether the migration creates its restore on the target now. Pure.
 
-    Today once the checkpoint has Succeeded: a ContainerRestore of a checkpoint that has not is refused
-    (CheckpointNotReady). A pipelined restore, which reads the archive while the source's agent still
-    writes it, may be created as soon as the checkpoint exists: return True for any phase but Failed
-    then, and every other step stays as it is.
+    As soon as the checkpoint exists and has not failed: the restore follows it, reading the archive's
+    parts while the source's agent still writes them (docs/architecture.md, a restore behind its
+    checkpoint), and nothing runs on the target before the checkpoint Succeeded and the whole archive
+    is verified. A checkpoint a migration owns streams its parts for that.
     """
-    return checkpoint_phase == Phase.SUCCEEDED
+    return checkpoint_phase != Phase.FAILED
 
 
 def falls_back(restore_reason: str) -> bool:
@@ -273,33 +273,40 @@ def step(m: ContainerMigration, children: Children) -> Step | None:
             fields=fields,
         )
     restore = children.restore
-    if not restore_may_start(ck_phase) and restore is None:
+    if restore is None and status.restore_ref is not None:
+        return Step(
+            Phase.FAILED,
+            Reason.CANCELLED,
+            f"its ContainerRestore {status.restore_ref.name} was deleted before it ended; the archive stays "
+            f"in the bucket: restore checkpoint {name} with a ContainerRestore",
+            fields=fields,
+        )
+    create = "restore" if restore is None and restore_may_start(ck_phase) else ""
+    # Until the checkpoint Succeeded, it says where the move is, whether or not a restore follows it.
+    if ck_phase != Phase.SUCCEEDED and (restore is None or _phase(restore) not in FINISHED):
         if ck_phase in ("", Phase.PENDING, Phase.SCHEDULED):
             return Step(
-                Phase.PENDING, Reason.SCHEDULED, f"checkpoint {name} waits for the agent on {source}", fields=fields
+                Phase.PENDING,
+                Reason.SCHEDULED,
+                f"checkpoint {name} waits for the agent on {source}",
+                create,
+                fields,
             )
         progress = _progress(checkpoint)
         if progress:
             fields["progress"] = progress
         if ck_phase == Phase.CHECKPOINTING:
             return Step(
-                Phase.CHECKPOINTING, Reason.CHECKPOINTING, f"checkpointing {container} on {source}", fields=fields
+                Phase.CHECKPOINTING, Reason.CHECKPOINTING, f"checkpointing {container} on {source}", create, fields
             )
         return Step(
             Phase.TRANSFERRING,
             Reason.TRANSFERRING,
             f"uploading the archive of {container} from {source}",
-            fields=fields,
+            create,
+            fields,
         )
     if restore is None:
-        if status.restore_ref is not None:
-            return Step(
-                Phase.FAILED,
-                Reason.CANCELLED,
-                f"its ContainerRestore {status.restore_ref.name} was deleted before it ended; the archive stays "
-                f"in the bucket: restore checkpoint {name} with a ContainerRestore",
-                fields=fields,
-            )
         return Step(
             Phase.TRANSFERRING,
             Reason.TRANSFERRING,
