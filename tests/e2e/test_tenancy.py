@@ -171,7 +171,8 @@ def test_a_namespace_migrates_only_its_own_containers(tenants: Tenants) -> None:
         reason, message = reason_and_message(obj)
         assert (obj["status"]["phase"], reason) == ("Failed", "ContainerNotPermitted"), obj["status"]
         assert f"checkpointer.dev/namespace={TEAM_A}" in message and "nothing was restored" in message
-        assert "restoreRef" not in obj["status"]
+        # The restore that followed the refused checkpoint failed with it; none went back to the source.
+        assert "fallbackRestoreRef" not in obj["status"]
         assert t.state(theirs) == "running"
         time.sleep(1.5)
         assert read_count(env.nodes[NODE], theirs) > count_before, "team-b's counter kept counting"
