@@ -211,6 +211,39 @@ def _footprint(inspected: dict[str, Any], read_file: Callable[[str], bytes | Non
     return Footprint(memory=0, rootfs_diff=rootfs_diff)
 
 
+class _Beside:
+    """A podman command run on a thread of its own while the caller's thread feeds or drains `fifo`.
+
+    Once podman ends, the FIFO is opened from the other side (`unblock`: os.O_RDONLY or os.O_WRONLY),
+    so that an open or read of the caller's that podman never answered returns.
+    """
+
+    def __init__(self, argv: list[str], timeout: float, fifo: Path, unblock: int, name: str) -> None:
+        self.proc = process.spawn(argv, die_with_parent=True)
+        self._argv = argv
+        self._timeout = timeout
+        self._fifo = fifo
+        self._unblock = unblock
+        self._stdout = ""
+        self._error: CommandError | None = None
+        self.thread = threading.Thread(target=self._wait, name=name, daemon=True)
+        self.thread.start()
+
+    def _wait(self) -> None:
+        try:
+            self._stdout = process.finish(self.proc, self._argv, self._timeout)
+        except CommandError as e:
+            self._error = e
+        with contextlib.suppress(OSError):
+            os.close(os.open(self._fifo, self._unblock | os.O_NONBLOCK))
+
+    def stats(self) -> dict[str, Any]:
+        """Podman's statistics once it ended; PodmanError when it failed."""
+        if self._error is not None:
+            raise PodmanError(self._error.stderr.strip() or str(self._error), self._error.returncode)
+        return _stats(self._stdout)
+
+
 def _stats(text: str) -> dict[str, Any]:
     """podman --print-stats writes one JSON document; anything else on stdout is ignored."""
     start = text.find("{")
@@ -482,20 +515,8 @@ class CliRuntime:
         os.mkfifo(fifo, 0o600)
         compress = spec.compress if self.compresses(spec.compress) else Compression.NONE
         argv = [*self.exporting_podman, *flags.checkpoint_argv(spec, container, fifo, compress)]
-        proc = process.spawn(argv, die_with_parent=True)
-        outcome: dict[str, Any] = {}
-
-        def wait() -> None:
-            try:
-                outcome["stdout"] = process.finish(proc, argv, self.timeout)
-            except CommandError as e:
-                outcome["error"] = e
-            # Podman may fail before it opens the FIFO; open it for writing so our reader sees EOF.
-            with contextlib.suppress(OSError):
-                os.close(os.open(fifo, os.O_WRONLY | os.O_NONBLOCK))
-
-        waiter = threading.Thread(target=wait, name=f"podman-{container}", daemon=True)
-        waiter.start()
+        # Podman may fail before it opens the FIFO: a writer of our own then lets our reader see EOF.
+        podman = _Beside(argv, self.timeout, fifo, os.O_WRONLY, f"podman-{container}")
         try:
             with fifo.open("rb") as stream:
                 # A 1 MiB pipe instead of 64 KiB: podman blocks less often and reads come in large chunks.
@@ -504,15 +525,12 @@ class CliRuntime:
                 export(read_chunks(stream))
         except BaseException:
             # The reader is gone (a full spool, a failed hash): podman would block on the pipe.
-            proc.kill()
+            podman.proc.kill()
             raise
         finally:
-            waiter.join()
+            podman.thread.join()
             fifo.unlink(missing_ok=True)
-        if "error" in outcome:
-            error: CommandError = outcome["error"]
-            raise PodmanError(error.stderr.strip() or str(error), error.returncode)
-        return _stats(outcome.get("stdout", ""))
+        return podman.stats()
 
     def restore(self, spec: RestoreSpec, archive: Path, previous: Path | None) -> dict[str, Any]:
         return _stats(self._run(*flags.restore_argv(spec, archive, previous), timeout=self.timeout))
@@ -537,25 +555,13 @@ class CliRuntime:
             path.unlink(missing_ok=True)
         os.mkfifo(fifo, 0o600)
         argv = [*self.exporting_podman, *flags.restore_argv(spec, fifo, None)]
-        proc = process.spawn(argv, die_with_parent=True)
-        outcome: dict[str, Any] = {}
-
-        def wait() -> None:
-            try:
-                outcome["stdout"] = process.finish(proc, argv, self.timeout)
-            except CommandError as e:
-                outcome["error"] = e
-            # Podman may end before it opens the FIFO again: a reader of our own unblocks our open.
-            with contextlib.suppress(OSError):
-                os.close(os.open(fifo, os.O_RDONLY | os.O_NONBLOCK))
-
-        waiter = threading.Thread(target=wait, name="podman-import", daemon=True)
-        waiter.start()
+        # Podman may end before it opens the FIFO again: a reader of our own then unblocks our open.
+        podman = _Beside(argv, self.timeout, fifo, os.O_RDONLY, "podman-import")
         try:
             for reading in range(IMPORT_READINGS):
                 fd = os.open(fifo, os.O_WRONLY)
                 try:
-                    if waiter.is_alive() is False:
+                    if not podman.thread.is_alive():
                         break
                     if reading < IMPORT_READINGS - 1:
                         os.mkfifo(fresh, 0o600)
@@ -570,16 +576,13 @@ class CliRuntime:
                 finally:
                     os.close(fd)
         except BaseException:
-            proc.kill()
+            podman.proc.kill()
             raise
         finally:
-            waiter.join()
+            podman.thread.join()
             for path in (fifo, fresh):
                 path.unlink(missing_ok=True)
-        if "error" in outcome:
-            error: CommandError = outcome["error"]
-            raise PodmanError(error.stderr.strip() or str(error), error.returncode)
-        return _stats(outcome.get("stdout", ""))
+        return podman.stats()
 
     def restore_in_place(self, name: str) -> None:
         self._run("container", "restore", name, timeout=self.timeout)
