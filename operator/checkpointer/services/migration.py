@@ -72,8 +72,10 @@ def falls_back(restore_reason: str) -> bool:
 
     Every failure but RestoreInterrupted ends before podman has made a container on the target (or
     with what it made removed): the container runs nowhere, and the archive restores it on the source.
-    After RestoreInterrupted podman may have finished on the target: a second copy on the source could
-    run beside it, so the migration fails and says where to look.
+    That holds for RestoreUndone too: the target's agent restarted while podman restored, found
+    nothing of the restore running and removed what podman had made. RestoreInterrupted is the agent
+    that could not tell (no record of what podman was asked): a second copy on the source could run
+    beside one on the target, so the migration fails and says where to look.
     """
     return restore_reason != Reason.RESTORE_INTERRUPTED
 
