@@ -3,12 +3,15 @@ archive's named volumes, and a failed restore's cleanup of its name (docs/securi
 
 from __future__ import annotations
 
+import subprocess
+import sys
 import threading
 import time
+from pathlib import Path
 
 import pytest
 
-from checkpointer.adapters.podman import Container, Labelled, _labelled
+from checkpointer.adapters.podman import Container, Labelled, _container, _labelled, restore_in_progress
 from checkpointer.errors import Failure
 from checkpointer.models import ContainerRestore
 from checkpointer.reasons import Reason
@@ -207,3 +210,31 @@ def test_claims_hold_a_name_for_one_restore_at_a_time() -> None:
     with claims.hold(["container other"]):  # another name does not wait
         pass
     assert claims._claims == {}, "a claim nobody holds is forgotten"
+
+
+def test_a_restarted_agent_sees_the_podman_that_outlived_it_by_the_import_it_names(tmp_path: Path) -> None:
+    folder = tmp_path / "restore_default_r_0f1e2d3c-4b5a-6978-8796-a5b4c3d2e1f0"
+    assert not restore_in_progress(str(folder))
+    # A process with podman's command line: `... container restore --print-stats --import=<folder>/<file>`.
+    argv = [sys.executable, "-c", "import time; time.sleep(30)", "container", "restore", f"--import={folder}/a.tar"]
+    outlived = subprocess.Popen(argv)
+    try:
+        until = time.monotonic() + 10
+        while not restore_in_progress(str(folder)) and time.monotonic() < until:
+            time.sleep(0.05)
+        assert restore_in_progress(str(folder))
+        assert not restore_in_progress(str(tmp_path / "restore_default_other"))
+    finally:
+        outlived.kill()
+        outlived.wait()
+    assert not restore_in_progress(str(folder))
+
+
+def test_a_running_container_says_when_podman_restored_it() -> None:
+    state = {"Status": "running", "Running": True, "StartedAt": "2026-12-07T22:00:00.5Z"}
+    restored = _container({"Id": "a", "Name": "web", "State": {**state, "RestoredAt": "2026-12-07T22:00:01.25Z"}})
+    assert restored.started_at == "2026-12-07T22:00:01.25Z"
+    started = _container({"Id": "a", "Name": "web", "State": {**state, "RestoredAt": "0001-01-01T00:00:00Z"}})
+    assert started.started_at == "2026-12-07T22:00:00.5Z"
+    created = _container({"Id": "a", "Name": "web", "State": {"Status": "created", "Running": False}})
+    assert not created.running and created.started_at == ""
