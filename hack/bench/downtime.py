@@ -35,15 +35,11 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
 
-import kubernetes
-
-from bench.datapath import LOOPBACK, reflink_filesystem, shaped_link
+from bench.datapath import GROUP, LOOPBACK, VERSION, TwoNodes, reflink_filesystem, shaped_link
 from bench.stats import median, memory_kib, reset_peak, settle, spread, timer
 from localenv.env import LocalEnv
-from localenv.images import MEMORY, owned_by, wait_for_log
 from localenv.procs import REPO_ROOT
 
-GROUP, VERSION = "checkpointer.dev", "v1alpha1"
 SOURCE, TARGET = "node-a", "node-b"
 
 
@@ -53,14 +49,9 @@ def _time(value: str | None) -> float:
     return datetime.datetime.fromisoformat(value.replace("Z", "+00:00")).timestamp()
 
 
-class Downtime:
+class Downtime(TwoNodes):
     def __init__(self, env: LocalEnv) -> None:
-        self.env = env
-        api = kubernetes.config.new_client_from_config(config_file=str(env.kubeconfig))  # type: ignore[no-untyped-call]
-        self.custom = kubernetes.client.CustomObjectsApi(api)
-        self.s3 = env.s3.client()
-        self.source = env.nodes[SOURCE]
-        self.target = env.nodes[TARGET]
+        super().__init__(env, SOURCE, TARGET)
         for name in (SOURCE, TARGET):
             env.supervisor.stop(f"agent-{name}")
             env.start_agent(name, {"CHECKPOINTER_PODMAN_MODE": "cli"})
@@ -69,30 +60,8 @@ class Downtime:
     def _agent_pid(self, node: str) -> int:
         return next(p for p in self.env.supervisor.processes if p.name == f"agent-{node}").popen.pid
 
-    def _workload(self, size_mib: int) -> str:
-        name = f"mem-{uuid.uuid4().hex[:6]}"
-        self.source.podman("run", "-d", *owned_by("default"), "--name", name, MEMORY, str(size_mib))
-        wait_for_log(self.source, name, "ready", timeout=120 + size_mib / 20)
-        return name
-
     def _get(self, plural: str, name: str) -> dict[str, Any]:
         return self.custom.get_namespaced_custom_object(GROUP, VERSION, "default", plural, name)  # type: ignore[return-value]
-
-    def _wait(self, plural: str, name: str, timeout: float = 1800) -> dict[str, Any]:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            obj = self._get(plural, name)
-            phase = (obj.get("status") or {}).get("phase")
-            if phase == "Failed":
-                raise RuntimeError(f"{plural}/{name} failed: {json.dumps(obj['status'])[:2000]}")
-            if phase == "Succeeded":
-                return obj
-            time.sleep(0.02)
-        raise TimeoutError(f"{plural}/{name} did not finish in {timeout}s")
-
-    def _create(self, plural: str, kind: str, name: str, spec: dict[str, Any], **meta: Any) -> None:
-        body = {"apiVersion": f"{GROUP}/{VERSION}", "kind": kind, "metadata": {"name": name, **meta}, "spec": spec}
-        self.custom.create_namespaced_custom_object(GROUP, VERSION, "default", plural, body)
 
     def _delete(self, plural: str, name: str) -> None:
         self.custom.delete_namespaced_custom_object(GROUP, VERSION, "default", plural, name)
@@ -108,7 +77,7 @@ class Downtime:
         with timer() as took:
             spec = {"source": {"nodeName": SOURCE, "container": name}, "targetNodeName": TARGET, "compress": "zstd"}
             self._create("containermigrations", "ContainerMigration", mig, spec)
-            moved = self._wait("containermigrations", mig)
+            moved = self._wait("containermigrations", mig, timeout=1800, poll=0.02)
         observed = took()
         ms = moved["status"]
         ccp, crst = ms["checkpointRef"]["name"], ms["restoreRef"]["name"]

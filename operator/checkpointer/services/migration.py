@@ -364,20 +364,11 @@ def _restoring(
             fields=fields,
         )
     fallback = children.fallback
-    back = m.status.fallback_restore_ref
-    if fallback is None and back is None:
-        return Step(
-            Phase.RESTORING,
-            Reason.RESTORING,
-            f"{failed}; restoring {container} on {source} instead",
-            "fallback",
-            fields,
-        )
+    made = m.status.fallback_restore_ref is not None
     back_phase = _phase(fallback)
-    if fallback is None:
+    back_reason, back_message = _ready(fallback)
+    if fallback is None and made:
         back_phase, back_reason, back_message = Phase.FAILED, "Cancelled", "it was deleted"
-    else:
-        back_reason, back_message = _ready(fallback)
     if back_phase == Phase.SUCCEEDED:
         return Step(
             Phase.FAILED,
@@ -393,9 +384,9 @@ def _restoring(
             f"stays in the bucket: a ContainerRestore of checkpoint {m.metadata.name} restores it",
             fields=fields,
         )
-    return Step(
-        Phase.RESTORING, Reason.RESTORING, f"{failed}; restoring {container} on {source} instead", fields=fields
-    )
+    # Not made yet (made now), or on its way.
+    instead = f"{failed}; restoring {container} on {source} instead"
+    return Step(Phase.RESTORING, Reason.RESTORING, instead, "fallback" if fallback is None else "", fields)
 
 
 def changed(status: MigrationStatus, found: Step) -> dict[str, Any]:
