@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from checkpointer.services.checkpoint import Stream, streams_parts
-from checkpointer.services.pipeline import StreamView, chosen_stream
+from checkpointer.services.pipeline import StreamView, chosen_stream, followable
 
 
 def test_a_checkpoint_streams_when_a_migration_owns_it_or_it_asks() -> None:
@@ -55,3 +55,14 @@ def test_the_count_of_parts_is_known_once_the_size_is() -> None:
     assert StreamView.of({"key": "k", "partSize": 8, "parts": ["a", "b"], "size": 16}).count() == 2
     assert StreamView.of({"key": "k", "partSize": 8, "parts": ["a", "b"], "size": 9}).count() == 2
     assert StreamView.of({"key": "k", "partSize": 8, "parts": ["a"], "size": 0}).count() == 1
+
+
+def test_a_restore_streams_a_checkpoint_it_saw_succeed_first_when_every_part_was_published() -> None:
+    whole = StreamView.of({"container": "web", "key": "k/web.tar.zst", "partSize": 8, "parts": ["a"], "size": 5})
+    assert followable(whole, succeeded=False) and followable(whole, succeeded=True)
+    # Running: a first part is enough; Succeeded: an incomplete record is downloaded the usual way.
+    started = StreamView.of({"container": "web", "key": "k/web.tar.zst", "partSize": 8, "parts": ["a"]})
+    assert followable(started, succeeded=False) and not followable(started, succeeded=True)
+    nothing = StreamView.of({"container": "web", "key": "k/web.tar.zst", "partSize": 8, "parts": []})
+    assert not followable(nothing, succeeded=False)
+    assert not followable(StreamView.of({"key": "k/web.manifest", "partSize": 8, "parts": ["a"]}), succeeded=False)
