@@ -429,6 +429,15 @@ class Streamed:
                     if not pending:
                         if count is not None and index >= count:
                             break
+                        # Read after the phase, the stream holds every part published before Succeeded:
+                        # none comes after it, and waiting on would be waiting forever.
+                        if self.checkpoint.phase() == Phase.SUCCEEDED and index >= len(self._stream().parts):
+                            raise Failure(
+                                Reason.ARCHIVE_NOT_FOUND,
+                                f"ContainerCheckpoint {self.checkpoint.name!r} Succeeded with {index} "
+                                f"part(s) of {self.store.uri(self.key)} published and no more to come; "
+                                "nothing was restored",
+                            )
                         self.flow.check()
                         time.sleep(FOLLOW_SECONDS)
                         continue
