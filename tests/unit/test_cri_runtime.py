@@ -1,4 +1,5 @@
-"""The CRI adapter: its hand-written protobuf messages, byte for byte, and what a runtime's failures mean.
+"""The CRI adapter: its hand-written protobuf messages, byte for byte, and what a runtime's failures mean;
+what an agent records of its runtime on its Lease, and what the controller refuses because of it.
 
 The bytes are those protoc's encoders give for the CRI's runtime.v1 messages; a gRPC server in this
 process, on a unix socket, plays a runtime's side of the two calls.
@@ -8,12 +9,15 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator
 from concurrent import futures
+from dataclasses import replace
 from pathlib import Path
+from typing import cast
 
 import grpc
 import pytest
 
 from checkpointer.adapters.cri import (
+    PROBE_CONTAINER,
     SERVICE,
     CriRuntime,
     CriVersion,
@@ -23,8 +27,19 @@ from checkpointer.adapters.cri import (
     version_request,
     version_response,
 )
+from checkpointer.adapters.kube import Kube
+from checkpointer.adapters.podman import Runtime
 from checkpointer.errors import Failure, Retry
 from checkpointer.reasons import Reason
+from checkpointer.services.capabilities import (
+    ANNOTATIONS,
+    CRI_ANNOTATIONS,
+    CriFacts,
+    NodeFacts,
+    missing_for_pod_checkpoint,
+)
+from checkpointer.services.node import Node
+from checkpointer.settings import Settings
 
 SOCKET = Path("/run/containerd/containerd.sock")
 
@@ -204,3 +219,84 @@ def test_a_missing_socket_is_retried(tmp_path: Path) -> None:
         CriRuntime(tmp_path / "absent.sock").version()
     assert retried.value.reason == Reason.RUNTIME_UNAVAILABLE
     assert str(tmp_path / "absent.sock") in retried.value.message
+
+
+# -- what the agent records of its runtime, and what the controller refuses because of it ------------------
+
+CONTAINERD = CriFacts(runtime="containerd", version="v2.1.9", api_version="v1", checkpoint=True)
+NODE = NodeFacts(criu="4.2.1", podman="5.8.2", runc="1.3.3", kernel="6.18.0-1-amd64", cri=CONTAINERD)
+
+
+def test_the_runtime_survives_the_lease_annotations() -> None:
+    annotations = NODE.annotations()
+    assert annotations[CRI_ANNOTATIONS["runtime"]] == "containerd"
+    assert annotations[CRI_ANNOTATIONS["version"]] == "v2.1.9"
+    assert annotations[CRI_ANNOTATIONS["api_version"]] == "v1"
+    assert annotations[CRI_ANNOTATIONS["checkpoint"]] == "true"
+    assert annotations[CRI_ANNOTATIONS["refusal"]] == ""
+    assert NodeFacts.from_annotations(annotations) == NODE
+    refusing = replace(NODE, cri=replace(CONTAINERD, checkpoint=False, refusal="CRIU binary not found"))
+    assert NodeFacts.from_annotations(refusing.annotations()) == refusing
+    # Only the runtime recorded (podman's facts still being asked for): facts all the same.
+    only = {k: v for k, v in NODE.annotations().items() if k in CRI_ANNOTATIONS.values()}
+    assert NodeFacts.from_annotations(only) == NodeFacts(cri=CONTAINERD)
+
+
+def test_an_agent_without_a_runtime_records_none_of_it() -> None:
+    podman_only = replace(NODE, cri=None)
+    assert not set(podman_only.annotations()) & set(CRI_ANNOTATIONS.values())
+    assert set(podman_only.annotations()) == set(ANNOTATIONS.values())
+    assert NodeFacts.from_annotations(podman_only.annotations()) == podman_only
+
+
+def test_a_node_whose_runtime_cannot_checkpoint_is_refused_a_pod_checkpoint() -> None:
+    assert missing_for_pod_checkpoint("node-a", NODE) is None
+    refusing = replace(NODE, cri=replace(CONTAINERD, checkpoint=False, refusal="CRIU binary not found or too old"))
+    why = missing_for_pod_checkpoint("node-a", refusing)
+    assert why is not None
+    assert "node node-a" in why and "containerd v2.1.9 (CRI v1)" in why and "CRIU binary not found" in why
+    assert "keeps running" in why
+
+
+def test_nothing_known_of_the_runtime_refuses_no_pod_checkpoint() -> None:
+    assert missing_for_pod_checkpoint("node-a", None) is None
+    assert missing_for_pod_checkpoint("node-a", replace(NODE, cri=None)) is None
+
+
+def test_the_agent_records_what_its_runtime_answers(
+    runtime_server: tuple[Path, dict[str, Handler], list[tuple[str, bytes]]], tmp_path: Path
+) -> None:
+    socket, handlers, received = runtime_server
+    handlers["Version"] = lambda request, context: b"\x12\x0acontainerd\x1a\x06v2.1.9\x22\x02v1"
+
+    def no_such_container(request: bytes, context: grpc.ServicerContext) -> bytes:
+        context.abort(grpc.StatusCode.NOT_FOUND, 'an error occurred when trying to find container "x": not found')
+
+    handlers["CheckpointContainer"] = no_such_container
+    node = agent(socket, tmp_path)
+    assert node.cri_facts() == CONTAINERD
+    # The probe names a container no runtime has, and a path in the spool that nothing writes.
+    method, request = received[-1]
+    assert method == "CheckpointContainer"
+    assert dict((n, v) for n, _, v in fields(request))[1] == PROBE_CONTAINER.encode()
+    assert not list(tmp_path.glob("spool/*"))
+
+    def without_criu(request: bytes, context: grpc.ServicerContext) -> bytes:
+        context.abort(grpc.StatusCode.UNKNOWN, "CRIU binary not found or too old (<31600). Failed checkpoint")
+
+    handlers["CheckpointContainer"] = without_criu
+    facts = node.cri_facts()
+    assert facts is not None and not facts.checkpoint and "CRIU binary not found" in facts.refusal
+
+
+def test_an_agent_records_no_runtime_that_does_not_answer_nor_one_it_has_no_socket_for(tmp_path: Path) -> None:
+    assert agent(tmp_path / "absent.sock", tmp_path).cri_facts() is None
+    assert agent(None, tmp_path).cri_facts() is None
+    with pytest.raises(Failure) as failed:
+        agent(None, tmp_path).container_runtime()
+    assert failed.value.reason == Reason.RUNTIME_CANNOT_CHECKPOINT and "no CRI socket" in failed.value.message
+
+
+def agent(socket: Path | None, tmp_path: Path) -> Node:
+    settings = Settings(node_name="node-a", cri_socket=socket, spool_dir=tmp_path / "spool")
+    return Node(settings, cast(Kube, None), cast(Runtime, None))

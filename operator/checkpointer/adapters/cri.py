@@ -33,6 +33,8 @@ CRI_API_VERSION = "v1"
 QUERY_TIMEOUT_SECONDS = 10.0
 CHECKPOINT_GRACE_SECONDS = 30.0
 
+# No container is named so: the runtime's search for it fails after its own checks (checkpoint_refusal).
+PROBE_CONTAINER = "checkpointer-probe-no-such-container"
 # How runtimes say they have no CRIU to checkpoint with: containerd ("CRIU binary not found or too old"),
 # CRI-O without enable_criu_support ("checkpoint/restore support not available"), and
 # runc without criu in containerd's PATH ('exec: "criu": executable file not found in $PATH').
@@ -198,6 +200,22 @@ class CriRuntime:
         running. `timeout_seconds` > 0 is how long the runtime may take (0: its default)."""
         request = checkpoint_request(container_id, str(location), timeout_seconds)
         self._call("CheckpointContainer", request, (timeout_seconds or 120) + CHECKPOINT_GRACE_SECONDS)
+
+    def checkpoint_refusal(self, location: Path) -> str | None:
+        """Why the runtime would checkpoint no container, in its own words; None: it would.
+
+        CRI has no question for this, so the agent asks for the checkpoint of a container that does not
+        exist: a runtime without the call answers Unimplemented, and containerd and CRI-O check that
+        they can checkpoint at all (CRIU, CRI-O's enable_criu_support) before they look for the
+        container, which they then do not find. Nothing is written to `location`.
+        """
+        try:
+            self._call(
+                "CheckpointContainer", checkpoint_request(PROBE_CONTAINER, str(location), 10), QUERY_TIMEOUT_SECONDS
+            )
+        except Failure as e:
+            return e.message if e.reason == Reason.RUNTIME_CANNOT_CHECKPOINT else None
+        return None
 
     def _call(self, method: str, request: bytes, timeout: float) -> bytes:
         # grpc's default authority for a unix target is the socket path, which it percent-encodes into
