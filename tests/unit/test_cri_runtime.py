@@ -250,17 +250,17 @@ def test_an_agent_without_a_runtime_records_none_of_it() -> None:
 
 
 def test_a_node_whose_runtime_cannot_checkpoint_is_refused_a_pod_checkpoint() -> None:
-    assert missing_for_pod_checkpoint("node-a", NODE) is None
+    assert missing_for_pod_checkpoint(NODE, "node-a") is None
     refusing = replace(NODE, cri=replace(CONTAINERD, checkpoint=False, refusal="CRIU binary not found or too old"))
-    why = missing_for_pod_checkpoint("node-a", refusing)
+    why = missing_for_pod_checkpoint(refusing, "node-a")
     assert why is not None
     assert "node node-a" in why and "containerd v2.1.9 (CRI v1)" in why and "CRIU binary not found" in why
     assert "keeps running" in why
 
 
 def test_nothing_known_of_the_runtime_refuses_no_pod_checkpoint() -> None:
-    assert missing_for_pod_checkpoint("node-a", None) is None
-    assert missing_for_pod_checkpoint("node-a", replace(NODE, cri=None)) is None
+    assert missing_for_pod_checkpoint(None, "node-a") is None
+    assert missing_for_pod_checkpoint(replace(NODE, cri=None), "node-a") is None
 
 
 def test_the_agent_records_what_its_runtime_answers(
@@ -299,4 +299,4 @@ def test_an_agent_records_no_runtime_that_does_not_answer_nor_one_it_has_no_sock
 
 def agent(socket: Path | None, tmp_path: Path) -> Node:
     settings = Settings(node_name="node-a", cri_socket=socket, spool_dir=tmp_path / "spool")
-    return Node(settings, cast(Kube, None), cast(Runtime, None))
+    return Node(settings, cast(Kube, None), cast(Runtime, None), cri=CriRuntime(socket) if socket else None)

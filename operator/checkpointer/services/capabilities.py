@@ -228,7 +228,7 @@ def live_export_refusal(spec: CheckpointSpec, node: str, podman: str, *, admin: 
     )
 
 
-def missing_for_pod_checkpoint(node: str, facts: NodeFacts | None) -> str | None:
+def missing_for_pod_checkpoint(facts: NodeFacts | None, node: str) -> str | None:
     """Why the node cannot checkpoint a Pod's container, for a RuntimeCannotCheckpoint message; None: no
     known reason. A node whose agent recorded no CRI runtime (none yet, one that did not answer, or an
     agent without the socket) is not refused here: the agent's own call then says why."""

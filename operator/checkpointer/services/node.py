@@ -28,11 +28,11 @@ class Node:
     settings: Settings
     kube: Kube
     runtime: Runtime
+    # The node's container runtime over its CRI socket, for Pods' containers; None without a socket.
+    cri: CriRuntime | None = None
     stores: Stores = field(init=False)
     # The uploads this agent opened and the local checkpoints `keep` left, for its sweep.
     ledger: Ledger = field(init=False)
-    # The node's CRI runtime, which runs its Pods; None when the agent has no socket for it.
-    cri: CriRuntime | None = field(init=False)
     _host: dict[str, str] | None = field(default=None, init=False)
 
     def __post_init__(self) -> None:
@@ -44,7 +44,6 @@ class Node:
         )
         self.stores = Stores(self.kube, transfer)
         self.ledger = Ledger(self.settings.spool_dir)
-        self.cri = CriRuntime(self.settings.cri_socket) if self.settings.cri_socket is not None else None
 
     def host(self) -> dict[str, str]:
         if self._host is None:
