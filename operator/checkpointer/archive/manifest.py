@@ -102,7 +102,7 @@ class Manifest(Model):
             namespace=meta.namespace,
             name=meta.name,
             uid=meta.uid,
-            node_name=spec.node_name,
+            node_name=checkpoint.node_name,
             flags=spec.model_dump(by_alias=True, exclude_defaults=True, mode="json"),
             host=host,
             start_time=started,
@@ -227,11 +227,11 @@ def problems(document: Mapping[str, Any], ccp: ContainerCheckpoint, directory: s
     """How the manifest read back differs from what the object says was stored."""
     found = []
     meta, status = ccp.metadata, ccp.status
-    expected = {"namespace": meta.namespace, "name": meta.name, "uid": meta.uid, "nodeName": ccp.spec.node_name}
+    expected = {"namespace": meta.namespace, "name": meta.name, "uid": meta.uid, "nodeName": ccp.node_name}
     for field, value in expected.items():
         if document.get(field) != value:
             found.append(f"its {field} is {document.get(field)!r}, the object's {value!r}")
-    if status.node_name and status.node_name != ccp.spec.node_name:
+    if ccp.spec.node_name and status.node_name and status.node_name != ccp.spec.node_name:
         found.append(f"the object was scheduled onto {status.node_name!r}, not {ccp.spec.node_name!r}")
     listed = document.get("archives")
     entries = {str(e.get("key")): e for e in listed if isinstance(e, dict)} if isinstance(listed, list) else {}
