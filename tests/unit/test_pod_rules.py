@@ -7,17 +7,27 @@ checkpoint that names no node only where status.nodeName, which tenants cannot w
 
 from __future__ import annotations
 
-from typing import Any
+import hashlib
+import io
+import tarfile
+from collections.abc import Iterable
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any, cast
 
 import pytest
 
 from checkpointer import NODE_LABEL
 from checkpointer.agent import elsewhere
 from checkpointer.archive import manifest
-from checkpointer.errors import Failure
+from checkpointer.archive.workfolder import Target, WorkFolder
+from checkpointer.errors import Failure, Retry
 from checkpointer.models import CheckpointSpec, ContainerCheckpoint, node_of
 from checkpointer.reasons import Reason
+from checkpointer.services.checkpoint import Checkpoint
+from checkpointer.services.node import Node
 from checkpointer.services.pods import pod_containers, pod_node, pod_record
+from checkpointer.status import StatusWriter
 
 DIGEST = "127.0.0.1:5000/checkpointer/counter@sha256:" + "a" * 64
 
@@ -143,3 +153,81 @@ def test_the_manifest_names_the_node_the_pod_ran_on() -> None:
     document = manifest.Manifest.of(ccp, [], {"node": "node-a"}, "t0", "t1").document()
     assert document["nodeName"] == "node-a"
     assert "nodeName" not in document["flags"]
+
+
+# --- the agent's side: the runtime's tar ---------------------------------------------------------
+
+
+class Runtime:
+    """A node's container runtime that writes a small checkpoint tar, or fails as told."""
+
+    def __init__(self, fails: Exception | None = None) -> None:
+        self.fails = fails
+        self.asked: list[tuple[str, Path, int]] = []
+
+    def checkpoint(self, container_id: str, location: Path, timeout_seconds: int) -> None:
+        self.asked.append((container_id, location, timeout_seconds))
+        with tarfile.open(location, "w") as tar:
+            for name, data in (
+                ("config.dump", b'{"id":"x"}'),
+                ("spec.dump", b"{}"),
+                ("checkpoint/pages-1.img", b"p" * 4096),
+            ):
+                info = tarfile.TarInfo(name)
+                info.size = len(data)
+                tar.addfile(info, io.BytesIO(data))
+        if self.fails is not None:
+            raise self.fails
+
+
+def pod_job(tmp_path: Path, runtime: Runtime) -> Checkpoint:
+    ccp = ContainerCheckpoint.model_validate(
+        checkpoint_body({"podRef": {"name": "counter"}, "export": {}}, "node-a", "node-a")
+    )
+    settings = SimpleNamespace(node_name="node-a", podman_timeout_seconds=3600)
+    agent = SimpleNamespace(cri=runtime, settings=settings)
+    folder = WorkFolder.of(tmp_path, "checkpoint", ccp.metadata)
+    return Checkpoint(cast(Node, agent), ccp, cast(StatusWriter, None), folder)
+
+
+def test_the_runtimes_tar_goes_through_write_and_is_removed(tmp_path: Path) -> None:
+    runtime = Runtime()
+    job = pod_job(tmp_path, runtime)
+    target = Target("counter", "c" * 64)
+    written = bytearray()
+
+    def write(chunks: Iterable[bytes | memoryview]) -> None:
+        for chunk in chunks:
+            written.extend(chunk)
+
+    assert job.runtime_checkpoint(target, write) == {}
+    [(container_id, location, timeout)] = runtime.asked
+    assert container_id == "c" * 64 and location.parent == job.folder.path and timeout == 3600
+    assert not location.exists(), "the runtime's tar is removed once spooled"
+    with tarfile.open(fileobj=io.BytesIO(bytes(written))) as tar:
+        assert tar.getnames() == ["config.dump", "spec.dump", "checkpoint/pages-1.img"]
+    configuration = job.configuration(target)
+    assert configuration.config_dump == hashlib.sha256(b'{"id":"x"}').hexdigest()
+    assert configuration.spec_dump == hashlib.sha256(b"{}").hexdigest()
+
+
+def test_a_runtime_that_fails_leaves_no_tar_and_the_container_runs_on(tmp_path: Path) -> None:
+    for error in (Failure(Reason.CHECKPOINT_FAILED, "criu failed"), Retry(Reason.RUNTIME_UNAVAILABLE, "no answer")):
+        runtime = Runtime(fails=error)
+        job = pod_job(tmp_path, runtime)
+        target = Target("counter", "c" * 64)
+        with pytest.raises(Failure) as caught:
+            job.runtime_checkpoint(target, lambda chunks: None)
+        assert caught.value.reason == error.reason
+        assert "the container runtime could not checkpoint counter" in caught.value.message
+        assert not job.runtime_tar(target).exists()
+        given = job.give_back(target, Reason.CHECKPOINT_FAILED, "it failed", None, "")
+        assert given.message == "it failed; counter kept running (a Pod's container is never stopped)"
+
+
+def test_an_agent_without_a_runtime_socket_cannot_checkpoint_a_pod(tmp_path: Path) -> None:
+    job = pod_job(tmp_path, Runtime())
+    job.node.cri = None
+    with pytest.raises(Failure) as caught:
+        job.runtime_checkpoint(Target("counter", "c" * 64), lambda chunks: None)
+    assert caught.value.reason == Reason.RUNTIME_CANNOT_CHECKPOINT
