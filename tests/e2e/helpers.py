@@ -460,16 +460,27 @@ def describe_pod(env: KubeletCluster, name: str, namespace: str = "default") -> 
     return f"{out}\n{events}\n{env.pod_logs()}"
 
 
-def counter_pod(env: KubeletCluster, node: str, name: str, namespace: str = "default") -> dict[str, Any]:
-    """A counter Pod on `node` (without hostNetwork, its image pulled from the registry), once it runs."""
+def run_pod(
+    env: KubeletCluster,
+    node: str,
+    name: str,
+    image: str = COUNTER,
+    args: tuple[str, ...] = (),
+    namespace: str = "default",
+) -> dict[str, Any]:
+    """A Pod of one container `image` on `node` (without hostNetwork, its image pulled from the
+    registry), once it runs: by default a counter."""
+    container: dict[str, Any] = {"name": image.rsplit("/", 1)[-1].split(":")[0], "image": env.registry.reference(image)}
+    if args:
+        container["args"] = list(args)
     pod = {
         "apiVersion": "v1",
         "kind": "Pod",
         "metadata": {"name": name, "namespace": namespace},
         "spec": {
             "nodeSelector": {"kubernetes.io/hostname": node},
-            "containers": [{"name": "counter", "image": env.registry.reference(COUNTER)}],
-            # The counter ends on SIGTERM at once.
+            "containers": [container],
+            # The workloads end on SIGTERM at once.
             "terminationGracePeriodSeconds": 5,
         },
     }

@@ -24,7 +24,6 @@ from pyrage import decrypt, x25519
 from helpers import (
     apply,
     assert_stored_as_reported,
-    counter_pod,
     describe_pod,
     describe_release,
     get_pod,
@@ -35,6 +34,7 @@ from helpers import (
     public_keys,
     reason_and_message,
     release_values,
+    run_pod,
     unique,
     until,
     verify_manifest,
@@ -42,15 +42,19 @@ from helpers import (
 from invariants import check_invariants, runtime_files_left
 from localenv import kubelet
 from localenv.env import ENCRYPTION_SECRET, NAMESPACE
-from localenv.images import COUNTER
+from localenv.faults import s3_down
+from localenv.images import COUNTER, MEMORY
 from localenv.kubelet import KubeletCluster
-from localenv.procs import require
+from localenv.procs import require, run
 
 pytestmark = pytest.mark.e2e
 NODE, OTHER = "node-a", "node-b"
 ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"
 AGE_MAGIC = b"age-encryption.org/v1\n"
 ENCRYPTED_STORAGE = "pods-encrypted"
+UPLOAD_BYTES_PER_SECOND = 32 * 2**20
+# Incompressible memory: the runtime writes a tar about this large, which uploads for about 8 s.
+FAULT_MIB = 256
 
 
 @pytest.fixture(scope="module")
@@ -60,7 +64,9 @@ def pods(tmp_path_factory: pytest.TempPathFactory) -> Iterator[KubeletCluster]:
     require(not missing, missing)
     # Down, it fails if any process, cgroup or mount of its nodes is left, or the machine's network changed.
     with kubelet.running(Path(tmp_path_factory.mktemp("pod-checkpoint"))) as env:
-        install_release(env, release_values(env))
+        # Uploads at a bounded rate, so that a fault test finds a checkpoint still uploading; a counter's
+        # archive of a few MiB takes a fraction of a second at it.
+        install_release(env, release_values(env, upload__bytesPerSecond=UPLOAD_BYTES_PER_SECOND))
         identity = x25519.Identity.generate()
         env.apply(
             {
@@ -98,7 +104,7 @@ def pods(tmp_path_factory: pytest.TempPathFactory) -> Iterator[KubeletCluster]:
 def counter(pods: KubeletCluster) -> str:
     """A counter Pod on node-a, shared by the file's tests (none of them stops it)."""
     name = unique("counter")
-    counter_pod(pods, NODE, name)
+    run_pod(pods, NODE, name)
     return name
 
 
@@ -285,6 +291,114 @@ def agent_kubeconfig(env: KubeletCluster, node: str) -> Path:
     [pod] = [p for p in listed["items"] if p["spec"]["nodeName"] == node]
     account = pod["spec"]["serviceAccountName"]
     return env.env.control_plane.kubeconfig_for_serviceaccount(NAMESPACE, account, "10m", pod=pod["metadata"]["name"])
+
+
+# --- faults ------------------------------------------------------------------------------------
+
+
+def memory_pod(env: KubeletCluster) -> str:
+    """A Pod on node-a holding FAULT_MIB MiB of incompressible memory, once it holds it."""
+    name = unique("memory")
+    run_pod(env, NODE, name, MEMORY, (str(FAULT_MIB),))
+    until(f"{name} ready", lambda: "ready" in env.kubectl("logs", name, check=False).stdout, timeout=60)
+    return name
+
+
+def checkpoint_in_flight(env: KubeletCluster, pod: str, phase: str) -> str:
+    """A checkpoint of `pod`, uncompressed, once it is in `phase` (and, Uploading, has bytes in the bucket)."""
+    name = unique("ccp")
+    apply(env, "ContainerCheckpoint", name, {"podRef": {"name": pod}, "export": {}, "compress": "none"})
+
+    def there() -> bool:
+        status = json.loads(env.kubectl("get", "ccp", name, "-o", "json").stdout).get("status") or {}
+        done = int((status.get("progress") or {}).get("bytesDone") or 0)
+        return status.get("phase") == phase and (phase != "Uploading" or done > 0)
+
+    until(f"{name} {phase}", there, timeout=120, interval=0.1, last=lambda: describe_release(env))
+    return name
+
+
+def kill_agent(env: KubeletCluster, node: str) -> None:
+    """SIGKILL to the agent's process on `node`; the kubelet starts its container again in the same Pod."""
+    selector = "app.kubernetes.io/component=agent"
+    listed = json.loads(env.kubectl("get", "pods", "-n", NAMESPACE, "-l", selector, "-o", "json").stdout)
+    [pod] = [p for p in listed["items"] if p["spec"]["nodeName"] == node]
+    [status] = pod["status"]["containerStatuses"]
+    container_id = status["containerID"].split("://", 1)[1]
+    runtime = env.env.kubelets[node]
+    tasks = runtime.ctr("task", "ls").stdout.decode().splitlines()[1:]
+    [pid] = [line.split()[1] for line in tasks if line.split()[0] == container_id]
+    run([*env.nodes[node].nsenter_argv(), "kill", "-KILL", pid])
+
+    def restarted() -> bool:
+        again = json.loads(env.kubectl("get", "pod", pod["metadata"]["name"], "-n", NAMESPACE, "-o", "json").stdout)
+        [now] = again["status"]["containerStatuses"]
+        return bool(now["restartCount"] > status["restartCount"] and now.get("ready"))
+
+    until(f"the agent on {node} restarted", restarted, timeout=120, last=lambda: describe_release(env))
+
+
+def assert_runs_on(env: KubeletCluster, pod: str) -> None:
+    found = get_pod(env, pod)
+    assert found["status"]["phase"] == "Running", describe_pod(env, pod)
+    assert found["status"]["containerStatuses"][0]["restartCount"] == 0, describe_pod(env, pod)
+
+
+def test_an_agent_killed_mid_checkpoint_fails_it_and_the_pod_runs_on(pods: KubeletCluster) -> None:
+    env = pods
+    pod = memory_pod(env)
+    name = checkpoint_in_flight(env, pod, "Checkpointing")
+    kill_agent(env, NODE)
+    obj = env.wait_phase("ccp", name, ["Succeeded", "Failed"], timeout=240)
+    reason, message = reason_and_message(obj)
+    # The restarted agent never checkpoints twice; a Pod's container was never stopped.
+    assert (obj["status"]["phase"], reason) == ("Failed", "CheckpointInterrupted"), obj["status"]
+    assert "kept running" in message, message
+    assert_runs_on(env, pod)
+    check_invariants(env)
+    assert_nothing_left(env)
+    env.kubectl("delete", "ccp", name, "--timeout=60s")
+    env.kubectl("delete", "pod", pod, "--timeout=60s")
+
+
+def test_an_agent_killed_mid_upload_resumes_from_its_spool(pods: KubeletCluster) -> None:
+    env = pods
+    pod = memory_pod(env)
+    name = checkpoint_in_flight(env, pod, "Uploading")
+    kill_agent(env, NODE)
+    obj = env.wait_phase("ccp", name, ["Succeeded", "Failed"], timeout=240)
+    assert obj["status"]["phase"] == "Succeeded", f"{obj['status']}\n{describe_release(env)}"
+    [archive] = obj["status"]["archives"]
+    assert archive["size"] > FAULT_MIB * 2**20, archive
+    assert_stored_as_reported(env, archive)
+    assert_runs_on(env, pod)
+    check_invariants(env)
+    assert_nothing_left(env)
+    env.kubectl("delete", "ccp", name, "--timeout=60s")
+    env.kubectl("delete", "pod", pod, "--timeout=60s")
+
+
+def test_s3_stopped_mid_upload_is_retried_and_succeeds(pods: KubeletCluster) -> None:
+    env = pods
+    pod = memory_pod(env)
+    name = checkpoint_in_flight(env, pod, "Uploading")
+    with s3_down(env.env):
+        until(
+            f"{name} retrying its upload",
+            lambda: (
+                reason_and_message(env.wait_phase("ccp", name, ["Uploading", "Succeeded", "Failed"]))[0]
+                == "UploadRetrying"
+            ),
+            timeout=60,
+        )
+    obj = env.wait_phase("ccp", name, ["Succeeded", "Failed"], timeout=300)
+    assert obj["status"]["phase"] == "Succeeded", f"{obj['status']}\n{describe_release(env)}"
+    assert_stored_as_reported(env, obj["status"]["archives"][0])
+    assert_runs_on(env, pod)
+    check_invariants(env)
+    assert_nothing_left(env)
+    env.kubectl("delete", "ccp", name, "--timeout=60s")
+    env.kubectl("delete", "pod", pod, "--timeout=60s")
 
 
 def test_invariants_hold_and_no_runtime_file_is_left(pods: KubeletCluster, counter: str) -> None:

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from helpers import counter_pod, pod_count, unique, until
+from helpers import pod_count, run_pod, unique, until
 from localenv import kubelet
 from localenv.images import COUNTER
 from localenv.kubelet import KubeletCluster
@@ -37,7 +37,7 @@ def pod_nodes(tmp_path_factory: pytest.TempPathFactory) -> Iterator[KubeletClust
 def test_counter_pod_with_its_own_network_runs_from_the_registry(pod_nodes: KubeletCluster) -> None:
     env = pod_nodes
     name = unique("counter")
-    started = counter_pod(env, NODE, name)
+    started = run_pod(env, NODE, name)
     image = env.registry.reference(COUNTER)
     status = started["status"]
     assert started["spec"]["nodeName"] == NODE
