@@ -101,6 +101,8 @@ class Reason(StrEnum):
     STREAMING = "Streaming"
     # either
     RUNTIME_UNAVAILABLE = "RuntimeUnavailable"
+    # the node's CRI runtime (containerd, CRI-O) cannot checkpoint: no CheckpointContainer, or no CRIU
+    RUNTIME_CANNOT_CHECKPOINT = "RuntimeCannotCheckpoint"
     SUCCEEDED = "Succeeded"
     # storage
     AVAILABLE = "Available"

@@ -1,0 +1,206 @@
+"""The CRI adapter: its hand-written protobuf messages, byte for byte, and what a runtime's failures mean.
+
+The bytes are those protoc's encoders give for the CRI's runtime.v1 messages; a gRPC server in this
+process, on a unix socket, plays a runtime's side of the two calls.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from concurrent import futures
+from pathlib import Path
+
+import grpc
+import pytest
+
+from checkpointer.adapters.cri import (
+    SERVICE,
+    CriRuntime,
+    CriVersion,
+    checkpoint_request,
+    failure,
+    fields,
+    version_request,
+    version_response,
+)
+from checkpointer.errors import Failure, Retry
+from checkpointer.reasons import Reason
+
+SOCKET = Path("/run/containerd/containerd.sock")
+
+
+def test_version_request_names_the_cri_version() -> None:
+    # field 1, length-delimited (0x0a), two bytes
+    assert version_request() == b"\x0a\x02v1"
+    assert version_request("") == b""
+
+
+def test_checkpoint_request_encodes_its_three_fields() -> None:
+    request = checkpoint_request("abc", "/var/lib/checkpointer/spool/x.tar", 300)
+    location = b"/var/lib/checkpointer/spool/x.tar"
+    assert request == b"\x0a\x03abc" + b"\x12" + bytes([len(location)]) + location + b"\x18\xac\x02"
+    # proto3 leaves a zero timeout out: the runtime's default then applies.
+    assert checkpoint_request("abc", "/l", 0) == b"\x0a\x03abc\x12\x02/l"
+
+
+def test_long_strings_take_a_varint_length() -> None:
+    container_id = "c" * 200
+    request = checkpoint_request(container_id, "/l", 1)
+    assert request[:3] == b"\x0a\xc8\x01" and request[3:203] == container_id.encode()
+    assert list(fields(request)) == [(1, 2, container_id.encode()), (2, 2, b"/l"), (3, 0, 1)]
+
+
+def test_a_negative_int64_is_ten_bytes_of_twos_complement() -> None:
+    request = checkpoint_request("a", "/l", -1)
+    assert request.endswith(b"\x18" + b"\xff" * 9 + b"\x01")
+
+
+def test_version_response_reads_its_strings_and_skips_unknown_fields() -> None:
+    data = (
+        b"\x0a\x070.1.0-x"
+        + b"\x12\x0acontainerd"
+        + b"\x1a\x06v2.1.9"
+        + b"\x22\x02v1"
+        # fields a newer runtime might add: a varint, a fixed64, a fixed32, bytes
+        + b"\x28\x96\x01"
+        + b"\x31"
+        + b"\x00" * 8
+        + b"\x3d"
+        + b"\x00" * 4
+        + b"\x42\x01z"
+    )
+    assert version_response(data) == CriVersion("containerd", "v2.1.9", "v1")
+    assert version_response(b"") == CriVersion("", "", "")
+
+
+@pytest.mark.parametrize("data", [b"\x0a\x05ab", b"\x0a", b"\x28\x96", b"\x0b\x00", b"\x31\x00"])
+def test_a_truncated_or_malformed_message_is_refused(data: bytes) -> None:
+    with pytest.raises(ValueError):
+        list(fields(data))
+
+
+@pytest.mark.parametrize(
+    ("call", "code", "details", "kind", "reason"),
+    [
+        ("Version", grpc.StatusCode.UNAVAILABLE, "connect: no such file", Retry, Reason.RUNTIME_UNAVAILABLE),
+        ("CheckpointContainer", grpc.StatusCode.UNAVAILABLE, "", Retry, Reason.RUNTIME_UNAVAILABLE),
+        ("Version", grpc.StatusCode.DEADLINE_EXCEEDED, "", Retry, Reason.RUNTIME_UNAVAILABLE),
+        (
+            "CheckpointContainer",
+            grpc.StatusCode.UNIMPLEMENTED,
+            "unknown method CheckpointContainer for service runtime.v1.RuntimeService",
+            Failure,
+            Reason.RUNTIME_CANNOT_CHECKPOINT,
+        ),
+        (
+            "CheckpointContainer",
+            grpc.StatusCode.UNKNOWN,
+            'failed to checkpoint container "x": CRIU binary not found or too old',
+            Failure,
+            Reason.RUNTIME_CANNOT_CHECKPOINT,
+        ),
+        (
+            "CheckpointContainer",
+            grpc.StatusCode.UNKNOWN,
+            "checkpoint/restore support not available",
+            Failure,
+            Reason.RUNTIME_CANNOT_CHECKPOINT,
+        ),
+        (
+            "CheckpointContainer",
+            grpc.StatusCode.NOT_FOUND,
+            'an error occurred when trying to find container "x": not found',
+            Failure,
+            Reason.CONTAINER_NOT_FOUND,
+        ),
+        (
+            "CheckpointContainer",
+            grpc.StatusCode.UNKNOWN,
+            'container "x" is in CONTAINER_EXITED state. only CONTAINER_RUNNING containers can be checkpointed',
+            Failure,
+            Reason.CONTAINER_NOT_RUNNING,
+        ),
+        ("CheckpointContainer", grpc.StatusCode.DEADLINE_EXCEEDED, "", Failure, Reason.CHECKPOINT_FAILED),
+        (
+            "CheckpointContainer",
+            grpc.StatusCode.UNKNOWN,
+            "checkpointing container failed: criu failed: type NOTIFY errno 0",
+            Failure,
+            Reason.CHECKPOINT_FAILED,
+        ),
+    ],
+)
+def test_what_a_failed_call_means(
+    call: str, code: grpc.StatusCode, details: str, kind: type[Exception], reason: Reason
+) -> None:
+    error = failure(call, code, details, SOCKET)
+    assert isinstance(error, kind) and error.reason == reason
+    assert str(SOCKET) in error.message or details in error.message or code.name in error.message
+
+
+Handler = Callable[[bytes, grpc.ServicerContext], bytes]
+
+
+@pytest.fixture
+def runtime_server(tmp_path: Path) -> Iterator[tuple[Path, dict[str, Handler], list[tuple[str, bytes]]]]:
+    """A runtime's side of the CRI on a unix socket: the handlers a test sets, and the requests it got."""
+    socket = tmp_path / "cri.sock"
+    handlers: dict[str, Handler] = {}
+    received: list[tuple[str, bytes]] = []
+
+    def serve(method: str) -> grpc.RpcMethodHandler:
+        def behaviour(request: bytes, context: grpc.ServicerContext) -> bytes:
+            received.append((method, request))
+            return handlers[method](request, context)
+
+        return grpc.unary_unary_rpc_method_handler(behaviour)
+
+    service = grpc.method_handlers_generic_handler(
+        "runtime.v1.RuntimeService", {name: serve(name) for name in ("Version", "CheckpointContainer")}
+    )
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=2), handlers=[service])
+    server.add_insecure_port(f"unix://{socket}")
+    server.start()
+    try:
+        yield socket, handlers, received
+    finally:
+        server.stop(None).wait()
+
+
+def test_the_calls_reach_a_runtime_and_read_its_answers(
+    runtime_server: tuple[Path, dict[str, Handler], list[tuple[str, bytes]]],
+) -> None:
+    socket, handlers, received = runtime_server
+    handlers["Version"] = lambda request, context: b"\x12\x0acontainerd\x1a\x06v2.1.9\x22\x02v1"
+    handlers["CheckpointContainer"] = lambda request, context: b""
+    runtime = CriRuntime(socket)
+
+    assert runtime.version() == CriVersion("containerd", "v2.1.9", "v1")
+    runtime.checkpoint("abc", Path("/spool/abc.tar"), 60)
+    assert received == [
+        ("Version", b"\x0a\x02v1"),
+        ("CheckpointContainer", checkpoint_request("abc", "/spool/abc.tar", 60)),
+    ]
+    assert SERVICE == "/runtime.v1.RuntimeService/"
+
+
+def test_a_runtime_without_checkpoints_fails_for_good(
+    runtime_server: tuple[Path, dict[str, Handler], list[tuple[str, bytes]]],
+) -> None:
+    socket, handlers, _ = runtime_server
+
+    def unimplemented(request: bytes, context: grpc.ServicerContext) -> bytes:
+        context.abort(grpc.StatusCode.UNIMPLEMENTED, "method CheckpointContainer not implemented")
+
+    handlers["CheckpointContainer"] = unimplemented
+    with pytest.raises(Failure) as failed:
+        CriRuntime(socket).checkpoint("abc", Path("/spool/abc.tar"), 60)
+    assert failed.value.reason == Reason.RUNTIME_CANNOT_CHECKPOINT
+    assert "not implemented" in failed.value.message
+
+
+def test_a_missing_socket_is_retried(tmp_path: Path) -> None:
+    with pytest.raises(Retry) as retried:
+        CriRuntime(tmp_path / "absent.sock").version()
+    assert retried.value.reason == Reason.RUNTIME_UNAVAILABLE
+    assert str(tmp_path / "absent.sock") in retried.value.message
