@@ -846,7 +846,7 @@ class Checkpoint:
         location.unlink(missing_ok=True)
         try:
             try:
-                cri.checkpoint(target.id, location, self.settings.podman_timeout_seconds)
+                cri.checkpoint(target.id, location, int(self.settings.podman_timeout_seconds))
             except Retry as e:  # no second call: the object fails, the container runs on
                 raise Failure(
                     e.reason, f"the container runtime could not checkpoint {target.name}: {e.message}"

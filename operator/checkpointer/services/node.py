@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from checkpointer.adapters.cri import CriRuntime
 from checkpointer.adapters.kube import Kube
 from checkpointer.adapters.podman import PodmanError, Runtime, criu_check
 from checkpointer.archive.encryption import Keys, keys_from_secret
@@ -25,6 +26,8 @@ class Node:
     settings: Settings
     kube: Kube
     runtime: Runtime
+    # The node's container runtime over its CRI socket, for Pods' containers; None without a socket.
+    cri: CriRuntime | None = None
     stores: Stores = field(init=False)
     # The uploads this agent opened and the local checkpoints `keep` left, for its sweep.
     ledger: Ledger = field(init=False)
