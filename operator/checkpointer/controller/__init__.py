@@ -135,7 +135,7 @@ def recorded_keys(prefix: str, ccp: ContainerCheckpoint) -> tuple[set[str], set[
     if ccp.status.phase == Phase.FAILED and ccp.spec.keep:
         objects |= {layout.log_key(directory, c) for c in set(ccp.spec.containers) - archived_names}
     # The agent uploads to these keys; those of containers `all` or `latest` chose its sweep aborts.
-    named = archived_names | set(ccp.spec.containers)
+    named = archived_names | set(ccp.spec.containers) | set(ccp.spec.pod_ref.containers if ccp.spec.pod_ref else ())
     uploads = objects | {
         layout.archive_key(directory, c, ccp.spec.compress, encrypted) for c in named for encrypted in (False, True)
     }
