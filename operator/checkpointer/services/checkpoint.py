@@ -287,6 +287,11 @@ class Checkpoint:
         return self.spec.pod_ref is not None
 
     @property
+    def exporter(self) -> str:
+        """Who writes the archive's tar, for messages."""
+        return "the container runtime" if self.of_pod else "podman"
+
+    @property
     def storage_name(self) -> str:
         ref = self.ccp.status.storage_ref
         return ref.name if ref else ""
@@ -469,9 +474,10 @@ class Checkpoint:
         with ThreadPoolExecutor(2, thread_name_prefix=f"upload-{target.name}") as pool:
             uploading = pool.submit(self.upload, target, store, key, spool, None)
             log.info(
-                "checkpoint %s/%s: podman checkpoints %s",
+                "checkpoint %s/%s: %s checkpoints %s",
                 self.ccp.metadata.namespace,
                 self.ccp.metadata.name,
+                self.exporter,
                 target.name,
             )
             began = time.monotonic()
@@ -482,7 +488,7 @@ class Checkpoint:
                 else:
                     stats = self.podman_checkpoint(target, write, store, directory)
                 if written is None:
-                    raise Failure(Reason.CHECKPOINT_FAILED, f"podman produced no archive for {target.name}")
+                    raise Failure(Reason.CHECKPOINT_FAILED, f"{self.exporter} produced no archive for {target.name}")
             except BaseException as e:
                 spool.finish(e)
                 uploading.exception()  # the upload aborts itself on the spool's bad verdict
@@ -495,9 +501,10 @@ class Checkpoint:
                 pool.submit(self.configuration, target)
             digest, raw = written
             log.info(
-                "checkpoint %s/%s: podman exported %s, %d bytes",
+                "checkpoint %s/%s: %s exported %s, %d bytes",
                 self.ccp.metadata.namespace,
                 self.ccp.metadata.name,
+                self.exporter,
                 target.name,
                 digest.size,
             )
