@@ -303,6 +303,22 @@ def read_configuration(path: Path, whole: bool) -> ContainerConfiguration:
     return ContainerConfiguration(config=found[CONFIG_DUMP], spec=found[SPEC_DUMP])
 
 
+def configuration_files(path: Path) -> dict[str, bytes]:
+    """The bytes of config.dump and spec.dump of a plain checkpoint tar that a container runtime wrote
+    (a Pod's), by name, each read only up to its limit; those it lacks are left out. Every header is
+    read, the other members' data skipped."""
+    found: dict[str, bytes] = {}
+    with _BoundedTarFile.open(path, mode="r:") as tar:
+        while (member := tar.next()) is not None:
+            tar.members.clear()
+            name = _member_name(member)
+            if name in (CONFIG_DUMP, SPEC_DUMP) and member.isreg() and member.size <= DUMP_LIMIT:
+                extracted = tar.extractfile(member)
+                if extracted is not None:
+                    found[name] = extracted.read()
+    return found
+
+
 # The tars inside an archive that podman unpacks on the node: rootfs-diff.tar into the container's
 # root file system, devshm-checkpoint.tar into its /dev/shm, volumes/<name>.tar into named volumes.
 NESTED_TAR_SUFFIX = ".tar"
