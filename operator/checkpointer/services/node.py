@@ -83,16 +83,6 @@ class Node:
             refusal=refusal or "",
         )
 
-    def container_runtime(self) -> CriRuntime:
-        """The node's CRI runtime, for a Pod's container; RuntimeCannotCheckpoint when the agent has none."""
-        if self.cri is None:
-            raise Failure(
-                Reason.RUNTIME_CANNOT_CHECKPOINT,
-                f"the agent on node {self.settings.node_name} has no CRI socket (the chart's cri.socketPath, "
-                "CHECKPOINTER_CRI_SOCKET), so it cannot checkpoint a Pod's container; nothing was checkpointed",
-            )
-        return self.cri
-
     def store(self, ref: NameRef) -> ArchiveStore:
         """The store of a CheckpointStorage the controller resolved."""
         storage = self.kube.storage(ref.name)
