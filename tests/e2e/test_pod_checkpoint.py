@@ -26,6 +26,7 @@ from helpers import (
     assert_stored_as_reported,
     describe_pod,
     describe_release,
+    extra_storage,
     get_pod,
     install_release,
     manifest_key,
@@ -51,7 +52,6 @@ pytestmark = pytest.mark.e2e
 NODE, OTHER = "node-a", "node-b"
 ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"
 AGE_MAGIC = b"age-encryption.org/v1\n"
-ENCRYPTED_STORAGE = "pods-encrypted"
 UPLOAD_BYTES_PER_SECOND = 32 * 2**20
 # Incompressible memory: the runtime writes a tar about this large, which uploads for about 8 s.
 FAULT_MIB = 256
@@ -74,30 +74,13 @@ def pods(tmp_path_factory: pytest.TempPathFactory) -> Iterator[KubeletCluster]:
                 "kind": "Secret",
                 "metadata": {"name": ENCRYPTION_SECRET, "namespace": NAMESPACE},
                 "stringData": {"recipients": f"{identity.to_public()}\n", "identity": f"{identity}\n"},
-            },
-            {
-                "apiVersion": "checkpointer.dev/v1alpha1",
-                "kind": "CheckpointStorage",
-                "metadata": {"name": ENCRYPTED_STORAGE},
-                "spec": {
-                    "bucket": env.s3.bucket,
-                    "prefix": "encrypted",
-                    "endpoint": env.s3.endpoint,
-                    "region": env.s3.region,
-                    "forcePathStyle": True,
-                    "credentialsSecretRef": {"namespace": NAMESPACE, "name": "local-s3"},
-                    "encryption": {"secretRef": {"namespace": NAMESPACE, "name": ENCRYPTION_SECRET}},
-                },
-            },
+            }
         )
         env.identity = identity  # type: ignore[attr-defined]
-
-        def available() -> bool:
-            phase = env.kubectl("get", "cks", ENCRYPTED_STORAGE, "-o", "jsonpath={.status.phase}").stdout
-            return phase == "Available"
-
-        until(f"CheckpointStorage {ENCRYPTED_STORAGE} Available", available, timeout=120)
-        yield env
+        encryption = {"secretRef": {"namespace": NAMESPACE, "name": ENCRYPTION_SECRET}}
+        with extra_storage(env.env, encryption=encryption) as storage:
+            env.encrypted_storage = storage  # type: ignore[attr-defined]
+            yield env
 
 
 @pytest.fixture(scope="module")
@@ -181,11 +164,12 @@ def test_a_counter_pod_is_checkpointed_into_s3_signed_and_keeps_counting(pods: K
 
 def test_a_pods_checkpoint_is_encrypted_when_its_storage_says_so(pods: KubeletCluster, counter: str) -> None:
     env = pods
-    obj = checkpoint_pod(env, counter, export={"storageRef": {"name": ENCRYPTED_STORAGE}}, compress="gzip")
+    storage = env.encrypted_storage  # type: ignore[attr-defined]
+    obj = checkpoint_pod(env, counter, export={"storageRef": {"name": storage}}, compress="gzip")
     status = obj["status"]
     assert status["phase"] == "Succeeded", f"{json.dumps(status, indent=1)}\n{describe_release(env)}"
     [archive] = status["archives"]
-    assert archive["key"].startswith("encrypted/default/") and archive["key"].endswith("/counter.tar.gz.age")
+    assert archive["key"].startswith("default/") and archive["key"].endswith("/counter.tar.gz.age"), archive
     assert_stored_as_reported(env, archive)
     stored = s3_get(env, archive["key"])
     assert stored.startswith(AGE_MAGIC) and b"config.dump" not in stored
