@@ -22,6 +22,7 @@ import pytest
 from pyrage import decrypt, x25519
 
 from helpers import (
+    Agent,
     apply,
     assert_stored_as_reported,
     describe_pod,
@@ -34,6 +35,7 @@ from helpers import (
     pod_count,
     public_keys,
     reason_and_message,
+    refused,
     release_values,
     run_pod,
     unique,
@@ -50,6 +52,7 @@ from localenv.procs import require, run
 
 pytestmark = pytest.mark.e2e
 NODE, OTHER = "node-a", "node-b"
+NODE_LABEL = "checkpointer.dev/node"
 ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"
 AGE_MAGIC = b"age-encryption.org/v1\n"
 UPLOAD_BYTES_PER_SECOND = 32 * 2**20
@@ -244,28 +247,30 @@ def test_the_agent_of_another_node_may_not_write_a_pods_checkpoint(pods: Kubelet
     obj = checkpoint_pod(env, counter)
     assert obj["status"]["phase"] == "Succeeded", obj["status"]
     name = obj["metadata"]["name"]
-    other = agent_kubeconfig(env, OTHER)
-    plane = env.env.control_plane
+    other = Agent(agent_kubeconfig(env, OTHER))
+    # Neither a write of its status nor one that moves it onto node-b's own node.
     for status in ({"startTime": "2020-01-01T00:00:00Z"}, {"nodeName": OTHER}):
-        patch = json.dumps({"status": status})
-        args = ("patch", "ccp", name, "-n", "default", "--subresource=status", "--type=merge", "-p", patch)
-        out = plane.kubectl(*args, kubeconfig=other, check=False)
-        assert out.returncode != 0 and "checkpointer agent of node node-b may write only" in out.stderr, out
-    # Its own node's agent may (the same token, from node-a's agent Pod).
-    own = plane.kubectl(
-        "patch",
-        "ccp",
-        name,
-        "-n",
-        "default",
-        "--type=merge",
-        "-p",
-        json.dumps({"metadata": {"annotations": {"test.checkpointer.dev/by": "node-a"}}}),
-        kubeconfig=agent_kubeconfig(env, NODE),
-        check=False,
-    )
-    assert own.returncode == 0, own.stderr
+        message = refused(lambda status=status: other.patch(name, {"status": status}, status=True))
+        assert message.startswith("the checkpointer agent of node node-b may write only"), message
+    # Relabelled for node-b by someone who may edit it: node-b's agent still may not write it, for its
+    # node is the Pod's, node-a, in the status only the controller wrote.
+    env.kubectl("label", "ccp", name, f"{NODE_LABEL}={OTHER}", "--overwrite")
+    message = refused(lambda: other.patch(name, {"metadata": {"annotations": {"test.checkpointer.dev/by": "b"}}}))
+    assert (
+        "has no spec.nodeName, and its status.nodeName (the Pod's node, written by the controller) is node-a" in message
+        or (
+            "labelled checkpointer.dev/node=node-a" in message  # the controller put the label back first
+        )
+    ), message
+    # Its own node's agent may write it, with no spec.nodeName to go by.
+    own = Agent(agent_kubeconfig(env, NODE))
+    until(f"{name} labelled for {NODE} again", lambda: label_of(env, name) == NODE, timeout=30)
+    own.patch(name, {"metadata": {"annotations": {"test.checkpointer.dev/by": "a"}}})
     env.kubectl("delete", "ccp", name, "--timeout=60s")
+
+
+def label_of(env: KubeletCluster, name: str) -> str:
+    return str(env.kubectl("get", "ccp", name, "-o", "jsonpath={.metadata.labels.checkpointer\\.dev/node}").stdout)
 
 
 def agent_kubeconfig(env: KubeletCluster, node: str) -> Path:
