@@ -7,7 +7,9 @@ process, on a unix socket, plays a runtime's side of the two calls.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+import os
+import threading
+from collections.abc import Callable, Iterable, Iterator
 from concurrent import futures
 from dataclasses import replace
 from pathlib import Path
@@ -22,6 +24,7 @@ from checkpointer.adapters.cri import (
     CriRuntime,
     CriVersion,
     checkpoint_request,
+    drain,
     failure,
     fields,
     version_request,
@@ -219,6 +222,90 @@ def test_a_missing_socket_is_retried(tmp_path: Path) -> None:
         CriRuntime(tmp_path / "absent.sock").version()
     assert retried.value.reason == Reason.RUNTIME_UNAVAILABLE
     assert str(tmp_path / "absent.sock") in retried.value.message
+
+
+def write_as_containerd(location: str, data: bytes) -> None:
+    """containerd 2.1's write of its tar: opened read-write (and created), one sequential copy."""
+    fd = os.open(location, os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        view = memoryview(data)
+        while view:
+            view = view[os.write(fd, view[: 256 * 1024]) :]
+    finally:
+        os.close(fd)
+
+
+def location_of(request: bytes) -> str:
+    return next(v.decode() for n, _, v in fields(request) if n == 2 and isinstance(v, bytes))
+
+
+TAR = bytes(range(256)) * (12 * 1024)  # 3 MiB: three times the pipe
+
+
+def test_a_streamed_checkpoint_is_read_as_the_runtime_writes_it(
+    runtime_server: tuple[Path, dict[str, Handler], list[tuple[str, bytes]]], tmp_path: Path
+) -> None:
+    socket, handlers, _ = runtime_server
+    handlers["CheckpointContainer"] = lambda request, context: write_as_containerd(location_of(request), TAR) or b""
+    read = bytearray()
+    fifo = tmp_path / "abc.fifo"
+    CriRuntime(socket).checkpoint_streamed("abc", fifo, 60, lambda chunks: [read.extend(c) for c in chunks] and None)
+    assert bytes(read) == TAR
+    assert not fifo.exists()
+
+
+def test_a_reader_that_fails_drains_the_runtime_first(
+    runtime_server: tuple[Path, dict[str, Handler], list[tuple[str, bytes]]], tmp_path: Path
+) -> None:
+    socket, handlers, _ = runtime_server
+    wrote = threading.Event()
+
+    def write(request: bytes, context: grpc.ServicerContext) -> bytes:
+        write_as_containerd(location_of(request), TAR)
+        wrote.set()
+        return b""
+
+    def spool_full(chunks: Iterable[bytes | memoryview]) -> None:
+        next(iter(chunks))
+        raise OSError(28, "No space left on device")
+
+    handlers["CheckpointContainer"] = write
+    with pytest.raises(OSError, match="No space left"):
+        CriRuntime(socket).checkpoint_streamed("abc", tmp_path / "abc.fifo", 60, spool_full)
+    # The runtime's write returned, and its call ended, before the error went on.
+    assert wrote.is_set()
+    assert not (tmp_path / "abc.fifo").exists()
+
+
+def test_a_runtime_that_fails_before_it_writes_ends_the_reading(
+    runtime_server: tuple[Path, dict[str, Handler], list[tuple[str, bytes]]], tmp_path: Path
+) -> None:
+    socket, handlers, _ = runtime_server
+
+    def not_running(request: bytes, context: grpc.ServicerContext) -> bytes:
+        context.abort(grpc.StatusCode.UNKNOWN, 'container "abc" is in CONTAINER_EXITED state')
+
+    handlers["CheckpointContainer"] = not_running
+    read = bytearray()
+    with pytest.raises(Failure) as failed:
+        CriRuntime(socket).checkpoint_streamed(
+            "abc", tmp_path / "abc.fifo", 60, lambda cs: [read.extend(c) for c in cs] and None
+        )
+    assert failed.value.reason == Reason.CONTAINER_NOT_RUNNING and not read
+
+
+def test_what_a_killed_reader_left_is_drained_by_the_next(tmp_path: Path) -> None:
+    fifo = tmp_path / "left.fifo"
+    os.mkfifo(fifo, 0o600)
+    runtime = threading.Thread(target=write_as_containerd, args=(str(fifo), TAR))
+    runtime.start()
+    drain(fifo)
+    runtime.join(10)
+    assert not runtime.is_alive() and not fifo.exists()
+    drain(fifo)  # gone already: nothing to do
+    os.mkfifo(fifo, 0o600)
+    drain(fifo)  # no runtime holds it: it ends at once
+    assert not fifo.exists()
 
 
 # -- what the agent records of its runtime, and what the controller refuses because of it ------------------

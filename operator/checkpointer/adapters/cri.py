@@ -16,12 +16,18 @@ not answer is retried (RuntimeUnavailable).
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import contextlib
+import fcntl
+import io
+import os
+import threading
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import grpc
 
+from checkpointer.archive.codec import Chunk, read_chunks
 from checkpointer.errors import Failure, Retry
 from checkpointer.reasons import Reason
 
@@ -32,6 +38,7 @@ CRI_API_VERSION = "v1"
 # the runtime's own word on a timeout arrives before our deadline cuts it off.
 QUERY_TIMEOUT_SECONDS = 10.0
 CHECKPOINT_GRACE_SECONDS = 30.0
+PIPE_SIZE = 1024 * 1024
 
 # No container is named so: the runtime's search for it fails after its own checks (checkpoint_refusal).
 PROBE_CONTAINER = "checkpointer-probe-no-such-container"
@@ -201,6 +208,49 @@ class CriRuntime:
         request = checkpoint_request(container_id, str(location), timeout_seconds)
         self._call("CheckpointContainer", request, (timeout_seconds or 120) + CHECKPOINT_GRACE_SECONDS)
 
+    def checkpoint_streamed(
+        self, container_id: str, fifo: Path, timeout_seconds: int, export: Callable[[Iterable[Chunk]], None]
+    ) -> None:
+        """CheckpointContainer into a FIFO at `fifo` (made here, removed after) that `export` reads as the
+        runtime writes it: containerd 2.1 writes its tar with one sequential copy, once CRIU and its
+        own content store are done, so the last part of its work overlaps with the reader's.
+
+        containerd opens the path read-write: a reader that stops would leave it blocked in its write
+        for good (it holds a read end itself, so no EPIPE). So a reader that fails still drains the
+        FIFO to its end before the error goes on; an agent killed meanwhile leaves that to the next
+        one (`drain`).
+        """
+        fifo.unlink(missing_ok=True)
+        os.mkfifo(fifo, 0o600)
+        failed: list[Failure | Retry] = []
+
+        def call() -> None:
+            try:
+                self.checkpoint(container_id, fifo, timeout_seconds)
+            except (Failure, Retry) as e:
+                failed.append(e)
+            # The runtime may fail before it opens the FIFO: a writer of our own lets our reader see EOF.
+            with contextlib.suppress(OSError):
+                os.close(os.open(fifo, os.O_WRONLY | os.O_NONBLOCK))
+
+        runtime = threading.Thread(target=call, name=f"cri-{container_id[:12]}", daemon=True)
+        runtime.start()
+        try:
+            with fifo.open("rb") as stream:
+                # A 1 MiB pipe instead of 64 KiB: the runtime blocks less often and reads are larger.
+                with contextlib.suppress(OSError):
+                    fcntl.fcntl(stream.fileno(), fcntl.F_SETPIPE_SZ, PIPE_SIZE)
+                try:
+                    export(read_chunks(stream))
+                except BaseException:
+                    _read_to_end(stream)
+                    raise
+        finally:
+            runtime.join()
+            fifo.unlink(missing_ok=True)
+        if failed:
+            raise failed[0]
+
     def checkpoint_refusal(self, location: Path) -> str | None:
         """Why the runtime would checkpoint no container, in its own words; None: it would.
 
@@ -230,3 +280,27 @@ class CriRuntime:
                 details = (e.details() if isinstance(e, grpc.Call) else None) or str(e)
                 raise failure(method, code, details, self.socket) from None
         return response
+
+
+def _read_to_end(stream: io.BufferedReader) -> None:
+    buffer = bytearray(PIPE_SIZE)
+    while stream.readinto(buffer):
+        pass
+
+
+def drain(fifo: Path) -> None:
+    """Read a FIFO a runtime may still be writing a checkpoint into to its end, and remove it.
+
+    For what an agent killed during checkpoint_streamed left: the runtime's write returns and its call
+    ends. A FIFO that no runtime holds any more ends at once."""
+    try:
+        fd = os.open(fifo, os.O_RDONLY | os.O_NONBLOCK)
+    except FileNotFoundError:
+        return
+    try:
+        os.set_blocking(fd, True)
+        with os.fdopen(fd, "rb", closefd=False) as stream:
+            _read_to_end(stream)
+    finally:
+        os.close(fd)
+        fifo.unlink(missing_ok=True)
