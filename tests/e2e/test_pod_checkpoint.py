@@ -20,6 +20,7 @@ from typing import Any
 
 import pytest
 from pyrage import decrypt, x25519
+from test_plugin import ok, plugin
 
 from helpers import (
     Agent,
@@ -280,6 +281,20 @@ def agent_kubeconfig(env: KubeletCluster, node: str) -> Path:
     [pod] = [p for p in listed["items"] if p["spec"]["nodeName"] == node]
     account = pod["spec"]["serviceAccountName"]
     return env.env.control_plane.kubeconfig_for_serviceaccount(NAMESPACE, account, "10m", pod=pod["metadata"]["name"])
+
+
+def test_the_plugin_checkpoints_a_pod_by_name(pods: KubeletCluster, counter: str) -> None:
+    """`kubectl checkpointer checkpoint pod/NAME -c CONTAINER --wait`, through kubectl itself."""
+    env = pods
+    name = unique("plugin")
+    out = ok(
+        plugin(env.env, "checkpoint", f"pod/{counter}", "-c", "counter", "--name", name, "--wait", via_kubectl=True)
+    )
+    assert f"ContainerCheckpoint {name}: Succeeded" in out, out
+    obj = json.loads(env.kubectl("get", "ccp", name, "-o", "json").stdout)
+    assert obj["spec"] == {"podRef": {"name": counter, "containers": ["counter"]}, "export": {}}
+    assert obj["status"]["nodeName"] == NODE
+    env.kubectl("delete", "ccp", name, "--timeout=60s")
 
 
 # --- faults ------------------------------------------------------------------------------------
