@@ -358,12 +358,12 @@ def _orphan_work_folders(env: Cluster) -> list[str]:
 
 def runtime_files_left(env: Cluster) -> list[str]:
     """What a node's container runtime wrote for a Pod's checkpoint and is still there once every
-    object is terminal: its tar in a work folder of the spool, or anything in the kubelet's own
-    checkpoint folder (the kubelet never empties it; the agent never writes there)."""
+    object is terminal: its FIFO (or a tar) in a work folder of the spool, or anything in the kubelet's
+    own checkpoint folder (the kubelet never empties it; the agent never writes there)."""
     left = []
     for node in env.nodes:
         for spool in spool_dirs(env, node):
-            left += [f"{path} on {node}" for path in sorted(spool.glob("*/*.runtime.tar"))] if spool.is_dir() else []
+            left += [f"{path} on {node}" for path in sorted(spool.glob("*/*.runtime.*"))] if spool.is_dir() else []
         kubelet_checkpoints = env.nodes[node].state_dir / "kubelet" / "checkpoints"
         if kubelet_checkpoints.is_dir():
             left += [f"{path} on {node}" for path in sorted(kubelet_checkpoints.iterdir())]

@@ -9,8 +9,9 @@ from __future__ import annotations
 
 import hashlib
 import io
+import os
 import tarfile
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any, cast
@@ -21,6 +22,7 @@ from checkpointer import NODE_LABEL
 from checkpointer.adapters.kube import Kube
 from checkpointer.agent import elsewhere
 from checkpointer.archive import manifest
+from checkpointer.archive.codec import ConfigurationTap
 from checkpointer.archive.workfolder import Target, WorkFolder
 from checkpointer.errors import Failure, Retry
 from checkpointer.models import CheckpointSpec, CheckpointStorage, ContainerCheckpoint, node_of
@@ -162,25 +164,20 @@ def test_the_manifest_names_the_node_the_pod_ran_on() -> None:
 
 
 class Runtime:
-    """A node's container runtime that writes a small checkpoint tar, or fails as told."""
+    """A node's container runtime that streams a small checkpoint tar, or fails as told."""
 
     def __init__(self, fails: Exception | None = None) -> None:
         self.fails = fails
         self.asked: list[tuple[str, Path, int]] = []
 
-    def checkpoint(self, container_id: str, location: Path, timeout_seconds: int) -> None:
-        self.asked.append((container_id, location, timeout_seconds))
-        with tarfile.open(location, "w") as tar:
-            for name, data in (
-                ("config.dump", b'{"id":"x"}'),
-                ("spec.dump", b"{}"),
-                ("checkpoint/pages-1.img", b"p" * 4096),
-            ):
-                info = tarfile.TarInfo(name)
-                info.size = len(data)
-                tar.addfile(info, io.BytesIO(data))
+    def checkpoint_streamed(
+        self, container_id: str, fifo: Path, timeout_seconds: int, export: Callable[[Iterable[bytes]], None]
+    ) -> None:
+        self.asked.append((container_id, fifo, timeout_seconds))
         if self.fails is not None:
             raise self.fails
+        raw = checkpoint_tar(tarfile.PAX_FORMAT, long_names=False)
+        export(raw[i : i + 1000] for i in range(0, len(raw), 1000))
 
 
 def pod_job(tmp_path: Path, runtime: Runtime) -> Checkpoint:
@@ -193,7 +190,7 @@ def pod_job(tmp_path: Path, runtime: Runtime) -> Checkpoint:
     return Checkpoint(cast(Node, agent), ccp, cast(StatusWriter, None), folder)
 
 
-def test_the_runtimes_tar_goes_through_write_and_is_removed(tmp_path: Path) -> None:
+def test_the_runtimes_tar_streams_through_write_and_its_configuration_is_kept(tmp_path: Path) -> None:
     runtime = Runtime()
     job = pod_job(tmp_path, runtime)
     target = Target("counter", "c" * 64)
@@ -204,28 +201,33 @@ def test_the_runtimes_tar_goes_through_write_and_is_removed(tmp_path: Path) -> N
             written.extend(chunk)
 
     assert job.runtime_checkpoint(target, write) == {}
-    [(container_id, location, timeout)] = runtime.asked
-    assert container_id == "c" * 64 and location.parent == job.folder.path and timeout == 3600
-    assert not location.exists(), "the runtime's tar is removed once spooled"
-    with tarfile.open(fileobj=io.BytesIO(bytes(written))) as tar:
-        assert tar.getnames() == ["config.dump", "spec.dump", "checkpoint/pages-1.img"]
+    [(container_id, fifo, timeout)] = runtime.asked
+    assert container_id == "c" * 64 and fifo.parent == job.folder.path and timeout == 3600
+    assert bytes(written) == checkpoint_tar(tarfile.PAX_FORMAT, long_names=False)
     configuration = job.configuration(target)
-    assert configuration.config_dump == hashlib.sha256(b'{"id":"x"}').hexdigest()
-    assert configuration.spec_dump == hashlib.sha256(b"{}").hexdigest()
+    assert configuration.config_dump == hashlib.sha256(b'{"id":"c"}').hexdigest()
+    assert configuration.spec_dump == hashlib.sha256(b'{"ociVersion":"1.2.0"}').hexdigest()
 
 
-def test_a_runtime_that_fails_leaves_no_tar_and_the_container_runs_on(tmp_path: Path) -> None:
+def test_a_runtime_that_fails_fails_the_checkpoint_and_the_container_runs_on(tmp_path: Path) -> None:
     for error in (Failure(Reason.CHECKPOINT_FAILED, "criu failed"), Retry(Reason.RUNTIME_UNAVAILABLE, "no answer")):
-        runtime = Runtime(fails=error)
-        job = pod_job(tmp_path, runtime)
+        job = pod_job(tmp_path, Runtime(fails=error))
         target = Target("counter", "c" * 64)
         with pytest.raises(Failure) as caught:
             job.runtime_checkpoint(target, lambda chunks: None)
         assert caught.value.reason == error.reason
         assert "the container runtime could not checkpoint counter" in caught.value.message
-        assert not job.runtime_tar(target).exists()
         given = job.give_back(target, Reason.CHECKPOINT_FAILED, "it failed", None, "")
         assert given.message == "it failed; counter kept running (a Pod's container is never stopped)"
+
+
+def test_a_fifo_a_killed_agent_left_is_drained_when_the_checkpoint_is_given_up(tmp_path: Path) -> None:
+    job = pod_job(tmp_path, Runtime())
+    target = Target("counter", "c" * 64)
+    job.folder.create()
+    os.mkfifo(job.runtime_fifo(target))
+    job.give_back(target, Reason.CHECKPOINT_INTERRUPTED, "the agent restarted", None, "")
+    assert not job.runtime_fifo(target).exists()
 
 
 def test_an_agent_without_a_runtime_socket_cannot_checkpoint_a_pod(tmp_path: Path) -> None:
@@ -279,3 +281,41 @@ def test_the_controller_refuses_up_front_a_node_whose_runtime_cannot_checkpoint(
     # Nothing recorded (an older agent, or one still asking): the agent's own call says why.
     unknown = Cluster({})
     assert schedule_checkpoint(cast(Kube, unknown), cast(AgentLeases, unknown), ccp, frozenset())[0] == "node-a"
+
+
+def checkpoint_tar(fmt: int, long_names: bool) -> bytes:
+    """A runtime's checkpoint tar: pages, then config.dump and spec.dump (behind long paths' headers)."""
+    out = io.BytesIO()
+    prefix = "./" + "d" * 120 + "/../" if long_names else ""
+    with tarfile.open(fileobj=out, mode="w", format=fmt) as tar:
+        for name, data in (
+            ("checkpoint/pages-1.img", b"p" * 5000),
+            (f"{prefix}config.dump", b'{"id":"c"}'),
+            ("empty", b""),
+            (f"{prefix}spec.dump", b'{"ociVersion":"1.2.0"}'),
+            ("rootfs-diff.tar", b"r" * 1025),
+        ):
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    return out.getvalue()
+
+
+@pytest.mark.parametrize("fmt", [tarfile.USTAR_FORMAT, tarfile.GNU_FORMAT, tarfile.PAX_FORMAT])
+@pytest.mark.parametrize("long_names", [False, True])
+@pytest.mark.parametrize("piece", [1, 511, 512, 4096, 1 << 20])
+def test_the_configuration_is_kept_from_a_tar_streaming_past(fmt: int, long_names: bool, piece: int) -> None:
+    if fmt == tarfile.USTAR_FORMAT and long_names:
+        return  # ustar has no room for them: the runtimes write pax
+    raw = checkpoint_tar(fmt, long_names)
+    tap = ConfigurationTap()
+    passed = b"".join(bytes(c) for c in tap.tap(raw[i : i + piece] for i in range(0, len(raw), piece)))
+    assert passed == raw
+    assert tap.files == {"config.dump": b'{"id":"c"}', "spec.dump": b'{"ociVersion":"1.2.0"}'}
+
+
+def test_a_stream_that_is_no_tar_passes_unchanged_and_keeps_nothing() -> None:
+    tap = ConfigurationTap()
+    junk = [b"\xff" * 700, b"x" * 3000]
+    assert list(tap.tap(junk)) == junk
+    assert tap.files == {}

@@ -27,11 +27,12 @@ from pathlib import Path
 from typing import Any
 
 from checkpointer import layout, metrics
+from checkpointer.adapters.cri import drain
 from checkpointer.adapters.kube import CHECKPOINTS
 from checkpointer.adapters.podman import Container, PodmanError, checkpoint_in_progress, criu_supports
 from checkpointer.archive import manifest
 from checkpointer.archive import spool as spooling
-from checkpointer.archive.codec import Chunk, configuration_files, read_chunks
+from checkpointer.archive.codec import Chunk, ConfigurationTap
 from checkpointer.archive.ledger import KeptCheckpoint, OpenUpload
 from checkpointer.archive.spool import Digest, GrowingFile
 from checkpointer.archive.store import ArchiveStore, Cancelled, StorageError, StoredMismatch
@@ -748,7 +749,8 @@ class Checkpoint:
                 except StorageError as e:
                     log.warning("could not abort the uploads of %s: %s", key, e)
             self.spool_path(target).unlink(missing_ok=True)
-            self.runtime_tar(target).unlink(missing_ok=True)
+            # An agent killed while the runtime wrote leaves it blocked on the FIFO until it is read.
+            drain(self.runtime_fifo(target))
             return Failure(reason, f"{why}; {target.name} kept running (a Pod's container is never stopped)")
         runtime = self.node.runtime
         deadline = time.monotonic() + self.settings.podman_timeout_seconds
@@ -832,15 +834,16 @@ class Checkpoint:
         self.pod_members = {c.name: c for c in found}
         return found
 
-    def runtime_tar(self, target: Target) -> Path:
-        """Where the node's container runtime writes a Pod container's checkpoint: the work folder, at
-        the same path for the runtime on the node and for the agent in its Pod."""
-        return self.folder.file(f"{target.name}.runtime.tar")
+    def runtime_fifo(self, target: Target) -> Path:
+        """Where the node's container runtime writes a Pod container's checkpoint: a FIFO in the work
+        folder, at the same path for the runtime on the node and for the agent in its Pod."""
+        return self.folder.file(f"{target.name}.runtime.fifo")
 
     def runtime_checkpoint(self, target: Target, write: Callable[[Iterable[Chunk]], None]) -> dict[str, Any]:
-        """The node's container runtime checkpoints a Pod's container (CRI CheckpointContainer) into a
-        plain tar in the work folder, which `write` compresses into the spool; the tar is removed
-        then, whatever happens. The container keeps running."""
+        """The node's container runtime checkpoints a Pod's container (CRI CheckpointContainer) as a
+        plain tar into a FIFO, which `write` compresses into the spool as it comes, so that the upload
+        overlaps the runtime's writing as it does podman's export; config.dump and spec.dump are kept
+        on the way for the manifest. The container keeps running."""
         cri = self.node.cri
         if cri is None:
             raise Failure(
@@ -848,28 +851,18 @@ class Checkpoint:
                 f"the agent on node {self.settings.node_name} has no container runtime socket "
                 "(CHECKPOINTER_CRI_SOCKET, chart value cri.socketPath), so it cannot checkpoint a Pod's container",
             )
-        location = self.runtime_tar(target)
         self.folder.create()
-        location.unlink(missing_ok=True)
+        tap = ConfigurationTap()
         try:
-            try:
-                cri.checkpoint(target.id, location, self.settings.cri_checkpoint_timeout_seconds)
-            except Retry as e:  # no second call: the object fails, the container runs on
-                raise Failure(
-                    e.reason, f"the container runtime could not checkpoint {target.name}: {e.message}"
-                ) from None
-            except Failure as e:
-                raise Failure(
-                    e.reason, f"the container runtime could not checkpoint {target.name}: {e.message}"
-                ) from None
-            try:
-                self.configs[target.name] = manifest.Configuration.of(configuration_files(location))
-            except Exception as e:  # the archive's sha256 binds its configuration all the same
-                log.warning("could not read the configuration of %s: %s", target.name, e)
-            with location.open("rb") as tar:
-                write(read_chunks(tar))
-        finally:
-            location.unlink(missing_ok=True)
+            cri.checkpoint_streamed(
+                target.id,
+                self.runtime_fifo(target),
+                self.settings.cri_checkpoint_timeout_seconds,
+                lambda chunks: write(tap.tap(chunks)),
+            )
+        except (Retry, Failure) as e:  # no second call: the object fails, the container runs on
+            raise Failure(e.reason, f"the container runtime could not checkpoint {target.name}: {e.message}") from None
+        self.configs[target.name] = manifest.Configuration.of(tap.files)
         return {}
 
     def host(self) -> dict[str, str]:
