@@ -18,10 +18,12 @@ from contextlib import AbstractContextManager, contextmanager
 from pathlib import Path
 from typing import Any
 
+import kubernetes
 import yaml
 import zstandard
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from cryptography.hazmat.primitives.serialization import load_pem_public_key
+from kubernetes.client.exceptions import ApiException
 
 from localenv.chart import CHART, RELEASE
 from localenv.cluster import ChartCluster, Cluster
@@ -506,3 +508,40 @@ def pod_count(env: Cluster, name: str, namespace: str = "default") -> int:
 
     text: str = until(f"a count from {name}", read, timeout=10)
     return int(text)
+
+
+# --- the agent's identity -------------------------------------------------------------------------
+
+POLICY = "checkpointer-agent-own-node"
+GROUP, VERSION, PLURAL = "checkpointer.dev", "v1alpha1", "containercheckpoints"
+DENIED = f"ValidatingAdmissionPolicy '{POLICY}' with binding '{POLICY}' denied request: "
+
+
+class Agent:
+    """The Kubernetes API as the agent calls it (the same client), with one kubeconfig's credentials."""
+
+    def __init__(self, kubeconfig: Path) -> None:
+        api = kubernetes.config.new_client_from_config(config_file=str(kubeconfig))  # type: ignore[no-untyped-call]
+        self.custom = kubernetes.client.CustomObjectsApi(api)
+        self.leases = kubernetes.client.CoordinationV1Api(api)
+        self.core = kubernetes.client.CoreV1Api(api)
+
+    def patch(self, name: str, body: dict[str, Any], status: bool = False) -> Any:
+        call = (
+            self.custom.patch_namespaced_custom_object_status if status else self.custom.patch_namespaced_custom_object
+        )
+        return call(GROUP, VERSION, "default", PLURAL, name, body)
+
+    def create(self, body: dict[str, Any]) -> Any:
+        return self.custom.create_namespaced_custom_object(GROUP, VERSION, "default", PLURAL, body)
+
+
+def refused(call: Callable[[], Any]) -> str:
+    """The policy's message for a write it refused: a 403 with it, nothing else, and the write not done."""
+    try:
+        call()
+    except ApiException as e:
+        message = str(json.loads(e.body)["message"])
+        assert e.status == 403 and DENIED in message, f"{e.status}: {message}"
+        return message.split(DENIED, 1)[1]
+    raise AssertionError("the write went through")

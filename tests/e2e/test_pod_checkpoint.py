@@ -20,12 +20,15 @@ from typing import Any
 
 import pytest
 from pyrage import decrypt, x25519
+from test_plugin import ok, plugin
 
 from helpers import (
+    Agent,
     apply,
     assert_stored_as_reported,
     describe_pod,
     describe_release,
+    extra_storage,
     get_pod,
     install_release,
     manifest_key,
@@ -33,6 +36,7 @@ from helpers import (
     pod_count,
     public_keys,
     reason_and_message,
+    refused,
     release_values,
     run_pod,
     unique,
@@ -49,9 +53,9 @@ from localenv.procs import require, run
 
 pytestmark = pytest.mark.e2e
 NODE, OTHER = "node-a", "node-b"
+NODE_LABEL = "checkpointer.dev/node"
 ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"
 AGE_MAGIC = b"age-encryption.org/v1\n"
-ENCRYPTED_STORAGE = "pods-encrypted"
 UPLOAD_BYTES_PER_SECOND = 32 * 2**20
 # Incompressible memory: the runtime writes a tar about this large, which uploads for about 8 s.
 FAULT_MIB = 256
@@ -74,30 +78,13 @@ def pods(tmp_path_factory: pytest.TempPathFactory) -> Iterator[KubeletCluster]:
                 "kind": "Secret",
                 "metadata": {"name": ENCRYPTION_SECRET, "namespace": NAMESPACE},
                 "stringData": {"recipients": f"{identity.to_public()}\n", "identity": f"{identity}\n"},
-            },
-            {
-                "apiVersion": "checkpointer.dev/v1alpha1",
-                "kind": "CheckpointStorage",
-                "metadata": {"name": ENCRYPTED_STORAGE},
-                "spec": {
-                    "bucket": env.s3.bucket,
-                    "prefix": "encrypted",
-                    "endpoint": env.s3.endpoint,
-                    "region": env.s3.region,
-                    "forcePathStyle": True,
-                    "credentialsSecretRef": {"namespace": NAMESPACE, "name": "local-s3"},
-                    "encryption": {"secretRef": {"namespace": NAMESPACE, "name": ENCRYPTION_SECRET}},
-                },
-            },
+            }
         )
         env.identity = identity  # type: ignore[attr-defined]
-
-        def available() -> bool:
-            phase = env.kubectl("get", "cks", ENCRYPTED_STORAGE, "-o", "jsonpath={.status.phase}").stdout
-            return phase == "Available"
-
-        until(f"CheckpointStorage {ENCRYPTED_STORAGE} Available", available, timeout=120)
-        yield env
+        encryption = {"secretRef": {"namespace": NAMESPACE, "name": ENCRYPTION_SECRET}}
+        with extra_storage(env.env, encryption=encryption) as storage:
+            env.encrypted_storage = storage  # type: ignore[attr-defined]
+            yield env
 
 
 @pytest.fixture(scope="module")
@@ -150,7 +137,7 @@ def test_a_counter_pod_is_checkpointed_into_s3_signed_and_keeps_counting(pods: K
     assert stored.startswith(ZSTD_MAGIC)
     # What containerd's CheckpointContainer writes: CRIU's images, the container's configuration, its
     # root file system's changes.
-    found = members(stored)
+    found = {name.removeprefix("./"): data for name, data in members(stored).items()}
     assert {"config.dump", "spec.dump", "rootfs-diff.tar"} <= set(found), sorted(found)
     assert any(name.startswith("checkpoint/") for name in found), sorted(found)
 
@@ -165,7 +152,7 @@ def test_a_counter_pod_is_checkpointed_into_s3_signed_and_keeps_counting(pods: K
     assert entry["imageID"] == f"{env.registry.host}/checkpointer/counter@{digest}" == container["imageID"]
     assert entry["configDumpSHA256"] == hashlib.sha256(found["config.dump"]).hexdigest()
     assert entry["specDumpSHA256"] == hashlib.sha256(found["spec.dump"]).hexdigest()
-    assert manifest["host"]["criRuntime"] == "containerd" and manifest["host"]["criVersion"].startswith("v2.1")
+    assert manifest["host"]["criRuntime"] == "containerd" and "2.1" in manifest["host"]["criVersion"], manifest["host"]
     assert manifest["host"]["criu"], manifest["host"]
 
     # The Pod kept running: never restarted, and its count goes on from where it was.
@@ -181,11 +168,12 @@ def test_a_counter_pod_is_checkpointed_into_s3_signed_and_keeps_counting(pods: K
 
 def test_a_pods_checkpoint_is_encrypted_when_its_storage_says_so(pods: KubeletCluster, counter: str) -> None:
     env = pods
-    obj = checkpoint_pod(env, counter, export={"storageRef": {"name": ENCRYPTED_STORAGE}}, compress="gzip")
+    storage = env.encrypted_storage  # type: ignore[attr-defined]
+    obj = checkpoint_pod(env, counter, export={"storageRef": {"name": storage}}, compress="gzip")
     status = obj["status"]
     assert status["phase"] == "Succeeded", f"{json.dumps(status, indent=1)}\n{describe_release(env)}"
     [archive] = status["archives"]
-    assert archive["key"].startswith("encrypted/default/") and archive["key"].endswith("/counter.tar.gz.age")
+    assert archive["key"].startswith("default/") and archive["key"].endswith("/counter.tar.gz.age"), archive
     assert_stored_as_reported(env, archive)
     stored = s3_get(env, archive["key"])
     assert stored.startswith(AGE_MAGIC) and b"config.dump" not in stored
@@ -260,28 +248,30 @@ def test_the_agent_of_another_node_may_not_write_a_pods_checkpoint(pods: Kubelet
     obj = checkpoint_pod(env, counter)
     assert obj["status"]["phase"] == "Succeeded", obj["status"]
     name = obj["metadata"]["name"]
-    other = agent_kubeconfig(env, OTHER)
-    plane = env.env.control_plane
+    other = Agent(agent_kubeconfig(env, OTHER))
+    # Neither a write of its status nor one that moves it onto node-b's own node.
     for status in ({"startTime": "2020-01-01T00:00:00Z"}, {"nodeName": OTHER}):
-        patch = json.dumps({"status": status})
-        args = ("patch", "ccp", name, "-n", "default", "--subresource=status", "--type=merge", "-p", patch)
-        out = plane.kubectl(*args, kubeconfig=other, check=False)
-        assert out.returncode != 0 and "checkpointer agent of node node-b may write only" in out.stderr, out
-    # Its own node's agent may (the same token, from node-a's agent Pod).
-    own = plane.kubectl(
-        "patch",
-        "ccp",
-        name,
-        "-n",
-        "default",
-        "--type=merge",
-        "-p",
-        json.dumps({"metadata": {"annotations": {"test.checkpointer.dev/by": "node-a"}}}),
-        kubeconfig=agent_kubeconfig(env, NODE),
-        check=False,
-    )
-    assert own.returncode == 0, own.stderr
+        message = refused(lambda status=status: other.patch(name, {"status": status}, status=True))
+        assert message.startswith("the checkpointer agent of node node-b may write only"), message
+    # Relabelled for node-b by someone who may edit it: node-b's agent still may not write it, for its
+    # node is the Pod's, node-a, in the status only the controller wrote.
+    env.kubectl("label", "ccp", name, f"{NODE_LABEL}={OTHER}", "--overwrite")
+    message = refused(lambda: other.patch(name, {"metadata": {"annotations": {"test.checkpointer.dev/by": "b"}}}))
+    assert (
+        "has no spec.nodeName, and its status.nodeName (the Pod's node, written by the controller) is node-a" in message
+        or (
+            "labelled checkpointer.dev/node=node-a" in message  # the controller put the label back first
+        )
+    ), message
+    # Its own node's agent may write it, with no spec.nodeName to go by.
+    own = Agent(agent_kubeconfig(env, NODE))
+    until(f"{name} labelled for {NODE} again", lambda: label_of(env, name) == NODE, timeout=30)
+    own.patch(name, {"metadata": {"annotations": {"test.checkpointer.dev/by": "a"}}})
     env.kubectl("delete", "ccp", name, "--timeout=60s")
+
+
+def label_of(env: KubeletCluster, name: str) -> str:
+    return str(env.kubectl("get", "ccp", name, "-o", "jsonpath={.metadata.labels.checkpointer\\.dev/node}").stdout)
 
 
 def agent_kubeconfig(env: KubeletCluster, node: str) -> Path:
@@ -291,6 +281,20 @@ def agent_kubeconfig(env: KubeletCluster, node: str) -> Path:
     [pod] = [p for p in listed["items"] if p["spec"]["nodeName"] == node]
     account = pod["spec"]["serviceAccountName"]
     return env.env.control_plane.kubeconfig_for_serviceaccount(NAMESPACE, account, "10m", pod=pod["metadata"]["name"])
+
+
+def test_the_plugin_checkpoints_a_pod_by_name(pods: KubeletCluster, counter: str) -> None:
+    """`kubectl checkpointer checkpoint pod/NAME -c CONTAINER --wait`, through kubectl itself."""
+    env = pods
+    name = unique("plugin")
+    out = ok(
+        plugin(env.env, "checkpoint", f"pod/{counter}", "-c", "counter", "--name", name, "--wait", via_kubectl=True)
+    )
+    assert f"ContainerCheckpoint {name}: Succeeded" in out, out
+    obj = json.loads(env.kubectl("get", "ccp", name, "-o", "json").stdout)
+    assert obj["spec"] == {"podRef": {"name": counter, "containers": ["counter"]}, "export": {}}
+    assert obj["status"]["nodeName"] == NODE
+    env.kubectl("delete", "ccp", name, "--timeout=60s")
 
 
 # --- faults ------------------------------------------------------------------------------------

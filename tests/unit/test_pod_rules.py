@@ -18,15 +18,18 @@ from typing import Any, cast
 import pytest
 
 from checkpointer import NODE_LABEL
+from checkpointer.adapters.kube import Kube
 from checkpointer.agent import elsewhere
 from checkpointer.archive import manifest
 from checkpointer.archive.workfolder import Target, WorkFolder
 from checkpointer.errors import Failure, Retry
-from checkpointer.models import CheckpointSpec, ContainerCheckpoint, node_of
+from checkpointer.models import CheckpointSpec, CheckpointStorage, ContainerCheckpoint, node_of
 from checkpointer.reasons import Reason
+from checkpointer.services.capabilities import CriFacts
 from checkpointer.services.checkpoint import Checkpoint
 from checkpointer.services.node import Node
 from checkpointer.services.pods import pod_containers, pod_node, pod_record
+from checkpointer.services.scheduling import AgentLeases, schedule_checkpoint
 from checkpointer.status import StatusWriter
 
 DIGEST = "127.0.0.1:5000/checkpointer/counter@sha256:" + "a" * 64
@@ -184,7 +187,7 @@ def pod_job(tmp_path: Path, runtime: Runtime) -> Checkpoint:
     ccp = ContainerCheckpoint.model_validate(
         checkpoint_body({"podRef": {"name": "counter"}, "export": {}}, "node-a", "node-a")
     )
-    settings = SimpleNamespace(node_name="node-a", podman_timeout_seconds=3600)
+    settings = SimpleNamespace(node_name="node-a", cri_checkpoint_timeout_seconds=3600)
     agent = SimpleNamespace(cri=runtime, settings=settings)
     folder = WorkFolder.of(tmp_path, "checkpoint", ccp.metadata)
     return Checkpoint(cast(Node, agent), ccp, cast(StatusWriter, None), folder)
@@ -231,3 +234,48 @@ def test_an_agent_without_a_runtime_socket_cannot_checkpoint_a_pod(tmp_path: Pat
     with pytest.raises(Failure) as caught:
         job.runtime_checkpoint(Target("counter", "c" * 64), lambda chunks: None)
     assert caught.value.reason == Reason.RUNTIME_CANNOT_CHECKPOINT
+
+
+class Leases:
+    """The Lease annotations of node-a's agent, and its Lease alive."""
+
+    namespace = "checkpointer-system"
+
+    def __init__(self, annotations: dict[str, str]) -> None:
+        self.annotations = annotations
+
+    def alive(self, node: str) -> bool:
+        return True
+
+    def lease_annotations(self, namespace: str, name: str) -> dict[str, str]:
+        assert name == "checkpointer-agent-node-a"
+        return self.annotations
+
+
+class Cluster(Leases):
+    def pod(self, namespace: str, name: str) -> dict[str, Any] | None:
+        return pod() if (namespace, name) == ("team-a", "counter") else None
+
+    def storages(self) -> list[Any]:
+        return [
+            CheckpointStorage.model_validate(
+                {"metadata": {"name": "s"}, "spec": {"bucket": "b", "default": True}, "status": {"phase": "Available"}}
+            )
+        ]
+
+
+def test_the_controller_refuses_up_front_a_node_whose_runtime_cannot_checkpoint() -> None:
+    ccp = ContainerCheckpoint.model_validate(checkpoint_body({"podRef": {"name": "counter"}, "export": {}}, None, None))
+    unable = CriFacts(
+        "containerd", "v1.6.0", "v1", checkpoint=False, refusal="method CheckpointContainer not implemented"
+    )
+    cluster = Cluster(unable.annotations())
+    with pytest.raises(Failure) as caught:
+        schedule_checkpoint(cast(Kube, cluster), cast(AgentLeases, cluster), ccp, frozenset())
+    assert caught.value.reason == Reason.RUNTIME_CANNOT_CHECKPOINT
+    assert "containerd v1.6.0" in caught.value.message and "not implemented" in caught.value.message
+    able = Cluster(CriFacts("containerd", "v2.1.9", "v1", checkpoint=True).annotations())
+    assert schedule_checkpoint(cast(Kube, able), cast(AgentLeases, able), ccp, frozenset()) == ("node-a", "s")
+    # Nothing recorded (an older agent, or one still asking): the agent's own call says why.
+    unknown = Cluster({})
+    assert schedule_checkpoint(cast(Kube, unknown), cast(AgentLeases, unknown), ccp, frozenset())[0] == "node-a"

@@ -846,14 +846,14 @@ class Checkpoint:
             raise Failure(
                 Reason.RUNTIME_CANNOT_CHECKPOINT,
                 f"the agent on node {self.settings.node_name} has no container runtime socket "
-                "(CHECKPOINTER_CRI_SOCKET, chart value agent.criSocket), so it cannot checkpoint a Pod's container",
+                "(CHECKPOINTER_CRI_SOCKET, chart value cri.socketPath), so it cannot checkpoint a Pod's container",
             )
         location = self.runtime_tar(target)
         self.folder.create()
         location.unlink(missing_ok=True)
         try:
             try:
-                cri.checkpoint(target.id, location, int(self.settings.podman_timeout_seconds))
+                cri.checkpoint(target.id, location, self.settings.cri_checkpoint_timeout_seconds)
             except Retry as e:  # no second call: the object fails, the container runs on
                 raise Failure(
                     e.reason, f"the container runtime could not checkpoint {target.name}: {e.message}"

@@ -25,6 +25,7 @@ from checkpointer.services.capabilities import (
     NodeFacts,
     live_export_refusal,
     missing_for_checkpoint,
+    missing_for_pod_checkpoint,
 )
 from checkpointer.services.pods import pod_node
 from checkpointer.settings import Settings
@@ -118,6 +119,15 @@ def require_safe_live_export(
         raise Failure(Reason.LIVE_EXPORT_NOT_PERMITTED, why)
 
 
+def require_pod_runtime(kube: Kube, leases: AgentLeases, node: str) -> None:
+    """Refuse a Pod's checkpoint on a node whose container runtime cannot checkpoint, as its agent
+    recorded on its Lease; a node that recorded nothing (yet) is not refused: its agent's call says why."""
+    facts = NodeFacts.from_annotations(kube.lease_annotations(leases.namespace, lease_name(node)))
+    why = missing_for_pod_checkpoint(facts, node)
+    if why is not None:
+        raise Failure(Reason.RUNTIME_CANNOT_CHECKPOINT, why)
+
+
 def storage_permits(storage: CheckpointStorage, namespace: str) -> bool:
     """Whether objects of `namespace` may use the storage: listed in allowedNamespaces, or no list. Pure."""
     allowed = storage.spec.allowed_namespaces
@@ -167,6 +177,7 @@ def schedule_checkpoint(
         namespace = ccp.metadata.namespace
         node = pod_node(spec, namespace, kube.pod(namespace, spec.pod_ref.name))
         require_node_with_agent(kube, leases, node)
+        require_pod_runtime(kube, leases, node)
     else:
         node = spec.node_name or ""
         require_node_with_agent(kube, leases, node)
