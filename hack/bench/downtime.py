@@ -2,20 +2,21 @@
 
 Three ways, in interleaved rounds of one invocation (the order rotates from round to round):
 
-(m) checkpointer: a ContainerCheckpoint (export, zstd, streaming its parts) and, created with it, a
-    ContainerRestore on the other node whose checkpointRef names it: the restore reads the parts as
-    they land and podman imports while they arrive (services/pipeline.py). Until the
-    ContainerMigration kind lands, this is what a migration does.
+(m) checkpointer: one ContainerMigration to the other node. The checkpoint it makes streams its
+    parts, and the restore it creates with it reads them as they land while podman imports
+    (services/pipeline.py).
 (s) the script a user would write: `podman container checkpoint --export --compress zstd` to disk,
     boto3 upload_file, boto3 download_file on the other node, `podman container restore --import`.
 (f) the local floor: `--export --compress none` to tmpfs and `--import` of it on the same node.
 
-Downtime for (m) runs from CRIU's freeze (the source agent's step line `checkpoint` began then,
-within the podman call; the freeze is its first act) to the restore's Succeeded; the benchmark
-takes it as from creating the two objects to the restore's Succeeded, which adds the scheduling
-before the freeze (about 0.1 s) to it. (s) and (f) are timed around the commands. Where the time
-goes inside (m) comes from the agents' own timestamps: status startTime and completionTime of the
-two objects, and their step lines (checkpoint, upload, first-part, restore).
+Downtime for (m) is the migration's own: from its frozenTime (CRIU froze the container on the
+source, the source agent's clock) to its runningTime (podman returned with it running on the target,
+the target agent's clock). The benchmark also records what it observes itself, from creating the
+migration to seeing it Succeeded (`observedSeconds`), which adds the scheduling before the freeze
+and the controller's last step after the restore. (s) and (f) are timed around the commands. Where
+the time goes inside (m) comes from the agents' own timestamps: status startTime and completionTime
+of the checkpoint and restore the migration made, and their step lines (checkpoint, upload,
+first-part, restore).
 
 Both agents run the CLI runtime (podman compresses the export, and a FIFO feeds the import).
 """
@@ -34,17 +35,12 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
 
-import kubernetes
-
-from bench.datapath import LOOPBACK, reflink_filesystem, shaped_link
+from bench.datapath import GROUP, LOOPBACK, VERSION, TwoNodes, reflink_filesystem, shaped_link
 from bench.stats import median, memory_kib, reset_peak, settle, spread, timer
 from localenv.env import LocalEnv
-from localenv.images import MEMORY, owned_by, wait_for_log
 from localenv.procs import REPO_ROOT
 
-GROUP, VERSION = "checkpointer.dev", "v1alpha1"
 SOURCE, TARGET = "node-a", "node-b"
-STREAM = {"checkpointer.dev/stream": "true"}
 
 
 def _time(value: str | None) -> float:
@@ -53,14 +49,9 @@ def _time(value: str | None) -> float:
     return datetime.datetime.fromisoformat(value.replace("Z", "+00:00")).timestamp()
 
 
-class Downtime:
+class Downtime(TwoNodes):
     def __init__(self, env: LocalEnv) -> None:
-        self.env = env
-        api = kubernetes.config.new_client_from_config(config_file=str(env.kubeconfig))  # type: ignore[no-untyped-call]
-        self.custom = kubernetes.client.CustomObjectsApi(api)
-        self.s3 = env.s3.client()
-        self.source = env.nodes[SOURCE]
-        self.target = env.nodes[TARGET]
+        super().__init__(env, SOURCE, TARGET)
         for name in (SOURCE, TARGET):
             env.supervisor.stop(f"agent-{name}")
             env.start_agent(name, {"CHECKPOINTER_PODMAN_MODE": "cli"})
@@ -69,71 +60,49 @@ class Downtime:
     def _agent_pid(self, node: str) -> int:
         return next(p for p in self.env.supervisor.processes if p.name == f"agent-{node}").popen.pid
 
-    def _workload(self, size_mib: int) -> str:
-        name = f"mem-{uuid.uuid4().hex[:6]}"
-        self.source.podman("run", "-d", *owned_by("default"), "--name", name, MEMORY, str(size_mib))
-        wait_for_log(self.source, name, "ready", timeout=120 + size_mib / 20)
-        return name
-
     def _get(self, plural: str, name: str) -> dict[str, Any]:
         return self.custom.get_namespaced_custom_object(GROUP, VERSION, "default", plural, name)  # type: ignore[return-value]
-
-    def _wait(self, plural: str, name: str, timeout: float = 1800) -> dict[str, Any]:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            obj = self._get(plural, name)
-            phase = (obj.get("status") or {}).get("phase")
-            if phase == "Failed":
-                raise RuntimeError(f"{plural}/{name} failed: {json.dumps(obj['status'])[:2000]}")
-            if phase == "Succeeded":
-                return obj
-            time.sleep(0.02)
-        raise TimeoutError(f"{plural}/{name} did not finish in {timeout}s")
-
-    def _create(self, plural: str, kind: str, name: str, spec: dict[str, Any], **meta: Any) -> None:
-        body = {"apiVersion": f"{GROUP}/{VERSION}", "kind": kind, "metadata": {"name": name, **meta}, "spec": spec}
-        self.custom.create_namespaced_custom_object(GROUP, VERSION, "default", plural, body)
 
     def _delete(self, plural: str, name: str) -> None:
         self.custom.delete_namespaced_custom_object(GROUP, VERSION, "default", plural, name)
 
     def checkpointer(self, size_mib: int) -> dict[str, Any]:
         name = self._workload(size_mib)
-        ccp, crst = f"mig-{uuid.uuid4().hex[:8]}", f"mig-{uuid.uuid4().hex[:8]}"
+        mig = f"mig-{uuid.uuid4().hex[:8]}"
         pids = {node: self._agent_pid(node) for node in (SOURCE, TARGET)}
         for pid in pids.values():
             reset_peak(pid)
         settle()
         since = time.time()
         with timer() as took:
-            spec = {"nodeName": SOURCE, "containers": [name], "export": {}, "compress": "zstd"}
-            self._create("containercheckpoints", "ContainerCheckpoint", ccp, spec, annotations=STREAM)
-            self._create(
-                "containerrestores",
-                "ContainerRestore",
-                crst,
-                {"nodeName": TARGET, "source": {"checkpointRef": {"name": ccp}}},
-            )
-            restored = self._wait("containerrestores", crst)
-        seconds = took()
-        checkpoint = self._get("containercheckpoints", ccp)
-        cs, rs = checkpoint["status"], restored["status"]
+            spec = {"source": {"nodeName": SOURCE, "container": name}, "targetNodeName": TARGET, "compress": "zstd"}
+            self._create("containermigrations", "ContainerMigration", mig, spec)
+            moved = self._wait("containermigrations", mig, timeout=1800, poll=0.02)
+        observed = took()
+        ms = moved["status"]
+        ccp, crst = ms["checkpointRef"]["name"], ms["restoreRef"]["name"]
+        cs = self._get("containercheckpoints", ccp)["status"]
+        rs = self._get("containerrestores", crst)["status"]
         result = {
-            "seconds": seconds,
+            # The migration's downtimeSeconds, unrounded: frozenTime -> runningTime.
+            "seconds": _time(ms.get("runningTime")) - _time(ms.get("frozenTime")),
+            "observedSeconds": observed,
             "sourceRssMiB": memory_kib(pids[SOURCE], "VmHWM") / 1024,
             "targetRssMiB": memory_kib(pids[TARGET], "VmHWM") / 1024,
             "archiveBytes": int(cs["archives"][0]["size"]),
-            # The agents' own clocks, relative to the creation of the objects.
+            # The agents' own clocks, relative to the creation of the migration.
             "checkpointStart": _time(cs.get("startTime")) - since,
+            "frozen": _time(ms.get("frozenTime")) - since,
             "checkpointDone": _time(cs.get("completionTime")) - since,
             "restoreStart": _time(rs.get("startTime")) - since,
+            "running": _time(ms.get("runningTime")) - since,
             "restoreDone": _time(rs.get("completionTime")) - since,
             "steps": self._steps(ccp, crst),
         }
         self.target.podman("rm", "-f", name)
         self.source.podman("rm", "-f", name)
-        self._delete("containerrestores", crst)
-        self._delete("containercheckpoints", ccp)
+        # Its checkpoint and restore are its own: the garbage collector deletes them with it.
+        self._delete("containermigrations", mig)
         return result
 
     def _steps(self, ccp: str, crst: str) -> dict[str, float]:
@@ -210,12 +179,14 @@ class Downtime:
                     )
                 self.rounds += 1
         m = [x["seconds"] for x in runs["m"]]
+        observed = [x["observedSeconds"] for x in runs["m"]]
         f, s = runs["f"], runs["s"]
         size = median([float(x["archiveBytes"]) for x in runs["m"]])
         summary: dict[str, Any] = {
             "sizeMiB": size_mib,
             "link": link,
             "checkpointerSeconds": spread(m) | {"median": median(m)},
+            "observedSeconds": spread(observed) | {"median": median(observed)},
             "scriptSeconds": spread(s) | {"median": median(s)},
             "floorSeconds": spread(f) | {"median": median(f)},
             "m_over_f": spread([a / b for a, b in zip(m, f, strict=False)]) | {"median": median(m) / median(f)},
@@ -228,7 +199,7 @@ class Downtime:
             },
             "timeline": {
                 point: median([x[point] for x in runs["m"]])
-                for point in ("checkpointStart", "checkpointDone", "restoreStart", "restoreDone")
+                for point in ("checkpointStart", "frozen", "checkpointDone", "restoreStart", "running", "restoreDone")
             },
             "sourceRssMiB": max(x["sourceRssMiB"] for x in runs["m"]),
             "targetRssMiB": max(x["targetRssMiB"] for x in runs["m"]),

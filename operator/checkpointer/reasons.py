@@ -82,6 +82,7 @@ class Reason(StrEnum):
     NAME_IN_USE = "NameInUse"
     RESTORE_FAILED = "RestoreFailed"
     RESTORE_INTERRUPTED = "RestoreInterrupted"
+    RESTORE_UNDONE = "RestoreUndone"
     # migration (controller)
     TRANSFERRING = "Transferring"
     # targetNodeName names the source node: the container would go nowhere

@@ -2,10 +2,16 @@
 
 from __future__ import annotations
 
+import hashlib
+from types import SimpleNamespace
 from typing import Any
 
+import pytest
+
+from checkpointer.errors import Failure
+from checkpointer.reasons import Reason
 from checkpointer.services.checkpoint import Stream, streams_parts
-from checkpointer.services.pipeline import StreamView, chosen_stream
+from checkpointer.services.pipeline import Streamed, StreamView, _Flow, chosen_stream, followable
 
 
 def test_a_checkpoint_streams_when_a_migration_owns_it_or_it_asks() -> None:
@@ -55,3 +61,49 @@ def test_the_count_of_parts_is_known_once_the_size_is() -> None:
     assert StreamView.of({"key": "k", "partSize": 8, "parts": ["a", "b"], "size": 16}).count() == 2
     assert StreamView.of({"key": "k", "partSize": 8, "parts": ["a", "b"], "size": 9}).count() == 2
     assert StreamView.of({"key": "k", "partSize": 8, "parts": ["a"], "size": 0}).count() == 1
+
+
+def test_a_restore_streams_a_checkpoint_it_saw_succeed_first_when_every_part_was_published() -> None:
+    whole = StreamView.of({"container": "web", "key": "k/web.tar.zst", "partSize": 8, "parts": ["a"], "size": 5})
+    assert followable(whole, succeeded=False) and followable(whole, succeeded=True)
+    # Running: a first part is enough; Succeeded: an incomplete record is downloaded the usual way.
+    started = StreamView.of({"container": "web", "key": "k/web.tar.zst", "partSize": 8, "parts": ["a"]})
+    assert followable(started, succeeded=False) and not followable(started, succeeded=True)
+    nothing = StreamView.of({"container": "web", "key": "k/web.tar.zst", "partSize": 8, "parts": []})
+    assert not followable(nothing, succeeded=False)
+    assert not followable(StreamView.of({"key": "k/web.manifest", "partSize": 8, "parts": ["a"]}), succeeded=False)
+
+
+class _SucceededWithOnePart:
+    """A followed checkpoint that Succeeded with one part published of an archive whose size it never said."""
+
+    name = "ccp"
+
+    def read(self, fresh_within: float = 0.0) -> dict[str, Any]:
+        part = hashlib.sha256(b"abcd").hexdigest()
+        stream = {"container": "web", "key": "k/web.tar.zst", "partSize": 4, "parts": [part]}
+        return {"status": {"phase": "Succeeded", "streams": [stream]}}
+
+    def phase(self) -> str:
+        return "Succeeded"
+
+
+class _Parts:
+    def read_part(self, key: str, number: int, start: int, length: int) -> bytearray:
+        return bytearray(b"abcd")
+
+    def uri(self, key: str) -> str:
+        return f"s3://bucket/{key}"
+
+
+def test_a_stream_whose_checkpoint_succeeded_without_its_last_parts_fails_instead_of_waiting() -> None:
+    streamed = Streamed.__new__(Streamed)
+    streamed.checkpoint = _SucceededWithOnePart()  # type: ignore[assignment]
+    streamed.store = _Parts()  # type: ignore[assignment]
+    streamed.key, streamed.container, streamed.flow = "k/web.tar.zst", "web", _Flow()
+    streamed.status = SimpleNamespace(progress=lambda *_: None)  # type: ignore[assignment]
+    parts = streamed._parts()
+    assert next(parts) == b"abcd"
+    with pytest.raises(Failure) as failed:
+        next(parts)
+    assert failed.value.reason == Reason.ARCHIVE_NOT_FOUND and "no more to come" in str(failed.value)

@@ -105,6 +105,18 @@ def chosen_stream(body: dict[str, Any], container: str) -> StreamView | None:
     return entries[0] if entries else None
 
 
+def followable(stream: StreamView, succeeded: bool) -> bool:
+    """Whether a restore reads this stream: one of the archives podman imports, with a part published.
+    Also once its checkpoint Succeeded, if it published every part: a small archive can be published
+    and signed between two looks of the restore's agent (or before that agent took the restore up),
+    and its parts, read from the archive's range then, are checked and fed to podman the same way. Pure.
+    """
+    if not stream.parts or not stream.key.endswith((".zst", ".tar", ".age")):
+        return False
+    count = stream.count()
+    return not succeeded or (count is not None and len(stream.parts) >= count)
+
+
 class Follow:
     """The ContainerCheckpoint a restore follows, read through the API server."""
 
@@ -162,16 +174,27 @@ def follow(node: Node, crst: ContainerRestore, status: StatusWriter, folder: Wor
     while True:
         body = checkpoint.read()
         phase = (body.get("status") or {}).get("phase")
+        stream = chosen_stream(body, ref.container or "") if streamable else None
+        if stream is not None and followable(stream, succeeded=phase == Phase.SUCCEEDED):
+            break
         if phase == Phase.SUCCEEDED:
+            why = "it streams no parts" if streamable else "this node's podman cannot import a stream"
+            log.info("restore %s/%s: %s Succeeded; %s: downloading it", namespace, crst.metadata.name, ref.name, why)
             return resolve_restore_archive(node.kube, crst, node.settings.admins)
         if phase not in RUNNING:
             raise Failure(
                 Reason.CHECKPOINT_NOT_READY, f"ContainerCheckpoint {ref.name!r} is {phase}; nothing was restored"
             )
-        stream = chosen_stream(body, ref.container or "") if streamable else None
-        if stream is not None and stream.parts and stream.key.endswith((".zst", ".tar", ".age")):
-            break
         time.sleep(FOLLOW_SECONDS)
+    log.info(
+        "restore %s/%s: streams %s from %s (%s, %d parts published)",
+        namespace,
+        crst.metadata.name,
+        stream.key,
+        ref.name,
+        phase,
+        len(stream.parts),
+    )
     storage = ContainerCheckpoint.model_validate(body).status.storage_ref
     if storage is None:
         raise Failure(Reason.ARCHIVE_NOT_FOUND, f"ContainerCheckpoint {ref.name!r} streams without a storage")
@@ -406,6 +429,15 @@ class Streamed:
                     if not pending:
                         if count is not None and index >= count:
                             break
+                        # Read after the phase, the stream holds every part published before Succeeded:
+                        # none comes after it, and waiting on would be waiting forever.
+                        if self.checkpoint.phase() == Phase.SUCCEEDED and index >= len(self._stream().parts):
+                            raise Failure(
+                                Reason.ARCHIVE_NOT_FOUND,
+                                f"ContainerCheckpoint {self.checkpoint.name!r} Succeeded with {index} "
+                                f"part(s) of {self.store.uri(self.key)} published and no more to come; "
+                                "nothing was restored",
+                            )
                         self.flow.check()
                         time.sleep(FOLLOW_SECONDS)
                         continue
