@@ -224,9 +224,11 @@ def test_a_missing_socket_is_retried(tmp_path: Path) -> None:
     assert str(tmp_path / "absent.sock") in retried.value.message
 
 
-def write_as_containerd(location: str, data: bytes) -> None:
+def write_as_containerd(location: str, data: bytes, opened: threading.Event | None = None) -> None:
     """containerd 2.1's write of its tar: opened read-write (and created), one sequential copy."""
     fd = os.open(location, os.O_RDWR | os.O_CREAT, 0o600)
+    if opened is not None:
+        opened.set()
     try:
         view = memoryview(data)
         while view:
@@ -297,8 +299,11 @@ def test_a_runtime_that_fails_before_it_writes_ends_the_reading(
 def test_what_a_killed_reader_left_is_drained_by_the_next(tmp_path: Path) -> None:
     fifo = tmp_path / "left.fifo"
     os.mkfifo(fifo, 0o600)
-    runtime = threading.Thread(target=write_as_containerd, args=(str(fifo), TAR))
+    opened = threading.Event()
+    runtime = threading.Thread(target=write_as_containerd, args=(str(fifo), TAR, opened))
     runtime.start()
+    # The runtime blocks in its write once the pipe is full, holding the FIFO open.
+    assert opened.wait(10)
     drain(fifo)
     runtime.join(10)
     assert not runtime.is_alive() and not fifo.exists()

@@ -222,21 +222,31 @@ class CriRuntime:
         """
         fifo.unlink(missing_ok=True)
         os.mkfifo(fifo, 0o600)
-        failed: list[Failure | Retry] = []
+        failed: list[Exception] = []
+        opened = threading.Event()  # the reader's open returned (or will never be tried)
 
         def call() -> None:
             try:
                 self.checkpoint(container_id, fifo, timeout_seconds)
-            except (Failure, Retry) as e:
+            except Exception as e:  # raised in the caller's thread once the reading ended
                 failed.append(e)
-            # The runtime may fail before it opens the FIFO: a writer of our own lets our reader see EOF.
-            with contextlib.suppress(OSError):
-                os.close(os.open(fifo, os.O_WRONLY | os.O_NONBLOCK))
+            # The runtime may fail before it opens the FIFO: a writer of our own lets our reader's open
+            # return and see EOF, once the reader is in it.
+            while not opened.is_set():
+                try:
+                    os.close(os.open(fifo, os.O_WRONLY | os.O_NONBLOCK))
+                    break
+                except OSError:
+                    opened.wait(0.01)
 
         runtime = threading.Thread(target=call, name=f"cri-{container_id[:12]}", daemon=True)
         runtime.start()
         try:
-            with fifo.open("rb") as stream:
+            try:
+                stream = fifo.open("rb")
+            finally:
+                opened.set()
+            with stream:
                 # A 1 MiB pipe instead of 64 KiB: the runtime blocks less often and reads are larger.
                 with contextlib.suppress(OSError):
                     fcntl.fcntl(stream.fileno(), fcntl.F_SETPIPE_SZ, PIPE_SIZE)
@@ -292,7 +302,8 @@ def drain(fifo: Path) -> None:
     """Read a FIFO a runtime may still be writing a checkpoint into to its end, and remove it.
 
     For what an agent killed during checkpoint_streamed left: the runtime's write returns and its call
-    ends. A FIFO that no runtime holds any more ends at once."""
+    ends. A FIFO that no runtime holds (any more, or yet) ends at once and goes; a runtime that opens
+    the path only afterwards then writes a plain file there, which the work folder's removal takes."""
     try:
         fd = os.open(fifo, os.O_RDONLY | os.O_NONBLOCK)
     except FileNotFoundError:
