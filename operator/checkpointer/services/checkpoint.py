@@ -80,7 +80,8 @@ def streams_parts(body: dict[str, Any]) -> bool:
 
 @dataclass
 class Stream:
-    """What status.streams says of one archive: its key and the sha256 of each part that landed, in order."""
+    """What status.streams says of one archive: its key and, for each part that landed in order, the
+    sha256 of the archive up to that part's end."""
 
     container: str
     key: str
@@ -499,9 +500,9 @@ class Checkpoint:
     def upload_again(self, target: Target, store: ArchiveStore, key: str, record: SpoolRecord) -> None:
         """Upload a finished spool after a failure or a restart, from what it holds now."""
         try:
-            digest = spooling.digest_file(self.spool_path(target), record.digest.part_size)
+            digest, prefixes = spooling.hashed_file(self.spool_path(target), record.digest.part_size)
         except OSError as e:
-            digest = None
+            digest, prefixes = None, ()
             log.warning("the spool of %s cannot be read: %s", target.name, e)
         if digest != record.digest:
             raise self.give_back(
@@ -522,7 +523,8 @@ class Checkpoint:
         )
         began = time.monotonic()
         try:
-            self.upload(target, store, key, GrowingFile.finished(self.spool_path(target), digest), digest.size)
+            spool = GrowingFile.finished(self.spool_path(target), digest, prefixes)
+            self.upload(target, store, key, spool, digest.size)
         except Exception as e:
             self.upload_failed(target, store, key, e)
         self.confirm(target, store, key, record)

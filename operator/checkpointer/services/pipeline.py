@@ -2,15 +2,15 @@
 the checkpoint ends (docs/architecture.md, "A restore behind its checkpoint").
 
 The agent follows the checkpoint through the API server. A checkpoint that streams (status.streams)
-publishes the sha256 of each part once the part is readable as an object of its own; the agent
-fetches each part, checks it against that sha256, decrypts and decompresses it into the node's
-file, and judges the tar's members as they arrive (archive_policy.UnpackingJudge): podman reads
-from a FIFO only bytes that were checked and judged. Podman starts once config.dump and spec.dump
-passed the restore's policy and the node's checks, and imports while the archive arrives; the end
-of the tar, without which podman restores nothing, is held back until the checkpoint Succeeded, its
-signed manifest lists the archive, and the sha256 of all the bytes is the signed one. A checkpoint
-that fails, or any check that fails, stops podman: nothing is restored, and the container podman
-had created is removed.
+publishes, once a part is readable as an object of its own, the sha256 of the archive up to that
+part's end; the agent fetches each part, checks the archive so far against that sha256, decrypts and
+decompresses it into the node's file, and judges the tar's members as they arrive
+(archive_policy.UnpackingJudge): podman reads from a FIFO only bytes that were checked and judged.
+Podman starts once config.dump and spec.dump passed the restore's policy and the node's checks, and
+imports while the archive arrives; the end of the tar, without which podman restores nothing, is
+held back until the checkpoint Succeeded, its signed manifest lists the archive, and the sha256 of
+all the bytes is the signed one. A checkpoint that fails, or any check that fails, stops podman:
+nothing is restored, and the container podman had created is removed.
 
 A checkpoint that does not stream (or a restore this agent cannot feed podman as it streams: the
 REST runtime, a previous archive) is waited for, and restored the usual way once it Succeeded.
@@ -443,14 +443,16 @@ class Streamed:
                         continue
                     number, expected, future = pending.popleft()
                     data = future.result()
-                    got = hashlib.sha256(data).hexdigest()
+                    # One sha256 over the bytes: the whole's, taken anyway; at each part's end its copy is the
+                    # sha256 of the archive so far, which the checkpoint's agent published for that part.
+                    digest.update(data)
+                    got = digest.copy().hexdigest()
                     if got != expected:
                         raise Failure(
                             Reason.ARCHIVE_CORRUPT,
-                            f"part {number} of {self.store.uri(self.key)} has sha256 {got}, its checkpoint's agent "
-                            f"published {expected}; nothing was restored",
+                            f"the archive {self.store.uri(self.key)} up to the end of part {number} has sha256 {got}, "
+                            f"its checkpoint's agent published {expected}; nothing was restored",
                         )
-                    digest.update(data)
                     size += len(data)
                     self.status.progress(size, self._stream().size)
                     yield data
