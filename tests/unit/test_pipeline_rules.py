@@ -8,7 +8,10 @@ from typing import Any
 
 import pytest
 
+from checkpointer.archive import spool as spooling
+from checkpointer.archive.spool import GrowingFile
 from checkpointer.errors import Failure
+from checkpointer.models import Compression
 from checkpointer.reasons import Reason
 from checkpointer.services.checkpoint import Stream, streams_parts
 from checkpointer.services.pipeline import Streamed, StreamView, _Flow, chosen_stream, followable
@@ -107,3 +110,59 @@ def test_a_stream_whose_checkpoint_succeeded_without_its_last_parts_fails_instea
     with pytest.raises(Failure) as failed:
         next(parts)
     assert failed.value.reason == Reason.ARCHIVE_NOT_FOUND and "no more to come" in str(failed.value)
+
+
+class _Archive:
+    """A followed checkpoint streaming `data` in parts of 4 bytes, with what its spool published for them."""
+
+    name = "ccp"
+
+    def __init__(self, tmp: Any, data: bytes) -> None:
+        spool = GrowingFile(tmp / "spool", 4)
+        spooling.write([data], spool, Compression.NONE, 0)
+        count = -(-len(data) // 4)
+        self.prefixes = [spool.prefix_sha256(i) for i in range(count)]
+        self.stored = bytearray(data)
+
+    def read(self, fresh_within: float = 0.0) -> dict[str, Any]:
+        size = len(self.stored)
+        stream = {"container": "web", "key": "k/web.tar", "partSize": 4, "parts": self.prefixes, "size": size}
+        return {"status": {"phase": "Running", "streams": [stream]}}
+
+    def phase(self) -> str:
+        return "Running"
+
+    def read_part(self, key: str, number: int, start: int, length: int) -> bytearray:
+        return self.stored[start : start + length]
+
+    def uri(self, key: str) -> str:
+        return f"s3://bucket/{key}"
+
+
+def _streamed(archive: _Archive) -> Streamed:
+    streamed = Streamed.__new__(Streamed)
+    streamed.checkpoint = archive  # type: ignore[assignment]
+    streamed.store = archive  # type: ignore[assignment]
+    streamed.key, streamed.container, streamed.flow = "k/web.tar", "web", _Flow()
+    streamed.status = SimpleNamespace(progress=lambda *_: None)  # type: ignore[assignment]
+    return streamed
+
+
+def test_each_part_is_checked_with_the_archives_sha256_up_to_its_end(tmp_path: Any) -> None:
+    data = b"abcdefghij"
+    archive = _Archive(tmp_path, data)
+    # What the spool publishes per part is the sha256 of the archive so far; the last is the whole's.
+    assert archive.prefixes == [hashlib.sha256(data[:end]).hexdigest() for end in (4, 8, 10)]
+    streamed = _streamed(archive)
+    assert b"".join(streamed._parts()) == data
+    assert streamed.flow.digest == hashlib.sha256(data).hexdigest() and streamed.flow.size == len(data)
+
+
+def test_a_part_changed_in_the_bucket_stops_the_stream_before_its_bytes_go_on(tmp_path: Any) -> None:
+    archive = _Archive(tmp_path, b"abcdefghij")
+    archive.stored[5:6] = b"X"
+    parts = _streamed(archive)._parts()
+    assert next(parts) == b"abcd"
+    with pytest.raises(Failure) as failed:
+        next(parts)
+    assert failed.value.reason == Reason.ARCHIVE_CORRUPT and "part 2" in str(failed.value)
