@@ -18,6 +18,11 @@ the time goes inside (m) comes from the agents' own timestamps: status startTime
 of the checkpoint and restore the migration made, and their step lines (checkpoint, upload,
 first-part, restore).
 
+With --cpu, each move of (m) also reports the CPU seconds each process took from creating the
+migration to seeing it Succeeded: each agent's own threads, the podman and CRIU it ran, the S3
+server, kube-apiserver, etcd, the controller and the benchmark (stats.tree_cpu_seconds). On two
+cores a move is bound by CPU, and CPU seconds move far less than wall time with what else runs.
+
 Both agents run the CLI runtime (podman compresses the export, and a FIFO feeds the import).
 """
 
@@ -45,7 +50,7 @@ from localenv.procs import REPO_ROOT
 
 SOURCE, TARGET = "node-a", "node-b"
 # The processes whose CPU a move takes (--cpu), by the supervisor's names; "bench" is this process
-# (its polling of the migration).
+# (its watch of the migration).
 CPU_ROLES = {
     "sourceAgent": f"agent-{SOURCE}",
     "targetAgent": f"agent-{TARGET}",
