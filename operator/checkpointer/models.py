@@ -136,7 +136,7 @@ class ArchiveStream(Model):
     key: str = ""
     part_size: int = 0
     # For each part that landed, in order: the sha256 of the archive up to that part's end.
-    parts: list[str] = Field(default_factory=list)
+    digests: list[str] = Field(default_factory=list)
     # Known once the last part landed.
     size: int | None = None
 

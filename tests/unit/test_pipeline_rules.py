@@ -32,14 +32,14 @@ def test_a_checkpoint_streams_when_a_migration_owns_it_or_it_asks() -> None:
 def test_only_the_parts_that_landed_in_order_are_published() -> None:
     stream = Stream("web", "default/m-1/web.tar.zst", 8)
     stream.landed |= {0: "a", 2: "c"}
-    assert stream.entry()["parts"] == ["a"], "part 2 waits for part 1"
+    assert stream.entry()["digests"] == ["a"], "part 2 waits for part 1"
     stream.landed[1] = "b"
     stream.size = 20
     assert stream.entry() == {
         "container": "web",
         "key": "default/m-1/web.tar.zst",
         "partSize": 8,
-        "parts": ["a", "b", "c"],
+        "digests": ["a", "b", "c"],
         "size": 20,
     }
 
@@ -49,8 +49,8 @@ def _body(streams: list[dict[str, Any]], **spec: Any) -> dict[str, Any]:
 
 
 def test_the_restore_reads_the_stream_of_its_container() -> None:
-    web = {"container": "web", "key": "k/web.tar", "partSize": 8, "parts": ["a"]}
-    db = {"container": "db", "key": "k/db.tar", "partSize": 8, "parts": []}
+    web = {"container": "web", "key": "k/web.tar", "partSize": 8, "digests": ["a"]}
+    db = {"container": "db", "key": "k/db.tar", "partSize": 8, "digests": []}
     assert chosen_stream(_body([web, db], containers=["web", "db"]), "db") == StreamView.of(db)
     # Two containers and none named: which is the restore's is said once the checkpoint Succeeded.
     assert chosen_stream(_body([web, db], containers=["web", "db"]), "") is None
@@ -59,22 +59,22 @@ def test_the_restore_reads_the_stream_of_its_container() -> None:
 
 
 def test_the_count_of_parts_is_known_once_the_size_is() -> None:
-    view = StreamView.of({"container": "web", "key": "k", "partSize": 8, "parts": ["a", "b"]})
+    view = StreamView.of({"container": "web", "key": "k", "partSize": 8, "digests": ["a", "b"]})
     assert view.count() is None
-    assert StreamView.of({"key": "k", "partSize": 8, "parts": ["a", "b"], "size": 16}).count() == 2
-    assert StreamView.of({"key": "k", "partSize": 8, "parts": ["a", "b"], "size": 9}).count() == 2
-    assert StreamView.of({"key": "k", "partSize": 8, "parts": ["a"], "size": 0}).count() == 1
+    assert StreamView.of({"key": "k", "partSize": 8, "digests": ["a", "b"], "size": 16}).count() == 2
+    assert StreamView.of({"key": "k", "partSize": 8, "digests": ["a", "b"], "size": 9}).count() == 2
+    assert StreamView.of({"key": "k", "partSize": 8, "digests": ["a"], "size": 0}).count() == 1
 
 
 def test_a_restore_streams_a_checkpoint_it_saw_succeed_first_when_every_part_was_published() -> None:
-    whole = StreamView.of({"container": "web", "key": "k/web.tar.zst", "partSize": 8, "parts": ["a"], "size": 5})
+    whole = StreamView.of({"container": "web", "key": "k/web.tar.zst", "partSize": 8, "digests": ["a"], "size": 5})
     assert followable(whole, succeeded=False) and followable(whole, succeeded=True)
     # Running: a first part is enough; Succeeded: an incomplete record is downloaded the usual way.
-    started = StreamView.of({"container": "web", "key": "k/web.tar.zst", "partSize": 8, "parts": ["a"]})
+    started = StreamView.of({"container": "web", "key": "k/web.tar.zst", "partSize": 8, "digests": ["a"]})
     assert followable(started, succeeded=False) and not followable(started, succeeded=True)
-    nothing = StreamView.of({"container": "web", "key": "k/web.tar.zst", "partSize": 8, "parts": []})
+    nothing = StreamView.of({"container": "web", "key": "k/web.tar.zst", "partSize": 8, "digests": []})
     assert not followable(nothing, succeeded=False)
-    assert not followable(StreamView.of({"key": "k/web.manifest", "partSize": 8, "parts": ["a"]}), succeeded=False)
+    assert not followable(StreamView.of({"key": "k/web.manifest", "partSize": 8, "digests": ["a"]}), succeeded=False)
 
 
 class _SucceededWithOnePart:
@@ -84,7 +84,7 @@ class _SucceededWithOnePart:
 
     def read(self, fresh_within: float = 0.0) -> dict[str, Any]:
         part = hashlib.sha256(b"abcd").hexdigest()
-        stream = {"container": "web", "key": "k/web.tar.zst", "partSize": 4, "parts": [part]}
+        stream = {"container": "web", "key": "k/web.tar.zst", "partSize": 4, "digests": [part]}
         return {"status": {"phase": "Succeeded", "streams": [stream]}}
 
     def phase(self) -> str:
@@ -126,7 +126,7 @@ class _Archive:
 
     def read(self, fresh_within: float = 0.0) -> dict[str, Any]:
         size = len(self.stored)
-        stream = {"container": "web", "key": "k/web.tar", "partSize": 4, "parts": self.prefixes, "size": size}
+        stream = {"container": "web", "key": "k/web.tar", "partSize": 4, "digests": self.prefixes, "size": size}
         return {"status": {"phase": "Running", "streams": [stream]}}
 
     def phase(self) -> str:

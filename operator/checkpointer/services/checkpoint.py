@@ -94,7 +94,7 @@ class Stream:
         while len(parts) in self.landed:
             parts.append(self.landed[len(parts)])
         entry: dict[str, Any] = {"container": self.container, "key": self.key, "partSize": self.part_size}
-        entry["parts"] = parts
+        entry["digests"] = parts
         if self.size is not None:
             entry["size"] = self.size
         return entry

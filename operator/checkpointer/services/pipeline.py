@@ -72,7 +72,7 @@ class StreamView:
     container: str
     key: str
     part_size: int
-    parts: tuple[str, ...]
+    digests: tuple[str, ...]
     size: int | None
 
     @classmethod
@@ -82,7 +82,7 @@ class StreamView:
             container=str(entry.get("container") or ""),
             key=str(entry.get("key") or ""),
             part_size=int(entry.get("partSize") or 0),
-            parts=tuple(str(p) for p in entry.get("parts") or []),
+            digests=tuple(str(p) for p in entry.get("digests") or []),
             size=int(size) if size is not None else None,
         )
 
@@ -111,10 +111,10 @@ def followable(stream: StreamView, succeeded: bool) -> bool:
     and signed between two looks of the restore's agent (or before that agent took the restore up),
     and its parts, read from the archive's range then, are checked and fed to podman the same way. Pure.
     """
-    if not stream.parts or not stream.key.endswith((".zst", ".tar", ".age")):
+    if not stream.digests or not stream.key.endswith((".zst", ".tar", ".age")):
         return False
     count = stream.count()
-    return not succeeded or (count is not None and len(stream.parts) >= count)
+    return not succeeded or (count is not None and len(stream.digests) >= count)
 
 
 class Follow:
@@ -193,7 +193,7 @@ def follow(node: Node, crst: ContainerRestore, status: StatusWriter, folder: Wor
         stream.key,
         ref.name,
         phase,
-        len(stream.parts),
+        len(stream.digests),
     )
     storage = ContainerCheckpoint.model_validate(body).status.storage_ref
     if storage is None:
@@ -417,21 +417,21 @@ class Streamed:
                 while True:
                     stream = self._stream()
                     count = stream.count()
-                    while len(pending) < FETCH_AHEAD and index < len(stream.parts):
+                    while len(pending) < FETCH_AHEAD and index < len(stream.digests):
                         start = index * stream.part_size
                         length = stream.part_size
                         if count is not None and index == count - 1 and stream.size is not None:
                             length = stream.size - start
                         number = index + 1
                         future = pool.submit(self._read_part, number, start, length)
-                        pending.append((number, stream.parts[index], future))
+                        pending.append((number, stream.digests[index], future))
                         index += 1
                     if not pending:
                         if count is not None and index >= count:
                             break
                         # Read after the phase, the stream holds every part published before Succeeded:
                         # none comes after it, and waiting on would be waiting forever.
-                        if self.checkpoint.phase() == Phase.SUCCEEDED and index >= len(self._stream().parts):
+                        if self.checkpoint.phase() == Phase.SUCCEEDED and index >= len(self._stream().digests):
                             raise Failure(
                                 Reason.ARCHIVE_NOT_FOUND,
                                 f"ContainerCheckpoint {self.checkpoint.name!r} Succeeded with {index} "
