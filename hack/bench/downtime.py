@@ -18,6 +18,11 @@ the time goes inside (m) comes from the agents' own timestamps: status startTime
 of the checkpoint and restore the migration made, and their step lines (checkpoint, upload,
 first-part, restore).
 
+With --cpu, each move of (m) also reports the CPU seconds each process took from creating the
+migration to seeing it Succeeded: each agent's own threads, the podman and CRIU it ran, the S3
+server, kube-apiserver, etcd, the controller and the benchmark (stats.tree_cpu_seconds). On two
+cores a move is bound by CPU, and CPU seconds move far less than wall time with what else runs.
+
 Both agents run the CLI runtime (podman compresses the export, and a FIFO feeds the import).
 """
 
@@ -26,6 +31,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
+import os
 import re
 import signal
 import sys
@@ -35,12 +41,24 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
 
+import kubernetes
+
 from bench.datapath import GROUP, LOOPBACK, VERSION, TwoNodes, reflink_filesystem, shaped_link
-from bench.stats import median, memory_kib, reset_peak, settle, spread, timer
+from bench.stats import cpu_used, median, memory_kib, reset_peak, settle, spread, timer, tree_cpu_seconds
 from localenv.env import LocalEnv
 from localenv.procs import REPO_ROOT
 
 SOURCE, TARGET = "node-a", "node-b"
+# The processes whose CPU a move takes (--cpu), by the supervisor's names; "bench" is this process
+# (its watch of the migration).
+CPU_ROLES = {
+    "sourceAgent": f"agent-{SOURCE}",
+    "targetAgent": f"agent-{TARGET}",
+    "s3": "s3",
+    "apiserver": "kube-apiserver",
+    "etcd": "etcd",
+    "controller": "controller",
+}
 
 
 def _time(value: str | None) -> float:
@@ -56,12 +74,59 @@ class Downtime(TwoNodes):
             env.supervisor.stop(f"agent-{name}")
             env.start_agent(name, {"CHECKPOINTER_PODMAN_MODE": "cli"})
         self.rounds = 0
+        self.cpu = False
 
     def _agent_pid(self, node: str) -> int:
         return next(p for p in self.env.supervisor.processes if p.name == f"agent-{node}").popen.pid
 
+    def _cpu_roots(self) -> dict[str, int]:
+        alive = {p.name: p.popen.pid for p in self.env.supervisor.processes if p.alive()}
+        roots = {role: alive[name] for role, name in CPU_ROLES.items() if name in alive}
+        return roots | {"bench": os.getpid()}
+
+    def _cpu_table(self, used: dict[str, float]) -> dict[str, float]:
+        """CPU seconds per role of one move: each agent's own threads apart from its podman and CRIU
+        (the processes it started)."""
+        table = {
+            "sourcePodmanCriu": used.get("sourceAgent+children", 0.0),
+            "sourceAgent": used.get("sourceAgent", 0.0),
+            "s3": used.get("s3", 0.0) + used.get("s3+children", 0.0),
+            "targetAgent": used.get("targetAgent", 0.0),
+            "targetPodmanCriu": used.get("targetAgent+children", 0.0),
+            "apiserver": used.get("apiserver", 0.0),
+            "etcd": used.get("etcd", 0.0),
+            "controller": used.get("controller", 0.0) + used.get("controller+children", 0.0),
+            "bench": used.get("bench", 0.0),
+        }
+        table["total"] = round(sum(table.values()), 2)
+        return {k: round(v, 2) for k, v in table.items()}
+
     def _get(self, plural: str, name: str) -> dict[str, Any]:
         return self.custom.get_namespaced_custom_object(GROUP, VERSION, "default", plural, name)  # type: ignore[return-value]
+
+    def _watch(self, plural: str, name: str, timeout: float) -> dict[str, Any]:
+        """The object once Succeeded, seen through a watch; RuntimeError once Failed. Not polled: on two
+        cores, a GET every few milliseconds takes from the move the CPU of the API server and of this
+        process that the move itself needs."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            # Without a resourceVersion the watch starts with the object as it is: nothing is missed.
+            for event in kubernetes.watch.Watch().stream(  # type: ignore[no-untyped-call]
+                self.custom.list_namespaced_custom_object,
+                GROUP,
+                VERSION,
+                "default",
+                plural,
+                field_selector=f"metadata.name={name}",
+                timeout_seconds=max(1, int(deadline - time.monotonic())),
+            ):
+                obj: dict[str, Any] = event["object"]
+                phase = (obj.get("status") or {}).get("phase")
+                if phase == "Failed":
+                    raise RuntimeError(f"{plural}/{name} failed: {json.dumps(obj['status'])[:2000]}")
+                if phase == "Succeeded":
+                    return obj
+        raise TimeoutError(f"{plural}/{name} did not finish in {timeout}s")
 
     def _delete(self, plural: str, name: str) -> None:
         self.custom.delete_namespaced_custom_object(GROUP, VERSION, "default", plural, name)
@@ -73,12 +138,15 @@ class Downtime(TwoNodes):
         for pid in pids.values():
             reset_peak(pid)
         settle()
+        roots = self._cpu_roots() if self.cpu else {}
+        cpu_before = tree_cpu_seconds(roots)
         since = time.time()
         with timer() as took:
             spec = {"source": {"nodeName": SOURCE, "container": name}, "targetNodeName": TARGET, "compress": "zstd"}
             self._create("containermigrations", "ContainerMigration", mig, spec)
-            moved = self._wait("containermigrations", mig, timeout=1800, poll=0.02)
+            moved = self._watch("containermigrations", mig, timeout=1800)
         observed = took()
+        cpu = self._cpu_table(cpu_used(cpu_before, tree_cpu_seconds(roots))) if self.cpu else None
         ms = moved["status"]
         ccp, crst = ms["checkpointRef"]["name"], ms["restoreRef"]["name"]
         cs = self._get("containercheckpoints", ccp)["status"]
@@ -99,6 +167,9 @@ class Downtime(TwoNodes):
             "restoreDone": _time(rs.get("completionTime")) - since,
             "steps": self._steps(ccp, crst),
         }
+        if cpu is not None:
+            # From creating the migration to seeing it Succeeded, CPU seconds per role.
+            result["cpuSeconds"] = cpu
         self.target.podman("rm", "-f", name)
         self.source.podman("rm", "-f", name)
         # Its checkpoint and restore are its own: the garbage collector deletes them with it.
@@ -174,7 +245,12 @@ class Downtime(TwoNodes):
                         runs[key].append(value)
                     print(
                         f"{size_mib} MiB {link} round {r}{' (warm-up)' if r < warmup else ''} {key}: "
-                        f"{value['seconds'] if isinstance(value, dict) else value:.2f}s",
+                        f"{value['seconds'] if isinstance(value, dict) else value:.2f}s"
+                        + (
+                            f" cpu {json.dumps(value['cpuSeconds'])}"
+                            if isinstance(value, dict) and "cpuSeconds" in value
+                            else ""
+                        ),
                         flush=True,
                     )
                 self.rounds += 1
@@ -202,6 +278,15 @@ class Downtime(TwoNodes):
                 for point in ("checkpointStart", "frozen", "checkpointDone", "restoreStart", "running", "restoreDone")
             },
             "sourceRssMiB": max(x["sourceRssMiB"] for x in runs["m"]),
+            **(
+                {
+                    "cpuSeconds": {
+                        role: median([x["cpuSeconds"][role] for x in runs["m"]]) for role in runs["m"][0]["cpuSeconds"]
+                    }
+                }
+                if runs["m"] and "cpuSeconds" in runs["m"][0]
+                else {}
+            ),
             "targetRssMiB": max(x["targetRssMiB"] for x in runs["m"]),
             "runs": runs,
         }
@@ -226,6 +311,11 @@ def main() -> int:
     parser.add_argument("--links", nargs="+", default=[LOOPBACK, "1gbit"])
     parser.add_argument("--repeats", type=int, default=2, help="counted rounds per row (4 GiB rounds are slow)")
     parser.add_argument("--warmup", type=int, default=1, help="discarded rounds before the first row")
+    parser.add_argument(
+        "--cpu",
+        action="store_true",
+        help="also the CPU seconds each process of (m) takes (agents, their podman and CRIU, S3, API server)",
+    )
     parser.add_argument("--out", type=Path, default=REPO_ROOT / "_output" / "bench")
     parser.add_argument("--workdir", type=Path, default=Path("/tmp/checkpointer-downtime"))
     args = parser.parse_args()
@@ -237,6 +327,7 @@ def main() -> int:
         env = LocalEnv.up(args.workdir / "data", [SOURCE, TARGET])
         try:
             bench = Downtime(env)
+            bench.cpu = args.cpu
             for i, size in enumerate(args.sizes):
                 for j, link in enumerate(args.links):
                     warm = args.warmup if (i, j) == (0, 0) else 0

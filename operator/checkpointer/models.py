@@ -156,8 +156,8 @@ class ArchiveStream(Model):
     container: str = ""
     key: str = ""
     part_size: int = 0
-    # The sha256 of each part that landed, in order.
-    parts: list[str] = Field(default_factory=list)
+    # For each part that landed, in order: the sha256 of the archive up to that part's end.
+    digests: list[str] = Field(default_factory=list)
     # Known once the last part landed.
     size: int | None = None
 

@@ -53,7 +53,7 @@ def downloading(obj: dict[str, Any], at_least: int) -> bool:
 def published(obj: dict[str, Any]) -> int:
     """How many parts the checkpoint's first archive published in status.streams."""
     streams = (obj.get("status") or {}).get("streams") or [{}]
-    return len(streams[0].get("parts") or [])
+    return len(streams[0].get("digests") or [])
 
 
 def children(env: LocalEnv, name: str) -> tuple[str, str]:

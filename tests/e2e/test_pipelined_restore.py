@@ -153,7 +153,7 @@ def test_a_tampered_part_is_refused_before_podman_sees_it(local_env: LocalEnv) -
             f"checkpoint {checkpoint} to publish its first part",
             lambda: (
                 (obj := get(env, "ccp", checkpoint)) is not None
-                and ((obj.get("status") or {}).get("streams") or [{}])[0].get("parts")
+                and ((obj.get("status") or {}).get("streams") or [{}])[0].get("digests")
                 and obj["status"]["streams"][0]
             ),
             120,

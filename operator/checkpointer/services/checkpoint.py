@@ -82,7 +82,8 @@ def streams_parts(body: dict[str, Any]) -> bool:
 
 @dataclass
 class Stream:
-    """What status.streams says of one archive: its key and the sha256 of each part that landed, in order."""
+    """What status.streams says of one archive: its key and, for each part that landed in order, the
+    sha256 of the archive up to that part's end."""
 
     container: str
     key: str
@@ -95,7 +96,7 @@ class Stream:
         while len(parts) in self.landed:
             parts.append(self.landed[len(parts)])
         entry: dict[str, Any] = {"container": self.container, "key": self.key, "partSize": self.part_size}
-        entry["parts"] = parts
+        entry["digests"] = parts
         if self.size is not None:
             entry["size"] = self.size
         return entry
@@ -530,9 +531,9 @@ class Checkpoint:
     def upload_again(self, target: Target, store: ArchiveStore, key: str, record: SpoolRecord) -> None:
         """Upload a finished spool after a failure or a restart, from what it holds now."""
         try:
-            digest = spooling.digest_file(self.spool_path(target), record.digest.part_size)
+            digest, prefixes = spooling.hashed_file(self.spool_path(target), record.digest.part_size)
         except OSError as e:
-            digest = None
+            digest, prefixes = None, ()
             log.warning("the spool of %s cannot be read: %s", target.name, e)
         if digest != record.digest:
             raise self.give_back(
@@ -553,7 +554,8 @@ class Checkpoint:
         )
         began = time.monotonic()
         try:
-            self.upload(target, store, key, GrowingFile.finished(self.spool_path(target), digest), digest.size)
+            spool = GrowingFile.finished(self.spool_path(target), digest, prefixes)
+            self.upload(target, store, key, spool, digest.size)
         except Exception as e:
             self.upload_failed(target, store, key, e)
         self.confirm(target, store, key, record)
