@@ -35,6 +35,7 @@ import os
 import re
 import signal
 import sys
+import tempfile
 import time
 import uuid
 from pathlib import Path
@@ -317,14 +318,17 @@ def main() -> int:
         help="also the CPU seconds each process of (m) takes (agents, their podman and CRIU, S3, API server)",
     )
     parser.add_argument("--out", type=Path, default=REPO_ROOT / "_output" / "bench")
-    parser.add_argument("--workdir", type=Path, default=Path("/tmp/checkpointer-downtime"))
+    parser.add_argument("--workdir", type=Path, default=Path("/tmp"), help="where its run's own folder is made")
     args = parser.parse_args()
     # Stopped, it still tears its environment down (the finally below).
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     args.out.mkdir(parents=True, exist_ok=True)
     rows = []
-    with reflink_filesystem(args.workdir / "data" / "s3", 8 + 2 * max(args.sizes) // 256):
-        env = LocalEnv.up(args.workdir / "data", [SOURCE, TARGET])
+    # A folder of its own each run: a control plane left by an earlier run holds objects of an older chart.
+    args.workdir.mkdir(parents=True, exist_ok=True)
+    data = Path(tempfile.mkdtemp(prefix="checkpointer-downtime-", dir=args.workdir))
+    with reflink_filesystem(data / "s3", 8 + 2 * max(args.sizes) // 256):
+        env = LocalEnv.up(data, [SOURCE, TARGET])
         try:
             bench = Downtime(env)
             bench.cpu = args.cpu

@@ -25,6 +25,7 @@ import json
 import signal
 import ssl
 import sys
+import tempfile
 import time
 import urllib.parse
 import uuid
@@ -266,15 +267,18 @@ def main() -> int:
     parser.add_argument("--warmup", type=int, default=1, help="discarded rounds before each size's")
     parser.add_argument("--script-only", action="store_true", help="(s) alone: no operator installed")
     parser.add_argument("--out", type=Path, default=REPO_ROOT / "_output" / "bench")
-    parser.add_argument("--workdir", type=Path, default=Path("/tmp/checkpointer-pods"))
+    parser.add_argument("--workdir", type=Path, default=Path("/tmp"), help="where its run's own folder is made")
     args = parser.parse_args()
     # Stopped, it still tears its environment down (the finally below).
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     args.out.mkdir(parents=True, exist_ok=True)
     rows = []
     started = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
-    with reflink_filesystem(args.workdir / "s3", 8 + 2 * max(args.sizes) // 256):
-        env = KubeletCluster.up(args.workdir)
+    # A folder of its own each run: a control plane left by an earlier run holds objects of an older chart.
+    args.workdir.mkdir(parents=True, exist_ok=True)
+    data = Path(tempfile.mkdtemp(prefix="checkpointer-pods-", dir=args.workdir))
+    with reflink_filesystem(data / "s3", 8 + 2 * max(args.sizes) // 256):
+        env = KubeletCluster.up(data)
         try:
             bench = PodCheckpoints(env, with_checkpointer=not args.script_only)
             if not args.script_only:
