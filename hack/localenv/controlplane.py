@@ -25,6 +25,7 @@ from typing import Any
 
 import yaml
 
+from localenv.api import Api
 from localenv.pki import CertificateAuthority, CertKey, create_service_account_keys
 from localenv.procs import BIN, REPO_ROOT, LocalEnvError, Process, Supervisor, free_port, run
 
@@ -178,6 +179,7 @@ class ControlPlane:
         # Each component's command line, so that one can be stopped and started again as it was.
         self._argv: dict[str, list[str | os.PathLike[str]]] = {}
         self._ssl: ssl.SSLContext | None = None
+        self._api: Api | None = None
         self.kubelet_nodes = False
 
     @classmethod
@@ -418,6 +420,20 @@ class ControlPlane:
             timeout,
         )
 
+    @property
+    def api(self) -> Api:
+        """The API server as admin, in process (localenv/api.py): for the tests' many reads and waits."""
+        if self._api is None:
+            if self._ssl is None or not self.server:
+                raise LocalEnvError("the control plane is not started")
+            self._api = Api(self.server, self._ssl)
+        return self._api
+
+    def close_api(self) -> None:
+        """Close the in-process client's connections (it opens new ones if asked again)."""
+        if self._api is not None:
+            self._api.close()
+
     def _http(self, url: str) -> tuple[int, bytes]:
         context = self._ssl if url.startswith("https:") else None
         try:
@@ -432,6 +448,7 @@ class ControlPlane:
 
     def stop(self) -> None:
         """End the processes, newest first. Idempotent; the files stay for the caller to remove."""
+        self.close_api()
         for proc in reversed(self._processes):
             proc.stop()
             if proc in self.supervisor.processes:

@@ -8,7 +8,6 @@ from __future__ import annotations
 import datetime
 import hashlib
 import io
-import json
 import tarfile
 import time
 import uuid
@@ -23,7 +22,7 @@ from localenv.cluster import Cluster
 from localenv.controlplane import ControlPlane, missing_binaries
 from localenv.env import STORAGE, LocalEnv
 from localenv.images import COUNTER, MEMORY, owned_by, read_count, wait_for_log
-from localenv.procs import Supervisor, require
+from localenv.procs import LocalEnvError, Supervisor, require
 
 MiB = 1024 * 1024
 
@@ -163,8 +162,11 @@ def assert_stored_as_reported(env: Cluster, archive: dict[str, Any]) -> None:
 
 
 def get(env: LocalEnv, kind: str, name: str) -> dict[str, Any] | None:
-    out = env.kubectl("get", kind, name, "-n", "default", "-o", "json", check=False)
-    return json.loads(out.stdout) if out.returncode == 0 else None
+    """The object in namespace default; None when there is none, or when the API server does not answer."""
+    try:
+        return env.read(kind, name)
+    except (LocalEnvError, OSError):
+        return None
 
 
 def condition(obj: dict[str, Any], kind: str) -> dict[str, Any]:
@@ -188,15 +190,13 @@ def reason_and_message(obj: dict[str, Any]) -> tuple[str, str]:
 
 
 def wait_for(env: LocalEnv, kind: str, name: str, what: str, test: Any, timeout: float = 120) -> dict[str, Any]:
-    """The object once `test(obj)` holds; fails naming `what` after `timeout` seconds."""
-    found: dict[str, Any] = until(
-        f"{kind} {name}: {what}",
-        lambda: (obj := get(env, kind, name)) is not None and test(obj) and obj,
-        timeout,
-        last=lambda: (get(env, kind, name) or {}).get("status"),
-        interval=0.2,
+    """The object once `test(obj)` holds, watched: `test` is asked on each change of the object, and of
+    nothing else; fails naming `what` after `timeout` seconds."""
+    reached, obj = env.wait(kind, name, lambda o: o is not None and test(o), timeout)
+    assert reached and obj is not None, (
+        f"{kind} {name}: {what} did not happen in {timeout:.0f}s; last: {(obj or {}).get('status')}"
     )
-    return found
+    return obj
 
 
 def finished(obj: dict[str, Any]) -> bool:
@@ -242,7 +242,8 @@ def restores_of(env: Cluster, node: str, container: str) -> int:
 
 def delete(env: LocalEnv, kind: str, name: str, timeout: float = 120) -> None:
     env.kubectl("delete", kind, name, "-n", "default", "--wait=false", check=False)
-    until(f"the deletion of {kind} {name}", lambda: get(env, kind, name) is None, timeout, interval=0.3)
+    gone, obj = env.wait(kind, name, lambda o: o is None, timeout)
+    assert gone, f"the deletion of {kind} {name} did not happen in {timeout:.0f}s; last: {(obj or {}).get('status')}"
 
 
 def events(env: LocalEnv, name: str, reason: str, kind: str | None = None) -> list[str]:
@@ -250,8 +251,7 @@ def events(env: LocalEnv, name: str, reason: str, kind: str | None = None) -> li
     selector = f"involvedObject.name={name},reason={reason}"
     if kind:
         selector = f"involvedObject.kind={kind},{selector}"
-    out = env.kubectl("get", "events", "-n", "default", "--field-selector", selector, "-o", "json")
-    return [str(e.get("message")) for e in json.loads(out.stdout)["items"]]
+    return [str(e.get("message")) for e in env.list_objects("events", "default", selector)]
 
 
 def until(
@@ -287,12 +287,8 @@ def members(archive: bytes) -> dict[str, bytes]:
 
 def wait_storage(env: LocalEnv, name: str, phase: str = "Available") -> None:
     """Returns once the CheckpointStorage's status says `phase`."""
-    until(
-        f"CheckpointStorage {name} {phase}",
-        lambda: env.kubectl("get", "cks", name, "-o", "jsonpath={.status.phase}").stdout == phase,
-        timeout=60,
-        interval=0.5,
-    )
+    reached, obj = env.wait("cks", name, lambda o: ((o or {}).get("status") or {}).get("phase") == phase, 60)
+    assert reached, f"CheckpointStorage {name} {phase} did not happen in 60s; last: {(obj or {}).get('status')}"
 
 
 @contextmanager
@@ -302,7 +298,7 @@ def extra_storage(env: LocalEnv, **spec: Any) -> Iterator[str]:
     Storages are cluster-wide: the environment keeps exactly one default, which every other test uses.
     """
     name = unique("storage")
-    local = json.loads(env.kubectl("get", "cks", STORAGE, "-o", "json").stdout)["spec"]
+    local = (env.read("cks", STORAGE) or {})["spec"]
     env.apply(
         {
             "apiVersion": "checkpointer.dev/v1alpha1",
@@ -316,9 +312,7 @@ def extra_storage(env: LocalEnv, **spec: Any) -> Iterator[str]:
         yield name
     finally:
         env.kubectl("delete", "cks", name, "--wait=true")
-        defaults = [
-            s for s in json.loads(env.kubectl("get", "cks", "-o", "json").stdout)["items"] if s["spec"].get("default")
-        ]
+        defaults = [s for s in env.list_objects("cks") if s["spec"].get("default")]
         assert [s["metadata"]["name"] for s in defaults] == [STORAGE]
 
 
