@@ -14,6 +14,7 @@ import hashlib
 import os
 import re
 import signal
+import socket
 import ssl
 import subprocess
 import time
@@ -388,17 +389,35 @@ class ControlPlane:
         return next((p for p in self._processes if p.name == name), None)
 
     def stop_apiserver(self, kill: bool = False) -> None:
-        """Stop kube-apiserver alone; etcd and the controller manager keep running."""
+        """Stop kube-apiserver alone; etcd and the controller manager keep running.
+
+        Returns once it takes no connection. Stopped gracefully, it may go on ending the requests it
+        has for a while (10 s and more with watches open): start_apiserver waits for what is left of
+        that grace, then kills it.
+        """
         proc = self._component(self.APISERVER)
         if proc is None:
             return
         if kill and proc.alive():
             os.killpg(proc.popen.pid, signal.SIGKILL)
+            proc.stop()
+            return
+        proc.terminate()
+        port = int(self.server.rsplit(":", 1)[1])
+        deadline = time.monotonic() + 10
+        while proc.alive() and time.monotonic() < deadline:
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            except OSError:  # refused: it no longer listens
+                return
+            time.sleep(0.1)
         proc.stop()
 
     def start_apiserver(self, timeout: float = 120) -> None:
         """Start kube-apiserver again with the same flags, port and certificates; wait for /readyz."""
         old = self._component(self.APISERVER)
+        if old is not None and old.terminated_at is not None:
+            old.stop()  # what is left of its grace
         if old is not None and old.alive():
             return
         proc = self.supervisor.start(self.APISERVER, self._argv[self.APISERVER], cwd=self.workdir)
