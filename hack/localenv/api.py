@@ -200,6 +200,15 @@ class Api:
         applied: dict[str, Any] = self._checked("PATCH", path, obj, "application/apply-patch+yaml")
         return applied
 
+    def delete(self, resource: str, name: str, namespace: str = "default") -> bool:
+        """Asks for the object's deletion, as `kubectl delete --wait=false`; False when there was none."""
+        status, answer = self.request("DELETE", self.resource(resource).path(namespace, name))
+        if status == 404:
+            return False
+        if status >= 400:
+            raise ApiError(status, f"delete {resource} {name}: {status} {answer.get('message') or answer}")
+        return True
+
     def _kind(self, obj: dict[str, Any]) -> Resource:
         group_version, kind = obj["apiVersion"], obj["kind"]
         group = group_version.rpartition("/")[0]

@@ -142,8 +142,16 @@ class LocalEnv:
     def read(self, kind: str, name: str, namespace: str = "default") -> dict[str, Any] | None:
         return self.control_plane.api.read(kind, name, namespace)
 
-    def list_objects(self, kind: str, namespace: str | None = None, field_selector: str = "") -> list[dict[str, Any]]:
-        return self.control_plane.api.list_objects(kind, namespace, field_selector=field_selector)
+    def list_objects(
+        self, kind: str, namespace: str | None = None, field_selector: str = "", label_selector: str = ""
+    ) -> list[dict[str, Any]]:
+        return self.control_plane.api.list_objects(
+            kind, namespace, field_selector=field_selector, label_selector=label_selector
+        )
+
+    def delete(self, kind: str, name: str, namespace: str = "default") -> bool:
+        """Asks for the object's deletion without waiting for it; False when there was none."""
+        return self.control_plane.api.delete(kind, name, namespace)
 
     def wait(
         self,

@@ -241,7 +241,7 @@ def restores_of(env: Cluster, node: str, container: str) -> int:
 
 
 def delete(env: LocalEnv, kind: str, name: str, timeout: float = 120) -> None:
-    env.kubectl("delete", kind, name, "-n", "default", "--wait=false", check=False)
+    env.delete(kind, name)
     gone, obj = env.wait(kind, name, lambda o: o is None, timeout)
     assert gone, f"the deletion of {kind} {name} did not happen in {timeout:.0f}s; last: {(obj or {}).get('status')}"
 
@@ -311,7 +311,9 @@ def extra_storage(env: LocalEnv, **spec: Any) -> Iterator[str]:
         wait_storage(env, name)
         yield name
     finally:
-        env.kubectl("delete", "cks", name, "--wait=true")
+        env.delete("cks", name)
+        gone, obj = env.wait("cks", name, lambda o: o is None, 120)
+        assert gone, f"CheckpointStorage {name} stays after its deletion: {(obj or {}).get('status')}"
         defaults = [s for s in env.list_objects("cks") if s["spec"].get("default")]
         assert [s["metadata"]["name"] for s in defaults] == [STORAGE]
 
