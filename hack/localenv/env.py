@@ -108,8 +108,10 @@ class LocalEnv:
                 if agents_as_chart:
                     env.install_agent_access()
                 env.start_controller()
-                for name in node_names:
-                    env.start_agent(name, agent_settings or {})
+                # Side by side: each takes a second or two to start and make its Lease.
+                agents = {name: env.start_agent(name, agent_settings or {}, wait=False) for name in node_names}
+                for name, process in agents.items():
+                    env.wait_for_agent(name, process)
                 env.wait_storage_available()
         except BaseException:
             env.down()
@@ -342,7 +344,10 @@ class LocalEnv:
             self.agent_kubeconfigs[node] = path
         return self.agent_kubeconfigs[node]
 
-    def start_agent(self, name: str, settings: dict[str, str] | None = None, args: Sequence[str] = ()) -> Process:
+    def start_agent(
+        self, name: str, settings: dict[str, str] | None = None, args: Sequence[str] = (), *, wait: bool = True
+    ) -> Process:
+        """The node's agent process; with `wait`, once its Lease exists (wait_for_agent)."""
         node = self.nodes[name]
         identity = {"KUBECONFIG": str(self.agent_kubeconfig(name))} if self.chart_objects is not None else {}
         env = self.operator_env(
@@ -363,8 +368,12 @@ class LocalEnv:
         self.metrics_ports[f"agent-{name}"] = int(env["CHECKPOINTER_METRICS_PORT"])
         argv = [sys.executable, "-m", "checkpointer", "agent", *args]
         process = self.supervisor.start(f"agent-{name}", argv, env=env)
-        wait_until(f"agent {name} Lease", lambda: self._lease_exists(name), timeout=60, log=process.log)
+        if wait:
+            self.wait_for_agent(name, process)
         return process
+
+    def wait_for_agent(self, name: str, process: Process) -> None:
+        wait_until(f"agent {name} Lease", lambda: self._lease_exists(name), timeout=60, log=process.log)
 
     def stop_agent(self, name: str, kill: bool = False) -> None:
         for process in self.supervisor.processes:
