@@ -96,7 +96,10 @@ class Api:
                 if attempt == 2:
                     raise
                 continue  # a kept-alive connection the server closed meanwhile: once more, on a new one
-            return reply.status, json.loads(raw) if raw else {}
+            try:
+                return reply.status, json.loads(raw) if raw else {}
+            except ValueError:  # not JSON: an error page of a server that is starting or stopping
+                return reply.status, {"message": raw[:500].decode(errors="replace")}
         raise AssertionError("unreachable")
 
     def _drop(self, conn: http.client.HTTPSConnection) -> None:
