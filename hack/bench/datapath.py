@@ -195,7 +195,43 @@ def _frozen_ms(stats: dict[str, Any]) -> float:
     return float("nan")
 
 
-class DataPath:
+class TwoNodes:
+    """What the benchmarks of a move share: the API server's custom objects, the bucket, the source
+    and target nodes, and the memory workload a move takes from the source."""
+
+    def __init__(self, env: LocalEnv, source: str, target: str) -> None:
+        self.env = env
+        api = kubernetes.config.new_client_from_config(config_file=str(env.kubeconfig))  # type: ignore[no-untyped-call]
+        self.custom = kubernetes.client.CustomObjectsApi(api)
+        self.s3 = env.s3.client()
+        self.source = env.nodes[source]
+        self.target = env.nodes[target]
+
+    def _workload(self, size_mib: int) -> str:
+        name = f"mem-{uuid.uuid4().hex[:6]}"
+        self.source.podman("run", "-d", *owned_by("default"), "--name", name, MEMORY, str(size_mib))
+        wait_for_log(self.source, name, "ready", timeout=120 + size_mib / 20)
+        return name
+
+    def _wait(self, plural: str, name: str, timeout: float = 900, poll: float = 0.05) -> dict[str, Any]:
+        """The object once Succeeded; RuntimeError once Failed."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            obj: dict[str, Any] = self.custom.get_namespaced_custom_object(GROUP, VERSION, "default", plural, name)  # type: ignore[assignment]
+            phase = (obj.get("status") or {}).get("phase")
+            if phase == "Failed":
+                raise RuntimeError(f"{plural}/{name} failed: {json.dumps(obj['status'])[:2000]}")
+            if phase == "Succeeded":
+                return obj
+            time.sleep(poll)
+        raise TimeoutError(f"{plural}/{name} did not finish in {timeout}s")
+
+    def _create(self, plural: str, kind: str, name: str, spec: dict[str, Any], **meta: Any) -> None:
+        body = {"apiVersion": f"{GROUP}/{VERSION}", "kind": kind, "metadata": {"name": name, **meta}, "spec": spec}
+        self.custom.create_namespaced_custom_object(GROUP, VERSION, "default", plural, body)
+
+
+class DataPath(TwoNodes):
     def __init__(
         self,
         env: LocalEnv,
@@ -208,7 +244,6 @@ class DataPath:
         baseline: Stack | None = None,
         encrypted_storage: str | None = None,
     ) -> None:
-        self.env = env
         self.repeats = repeats
         self.warmup = warmup
         self.settle_mode = settle
@@ -217,23 +252,13 @@ class DataPath:
         self.baseline = baseline
         self.encrypted_storage = encrypted_storage
         self.stack = NEW
-        api = kubernetes.config.new_client_from_config(config_file=str(env.kubeconfig))  # type: ignore[no-untyped-call]
-        self.custom = kubernetes.client.CustomObjectsApi(api)
-        self.s3 = env.s3.client()
-        self.source = env.nodes[SOURCE]
-        self.target = env.nodes[TARGET]
+        super().__init__(env, SOURCE, TARGET)
         agent = next(p for p in env.supervisor.processes if p.name == f"agent-{SOURCE}")
         self.agent_pid = agent.popen.pid
         self.rounds = 0
         self._zstd3: dict[int, tuple[int, int]] = {}
 
     # --- helpers --------------------------------------------------------------------------------
-
-    def _workload(self, size_mib: int) -> str:
-        name = f"mem-{uuid.uuid4().hex[:6]}"
-        self.source.podman("run", "-d", *owned_by("default"), "--name", name, MEMORY, str(size_mib))
-        wait_for_log(self.source, name, "ready", timeout=120 + size_mib / 20)
-        return name
 
     @contextmanager
     def _timed(self, row: Row, config: str, warmup: bool) -> Iterator[Callable[[], float]]:
@@ -249,22 +274,6 @@ class DataPath:
         row.conditions.append(
             {"config": config, "round": self.rounds, "warmup": warmup, "seconds": took(), **settled, **host}
         )
-
-    def _wait(self, plural: str, name: str, timeout: float = 900) -> dict[str, Any]:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            obj: dict[str, Any] = self.custom.get_namespaced_custom_object(GROUP, VERSION, "default", plural, name)  # type: ignore[assignment]
-            phase = (obj.get("status") or {}).get("phase")
-            if phase in ("Succeeded", "Failed"):
-                if phase == "Failed":
-                    raise RuntimeError(f"{plural}/{name} failed: {json.dumps(obj['status'])[:2000]}")
-                return obj
-            time.sleep(0.05)
-        raise TimeoutError(f"{plural}/{name} did not finish in {timeout}s")
-
-    def _create(self, plural: str, kind: str, name: str, spec: dict[str, Any]) -> None:
-        body = {"apiVersion": f"{GROUP}/{VERSION}", "kind": kind, "metadata": {"name": name}, "spec": spec}
-        self.custom.create_namespaced_custom_object(GROUP, VERSION, "default", plural, body)
 
     def _delete_checkpoint(self, name: str) -> None:
         self.custom.delete_namespaced_custom_object(GROUP, VERSION, "default", "containercheckpoints", name)

@@ -2,20 +2,26 @@
 
 Three ways, in interleaved rounds of one invocation (the order rotates from round to round):
 
-(m) checkpointer: a ContainerCheckpoint (export, zstd, streaming its parts) and, created with it, a
-    ContainerRestore on the other node whose checkpointRef names it: the restore reads the parts as
-    they land and podman imports while they arrive (services/pipeline.py). Until the
-    ContainerMigration kind lands, this is what a migration does.
+(m) checkpointer: one ContainerMigration to the other node. The checkpoint it makes streams its
+    parts, and the restore it creates with it reads them as they land while podman imports
+    (services/pipeline.py).
 (s) the script a user would write: `podman container checkpoint --export --compress zstd` to disk,
     boto3 upload_file, boto3 download_file on the other node, `podman container restore --import`.
 (f) the local floor: `--export --compress none` to tmpfs and `--import` of it on the same node.
 
-Downtime for (m) runs from CRIU's freeze (the source agent's step line `checkpoint` began then,
-within the podman call; the freeze is its first act) to the restore's Succeeded; the benchmark
-takes it as from creating the two objects to the restore's Succeeded, which adds the scheduling
-before the freeze (about 0.1 s) to it. (s) and (f) are timed around the commands. Where the time
-goes inside (m) comes from the agents' own timestamps: status startTime and completionTime of the
-two objects, and their step lines (checkpoint, upload, first-part, restore).
+Downtime for (m) is the migration's own: from its frozenTime (CRIU froze the container on the
+source, the source agent's clock) to its runningTime (podman returned with it running on the target,
+the target agent's clock). The benchmark also records what it observes itself, from creating the
+migration to seeing it Succeeded (`observedSeconds`), which adds the scheduling before the freeze
+and the controller's last step after the restore. (s) and (f) are timed around the commands. Where
+the time goes inside (m) comes from the agents' own timestamps: status startTime and completionTime
+of the checkpoint and restore the migration made, and their step lines (checkpoint, upload,
+first-part, restore).
+
+With --cpu, each move of (m) also reports the CPU seconds each process took from creating the
+migration to seeing it Succeeded: each agent's own threads, the podman and CRIU it ran, the S3
+server, kube-apiserver, etcd, the controller and the benchmark (stats.tree_cpu_seconds). On two
+cores a move is bound by CPU, and CPU seconds move far less than wall time with what else runs.
 
 Both agents run the CLI runtime (podman compresses the export, and a FIFO feeds the import).
 """
@@ -25,6 +31,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
+import os
 import re
 import signal
 import sys
@@ -36,15 +43,22 @@ from urllib.parse import urlparse
 
 import kubernetes
 
-from bench.datapath import LOOPBACK, reflink_filesystem, shaped_link
-from bench.stats import median, memory_kib, reset_peak, settle, spread, timer
+from bench.datapath import GROUP, LOOPBACK, VERSION, TwoNodes, reflink_filesystem, shaped_link
+from bench.stats import cpu_used, median, memory_kib, reset_peak, settle, spread, timer, tree_cpu_seconds
 from localenv.env import LocalEnv
-from localenv.images import MEMORY, owned_by, wait_for_log
 from localenv.procs import REPO_ROOT
 
-GROUP, VERSION = "checkpointer.dev", "v1alpha1"
 SOURCE, TARGET = "node-a", "node-b"
-STREAM = {"checkpointer.dev/stream": "true"}
+# The processes whose CPU a move takes (--cpu), by the supervisor's names; "bench" is this process
+# (its watch of the migration).
+CPU_ROLES = {
+    "sourceAgent": f"agent-{SOURCE}",
+    "targetAgent": f"agent-{TARGET}",
+    "s3": "s3",
+    "apiserver": "kube-apiserver",
+    "etcd": "etcd",
+    "controller": "controller",
+}
 
 
 def _time(value: str | None) -> float:
@@ -53,87 +67,113 @@ def _time(value: str | None) -> float:
     return datetime.datetime.fromisoformat(value.replace("Z", "+00:00")).timestamp()
 
 
-class Downtime:
+class Downtime(TwoNodes):
     def __init__(self, env: LocalEnv) -> None:
-        self.env = env
-        api = kubernetes.config.new_client_from_config(config_file=str(env.kubeconfig))  # type: ignore[no-untyped-call]
-        self.custom = kubernetes.client.CustomObjectsApi(api)
-        self.s3 = env.s3.client()
-        self.source = env.nodes[SOURCE]
-        self.target = env.nodes[TARGET]
+        super().__init__(env, SOURCE, TARGET)
         for name in (SOURCE, TARGET):
             env.supervisor.stop(f"agent-{name}")
             env.start_agent(name, {"CHECKPOINTER_PODMAN_MODE": "cli"})
         self.rounds = 0
+        self.cpu = False
 
     def _agent_pid(self, node: str) -> int:
         return next(p for p in self.env.supervisor.processes if p.name == f"agent-{node}").popen.pid
 
-    def _workload(self, size_mib: int) -> str:
-        name = f"mem-{uuid.uuid4().hex[:6]}"
-        self.source.podman("run", "-d", *owned_by("default"), "--name", name, MEMORY, str(size_mib))
-        wait_for_log(self.source, name, "ready", timeout=120 + size_mib / 20)
-        return name
+    def _cpu_roots(self) -> dict[str, int]:
+        alive = {p.name: p.popen.pid for p in self.env.supervisor.processes if p.alive()}
+        roots = {role: alive[name] for role, name in CPU_ROLES.items() if name in alive}
+        return roots | {"bench": os.getpid()}
+
+    def _cpu_table(self, used: dict[str, float]) -> dict[str, float]:
+        """CPU seconds per role of one move: each agent's own threads apart from its podman and CRIU
+        (the processes it started)."""
+        table = {
+            "sourcePodmanCriu": used.get("sourceAgent+children", 0.0),
+            "sourceAgent": used.get("sourceAgent", 0.0),
+            "s3": used.get("s3", 0.0) + used.get("s3+children", 0.0),
+            "targetAgent": used.get("targetAgent", 0.0),
+            "targetPodmanCriu": used.get("targetAgent+children", 0.0),
+            "apiserver": used.get("apiserver", 0.0),
+            "etcd": used.get("etcd", 0.0),
+            "controller": used.get("controller", 0.0) + used.get("controller+children", 0.0),
+            "bench": used.get("bench", 0.0),
+        }
+        table["total"] = round(sum(table.values()), 2)
+        return {k: round(v, 2) for k, v in table.items()}
 
     def _get(self, plural: str, name: str) -> dict[str, Any]:
         return self.custom.get_namespaced_custom_object(GROUP, VERSION, "default", plural, name)  # type: ignore[return-value]
 
-    def _wait(self, plural: str, name: str, timeout: float = 1800) -> dict[str, Any]:
+    def _watch(self, plural: str, name: str, timeout: float) -> dict[str, Any]:
+        """The object once Succeeded, seen through a watch; RuntimeError once Failed. Not polled: on two
+        cores, a GET every few milliseconds takes from the move the CPU of the API server and of this
+        process that the move itself needs."""
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
-            obj = self._get(plural, name)
-            phase = (obj.get("status") or {}).get("phase")
-            if phase == "Failed":
-                raise RuntimeError(f"{plural}/{name} failed: {json.dumps(obj['status'])[:2000]}")
-            if phase == "Succeeded":
-                return obj
-            time.sleep(0.02)
+            # Without a resourceVersion the watch starts with the object as it is: nothing is missed.
+            for event in kubernetes.watch.Watch().stream(  # type: ignore[no-untyped-call]
+                self.custom.list_namespaced_custom_object,
+                GROUP,
+                VERSION,
+                "default",
+                plural,
+                field_selector=f"metadata.name={name}",
+                timeout_seconds=max(1, int(deadline - time.monotonic())),
+            ):
+                obj: dict[str, Any] = event["object"]
+                phase = (obj.get("status") or {}).get("phase")
+                if phase == "Failed":
+                    raise RuntimeError(f"{plural}/{name} failed: {json.dumps(obj['status'])[:2000]}")
+                if phase == "Succeeded":
+                    return obj
         raise TimeoutError(f"{plural}/{name} did not finish in {timeout}s")
-
-    def _create(self, plural: str, kind: str, name: str, spec: dict[str, Any], **meta: Any) -> None:
-        body = {"apiVersion": f"{GROUP}/{VERSION}", "kind": kind, "metadata": {"name": name, **meta}, "spec": spec}
-        self.custom.create_namespaced_custom_object(GROUP, VERSION, "default", plural, body)
 
     def _delete(self, plural: str, name: str) -> None:
         self.custom.delete_namespaced_custom_object(GROUP, VERSION, "default", plural, name)
 
     def checkpointer(self, size_mib: int) -> dict[str, Any]:
         name = self._workload(size_mib)
-        ccp, crst = f"mig-{uuid.uuid4().hex[:8]}", f"mig-{uuid.uuid4().hex[:8]}"
+        mig = f"mig-{uuid.uuid4().hex[:8]}"
         pids = {node: self._agent_pid(node) for node in (SOURCE, TARGET)}
         for pid in pids.values():
             reset_peak(pid)
         settle()
+        roots = self._cpu_roots() if self.cpu else {}
+        cpu_before = tree_cpu_seconds(roots)
         since = time.time()
         with timer() as took:
-            spec = {"nodeName": SOURCE, "containers": [name], "export": {}, "compress": "zstd"}
-            self._create("containercheckpoints", "ContainerCheckpoint", ccp, spec, annotations=STREAM)
-            self._create(
-                "containerrestores",
-                "ContainerRestore",
-                crst,
-                {"nodeName": TARGET, "source": {"checkpointRef": {"name": ccp}}},
-            )
-            restored = self._wait("containerrestores", crst)
-        seconds = took()
-        checkpoint = self._get("containercheckpoints", ccp)
-        cs, rs = checkpoint["status"], restored["status"]
+            spec = {"source": {"nodeName": SOURCE, "container": name}, "targetNodeName": TARGET, "compress": "zstd"}
+            self._create("containermigrations", "ContainerMigration", mig, spec)
+            moved = self._watch("containermigrations", mig, timeout=1800)
+        observed = took()
+        cpu = self._cpu_table(cpu_used(cpu_before, tree_cpu_seconds(roots))) if self.cpu else None
+        ms = moved["status"]
+        ccp, crst = ms["checkpointRef"]["name"], ms["restoreRef"]["name"]
+        cs = self._get("containercheckpoints", ccp)["status"]
+        rs = self._get("containerrestores", crst)["status"]
         result = {
-            "seconds": seconds,
+            # The migration's downtimeSeconds, unrounded: frozenTime -> runningTime.
+            "seconds": _time(ms.get("runningTime")) - _time(ms.get("frozenTime")),
+            "observedSeconds": observed,
             "sourceRssMiB": memory_kib(pids[SOURCE], "VmHWM") / 1024,
             "targetRssMiB": memory_kib(pids[TARGET], "VmHWM") / 1024,
             "archiveBytes": int(cs["archives"][0]["size"]),
-            # The agents' own clocks, relative to the creation of the objects.
+            # The agents' own clocks, relative to the creation of the migration.
             "checkpointStart": _time(cs.get("startTime")) - since,
+            "frozen": _time(ms.get("frozenTime")) - since,
             "checkpointDone": _time(cs.get("completionTime")) - since,
             "restoreStart": _time(rs.get("startTime")) - since,
+            "running": _time(ms.get("runningTime")) - since,
             "restoreDone": _time(rs.get("completionTime")) - since,
             "steps": self._steps(ccp, crst),
         }
+        if cpu is not None:
+            # From creating the migration to seeing it Succeeded, CPU seconds per role.
+            result["cpuSeconds"] = cpu
         self.target.podman("rm", "-f", name)
         self.source.podman("rm", "-f", name)
-        self._delete("containerrestores", crst)
-        self._delete("containercheckpoints", ccp)
+        # Its checkpoint and restore are its own: the garbage collector deletes them with it.
+        self._delete("containermigrations", mig)
         return result
 
     def _steps(self, ccp: str, crst: str) -> dict[str, float]:
@@ -205,17 +245,24 @@ class Downtime:
                         runs[key].append(value)
                     print(
                         f"{size_mib} MiB {link} round {r}{' (warm-up)' if r < warmup else ''} {key}: "
-                        f"{value['seconds'] if isinstance(value, dict) else value:.2f}s",
+                        f"{value['seconds'] if isinstance(value, dict) else value:.2f}s"
+                        + (
+                            f" cpu {json.dumps(value['cpuSeconds'])}"
+                            if isinstance(value, dict) and "cpuSeconds" in value
+                            else ""
+                        ),
                         flush=True,
                     )
                 self.rounds += 1
         m = [x["seconds"] for x in runs["m"]]
+        observed = [x["observedSeconds"] for x in runs["m"]]
         f, s = runs["f"], runs["s"]
         size = median([float(x["archiveBytes"]) for x in runs["m"]])
         summary: dict[str, Any] = {
             "sizeMiB": size_mib,
             "link": link,
             "checkpointerSeconds": spread(m) | {"median": median(m)},
+            "observedSeconds": spread(observed) | {"median": median(observed)},
             "scriptSeconds": spread(s) | {"median": median(s)},
             "floorSeconds": spread(f) | {"median": median(f)},
             "m_over_f": spread([a / b for a, b in zip(m, f, strict=False)]) | {"median": median(m) / median(f)},
@@ -228,9 +275,18 @@ class Downtime:
             },
             "timeline": {
                 point: median([x[point] for x in runs["m"]])
-                for point in ("checkpointStart", "checkpointDone", "restoreStart", "restoreDone")
+                for point in ("checkpointStart", "frozen", "checkpointDone", "restoreStart", "running", "restoreDone")
             },
             "sourceRssMiB": max(x["sourceRssMiB"] for x in runs["m"]),
+            **(
+                {
+                    "cpuSeconds": {
+                        role: median([x["cpuSeconds"][role] for x in runs["m"]]) for role in runs["m"][0]["cpuSeconds"]
+                    }
+                }
+                if runs["m"] and "cpuSeconds" in runs["m"][0]
+                else {}
+            ),
             "targetRssMiB": max(x["targetRssMiB"] for x in runs["m"]),
             "runs": runs,
         }
@@ -255,6 +311,11 @@ def main() -> int:
     parser.add_argument("--links", nargs="+", default=[LOOPBACK, "1gbit"])
     parser.add_argument("--repeats", type=int, default=2, help="counted rounds per row (4 GiB rounds are slow)")
     parser.add_argument("--warmup", type=int, default=1, help="discarded rounds before the first row")
+    parser.add_argument(
+        "--cpu",
+        action="store_true",
+        help="also the CPU seconds each process of (m) takes (agents, their podman and CRIU, S3, API server)",
+    )
     parser.add_argument("--out", type=Path, default=REPO_ROOT / "_output" / "bench")
     parser.add_argument("--workdir", type=Path, default=Path("/tmp/checkpointer-downtime"))
     args = parser.parse_args()
@@ -266,6 +327,7 @@ def main() -> int:
         env = LocalEnv.up(args.workdir / "data", [SOURCE, TARGET])
         try:
             bench = Downtime(env)
+            bench.cpu = args.cpu
             for i, size in enumerate(args.sizes):
                 for j, link in enumerate(args.links):
                     warm = args.warmup if (i, j) == (0, 0) else 0

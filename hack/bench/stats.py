@@ -148,3 +148,52 @@ def conditions() -> Iterator[dict[str, float]]:
         result["cpuSteal"] = (steal2 - steal) / max(total2 - total, 1)
         result["cpuWait"] = (_pressure_seconds("cpu", "some") - cpu_wait) / took
         result["ioFull"] = (_pressure_seconds("io", "full") - io_full) / took
+
+
+def _stat_fields(pid: int) -> list[str] | None:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except (FileNotFoundError, ProcessLookupError, IndexError):
+        return None
+
+
+def tree_cpu_seconds(roots: dict[str, int]) -> dict[str, float]:
+    """CPU seconds (user plus system) used so far per role, two ways each: `<role>` is the role's
+    process itself (all its threads), `<role>+children` its descendants, living ones as they stand
+    and those it (or they) already reaped (cutime, cstime). The difference of two readings is what
+    the role used between them, also for a child born and reaped in between (podman, CRIU), which no
+    sampling would see. A process reparented away from its role (conmon, a restored container) is
+    nobody's, as it should be: it is the workload's, not the move's."""
+    tick = os.sysconf("SC_CLK_TCK")
+    parents: dict[int, int] = {}
+    stats: dict[int, list[str]] = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        fields = _stat_fields(int(entry.name))
+        if fields is not None:
+            parents[int(entry.name)] = int(fields[1])
+            stats[int(entry.name)] = fields
+    children: dict[int, list[int]] = {}
+    for pid, ppid in parents.items():
+        children.setdefault(ppid, []).append(pid)
+    found: dict[str, float] = {}
+    for role, root in roots.items():
+        own = stats.get(root)
+        if own is None:
+            continue
+        found[role] = (int(own[11]) + int(own[12])) / tick
+        below = (int(own[13]) + int(own[14])) / tick  # its reaped descendants
+        todo = list(children.get(root, []))
+        while todo:
+            pid = todo.pop()
+            fields = stats[pid]
+            below += sum(int(fields[i]) for i in (11, 12, 13, 14)) / tick
+            todo.extend(children.get(pid, []))
+        found[f"{role}+children"] = below
+    return found
+
+
+def cpu_used(before: dict[str, float], after: dict[str, float]) -> dict[str, float]:
+    """CPU seconds per role between two readings of tree_cpu_seconds."""
+    return {role: round(after[role] - before.get(role, 0.0), 2) for role in after}

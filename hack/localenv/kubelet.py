@@ -375,6 +375,8 @@ def chart_values(server: str, image: str, storage: dict[str, object]) -> dict[st
         "image": {"repository": repository, "tag": tag, "pullPolicy": "IfNotPresent"},
         # The node's podman socket is in its state directory, another path on every node: the CLI.
         "podman": {"mode": "cli"},
+        # containerd's, at the path the chart mounts by default: Pods' containers are checkpointed there.
+        "cri": {"socketPath": CONTAINERD_SOCKET},
         "storage": storage,
         "controller": {
             "hostNetwork": True,

@@ -94,12 +94,15 @@ def main(argv: list[str] | None = None, make_runtime: Callable[[Settings], Runti
         controller.register(registry, settings, kube)
     else:
         from checkpointer import agent
+        from checkpointer.adapters.cri import CriRuntime
         from checkpointer.adapters.podman import runtime
         from checkpointer.services.node import Node
 
         settings.spool_dir.mkdir(parents=True, exist_ok=True)
         runtime_of_node = (make_runtime or runtime)(settings)
-        agent.register(registry, Node(settings, kube, runtime_of_node), operator_settings.execution.executor, memory)
+        path = settings.cri_socket
+        node_agent = Node(settings, kube, runtime_of_node, cri=CriRuntime(path) if path else None)
+        agent.register(registry, node_agent, operator_settings.execution.executor, memory)
     liveness = f"http://{settings.health_host}:{settings.health_port}/healthz" if settings.health_port else None
     try:
         asyncio.run(

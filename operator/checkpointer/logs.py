@@ -25,6 +25,8 @@ from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any, Literal
 
+from checkpointer.models import node_of
+
 LogFormat = Literal["text", "json"]
 TEXT_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 # The attribute of a LogRecord that carries a step line's fields.
@@ -132,7 +134,7 @@ class Steps:
     @classmethod
     def of(cls, kind: str, body: Mapping[str, Any]) -> Steps:
         meta = body.get("metadata") or {}
-        node = str((body.get("spec") or {}).get("nodeName") or "")
+        node = node_of(body)
         namespace, name, uid = (str(meta.get(k) or "") for k in ("namespace", "name", "uid"))
         return cls(kind, namespace, name, uid, node)
 

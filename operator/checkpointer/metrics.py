@@ -29,7 +29,7 @@ from prometheus_client.metrics import MetricWrapperBase
 from prometheus_client.registry import Collector
 
 from checkpointer.conditions import parse_time
-from checkpointer.models import Archive, ObjectStatus
+from checkpointer.models import Archive, ObjectStatus, node_of
 from checkpointer.reasons import FINISHED
 
 if TYPE_CHECKING:
@@ -362,8 +362,8 @@ class InFlight(Collector):
     """checkpointer_objects_in_flight{kind,node}: the controller's view of objects not finished yet,
     told by its handlers when it schedules, sees finished or sees deleted one (no request of its own).
 
-    An object's node is its spec.nodeName, as its tenant wrote it: the series name only nodes with an
-    agent, and count the others under OTHER."""
+    An object's node is its spec.nodeName, as its tenant wrote it (a Pod's checkpoint without one:
+    the Pod's node): the series name only nodes with an agent, and count the others under OTHER."""
 
     def __init__(self) -> None:
         self._objects: dict[str, tuple[str, str]] = {}
@@ -381,7 +381,7 @@ class InFlight(Collector):
                 # The node as written: the pickup deadline looks at it (nodes()); collect() judges it.
                 key = self._objects[uid] = (
                     KINDS.get(plural, plural),
-                    str((body.get("spec") or {}).get("nodeName") or ""),
+                    node_of(body),
                 )
             # A (kind, node) seen once stays, at 0 when nothing is in flight there: absent is not zero.
             # Only a node with an agent is remembered (its agent may have been found since the object

@@ -10,6 +10,18 @@ from pydantic import BaseModel, ConfigDict, Field
 from pydantic.alias_generators import to_camel
 
 
+def node_of(body: Mapping[str, Any]) -> str:
+    """The node of a ContainerCheckpoint or ContainerRestore as a body has it: spec.nodeName, or for a
+    Pod's checkpoint that names none, the Pod's node the controller recorded in status.nodeName (which
+    tenants cannot write); "" before it has. Pure."""
+    spec = body.get("spec") or {}
+    if spec.get("nodeName"):
+        return str(spec["nodeName"])
+    if spec.get("podRef"):
+        return str((body.get("status") or {}).get("nodeName") or "")
+    return ""
+
+
 class Model(BaseModel):
     # Unknown fields are ignored, not refused: an object written by an older or newer release still
     # reads. What the CRDs declare and the models hold is kept equal by tests/unit/test_crd_models.py.
@@ -99,8 +111,16 @@ class Export(Model):
     key: str | None = None
 
 
+class PodRef(Model):
+    """A Pod of the checkpoint's own namespace, and which of its containers (none: every one)."""
+
+    name: str
+    containers: list[str] = Field(default_factory=list)
+
+
 class CheckpointSpec(Model):
-    node_name: str
+    # None only with pod_ref: the controller takes the Pod's node and records it in status.nodeName.
+    node_name: str | None = None
     containers: list[str] = Field(default_factory=list)
     all: bool = False
     latest: bool = False
@@ -114,6 +134,7 @@ class CheckpointSpec(Model):
     compress: Compression = Compression.ZSTD
     ignore_rootfs: bool = False
     ignore_volumes: bool = False
+    pod_ref: PodRef | None = None
     # A Go duration: how long the object stays once finished (ttl.py).
     ttl: str | None = None
 
@@ -135,8 +156,8 @@ class ArchiveStream(Model):
     container: str = ""
     key: str = ""
     part_size: int = 0
-    # The sha256 of each part that landed, in order.
-    parts: list[str] = Field(default_factory=list)
+    # For each part that landed, in order: the sha256 of the archive up to that part's end.
+    digests: list[str] = Field(default_factory=list)
     # Known once the last part landed.
     size: int | None = None
 
@@ -167,6 +188,12 @@ class ContainerCheckpoint(Model):
     metadata: Metadata
     spec: CheckpointSpec
     status: CheckpointStatus = Field(default_factory=CheckpointStatus)
+
+    @property
+    def node_name(self) -> str:
+        """The node whose agent acts: spec.nodeName, or for a Pod's checkpoint without one the Pod's
+        node as the controller recorded it (status.nodeName); "" before it has."""
+        return self.spec.node_name or self.status.node_name or ""
 
 
 class CheckpointRef(Model):

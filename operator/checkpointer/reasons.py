@@ -62,6 +62,11 @@ class Reason(StrEnum):
     UPLOAD_FAILED = "UploadFailed"
     INSUFFICIENT_SPACE = "InsufficientSpace"
     CANCELLED = "Cancelled"
+    # a Pod's checkpoint (podRef; controller and agent). PodNotFound (below) also names a missing Pod.
+    POD_NOT_RUNNING = "PodNotRunning"
+    CONTAINER_NOT_IN_POD = "ContainerNotInPod"
+    # spec.nodeName names another node than the Pod's
+    POD_ON_ANOTHER_NODE = "PodOnAnotherNode"
     # restore (agent)
     DOWNLOADING = "Downloading"
     RESTORING = "Restoring"
@@ -77,6 +82,7 @@ class Reason(StrEnum):
     NAME_IN_USE = "NameInUse"
     RESTORE_FAILED = "RestoreFailed"
     RESTORE_INTERRUPTED = "RestoreInterrupted"
+    RESTORE_UNDONE = "RestoreUndone"
     # migration (controller)
     TRANSFERRING = "Transferring"
     # targetNodeName names the source node: the container would go nowhere
@@ -96,6 +102,8 @@ class Reason(StrEnum):
     STREAMING = "Streaming"
     # either
     RUNTIME_UNAVAILABLE = "RuntimeUnavailable"
+    # the node's CRI runtime (containerd, CRI-O) cannot checkpoint: no CheckpointContainer, or no CRIU
+    RUNTIME_CANNOT_CHECKPOINT = "RuntimeCannotCheckpoint"
     SUCCEEDED = "Succeeded"
     # storage
     AVAILABLE = "Available"

@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
+from pydantic import field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 MiB = 1024 * 1024
@@ -37,6 +38,13 @@ class Settings(BaseSettings):
     # A checkpoint or restore may take long; a question (inspect, list, version) must not.
     podman_timeout_seconds: float = 3600.0
     podman_query_timeout_seconds: float = 30.0
+
+    # The node's CRI runtime (containerd, CRI-O), through which the agent checkpoints a Pod's
+    # containers (adapters/cri.py); its directory is mounted into the agent's Pod. Unset or empty: the
+    # agent has none, records no runtime on its Lease, and checkpoints podman's containers only.
+    cri_socket: Path | None = None
+    # How long the runtime may take for one container's checkpoint (CRI CheckpointContainer's timeout).
+    cri_checkpoint_timeout_seconds: int = 3600
 
     # Archives are spooled here (on the node) so that an upload can be retried after a restart.
     spool_dir: Path = Path("/var/lib/checkpointer/spool")
@@ -91,6 +99,12 @@ class Settings(BaseSettings):
     pod_name: str = ""
     leader_lease_duration_seconds: float = 10.0
     leader_renew_seconds: float = 2.0
+
+    @field_validator("cri_socket", mode="before")
+    @classmethod
+    def _no_socket_when_empty(cls, value: object) -> object:
+        # The chart sets CHECKPOINTER_CRI_SOCKET="" for "none", which would otherwise be Path(".").
+        return None if value == "" else value
 
     @property
     def admins(self) -> frozenset[str]:

@@ -37,6 +37,7 @@ from checkpointer.models import (
     ScheduleStatus,
     Status,
     StorageStatus,
+    node_of,
 )
 from checkpointer.reasons import Phase, Reason
 from checkpointer.ttl import expiration
@@ -77,7 +78,7 @@ class StatusWriter:
         self.label = str((body["metadata"].get("labels") or {}).get(NODE_LABEL) or "")
         self.generation = int(body["metadata"].get("generation", 0))
         # For the final phase's metrics and log line (docs/metrics.md).
-        self.node = str((body.get("spec") or {}).get("nodeName") or "")
+        self.node = node_of(body)
         self.created = body["metadata"].get("creationTimestamp")
         self.steps = logs.Steps.of(metrics.KINDS.get(plural, plural), body)
         # The object's own ttl: its expiration goes out with the terminal phase, in the same write.

@@ -5,9 +5,11 @@ Each helper is defined here once; a test file keeps only what its own story need
 
 from __future__ import annotations
 
+import base64
 import datetime
 import hashlib
 import io
+import json
 import tarfile
 import time
 import uuid
@@ -16,15 +18,27 @@ from contextlib import AbstractContextManager, contextmanager
 from pathlib import Path
 from typing import Any
 
+import kubernetes
+import yaml
 import zstandard
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+from cryptography.hazmat.primitives.serialization import load_pem_public_key
+from kubernetes.client.exceptions import ApiException
 
-from localenv.cluster import Cluster
+from localenv.chart import CHART, RELEASE
+from localenv.cluster import ChartCluster, Cluster
 from localenv.controlplane import ControlPlane, missing_binaries
-from localenv.env import STORAGE, LocalEnv
+from localenv.env import ENCRYPTION_SECRET, NAMESPACE, SECRET, STORAGE, LocalEnv
 from localenv.images import COUNTER, MEMORY, owned_by, read_count, wait_for_log
-from localenv.procs import LocalEnvError, Supervisor, require
+from localenv.kubelet import KubeletCluster
+from localenv.procs import LocalEnvError, Supervisor, require, wait_until
 
 MiB = 1024 * 1024
+# The ConfigMap where the controller publishes the public halves of its signing keys.
+PUBLIC_KEY = "checkpointer-signing-public-key"
+# The chart's workloads, as `helm install` names them.
+DAEMONSET = "checkpointer-agent"
+DEPLOYMENT = "checkpointer-controller"
 
 
 def unique(prefix: str) -> str:
@@ -159,6 +173,30 @@ def assert_stored_as_reported(env: Cluster, archive: dict[str, Any]) -> None:
     body = env.s3.client().get_object(Bucket=env.s3.bucket, Key=archive["key"])["Body"].read()
     assert hashlib.sha256(body).hexdigest() == archive["sha256"]
     assert len(body) == archive["size"]
+
+
+def manifest_key(archive_key: str) -> str:
+    return archive_key.rsplit("/", 1)[0] + "/manifest.json"
+
+
+def public_keys(env: Cluster) -> dict[str, Ed25519PublicKey]:
+    out = env.kubectl("get", "configmap", PUBLIC_KEY, "-n", NAMESPACE, "-o", "json")
+    keys = {}
+    for name, pem in json.loads(out.stdout)["data"].items():
+        if name.endswith(".pub"):
+            key = load_pem_public_key(pem.encode())
+            assert isinstance(key, Ed25519PublicKey)
+            keys[hashlib.sha256(key.public_bytes_raw()).hexdigest()] = key
+    return keys
+
+
+def verify_manifest(manifest: dict[str, Any], keys: dict[str, Ed25519PublicKey]) -> None:
+    """The contract of docs/api.md, checked here without the product's code."""
+    signature = manifest["signature"]
+    assert signature["algorithm"] == "Ed25519"
+    content = {k: v for k, v in manifest.items() if k != "signature"}
+    canonical = json.dumps(content, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode()
+    keys[signature["keyID"]].verify(base64.b64decode(signature["value"]), canonical)
 
 
 def get(env: LocalEnv, kind: str, name: str) -> dict[str, Any] | None:
@@ -340,3 +378,167 @@ def own_control_plane(workdir: Path) -> Iterator[ControlPlane]:
     finally:
         plane.stop()
         supervisor.stop_all()
+
+
+# --- the chart, installed by Helm alone (nodes with a kubelet) ----------------------------------
+
+
+def release_values(env: ChartCluster, **changes: Any) -> Path:
+    """A values file for `helm install` of the chart on `env`, with its storage `local` (the default one)
+    and the encryption Secret readable; `section__name=value` changes one value."""
+    storage = {
+        "create": True,
+        "name": STORAGE,
+        "bucket": env.s3.bucket,
+        "endpoint": env.s3.endpoint,
+        "region": env.s3.region,
+        "forcePathStyle": True,
+        "existingSecret": SECRET,
+    }
+    chosen = env.chart_values(storage)
+    chosen["rbac"] = {"storageSecrets": [{"namespace": NAMESPACE, "name": ENCRYPTION_SECRET}]}
+    for key, value in changes.items():
+        section, name = key.split("__")
+        current = chosen.get(section)
+        chosen[section] = {**(current if isinstance(current, dict) else {}), name: value}
+    path = env.workdir / f"values-{unique('helm')}.yaml"
+    path.write_text(yaml.safe_dump(chosen))
+    return path
+
+
+def release_pods(env: ChartCluster, component: str) -> list[dict[str, Any]]:
+    selector = f"app.kubernetes.io/component={component}"
+    out = env.kubectl("get", "pods", "-n", NAMESPACE, "-l", selector, "-o", "json").stdout
+    return list(json.loads(out)["items"])
+
+
+def wait_rolled_out(env: ChartCluster, timeout: str = "240s") -> None:
+    try:
+        env.kubectl("rollout", "status", f"deployment/{DEPLOYMENT}", "-n", NAMESPACE, f"--timeout={timeout}")
+        env.kubectl("rollout", "status", f"daemonset/{DAEMONSET}", "-n", NAMESPACE, f"--timeout={timeout}")
+    except Exception as err:
+        raise AssertionError(f"{err}\n{describe_release(env)}") from err
+
+
+def describe_release(env: ChartCluster) -> str:
+    out = env.kubectl("get", "pods,events", "-n", NAMESPACE, "-o", "wide", check=False)
+    return str(out.stdout) + str(out.stderr) + env.pod_logs()
+
+
+def install_release(env: ChartCluster, values: Path) -> None:
+    """`helm install` of the chart, done once its Pods run, every agent holds its Lease and the chart's
+    storage is Available."""
+    env.helm("install", RELEASE, CHART, "--values", values, "--wait", "--timeout", "5m")
+    wait_rolled_out(env)
+    # An agent's Pod is Ready once it runs (it has a liveness probe only); it is at work once it holds its Lease.
+    for node in env.nodes:
+        wait_until(f"agent Lease of {node}", lambda node=node: lease_holder(env, node) == node, timeout=60)
+
+    def available() -> bool:
+        return bool(env.kubectl("get", "cks", STORAGE, "-o", "jsonpath={.status.phase}").stdout == "Available")
+
+    wait_until(f"CheckpointStorage {STORAGE} Available", available, timeout=120)
+
+
+def lease_holder(env: ChartCluster, node: str) -> str:
+    lease = env.kubectl("get", "lease", "-n", NAMESPACE, f"checkpointer-agent-{node}", "-o", "json", check=False)
+    return str(json.loads(lease.stdout)["spec"].get("holderIdentity", "")) if lease.returncode == 0 else ""
+
+
+# --- Pods on the nodes with a kubelet -------------------------------------------------------------
+
+
+def get_pod(env: Cluster, name: str, namespace: str = "default") -> dict[str, Any]:
+    return dict(json.loads(env.kubectl("get", "pod", name, "-n", namespace, "-o", "json").stdout))
+
+
+def describe_pod(env: KubeletCluster, name: str, namespace: str = "default") -> str:
+    out = env.kubectl("get", "pod", name, "-n", namespace, "-o", "yaml", check=False).stdout
+    selector = f"involvedObject.name={name}"
+    events = env.kubectl("get", "events", "-n", namespace, "--field-selector", selector, check=False).stdout
+    return f"{out}\n{events}\n{env.pod_logs()}"
+
+
+def run_pod(
+    env: KubeletCluster,
+    node: str,
+    name: str,
+    image: str = COUNTER,
+    args: tuple[str, ...] = (),
+    namespace: str = "default",
+) -> dict[str, Any]:
+    """A Pod of one container `image` on `node` (without hostNetwork, its image pulled from the
+    registry), once it runs: by default a counter."""
+    container: dict[str, Any] = {"name": image.rsplit("/", 1)[-1].split(":")[0], "image": env.registry.reference(image)}
+    if args:
+        container["args"] = list(args)
+    pod = {
+        "apiVersion": "v1",
+        "kind": "Pod",
+        "metadata": {"name": name, "namespace": namespace},
+        "spec": {
+            "nodeSelector": {"kubernetes.io/hostname": node},
+            "containers": [container],
+            # The workloads end on SIGTERM at once.
+            "terminationGracePeriodSeconds": 5,
+        },
+    }
+    env.apply(pod)
+
+    def running() -> dict[str, Any] | None:
+        found = get_pod(env, name, namespace)
+        statuses = found["status"].get("containerStatuses") or []
+        return found if found["status"].get("phase") == "Running" and all(s["ready"] for s in statuses) else None
+
+    started: dict[str, Any] = until(
+        f"Pod {name} running", running, timeout=60, last=lambda: describe_pod(env, name, namespace)
+    )
+    return started
+
+
+def pod_count(env: Cluster, name: str, namespace: str = "default") -> int:
+    """The counter Pod's count, read in the container by `kubectl exec` (API server, then kubelet)."""
+
+    def read() -> str | None:
+        out = env.kubectl("exec", name, "-n", namespace, "--", "cat", "/tmp/count", check=False).stdout.strip()
+        return out if out.isdigit() else None  # empty for an instant while the shell rewrites it
+
+    text: str = until(f"a count from {name}", read, timeout=10)
+    return int(text)
+
+
+# --- the agent's identity -------------------------------------------------------------------------
+
+POLICY = "checkpointer-agent-own-node"
+GROUP, VERSION, PLURAL = "checkpointer.dev", "v1alpha1", "containercheckpoints"
+DENIED = f"ValidatingAdmissionPolicy '{POLICY}' with binding '{POLICY}' denied request: "
+
+
+class Agent:
+    """The Kubernetes API as the agent calls it (the same client), with one kubeconfig's credentials."""
+
+    def __init__(self, kubeconfig: Path) -> None:
+        api = kubernetes.config.new_client_from_config(config_file=str(kubeconfig))  # type: ignore[no-untyped-call]
+        self.custom = kubernetes.client.CustomObjectsApi(api)
+        self.leases = kubernetes.client.CoordinationV1Api(api)
+        self.core = kubernetes.client.CoreV1Api(api)
+
+    def patch(self, name: str, body: dict[str, Any], status: bool = False) -> Any:
+        call = (
+            self.custom.patch_namespaced_custom_object_status if status else self.custom.patch_namespaced_custom_object
+        )
+        return call(GROUP, VERSION, "default", PLURAL, name, body)
+
+    def create(self, body: dict[str, Any]) -> Any:
+        return self.custom.create_namespaced_custom_object(GROUP, VERSION, "default", PLURAL, body)
+
+
+def refused(call: Callable[[], Any]) -> str:
+    """The policy's message for a write it refused: a 403 with it, nothing else, and the write not done."""
+    try:
+        call()
+    except ApiException as e:
+        message = str(json.loads(e.body)["message"])
+        assert e.status == 403 and DENIED in message, f"{e.status}: {message}"
+        return message.split(DENIED, 1)[1]
+    raise AssertionError("the write went through")

@@ -370,7 +370,8 @@ def stopped_containers_keep_their_archive(
         )
 
     for obj in objects:
-        if obj["kind"] != "ContainerCheckpoint" or obj["spec"].get("leaveRunning"):
+        # A Pod's container is never stopped: its node's runtime leaves it running.
+        if obj["kind"] != "ContainerCheckpoint" or obj["spec"].get("leaveRunning") or obj["spec"].get("podRef"):
             continue
         if (obj.get("status") or {}).get("phase") == "Failed" and _reason(obj) in BEFORE_PODMAN:
             continue  # it ended before any container was stopped: one that is stopped was so before
@@ -405,3 +406,20 @@ def _orphan_work_folders(env: Cluster) -> list[str]:
                     contents = sorted(p.name for p in folder.iterdir())
                     violations.append(f"5. {folder} on {node} belongs to no live object (holds {contents})")
     return violations
+
+
+# --- a Pod's checkpoint --------------------------------------------------------------------------
+
+
+def runtime_files_left(env: Cluster) -> list[str]:
+    """What a node's container runtime wrote for a Pod's checkpoint and is still there once every
+    object is terminal: its FIFO (or a tar) in a work folder of the spool, or anything in the kubelet's
+    own checkpoint folder (the kubelet never empties it; the agent never writes there)."""
+    left = []
+    for node in env.nodes:
+        for spool in spool_dirs(env, node):
+            left += [f"{path} on {node}" for path in sorted(spool.glob("*/*.runtime.*"))] if spool.is_dir() else []
+        kubelet_checkpoints = env.nodes[node].state_dir / "kubelet" / "checkpoints"
+        if kubelet_checkpoints.is_dir():
+            left += [f"{path} on {node}" for path in sorted(kubelet_checkpoints.iterdir())]
+    return left

@@ -37,7 +37,31 @@ SUITE_LABEL = "test.checkpointer.dev/suite"
 SHA = "0123456789abcdef" * 4
 
 # The messages people read. Keep in sync with crds/*.yaml: that is the point of pinning them.
-M_EXACTLY_ONE_TARGET = "set exactly one of containers, all: true or latest: true to choose what to checkpoint"
+M_NODE_OR_POD = (
+    "nodeName is required: name the node whose podman holds the containers, or set podRef to checkpoint a "
+    "Pod's containers on the Pod's own node"
+)
+M_POD_EXPORTED = (
+    "a Pod's checkpoint is always exported: set export (export: {} for the default CheckpointStorage); the "
+    "node keeps no checkpoint of a Pod"
+)
+M_POD_RUNS = (
+    "a Pod's container always keeps running while it is checkpointed (the kubelet's runtime checkpoints it "
+    "and leaves it running): remove leaveRunning: false"
+)
+M_POD_NO_PRE_DUMPS = (
+    "preCheckpoint, withPrevious and previousCheckpointRef are podman's and cannot be used with podRef: the "
+    "Pod's runtime takes whole checkpoints only; remove them"
+)
+M_POD_NO_TCP_KEEP = (
+    "tcpEstablished and keep are podman's and cannot be used with podRef: the Pod's runtime checkpoints a "
+    "container with its own settings and keeps no CRIU files; remove them"
+)
+M_POD_CONTAINER = (
+    "each entry of podRef.containers must be a container name of the Pod: lowercase letters, digits and '-' "
+    "(a DNS-1123 label)"
+)
+M_EXACTLY_ONE_TARGET = "set exactly one of containers, all: true, latest: true or podRef to choose what to checkpoint"
 M_PRE_WITH_PREVIOUS = (
     "preCheckpoint and withPrevious cannot be combined (podman's --pre-checkpoint is not available "
     "with --with-previous): make the pre-checkpoint first, then a second ContainerCheckpoint with "
@@ -274,7 +298,50 @@ REJECTED = [
     # names
     ccp("ccp-bad-node-name", "spec.nodeName", M_NODE_NAME, nodeName="Node_A"),
     ccp("ccp-node-name-ends-with-dash", "spec.nodeName", M_NODE_NAME, nodeName="node-"),
-    ccp("ccp-no-node-name", "spec.nodeName", "Required value", drop=("nodeName",)),
+    ccp("ccp-no-node-name", "spec.nodeName", M_NODE_OR_POD, drop=("nodeName",)),
+    ccp("ccp-pod-and-containers", "spec", M_EXACTLY_ONE_TARGET, podRef={"name": "web"}, export={}),
+    ccp(
+        "ccp-pod-without-export",
+        "spec.podRef",
+        M_POD_EXPORTED,
+        ("containers", "nodeName"),
+        podRef={"name": "web"},
+    ),
+    ccp(
+        "ccp-pod-pre-checkpoint",
+        "spec.podRef",
+        M_POD_NO_PRE_DUMPS,
+        ("containers",),
+        podRef={"name": "web"},
+        export={},
+        preCheckpoint=True,
+    ),
+    ccp(
+        "ccp-pod-keep",
+        "spec.podRef",
+        M_POD_NO_TCP_KEEP,
+        ("containers",),
+        podRef={"name": "web"},
+        export={},
+        keep=True,
+    ),
+    ccp(
+        "ccp-pod-stopped",
+        "spec.leaveRunning",
+        M_POD_RUNS,
+        ("containers",),
+        podRef={"name": "web"},
+        export={},
+        leaveRunning=False,
+    ),
+    ccp(
+        "ccp-pod-bad-container",
+        "spec.podRef.containers[0]",
+        M_POD_CONTAINER,
+        ("containers",),
+        podRef={"name": "web", "containers": ["Web_1"]},
+        export={},
+    ),
     # ContainerRestore: source
     crst("crst-no-source", "spec.source", M_SOURCE, drop=("source",)),
     crst("crst-empty-source", "spec.source", M_SOURCE, source={}),
@@ -485,6 +552,10 @@ ACCEPTED = {
         },
         # false is the same as unset
         {"nodeName": "node-a", "containers": ["web"], "ignoreRootfs": False, "ignoreVolumes": False},
+        # A Pod's: no node needed, the runtime's own settings
+        {"podRef": {"name": "web"}, "export": {}},
+        {"nodeName": "node-a", "podRef": {"name": "web", "containers": ["web", "sidecar"]}, "export": {}},
+        {"podRef": {"name": "web"}, "export": {"storageRef": {"name": "s3"}}, "compress": "gzip", "leaveRunning": True},
     ],
     "ContainerRestore": [
         CRST,

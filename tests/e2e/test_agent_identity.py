@@ -9,27 +9,22 @@ credentials try to write node-b's objects and Lease.
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import kubernetes
 import pytest
-from kubernetes.client.exceptions import ApiException
 
-from helpers import unique, until
+from helpers import GROUP, PLURAL, VERSION, Agent, refused, unique, until
 from localenv.chart import AGENT_SA
 from localenv.controlplane import ControlPlane
 from localenv.env import NAMESPACE, LocalEnv
 
 pytestmark = pytest.mark.e2e
 
-POLICY = "checkpointer-agent-own-node"
-GROUP, VERSION, PLURAL = "checkpointer.dev", "v1alpha1", "containercheckpoints"
 CCP = f"{PLURAL}.{GROUP}"
 LEASES = "leases.coordination.k8s.io"
 NODE_LABEL = "checkpointer.dev/node"
-DENIED = f"ValidatingAdmissionPolicy '{POLICY}' with binding '{POLICY}' denied request: "
 
 
 @pytest.fixture(scope="module")
@@ -37,36 +32,6 @@ def plane(local_env: LocalEnv) -> ControlPlane:
     if not isinstance(local_env.control_plane, ControlPlane):
         pytest.skip("on kind the agents' tokens are the kubelet's; this test makes its own")
     return local_env.control_plane
-
-
-class Agent:
-    """The Kubernetes API as the agent calls it (the same client), with one kubeconfig's credentials."""
-
-    def __init__(self, kubeconfig: Path) -> None:
-        api = kubernetes.config.new_client_from_config(config_file=str(kubeconfig))  # type: ignore[no-untyped-call]
-        self.custom = kubernetes.client.CustomObjectsApi(api)
-        self.leases = kubernetes.client.CoordinationV1Api(api)
-        self.core = kubernetes.client.CoreV1Api(api)
-
-    def patch(self, name: str, body: dict[str, Any], status: bool = False) -> Any:
-        call = (
-            self.custom.patch_namespaced_custom_object_status if status else self.custom.patch_namespaced_custom_object
-        )
-        return call(GROUP, VERSION, "default", PLURAL, name, body)
-
-    def create(self, body: dict[str, Any]) -> Any:
-        return self.custom.create_namespaced_custom_object(GROUP, VERSION, "default", PLURAL, body)
-
-
-def refused(call: Callable[[], Any]) -> str:
-    """The policy's message for a write it refused: a 403 with it, nothing else, and the write not done."""
-    try:
-        call()
-    except ApiException as e:
-        message = str(json.loads(e.body)["message"])
-        assert e.status == 403 and DENIED in message, f"{e.status}: {message}"
-        return message.split(DENIED, 1)[1]
-    raise AssertionError("the write went through")
 
 
 def checkpoint_object(name: str, node: str, label: str | None = None) -> dict[str, Any]:

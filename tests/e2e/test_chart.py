@@ -239,6 +239,11 @@ def test_defaults_render_controller_and_agent_without_storage(helm: Helm) -> Non
     assert mounts["state"] == "/var/lib/checkpointer"
     assert volumes["podman-socket"]["hostPath"]["path"] == "/run/podman"
     assert mounts["podman-socket"] == "/run/podman"
+    # The node's CRI runtime (containerd by default), read-only, for Pods' containers.
+    assert env["CHECKPOINTER_CRI_SOCKET"] == "/run/containerd/containerd.sock"
+    assert volumes["cri-socket"]["hostPath"] == {"path": "/run/containerd", "type": "DirectoryOrCreate"}
+    [cri] = [m for m in agent["volumeMounts"] if m["name"] == "cri-socket"]
+    assert cri == {"name": "cri-socket", "mountPath": "/run/containerd", "readOnly": True}
 
 
 def test_values_reach_the_agent(helm: Helm) -> None:
@@ -246,6 +251,7 @@ def test_values_reach_the_agent(helm: Helm) -> None:
         {
             "image": {"repository": "registry.example.com/checkpointer", "tag": "dev", "pullPolicy": "Always"},
             "podman": {"mode": "cli", "socketPath": "/run/user/0/podman/podman.sock"},
+            "cri": {"socketPath": "/var/run/crio/crio.sock"},
             "upload": {"partSize": 64 * 1024 * 1024, "concurrency": 8, "bytesPerSecond": 100_000_000},
             "agent": {
                 "stateDir": "/srv/checkpointer",
@@ -267,8 +273,14 @@ def test_values_reach_the_agent(helm: Helm) -> None:
     assert env["CHECKPOINTER_UPLOAD_CONCURRENCY"] == "8"
     assert env["CHECKPOINTER_UPLOAD_BYTES_PER_SECOND"] == "100000000"
     assert env["CHECKPOINTER_SPOOL_DIR"] == "/srv/checkpointer/spool"
-    # The CLI runs the host's podman through nsenter: no socket to mount.
-    assert {v["name"] for v in pod["volumes"]} == {"state", "tmp"}
+    assert env["CHECKPOINTER_CRI_SOCKET"] == "/var/run/crio/crio.sock"
+    # The CLI runs the host's podman through nsenter: no socket to mount; CRI-O's socket's directory is.
+    assert {v["name"] for v in pod["volumes"]} == {"state", "tmp", "cri-socket"}
+    assert {m["name"]: m["mountPath"] for m in agent["volumeMounts"]}["cri-socket"] == "/var/run/crio"
+    # Without a CRI socket the agent checkpoints podman's containers only, and mounts nothing of it.
+    without = find(helm.render({"cri": {"socketPath": ""}}), "DaemonSet")["spec"]["template"]["spec"]
+    assert "cri-socket" not in {v["name"] for v in without["volumes"]}
+    assert "CHECKPOINTER_CRI_SOCKET" not in env_of(without["containers"][0])
     assert {m["name"]: m["mountPath"] for m in agent["volumeMounts"]}["state"] == "/srv/checkpointer"
     assert "tolerations" not in pod
     assert pod["nodeSelector"] == {"checkpointer.dev/agent": "true"}
@@ -491,6 +503,7 @@ def test_storage_encryption_secret_is_referenced_and_granted(helm: Helm) -> None
 
 def test_bad_values_are_refused_with_a_reason(helm: Helm) -> None:
     assert "podman/mode" in helm.refusal({"podman": {"mode": "socket"}})
+    assert "cri/socketPath" in helm.refusal({"cri": {"socketPath": "run/containerd/containerd.sock"}})
     assert "acessKeyID" in helm.refusal({"storage": {"acessKeyID": "typo"}})
     assert "storage.create needs storage.bucket" in helm.refusal({"storage": {"create": True}})
     assert "must be inside agent.stateDir" in helm.refusal({"agent": {"spoolDir": "/var/spool/checkpointer"}})

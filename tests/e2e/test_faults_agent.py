@@ -6,7 +6,8 @@ docs/failure-semantics.md promises, for an agent killed and started again:
   fails with CheckpointInterrupted; with a complete spool, the spool is uploaded;
 - during the upload: the spool is hashed again and the open multipart upload resumed: Succeeded;
 - during a restore's download: it downloads again: Succeeded;
-- while podman restores: never a second restore: RestoreInterrupted.
+- while podman restores: never a second restore; the restarted agent looks at what podman left:
+  the container running is Succeeded, else what podman made is removed: RestoreUndone.
 
 The moments are observed rather than timed from the object's creation: each kill waits for what
 the agent leaves on the node (its work folder, markers, the spool, the download), for the runtime
@@ -634,8 +635,12 @@ def test_agent_killed_at_ten_moments_of_a_restore(local_env: LocalEnv, capped_ag
         assert new <= {restored}, f"{context}; containers that no restore asked for: {sorted(new - {restored})}"
         assert restores <= 1, f"{context}; podman restored {restored} {restores} times"
         if where.stage in (RestoreStage.RESTORING, RestoreStage.CRIU_RESTORING):
-            # podman may have restored it, or not: the agent cannot tell, and does not restore again.
-            assert (kill.phase, kill.reason) == ("Failed", "RestoreInterrupted"), context
+            # Podman may have restored it, or not: the restarted agent looks, and never restores again.
+            if kill.phase == "Succeeded":
+                assert (state, restores) == ("running", 1), context
+            else:
+                assert (kill.phase, kill.reason) == ("Failed", "RestoreUndone"), context
+                assert state == "absent", f"{context}; what podman left was not removed"
         else:
             assert kill.phase == "Succeeded", context
             assert status["containerName"] == restored, context

@@ -1,8 +1,8 @@
 """Faults during a ContainerMigration, injected for real: either agent SIGKILLed (while podman
-checkpoints, mid-upload, mid-download), S3 stopped mid-transfer, and a restore on the target that
-fails for good. Whatever happens after the source container stopped, it ends running again on
-exactly one node: on the target when the restore can still succeed, else on the source
-(docs/failure-semantics.md). Each test ends with the invariant check."""
+checkpoints, mid-upload, mid-download, mid-stream, while podman imports), S3 stopped mid-transfer,
+and a restore on the target that fails for good. Whatever happens after the source container
+stopped, it ends running again on exactly one node: on the target when the restore can still
+succeed, else on the source (docs/failure-semantics.md). Each test ends with the invariant check."""
 
 from __future__ import annotations
 
@@ -15,9 +15,11 @@ import pytest
 from helpers import (
     MiB,
     assert_runs_on_exactly_one_node,
+    exists,
     finished,
     get,
     migration,
+    ready,
     reason_and_message,
     remove,
     unique,
@@ -46,6 +48,12 @@ def downloading(obj: dict[str, Any], at_least: int) -> bool:
     status = obj.get("status") or {}
     done = int((status.get("progress") or {}).get("bytesDone") or 0)
     return status.get("phase") == "Downloading" and done >= at_least
+
+
+def published(obj: dict[str, Any]) -> int:
+    """How many parts the checkpoint's first archive published in status.streams."""
+    streams = (obj.get("status") or {}).get("streams") or [{}]
+    return len(streams[0].get("digests") or [])
 
 
 def children(env: LocalEnv, name: str) -> tuple[str, str]:
@@ -161,3 +169,58 @@ def test_a_restore_that_fails_on_the_target_brings_the_container_back_on_the_sou
         remove(env, SOURCE, container)
         remove(env, TARGET, container)
         env.nodes[SOURCE].podman("rmi", image, check=False)
+
+
+def test_the_target_agent_killed_while_podman_imports_brings_the_container_back_on_the_source(
+    local_env: LocalEnv,
+) -> None:
+    env = local_env
+    container = workload(env, SOURCE)
+    try:
+        with faults.agent_settings(env, SOURCE, SLOW_UP):
+            name = migration(env, SOURCE, container, targetNodeName=TARGET, compress="none")
+            _, restore = children(env, name)
+            # Podman on the target imports while the archive still goes up: the tail, without which it
+            # restores nothing, is held back, and the podman the agent started dies with it.
+            wait_for(env, "crst", restore, "podman importing", lambda o: ready(o).get("reason") == "Restoring")
+            assert get(env, "ccp", name)["status"]["phase"] == "Uploading"  # type: ignore[index]
+            faults.restart_agent(env, TARGET, kill=True)
+            obj = wait_for(env, "cmig", name, "an end", finished, timeout=180)
+        followed = get(env, "crst", restore)
+        assert followed is not None and reason_and_message(followed)[0] == "RestoreUndone", followed
+        assert "nothing of this restore runs" in reason_and_message(followed)[1], followed["status"]
+        reason, message = reason_and_message(obj)
+        assert (obj["status"]["phase"], reason) == ("Failed", "RestoredOnSource"), obj["status"]
+        assert "RestoreUndone" in message, message
+        assert_runs_on_exactly_one_node(env, container, SOURCE)
+        assert not exists(env, TARGET, container), "what podman made on the target was removed"
+        check_invariants(env)
+    finally:
+        remove(env, SOURCE, container)
+        remove(env, TARGET, container)
+
+
+def test_the_source_agent_killed_mid_stream_the_container_runs_on_the_target(local_env: LocalEnv) -> None:
+    env = local_env
+    container = workload(env, SOURCE)
+    try:
+        with faults.agent_settings(env, SOURCE, SLOW_UP):
+            name = migration(env, SOURCE, container, targetNodeName=TARGET, compress="none")
+            _, restore = children(env, name)
+            # Some parts published, and the target reading them, before the checkpoint Succeeded.
+            wait_for(env, "ccp", name, "two parts published", lambda o: published(o) >= 2)
+            following = ("Streaming", "Restoring")
+            wait_for(env, "crst", restore, "the stream followed", lambda o: ready(o).get("reason") in following)
+            assert get(env, "ccp", name)["status"]["phase"] == "Uploading"  # type: ignore[index]
+            faults.restart_agent(env, SOURCE, SLOW_UP, kill=True)  # resumes from its spool, parts announced again
+            obj = wait_for(env, "cmig", name, "an end", finished, timeout=180)
+            assert obj["status"]["phase"] == "Succeeded", obj["status"]
+            assert obj["status"]["downtimeSeconds"] > 0
+        assert_runs_on_exactly_one_node(env, container, TARGET)
+        key = get(env, "ccp", name)["status"]["archives"][0]["key"]  # type: ignore[index]
+        listed = env.s3.client().list_objects_v2(Bucket=env.s3.bucket, Prefix=f"{key}.part-")
+        assert not listed.get("Contents"), "the part objects go once the archive is completed"
+        check_invariants(env)
+    finally:
+        remove(env, SOURCE, container)
+        remove(env, TARGET, container)

@@ -19,21 +19,31 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import yaml
 
-from helpers import apply, assert_stored_as_reported, checkpoint_counter, restore, unique, until, workload
+from helpers import (
+    apply,
+    assert_stored_as_reported,
+    checkpoint_counter,
+    describe_release,
+    install_release,
+    lease_holder,
+    release_pods,
+    release_values,
+    restore,
+    unique,
+    until,
+    wait_rolled_out,
+    workload,
+)
 from invariants import Container, check_invariants
 from localenv import kubelet
 from localenv.chart import CHART, RELEASE
 from localenv.cluster import ChartCluster
-from localenv.env import NAMESPACE, SECRET
+from localenv.env import STORAGE
 from localenv.images import read_count
-from localenv.procs import LocalEnvError, require, wait_until
+from localenv.procs import LocalEnvError, require
 
 pytestmark = pytest.mark.e2e
-STORAGE = "local"
-DAEMONSET = "checkpointer-agent"
-DEPLOYMENT = "checkpointer-controller"
 UPLOAD_BYTES_PER_SECOND = 8 * 2**20
 
 
@@ -58,34 +68,6 @@ def helm_env(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFa
         yield local
 
 
-def values(env: ChartCluster, **changes: Any) -> Path:
-    storage = {
-        "create": True,
-        "name": STORAGE,
-        "bucket": env.s3.bucket,
-        "endpoint": env.s3.endpoint,
-        "region": env.s3.region,
-        "forcePathStyle": True,
-        "existingSecret": SECRET,
-    }
-    chosen = env.chart_values(storage)
-    # Slow uploads, so that a checkpoint is still uploading while an upgrade rolls the agents.
-    chosen["upload"] = {"bytesPerSecond": UPLOAD_BYTES_PER_SECOND}
-    for key, value in changes.items():
-        section, name = key.split("__")
-        current = chosen.get(section)
-        chosen[section] = {**(current if isinstance(current, dict) else {}), name: value}
-    path = env.workdir / f"values-{unique('helm')}.yaml"
-    path.write_text(yaml.safe_dump(chosen))
-    return path
-
-
-def pods(env: ChartCluster, component: str) -> list[dict[str, Any]]:
-    selector = f"app.kubernetes.io/component={component}"
-    out = env.kubectl("get", "pods", "-n", NAMESPACE, "-l", selector, "-o", "json").stdout
-    return list(json.loads(out)["items"])
-
-
 def running_and_ready(obj: dict[str, Any]) -> bool:
     """A Pod Running and Ready, or a Node Ready."""
     status = obj.get("status") or {}
@@ -94,37 +76,11 @@ def running_and_ready(obj: dict[str, Any]) -> bool:
     return is_ready and (obj.get("kind") == "Node" or status.get("phase") == "Running")
 
 
-def wait_rolled_out(env: ChartCluster, timeout: str = "240s") -> None:
-    try:
-        env.kubectl("rollout", "status", f"deployment/{DEPLOYMENT}", "-n", NAMESPACE, f"--timeout={timeout}")
-        env.kubectl("rollout", "status", f"daemonset/{DAEMONSET}", "-n", NAMESPACE, f"--timeout={timeout}")
-    except Exception as err:
-        raise AssertionError(f"{err}\n{describe(env)}") from err
-
-
-def describe(env: ChartCluster) -> str:
-    out = env.kubectl("get", "pods,events", "-n", NAMESPACE, "-o", "wide", check=False)
-    return str(out.stdout) + str(out.stderr) + env.pod_logs()
-
-
 @pytest.fixture(scope="module")
 def installed(helm_env: ChartCluster) -> ChartCluster:
-    helm_env.helm("install", RELEASE, CHART, "--values", values(helm_env), "--wait", "--timeout", "5m")
-    wait_rolled_out(helm_env)
-    # An agent's Pod is Ready once it runs (it has a liveness probe only); it is at work once it holds its Lease.
-    for node in helm_env.nodes:
-        wait_until(f"agent Lease of {node}", lambda node=node: lease_holder(helm_env, node) == node, timeout=60)
-
-    def available() -> bool:
-        return bool(helm_env.kubectl("get", "cks", STORAGE, "-o", "jsonpath={.status.phase}").stdout == "Available")
-
-    wait_until(f"CheckpointStorage {STORAGE} Available", available, timeout=120)
+    # Slow uploads, so that a checkpoint is still uploading while an upgrade rolls the agents.
+    install_release(helm_env, release_values(helm_env, upload__bytesPerSecond=UPLOAD_BYTES_PER_SECOND))
     return helm_env
-
-
-def lease_holder(env: ChartCluster, node: str) -> str:
-    lease = env.kubectl("get", "lease", "-n", NAMESPACE, f"checkpointer-agent-{node}", "-o", "json", check=False)
-    return str(json.loads(lease.stdout)["spec"].get("holderIdentity", "")) if lease.returncode == 0 else ""
 
 
 def source_and_target(env: ChartCluster) -> tuple[str, str]:
@@ -149,17 +105,17 @@ def test_nodes_register_with_their_own_certificates_and_are_ready(helm_env: Char
 
 def test_helm_install_runs_the_chart_pods_on_both_nodes(installed: ChartCluster) -> None:
     env = installed
-    agents = pods(env, "agent")
-    assert sorted(p["spec"]["nodeName"] for p in agents) == sorted(env.nodes), describe(env)
-    controllers = pods(env, "controller")
-    assert len(controllers) == 2 and all(running_and_ready(p) for p in agents + controllers), describe(env)
+    agents = release_pods(env, "agent")
+    assert sorted(p["spec"]["nodeName"] for p in agents) == sorted(env.nodes), describe_release(env)
+    controllers = release_pods(env, "controller")
+    assert len(controllers) == 2 and all(running_and_ready(p) for p in agents + controllers), describe_release(env)
     for pod in agents + controllers:
         # The token is the kubelet's: a projected serviceAccountToken volume, mounted in the container.
         projected = [v for v in pod["spec"]["volumes"] if "projected" in v]
         sources = [s for v in projected for s in v["projected"]["sources"]]
         assert any("serviceAccountToken" in s for s in sources), pod["spec"]["volumes"]
         # The probe reached the container: Ready needs the liveness endpoint (restartCount stays 0).
-        assert pod["status"]["containerStatuses"][0]["restartCount"] == 0, describe(env)
+        assert pod["status"]["containerStatuses"][0]["restartCount"] == 0, describe_release(env)
     # The agents' writes pass the chart's admission policy, which needs the node claim of their tokens.
     assert all(lease_holder(env, node) == node for node in env.nodes)
     # A node's kubelet and containerd (without the Pods' shims) stay small next to everything else.
@@ -174,10 +130,10 @@ def test_counter_moves_from_node_a_to_node_b(installed: ChartCluster) -> None:
     try:
         container, name, counted, archive = checkpoint_counter(env, source)
     except AssertionError as err:
-        raise AssertionError(f"{err}\n{describe(env)}") from err
+        raise AssertionError(f"{err}\n{describe_release(env)}") from err
     assert_stored_as_reported(env, archive)
     status = restore(env, target, {"checkpointRef": {"name": name}})["status"]
-    assert status["phase"] == "Succeeded", f"{status}\n{describe(env)}"
+    assert status["phase"] == "Succeeded", f"{status}\n{describe_release(env)}"
     time.sleep(1)
     assert read_count(env.nodes[target], container) > counted
     env.nodes[target].podman("rm", "-f", container)
@@ -186,7 +142,7 @@ def test_counter_moves_from_node_a_to_node_b(installed: ChartCluster) -> None:
 def test_upgrade_rolls_the_agents_and_a_checkpoint_in_flight_ends(installed: ChartCluster) -> None:
     env = installed
     source, _ = source_and_target(env)
-    before = {p["metadata"]["name"] for p in pods(env, "agent")}
+    before = {p["metadata"]["name"] for p in release_pods(env, "agent")}
     # Incompressible: about 12 s of upload at the first release's rate.
     container = workload(env, source, mib=96)
     name = unique("ccp")
@@ -194,9 +150,18 @@ def test_upgrade_rolls_the_agents_and_a_checkpoint_in_flight_ends(installed: Cha
     phase = env.wait_phase("ccp", name, ["Uploading", "Succeeded", "Failed"], timeout=60)["status"]["phase"]
     assert phase == "Uploading", "the checkpoint is in flight when the upgrade begins"
     # The changed value: no upload cap. It is in the agent's environment, so every agent Pod is replaced.
-    env.helm("upgrade", RELEASE, CHART, "--values", values(env, upload__bytesPerSecond=0), "--wait", "--timeout", "5m")
+    env.helm(
+        "upgrade",
+        RELEASE,
+        CHART,
+        "--values",
+        release_values(env, upload__bytesPerSecond=0),
+        "--wait",
+        "--timeout",
+        "5m",
+    )
     wait_rolled_out(env)
-    after = pods(env, "agent")
+    after = release_pods(env, "agent")
     assert not before & {p["metadata"]["name"] for p in after}, "every agent Pod was replaced"
     assert all(
         e["value"] == "0"
@@ -206,7 +171,7 @@ def test_upgrade_rolls_the_agents_and_a_checkpoint_in_flight_ends(installed: Cha
     )
     status = env.wait_phase("ccp", name, ["Succeeded", "Failed"], timeout=300)["status"]
     # The old agent gave the upload up on SIGTERM with its archive spooled; the new one resumes it.
-    assert status["phase"] == "Succeeded", f"{status}\n{describe(env)}"
+    assert status["phase"] == "Succeeded", f"{status}\n{describe_release(env)}"
     assert_stored_as_reported(env, status["archives"][0])
     check_invariants(env, stopped=[Container(source, container)])
 
@@ -216,9 +181,9 @@ def test_uninstall_leaves_no_pods_and_keeps_the_crds(installed: ChartCluster) ->
     env.helm("uninstall", RELEASE, "--wait", "--timeout", "5m")
     until(
         "no Pods left",
-        lambda: not (pods(env, "agent") + pods(env, "controller")),
+        lambda: not (release_pods(env, "agent") + release_pods(env, "controller")),
         timeout=120,
-        last=lambda: describe(env),
+        last=lambda: describe_release(env),
     )
     crds = env.kubectl("get", "crd", "-o", "name").stdout.split()
     assert {c for c in crds if c.endswith(".checkpointer.dev")}, crds

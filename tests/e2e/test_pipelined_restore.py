@@ -76,6 +76,33 @@ def test_a_pipelined_restore_continues_the_count_on_the_other_node(local_env: Lo
     check_invariants(local_env)
 
 
+def test_a_restore_whose_agent_comes_after_its_checkpoint_succeeded_still_streams(local_env: LocalEnv) -> None:
+    env = local_env
+    container = counter(env, SOURCE, running_for=1)
+    # The target's agent away while the checkpoint runs and succeeds, as an agent just started is
+    # late to a restore created with a small checkpoint: its Lease still lets the controller accept it.
+    env.stop_agent(TARGET)
+    try:
+        checkpoint = _checkpoint(env, container)
+        name = _restore(env, checkpoint)
+        env.wait_phase("ccp", checkpoint, ["Succeeded"], timeout=120)
+        accepted = get(env, "crst", name)
+        assert accepted is not None and not (accepted["status"].get("archive") or {}).get("key"), accepted["status"]
+    finally:
+        env.start_agent(TARGET, {})
+    obj, seen = _reasons_until_finished(env, "crst", name)
+    assert obj["status"]["phase"] == "Succeeded", obj["status"]
+    assert "Downloading" not in seen, seen
+    log = (env.supervisor.log_dir / f"agent-{TARGET}.log").read_text(errors="replace")
+    assert f"restore default/{name}: streams " in log and f"from {checkpoint} (Succeeded" in log
+    counted = int(env.nodes[SOURCE].podman("logs", container).stdout.decode().split()[-1])
+    time.sleep(1.5)
+    assert read_count(env.nodes[TARGET], container) > counted
+    env.nodes[SOURCE].podman("rm", "-f", container)
+    env.nodes[TARGET].podman("rm", "-f", container)
+    check_invariants(env)
+
+
 def test_a_checkpoint_that_ends_without_its_archive_fails_its_restore_and_nothing_runs_on_the_target(
     local_env: LocalEnv,
 ) -> None:
@@ -126,7 +153,7 @@ def test_a_tampered_part_is_refused_before_podman_sees_it(local_env: LocalEnv) -
             f"checkpoint {checkpoint} to publish its first part",
             lambda: (
                 (obj := get(env, "ccp", checkpoint)) is not None
-                and ((obj.get("status") or {}).get("streams") or [{}])[0].get("parts")
+                and ((obj.get("status") or {}).get("streams") or [{}])[0].get("digests")
                 and obj["status"]["streams"][0]
             ),
             120,

@@ -9,15 +9,13 @@ checkpoints through a node's runtime are of this kind.
 from __future__ import annotations
 
 import ipaddress
-import json
 import os
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import pytest
 
-from helpers import unique, until
+from helpers import pod_count, run_pod, unique, until
 from localenv import kubelet
 from localenv.images import COUNTER
 from localenv.kubelet import KubeletCluster
@@ -36,52 +34,11 @@ def pod_nodes(tmp_path_factory: pytest.TempPathFactory) -> Iterator[KubeletClust
         yield cluster
 
 
-def get_pod(env: KubeletCluster, name: str) -> dict[str, Any]:
-    return dict(json.loads(env.kubectl("get", "pod", name, "-o", "json").stdout))
-
-
-def describe(env: KubeletCluster, name: str) -> str:
-    out = env.kubectl("get", "pod", name, "-o", "yaml", check=False).stdout
-    events = env.kubectl("get", "events", "--field-selector", f"involvedObject.name={name}", check=False).stdout
-    return f"{out}\n{events}\n{env.pod_logs()}"
-
-
-def count(env: KubeletCluster, name: str) -> int:
-    """The counter's count, read in the container by `kubectl exec` (API server, then kubelet)."""
-    text: str = until(
-        f"a count from {name}",
-        # The file is empty for an instant while the shell rewrites it.
-        lambda: (
-            (out := env.kubectl("exec", name, "--", "cat", "/tmp/count", check=False).stdout.strip()).isdigit() and out
-        ),
-        timeout=10,
-    )
-    return int(text)
-
-
 def test_counter_pod_with_its_own_network_runs_from_the_registry(pod_nodes: KubeletCluster) -> None:
     env = pod_nodes
-    image = env.registry.reference(COUNTER)
     name = unique("counter")
-    pod = {
-        "apiVersion": "v1",
-        "kind": "Pod",
-        "metadata": {"name": name, "namespace": "default"},
-        "spec": {
-            "nodeSelector": {"kubernetes.io/hostname": NODE},
-            "containers": [{"name": "counter", "image": image}],
-            # The counter ends on SIGTERM at once.
-            "terminationGracePeriodSeconds": 5,
-        },
-    }
-    env.apply(pod)
-
-    def running() -> dict[str, Any] | None:
-        found = get_pod(env, name)
-        statuses = found["status"].get("containerStatuses") or []
-        return found if found["status"].get("phase") == "Running" and all(s["ready"] for s in statuses) else None
-
-    started = until(f"Pod {name} running", running, timeout=60, last=lambda: describe(env, name))
+    started = run_pod(env, NODE, name)
+    image = env.registry.reference(COUNTER)
     status = started["status"]
     assert started["spec"]["nodeName"] == NODE
     assert not started["spec"].get("hostNetwork")
@@ -100,8 +57,8 @@ def test_counter_pod_with_its_own_network_runs_from_the_registry(pod_nodes: Kube
     assert sorted(line.split(":")[0].strip() for line in devices) == ["eth0", "lo"], devices
 
     # The count goes on.
-    first = count(env, name)
-    until(f"{name} counting on from {first}", lambda: count(env, name) > first, timeout=10)
+    first = pod_count(env, name)
+    until(f"{name} counting on from {first}", lambda: pod_count(env, name) > first, timeout=10)
     logs = env.kubectl("logs", name, "--tail=1").stdout.strip()
     assert int(logs) > first
 

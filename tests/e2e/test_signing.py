@@ -8,7 +8,6 @@ manifests).
 
 from __future__ import annotations
 
-import base64
 import hashlib
 import json
 import statistics
@@ -16,27 +15,28 @@ import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Any
 
 import kubernetes
 import pytest
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
-from cryptography.hazmat.primitives.serialization import load_pem_public_key
 
 from helpers import (
+    PUBLIC_KEY,
     apply,
     checkpoint,
     counter,
     delete,
     exists,
     get,
+    manifest_key,
     members,
+    public_keys,
     ready,
     restore,
     state,
     storage_accepting_unsigned,
     unique,
     until,
+    verify_manifest,
     wait_for,
     workload,
 )
@@ -48,7 +48,7 @@ from localenv.procs import run
 pytestmark = pytest.mark.e2e
 
 SIGNING_KEY = "checkpointer-signing-key"
-PUBLIC_KEY = "checkpointer-signing-public-key"
+
 AGENT_SA = "system:serviceaccount:checkpointer-system:checkpointer-agent"
 CONTROLLER_SA = "system:serviceaccount:checkpointer-system:checkpointer-controller"
 
@@ -70,30 +70,6 @@ def s3_get(env: LocalEnv, key: str) -> bytes:
 
 def s3_put(env: LocalEnv, key: str, body: bytes) -> None:
     env.s3.client().put_object(Bucket=env.s3.bucket, Key=key, Body=body)
-
-
-def manifest_key(archive_key: str) -> str:
-    return archive_key.rsplit("/", 1)[0] + "/manifest.json"
-
-
-def public_keys(env: LocalEnv) -> dict[str, Ed25519PublicKey]:
-    out = env.kubectl("get", "configmap", PUBLIC_KEY, "-n", NAMESPACE, "-o", "json")
-    keys = {}
-    for name, pem in json.loads(out.stdout)["data"].items():
-        if name.endswith(".pub"):
-            key = load_pem_public_key(pem.encode())
-            assert isinstance(key, Ed25519PublicKey)
-            keys[hashlib.sha256(key.public_bytes_raw()).hexdigest()] = key
-    return keys
-
-
-def verify(manifest: dict[str, Any], keys: dict[str, Ed25519PublicKey]) -> None:
-    """The contract of docs/api.md, checked here without the product's code."""
-    signature = manifest["signature"]
-    assert signature["algorithm"] == "Ed25519"
-    content = {k: v for k, v in manifest.items() if k != "signature"}
-    canonical = json.dumps(content, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode()
-    keys[signature["keyID"]].verify(base64.b64decode(signature["value"]), canonical)
 
 
 def plain_podman_export(env: LocalEnv, node: str, container: str) -> bytes:
@@ -166,7 +142,7 @@ def test_checkpoint_is_signed_by_the_controller_and_restores(local_env: LocalEnv
     archive = status["archives"][0]
     raw = s3_get(env, manifest_key(archive["key"]))
     manifest = json.loads(raw)
-    verify(manifest, keys)
+    verify_manifest(manifest, keys)
     assert manifest["namespace"] == "default" and manifest["nodeName"] == "node-a"
     assert manifest["uid"] == obj["metadata"]["uid"]
     [entry] = manifest["archives"]
@@ -360,7 +336,7 @@ def test_signing_waits_for_the_controller_and_a_restarted_agent_does_not_checkpo
         env.start_controller()
     obj = env.wait_phase("ccp", names[kept], ["Succeeded", "Failed"], timeout=60)
     assert obj["status"]["phase"] == "Succeeded", obj["status"]
-    verify(json.loads(s3_get(env, manifest_key(obj["status"]["archives"][0]["key"]))), public_keys(env))
+    verify_manifest(json.loads(s3_get(env, manifest_key(obj["status"]["archives"][0]["key"]))), public_keys(env))
     dropped_key = handed[dropped]["status"]["archives"][0]["key"]
     deadline = time.monotonic() + 60
     while get(env, "ccp", names[dropped]) is not None:

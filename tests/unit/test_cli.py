@@ -359,3 +359,30 @@ def test_the_namespace_is_the_contexts_as_kubectl_reads_it(tmp_path: Path) -> No
     assert context_namespace(str(path), "plain") == "default"
     with pytest.raises(CliError, match="not in the kubeconfig"):
         context_namespace(str(path), "elsewhere")
+
+
+def test_a_pods_checkpoint_names_the_pod_and_its_containers() -> None:
+    runner = CliRunner()
+    args = ["checkpoint", "pod/counter", "-c", "counter", "-n", "shop", "--dry-run", "-o", "json", "--name", "c"]
+    result = runner.invoke(cli, args)
+    assert result.exit_code == 0, result.output
+    doc = json.loads(result.output)
+    assert doc["metadata"] == {"name": "c", "namespace": "shop"}
+    # No node: the controller takes the Pod's. Always exported: alone, to the default storage.
+    assert doc["spec"] == {"podRef": {"name": "counter", "containers": ["counter"]}, "export": {}}
+    stored = runner.invoke(
+        cli, ["checkpoint", "po/web", "--export=cold", "--compress", "gzip", "-n", "s", "--dry-run", "-o", "json"]
+    )
+    assert json.loads(stored.output)["spec"] == {
+        "podRef": {"name": "web"},
+        "export": {"storageRef": {"name": "cold"}},
+        "compress": "gzip",
+    }
+    for args, words in [
+        (["pod/web", "node-a/db"], "pod/NAME checkpoints one Pod"),
+        (["pod/web", "--leave-running"], "always keep running"),
+        (["node-a/web", "-c", "web"], "use it with pod/NAME"),
+        (["pod/"], "is not pod/NAME"),
+    ]:
+        refused = runner.invoke(cli, ["checkpoint", *args, "-n", "s", "--dry-run"])
+        assert refused.exit_code == 1 and words in refused.output, refused.output

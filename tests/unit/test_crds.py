@@ -52,6 +52,10 @@ SPEC_FIELDS = {
         "compress": "string",
         "ignoreRootfs": "boolean",
         "ignoreVolumes": "boolean",
+        "podRef": "object",
+        "podRef.name": "string",
+        "podRef.containers": "array",
+        "podRef.containers[]": "string",
     },
     "ContainerRestore": {
         "nodeName": "string",
@@ -157,8 +161,8 @@ STATUS_FIELDS = {
         "streams[].container": "string",
         "streams[].key": "string",
         "streams[].partSize": "integer",
-        "streams[].parts": "array",
-        "streams[].parts[]": "string",
+        "streams[].digests": "array",
+        "streams[].digests[]": "string",
         "streams[].size": "integer",
         "archives[].key": "string",
         "archives[].size": "integer",
@@ -256,8 +260,10 @@ PRINTER_COLUMNS = {
 
 REQUIRED_SPEC = {
     "ContainerCheckpoint": {
-        "": ["nodeName"],
+        # nodeName: required unless podRef is set, a CEL rule
+        "": None,
         "previousCheckpointRef": ["name"],
+        "podRef": ["name"],
         "export.storageRef": ["name"],
     },
     "ContainerRestore": {
@@ -464,7 +470,13 @@ def test_checkpoint_rules() -> None:
     kind = "ContainerCheckpoint"
     spec_messages = rule_messages(kind, "spec")
     for words in [
-        "exactly one of containers, all: true or latest: true",
+        "exactly one of containers, all: true, latest: true or podRef",
+        "nodeName is required",
+        "a Pod's checkpoint is always exported",
+        "a Pod's container always keeps running",
+        "preCheckpoint, withPrevious and previousCheckpointRef are podman's and cannot be used with podRef",
+        "tcpEstablished and keep are podman's and cannot be used with podRef",
+        "ignoreRootfs and ignoreVolumes are podman's and cannot be used with podRef",
         "preCheckpoint and withPrevious cannot be combined",
         "previousCheckpointRef is only allowed with withPrevious",
         "withPrevious: true needs previousCheckpointRef",

@@ -160,6 +160,9 @@ def test_a_restore_that_fails_for_good_is_followed_by_one_on_the_source() -> Non
     # Interrupted while podman restored: it may run on the target; a copy on the source could run beside it.
     unknown = rules.step(started(restoreRef={"name": "m"}), Children(done, crst("Failed", reason="RestoreInterrupted")))
     assert unknown is not None and unknown.phase == Phase.FAILED and unknown.create == ""
+    # Interrupted, and the restarted agent found nothing of it running (and removed what podman made).
+    undone = rules.step(started(restoreRef={"name": "m"}), Children(done, crst("Failed", reason="RestoreUndone")))
+    assert undone is not None and undone.create == "fallback" and undone.phase == Phase.RESTORING
 
 
 def test_only_changes_are_written() -> None:

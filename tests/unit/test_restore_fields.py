@@ -3,16 +3,25 @@ archive's named volumes, and a failed restore's cleanup of its name (docs/securi
 
 from __future__ import annotations
 
+import subprocess
+import sys
 import threading
 import time
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+from unittest.mock import patch
 
 import pytest
 
-from checkpointer.adapters.podman import Container, Labelled, _labelled
+from checkpointer.adapters.podman import Container, Labelled, _container, _labelled, restore_in_progress
+from checkpointer.archive.workfolder import PodmanRestore, WorkFolder
 from checkpointer.errors import Failure
 from checkpointer.models import ContainerRestore
 from checkpointer.reasons import Reason
+from checkpointer.services import restore as restore_service
 from checkpointer.services.restore import (
+    RESTORING,
     Claims,
     created_by_restore,
     joined_networks,
@@ -207,3 +216,96 @@ def test_claims_hold_a_name_for_one_restore_at_a_time() -> None:
     with claims.hold(["container other"]):  # another name does not wait
         pass
     assert claims._claims == {}, "a claim nobody holds is forgotten"
+
+
+def test_a_restarted_agent_sees_the_podman_that_outlived_it_by_the_import_it_names(tmp_path: Path) -> None:
+    folder = tmp_path / "restore_default_r_0f1e2d3c-4b5a-6978-8796-a5b4c3d2e1f0"
+    assert not restore_in_progress(str(folder))
+    # A process with podman's command line: `... container restore --print-stats --import=<folder>/<file>`.
+    argv = [sys.executable, "-c", "import time; time.sleep(30)", "container", "restore", f"--import={folder}/a.tar"]
+    outlived = subprocess.Popen(argv)
+    try:
+        until = time.monotonic() + 10
+        while not restore_in_progress(str(folder)) and time.monotonic() < until:
+            time.sleep(0.05)
+        assert restore_in_progress(str(folder))
+        assert not restore_in_progress(str(tmp_path / "restore_default_other"))
+    finally:
+        outlived.kill()
+        outlived.wait()
+    assert not restore_in_progress(str(folder))
+
+
+def test_a_running_container_says_when_podman_restored_it() -> None:
+    state = {"Status": "running", "Running": True, "StartedAt": "2026-12-07T22:00:00.5Z"}
+    restored = _container({"Id": "a", "Name": "web", "State": {**state, "RestoredAt": "2026-12-07T22:00:01.25Z"}})
+    assert restored.started_at == "2026-12-07T22:00:01.25Z"
+    started = _container({"Id": "a", "Name": "web", "State": {**state, "RestoredAt": "0001-01-01T00:00:00Z"}})
+    assert started.started_at == "2026-12-07T22:00:00.5Z"
+    created = _container({"Id": "a", "Name": "web", "State": {"Status": "created", "Running": False}})
+    assert not created.running and created.started_at == ""
+
+
+class _Podman:
+    """A node's podman as a restarted agent finds it: one container holding the name, or none."""
+
+    def __init__(self, found: Container | None) -> None:
+        self.found = found
+        self.removed: list[str] = []
+
+    def inspect(self, name: str) -> Container | None:
+        return self.found if self.found is not None and self.found.name == name else None
+
+    def remove(self, container: Container) -> None:
+        self.removed.append(container.id)
+
+
+class _Status:
+    def __init__(self) -> None:
+        self.written: list[tuple[str, str, Any]] = []
+
+    def phase(self, phase: str, reason: str, message: str, *, patch: Any = None) -> None:
+        self.written.append((phase, reason, patch))
+
+
+def _after_restart(tmp_path: Path, podman: _Podman, record: bool = True) -> _Status:
+    status = _Status()
+    node = SimpleNamespace(runtime=podman, settings=Settings(namespace="checkpointer-system"))
+    folder = WorkFolder(tmp_path / "restore_default_r_u")
+    if record:
+        folder.save_podman_restore(PodmanRestore("web", "a" * 64, ("old",)))
+    folder.mark(RESTORING)
+    with patch.object(restore_service, "SETTLE_SECONDS", 0.0):
+        restore_service.interrupted(node, restore("team-a"), status, folder)  # type: ignore[arg-type]
+    return status
+
+
+def test_a_restarted_agent_finds_podman_finished_and_the_restore_succeeded(tmp_path: Path) -> None:
+    running = Container("a" * 64, "web", "running", started_at="2026-12-07T22:00:01.25Z")
+    podman = _Podman(running)
+    status = _after_restart(tmp_path, podman)
+    [(phase, reason, fields)] = status.written
+    assert (phase, reason, podman.removed) == ("Succeeded", "Succeeded", [])
+    assert fields.running_time == "2026-12-07T22:00:01.250000Z" and fields.container_id == "a" * 64
+
+
+def test_a_restarted_agent_removes_what_podman_made_and_never_started(tmp_path: Path) -> None:
+    made = _Podman(Container("a" * 64, "web", "created"))
+    with pytest.raises(Failure) as undone:
+        _after_restart(tmp_path, made)
+    assert undone.value.reason == Reason.RESTORE_UNDONE and "removed" in undone.value.message
+    assert made.removed == ["a" * 64]
+    with pytest.raises(Failure) as nothing:
+        _after_restart(tmp_path, _Podman(None))
+    assert nothing.value.reason == Reason.RESTORE_UNDONE and "made no container" in nothing.value.message
+    # The name's holder from before the restore is not this restore's: left alone.
+    before = _Podman(Container("old", "web", "running"))
+    with pytest.raises(Failure) as other:
+        _after_restart(tmp_path, before)
+    assert other.value.reason == Reason.RESTORE_UNDONE and before.removed == []
+
+
+def test_without_the_record_of_what_podman_was_asked_the_agent_cannot_tell(tmp_path: Path) -> None:
+    with pytest.raises(Failure) as unknown:
+        _after_restart(tmp_path, _Podman(Container("a" * 64, "web", "running")), record=False)
+    assert unknown.value.reason == Reason.RESTORE_INTERRUPTED

@@ -6,7 +6,7 @@ from pathlib import Path
 
 from checkpointer.archive.spool import Digest
 from checkpointer.archive.store import composite_checksum
-from checkpointer.archive.workfolder import SpoolRecord, Target, UploadState, WorkFolder
+from checkpointer.archive.workfolder import PodmanRestore, SpoolRecord, Target, UploadState, WorkFolder
 from checkpointer.models import Compression, Metadata
 from checkpointer.services.checkpoint import retry_delay
 
@@ -20,6 +20,8 @@ def test_records_round_trip(tmp_path: Path) -> None:
     folder.save_spool_record(record)
     folder.save_upload_state("web", UploadState(key="k", storage="s", upload_id="u"))
     folder.mark("web")
+    folder.save_podman_restore(PodmanRestore("web", "a" * 64, ("b" * 64,)))
+    assert folder.podman_restore() == PodmanRestore("web", "a" * 64, ("b" * 64,))
     assert folder.targets() == [Target("web", "a" * 64)]
     assert folder.spool_record("web") == record
     assert folder.upload_states() == {"web": UploadState(key="k", storage="s", upload_id="u")}
@@ -37,6 +39,8 @@ def test_a_record_a_crash_left_empty_or_cut_loads_as_absent(tmp_path: Path) -> N
     assert folder.targets() is None
     assert folder.spool_record("web") is None
     assert folder.upload_state("web") is None
+    folder.file("podman-restore.json").write_text('{"name": "web"}')
+    assert folder.podman_restore() is None
 
 
 def test_only_work_folders_name_an_object() -> None:

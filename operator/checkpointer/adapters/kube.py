@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import datetime
+import json
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -252,6 +253,19 @@ class Kube:
         # A JSON merge patch cannot drop keys that `data` no longer has: replace the whole map.
         patch = [{"op": "add", "path": "/data", "value": data}]  # add replaces a member that exists
         self.core.patch_namespaced_config_map(name, namespace, patch)
+
+    # --- Pods ---------------------------------------------------------------------------------
+
+    def pod(self, namespace: str, name: str) -> dict[str, Any] | None:
+        """The Pod as the API server sends it, in its JSON form (camelCase keys); None when there is none."""
+
+        def read() -> object:
+            return self.core.read_namespaced_pod(name, namespace, _preload_content=False)
+
+        response = _found(read)
+        if response is None:
+            return None
+        return cast(dict[str, Any], json.loads(response.data))  # type: ignore[attr-defined]
 
     # --- nodes and agent leases -----------------------------------------------------------------
 

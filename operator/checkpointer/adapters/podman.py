@@ -58,6 +58,8 @@ class Container:
     labels: tuple[tuple[str, str], ...] = ()
     # Seconds since the epoch: what `latest` compares (the CLI's list gives whole seconds).
     created: float = 0.0
+    # When it began to run, as podman's inspection says (RFC 3339; a restored container's restore).
+    started_at: str = ""
 
     @property
     def running(self) -> bool:
@@ -151,7 +153,11 @@ class Runtime(Protocol):
 def _container(data: dict[str, Any]) -> Container:
     names = data.get("Names") or [data.get("Name", "")]
     state = data.get("State")
+    started = ""
     if isinstance(state, dict):
+        # Podman writes the zero time (year 1) for what never happened.
+        times = [str(state.get(k) or "") for k in ("RestoredAt", "StartedAt")]
+        started = next((t for t in times if t and not t.startswith("0001-")), "") if state.get("Running") else ""
         state = state.get("Status", "")
     labels = data.get("Labels") or (data.get("Config") or {}).get("Labels") or {}
     return Container(
@@ -161,6 +167,7 @@ def _container(data: dict[str, Any]) -> Container:
         static_dir=str(data.get("StaticDir", "")),
         labels=tuple(sorted(labels.items())),
         created=_created(data.get("Created")),
+        started_at=started,
     )
 
 
@@ -694,7 +701,26 @@ def checkpoint_in_progress(container_id: str) -> bool:
     the container's state says nothing yet. runc names the container's full id on its command line;
     with the host's PID namespace, /proc shows every process of the node.
     """
-    pattern = re.compile(rb"\0checkpoint\0.*\0" + re.escape(container_id.encode()) + rb"\0", re.DOTALL)
+    return _running_process(rb"\0checkpoint\0.*\0" + re.escape(container_id.encode()) + rb"\0")
+
+
+def restore_in_progress(import_dir: str, container_id: str = "") -> bool:
+    """Whether podman (or its OCI runtime) still restores on this node what an agent gave it to import.
+
+    A podman CLI started by an agent that was killed may go on: its command line names the import,
+    a file or FIFO in `import_dir`. Once it made the container, runc restores it under its full id.
+    """
+    folder = re.escape(import_dir.rstrip("/").encode() + b"/")
+    patterns = [rb"\0container\0restore\0.*" + folder]
+    if container_id:
+        patterns.append(rb"\0restore\0.*\0" + re.escape(container_id.encode()) + rb"\0")
+    return _running_process(b"|".join(b"(?:" + p + b")" for p in patterns))
+
+
+def _running_process(command_line: bytes) -> bool:
+    """Whether a process of the node has a command line (its arguments, NUL-separated and -ended,
+    with a NUL before the first) that the pattern finds."""
+    pattern = re.compile(command_line, re.DOTALL)
     for proc in Path("/proc").iterdir():
         if not proc.name.isdigit():
             continue

@@ -24,7 +24,7 @@ from checkpointer.agent.lease import NodeLease
 from checkpointer.agent.sweeper import Sweeper
 from checkpointer.archive.spool import spool_usage
 from checkpointer.memory import InFlight, Memory
-from checkpointer.models import ObjectStatus
+from checkpointer.models import ObjectStatus, node_of
 from checkpointer.reasons import FINISHED, Phase
 from checkpointer.services import checkpoint, restore
 from checkpointer.services.node import Node
@@ -36,15 +36,17 @@ log = logging.getLogger(__name__)
 def elsewhere(body: Mapping[str, Any], node: str) -> str | None:
     """Why the agent of `node` must not act on this object; None when it may. Pure.
 
-    Both its spec.nodeName (immutable, checked by the controller when it scheduled the object) and its
-    node label (which this agent's watch selects on, and which anyone who may edit the object can
-    change) must name the node: a tenant who relabels their object must not move it to another node.
+    Both its spec.nodeName (immutable, checked by the controller when it scheduled the object; for a
+    Pod's checkpoint without one, the Pod's node the controller recorded in status) and its node
+    label (which this agent's watch selects on, and which anyone who may edit the object can change)
+    must name the node: a tenant who relabels their object must not move it to another node.
     """
     meta = body.get("metadata") or {}
-    scheduled = (body.get("spec") or {}).get("nodeName")
+    scheduled = node_of(body)
     label = (meta.get("labels") or {}).get(NODE_LABEL)
     if scheduled != node:
-        return f"its spec.nodeName is {scheduled!r}, not this node {node!r} (its label {NODE_LABEL} is {label!r})"
+        field = "spec.nodeName" if (body.get("spec") or {}).get("nodeName") else "node (its Pod's, in status.nodeName)"
+        return f"its {field} is {scheduled!r}, not this node {node!r} (its label {NODE_LABEL} is {label!r})"
     if label != node:
         return f"its label {NODE_LABEL} is {label!r} now, not this node {node!r}"
     return None

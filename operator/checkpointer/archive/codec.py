@@ -9,7 +9,7 @@ import posixpath
 import re
 import tarfile
 from collections import deque
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -301,6 +301,112 @@ def read_configuration(path: Path, whole: bool) -> ContainerConfiguration:
         if name not in found:
             raise CorruptArchive(f"the archive holds no {name}: it is not a podman checkpoint")
     return ContainerConfiguration(config=found[CONFIG_DUMP], spec=found[SPEC_DUMP])
+
+
+class ConfigurationTap:
+    """Keeps config.dump and spec.dump of a plain tar streaming past (a Pod's, as its container runtime
+    writes it), each up to DUMP_LIMIT, without holding anything else: a header at a time, the data of
+    those two members, the pax and GNU long names (up to EXTENDED_HEADER_LIMIT) that rename the next
+    member. What cannot be read leaves the two out; the stream goes on unchanged either way."""
+
+    BLOCK = 512
+
+    def __init__(self) -> None:
+        self.files: dict[str, bytes] = {}
+        self._header = bytearray()
+        self._remaining = 0  # data bytes of the current member still to come
+        self._padding = 0
+        self._keep: bytearray | None = None  # the current member's data, when it is kept
+        self._kind = b""
+        self._name = ""
+        self._next_name = ""  # from a pax record or a GNU long name, for the member after
+        self._ended = False
+
+    def tap(self, chunks: Iterable[Chunk]) -> Iterator[Chunk]:
+        for chunk in chunks:
+            if not self._ended:
+                try:
+                    self._feed(memoryview(chunk).cast("B"))
+                except ValueError:  # not a tar this reader understands: nothing is kept
+                    self._ended = True
+                    self.files.clear()
+            yield chunk
+
+    def _feed(self, data: memoryview) -> None:
+        at = 0
+        while at < len(data) and not self._ended:
+            if self._remaining:
+                take = min(self._remaining, len(data) - at)
+                if self._keep is not None:
+                    self._keep += data[at : at + take]
+                at += take
+                self._remaining -= take
+                if not self._remaining:
+                    self._member_done()
+            elif self._padding:
+                take = min(self._padding, len(data) - at)
+                at += take
+                self._padding -= take
+            else:
+                take = min(self.BLOCK - len(self._header), len(data) - at)
+                self._header += data[at : at + take]
+                at += take
+                if len(self._header) == self.BLOCK:
+                    self._header_done(bytes(self._header))
+                    self._header.clear()
+
+    def _header_done(self, header: bytes) -> None:
+        if header == bytes(self.BLOCK):
+            self._ended = True  # the end-of-archive blocks
+            return
+        size_field = header[124:136]
+        if size_field[0] & 0x80:  # base-256
+            size = int.from_bytes(size_field[1:], "big")
+        else:
+            size = int(size_field.rstrip(b"\0 ").strip() or b"0", 8)
+        self._kind = header[156:157]
+        name = header[0:100].split(b"\0", 1)[0].decode(errors="replace")
+        prefix = header[345:500].split(b"\0", 1)[0].decode(errors="replace") if header[257:262] == b"ustar" else ""
+        self._name = self._next_name or (f"{prefix}/{name}" if prefix else name)
+        self._remaining, self._padding = size, -size % self.BLOCK
+        extended = self._kind in (b"x", b"L")
+        wanted = self._kind in (b"0", b"\0") and posixpath.normpath("/" + self._name).lstrip("/") in (
+            CONFIG_DUMP,
+            SPEC_DUMP,
+        )
+        if extended and size > EXTENDED_HEADER_LIMIT:
+            raise ValueError("an extended header past its limit")
+        self._keep = bytearray() if (extended or (wanted and size <= DUMP_LIMIT)) else None
+        if not extended:
+            self._next_name = ""
+        if not size:
+            self._member_done()
+
+    def _member_done(self) -> None:
+        kept = bytes(self._keep) if self._keep is not None else None
+        self._keep = None
+        if kept is None:
+            return
+        if self._kind == b"L":
+            self._next_name = kept.split(b"\0", 1)[0].decode(errors="replace")
+        elif self._kind == b"x":
+            for record in _pax_records(kept):
+                if record[0] == "path":
+                    self._next_name = record[1]
+        else:
+            self.files[posixpath.normpath("/" + self._name).lstrip("/")] = kept
+
+
+def _pax_records(data: bytes) -> Iterator[tuple[str, str]]:
+    """The `key=value` records of a pax header (`<length> key=value\\n`, the length counting all)."""
+    at = 0
+    while at < len(data):
+        space = data.index(b" ", at)
+        length = int(data[at:space])
+        record = data[space + 1 : at + length - 1]
+        key, _, value = record.partition(b"=")
+        yield key.decode(errors="replace"), value.decode(errors="replace")
+        at += length
 
 
 # The tars inside an archive that podman unpacks on the node: rootfs-diff.tar into the container's

@@ -75,6 +75,17 @@ class Entry(Model):
     # podman compressed it (its zstd frame does not say).
     uncompressed_size: int | None = None
     encryption: Encryption | None = None
+    # A Pod's container (podRef): the image as the Pod's spec names it, and the runtime's reference to
+    # it, the repository digest (`<repository>@sha256:…`) of an image pulled from a registry.
+    image: str | None = None
+    image_id: str | None = Field(default=None, alias="imageID")
+
+
+class PodImage(Model):
+    """A Pod's container's image, for its manifest entry."""
+
+    image: str
+    image_id: str = Field(default="", alias="imageID")
 
 
 class Manifest(Model):
@@ -92,22 +103,31 @@ class Manifest(Model):
     start_time: str
     completion_time: str
     archives: list[Entry]
+    # A Pod's checkpoint (podRef): the Pod's name, uid, labels and whole spec, for a restore.
+    pod: dict[str, Any] | None = None
 
     @classmethod
     def of(
-        cls, checkpoint: ContainerCheckpoint, entries: list[Entry], host: dict[str, str], started: str, finished: str
+        cls,
+        checkpoint: ContainerCheckpoint,
+        entries: list[Entry],
+        host: dict[str, str],
+        started: str,
+        finished: str,
+        pod: dict[str, Any] | None = None,
     ) -> Manifest:
         spec, meta = checkpoint.spec, checkpoint.metadata
         return cls(
             namespace=meta.namespace,
             name=meta.name,
             uid=meta.uid,
-            node_name=spec.node_name,
+            node_name=checkpoint.node_name,
             flags=spec.model_dump(by_alias=True, exclude_defaults=True, mode="json"),
             host=host,
             start_time=started,
             completion_time=finished,
             archives=entries,
+            pod=pod,
         )
 
     def document(self) -> dict[str, Any]:
@@ -133,10 +153,12 @@ class Configuration:
         return cls(config_dump=sha256("config.dump"), spec_dump=sha256("spec.dump"))
 
 
-def entry(archive: Archive, configuration: Configuration, spooled: SpoolRecord | None) -> Entry:
+def entry(
+    archive: Archive, configuration: Configuration, spooled: SpoolRecord | None, image: PodImage | None = None
+) -> Entry:
     """An archive's entry: what the object's status records of it, the digests of its configuration,
     and what its spool knows beyond status: the size it inflates to and the recipients it is
-    encrypted to."""
+    encrypted to; for a Pod's container, its image."""
     recipients = list(spooled.recipients) if spooled is not None else []
     return Entry(
         container=archive.container,
@@ -151,6 +173,8 @@ def entry(archive: Archive, configuration: Configuration, spooled: SpoolRecord |
         specDumpSHA256=configuration.spec_dump,
         uncompressed_size=spooled.uncompressed_size if spooled is not None else None,
         encryption=Encryption(format=encryption.FORMAT, recipients=recipients) if recipients else None,
+        image=image.image if image is not None else None,
+        imageID=(image.image_id or None) if image is not None else None,
     )
 
 
@@ -227,11 +251,11 @@ def problems(document: Mapping[str, Any], ccp: ContainerCheckpoint, directory: s
     """How the manifest read back differs from what the object says was stored."""
     found = []
     meta, status = ccp.metadata, ccp.status
-    expected = {"namespace": meta.namespace, "name": meta.name, "uid": meta.uid, "nodeName": ccp.spec.node_name}
+    expected = {"namespace": meta.namespace, "name": meta.name, "uid": meta.uid, "nodeName": ccp.node_name}
     for field, value in expected.items():
         if document.get(field) != value:
             found.append(f"its {field} is {document.get(field)!r}, the object's {value!r}")
-    if status.node_name and status.node_name != ccp.spec.node_name:
+    if ccp.spec.node_name and status.node_name and status.node_name != ccp.spec.node_name:
         found.append(f"the object was scheduled onto {status.node_name!r}, not {ccp.spec.node_name!r}")
     listed = document.get("archives")
     entries = {str(e.get("key")): e for e in listed if isinstance(e, dict)} if isinstance(listed, list) else {}

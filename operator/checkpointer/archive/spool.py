@@ -8,7 +8,9 @@ bounded by the read size and the compressor's buffers, whatever the archive size
 
 While it writes, the spool also takes the CRC32 of every upload part. Each part is sent with the
 CRC32 of the bytes that were written, not of the bytes read back, so S3 refuses a part whose bytes
-changed anywhere between podman and its disk.
+changed anywhere between podman and its disk. At each part's end it also takes the sha256 of the
+bytes so far (a copy of the archive's running sha256, finalized): what a restore that reads the
+parts as they land checks each part with, without hashing the bytes a second time.
 """
 
 from __future__ import annotations
@@ -36,11 +38,14 @@ class Digest:
 
 
 class _Parts:
-    """CRC32s of consecutive `part_size` slices of a byte stream fed to it in any chunking."""
+    """The sha256 of a byte stream fed to it in any chunking, with the CRC32 of each of its
+    consecutive `part_size` slices and the sha256 of the stream up to each slice's end."""
 
     def __init__(self, part_size: int) -> None:
         self.part_size = part_size
         self.done: list[int] = []
+        self.prefixes: list[str] = []
+        self.sha256 = hashlib.sha256()
         self._crc = 0
         self._fill = 0
 
@@ -49,14 +54,17 @@ class _Parts:
         while view:
             piece = view[: self.part_size - self._fill]
             self._crc = crc32(piece, self._crc)
+            self.sha256.update(piece)
             self._fill += len(piece)
             view = view[len(piece) :]
             if self._fill == self.part_size:
+                self.prefixes.append(self.sha256.copy().hexdigest())
                 self.done.append(self._crc)
                 self._crc = self._fill = 0
 
     def close(self) -> tuple[int, ...]:
         if self._fill or not self.done:  # an empty archive is one empty part
+            self.prefixes.append(self.sha256.copy().hexdigest())
             self.done.append(self._crc)
         return tuple(self.done)
 
@@ -76,20 +84,25 @@ class GrowingFile:
         path.touch()
         self._written = 0
         self._crcs: list[int] = []
+        self._prefixes: list[str] = []
         self._ended = False
         self._done = False
         self._error: BaseException | None = None
         self._cond = threading.Condition()
 
-    def advance(self, written: int, part_crc32: list[int]) -> None:
+    def advance(self, written: int, part_crc32: list[int], prefixes: list[str] | None = None) -> None:
         with self._cond:
             self._written = written
             self._crcs = part_crc32
+            if prefixes is not None:
+                self._prefixes = prefixes
             self._cond.notify_all()
 
-    def end(self, part_crc32: tuple[int, ...]) -> None:
+    def end(self, part_crc32: tuple[int, ...], prefixes: list[str] | None = None) -> None:
         with self._cond:
             self._crcs = list(part_crc32)
+            if prefixes is not None:
+                self._prefixes = list(prefixes)
             self._ended = True
             self._cond.notify_all()
 
@@ -108,6 +121,12 @@ class GrowingFile:
                 return None
             return start, min(self._written, start + self.part_size) - start, self._crcs[index]
 
+    def prefix_sha256(self, index: int) -> str | None:
+        """The sha256 of the spool's bytes up to the end of part `index`, once that part is whole;
+        None where the spool was not hashed so (a spool taken up again, see `finished`)."""
+        with self._cond:
+            return self._prefixes[index] if index < len(self._prefixes) and index < len(self._crcs) else None
+
     def verdict(self) -> int:
         """Block until finished; returns the final size, or raises what the writer failed with."""
         with self._cond:
@@ -120,9 +139,9 @@ class GrowingFile:
             raise SpoolFailed(f"spool writer failed: {self._error}") from self._error
 
     @classmethod
-    def finished(cls, path: Path, digest: Digest) -> GrowingFile:
+    def finished(cls, path: Path, digest: Digest, prefixes: Sequence[str] | None = None) -> GrowingFile:
         spool = cls(path, digest.part_size)
-        spool.advance(digest.size, list(digest.part_crc32))
+        spool.advance(digest.size, list(digest.part_crc32), list(prefixes) if prefixes is not None else None)
         spool.end(digest.part_crc32)
         spool.finish()
         return spool
@@ -141,7 +160,6 @@ def write(
 ) -> tuple[Digest, int]:
     """Compress `chunks` into the spool, and encrypt them to `recipients` when there are any (age);
     returns the digest of the stored bytes and the raw size."""
-    digest = hashlib.sha256()
     parts = _Parts(spool.part_size)
     comp = compressor(compression, zstd_level)
     size = raw = 0
@@ -151,11 +169,10 @@ def write(
             nonlocal size
             if data:
                 out.write(data)
-                digest.update(data)
                 parts.update(data)
                 size += len(data)
                 out.flush()
-                spool.advance(size, parts.done)
+                spool.advance(size, parts.done, parts.prefixes)
 
         def compressed() -> Iterator[Chunk]:
             nonlocal raw
@@ -171,24 +188,28 @@ def write(
             for data in compressed():
                 emit(data)
         crcs = parts.close()
-        spool.advance(size, list(crcs))
+        spool.advance(size, list(crcs), list(parts.prefixes))
         # The last part may go while the file is made durable and podman cleans up.
-        spool.end(crcs)
+        spool.end(crcs, parts.prefixes)
         os.fsync(out.fileno())
-    return Digest(size, digest.hexdigest(), spool.part_size, crcs), raw
+    return Digest(size, parts.sha256.hexdigest(), spool.part_size, crcs), raw
 
 
 def digest_file(path: Path, part_size: int) -> Digest:
     """Hash a spool on disk again, as it is now: a retry uploads only what it has just hashed."""
-    digest = hashlib.sha256()
+    return hashed_file(path, part_size)[0]
+
+
+def hashed_file(path: Path, part_size: int) -> tuple[Digest, tuple[str, ...]]:
+    """digest_file, with the sha256 of the spool up to the end of each part (GrowingFile.prefix_sha256)."""
     parts = _Parts(part_size)
     size = 0
     with path.open("rb") as f:
         for chunk in read_chunks(f, READ_SIZE):
-            digest.update(chunk)
             parts.update(chunk)
             size += len(chunk)
-    return Digest(size, digest.hexdigest(), part_size, parts.close())
+    crcs = parts.close()
+    return Digest(size, parts.sha256.hexdigest(), part_size, crcs), tuple(parts.prefixes)
 
 
 @dataclass(frozen=True)

@@ -47,7 +47,7 @@ MANIFEST_MAX_BYTES = 1024 * 1024
 # zstd's own default limit is 128 MiB; every level up to 19 (and podman's zstd) stays within 8 MiB.
 ZSTD_MAX_WINDOW = 32 * 1024 * 1024
 Progress = Callable[[int], None]
-# A streamed part is readable: its index (from 0), sha256 and length.
+# A streamed part is readable: its index (from 0), the sha256 of the archive up to its end, its length.
 PartLanded = Callable[[int, str, int], None]
 
 
@@ -150,8 +150,9 @@ class ArchiveStore:
 
         With `on_part`, every part is first stored as an object of its own (layout.part_key) and
         copied into the upload by the server (UploadPartCopy), and `on_part` receives its index,
-        sha256 and length once it is readable: a restore may read the parts while the export goes
-        on. The part objects are removed once the upload is completed or aborted.
+        the sha256 of the archive's bytes up to its end, and its length once it is readable: a
+        restore may read the parts while the export goes on, and checks each with the running sha256
+        of the whole it takes anyway. The part objects are removed once the upload is completed or aborted.
 
         `upload_id` resumes an open upload: its parts whose size and CRC32 match the spool's are
         kept, the others are sent. `on_started` receives the id of a new upload before any part
@@ -190,7 +191,10 @@ class ArchiveStore:
                 stored = existing.get(number, {})
                 same = stored.get("ChecksumCRC32") == sent and stored.get("Size") == length
                 etag = stored.get("ETag") if same else None
-                sha256 = _sha256_of(spool.path, start, length) if on_part is not None else ""
+                sha256 = ""
+                if on_part is not None:
+                    # Of the archive up to this part's end: taken as the spool was written, else read now.
+                    sha256 = spool.prefix_sha256(index) or _sha256_of(spool.path, 0, start + length)
                 if etag is None:
                     limiter.take(length)
                     if on_part is not None:

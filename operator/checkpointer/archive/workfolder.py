@@ -65,6 +65,16 @@ class UploadState:
     abandoned: bool = False
 
 
+@dataclass(frozen=True)
+class PodmanRestore:
+    """What a restore asked podman to make, written before podman is called: what an agent restarted
+    meanwhile looks for on the node."""
+
+    name: str  # the container's name
+    expected_id: str  # the archive's container ID when podman keeps it; "" when podman makes a new one
+    before: tuple[str, ...]  # the IDs that held the name before: not this restore's
+
+
 def write_json(path: Path, value: Any) -> None:
     tmp = path.with_name(path.name + ".tmp")
     with tmp.open("w") as f:
@@ -186,6 +196,18 @@ class WorkFolder:
 
     def save_spool_record(self, record: SpoolRecord) -> None:
         write_json(self.path / f"{record.container}.spool.json", asdict(record))
+
+    def podman_restore(self) -> PodmanRestore | None:
+        raw = read_json(self.path / "podman-restore.json")
+        if not isinstance(raw, dict):
+            return None
+        with contextlib.suppress(KeyError, TypeError):
+            return PodmanRestore(str(raw["name"]), str(raw["expected_id"]), tuple(str(i) for i in raw["before"]))
+        return None
+
+    def save_podman_restore(self, record: PodmanRestore) -> None:
+        self.create()
+        write_json(self.path / "podman-restore.json", asdict(record))
 
     def upload_state(self, container: str) -> UploadState | None:
         raw = read_json(self.path / f"{container}.upload.json")

@@ -207,7 +207,7 @@ timeout_option = click.option(
 
 
 @cli.command()
-@click.argument("targets", nargs=-1, required=True, metavar="NODE/CONTAINER...")
+@click.argument("targets", nargs=-1, required=True, metavar="NODE/CONTAINER... | pod/NAME")
 @click.option(
     "--export",
     is_flag=False,
@@ -218,6 +218,14 @@ timeout_option = click.option(
 )
 @click.option("--leave-running", is_flag=True, help="Keep the container running after the checkpoint.")
 @click.option("--compress", type=click.Choice(plan.COMPRESSIONS), default=None, help="With --export.")
+@click.option(
+    "-c",
+    "--container",
+    "pod_containers",
+    multiple=True,
+    metavar="NAME",
+    help="With pod/NAME: this container of the Pod (again for more; default: all of them).",
+)
 @click.option("--name", default=None, help="The ContainerCheckpoint's name (default: <container>-<random>).")
 @wait_option
 @timeout_option
@@ -231,14 +239,34 @@ def checkpoint(
     export: str | None,
     leave_running: bool,
     compress: str | None,
+    pod_containers: tuple[str, ...],
     name: str | None,
     wait: bool,
     timeout: float,
     output: str | None,
     dry_run: bool,
 ) -> None:
-    """Checkpoint containers: one ContainerCheckpoint per node."""
+    """Checkpoint containers: one ContainerCheckpoint per node, or one of a Pod (pod/NAME) on its node.
+
+    A Pod's checkpoint always goes to a storage (--export alone, or not given: the default one), and
+    its containers keep running."""
     export, targets = plan.split_export(export, targets)
+    pods = [p for p in (plan.parse_pod(t) for t in targets) if p is not None]
+    if pods:
+        if len(targets) > 1:
+            raise ValueError("pod/NAME checkpoints one Pod: name it alone, and its containers with -c")
+        if leave_running:
+            raise ValueError("a Pod's containers always keep running: leave --leave-running out")
+        obj = plan.pod_checkpoint_object(
+            pods[0], cluster.namespace, containers=pod_containers, export=export, compress=compress, name=name
+        )
+        if dry_run:
+            emit([obj], output or "yaml")
+            return
+        finish(*run(cluster, [obj], wait, output, timeout), output)
+        return
+    if pod_containers:
+        raise ValueError("-c names containers of a Pod: use it with pod/NAME")
     objects = plan.checkpoint_objects(
         [plan.parse_target(t) for t in targets],
         cluster.namespace,

@@ -56,6 +56,20 @@ def parse_target(text: str) -> Target:
     return Target(node, container)
 
 
+# kubectl's words for a Pod in `pod/NAME`.
+_POD_WORDS = ("pod", "pods", "po")
+
+
+def parse_pod(text: str) -> str | None:
+    """The Pod's name of `pod/NAME` (kubectl's words for the kind); None for anything else."""
+    word, sep, name = text.partition("/")
+    if not sep or word.lower() not in _POD_WORDS:
+        return None
+    if not name or "/" in name:
+        raise ValueError(f"{text!r} is not pod/NAME (for example pod/web)")
+    return name
+
+
 def parse_address(text: str) -> ArchiveAddress:
     storage, sep, key = text.partition(":")
     if not sep:
@@ -140,6 +154,29 @@ def checkpoint_objects(
                 spec["compress"] = compress
         objects.append(_object(CHECKPOINT, name or generated_name(containers[0], token), namespace, spec))
     return objects
+
+
+def pod_checkpoint_object(
+    pod: str,
+    namespace: str,
+    *,
+    containers: tuple[str, ...] = (),
+    export: str | None = None,
+    compress: str | None = None,
+    name: str | None = None,
+    token: str | None = None,
+) -> dict[str, Any]:
+    """A ContainerCheckpoint of a Pod of `namespace` on the Pod's own node (spec.podRef), exported:
+    `export` None or "" to the default storage, anything else names the CheckpointStorage."""
+    ref: dict[str, Any] = {"name": pod}
+    if containers:
+        ref["containers"] = list(dict.fromkeys(containers))
+    spec: dict[str, Any] = {"podRef": ref, "export": {"storageRef": {"name": export}} if export else {}}
+    if compress is not None:
+        if compress not in COMPRESSIONS:
+            raise ValueError(f"--compress is one of {', '.join(COMPRESSIONS)}, not {compress!r}")
+        spec["compress"] = compress
+    return _object(CHECKPOINT, name or generated_name(pod, token), namespace, spec)
 
 
 def restore_object(

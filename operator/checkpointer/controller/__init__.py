@@ -90,7 +90,7 @@ def _needs_scheduling(plural: str, patch: kopf.Patch, body: kopf.Body) -> bool:
             body["metadata"]["namespace"],
             body["metadata"]["name"],
         )
-        _label(plural, patch, body, status.node_name or str(body["spec"]["nodeName"]))
+        _label(plural, patch, body, status.node_name or str(body["spec"].get("nodeName") or ""))
     return False
 
 
@@ -135,7 +135,7 @@ def recorded_keys(prefix: str, ccp: ContainerCheckpoint) -> tuple[set[str], set[
     if ccp.status.phase == Phase.FAILED and ccp.spec.keep:
         objects |= {layout.log_key(directory, c) for c in set(ccp.spec.containers) - archived_names}
     # The agent uploads to these keys; those of containers `all` or `latest` chose its sweep aborts.
-    named = archived_names | set(ccp.spec.containers)
+    named = archived_names | set(ccp.spec.containers) | set(ccp.spec.pod_ref.containers if ccp.spec.pod_ref else ())
     uploads = objects | {
         layout.archive_key(directory, c, ccp.spec.compress, encrypted) for c in named for encrypted in (False, True)
     }
@@ -380,11 +380,11 @@ class _ArchiveDeletion:
         Raises kopf.TemporaryError while its agent may still be at work, or while the bucket does not answer.
         """
         ccp = ContainerCheckpoint.model_validate(dict(body))
-        if agent_may_be_at_work(ccp.status) and self.leases.alive(ccp.spec.node_name):
+        if agent_may_be_at_work(ccp.status) and self.leases.alive(ccp.node_name):
             # The agent sees the deletion in the answer to its next status write, gives the container
             # back and ends the object; podman may still be running. Only then is the bucket cleaned.
             raise kopf.TemporaryError(
-                f"waiting for the agent on {ccp.spec.node_name} to stop this {ccp.status.phase} checkpoint", delay=2
+                f"waiting for the agent on {ccp.node_name} to stop this {ccp.status.phase} checkpoint", delay=2
             )
         if ccp.status.storage_ref is None or not ccp.spec.export:
             return None
@@ -475,17 +475,17 @@ def register(registry: kopf.OperatorRegistry, settings: Settings, kube: Kube) ->
             return
         ccp = ContainerCheckpoint.model_validate(dict(body))
         try:
-            storage = storages.with_fresh_storage(
+            node, storage = storages.with_fresh_storage(
                 lambda: scheduling.schedule_checkpoint(kube, leases, ccp, settings.admins)
             )
         except Failure as e:
             _fail(kube, CHECKPOINTS, body, e)
             return
-        fields = CheckpointStatus(node_name=ccp.spec.node_name)
+        fields = CheckpointStatus(node_name=node)
         if storage:
             fields = fields.model_copy(update={"storage_ref": NameRef(name=storage)})
-        labelling.expect(body, _scheduled(kube, CHECKPOINTS, patch, body, ccp.spec.node_name, fields))
-        metrics.has_agent(ccp.spec.node_name)
+        labelling.expect(body, _scheduled(kube, CHECKPOINTS, patch, body, node, fields))
+        metrics.has_agent(node)
 
     @kopf.on.resume(GROUP, VERSION, RESTORES, registry=registry)
     @kopf.on.create(GROUP, VERSION, RESTORES, registry=registry)

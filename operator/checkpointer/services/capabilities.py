@@ -1,7 +1,8 @@
-"""What a node's CRIU and podman can do, as its agent recorded it, and what the controller refuses because of it.
+"""What a node's CRIU, podman and CRI runtime can do, as its agent recorded it, and what the controller refuses.
 
-At start each agent asks its node for the versions of CRIU, podman, runc and the kernel and for
-CRIU's own feature checks (`criu check --feature`), and writes them as annotations on its Lease,
+At start each agent asks its node for the versions of CRIU, podman, runc and the kernel, for
+CRIU's own feature checks (`criu check --feature`) and, when it has the node's CRI socket, for the CRI
+runtime's name, version and whether it would checkpoint a container, and writes them as annotations on its Lease,
 the one object it may write beside the objects of its node. The controller reads them when it
 schedules a checkpoint that needs a feature, and fails it up front with CRIUFeatureMissing rather
 than letting CRIU stop the container and fail. A node whose agent recorded nothing (yet) is not
@@ -74,6 +75,51 @@ ANNOTATIONS = {
     "supported": PREFIX + "criu-features",
     "missing": PREFIX + "criu-features-missing",
 }
+# The node's CRI runtime, on the Lease of an agent that has its socket; an agent without one writes none.
+CRI_ANNOTATIONS = {
+    "runtime": PREFIX + "cri-runtime",
+    "version": PREFIX + "cri-version",
+    "api_version": PREFIX + "cri-api-version",
+    "checkpoint": PREFIX + "cri-checkpoint",
+    "refusal": PREFIX + "cri-checkpoint-refusal",
+}
+
+
+@dataclass(frozen=True)
+class CriFacts:
+    """The node's CRI runtime as its agent found it: what CRI Version answered, and whether the runtime
+    would checkpoint a container (`refusal`: its own words when it would not)."""
+
+    runtime: str
+    version: str = ""
+    api_version: str = ""
+    checkpoint: bool = False
+    refusal: str = ""
+
+    def annotations(self) -> dict[str, str]:
+        return {
+            CRI_ANNOTATIONS["runtime"]: self.runtime,
+            CRI_ANNOTATIONS["version"]: self.version,
+            CRI_ANNOTATIONS["api_version"]: self.api_version,
+            CRI_ANNOTATIONS["checkpoint"]: "true" if self.checkpoint else "false",
+            CRI_ANNOTATIONS["refusal"]: "" if self.checkpoint else self.refusal,
+        }
+
+    @classmethod
+    def from_annotations(cls, annotations: dict[str, str]) -> CriFacts | None:
+        runtime = annotations.get(CRI_ANNOTATIONS["runtime"])
+        if not runtime:
+            return None
+        return cls(
+            runtime=runtime,
+            version=annotations.get(CRI_ANNOTATIONS["version"], ""),
+            api_version=annotations.get(CRI_ANNOTATIONS["api_version"], ""),
+            checkpoint=annotations.get(CRI_ANNOTATIONS["checkpoint"]) == "true",
+            refusal=annotations.get(CRI_ANNOTATIONS["refusal"], ""),
+        )
+
+    def describe(self) -> str:
+        return f"{self.runtime} {self.version or '(unknown)'} (CRI {self.api_version or '(unknown)'})"
 
 
 @dataclass(frozen=True)
@@ -86,9 +132,12 @@ class NodeFacts:
     kernel: str = ""
     supported: frozenset[str] = frozenset()
     missing: frozenset[str] = frozenset()
+    # None: the agent has no CRI socket, or its runtime did not answer.
+    cri: CriFacts | None = None
 
     def annotations(self) -> dict[str, str]:
         return {
+            **(self.cri.annotations() if self.cri is not None else {}),
             ANNOTATIONS["criu"]: self.criu,
             ANNOTATIONS["podman"]: self.podman,
             ANNOTATIONS["runc"]: self.runc,
@@ -101,7 +150,8 @@ class NodeFacts:
     def from_annotations(cls, annotations: dict[str, str] | None) -> NodeFacts | None:
         """The facts an agent recorded; None when it recorded none."""
         found = {field: (annotations or {}).get(key) for field, key in ANNOTATIONS.items()}
-        if all(value is None for value in found.values()):
+        cri = CriFacts.from_annotations(annotations or {})
+        if all(value is None for value in found.values()) and cri is None:
             return None
 
         def names(value: str | None) -> frozenset[str]:
@@ -114,15 +164,15 @@ class NodeFacts:
             kernel=found["kernel"] or "",
             supported=names(found["supported"]),
             missing=names(found["missing"]),
+            cri=cri,
         )
 
     def describe(self) -> str:
         def say(name: str, version: str) -> str:
             return f"{name} {version or '(unknown)'}"
 
-        return ", ".join(
-            [say("CRIU", self.criu), say("podman", self.podman), say("runc", self.runc), say("Linux", self.kernel)]
-        )
+        said = [say("CRIU", self.criu), say("podman", self.podman), say("runc", self.runc), say("Linux", self.kernel)]
+        return ", ".join(said + ([self.cri.describe()] if self.cri is not None else []))
 
 
 def version_of(text: str) -> tuple[int, ...] | None:
@@ -175,4 +225,18 @@ def live_export_refusal(spec: CheckpointSpec, node: str, podman: str, *, admin: 
         "follows symlinks the container swaps in meanwhile, so the archive could carry the node's files; "
         f"only an admin namespace may export a running container there. Drop leaveRunning, set ignoreRootfs, "
         f"or run podman {least} or later on the node; nothing was checkpointed and the container keeps running"
+    )
+
+
+def missing_for_pod_checkpoint(facts: NodeFacts | None, node: str) -> str | None:
+    """Why the node cannot checkpoint a Pod's container, for a RuntimeCannotCheckpoint message; None: no
+    known reason. A node whose agent recorded no CRI runtime (none yet, one that did not answer, or an
+    agent without the socket) is not refused here: the agent's own call then says why."""
+    if facts is None or facts.cri is None or facts.cri.checkpoint:
+        return None
+    cri = facts.cri
+    return (
+        f"node {node} cannot checkpoint a Pod's container: its container runtime, {cri.describe()}, "
+        f"{'said: ' + cri.refusal if cri.refusal else 'does not checkpoint containers'}; "
+        f"the node runs {facts.describe()}. Nothing was checkpointed and the container keeps running"
     )

@@ -27,11 +27,12 @@ from pathlib import Path
 from typing import Any
 
 from checkpointer import layout, metrics
+from checkpointer.adapters.cri import drain
 from checkpointer.adapters.kube import CHECKPOINTS
 from checkpointer.adapters.podman import Container, PodmanError, checkpoint_in_progress, criu_supports
 from checkpointer.archive import manifest
 from checkpointer.archive import spool as spooling
-from checkpointer.archive.codec import Chunk
+from checkpointer.archive.codec import Chunk, ConfigurationTap
 from checkpointer.archive.ledger import KeptCheckpoint, OpenUpload
 from checkpointer.archive.spool import Digest, GrowingFile
 from checkpointer.archive.store import ArchiveStore, Cancelled, StorageError, StoredMismatch
@@ -50,6 +51,7 @@ from checkpointer.models import (
 from checkpointer.reasons import ConditionType, Phase, Reason
 from checkpointer.services.capabilities import live_export_refusal
 from checkpointer.services.node import EXCLUDE_LABEL, NAMESPACE_LABEL, Node, classify
+from checkpointer.services.pods import PodContainer, pod_containers, pod_record
 from checkpointer.services.signing import signing_requested
 from checkpointer.services.space import Estimate, refusal
 from checkpointer.settings import Settings
@@ -80,7 +82,8 @@ def streams_parts(body: dict[str, Any]) -> bool:
 
 @dataclass
 class Stream:
-    """What status.streams says of one archive: its key and the sha256 of each part that landed, in order."""
+    """What status.streams says of one archive: its key and, for each part that landed in order, the
+    sha256 of the archive up to that part's end."""
 
     container: str
     key: str
@@ -93,7 +96,7 @@ class Stream:
         while len(parts) in self.landed:
             parts.append(self.landed[len(parts)])
         entry: dict[str, Any] = {"container": self.container, "key": self.key, "partSize": self.part_size}
-        entry["parts"] = parts
+        entry["digests"] = parts
         if self.size is not None:
             entry["size"] = self.size
         return entry
@@ -266,6 +269,9 @@ class Checkpoint:
     # By container: the archives whose parts land readable (streams_parts), as published.
     streaming: bool = False
     streams: dict[str, Stream] = field(default_factory=dict)
+    # A Pod's checkpoint (podRef): the Pod as its agent read it, and its containers by name.
+    pod: dict[str, Any] | None = None
+    pod_members: dict[str, PodContainer] = field(default_factory=dict)
     _streamed_at: float = 0.0
     _stream_lock: threading.Lock = field(default_factory=threading.Lock)
 
@@ -278,13 +284,23 @@ class Checkpoint:
         return self.node.settings
 
     @property
+    def of_pod(self) -> bool:
+        """A Pod's checkpoint: its node's container runtime checkpoints and leaves the containers running."""
+        return self.spec.pod_ref is not None
+
+    @property
+    def exporter(self) -> str:
+        """Who writes the archive's tar, for messages."""
+        return "the container runtime" if self.of_pod else "podman"
+
+    @property
     def storage_name(self) -> str:
         ref = self.ccp.status.storage_ref
         return ref.name if ref else ""
 
     def run(self) -> None:
         began = time.monotonic()
-        if self.folder.targets() is None:  # resolved before a restart: the check passed then
+        if self.folder.targets() is None and not self.of_pod:  # resolved before a restart: it passed then
             self.require_safe_live_export()
         targets = self.all_targets = self.targets()
         self.status.steps.took("resolve", began, containers=len(targets))
@@ -296,7 +312,7 @@ class Checkpoint:
         )
         directory = layout.archive_dir(store.prefix, self.ccp) if store else ""
         archives = {a.container: a for a in self.ccp.status.archives}
-        if store is not None:
+        if store is not None and not self.of_pod:  # a Pod's runtime tells no footprint up front
             self.require_room([t for t in targets if t.name not in archives])
         for i, target in enumerate(targets):
             if target.name in archives:
@@ -307,7 +323,12 @@ class Checkpoint:
         if store is not None:
             started = self.status.phased.start_time or now(precise=True)
             entries = [self.manifest_entry(a) for a in archives.values()]
-            document = manifest.Manifest.of(self.ccp, entries, self.node.host(), started, now(precise=True)).document()
+            if self.of_pod and not self.pod_members:  # resolved before a restart: the Pod for the manifest
+                with contextlib.suppress(Failure):
+                    self.pod_containers()
+            pod = pod_record(self.pod) if self.of_pod and self.pod is not None else None
+            finished = now(precise=True)
+            document = manifest.Manifest.of(self.ccp, entries, self.host(), started, finished, pod).document()
             began = time.monotonic()
             try:
                 sha256 = store.put_manifest(directory, document)
@@ -354,7 +375,8 @@ class Checkpoint:
     def let_go(self) -> None:
         """The archives are signed (the object Succeeded): podman's local checkpoints and the spool go."""
         targets = self.folder.targets()
-        if targets is not None and not self.spec.keep and not self.spec.pre_checkpoint:
+        # A Pod's runtime keeps no local checkpoint; and a podman container may share a Pod container's name.
+        if targets is not None and not self.spec.keep and not self.spec.pre_checkpoint and not self.of_pod:
             for target in targets:
                 self.release_local_checkpoint(target)
         self.folder.remove()
@@ -378,6 +400,10 @@ class Checkpoint:
         recorded = self.folder.targets()
         if recorded is not None:
             return recorded
+        if self.of_pod:
+            targets = [Target(c.name, c.id) for c in self.pod_containers()]
+            self.folder.save_targets(targets)
+            return targets
         try:
             # One podman call, a few hundred milliseconds through the CLI: the list carries the labels
             # that say whose each container is, and the creation times that `latest` compares.
@@ -438,7 +464,7 @@ class Checkpoint:
         compression = self.spec.compress
         # Podman compresses the export itself where it can (the CLI): then half the bytes cross the
         # pipe, and the agent only hashes, spools and uploads them.
-        spooled = Compression.NONE if self.node.runtime.compresses(compression) else compression
+        spooled = Compression.NONE if not self.of_pod and self.node.runtime.compresses(compression) else compression
         self.folder.mark(target.name)
         spool = GrowingFile(self.spool_path(target), self.settings.part_size)
         written: tuple[Digest, int] | None = None
@@ -450,17 +476,21 @@ class Checkpoint:
         with ThreadPoolExecutor(2, thread_name_prefix=f"upload-{target.name}") as pool:
             uploading = pool.submit(self.upload, target, store, key, spool, None)
             log.info(
-                "checkpoint %s/%s: podman checkpoints %s",
+                "checkpoint %s/%s: %s checkpoints %s",
                 self.ccp.metadata.namespace,
                 self.ccp.metadata.name,
+                self.exporter,
                 target.name,
             )
             began = time.monotonic()
             self.freezing()
             try:
-                stats = self.podman_checkpoint(target, write, store, directory)
+                if self.of_pod:
+                    stats = self.runtime_checkpoint(target, write)
+                else:
+                    stats = self.podman_checkpoint(target, write, store, directory)
                 if written is None:
-                    raise Failure(Reason.CHECKPOINT_FAILED, f"podman produced no archive for {target.name}")
+                    raise Failure(Reason.CHECKPOINT_FAILED, f"{self.exporter} produced no archive for {target.name}")
             except BaseException as e:
                 spool.finish(e)
                 uploading.exception()  # the upload aborts itself on the spool's bad verdict
@@ -469,12 +499,14 @@ class Checkpoint:
             exported = time.monotonic()
             self.status.steps.took("checkpoint", began, container=target.name)
             # While the upload goes on: the configuration podman kept beside its local checkpoint.
-            pool.submit(self.configuration, target)
+            if not self.of_pod:  # a Pod's was read from the runtime's tar
+                pool.submit(self.configuration, target)
             digest, raw = written
             log.info(
-                "checkpoint %s/%s: podman exported %s, %d bytes",
+                "checkpoint %s/%s: %s exported %s, %d bytes",
                 self.ccp.metadata.namespace,
                 self.ccp.metadata.name,
+                self.exporter,
                 target.name,
                 digest.size,
             )
@@ -499,9 +531,9 @@ class Checkpoint:
     def upload_again(self, target: Target, store: ArchiveStore, key: str, record: SpoolRecord) -> None:
         """Upload a finished spool after a failure or a restart, from what it holds now."""
         try:
-            digest = spooling.digest_file(self.spool_path(target), record.digest.part_size)
+            digest, prefixes = spooling.hashed_file(self.spool_path(target), record.digest.part_size)
         except OSError as e:
-            digest = None
+            digest, prefixes = None, ()
             log.warning("the spool of %s cannot be read: %s", target.name, e)
         if digest != record.digest:
             raise self.give_back(
@@ -522,7 +554,8 @@ class Checkpoint:
         )
         began = time.monotonic()
         try:
-            self.upload(target, store, key, GrowingFile.finished(self.spool_path(target), digest), digest.size)
+            spool = GrowingFile.finished(self.spool_path(target), digest, prefixes)
+            self.upload(target, store, key, spool, digest.size)
         except Exception as e:
             self.upload_failed(target, store, key, e)
         self.confirm(target, store, key, record)
@@ -710,6 +743,17 @@ class Checkpoint:
         self, target: Target, reason: Reason, why: str, abort: Callable[[str], object] | None, key: str
     ) -> Failure:
         """The container runs again, restored in place when the checkpoint had stopped it; returns the Failure."""
+        if self.of_pod:
+            # The runtime never stops a Pod's container: nothing to give back but the bucket and the spool.
+            if abort is not None:
+                try:
+                    abort(key)
+                except StorageError as e:
+                    log.warning("could not abort the uploads of %s: %s", key, e)
+            self.spool_path(target).unlink(missing_ok=True)
+            # An agent killed while the runtime wrote leaves it blocked on the FIFO until it is read.
+            drain(self.runtime_fifo(target))
+            return Failure(reason, f"{why}; {target.name} kept running (a Pod's container is never stopped)")
         runtime = self.node.runtime
         deadline = time.monotonic() + self.settings.podman_timeout_seconds
         # A podman killed mid-checkpoint leaves its runc and CRIU to finish: wait for the real state.
@@ -756,8 +800,8 @@ class Checkpoint:
     def configuration(self, target: Target) -> manifest.Configuration:
         """The digests of the container's config.dump and spec.dump, as podman's local checkpoint holds
         them: the same files its export put into the archive. None for those that cannot be read."""
-        if target.name in self.configs:
-            return self.configs[target.name]
+        if target.name in self.configs or self.of_pod:
+            return self.configs.get(target.name, manifest.Configuration())
         files: dict[str, bytes] = {}
         try:
             container = self.inspected[target.name] = self.node.runtime.inspect(target.name)
@@ -775,7 +819,67 @@ class Checkpoint:
         """The archive's entry in the manifest, from what this node knows of it beyond status."""
         target = next((t for t in self.all_targets if t.name == archive.container), None)
         configuration = self.configuration(target) if target else manifest.Configuration()
-        return manifest.entry(archive, configuration, self.folder.spool_record(archive.container))
+        image = None
+        if self.of_pod:
+            member = self.pod_members.get(archive.container)
+            image = manifest.PodImage(image=member.image, imageID=member.image_id) if member else None
+        return manifest.entry(archive, configuration, self.folder.spool_record(archive.container), image)
+
+    # --- a Pod's containers, through the node's container runtime ------------------------------------
+
+    def pod_containers(self) -> list[PodContainer]:
+        """The Pod's containers to checkpoint, from the Pod as the API server has it now."""
+        ref = self.spec.pod_ref
+        assert ref is not None
+        self.pod = self.node.kube.pod(self.ccp.metadata.namespace, ref.name)
+        found = pod_containers(self.spec, self.pod, self.settings.node_name)
+        self.pod_members = {c.name: c for c in found}
+        return found
+
+    def runtime_fifo(self, target: Target) -> Path:
+        """Where the node's container runtime writes a Pod container's checkpoint: a FIFO in the work
+        folder, at the same path for the runtime on the node and for the agent in its Pod."""
+        return self.folder.file(f"{target.name}.runtime.fifo")
+
+    def runtime_checkpoint(self, target: Target, write: Callable[[Iterable[Chunk]], None]) -> dict[str, Any]:
+        """The node's container runtime checkpoints a Pod's container (CRI CheckpointContainer) as a
+        plain tar into a FIFO, which `write` compresses into the spool as it comes, so that the upload
+        overlaps the runtime's writing as it does podman's export; config.dump and spec.dump are kept
+        on the way for the manifest. The container keeps running."""
+        cri = self.node.cri
+        if cri is None:
+            raise Failure(
+                Reason.RUNTIME_CANNOT_CHECKPOINT,
+                f"the agent on node {self.settings.node_name} has no container runtime socket "
+                "(CHECKPOINTER_CRI_SOCKET, chart value cri.socketPath), so it cannot checkpoint a Pod's container",
+            )
+        self.folder.create()
+        tap = ConfigurationTap()
+        try:
+            cri.checkpoint_streamed(
+                target.id,
+                self.runtime_fifo(target),
+                self.settings.cri_checkpoint_timeout_seconds,
+                lambda chunks: write(tap.tap(chunks)),
+            )
+        except (Retry, Failure) as e:  # no second call: the object fails, the container runs on
+            raise Failure(e.reason, f"the container runtime could not checkpoint {target.name}: {e.message}") from None
+        self.configs[target.name] = manifest.Configuration.of(tap.files)
+        return {}
+
+    def host(self) -> dict[str, str]:
+        """The node's versions for the manifest; a Pod's checkpoint adds its container runtime's."""
+        host = dict(self.node.host())
+        cri = self.node.cri if self.of_pod else None
+        if cri is not None:
+            with contextlib.suppress(Exception):  # the versions are informative; the archive is not
+                version = cri.version()
+                host |= {
+                    "criRuntime": version.runtime_name,
+                    "criVersion": version.runtime_version,
+                    "criAPIVersion": version.runtime_api_version,
+                }
+        return host
 
     def release_local_checkpoint(self, target: Target) -> None:
         """The archive is in the bucket: what `--keep` kept on the node is no longer the only copy."""

@@ -72,8 +72,10 @@ def falls_back(restore_reason: str) -> bool:
 
     Every failure but RestoreInterrupted ends before podman has made a container on the target (or
     with what it made removed): the container runs nowhere, and the archive restores it on the source.
-    After RestoreInterrupted podman may have finished on the target: a second copy on the source could
-    run beside it, so the migration fails and says where to look.
+    That holds for RestoreUndone too: the target's agent restarted while podman restored, found
+    nothing of the restore running and removed what podman had made. RestoreInterrupted is the agent
+    that could not tell (no record of what podman was asked): a second copy on the source could run
+    beside one on the target, so the migration fails and says where to look.
     """
     return restore_reason != Reason.RESTORE_INTERRUPTED
 
@@ -362,20 +364,11 @@ def _restoring(
             fields=fields,
         )
     fallback = children.fallback
-    back = m.status.fallback_restore_ref
-    if fallback is None and back is None:
-        return Step(
-            Phase.RESTORING,
-            Reason.RESTORING,
-            f"{failed}; restoring {container} on {source} instead",
-            "fallback",
-            fields,
-        )
+    made = m.status.fallback_restore_ref is not None
     back_phase = _phase(fallback)
-    if fallback is None:
+    back_reason, back_message = _ready(fallback)
+    if fallback is None and made:
         back_phase, back_reason, back_message = Phase.FAILED, "Cancelled", "it was deleted"
-    else:
-        back_reason, back_message = _ready(fallback)
     if back_phase == Phase.SUCCEEDED:
         return Step(
             Phase.FAILED,
@@ -391,9 +384,9 @@ def _restoring(
             f"stays in the bucket: a ContainerRestore of checkpoint {m.metadata.name} restores it",
             fields=fields,
         )
-    return Step(
-        Phase.RESTORING, Reason.RESTORING, f"{failed}; restoring {container} on {source} instead", fields=fields
-    )
+    # Not made yet (made now), or on its way.
+    instead = f"{failed}; restoring {container} on {source} instead"
+    return Step(Phase.RESTORING, Reason.RESTORING, instead, "fallback" if fallback is None else "", fields)
 
 
 def changed(status: MigrationStatus, found: Step) -> dict[str, Any]:

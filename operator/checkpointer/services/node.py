@@ -1,20 +1,23 @@
-"""What an agent needs to act on its node: settings, the API server, podman and the archive stores."""
+"""What an agent needs to act on its node: settings, the API server, podman, the CRI runtime and the archive stores."""
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, field
 
+from checkpointer.adapters.cri import CriRuntime
 from checkpointer.adapters.kube import Kube
 from checkpointer.adapters.podman import PodmanError, Runtime, criu_check
 from checkpointer.archive.encryption import Keys, keys_from_secret
 from checkpointer.archive.ledger import Ledger
 from checkpointer.archive.store import ArchiveStore, RateLimiter, StorageError, Stores, Transfer
-from checkpointer.errors import Failure
+from checkpointer.errors import Failure, Retry
 from checkpointer.models import NameRef
 from checkpointer.reasons import Reason
-from checkpointer.services.capabilities import CRIU_FEATURES, NodeFacts
+from checkpointer.services.capabilities import CRIU_FEATURES, CriFacts, NodeFacts
 from checkpointer.settings import Settings
 
+log = logging.getLogger(__name__)
 EXCLUDE_LABEL = "checkpointer.dev/exclude"
 # The namespace a podman container belongs to: only its ContainerCheckpoints may take it (docs/api.md).
 NAMESPACE_LABEL = "checkpointer.dev/namespace"
@@ -25,6 +28,8 @@ class Node:
     settings: Settings
     kube: Kube
     runtime: Runtime
+    # The node's container runtime over its CRI socket, for Pods' containers; None without a socket.
+    cri: CriRuntime | None = None
     stores: Stores = field(init=False)
     # The uploads this agent opened and the local checkpoints `keep` left, for its sweep.
     ledger: Ledger = field(init=False)
@@ -56,6 +61,26 @@ class Node:
             kernel=check.kernel or host.get("kernel", ""),
             supported=check.supported,
             missing=check.missing,
+            cri=self.cri_facts(),
+        )
+
+    def cri_facts(self) -> CriFacts | None:
+        """The node's CRI runtime and whether it would checkpoint; None without a socket, or when the
+        runtime does not answer (the controller then refuses nothing up front)."""
+        if self.cri is None:
+            return None
+        try:
+            version = self.cri.version()
+            refusal = self.cri.checkpoint_refusal(self.settings.spool_dir / ".cri-probe.tar")
+        except (Failure, Retry) as e:
+            log.warning("the container runtime at %s: %s", self.cri.socket, e.message)
+            return None
+        return CriFacts(
+            runtime=version.runtime_name,
+            version=version.runtime_version,
+            api_version=version.runtime_api_version,
+            checkpoint=refusal is None,
+            refusal=refusal or "",
         )
 
     def store(self, ref: NameRef) -> ArchiveStore:

@@ -2,15 +2,15 @@
 the checkpoint ends (docs/architecture.md, "A restore behind its checkpoint").
 
 The agent follows the checkpoint through the API server. A checkpoint that streams (status.streams)
-publishes the sha256 of each part once the part is readable as an object of its own; the agent
-fetches each part, checks it against that sha256, decrypts and decompresses it into the node's
-file, and judges the tar's members as they arrive (archive_policy.UnpackingJudge): podman reads
-from a FIFO only bytes that were checked and judged. Podman starts once config.dump and spec.dump
-passed the restore's policy and the node's checks, and imports while the archive arrives; the end
-of the tar, without which podman restores nothing, is held back until the checkpoint Succeeded, its
-signed manifest lists the archive, and the sha256 of all the bytes is the signed one. A checkpoint
-that fails, or any check that fails, stops podman: nothing is restored, and the container podman
-had created is removed.
+publishes, once a part is readable as an object of its own, the sha256 of the archive up to that
+part's end; the agent fetches each part, checks the archive so far against that sha256, decrypts and
+decompresses it into the node's file, and judges the tar's members as they arrive
+(archive_policy.UnpackingJudge): podman reads from a FIFO only bytes that were checked and judged.
+Podman starts once config.dump and spec.dump passed the restore's policy and the node's checks, and
+imports while the archive arrives; the end of the tar, without which podman restores nothing, is
+held back until the checkpoint Succeeded, its signed manifest lists the archive, and the sha256 of
+all the bytes is the signed one. A checkpoint that fails, or any check that fails, stops podman:
+nothing is restored, and the container podman had created is removed.
 
 A checkpoint that does not stream (or a restore this agent cannot feed podman as it streams: the
 REST runtime, a previous archive) is waited for, and restored the usual way once it Succeeded.
@@ -72,7 +72,7 @@ class StreamView:
     container: str
     key: str
     part_size: int
-    parts: tuple[str, ...]
+    digests: tuple[str, ...]
     size: int | None
 
     @classmethod
@@ -82,7 +82,7 @@ class StreamView:
             container=str(entry.get("container") or ""),
             key=str(entry.get("key") or ""),
             part_size=int(entry.get("partSize") or 0),
-            parts=tuple(str(p) for p in entry.get("parts") or []),
+            digests=tuple(str(p) for p in entry.get("digests") or []),
             size=int(size) if size is not None else None,
         )
 
@@ -103,6 +103,18 @@ def chosen_stream(body: dict[str, Any], container: str) -> StreamView | None:
     if len(spec.get("containers") or []) > 1 or spec.get("all"):
         return None  # which one is the restore's: said once it Succeeded, by the usual path
     return entries[0] if entries else None
+
+
+def followable(stream: StreamView, succeeded: bool) -> bool:
+    """Whether a restore reads this stream: one of the archives podman imports, with a part published.
+    Also once its checkpoint Succeeded, if it published every part: a small archive can be published
+    and signed between two looks of the restore's agent (or before that agent took the restore up),
+    and its parts, read from the archive's range then, are checked and fed to podman the same way. Pure.
+    """
+    if not stream.digests or not stream.key.endswith((".zst", ".tar", ".age")):
+        return False
+    count = stream.count()
+    return not succeeded or (count is not None and len(stream.digests) >= count)
 
 
 class Follow:
@@ -162,16 +174,27 @@ def follow(node: Node, crst: ContainerRestore, status: StatusWriter, folder: Wor
     while True:
         body = checkpoint.read()
         phase = (body.get("status") or {}).get("phase")
+        stream = chosen_stream(body, ref.container or "") if streamable else None
+        if stream is not None and followable(stream, succeeded=phase == Phase.SUCCEEDED):
+            break
         if phase == Phase.SUCCEEDED:
+            why = "it streams no parts" if streamable else "this node's podman cannot import a stream"
+            log.info("restore %s/%s: %s Succeeded; %s: downloading it", namespace, crst.metadata.name, ref.name, why)
             return resolve_restore_archive(node.kube, crst, node.settings.admins)
         if phase not in RUNNING:
             raise Failure(
                 Reason.CHECKPOINT_NOT_READY, f"ContainerCheckpoint {ref.name!r} is {phase}; nothing was restored"
             )
-        stream = chosen_stream(body, ref.container or "") if streamable else None
-        if stream is not None and stream.parts and stream.key.endswith((".zst", ".tar", ".age")):
-            break
         time.sleep(FOLLOW_SECONDS)
+    log.info(
+        "restore %s/%s: streams %s from %s (%s, %d parts published)",
+        namespace,
+        crst.metadata.name,
+        stream.key,
+        ref.name,
+        phase,
+        len(stream.digests),
+    )
     storage = ContainerCheckpoint.model_validate(body).status.storage_ref
     if storage is None:
         raise Failure(Reason.ARCHIVE_NOT_FOUND, f"ContainerCheckpoint {ref.name!r} streams without a storage")
@@ -394,31 +417,42 @@ class Streamed:
                 while True:
                     stream = self._stream()
                     count = stream.count()
-                    while len(pending) < FETCH_AHEAD and index < len(stream.parts):
+                    while len(pending) < FETCH_AHEAD and index < len(stream.digests):
                         start = index * stream.part_size
                         length = stream.part_size
                         if count is not None and index == count - 1 and stream.size is not None:
                             length = stream.size - start
                         number = index + 1
                         future = pool.submit(self._read_part, number, start, length)
-                        pending.append((number, stream.parts[index], future))
+                        pending.append((number, stream.digests[index], future))
                         index += 1
                     if not pending:
                         if count is not None and index >= count:
                             break
+                        # Read after the phase, the stream holds every part published before Succeeded:
+                        # none comes after it, and waiting on would be waiting forever.
+                        if self.checkpoint.phase() == Phase.SUCCEEDED and index >= len(self._stream().digests):
+                            raise Failure(
+                                Reason.ARCHIVE_NOT_FOUND,
+                                f"ContainerCheckpoint {self.checkpoint.name!r} Succeeded with {index} "
+                                f"part(s) of {self.store.uri(self.key)} published and no more to come; "
+                                "nothing was restored",
+                            )
                         self.flow.check()
                         time.sleep(FOLLOW_SECONDS)
                         continue
                     number, expected, future = pending.popleft()
                     data = future.result()
-                    got = hashlib.sha256(data).hexdigest()
+                    # One sha256 over the bytes: the whole's, taken anyway; at each part's end its copy is the
+                    # sha256 of the archive so far, which the checkpoint's agent published for that part.
+                    digest.update(data)
+                    got = digest.copy().hexdigest()
                     if got != expected:
                         raise Failure(
                             Reason.ARCHIVE_CORRUPT,
-                            f"part {number} of {self.store.uri(self.key)} has sha256 {got}, its checkpoint's agent "
-                            f"published {expected}; nothing was restored",
+                            f"the archive {self.store.uri(self.key)} up to the end of part {number} has sha256 {got}, "
+                            f"its checkpoint's agent published {expected}; nothing was restored",
                         )
-                    digest.update(data)
                     size += len(data)
                     self.status.progress(size, self._stream().size)
                     yield data

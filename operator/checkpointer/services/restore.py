@@ -24,14 +24,14 @@ from typing import Any
 
 from checkpointer import layout, metrics
 from checkpointer.adapters.kube import RESTORES
-from checkpointer.adapters.podman import Container, Labelled, PodmanError, Runtime
+from checkpointer.adapters.podman import CliRuntime, Container, Labelled, PodmanError, Runtime, restore_in_progress
 from checkpointer.archive import manifest
 from checkpointer.archive.codec import ContainerConfiguration, CorruptArchive, read_configuration
 from checkpointer.archive.encryption import Keys
 from checkpointer.archive.ledger import KeptCheckpoint
 from checkpointer.archive.store import ArchiveMissing, ArchiveStore, StorageError
-from checkpointer.archive.workfolder import RESTORE, WorkFolder
-from checkpointer.conditions import now
+from checkpointer.archive.workfolder import RESTORE, PodmanRestore, WorkFolder
+from checkpointer.conditions import format_time, now, parse_time
 from checkpointer.errors import Failure, Retry
 from checkpointer.models import (
     ArchiveRef,
@@ -51,6 +51,8 @@ from checkpointer.status import Conflict, StatusWriter
 
 log = logging.getLogger(__name__)
 RESTORING = "restoring"
+# How long a restarted agent waits for a REST-runtime podman to show the container it may still be restoring.
+SETTLE_SECONDS = 10.0
 # What podman accepts as a volume's or a network's name.
 VOLUME_NAME = re.compile(r"[a-zA-Z0-9][a-zA-Z0-9_.-]*")
 # The network every container of a node joins unless told otherwise: shared by all, owned by none.
@@ -124,11 +126,8 @@ def run(node: Node, body: dict[str, Any]) -> None:
 
 def _run(node: Node, crst: ContainerRestore, status: StatusWriter, folder: WorkFolder) -> None:
     if folder.marked(RESTORING):
-        raise Failure(
-            Reason.RESTORE_INTERRUPTED,
-            "the agent restarted while podman was restoring; it does not restore twice. Check the node "
-            "for the container and delete it before retrying with a new ContainerRestore",
-        )
+        interrupted(node, crst, status, folder)
+        return
     archive = crst.status.archive
     if archive is None:
         raise Failure(Reason.ARCHIVE_NOT_FOUND, "the controller resolved no archive for this restore")
@@ -201,6 +200,9 @@ def run_podman(
     """Podman restores; `podman` instead of the runtime's import of `path`, for an archive that
     streams (services/pipeline.py)."""
     runtime = node.runtime
+    # Without a new name podman keeps the archive's container ID; with one it makes a new ID.
+    expected = None if spec.name else str(config.get("id") or "") or None
+    folder.save_podman_restore(PodmanRestore(name, expected or "", tuple(sorted(before))))
     folder.mark(RESTORING)
     if stale is not None:
         # The archive's own container, left stopped by its checkpoint, holds its name and ID: this
@@ -217,6 +219,7 @@ def run_podman(
             stale.id,
         )
         before = set()
+        folder.save_podman_restore(PodmanRestore(name, expected or "", ()))
     status.phase(Phase.RESTORING, Reason.RESTORING, f"restoring {name or 'container'} with podman")
     log.info("restore %s/%s: podman restores %s", crst.metadata.namespace, crst.metadata.name, name or "the container")
     try:
@@ -226,27 +229,100 @@ def run_podman(
         running = now(precise=True)
     except Failure:
         # The stream stopped before podman had all of it: what podman made of it goes.
-        _remove_half_restored(node, name, before, None if spec.name else str(config.get("id") or "") or None)
+        _remove_half_restored(node, name, before, expected)
         raise
     except PodmanError as e:
         reason = classify(e, Reason.RESTORE_FAILED)
         if reason is not Reason.NAME_IN_USE:  # podman created nothing: the name was another's
-            # Without a new name podman keeps the archive's container ID; with one it makes a new ID.
-            expected = None if spec.name else str(config.get("id") or "") or None
             _remove_half_restored(node, name, before, expected)
         raise Failure(reason, f"podman could not restore: {e.message}") from None
     restored = _holder(runtime, name) if name else None
+    _succeeded(node, crst, status, name, restored, running, f"restored {name} on {crst.spec.node_name}", stats)
+
+
+def _succeeded(
+    node: Node,
+    crst: ContainerRestore,
+    status: StatusWriter,
+    name: str,
+    restored: Container | None,
+    running: str,
+    message: str,
+    stats: dict[str, Any] | None = None,
+) -> None:
     if crst.spec.keep and restored is not None:  # what podman kept goes once nobody needs it (services/sweep.py)
         node.ledger.add_kept(KeptCheckpoint(crst.metadata.uid, RESTORE, restored.id))
     status.phase(
         Phase.SUCCEEDED,
         Reason.SUCCEEDED,
-        f"restored {name} on {crst.spec.node_name}",
+        message,
         patch=RestoreStatus(
-            container_id=restored.id if restored else "", container_name=name, stats=stats, running_time=running
+            container_id=restored.id if restored else "", container_name=name, stats=stats or {}, running_time=running
         ),
     )
     log.info("restore %s/%s: restored %s", crst.metadata.namespace, crst.metadata.name, name or "the container")
+
+
+def interrupted(node: Node, crst: ContainerRestore, status: StatusWriter, folder: WorkFolder) -> None:
+    """The agent restarted after it called podman: what podman left on the node says how the restore
+    ended, and nothing is restored twice. The container this restore made running: Succeeded. Made
+    and not running (podman died with the agent, or failed): removed, and the restore fails
+    RestoreUndone, nothing of it runs. None made: RestoreUndone too. Without the record of what
+    podman was asked (a folder of an older agent): RestoreInterrupted, for the node to be checked.
+
+    Podman may still be at it: a CLI podman that outlived the agent, or runc restoring the container,
+    is waited for. A REST-runtime podman restores inside its service, where no process shows it: a
+    container is waited for a little longer there (SETTLE_SECONDS)."""
+    record = folder.podman_restore()
+    where = crst.spec.node_name
+    if record is None or not record.name:
+        raise Failure(
+            Reason.RESTORE_INTERRUPTED,
+            "the agent restarted while podman was restoring; it does not restore twice. Check the node "
+            "for the container and delete it before retrying with a new ContainerRestore",
+        )
+    runtime, name = node.runtime, record.name
+    before, expected = set(record.before), record.expected_id or None
+    began = time.monotonic()
+    deadline = began + node.settings.podman_timeout_seconds
+    settle = began + (0.0 if isinstance(runtime, CliRuntime) else SETTLE_SECONDS)
+    try:
+        while True:
+            found = _holder(runtime, name)
+            made = found if created_by_restore(found, before, expected) else None
+            if made is not None and made.running:
+                break
+            busy = restore_in_progress(str(folder.path), made.id if made is not None else "")
+            if time.monotonic() < (deadline if busy else settle):
+                time.sleep(0.5)
+                continue
+            break
+        if made is not None and made.running:
+            running = parse_time(made.started_at)
+            meta = crst.metadata
+            log.info("restore %s/%s: podman restored %s while the agent restarted", meta.namespace, meta.name, name)
+            _succeeded(
+                node,
+                crst,
+                status,
+                name,
+                made,
+                format_time(running, precise=True) if running else now(precise=True),
+                f"restored {name} on {where}; podman finished the restore while the agent restarted",
+            )
+            return
+        if made is not None:
+            node.runtime.remove(made)
+            left = f"podman left {name} {made.state or 'created'}, never started, and it was removed"
+        else:
+            left = f"podman made no container {name}"
+    except PodmanError as e:
+        # The container's fate is unknown until podman answers: asked again, the marker kept.
+        raise Retry(Reason.RESTORING, f"podman could not be asked what it restored: {e.message}") from None
+    raise Failure(
+        Reason.RESTORE_UNDONE,
+        f"the agent restarted while podman was restoring; {left}: nothing of this restore runs on {where}",
+    )
 
 
 def check_node(

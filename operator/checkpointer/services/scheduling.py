@@ -21,7 +21,13 @@ from checkpointer.models import (
     ResolvedArchive,
 )
 from checkpointer.reasons import ConditionType, Phase, Reason
-from checkpointer.services.capabilities import NodeFacts, live_export_refusal, missing_for_checkpoint
+from checkpointer.services.capabilities import (
+    NodeFacts,
+    live_export_refusal,
+    missing_for_checkpoint,
+    missing_for_pod_checkpoint,
+)
+from checkpointer.services.pods import pod_node
 from checkpointer.settings import Settings
 
 
@@ -85,30 +91,41 @@ def require_node_with_agent(kube: Kube, leases: AgentLeases, node: str) -> None:
     )
 
 
-def require_criu_features(kube: Kube, leases: AgentLeases, ccp: ContainerCheckpoint) -> None:
+def require_criu_features(kube: Kube, leases: AgentLeases, ccp: ContainerCheckpoint, node: str) -> None:
     """Refuse a checkpoint the node's CRIU cannot take, as its agent recorded on its Lease."""
     spec = ccp.spec
     if not (spec.tcp_established or spec.pre_checkpoint or spec.with_previous):
         return
     # Read afresh: a restarted agent may have recorded other facts since the Lease was last read.
-    facts = NodeFacts.from_annotations(kube.lease_annotations(leases.namespace, lease_name(spec.node_name)))
-    why = missing_for_checkpoint(spec, spec.node_name, facts)
+    facts = NodeFacts.from_annotations(kube.lease_annotations(leases.namespace, lease_name(node)))
+    why = missing_for_checkpoint(spec, node, facts)
     if why is not None:
         raise Failure(Reason.CRIU_FEATURE_MISSING, why)
 
 
-def require_safe_live_export(kube: Kube, leases: AgentLeases, ccp: ContainerCheckpoint, admins: frozenset[str]) -> None:
+def require_safe_live_export(
+    kube: Kube, leases: AgentLeases, ccp: ContainerCheckpoint, admins: frozenset[str], node: str
+) -> None:
     """Refuse a live export the node's podman cannot make without following the container's symlinks."""
     spec = ccp.spec
     admin = ccp.metadata.namespace in admins
-    if live_export_refusal(spec, spec.node_name, "", admin=admin) is None:
+    if live_export_refusal(spec, node, "", admin=admin) is None:
         return  # not a live export, or an admin's: no need to read the Lease
-    facts = NodeFacts.from_annotations(kube.lease_annotations(leases.namespace, lease_name(spec.node_name)))
+    facts = NodeFacts.from_annotations(kube.lease_annotations(leases.namespace, lease_name(node)))
     if facts is None or not facts.podman:
         return  # not recorded (yet): the agent asks its own podman before calling it
-    why = live_export_refusal(spec, spec.node_name, facts.podman, admin=admin)
+    why = live_export_refusal(spec, node, facts.podman, admin=admin)
     if why is not None:
         raise Failure(Reason.LIVE_EXPORT_NOT_PERMITTED, why)
+
+
+def require_pod_runtime(kube: Kube, leases: AgentLeases, node: str) -> None:
+    """Refuse a Pod's checkpoint on a node whose container runtime cannot checkpoint, as its agent
+    recorded on its Lease; a node that recorded nothing (yet) is not refused: its agent's call says why."""
+    facts = NodeFacts.from_annotations(kube.lease_annotations(leases.namespace, lease_name(node)))
+    why = missing_for_pod_checkpoint(facts, node)
+    if why is not None:
+        raise Failure(Reason.RUNTIME_CANNOT_CHECKPOINT, why)
 
 
 def storage_permits(storage: CheckpointStorage, namespace: str) -> bool:
@@ -152,16 +169,25 @@ def choose_storage(ref: NameRef | None, storages: list[CheckpointStorage], *, na
 
 def schedule_checkpoint(
     kube: Kube, leases: AgentLeases, ccp: ContainerCheckpoint, admins: frozenset[str]
-) -> str | None:
-    """Check what needs the cluster; return the storage name the agent should use (None: no export)."""
+) -> tuple[str, str | None]:
+    """Check what needs the cluster; return the node whose agent checkpoints and the storage name the
+    agent should use (None: no export). A Pod's checkpoint goes to the Pod's node."""
     spec = ccp.spec
-    require_node_with_agent(kube, leases, spec.node_name)
-    require_criu_features(kube, leases, ccp)
-    require_safe_live_export(kube, leases, ccp, admins)
-    require_previous(kube, ccp)
+    if spec.pod_ref is not None:
+        namespace = ccp.metadata.namespace
+        node = pod_node(spec, namespace, kube.pod(namespace, spec.pod_ref.name))
+        require_node_with_agent(kube, leases, node)
+        require_pod_runtime(kube, leases, node)
+    else:
+        node = spec.node_name or ""
+        require_node_with_agent(kube, leases, node)
+        require_criu_features(kube, leases, ccp, node)
+        require_safe_live_export(kube, leases, ccp, admins, node)
+        require_previous(kube, ccp)
     if spec.export is None:
-        return None
-    return choose_storage(spec.export.storage_ref, kube.storages(), namespace=ccp.metadata.namespace).metadata.name
+        return node, None
+    storage = choose_storage(spec.export.storage_ref, kube.storages(), namespace=ccp.metadata.namespace)
+    return node, storage.metadata.name
 
 
 def require_previous(kube: Kube, ccp: ContainerCheckpoint) -> None:
