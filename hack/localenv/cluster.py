@@ -77,6 +77,14 @@ class Cluster(Protocol):
 
     def apply(self, *objects: dict[str, Any]) -> None: ...
 
+    def read(self, kind: str, name: str, namespace: str = ...) -> dict[str, Any] | None:
+        """The object, or None when there is none of that name."""
+        ...
+
+    def list_objects(self, kind: str, namespace: str | None = ..., field_selector: str = ...) -> list[dict[str, Any]]:
+        """The objects of `kind` in `namespace` (None: every namespace), each with its kind."""
+        ...
+
     def wait_phase(
         self, kind: str, name: str, phases: Sequence[str], namespace: str = ..., timeout: float = ...
     ) -> dict[str, Any]: ...
@@ -120,17 +128,47 @@ class ChartCluster(Cluster, Protocol):
 def wait_phase(
     cluster: Cluster, kind: str, name: str, phases: Sequence[str], namespace: str = "default", timeout: float = 180
 ) -> dict[str, Any]:
-    """The object once its status.phase is one of `phases`; fails with its last status and the logs."""
+    """The object once its status.phase is one of `phases`, asked through kubectl; fails with its last
+    status and the logs."""
     deadline = time.monotonic() + timeout
     obj: dict[str, Any] = {}
     while time.monotonic() < deadline:
         out = cluster.kubectl("get", kind, name, "-n", namespace, "-o", "json", check=False)
         if out.returncode == 0:
             obj = json.loads(out.stdout)
-            if (obj.get("status") or {}).get("phase") in phases:
+            if in_phase(obj, phases):
                 return obj
         time.sleep(0.2)
-    raise AssertionError(
+    raise phase_not_reached(cluster, kind, name, phases, timeout, obj)
+
+
+def in_phase(obj: dict[str, Any] | None, phases: Sequence[str]) -> bool:
+    return obj is not None and (obj.get("status") or {}).get("phase") in phases
+
+
+def phase_not_reached(
+    cluster: Cluster, kind: str, name: str, phases: Sequence[str], timeout: float, obj: dict[str, Any] | None
+) -> AssertionError:
+    return AssertionError(
         f"{kind}/{name} did not reach {phases} in {timeout}s; last status "
-        f"{json.dumps(obj.get('status'), indent=1)}\n{cluster.logs()}"
+        f"{json.dumps((obj or {}).get('status'), indent=1)}\n{cluster.logs()}"
     )
+
+
+def kubectl_read(cluster: Cluster, kind: str, name: str, namespace: str = "default") -> dict[str, Any] | None:
+    """`Cluster.read` through kubectl, for clusters the tests have no client of their own for."""
+    out = cluster.kubectl("get", kind, name, "-n", namespace, "-o", "json", "--ignore-not-found")
+    found: dict[str, Any] | None = json.loads(out.stdout) if out.stdout.strip() else None
+    return found
+
+
+def kubectl_list(
+    cluster: Cluster, kind: str, namespace: str | None = None, field_selector: str = ""
+) -> list[dict[str, Any]]:
+    """`Cluster.list_objects` through kubectl."""
+    where = ["-n", namespace] if namespace else ["--all-namespaces"]
+    selector = [f"--field-selector={field_selector}"] if field_selector else []
+    items: list[dict[str, Any]] = json.loads(cluster.kubectl("get", kind, *where, *selector, "-o", "json").stdout)[
+        "items"
+    ]
+    return items

@@ -14,6 +14,7 @@ import hashlib
 import os
 import re
 import signal
+import socket
 import ssl
 import subprocess
 import time
@@ -25,6 +26,7 @@ from typing import Any
 
 import yaml
 
+from localenv.api import Api
 from localenv.pki import CertificateAuthority, CertKey, create_service_account_keys
 from localenv.procs import BIN, REPO_ROOT, LocalEnvError, Process, Supervisor, free_port, run
 
@@ -178,6 +180,7 @@ class ControlPlane:
         # Each component's command line, so that one can be stopped and started again as it was.
         self._argv: dict[str, list[str | os.PathLike[str]]] = {}
         self._ssl: ssl.SSLContext | None = None
+        self._api: Api | None = None
         self.kubelet_nodes = False
 
     @classmethod
@@ -386,17 +389,35 @@ class ControlPlane:
         return next((p for p in self._processes if p.name == name), None)
 
     def stop_apiserver(self, kill: bool = False) -> None:
-        """Stop kube-apiserver alone; etcd and the controller manager keep running."""
+        """Stop kube-apiserver alone; etcd and the controller manager keep running.
+
+        Returns once it takes no connection. Stopped gracefully, it may go on ending the requests it
+        has for a while (10 s and more with watches open): start_apiserver waits for what is left of
+        that grace, then kills it.
+        """
         proc = self._component(self.APISERVER)
         if proc is None:
             return
         if kill and proc.alive():
             os.killpg(proc.popen.pid, signal.SIGKILL)
+            proc.stop()
+            return
+        proc.terminate()
+        port = int(self.server.rsplit(":", 1)[1])
+        deadline = time.monotonic() + 10
+        while proc.alive() and time.monotonic() < deadline:
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            except OSError:  # refused: it no longer listens
+                return
+            time.sleep(0.1)
         proc.stop()
 
     def start_apiserver(self, timeout: float = 120) -> None:
         """Start kube-apiserver again with the same flags, port and certificates; wait for /readyz."""
         old = self._component(self.APISERVER)
+        if old is not None and old.terminated_at is not None:
+            old.stop()  # what is left of its grace
         if old is not None and old.alive():
             return
         proc = self.supervisor.start(self.APISERVER, self._argv[self.APISERVER], cwd=self.workdir)
@@ -418,6 +439,20 @@ class ControlPlane:
             timeout,
         )
 
+    @property
+    def api(self) -> Api:
+        """The API server as admin, in process (localenv/api.py): for the tests' many reads and waits."""
+        if self._api is None:
+            if self._ssl is None or not self.server:
+                raise LocalEnvError("the control plane is not started")
+            self._api = Api(self.server, self._ssl)
+        return self._api
+
+    def close_api(self) -> None:
+        """Close the in-process client's connections (it opens new ones if asked again)."""
+        if self._api is not None:
+            self._api.close()
+
     def _http(self, url: str) -> tuple[int, bytes]:
         context = self._ssl if url.startswith("https:") else None
         try:
@@ -432,6 +467,7 @@ class ControlPlane:
 
     def stop(self) -> None:
         """End the processes, newest first. Idempotent; the files stay for the caller to remove."""
+        self.close_api()
         for proc in reversed(self._processes):
             proc.stop()
             if proc in self.supervisor.processes:

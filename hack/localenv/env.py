@@ -11,7 +11,7 @@ import os
 import shutil
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -108,8 +108,10 @@ class LocalEnv:
                 if agents_as_chart:
                     env.install_agent_access()
                 env.start_controller()
-                for name in node_names:
-                    env.start_agent(name, agent_settings or {})
+                # Side by side: each takes a second or two to start and make its Lease.
+                agents = {name: env.start_agent(name, agent_settings or {}, wait=False) for name in node_names}
+                for name, process in agents.items():
+                    env.wait_for_agent(name, process)
                 env.wait_storage_available()
         except BaseException:
             env.down()
@@ -123,6 +125,7 @@ class LocalEnv:
         for node in self.nodes.values():
             node.stop()
         self.supervisor.stop_all()
+        self.control_plane.close_api()
 
     # --- cluster objects -------------------------------------------------------------------------
 
@@ -134,7 +137,34 @@ class LocalEnv:
         return self.control_plane.kubectl(*args, input=input, check=check)
 
     def apply(self, *objects: dict[str, Any]) -> None:
-        self.kubectl("apply", "--server-side", "--force-conflicts", "-f", "-", input=yaml.safe_dump_all(objects))
+        """Server-side apply of each object in turn, as `kubectl apply --server-side --force-conflicts`."""
+        for obj in objects:
+            self.control_plane.api.apply(obj)
+
+    def read(self, kind: str, name: str, namespace: str = "default") -> dict[str, Any] | None:
+        return self.control_plane.api.read(kind, name, namespace)
+
+    def list_objects(
+        self, kind: str, namespace: str | None = None, field_selector: str = "", label_selector: str = ""
+    ) -> list[dict[str, Any]]:
+        return self.control_plane.api.list_objects(
+            kind, namespace, field_selector=field_selector, label_selector=label_selector
+        )
+
+    def delete(self, kind: str, name: str, namespace: str = "default") -> bool:
+        """Asks for the object's deletion without waiting for it; False when there was none."""
+        return self.control_plane.api.delete(kind, name, namespace)
+
+    def wait(
+        self,
+        kind: str,
+        name: str,
+        test: Callable[[dict[str, Any] | None], object],
+        timeout: float,
+        namespace: str = "default",
+    ) -> tuple[bool, dict[str, Any] | None]:
+        """Watches the object until `test(object)` holds (localenv/api.py, Api.wait)."""
+        return self.control_plane.api.wait(kind, name, test, timeout, namespace)
 
     def report_ready(self, node: str) -> None:
         """The Node's Ready condition True, as the kubelet of a node with podman up would report it: a
@@ -195,8 +225,8 @@ class LocalEnv:
 
     def wait_storage_available(self, timeout: float = 60) -> None:
         def available() -> bool:
-            out = self.kubectl("get", "cks", STORAGE, "-o", "jsonpath={.status.phase}").stdout
-            return bool(out.strip() == "Available")
+            storage = self.read("cks", STORAGE) or {}
+            return bool((storage.get("status") or {}).get("phase") == "Available")
 
         wait_until(
             f"CheckpointStorage {STORAGE} Available",
@@ -276,11 +306,11 @@ class LocalEnv:
 
     def controller_leader(self) -> str | None:
         """The holder identity in the controller Lease (a controller's name here); None when nobody leads."""
-        lease = ("lease", "-n", NAMESPACE, "checkpointer-controller", "-o", "jsonpath={.spec.holderIdentity}")
-        result = self.kubectl("get", *lease, check=False)
-        if result.returncode != 0:
+        try:
+            lease = self.read("lease", "checkpointer-controller", NAMESPACE)
+        except (LocalEnvError, OSError):  # the API server is away: nobody can be seen leading
             return None
-        return str(result.stdout).strip() or None
+        return str(((lease or {}).get("spec") or {}).get("holderIdentity") or "") or None
 
     def install_agent_access(self) -> None:
         """The chart's agent ServiceAccount, the RBAC it binds to it and its admission policy, as rendered now."""
@@ -314,7 +344,10 @@ class LocalEnv:
             self.agent_kubeconfigs[node] = path
         return self.agent_kubeconfigs[node]
 
-    def start_agent(self, name: str, settings: dict[str, str] | None = None, args: Sequence[str] = ()) -> Process:
+    def start_agent(
+        self, name: str, settings: dict[str, str] | None = None, args: Sequence[str] = (), *, wait: bool = True
+    ) -> Process:
+        """The node's agent process; with `wait`, once its Lease exists (wait_for_agent)."""
         node = self.nodes[name]
         identity = {"KUBECONFIG": str(self.agent_kubeconfig(name))} if self.chart_objects is not None else {}
         env = self.operator_env(
@@ -335,8 +368,12 @@ class LocalEnv:
         self.metrics_ports[f"agent-{name}"] = int(env["CHECKPOINTER_METRICS_PORT"])
         argv = [sys.executable, "-m", "checkpointer", "agent", *args]
         process = self.supervisor.start(f"agent-{name}", argv, env=env)
-        wait_until(f"agent {name} Lease", lambda: self._lease_exists(name), timeout=60, log=process.log)
+        if wait:
+            self.wait_for_agent(name, process)
         return process
+
+    def wait_for_agent(self, name: str, process: Process) -> None:
+        wait_until(f"agent {name} Lease", lambda: self._lease_exists(name), timeout=60, log=process.log)
 
     def stop_agent(self, name: str, kill: bool = False) -> None:
         for process in self.supervisor.processes:
@@ -345,8 +382,7 @@ class LocalEnv:
         self.supervisor.stop(f"agent-{name}")
 
     def _lease_exists(self, node: str) -> bool:
-        result = self.kubectl("get", "lease", "-n", NAMESPACE, f"checkpointer-agent-{node}", check=False)
-        return bool(result.returncode == 0)
+        return self.read("lease", f"checkpointer-agent-{node}", NAMESPACE) is not None
 
     # --- for people and tests --------------------------------------------------------------------
 
@@ -371,7 +407,10 @@ class LocalEnv:
     def wait_phase(
         self, kind: str, name: str, phases: Sequence[str], namespace: str = "default", timeout: float = 180
     ) -> dict[str, Any]:
-        return cluster.wait_phase(self, kind, name, phases, namespace, timeout)
+        reached, obj = self.wait(kind, name, lambda o: cluster.in_phase(o, phases), timeout, namespace)
+        if reached and obj is not None:
+            return obj
+        raise cluster.phase_not_reached(self, kind, name, phases, timeout, obj)
 
 
 def remove_workdir(workdir: Path) -> None:

@@ -24,7 +24,7 @@ import yaml
 
 from localenv import images, operator_image, s3
 from localenv.chart import RELEASE
-from localenv.cluster import wait_phase
+from localenv.cluster import kubectl_list, kubectl_read, wait_phase
 from localenv.env import NAMESPACE, SECRET
 from localenv.kubelet import helm
 from localenv.nodes import rootfs_path
@@ -160,6 +160,12 @@ class KindCluster:
 
     def apply(self, *objects: dict[str, Any]) -> None:
         self.kubectl("apply", "--server-side", "--force-conflicts", "-f", "-", input=yaml.safe_dump_all(objects))
+
+    def read(self, kind: str, name: str, namespace: str = "default") -> dict[str, Any] | None:
+        return kubectl_read(self, kind, name, namespace)
+
+    def list_objects(self, kind: str, namespace: str | None = None, field_selector: str = "") -> list[dict[str, Any]]:
+        return kubectl_list(self, kind, namespace, field_selector)
 
     def wait_phase(
         self, kind: str, name: str, phases: Sequence[str], namespace: str = "default", timeout: float = 180

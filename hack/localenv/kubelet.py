@@ -467,6 +467,12 @@ class KubeletCluster:
     def apply(self, *objects: dict[str, Any]) -> None:
         self.env.apply(*objects)
 
+    def read(self, kind: str, name: str, namespace: str = "default") -> dict[str, Any] | None:
+        return self.env.read(kind, name, namespace)
+
+    def list_objects(self, kind: str, namespace: str | None = None, field_selector: str = "") -> list[dict[str, Any]]:
+        return self.env.list_objects(kind, namespace, field_selector)
+
     def wait_phase(
         self, kind: str, name: str, phases: Sequence[str], namespace: str = "default", timeout: float = 180
     ) -> dict[str, Any]:

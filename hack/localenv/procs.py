@@ -6,6 +6,7 @@ test can show the log and a teardown can end the whole group.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import socket
@@ -83,19 +84,27 @@ class Process:
     name: str
     popen: subprocess.Popen[bytes]
     log: Path
+    # When terminate() asked it to stop (monotonic), if it did.
+    terminated_at: float | None = None
 
     def alive(self) -> bool:
         return self.popen.poll() is None
 
+    def terminate(self) -> None:
+        """SIGTERM to its group, without waiting; stop() then waits for what is left of the grace."""
+        if self.terminated_at is None:
+            self.terminated_at = time.monotonic()
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(self.popen.pid, signal.SIGTERM)
+
     def stop(self, grace: float = 10) -> None:
+        """SIGTERM, and SIGKILL once `grace` seconds have passed since the SIGTERM."""
         if self.popen.poll() is not None:
             return
+        self.terminate()
+        assert self.terminated_at is not None
         try:
-            os.killpg(self.popen.pid, signal.SIGTERM)
-        except ProcessLookupError:
-            return
-        try:
-            self.popen.wait(grace)
+            self.popen.wait(max(0.0, self.terminated_at + grace - time.monotonic()))
         except subprocess.TimeoutExpired:
             os.killpg(self.popen.pid, signal.SIGKILL)
             self.popen.wait(10)

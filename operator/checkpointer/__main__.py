@@ -24,6 +24,11 @@ if TYPE_CHECKING:
 # Sync handlers run in kopf's thread pool of this size: objects handled at once by one process.
 HANDLER_THREADS = 20
 CHATTY_LIBRARIES = ("boto3", "botocore", "s3transfer", "urllib3", "kubernetes")
+# kopf's waits between the attempts of a failing API request, its watches' included, before it gives up.
+# kopf's own (1, 1, 2, 3, 5, 8, 13, 21) leave a process blind for up to 13 s more after an API server
+# that was away 20 s answers again: its watches see no object meanwhile. The same patience (54 s) with
+# no wait over 2 s.
+API_RETRY_BACKOFFS = (1.0, 1.0) + (2.0,) * 26
 
 
 def _kopf_settings(role: str, node: str | None, memory: Memory) -> kopf.OperatorSettings:
@@ -39,6 +44,7 @@ def _kopf_settings(role: str, node: str | None, memory: Memory) -> kopf.Operator
     # kopf's own "Handler succeeded" Events would double the API writes per object; ours are explicit.
     settings.posting.level = logging.WARNING
     settings.execution.max_workers = HANDLER_THREADS
+    settings.networking.error_backoffs = API_RETRY_BACKOFFS
     if node is not None:
         # Server-side filtering: an agent is sent only the objects scheduled onto its own node.
         for plural in (CHECKPOINTS, RESTORES):

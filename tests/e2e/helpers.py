@@ -31,7 +31,7 @@ from localenv.controlplane import ControlPlane, missing_binaries
 from localenv.env import ENCRYPTION_SECRET, NAMESPACE, SECRET, STORAGE, LocalEnv
 from localenv.images import COUNTER, MEMORY, owned_by, read_count, wait_for_log
 from localenv.kubelet import KubeletCluster
-from localenv.procs import Supervisor, require, wait_until
+from localenv.procs import LocalEnvError, Supervisor, require, wait_until
 
 MiB = 1024 * 1024
 # The ConfigMap where the controller publishes the public halves of its signing keys.
@@ -200,8 +200,11 @@ def verify_manifest(manifest: dict[str, Any], keys: dict[str, Ed25519PublicKey])
 
 
 def get(env: LocalEnv, kind: str, name: str) -> dict[str, Any] | None:
-    out = env.kubectl("get", kind, name, "-n", "default", "-o", "json", check=False)
-    return json.loads(out.stdout) if out.returncode == 0 else None
+    """The object in namespace default; None when there is none, or when the API server does not answer."""
+    try:
+        return env.read(kind, name)
+    except (LocalEnvError, OSError):
+        return None
 
 
 def condition(obj: dict[str, Any], kind: str) -> dict[str, Any]:
@@ -225,15 +228,13 @@ def reason_and_message(obj: dict[str, Any]) -> tuple[str, str]:
 
 
 def wait_for(env: LocalEnv, kind: str, name: str, what: str, test: Any, timeout: float = 120) -> dict[str, Any]:
-    """The object once `test(obj)` holds; fails naming `what` after `timeout` seconds."""
-    found: dict[str, Any] = until(
-        f"{kind} {name}: {what}",
-        lambda: (obj := get(env, kind, name)) is not None and test(obj) and obj,
-        timeout,
-        last=lambda: (get(env, kind, name) or {}).get("status"),
-        interval=0.2,
+    """The object once `test(obj)` holds, watched: `test` is asked on each change of the object, and of
+    nothing else; fails naming `what` after `timeout` seconds."""
+    reached, obj = env.wait(kind, name, lambda o: o is not None and test(o), timeout)
+    assert reached and obj is not None, (
+        f"{kind} {name}: {what} did not happen in {timeout:.0f}s; last: {(obj or {}).get('status')}"
     )
-    return found
+    return obj
 
 
 def finished(obj: dict[str, Any]) -> bool:
@@ -278,8 +279,9 @@ def restores_of(env: Cluster, node: str, container: str) -> int:
 
 
 def delete(env: LocalEnv, kind: str, name: str, timeout: float = 120) -> None:
-    env.kubectl("delete", kind, name, "-n", "default", "--wait=false", check=False)
-    until(f"the deletion of {kind} {name}", lambda: get(env, kind, name) is None, timeout, interval=0.3)
+    env.delete(kind, name)
+    gone, obj = env.wait(kind, name, lambda o: o is None, timeout)
+    assert gone, f"the deletion of {kind} {name} did not happen in {timeout:.0f}s; last: {(obj or {}).get('status')}"
 
 
 def events(env: LocalEnv, name: str, reason: str, kind: str | None = None) -> list[str]:
@@ -287,8 +289,7 @@ def events(env: LocalEnv, name: str, reason: str, kind: str | None = None) -> li
     selector = f"involvedObject.name={name},reason={reason}"
     if kind:
         selector = f"involvedObject.kind={kind},{selector}"
-    out = env.kubectl("get", "events", "-n", "default", "--field-selector", selector, "-o", "json")
-    return [str(e.get("message")) for e in json.loads(out.stdout)["items"]]
+    return [str(e.get("message")) for e in env.list_objects("events", "default", selector)]
 
 
 def until(
@@ -324,12 +325,8 @@ def members(archive: bytes) -> dict[str, bytes]:
 
 def wait_storage(env: LocalEnv, name: str, phase: str = "Available") -> None:
     """Returns once the CheckpointStorage's status says `phase`."""
-    until(
-        f"CheckpointStorage {name} {phase}",
-        lambda: env.kubectl("get", "cks", name, "-o", "jsonpath={.status.phase}").stdout == phase,
-        timeout=60,
-        interval=0.5,
-    )
+    reached, obj = env.wait("cks", name, lambda o: ((o or {}).get("status") or {}).get("phase") == phase, 60)
+    assert reached, f"CheckpointStorage {name} {phase} did not happen in 60s; last: {(obj or {}).get('status')}"
 
 
 @contextmanager
@@ -339,7 +336,7 @@ def extra_storage(env: LocalEnv, **spec: Any) -> Iterator[str]:
     Storages are cluster-wide: the environment keeps exactly one default, which every other test uses.
     """
     name = unique("storage")
-    local = json.loads(env.kubectl("get", "cks", STORAGE, "-o", "json").stdout)["spec"]
+    local = (env.read("cks", STORAGE) or {})["spec"]
     env.apply(
         {
             "apiVersion": "checkpointer.dev/v1alpha1",
@@ -352,10 +349,10 @@ def extra_storage(env: LocalEnv, **spec: Any) -> Iterator[str]:
         wait_storage(env, name)
         yield name
     finally:
-        env.kubectl("delete", "cks", name, "--wait=true")
-        defaults = [
-            s for s in json.loads(env.kubectl("get", "cks", "-o", "json").stdout)["items"] if s["spec"].get("default")
-        ]
+        env.delete("cks", name)
+        gone, obj = env.wait("cks", name, lambda o: o is None, 120)
+        assert gone, f"CheckpointStorage {name} stays after its deletion: {(obj or {}).get('status')}"
+        defaults = [s for s in env.list_objects("cks") if s["spec"].get("default")]
         assert [s["metadata"]["name"] for s in defaults] == [STORAGE]
 
 

@@ -91,14 +91,8 @@ def check_invariants(
 # --- objects -------------------------------------------------------------------------------------
 
 
-def _list(env: Cluster, resource: str) -> list[dict[str, Any]]:
-    out = env.kubectl("get", resource, "--all-namespaces", "-o", "json").stdout
-    items: list[dict[str, Any]] = json.loads(out)["items"]
-    return items
-
-
 def _all_objects(env: Cluster) -> list[dict[str, Any]]:
-    return _list(env, CHECKPOINTS) + _list(env, RESTORES) + _list(env, MIGRATIONS)
+    return env.list_objects(CHECKPOINTS) + env.list_objects(RESTORES) + env.list_objects(MIGRATIONS)
 
 
 def _wait_terminal(env: Cluster, timeout: float) -> list[dict[str, Any]]:
@@ -178,22 +172,68 @@ def _key_of(archive: dict[str, Any], bucket: str) -> tuple[str, str] | None:
     return None
 
 
-def _stored(env: Cluster, bucket: str, key: str) -> tuple[int, str] | str:
-    """(size, sha256) of the object's bytes as downloaded, or why they could not be read."""
+@dataclass(frozen=True)
+class Stored:
+    """An object in a bucket as its listing shows it: what says whether its bytes are the ones hashed."""
+
+    size: int
+    etag: str
+    modified: str
+
+
+# sha256 of each object's bytes as downloaded, by (endpoint, bucket, key) and what its listing showed
+# then: an archive is downloaded and hashed once a session, and again only once its object changed.
+_hashed: dict[tuple[str, str, str, Stored], str] = {}
+
+
+def _listing(env: Cluster, bucket: str) -> dict[str, Stored] | str:
+    """Every object of the bucket by key, or why the bucket cannot be listed."""
     try:
-        body = env.s3.client().get_object(Bucket=bucket, Key=key)["Body"]
+        found = {}
+        for page in env.s3.client().get_paginator("list_objects_v2").paginate(Bucket=bucket):
+            for o in page.get("Contents", []):
+                found[str(o["Key"])] = Stored(int(o["Size"]), str(o["ETag"]), str(o["LastModified"]))
+        return found
+    except Exception as e:  # NoSuchBucket and the like: nothing in it can be read
+        return f"{type(e).__name__}: {e}"
+
+
+def _sha256(env: Cluster, bucket: str, key: str, stored: Stored) -> tuple[int, str] | str:
+    """(size, sha256) of the object's bytes as downloaded (once per version), or why they could not be read."""
+    cached = (env.s3.endpoint, bucket, key, stored)
+    if cached in _hashed:
+        return stored.size, _hashed[cached]
+    try:
+        reply = env.s3.client().get_object(Bucket=bucket, Key=key)
     except Exception as e:  # NoSuchKey, NoSuchBucket and the like all mean: not there
         return f"{type(e).__name__}: {e}"
+    body = reply["Body"]
     digest = hashlib.sha256()
     size = 0
     for chunk in body.iter_chunks(1024 * 1024):
         digest.update(chunk)
         size += len(chunk)
+    if size == stored.size and str(reply.get("ETag")) == stored.etag:  # the version listed: known from now on
+        _hashed[cached] = digest.hexdigest()
     return size, digest.hexdigest()
+
+
+class Listings:
+    """Each bucket's listing, taken once per check."""
+
+    def __init__(self, env: Cluster) -> None:
+        self.env = env
+        self._taken: dict[str, dict[str, Stored] | str] = {}
+
+    def __call__(self, bucket: str) -> dict[str, Stored] | str:
+        if bucket not in self._taken:
+            self._taken[bucket] = _listing(self.env, bucket)
+        return self._taken[bucket]
 
 
 def archives_in_bucket(env: Cluster, objects: Sequence[dict[str, Any]]) -> list[str]:
     violations = []
+    listings = Listings(env)
     for obj in objects:
         status = obj.get("status") or {}
         if obj["kind"] != "ContainerCheckpoint" or status.get("phase") != "Succeeded":
@@ -203,8 +243,14 @@ def archives_in_bucket(env: Cluster, objects: Sequence[dict[str, Any]]) -> list[
             if where is None:
                 continue
             bucket, key = where
-            stored = _stored(env, bucket, key)
             what = f"1. {_describe(obj)}: archive s3://{bucket}/{key}"
+            listing = listings(bucket)
+            listed = listing.get(key) if isinstance(listing, dict) else None
+            if listed is None:
+                why = listing if isinstance(listing, str) else "NoSuchKey: not in the bucket's listing"
+                violations.append(f"{what} cannot be read: {why}")
+                continue
+            stored = _sha256(env, bucket, key, listed)
             if isinstance(stored, str):
                 violations.append(f"{what} cannot be read: {stored}")
                 continue
@@ -265,7 +311,7 @@ def _targets(obj: dict[str, Any]) -> list[str]:
     return names
 
 
-def _in_bucket(env: Cluster, obj: dict[str, Any], container: str) -> bool:
+def _in_bucket(env: Cluster, obj: dict[str, Any], container: str, listings: Listings) -> bool:
     status = obj.get("status") or {}
     if status.get("phase") != "Succeeded":
         return False
@@ -275,12 +321,15 @@ def _in_bucket(env: Cluster, obj: dict[str, Any], container: str) -> bool:
         where = _key_of(archive, env.s3.bucket)
         if where is None:
             return False  # a checkpoint without export: podman's local checkpoint is its archive
-        try:
-            env.s3.client().head_object(Bucket=where[0], Key=where[1])
-        except Exception:
-            return False
-        return True
+        listing = listings(where[0])
+        return isinstance(listing, dict) and where[1] in listing
     return False
+
+
+def _states(env: Cluster, node: str) -> dict[str, str]:
+    """Every container on the node by name, with its state: one look at the node, not one per container."""
+    listed = json.loads(env.nodes[node].podman("ps", "--all", "--format", "json", timeout=60).stdout or b"[]")
+    return {str(name): str(c.get("State")) for c in listed for name in c.get("Names") or []}
 
 
 def stopped_containers_keep_their_archive(
@@ -288,16 +337,22 @@ def stopped_containers_keep_their_archive(
 ) -> list[str]:
     violations = []
     checked: set[Container] = set()
+    listings = Listings(env)
+    states: dict[str, dict[str, str]] = {}
 
     def check(container: Container, obj: dict[str, Any] | None) -> None:
         checked.add(container)
+        if container.node not in states:
+            states[container.node] = _states(env, container.node)
+        if states[container.node].get(container.name) in (None, "running"):
+            return  # running, or removed since: there is nothing left to keep an archive for
         info = inspect(env, container.node, container.name)
         if info is None:
-            return  # removed since: there is nothing left to keep an archive for
+            return
         state = info.get("State") or {}
         if state.get("Running") or state.get("Status") == "running":
             return
-        if obj is not None and _in_bucket(env, obj, container.name):
+        if obj is not None and _in_bucket(env, obj, container.name, listings):
             return
         if obj is not None:
             meta = obj["metadata"]

@@ -107,13 +107,12 @@ def test_a_schedule_with_export_key_keeps_every_run_it_retains_restorable(tenant
     }
 
     def children() -> list[dict[str, Any]]:
-        out = env.kubectl("get", "ccp", "-n", TEAM_A, "-l", f"{SCHEDULE_LABEL}={name}", "-o", "json").stdout
-        return sorted(json.loads(out)["items"], key=lambda o: o["metadata"]["name"])
+        found = env.list_objects("ccp", TEAM_A, label_selector=f"{SCHEDULE_LABEL}={name}")
+        return sorted(found, key=lambda o: o["metadata"]["name"])
 
     def three_runs() -> bool:
         selector = f"involvedObject.kind=CheckpointSchedule,involvedObject.name={name}"
-        out = env.kubectl("get", "events", "-n", TEAM_A, "--field-selector", selector, "-o", "json").stdout
-        created = [e for e in json.loads(out)["items"] if e.get("reason") == "Created"]
+        created = [e for e in env.list_objects("events", TEAM_A, selector) if e.get("reason") == "Created"]
         return len(created) >= 3
 
     env.control_plane.kubectl("create", "-f", "-", kubeconfig=t.alice, input=json.dumps(schedule))
@@ -163,7 +162,7 @@ def test_a_storage_nesting_with_an_older_ones_prefix_is_unavailable_naming_it(te
     try:
 
         def status() -> dict[str, Any]:
-            return dict(json.loads(env.kubectl("get", "cks", name, "-o", "json").stdout).get("status") or {})
+            return dict((env.read("cks", name) or {}).get("status") or {})
 
         found = until(
             "the nested storage Unavailable", lambda: (s := status()).get("phase") == "Unavailable" and s, timeout=60

@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import json
 import time
 import urllib.request
 from typing import Any
 
 import pytest
 
-from helpers import counter, create, until
+from helpers import counter, create, get, until
 from invariants import check_invariants
 from localenv.controlplane import ControlPlane
 from localenv.env import LocalEnv
@@ -39,15 +38,13 @@ def created(env: LocalEnv, kind: str, prefix: str, spec: dict[str, Any]) -> tupl
 
 
 def phase(env: LocalEnv, kind: str, name: str) -> str:
-    out = env.kubectl("get", kind, name, "-n", "default", "-o", "jsonpath={.status.phase}", check=False)
-    return str(out.stdout).strip()
+    return str(((get(env, kind, name) or {}).get("status") or {}).get("phase") or "")
 
 
 def scheduled_events(env: LocalEnv, kind: str, name: str) -> int:
-    uid = env.kubectl("get", kind, name, "-n", "default", "-o", "jsonpath={.metadata.uid}").stdout.strip()
+    uid = (env.read(kind, name) or {})["metadata"]["uid"]
     selector = f"involvedObject.name={name},reason=Scheduled"
-    out = env.kubectl("get", "events", "-n", "default", "--field-selector", selector, "-o", "json")
-    return sum(1 for e in json.loads(out.stdout)["items"] if e["involvedObject"].get("uid") == uid)
+    return sum(1 for e in env.list_objects("events", "default", selector) if e["involvedObject"].get("uid") == uid)
 
 
 def healthz(env: LocalEnv, name: str) -> int:

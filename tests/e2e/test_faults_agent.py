@@ -478,14 +478,13 @@ def cleanup(env: LocalEnv, resource: str, made: Made) -> None:
 
 @pytest.fixture(scope="module")
 def capped_agents(local_env: LocalEnv) -> Iterator[None]:
-    """Both agents with a capped up- and downlink; with the environment's defaults again afterwards."""
-    for node in NODES:
-        restart_agent(local_env, node, SETTINGS)
+    """Both agents with a capped up- and downlink; with the environment's defaults again afterwards.
+    The two start side by side."""
+    side_by_side(lambda node, _: restart_agent(local_env, node, SETTINGS))
     try:
         yield
     finally:
-        for node in NODES:
-            restart_agent(local_env, node, None)
+        side_by_side(lambda node, _: restart_agent(local_env, node, None))
 
 
 def test_agent_killed_at_ten_moments_of_a_checkpoint(local_env: LocalEnv, capped_agents: None) -> None:

@@ -37,8 +37,7 @@ def template(node: str, container: str) -> dict[str, Any]:
 
 
 def children(env: LocalEnv, name: str) -> list[dict[str, Any]]:
-    out = env.kubectl("get", "containercheckpoints", "-n", "default", "-l", f"{SCHEDULE_LABEL}={name}", "-o", "json")
-    items: list[dict[str, Any]] = json.loads(out.stdout)["items"]
+    items = env.list_objects("containercheckpoints", "default", label_selector=f"{SCHEDULE_LABEL}={name}")
     return sorted(items, key=lambda o: o["metadata"]["name"])
 
 

@@ -64,8 +64,9 @@ def test_a_relabelled_checkpoint_runs_only_on_its_own_node(tenants: Tenants, twi
     other = env.nodes["node-b"]
     started_there = other.podman("inspect", "--format", "{{.State.StartedAt}}", twins).stdout
     count_there = read_count(other, twins)
-    # Some seconds ahead: the checkpoint waits Scheduled on node-a while alice relabels it.
-    at = datetime.datetime.now(datetime.UTC) + datetime.timedelta(seconds=20)
+    # Some seconds ahead: the checkpoint waits Scheduled on node-a while alice relabels it and the
+    # controller puts the label back (2 to 3 s on a loaded machine; the wait below fails if it ran first).
+    at = datetime.datetime.now(datetime.UTC) + datetime.timedelta(seconds=12)
     name = create_as_alice(
         t, "node-a", {"containers": [twins], "export": {}}, {SCHEDULED_TIME: at.strftime("%Y-%m-%dT%H:%M:%SZ")}
     )
@@ -82,10 +83,8 @@ def test_a_relabelled_checkpoint_runs_only_on_its_own_node(tenants: Tenants, twi
             and o["status"]["phase"] == "Scheduled"
         ),
     )
-    events = env.kubectl(
-        "get", "events", "-n", TEAM_A, "--field-selector", f"involvedObject.name={name}", "-o", "json"
-    ).stdout
-    [restored] = [e for e in json.loads(events)["items"] if e["reason"] == "NodeLabelRestored"]
+    events = env.list_objects("events", TEAM_A, f"involvedObject.name={name}")
+    [restored] = [e for e in events if e["reason"] == "NodeLabelRestored"]
     assert restored["type"] == "Warning" and "node-b" in restored["message"], restored
 
     obj = t.finished("ccp", TEAM_A, name)

@@ -52,6 +52,15 @@ def test_both_roles_keep_kopfs_memory_out_of_annotations() -> None:
         assert isinstance(settings.persistence.diffbase_storage, RememberedDiffBase)
 
 
+def test_both_roles_watch_again_soon_after_the_api_server_returns() -> None:
+    """kopf's own backoffs grow to 13 s and 21 s: an agent would not see new objects for that long after an
+    outage. Capped at 2 s, with the patience of kopf's default before a request gives up."""
+    for role, node in (("controller", None), ("agent", "node-a")):
+        backoffs = list(_kopf_settings(role, node, Memory()).networking.error_backoffs)
+        assert max(backoffs) <= 2.0
+        assert sum(backoffs) >= sum(kopf.OperatorSettings().networking.error_backoffs)
+
+
 def test_kopf_annotations_a_tenant_wrote_are_never_read() -> None:
     """A handler marked done and a last-handled configuration, written at creation under the controller's prefix."""
     memory = Memory()
