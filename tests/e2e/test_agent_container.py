@@ -109,6 +109,8 @@ def podman_run_args(objects: Objects, node: NodeSandbox, name: str, kubeconfig: 
             host_path = volume["hostPath"]["path"]
             assert volume["hostPath"]["type"] == "DirectoryOrCreate"
             Path(host_path).mkdir(parents=True, exist_ok=True)
+            # As the kubelet would, in the node (whose /run is its own): the CRI socket's folder, say.
+            run([*node.nsenter_argv(), "mkdir", "-p", host_path])
             args += ["--volume", f"{host_path}:{mount['mountPath']}"]
     for var in container["env"]:
         if "value" in var:
