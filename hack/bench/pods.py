@@ -7,7 +7,7 @@
     never does).
 (c) checkpointer: a ContainerCheckpoint that names the Pod by `podRef`, exported to the chart's
     storage (zstd), from its creation to Succeeded; the agent is the chart's, in its Pod, and its
-    peak resident memory is read from its process on the node.
+    peak resident memory and CPU time are read from its process on the node.
 
 Both upload over loopback to the environment's S3 server, whose files are on XFS with reflinks as in
 the data path benchmark (bench/datapath.py). A round runs s and c once each against the same running
@@ -37,7 +37,7 @@ from typing import Any
 import yaml
 
 from bench.datapath import os_info, reflink_filesystem
-from bench.stats import median, memory_kib, reset_peak, settle, spread, timer
+from bench.stats import cpu_seconds, median, memory_kib, reset_peak, settle, spread, timer
 from localenv.chart import CHART, RELEASE
 from localenv.env import SECRET, STORAGE
 from localenv.images import MEMORY
@@ -62,6 +62,7 @@ class Row:
     checkpointer_s: list[float] = field(default_factory=list)
     archive_bytes: list[int] = field(default_factory=list)
     agent_peak_rss_mib: list[float] = field(default_factory=list)
+    agent_cpu_s: list[float] = field(default_factory=list)  # the agent's user + system time over (c)
 
     def summary(self) -> dict[str, Any]:
         s, c = median(self.script_s), median(self.checkpointer_s)
@@ -75,6 +76,7 @@ class Row:
             "checkpointerSeconds": c,
             "archiveBytes": median([float(x) for x in self.archive_bytes]),
             "agentPeakRssMiB": max(self.agent_peak_rss_mib) if self.agent_peak_rss_mib else None,
+            "agentCpuSeconds": median(self.agent_cpu_s),
             "c_over_s": c / s if s and c == c else None,
             "spread": {
                 "scriptSeconds": spread(self.script_s),
@@ -82,6 +84,7 @@ class Row:
                 "checkpointerSeconds": spread(self.checkpointer_s),
                 "c_over_s": spread(pairs),
                 "agentPeakRssMiB": spread(self.agent_peak_rss_mib),
+                "agentCpuSeconds": spread(self.agent_cpu_s),
             },
             "runs": {k: v for k, v in self.__dict__.items() if isinstance(v, list)},
         }
@@ -230,10 +233,12 @@ class PodCheckpoints:
         agent = self.agent_pid()
         reset_peak(agent)
         settle()
+        cpu = cpu_seconds(agent)
         with timer() as took:
             self.env.apply(body)
             obj = self.env.wait_phase("ccp", name, ["Succeeded", "Failed"], timeout=1800)
         rss = memory_kib(agent, "VmHWM") / 1024
+        cpu = cpu_seconds(agent) - cpu
         status = obj["status"]
         if status["phase"] != "Succeeded":
             raise RuntimeError(f"ContainerCheckpoint {name} failed: {json.dumps(status)[:2000]}")
@@ -241,6 +246,7 @@ class PodCheckpoints:
             row.checkpointer_s.append(took())
             row.archive_bytes.append(int(status["archives"][0]["size"]))
             row.agent_peak_rss_mib.append(rss)
+            row.agent_cpu_s.append(cpu)
         self.env.kubectl("delete", "ccp", name, "--wait=true", "--timeout=120s")
 
     def row(self, size_mib: int, repeats: int, warmup: int) -> dict[str, Any]:

@@ -88,14 +88,15 @@ class _ParallelGzip:
         return out
 
 
-def compressor(compression: Compression, zstd_level: int = 3) -> Compressor:
+def compressor(compression: Compression, zstd_level: int = 3, zstd_threads: int = -1) -> Compressor:
+    """zstd_threads: -1, one worker per core; 0, in the caller's thread, for a source whose own pace
+    is the bound (see spool.write)."""
     if compression is Compression.ZSTD:
-        # threads=-1: one worker per core; the frame stays a single standard zstd frame, with a
-        # content checksum (xxhash, nearly free) that every reader checks, podman's included.
-        # 2 MiB jobs: zstd's multi-threaded buffers take 40 MiB instead of 127 MiB at the default
-        # job size, for the same output.
+        # The frame stays a single standard zstd frame, with a content checksum (xxhash, nearly
+        # free) that every reader checks, podman's included. 2 MiB jobs: zstd's multi-threaded
+        # buffers take 40 MiB instead of 127 MiB at the default job size, for the same output.
         params = zstandard.ZstdCompressionParameters.from_level(
-            zstd_level, threads=-1, write_checksum=True, job_size=ZSTD_JOB_SIZE
+            zstd_level, threads=zstd_threads, write_checksum=True, job_size=ZSTD_JOB_SIZE
         )
         return zstandard.ZstdCompressor(compression_params=params).compressobj()
     if compression is Compression.GZIP:

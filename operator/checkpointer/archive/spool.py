@@ -157,11 +157,12 @@ def write(
     compression: Compression,
     zstd_level: int,
     recipients: Sequence[str] = (),
+    zstd_threads: int = -1,
 ) -> tuple[Digest, int]:
     """Compress `chunks` into the spool, and encrypt them to `recipients` when there are any (age);
-    returns the digest of the stored bytes and the raw size."""
+    returns the digest of the stored bytes and the raw size. zstd_threads as codec.compressor's."""
     parts = _Parts(spool.part_size)
-    comp = compressor(compression, zstd_level)
+    comp = compressor(compression, zstd_level, zstd_threads)
     size = raw = 0
     with spool.path.open("wb") as out:
 

@@ -465,13 +465,17 @@ class Checkpoint:
         # Podman compresses the export itself where it can (the CLI): then half the bytes cross the
         # pipe, and the agent only hashes, spools and uploads them.
         spooled = Compression.NONE if not self.of_pod and self.node.runtime.compresses(compression) else compression
+        # A Pod's tar comes in one burst at the end of the runtime's work, at the pace of its copy, which
+        # one core of zstd outruns: its workers would only take the other core from the runtime and the
+        # upload, and their buffers 40 MiB.
+        zstd_threads = 0 if self.of_pod else -1
         self.folder.mark(target.name)
         spool = GrowingFile(self.spool_path(target), self.settings.part_size)
         written: tuple[Digest, int] | None = None
 
         def write(chunks: Iterable[Chunk]) -> None:
             nonlocal written
-            written = spooling.write(chunks, spool, spooled, self.settings.zstd_level, self.recipients)
+            written = spooling.write(chunks, spool, spooled, self.settings.zstd_level, self.recipients, zstd_threads)
 
         with ThreadPoolExecutor(2, thread_name_prefix=f"upload-{target.name}") as pool:
             uploading = pool.submit(self.upload, target, store, key, spool, None)
