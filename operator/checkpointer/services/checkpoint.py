@@ -747,14 +747,19 @@ class Checkpoint:
         self, target: Target, reason: Reason, why: str, abort: Callable[[str], object] | None, key: str
     ) -> Failure:
         """The container runs again, restored in place when the checkpoint had stopped it; returns the Failure."""
-        if self.of_pod:
-            # The runtime never stops a Pod's container: nothing to give back but the bucket and the spool.
+
+        def forget() -> None:
+            """No archive comes of this run: its open uploads and its spool go."""
             if abort is not None:
                 try:
                     abort(key)
                 except StorageError as e:
                     log.warning("could not abort the uploads of %s: %s", key, e)
             self.spool_path(target).unlink(missing_ok=True)
+
+        if self.of_pod:
+            # The runtime never stops a Pod's container: nothing to give back but the bucket and the spool.
+            forget()
             # An agent killed while the runtime wrote leaves it blocked on the FIFO until it is read.
             drain(self.runtime_fifo(target))
             return Failure(reason, f"{why}; {target.name} kept running (a Pod's container is never stopped)")
@@ -763,12 +768,7 @@ class Checkpoint:
         # A podman killed mid-checkpoint leaves its runc and CRIU to finish: wait for the real state.
         while checkpoint_in_progress(target.id) and time.monotonic() < deadline:
             time.sleep(0.5)
-        if abort is not None:
-            try:
-                abort(key)
-            except StorageError as e:
-                log.warning("could not abort the uploads of %s: %s", key, e)
-        self.spool_path(target).unlink(missing_ok=True)
+        forget()
         try:
             container = runtime.inspect(target.name)
             if container is None:
