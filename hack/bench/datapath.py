@@ -550,6 +550,13 @@ def shaped_link(port: int, rate: str) -> Iterator[None]:
         tc("qdisc del dev lo root", check=False)
 
 
+def run_folder(parent: Path, prefix: str) -> Path:
+    """A folder of this run's own under `parent`: a control plane left by an earlier run holds objects
+    of an older chart, which a newer one cannot update."""
+    parent.mkdir(parents=True, exist_ok=True)
+    return Path(tempfile.mkdtemp(prefix=prefix, dir=parent))
+
+
 @contextmanager
 def reflink_filesystem(where: Path, size_gib: int) -> Iterator[Path]:
     """An XFS filesystem with reflinks, in a sparse file mounted at `where`, for the S3 server's files.

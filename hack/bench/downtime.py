@@ -35,7 +35,6 @@ import os
 import re
 import signal
 import sys
-import tempfile
 import time
 import uuid
 from pathlib import Path
@@ -44,7 +43,7 @@ from urllib.parse import urlparse
 
 import kubernetes
 
-from bench.datapath import GROUP, LOOPBACK, VERSION, TwoNodes, reflink_filesystem, shaped_link
+from bench.datapath import GROUP, LOOPBACK, VERSION, TwoNodes, reflink_filesystem, run_folder, shaped_link
 from bench.stats import cpu_used, median, memory_kib, reset_peak, settle, spread, timer, tree_cpu_seconds
 from localenv.env import LocalEnv
 from localenv.procs import REPO_ROOT
@@ -324,9 +323,7 @@ def main() -> int:
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     args.out.mkdir(parents=True, exist_ok=True)
     rows = []
-    # A folder of its own each run: a control plane left by an earlier run holds objects of an older chart.
-    args.workdir.mkdir(parents=True, exist_ok=True)
-    data = Path(tempfile.mkdtemp(prefix="checkpointer-downtime-", dir=args.workdir))
+    data = run_folder(args.workdir, "checkpointer-downtime-")
     with reflink_filesystem(data / "s3", 8 + 2 * max(args.sizes) // 256):
         env = LocalEnv.up(data, [SOURCE, TARGET])
         try:

@@ -25,7 +25,6 @@ import json
 import signal
 import ssl
 import sys
-import tempfile
 import time
 import urllib.parse
 import uuid
@@ -36,7 +35,7 @@ from typing import Any
 
 import yaml
 
-from bench.datapath import os_info, reflink_filesystem
+from bench.datapath import os_info, reflink_filesystem, run_folder
 from bench.stats import cpu_seconds, median, memory_kib, reset_peak, settle, spread, timer
 from localenv.chart import CHART, RELEASE
 from localenv.env import SECRET, STORAGE
@@ -280,9 +279,7 @@ def main() -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     rows = []
     started = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
-    # A folder of its own each run: a control plane left by an earlier run holds objects of an older chart.
-    args.workdir.mkdir(parents=True, exist_ok=True)
-    data = Path(tempfile.mkdtemp(prefix="checkpointer-pods-", dir=args.workdir))
+    data = run_folder(args.workdir, "checkpointer-pods-")
     with reflink_filesystem(data / "s3", 8 + 2 * max(args.sizes) // 256):
         env = KubeletCluster.up(data)
         try:
