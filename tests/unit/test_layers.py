@@ -92,3 +92,9 @@ def test_no_module_imports_a_private_name_of_another() -> None:
                     f"{module_name(path)}: {node.module}.{a.name}" for a in node.names if a.name.startswith("_")
                 ]
     assert private == []
+
+
+def test_no_test_file_name_is_used_twice() -> None:
+    # pytest imports test modules by their basename (no __init__.py): two files of one name stop its collection.
+    names = Counter(p.name for p in (PACKAGE.parents[1] / "tests").rglob("test_*.py"))
+    assert [name for name, count in names.items() if count > 1] == []
