@@ -108,7 +108,7 @@ def test_archive_streams_into_s3_while_it_is_written_and_is_verified(
     stored = store._s3.get_object(Bucket=store.bucket, Key=key)["Body"].read()
     assert digest.size == len(stored) and hashlib.sha256(stored).hexdigest() == digest.sha256
     assert raw_size == len(raw)
-    assert spooling.digest_file(spool.path, PART) == digest
+    assert spooling.hashed_file(spool.path, PART)[0] == digest
     store.verify(key, digest)
     if compression is Compression.ZSTD:
         assert zstandard.ZstdDecompressor().decompressobj().decompress(stored) == raw
@@ -132,7 +132,7 @@ def test_an_interrupted_upload_resumes_by_part(store: ArchiveStore, tmp_path: Pa
     data = payload(23 * MiB)  # five parts
     path = tmp_path / "a"
     path.write_bytes(data)
-    digest = spooling.digest_file(path, PART)
+    digest = spooling.hashed_file(path, PART)[0]
 
     def fail_after_two(done: int) -> None:
         if done >= 2 * PART:
@@ -153,7 +153,7 @@ def test_an_interrupted_upload_resumes_by_part(store: ArchiveStore, tmp_path: Pa
 def test_a_part_that_changed_on_the_node_is_refused(store: ArchiveStore, tmp_path: Path) -> None:
     path = tmp_path / "a"
     path.write_bytes(payload(7 * MiB))
-    digest = spooling.digest_file(path, PART)
+    digest = spooling.hashed_file(path, PART)[0]
     with path.open("r+b") as f:  # one byte of the second part flips after the spool was hashed
         f.seek(PART + 10)
         f.write(b"\xff" if f.read(1) != b"\xff" else b"\x00")
@@ -166,7 +166,7 @@ def test_a_part_that_changed_on_the_node_is_refused(store: ArchiveStore, tmp_pat
 def test_verify_tells_other_bytes_from_the_spool(store: ArchiveStore, tmp_path: Path) -> None:
     path = tmp_path / "a"
     path.write_bytes(payload(6 * MiB))
-    digest = spooling.digest_file(path, PART)
+    digest = spooling.hashed_file(path, PART)[0]
     thread, outcome = start_upload(store, "replaced", GrowingFile.finished(path, digest))
     thread.join()
     assert "error" not in outcome

@@ -68,7 +68,7 @@ def test_spool_encrypts_after_compression_and_digests_the_stored_bytes(tmp_path:
     assert stored.startswith(encryption.MAGIC)
     assert digest.size == len(stored)
     assert digest.sha256 == hashlib.sha256(stored).hexdigest()
-    assert digest == spooling.digest_file(path, 4 * MiB)  # the part CRC32s are of the age file
+    assert digest == spooling.hashed_file(path, 4 * MiB)[0]  # the part CRC32s are of the age file
     compressed = pyrage.decrypt(stored, [IDENTITY])
     assert compressed.startswith(b"\x28\xb5\x2f\xfd")
     assert zstandard.ZstdDecompressor().stream_reader(compressed).read() == raw

@@ -196,13 +196,9 @@ def write(
     return Digest(size, parts.sha256.hexdigest(), spool.part_size, crcs), raw
 
 
-def digest_file(path: Path, part_size: int) -> Digest:
-    """Hash a spool on disk again, as it is now: a retry uploads only what it has just hashed."""
-    return hashed_file(path, part_size)[0]
-
-
 def hashed_file(path: Path, part_size: int) -> tuple[Digest, tuple[str, ...]]:
-    """digest_file, with the sha256 of the spool up to the end of each part (GrowingFile.prefix_sha256)."""
+    """Hash a spool on disk again, as it is now (a retry uploads only what it has just hashed), with the
+    sha256 of the spool up to the end of each part (GrowingFile.prefix_sha256)."""
     parts = _Parts(part_size)
     size = 0
     with path.open("rb") as f:
