@@ -24,12 +24,15 @@ import threading
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-
-import grpc
+from typing import TYPE_CHECKING
 
 from checkpointer.archive.codec import Chunk, read_chunks
 from checkpointer.errors import Failure, Retry
 from checkpointer.reasons import Reason
+
+if TYPE_CHECKING:
+    # Imported where a call is made: grpc adds about 23 MiB to every agent, most of which have no CRI socket.
+    import grpc
 
 SERVICE = "/runtime.v1.RuntimeService/"
 # The CRI version this client speaks (VersionRequest.version).
@@ -160,6 +163,8 @@ def _raw(data: bytes) -> bytes:
 
 def failure(call: str, code: grpc.StatusCode, details: str, socket: Path) -> Failure | Retry:
     """What a failed call means for the object: its typed error, with the runtime's own words. Pure."""
+    import grpc
+
     said = details.strip() or code.name
     text = said.lower()
     # A question unanswered in its few seconds is a runtime that does not answer; a checkpoint that
@@ -278,6 +283,8 @@ class CriRuntime:
         return None
 
     def _call(self, method: str, request: bytes, timeout: float) -> bytes:
+        import grpc
+
         # grpc's default authority for a unix target is the socket path, which it percent-encodes into
         # the :authority header; containerd refuses nothing, but a plain name is what other clients send.
         options = [("grpc.default_authority", "localhost")]
